@@ -1,0 +1,182 @@
+"""Previous-token, duplicate-token and induction (prefix-matching) heads.
+
+Olsson et al. 2022, as methods.md section 1: on BOS + R random tokens repeated twice, the
+score of head (l, h) is its mean attention from each second-copy position t to
+- t - R + 1 (induction: the token after the previous occurrence of the current token),
+- t - R (duplicate token), and
+- t - 1 (previous token),
+averaged over the second copy only and over the batch. Prompts are processed in batches
+(units), each committed to the store when done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+
+from interp.interventions import Intervention
+from interp.model import LoadedModel
+from interp.registry import Detector, Param, Summary, UnitResult, register
+from interp.tokens import bos_offset, repeated_random_tokens
+
+METRICS = ("induction", "duplicate_token", "previous_token")
+INDUCTION_THRESHOLD = 0.4
+
+
+def head_scores_from_patterns(
+    patterns: Sequence[Float[torch.Tensor, "batch head q k"]], seq_len: int, offset: int
+) -> dict[str, Float[torch.Tensor, "layer head"]]:
+    """Per-head scores from each layer's attention pattern on repeated tokens.
+
+    ``offset`` is 1 when a BOS token precedes the first copy. Second-copy query positions are
+    offset + R .. offset + 2R - 1; the first copy starts at ``offset``.
+    """
+    r = seq_len
+    q = torch.arange(offset + r, offset + 2 * r)
+    targets = {"induction": q - r + 1, "duplicate_token": q - r, "previous_token": q - 1}
+    out: dict[str, torch.Tensor] = {}
+    for metric, k in targets.items():
+        out[metric] = torch.stack([p[:, :, q, k].mean(dim=(0, 2)) for p in patterns])
+    return out
+
+
+def copy_losses(
+    logits: Float[torch.Tensor, "batch seq vocab"], tokens: torch.Tensor, seq_len: int, offset: int
+) -> tuple[float, float]:
+    """Mean next-token loss over the first copy and over the second copy (predicted positions)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, tokens[:, 1:, None])[..., 0]
+    # Row t of nll predicts token t+1. First-copy targets: offset+1 .. offset+R-1.
+    first = nll[:, offset : offset + seq_len - 1].mean().item()
+    second = nll[:, offset + seq_len : offset + 2 * seq_len - 1].mean().item()
+    return first, second
+
+
+def second_copy_loss(
+    model: LoadedModel, tokens: torch.Tensor, seq_len: int, interventions: Sequence[Intervention] = ()
+) -> float:
+    """Loss on the second copy of repeated tokens, with interventions applied."""
+    with torch.no_grad():
+        logits = model.run(tokens, interventions=interventions).logits
+    return copy_losses(logits, tokens, seq_len, bos_offset(model))[1]
+
+
+@register
+class InductionDetector(Detector):
+    name = "induction"
+    description = "Previous-token, duplicate-token and induction (prefix-matching) scores on repeated random tokens"
+    kind = "head_scores"
+    in_default_scan = True
+    params = (
+        Param("seq_len", int, 50, "length R of the random block (repeated twice)"),
+        Param("n_prompts", int, 20, "number of repeated-token prompts"),
+        Param("batch_size", int, 5, "prompts per forward pass (one stored unit each)"),
+        Param("seed", int, 0, "random seed of the token batch"),
+    )
+
+    def variant(self, params: Mapping[str, Any]) -> str:
+        return "second-copy-only"
+
+    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
+        n, b = params["n_prompts"], params["batch_size"]
+        if n < 1 or b < 1 or params["seq_len"] < 2:
+            from interp.errors import UserError
+
+            raise UserError("n_prompts and batch_size must be >= 1 and seq_len >= 2")
+        model.check_length(2 * params["seq_len"] + 1)
+        return [f"batch-{i}" for i in range((n + b - 1) // b)]
+
+    def tokens(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> torch.Tensor:
+        i = int(unit.split("-")[1])
+        n, b = params["n_prompts"], params["batch_size"]
+        size = min(b, n - i * b)
+        return repeated_random_tokens(model, size, params["seq_len"], seed=params["seed"] * 100_003 + i)
+
+    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
+        tokens = self.tokens(model, params, unit)
+        r = params["seq_len"]
+        with torch.no_grad():
+            out = model.run(tokens, cache=["pattern.*"])
+        patterns = [out.cache[f"pattern.{layer}"] for layer in range(model.info.n_layers)]
+        scores = head_scores_from_patterns(patterns, r, bos_offset(model))
+        rows = []
+        for metric, table in scores.items():
+            for layer in range(table.shape[0]):
+                for head in range(table.shape[1]):
+                    rows.append((metric, layer, head, float(table[layer, head])))
+        first, second = copy_losses(out.logits, tokens, r, bos_offset(model))
+        n = int(tokens.shape[0])
+        return UnitResult(
+            tables={
+                "head_scores": pd.DataFrame(rows, columns=["metric", "layer", "head", "value"]),
+                "metrics": pd.DataFrame(
+                    [("first_copy_loss", first, None, None, n), ("second_copy_loss", second, None, None, n)],
+                    columns=["name", "value", "ci_low", "ci_high", "n"],
+                ),
+            }
+        )
+
+    def finalize(
+        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+    ) -> Summary:
+        # Units hold prompt means; weight them by their prompt count.
+        n_by_unit: dict[str, int] = {}
+        loss_sums: dict[str, float] = {}
+        for unit, name, value, n in zip(
+            results["metrics"]["unit"], results["metrics"]["name"], results["metrics"]["value"],
+            results["metrics"]["n"], strict=True,
+        ):
+            n_by_unit[str(unit)] = int(n)
+            loss_sums[str(name)] = loss_sums.get(str(name), 0.0) + float(value) * int(n)
+        n_total = sum(n_by_unit.values())
+        sums: dict[tuple[str, int, int], float] = {}
+        hs = results["head_scores"]
+        for unit, metric, layer, head, value in zip(
+            hs["unit"], hs["metric"], hs["layer"], hs["head"], hs["value"], strict=True
+        ):
+            key = (str(metric), int(layer), int(head))
+            sums[key] = sums.get(key, 0.0) + float(value) * n_by_unit[str(unit)]
+        mean = {key: total / n_total for key, total in sums.items()}
+        agg = pd.DataFrame(
+            [(m, layer, head, v) for (m, layer, head), v in sorted(mean.items())],
+            columns=["metric", "layer", "head", "value"],
+        )
+        pairs = sorted({(layer, head) for (_, layer, head) in mean})
+        heads = sorted(
+            (
+                {
+                    "layer": layer,
+                    "head": head,
+                    "score": mean[("induction", layer, head)],
+                    "previous_token": mean[("previous_token", layer, head)],
+                    "duplicate_token": mean[("duplicate_token", layer, head)],
+                }
+                for layer, head in pairs
+            ),
+            key=lambda h: -h["score"],
+        )
+        losses = {name: total / n_total for name, total in loss_sums.items()}
+        n_above = sum(h["score"] > INDUCTION_THRESHOLD for h in heads)
+        summary_metrics: dict[str, Any] = {
+            **losses,
+            "n_prompts": n_total,
+            "threshold": INDUCTION_THRESHOLD,
+            "n_heads_above_threshold": n_above,
+            "n_heads": len(heads),
+        }
+        final_metrics = pd.DataFrame(
+            [(k, float(v), None, None, n_total) for k, v in summary_metrics.items()],
+            columns=["name", "value", "ci_low", "ci_high", "n"],
+        )
+        return Summary(
+            detector=self.name,
+            variant=self.variant(params),
+            heads=heads,
+            metrics=summary_metrics,
+            tables={"head_scores": agg, "metrics": final_metrics},
+        )

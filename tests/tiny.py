@@ -1,0 +1,73 @@
+"""Tiny randomly initialised models, built in-process (no downloads), for unit tests."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from interp.model import LoadedModel, Provenance
+
+VOCAB = 128
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<bos>": 0, "<eos>": 1, "<pad>": 2, "<unk>": 3}
+    for i in range(4, VOCAB):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def tiny_llama(seed: int = 0, n_layers: int = 3) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    model = LlamaForCausalLM(cfg)
+    # Random init is near-uniform attention; larger weights make heads differ, so tests bite.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" in name:
+                p.mul_(3.0)
+    return model.eval()
+
+
+def tiny_gpt2(seed: int = 0, n_layers: int = 3) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=n_layers,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        attn_implementation="eager",
+    )
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "c_attn" in name or "c_proj" in name:
+                p.mul_(3.0)
+    return model.eval()
+
+
+def loaded(hf: torch.nn.Module, backend: str = "bridge") -> LoadedModel:
+    prov = Provenance(model_id=f"tiny-{type(hf).__name__}", source="object", file_sha256=None, dtype="float32", device="cpu")
+    return LoadedModel(hf, tiny_tokenizer(), prov, backend=backend)  # type: ignore[arg-type]
