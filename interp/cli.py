@@ -50,6 +50,12 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _fail(prefix: str, message: str) -> None:
+    """One line on stderr, never wrapped: scripts grep it."""
+    sys.stderr.write(f"{prefix}: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
+
+
 def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
     sys.stdout.flush()
@@ -309,6 +315,7 @@ def dashboard(
         # Uploads are dataset files; the app validates them again (size, schema).
         "--server.maxUploadSize", "5",
         "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "viewer",
     ]
     err.print(f"dashboard on http://{host}:{port} (workspace {ws})")
     sys.stderr.flush()
@@ -334,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         command = typer.main.get_command(app)
         command.main(args=argv, prog_name="interp", standalone_mode=False)
     except UserError as e:
-        err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        _fail("error", str(e))
         raise SystemExit(e.exit_code) from None
     except click.exceptions.Abort:
         err.print("interrupted; rerun the same command to resume")
@@ -343,15 +350,14 @@ def main(argv: list[str] | None = None) -> None:
         err.print("interrupted; rerun the same command to resume")
         raise SystemExit(130) from None
     except click.exceptions.ClickException as e:
-        err.print(f"[bold red]error:[/bold red] {e.format_message()}", highlight=False)
+        _fail("error", e.format_message())
         raise SystemExit(e.exit_code) from None
     except click.exceptions.Exit as e:
         raise SystemExit(e.exit_code) from None
     except Exception as e:
         if debug:
             raise
-        err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e} (INTERP_DEBUG=1 shows the traceback)",
-                  highlight=False)
+        _fail("internal error", f"{type(e).__name__}: {e} (INTERP_DEBUG=1 shows the traceback)")
         raise SystemExit(1) from None
 
 
