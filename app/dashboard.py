@@ -1,0 +1,405 @@
+"""What the dashboard's pages share: the workspace, store reads, the model cache, and generic
+rendering of a run's stored tables (any detector, known now or added later).
+
+Stored views never touch a model: they read the store (cached per run and last update) and
+plot with :mod:`interp.figures`. The model is loaded only for on-demand computations, once per
+(name, dtype, device, backend) in a bounded ``st.cache_resource``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import pandas as pd
+import streamlit as st
+
+from interp import figures
+from interp.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from interp.model import LoadedModel
+    from interp.store import Store
+
+APP_DIR = Path(__file__).resolve().parent
+WORKSPACE_ENV = "INTERP_WORKSPACE"
+FINAL_UNIT = "final"
+WARNINGS_UNIT = "warnings"
+TABLE_NAMES = ("head_scores", "token_layer", "curves", "metrics", "artifacts")
+PLOTLY_CONFIG = {"displaylogo": False}
+
+
+def subset(frame: pd.DataFrame, mask: Any) -> pd.DataFrame:
+    """The rows of ``frame`` where ``mask`` holds (a boolean Series or list), as a DataFrame."""
+    return cast(pd.DataFrame, frame.loc[list(mask) if isinstance(mask, list) else mask]).reset_index(drop=True)
+
+
+def setup(title: str) -> None:
+    st.set_page_config(page_title=f"interp · {title}", layout="wide")
+
+
+def workspace() -> Path:
+    env = os.environ.get(WORKSPACE_ENV)
+    return (Path(env) if env else Path.cwd() / ".interp").expanduser().resolve()
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _store(path: str) -> Store:
+    from interp.store import Store
+
+    # One connection per workspace and server process; the Store serialises its own use.
+    return Store(path)
+
+
+def store() -> Store | None:
+    """The workspace's store, or None after showing why it cannot be opened."""
+    try:
+        return _store(str(workspace()))
+    except UserError as exc:
+        st.error(str(exc))
+        return None
+
+
+def runs(s: Store) -> pd.DataFrame:
+    """The runs table, newest first (read fresh on every render: status changes)."""
+    return s.runs()
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _tables(ws: str, run_id: int, updated_at: str, n_units: int) -> dict[str, pd.DataFrame]:
+    # updated_at and n_units are in the key so that a new commit invalidates the entry.
+    s = _store(ws)
+    run = s.run(run_id)
+    return {t: run.results(t) for t in TABLE_NAMES}
+
+
+def run_tables(s: Store, row: Mapping[str, Any]) -> tuple[dict[str, pd.DataFrame], list[str], bool]:
+    """(tables, warnings, final) of a run: the final unit's tables once finalized, else every
+    unit's rows so far (partial)."""
+    raw = _tables(str(s.workspace), int(row["id"]), str(row["updated_at"]), int(row.get("n_units") or 0))
+    warnings: list[str] = []
+    arts = raw["artifacts"]
+    if len(arts):
+        for doc in arts.loc[(arts["unit"] == WARNINGS_UNIT) & (arts["name"] == "warnings"), "json"]:
+            try:
+                value = json.loads(doc)
+            except (TypeError, ValueError):
+                value = [str(doc)]
+            warnings.extend(str(w) for w in (value if isinstance(value, list) else [value]))
+    units = set().union(*(set(f["unit"]) for f in raw.values() if len(f)))
+    final = FINAL_UNIT in units
+    out: dict[str, pd.DataFrame] = {}
+    for name, frame in raw.items():
+        if frame.empty:
+            continue
+        frame = subset(frame, frame["unit"] == FINAL_UNIT) if final else subset(frame, frame["unit"] != WARNINGS_UNIT)
+        if len(frame):
+            out[name] = frame.reset_index(drop=True)
+    return out, warnings, final
+
+
+def run_label(row: Mapping[str, Any]) -> str:
+    return f"#{int(row['id'])} {row['detector']} · {Path(str(row['model'])).name} · {row['status']}"
+
+
+def select_run(
+    frame: pd.DataFrame, *, key: str, label: str = "run", query_param: str | None = "run"
+) -> dict[str, Any] | None:
+    """A run picked in a selectbox (default: ?run=<id> in the URL, else the newest)."""
+    if frame.empty:
+        return None
+    ids = [int(i) for i in frame["id"]]
+    index = 0
+    if query_param and query_param in st.query_params:
+        try:
+            wanted = int(st.query_params[query_param])
+        except ValueError:
+            wanted = -1
+        if wanted in ids:
+            index = ids.index(wanted)
+    rows = {int(r["id"]): r for r in frame.to_dict("records")}
+    chosen = st.selectbox(label, ids, index=index, format_func=lambda i: run_label(rows[i]), key=key)
+    if chosen is None:
+        return None
+    if query_param:
+        st.query_params[query_param] = str(chosen)
+    return rows[int(chosen)]
+
+
+def show_warnings(warnings: list[str]) -> None:
+    for w in warnings:
+        st.warning(w, icon="⚠️")
+
+
+def show_run_header(row: Mapping[str, Any], final: bool) -> None:
+    cols = st.columns(5)
+    cols[0].metric("detector", str(row["detector"]))
+    cols[1].metric("variant", str(row["variant"]))
+    cols[2].metric("status", str(row["status"]))
+    cols[3].metric("units", int(row.get("n_units") or 0))
+    dur = row.get("duration_s")
+    cols[4].metric("duration", "—" if dur is None or pd.isna(dur) else f"{float(dur):.1f} s")
+    if row["status"] == "failed" and row.get("error"):
+        st.error(f"run failed: {row['error']}")
+    if not final:
+        st.info("this run is not finalized: the tables below are its committed units so far")
+
+
+def metric_value(metrics: pd.DataFrame | None, *names: str) -> float | None:
+    if metrics is None or metrics.empty:
+        return None
+    for name in names:
+        hit = metrics.loc[metrics["name"] == name, "value"]
+        if len(hit) and pd.notna(hit.iloc[0]):
+            return float(hit.iloc[0])
+    return None
+
+
+def plot(fig: Any, key: str, **kwargs: Any) -> Any:
+    return st.plotly_chart(fig, key=key, config=PLOTLY_CONFIG, **kwargs)
+
+
+def show_metrics(frame: pd.DataFrame) -> None:
+    cols = [c for c in ("name", "value", "ci_low", "ci_high", "n") if c in frame.columns]
+    table = cast(pd.DataFrame, frame[cols]).copy()
+    if {"ci_low", "ci_high"} <= set(table.columns) and bool(table[["ci_low", "ci_high"]].isna().to_numpy().all()):
+        table = table.drop(columns=["ci_low", "ci_high"])
+    st.dataframe(table, hide_index=True, key=None)
+
+
+def head_metrics(frame: pd.DataFrame) -> list[str]:
+    if "metric" not in frame.columns:
+        return ["score"]
+    return sorted(str(m) for m in frame["metric"].dropna().unique())
+
+
+def show_head_scores(
+    frame: pd.DataFrame,
+    metrics: pd.DataFrame | None,
+    *,
+    key: str,
+    primary: str | None = None,
+    select: bool = False,
+) -> tuple[int, int] | None:
+    """A heatmap of one metric, picked in a radio (the primary metric first); returns a clicked
+    head, if any.
+
+    A stored metric ``<metric>_threshold`` outlines the heads above it; a plain ``threshold``
+    applies to the primary metric (the one named like the detector, or the only one).
+    """
+    names = head_metrics(frame)
+    if primary in names:
+        names = [primary, *(n for n in names if n != primary)]
+    lead = primary if primary in names else (names[0] if len(names) == 1 else None)
+    # One map at a time (a radio, not tabs): every plotly chart costs the browser paint time.
+    name = st.radio("metric", names, horizontal=True, key=f"{key}-metric") if len(names) > 1 else names[0]
+    name = str(name)
+    rows = frame if name == "score" else subset(frame, frame["metric"] == name)
+    threshold = metric_value(metrics, f"{name}_threshold")
+    if threshold is None and name == lead:
+        threshold = metric_value(metrics, "threshold")
+    fig = figures.head_heatmap(rows, None, threshold=threshold, title=name)
+    if not select:
+        plot(fig, key=f"{key}-{name}")
+        return None
+    state = plot(fig, key=f"{key}-{name}", on_select="rerun", selection_mode="points")
+    points = _selected_points(state)
+    return points[0] if points else None
+
+
+def _selected_points(state: Any) -> list[tuple[int, int]]:
+    try:
+        points = state["selection"]["points"]
+    except (KeyError, TypeError):
+        return []
+    out = []
+    for p in points:
+        try:
+            out.append((int(p["y"]), int(p["x"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def show_token_layer(frame: pd.DataFrame, *, key: str, marked: Callable[[Any], list[int]] | None = None) -> None:
+    kinds = sorted(str(k) for k in frame["kind"].dropna().unique()) if "kind" in frame.columns else [""]
+    items = sorted({str(i) for i in frame["item"].dropna()}) if "item" in frame.columns else []
+    item: str | None = None
+    if len(items) > 1:
+        choice = st.selectbox("item", ["(mean over items)", *items], key=f"{key}-item")
+        item = None if choice == "(mean over items)" else choice
+    elif items:
+        item = items[0]
+    cols = st.columns(min(3, len(kinds)))
+    for i, kind in enumerate(kinds):
+        rows = frame if not kind else subset(frame, frame["kind"] == kind)
+        with cols[i % len(cols)]:
+            try:
+                fig = figures.token_layer_heatmap(
+                    rows, None, item, marked_tokens=marked(item) if marked else (), title=kind or None
+                )
+            except UserError as exc:
+                st.info(f"{kind}: {exc}")
+                continue
+            plot(fig, key=f"{key}-{kind}")
+
+
+def show_curves(frame: pd.DataFrame, *, key: str) -> None:
+    names = sorted(str(c) for c in frame["curve"].dropna().unique()) if "curve" in frame.columns else [""]
+    for name in names:
+        rows = frame if not name else subset(frame, frame["curve"] == name)
+        plot(figures.curves_figure(rows, None, title=name or None), key=f"{key}-{name}")
+
+
+def show_artifacts(frame: pd.DataFrame) -> None:
+    for name, doc in zip(frame["name"], frame["json"], strict=True):
+        with st.expander(f"artifact: {name}"):
+            try:
+                st.json(json.loads(doc))
+            except (TypeError, ValueError):
+                st.code(str(doc))
+
+
+def show_tables(
+    tables: Mapping[str, pd.DataFrame], *, key: str, skip: tuple[str, ...] = (), primary: str | None = None
+) -> None:
+    """Every stored table of a run, generically: whatever the detector."""
+    metrics = tables.get("metrics")
+    if "metrics" in tables and "metrics" not in skip:
+        st.subheader("metrics")
+        show_metrics(tables["metrics"])
+    if "head_scores" in tables and "head_scores" not in skip:
+        st.subheader("head scores (layer x head)")
+        show_head_scores(tables["head_scores"], metrics, key=f"{key}-hs", primary=primary)
+    if "token_layer" in tables and "token_layer" not in skip:
+        st.subheader("token x layer")
+        show_token_layer(tables["token_layer"], key=f"{key}-tl")
+    if "curves" in tables and "curves" not in skip:
+        st.subheader("curves")
+        show_curves(tables["curves"], key=f"{key}-cv")
+    if "artifacts" in tables and "artifacts" not in skip:
+        show_artifacts(tables["artifacts"])
+
+
+def detector_figures(detector: str, tables: Mapping[str, pd.DataFrame]) -> list[tuple[str, Any]]:
+    """Detector-specific figures, where its module provides a builder.
+
+    The hook: ``circuits.<module>`` (or ``circuits.<module>_plots``) defines
+    ``dashboard_figures(detector_name, tables) -> list[(title, plotly Figure)]``. A builder that
+    fails is reported in the page, never raised.
+    """
+    try:
+        from interp.registry import all_detectors
+
+        cls = all_detectors().get(detector)
+    except Exception as exc:  # a broken plugin module must not take the page down
+        st.info(f"detector modules could not be loaded: {type(exc).__name__}: {exc}")
+        return []
+    if cls is None:
+        return []
+    module_name = cls.__module__
+    out: list[tuple[str, Any]] = []
+    for name in (module_name, f"{module_name}_plots"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        builder = getattr(module, "dashboard_figures", None)
+        if not callable(builder):
+            continue
+        try:
+            out.extend(cast(list[tuple[str, Any]], builder(detector, dict(tables))))
+        except Exception as exc:
+            st.info(f"{name}.dashboard_figures failed: {type(exc).__name__}: {exc}")
+    return out
+
+
+# -- on-demand computation through a loaded model -------------------------------------------------
+
+
+def model_spec(row: Mapping[str, Any]) -> tuple[str | None, str, str]:
+    """(loadable name or None, dtype, device) of the model a run used."""
+    try:
+        prov = json.loads(row.get("provenance_json") or "{}")
+    except (TypeError, ValueError):
+        prov = {}
+    dtype = str(prov.get("dtype", "float32")).removeprefix("torch.")
+    device = str(prov.get("device", "cpu"))
+    name = None if prov.get("source") == "object" else str(prov.get("model_id") or row["model"])
+    return name, dtype, device
+
+
+@st.cache_resource(max_entries=1, show_spinner="loading the model (once per process)...")
+def _loaded_model(name: str, dtype: str, device: str, backend: str) -> LoadedModel:
+    import interp
+
+    return interp.load_model(name, backend=backend, dtype=dtype, device=device)
+
+
+def loaded_model(name: str, dtype: str = "float32", device: str = "cpu", backend: str = "bridge") -> LoadedModel | None:
+    """The model, loaded once per process; None after showing the error for bad input."""
+    try:
+        return _loaded_model(name, dtype, device, backend)
+    except UserError as exc:
+        st.error(str(exc))
+    except (OSError, ValueError, RuntimeError) as exc:
+        st.error(f"cannot load model {name!r}: {type(exc).__name__}: {exc}")
+    return None
+
+
+def token_labels(model: LoadedModel, ids: list[int]) -> list[str]:
+    return [str(t).replace("Ġ", "␣").replace("▁", "␣") for t in model.tokenizer.convert_ids_to_tokens(ids)]
+
+
+@st.cache_data(max_entries=16, show_spinner="computing the attention pattern...")
+def attention_pattern(
+    name: str, dtype: str, device: str, layer: int, head: int, ids: tuple[int, ...]
+) -> tuple[np.ndarray, list[str]]:
+    """One head's attention pattern on a token sequence (small: q x k for one head)."""
+    import torch
+
+    model = _loaded_model(name, dtype, device, "bridge")
+    model.check_head(layer, head)
+    tokens = torch.tensor([list(ids)], dtype=torch.long)
+    with torch.no_grad():
+        out = model.run(tokens, cache=[f"pattern.{layer}"])
+    pattern = out.cache[f"pattern.{layer}"][0, head].float().cpu().numpy()
+    return pattern, token_labels(model, list(ids))
+
+
+def example_ids(model: LoadedModel, detector: str, params: Mapping[str, Any], max_tokens: int) -> list[int] | None:
+    """The detector's own example input where it exposes one (``example_tokens(model, params)``
+    or ``tokens(model, params, unit)``), truncated to ``max_tokens``; else None."""
+    from interp.registry import get_detector
+
+    try:
+        det = get_detector(detector)
+        full = det.parse_params({k: v for k, v in params.items() if k in {p.name for p in det.params}})
+        if hasattr(det, "example_tokens"):
+            ids = det.example_tokens(model, full)  # type: ignore[attr-defined]
+        elif hasattr(det, "tokens"):
+            ids = det.tokens(model, full, det.units(model, full)[0])  # type: ignore[attr-defined]
+        else:
+            return None
+    except Exception:
+        return None
+    try:
+        row = ids[0] if getattr(ids, "ndim", 1) == 2 else ids
+        return [int(t) for t in list(row)[:max_tokens]]
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def guarded(fn: Callable[[], Any]) -> Any:
+    """Run a page section; a UserError becomes a message in the page, never a traceback."""
+    try:
+        return fn()
+    except UserError as exc:
+        st.error(str(exc))
+    return None
