@@ -1,0 +1,93 @@
+"""Shared setup for the patching benchmarks: the conflict prompts, timing, and the plain baseline."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# Country -> capital; a conflict prompt states another country's capital in context.
+CAPITALS = [
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
+    ("Japan", "Tokyo"), ("Russia", "Moscow"), ("England", "London"), ("Egypt", "Cairo"),
+    ("Greece", "Athens"), ("Austria", "Vienna"), ("Poland", "Warsaw"), ("Norway", "Oslo"),
+    ("Ireland", "Dublin"), ("Portugal", "Lisbon"), ("China", "Beijing"), ("Canada", "Ottawa"),
+    ("Sweden", "Stockholm"), ("Peru", "Lima"), ("Cuba", "Havana"), ("Kenya", "Nairobi"),
+]
+
+
+def parse_args(doc: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--quick", action="store_true", help="few prompts and sites, for a smoke test")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument("--rounds", type=int, default=0, help="interleaved timing rounds (0: 2 quick, 1 full)")
+    p.add_argument("--profile", action="store_true", help="print a torch profile of one engine run to stderr")
+    return p.parse_args()
+
+
+def load(name: str) -> tuple[Any, torch.nn.Module]:
+    """The LoadedModel (bridge) and an independent plain HF copy for the un-hooked baseline."""
+    import interp
+
+    model = interp.load_model(name)
+    plain = copy.deepcopy(model.hf)  # before the bridge boots and rewires model.hf
+    _ = model.backend
+    return model, plain
+
+
+def conflict_prompts(model: Any, n: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """n conflict prompts ("... is Rome. The capital of France is"), their consistent twins
+    ("... is Paris. ..."), and per prompt the memory answer and the context answer token."""
+    tok = model.tokenizer
+
+    def one(word: str) -> int | None:
+        ids = tok(" " + word, add_special_tokens=False)["input_ids"]
+        return ids[0] if len(ids) == 1 else None
+
+    good = [(c, k) for c, k in CAPITALS if one(k) is not None]
+    rows: dict[int, list[tuple[str, str, int, int]]] = {}
+    for i, (country, cap) in enumerate(good):
+        for j in range(1, len(good)):
+            wrong = good[(i + j) % len(good)][1]
+            text = f"The capital of {country} is {wrong}. The capital of {country} is"
+            twin = f"The capital of {country} is {cap}. The capital of {country} is"
+            length = len(model.to_tokens(text)[0])
+            if len(model.to_tokens(twin)[0]) == length:
+                rows.setdefault(length, []).append((text, twin, one(cap), one(wrong)))  # type: ignore[arg-type]
+                break
+    length, best = max(rows.items(), key=lambda kv: len(kv[1]))
+    if len(best) < n:
+        raise SystemExit(f"only {len(best)} equal-length conflict prompts, need {n}")
+    best = best[:n]
+    return (
+        model.to_tokens([b[0] for b in best]),
+        model.to_tokens([b[1] for b in best]),
+        [b[2] for b in best],
+        [b[3] for b in best],
+    )
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def plain_forward_seconds(plain: torch.nn.Module, tokens: torch.Tensor, reps: int = 3) -> float:
+    with torch.no_grad():
+        plain(tokens)  # warm-up
+        times = [timed(lambda: plain(tokens))[0] for _ in range(reps)]
+    return statistics.median(times)
+
+
+def emit(result: dict[str, Any]) -> None:
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")

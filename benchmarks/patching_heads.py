@@ -1,0 +1,106 @@
+"""Benchmark: patch every head's output (z, all positions) from the consistent prompts into the
+conflict prompts, metric = mean logit diff (memory answer - context answer) at the last token.
+
+Engine (interp.engine.run_sweep) vs (a) TransformerLens's per-index idiom on the bridge
+(patching.get_act_patch_attn_head_out_all_pos; with --quick, generic_activation_patch over
+the same subset of heads) and (b) the plain un-hooked HF forward of the same batch. Engine and
+baseline are timed in the same process, interleaved; both results are compared first.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+
+import pandas as pd
+import torch
+
+from benchmarks._common import conflict_prompts, emit, load, parse_args, plain_forward_seconds, timed
+from interp.engine import LogitDiff, Sweep, SweepResult, run_sweep
+
+
+def main() -> None:
+    args = parse_args(__doc__ or "")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, plain = load(args.model)
+    n_prompts = 4 if args.quick else 16
+    layers = (model.info.n_layers // 2, model.info.n_layers - 1) if args.quick else None
+    rounds = args.rounds or (2 if args.quick else 1)
+    conflict, consistent, memory, context = conflict_prompts(model, n_prompts)
+    metric = LogitDiff(memory, context)
+    sweep = Sweep("heads", "patch", layers=layers)
+    bridge = model.backend.bridge
+    pos_idx = torch.arange(n_prompts)
+
+    def tl_metric(logits: torch.Tensor) -> torch.Tensor:
+        return metric(logits[:, -1:, :], pos_idx).mean()
+
+    from transformer_lens import patching
+
+    with torch.no_grad():
+        _, clean_cache = bridge.run_with_cache(consistent, names_filter=lambda n: n.endswith("attn.hook_z"))
+    n_heads = model.info.n_heads
+    sel_layers = layers if layers is not None else tuple(range(model.info.n_layers))
+    index_df = pd.DataFrame([(layer, h) for layer in sel_layers for h in range(n_heads)], columns=["layer", "head"])
+
+    def baseline() -> torch.Tensor:
+        with torch.no_grad():
+            if layers is None:
+                return patching.get_act_patch_attn_head_out_all_pos(bridge, conflict, clean_cache, tl_metric).flatten()
+            return patching.generic_activation_patch(
+                bridge, conflict, clean_cache, tl_metric, patch_setter=patching.layer_head_vector_patch_setter,
+                activation_name="z", index_df=index_df,
+            )
+
+    def engine() -> SweepResult:
+        return run_sweep(model, sweep, metric, conflict, consistent)
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
+
+    engine_t, base_t, plain_t = [], [], []
+    res: SweepResult | None = None
+    tl = torch.empty(0)
+    for _ in range(rounds):
+        t, res = timed(engine)
+        engine_t.append(t)
+        plain_t.append(plain_forward_seconds(plain, conflict))
+        t, tl = timed(baseline)
+        base_t.append(t)
+    assert res is not None
+    ours = res.mean().to(tl.dtype)
+    diff = float((ours - tl.cpu()).abs().max())
+    e, b, p = statistics.median(engine_t), statistics.median(base_t), statistics.median(plain_t)
+    n_var = res.values.shape[0]
+    emit({
+        "benchmark": "patching_heads",
+        "quick": args.quick,
+        "model": model.name,
+        "device": str(model.device),
+        "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "n_prompts": n_prompts,
+        "seq_len": int(conflict.shape[1]),
+        "n_variants": n_var,
+        "variant": res.variant,
+        "baseline": "transformer_lens.patching on TransformerBridge (one forward per head)",
+        "engine_s": e,
+        "baseline_s": b,
+        "ratio": b / e,
+        "plain_forward_s": p,
+        "plain_fraction": (n_var / e) / (1.0 / p),
+        "max_abs_diff": diff,
+        "rounds": {"engine_s": engine_t, "baseline_s": base_t, "plain_forward_s": plain_t},
+        "engine_stats": {k: v for k, v in res.stats.items() if k != "chunk_sizes"},
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,747 @@
+"""A batched patching engine: sweeps as data, executed as few large forward passes.
+
+A :class:`Sweep` says *what* to do: for each site (a head, a layer, a (layer, position) cell,
+or a window of layers at a position), apply one intervention kind (patch from a source run,
+zero / mean / resample ablation, attention knockout) and measure a :class:`Metric`.
+:func:`run_sweep` decides *how* (methods.md section 7):
+
+- every variant (one site's edit) becomes a block of rows (one per prompt) in the batch
+  dimension, through the interventions' ``batch=`` field, so one forward pass evaluates
+  many variants;
+- variants are grouped by the lowest layer they edit; a chunk starting at layer L feeds the
+  base run's cached ``resid_pre.L`` into the bridge (``start_at_layer``) and the blocks below
+  L are passed through without computing, so the shared prefix is computed once, by the base
+  run, instead of once per variant;
+- chunks are sized to a memory budget in bytes (default: a quarter of the free memory);
+- logits are computed only at the positions the metric reads (HF's ``logits_to_keep``), the
+  metric is evaluated on the device and read back once per chunk.
+
+Variant names stored with every result: ``patch`` (activation patching from ``source``),
+``zero``, ``mean`` (mean over batch and positions of the reference run, like
+``AblateHeads(method="mean")``), ``resample`` (the same positions of the reference run, prompt
+i taking reference row i; the default reference is the base prompts rolled by one), and
+``knockout`` (scores from ``query_positions`` to the swept key positions set to -inf).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+from interp.errors import UserError
+from interp.interventions import AblateHeads, Intervention, Knockout, Patch
+from interp.model import LoadedModel
+from interp.sites import ATTN_KINDS, HEAD_KINDS, KV_KINDS, parse_site
+
+SweepOver = Literal["heads", "layers", "positions", "windows"]
+Kind = Literal["patch", "zero", "mean", "resample", "knockout"]
+OVERS: tuple[str, ...] = ("heads", "layers", "positions", "windows")
+KINDS: tuple[str, ...] = ("patch", "zero", "mean", "resample", "knockout")
+DEFAULT_SITE = {"heads": "z", "layers": "resid_pre", "positions": "resid_pre", "windows": "mlp_out"}
+
+# Names of the runs the edit templates read from (keys of the ``sources`` mapping).
+SOURCE, MEAN, ZERO = "source", "mean", "zero"
+
+# A forward pass costs Python overhead on top of its arithmetic; the planner counts it as this
+# many token-layers per layer run, so it merges tiny chunks but never big ones.
+_OVERHEAD_TOKENS_PER_LAYER = 32
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class Metric(Protocol):
+    """What a sweep measures, evaluated on the device for a whole chunk at once.
+
+    ``positions``: the positions whose logits are read (None: all); the logits handed to
+    ``__call__`` hold only those, [rows, len(positions), vocab]. ``prompt_index`` maps each row
+    to its prompt, so per-prompt answers can be gathered. Returns one value per row.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def positions(self) -> tuple[int, ...] | None: ...
+
+    def __call__(self, logits: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor: ...
+
+
+def _ids(x: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in (x.tolist() if isinstance(x, torch.Tensor) else x))
+
+
+@dataclass(frozen=True)
+class LogitDiff:
+    """logit[correct[i]] - logit[wrong[i]] at one position, for prompt i."""
+
+    correct: Sequence[int]
+    wrong: Sequence[int]
+    position: int = -1
+    name: str = "logit_diff"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "correct", _ids(self.correct))
+        object.__setattr__(self, "wrong", _ids(self.wrong))
+        if len(self.correct) != len(self.wrong):
+            raise UserError("logit_diff: give one correct and one wrong token per prompt")
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        return (self.position,)
+
+    def __call__(self, logits: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+        lg = logits[:, 0, :]
+        c = torch.tensor(self.correct, device=lg.device)[prompt_index]
+        w = torch.tensor(self.wrong, device=lg.device)[prompt_index]
+        return lg.gather(1, c[:, None])[:, 0] - lg.gather(1, w[:, None])[:, 0]
+
+
+@dataclass(frozen=True)
+class LogProb:
+    """log p(target[i]) at one position, for prompt i."""
+
+    target: Sequence[int]
+    position: int = -1
+    name: str = "logprob"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", _ids(self.target))
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        return (self.position,)
+
+    def __call__(self, logits: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits[:, 0, :].float(), dim=-1)
+        t = torch.tensor(self.target, device=logp.device)[prompt_index]
+        return logp.gather(1, t[:, None])[:, 0]
+
+
+def _check_metric(metric: Any, n_prompts: int) -> None:
+    if not callable(metric) or not hasattr(metric, "positions"):
+        raise UserError("metric must be a Metric (LogitDiff, LogProb or an object with positions and __call__)")
+    for attr in ("correct", "wrong", "target"):
+        ids = getattr(metric, attr, None)
+        if ids is not None and len(ids) != n_prompts:
+            raise UserError(f"metric {getattr(metric, 'name', '?')}: {len(ids)} answer tokens for {n_prompts} prompts")
+
+
+# --------------------------------------------------------------------------- sweeps as data
+
+
+Index = tuple[int, ...] | None
+
+
+def _tup(x: Sequence[int] | int | None) -> Index:
+    if x is None:
+        return None
+    if isinstance(x, int):
+        return (int(x),)
+    return tuple(int(i) for i in x)
+
+
+@dataclass
+class Variant:
+    """One swept site: its label and the edit templates (no batch rows yet)."""
+
+    label: dict[str, int]
+    edits: tuple[Intervention, ...]
+
+    @property
+    def start_layer(self) -> int:
+        """The lowest layer edited: everything below it is the base run's."""
+        layers = [iv.site.layer for iv in self.edits]
+        return 0 if any(layer is None for layer in layers) else min(int(x) for x in layers if x is not None)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """For each site, apply one intervention kind; see the module docstring for the kinds.
+
+    - ``over="heads"``: one variant per (layer, head) at a per-head site (z by default), at
+      ``positions`` (None: all).
+    - ``over="layers"``: one variant per layer at a whole-stream site (resid_pre by default),
+      at ``positions``; with ``heads`` on a head site, those heads together.
+    - ``over="positions"``: one variant per (layer, position) (causal tracing's grid).
+    - ``over="windows"``: one variant per (layer, position), editing layers
+      [L - window//2, L + ceil(window/2)) clipped to the model (ROME's windows; mlp_out default).
+    - ``intervention="knockout"``: attention edges from ``query_positions`` to the key
+      positions (``positions``; swept one by one under positions/windows) are blocked.
+    """
+
+    over: SweepOver
+    intervention: Kind = "patch"
+    site: str | None = None
+    layers: Index = None
+    heads: Index = None
+    positions: Index = None
+    window: int = 10
+    query_positions: tuple[int, ...] = (-1,)
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "heads", "positions", "query_positions"):
+            object.__setattr__(self, name, _tup(getattr(self, name)))
+        if self.over not in OVERS:
+            raise UserError(f"unknown sweep {self.over!r} (known: {', '.join(OVERS)})")
+        if self.intervention not in KINDS:
+            raise UserError(f"unknown intervention {self.intervention!r} (known: {', '.join(KINDS)})")
+        if self.window < 1:
+            raise UserError(f"window must be at least 1 layer, got {self.window}")
+
+    @property
+    def site_kind(self) -> str:
+        if self.intervention == "knockout":
+            if self.site not in (None, "scores"):
+                raise UserError("knockout acts on attention scores; leave site unset")
+            return "scores"
+        kind = self.site or DEFAULT_SITE[self.over]
+        if kind in ATTN_KINDS:
+            raise UserError(f"sweeps edit activations, not {kind!r}; use intervention='knockout' for attention edges")
+        parse_site(kind if kind == "embed" else f"{kind}.0")
+        if self.over == "heads" and kind not in HEAD_KINDS + KV_KINDS:
+            raise UserError(f"a heads sweep needs a per-head site (q, k, v, z), not {kind!r}")
+        if kind == "embed" and self.over in ("layers", "windows"):
+            raise UserError("embed has no layers; sweep positions over it with over='positions'")
+        return kind
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Sweep:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise UserError(f"unknown sweep field {sorted(unknown)[0]!r}")
+        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
+
+    def variants(self, model: LoadedModel, seq_len: int) -> list[Variant]:
+        info = model.info
+        kind = self.site_kind
+        layers = self.layers if self.layers is not None else tuple(range(info.n_layers))
+        for layer in layers:
+            if not 0 <= layer < info.n_layers:
+                raise UserError(f"layer {layer} out of range: {model.name} has layers 0..{info.n_layers - 1}")
+        n_heads = info.n_kv_heads if kind in KV_KINDS else info.n_heads
+        heads = self.heads
+        for h in heads or ():
+            if not 0 <= h < n_heads:
+                raise UserError(f"head {h} out of range at site {kind} (0..{n_heads - 1})")
+        if heads is not None and kind not in HEAD_KINDS + KV_KINDS + ("scores",):
+            raise UserError(f"site {kind!r} has no heads; drop heads=")
+        positions = None if self.positions is None else tuple(_norm_pos(p, seq_len) for p in self.positions)
+        qpos = tuple(_norm_pos(p, seq_len) for p in self.query_positions)
+
+        if self.intervention == "knockout":
+            return self._knockout_variants(layers, heads, positions, qpos, seq_len, info.n_layers, n_heads)
+
+        def edit(layer: int | None, hs: Index, pos: Index) -> Intervention:
+            name = kind if layer is None else f"{kind}.{layer}"
+            if self.intervention == "zero" and kind == "z":
+                return AblateHeads(layer=int(layer or 0), heads=hs, method="zero", positions=pos)
+            src = {"patch": SOURCE, "resample": SOURCE, "mean": MEAN, "zero": ZERO}[self.intervention]
+            return Patch(site_name=name, source=src, heads=hs, positions=pos)
+
+        out: list[Variant] = []
+        if self.over == "heads":
+            for layer in layers:
+                for h in heads if heads is not None else range(n_heads):
+                    out.append(Variant({"layer": layer, "head": h}, (edit(layer, (h,), positions),)))
+        elif self.over == "layers":
+            for layer in layers:
+                out.append(Variant({"layer": layer}, (edit(layer, heads, positions),)))
+        else:
+            swept = positions if positions is not None else tuple(range(seq_len))
+            if kind == "embed":
+                return [Variant({"position": p}, (edit(None, heads, (p,)),)) for p in swept]
+            for layer in layers:
+                win = self._window(layer, info.n_layers) if self.over == "windows" else (layer,)
+                for p in swept:
+                    out.append(Variant({"layer": layer, "position": p}, tuple(edit(w, heads, (p,)) for w in win)))
+        return out
+
+    def _window(self, layer: int, n_layers: int) -> tuple[int, ...]:
+        # ROME's trace_important_window: range(max(0, L - w // 2), min(n, L - (-w // 2))).
+        return tuple(range(max(0, layer - self.window // 2), min(n_layers, layer - (-self.window // 2))))
+
+    def _knockout_variants(
+        self, layers: Sequence[int], heads: Index, positions: Index, qpos: tuple[int, ...], seq_len: int,
+        n_layers: int, n_heads: int,
+    ) -> list[Variant]:
+        def ko(layer: int, hs: Index, keys: tuple[int, ...]) -> Intervention:
+            return Knockout(layer=layer, query_positions=qpos, key_positions=keys, heads=hs)
+
+        if self.over in ("heads", "layers"):
+            if positions is None:
+                raise UserError("a knockout over heads or layers needs the key positions to block (positions=...)")
+            if self.over == "heads":
+                return [
+                    Variant({"layer": layer, "head": h}, (ko(layer, (h,), positions),))
+                    for layer in layers
+                    for h in (heads if heads is not None else range(n_heads))
+                ]
+            return [Variant({"layer": layer}, (ko(layer, heads, positions),)) for layer in layers]
+        swept = positions if positions is not None else tuple(range(seq_len))
+        out = []
+        for layer in layers:
+            win = self._window(layer, n_layers) if self.over == "windows" else (layer,)
+            for p in swept:
+                out.append(Variant({"layer": layer, "position": p}, tuple(ko(w, heads, (p,)) for w in win)))
+        return out
+
+
+def _norm_pos(p: int, seq_len: int) -> int:
+    if not -seq_len <= p < seq_len:
+        raise UserError(f"position {p} out of range for prompts of {seq_len} tokens")
+    return p % seq_len
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class SweepResult:
+    """Metric values per variant and prompt, with the base run's and the execution record."""
+
+    sweep: Sweep
+    variant: str
+    metric: str
+    labels: list[dict[str, int]]
+    values: torch.Tensor  # [n_variants, n_prompts]: the metric with the variant's edit
+    base: torch.Tensor  # [n_prompts]: the metric of the unedited base run
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def mean(self) -> torch.Tensor:
+        return self.values.mean(dim=1)
+
+    def effect(self) -> torch.Tensor:
+        """Per variant: mean over prompts of (edited - base)."""
+        return (self.values - self.base[None, :]).mean(dim=1)
+
+    def to_frame(self) -> Any:
+        import pandas as pd
+
+        rows = []
+        for i, label in enumerate(self.labels):
+            for j in range(self.values.shape[1]):
+                rows.append({**label, "prompt": j, "value": float(self.values[i, j]), "base": float(self.base[j])})
+        df = pd.DataFrame(rows)
+        df["variant"] = self.variant
+        df["metric"] = self.metric
+        return df
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory the process could still allocate on ``device`` (CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def default_budget(model: LoadedModel) -> int:
+    return free_memory_bytes(model.device) // 4
+
+
+def _d_mlp(model: LoadedModel) -> int:
+    cfg = getattr(model.hf.config, "text_config", None) or model.hf.config
+    return int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * model.info.d_model)
+
+
+def bytes_per_row(model: LoadedModel, seq_len: int, n_logit_positions: int) -> int:
+    """Estimated peak bytes one batch row needs in a no-grad forward pass.
+
+    A deliberate over-estimate: the residual and its copies (norms, hook clones, q/k/v/z,
+    attention output) ~ 10 d_model, the MLP's intermediates ~ 4 d_mlp, scores/pattern and
+    their softmax ~ 3 heads x seq, per token; logits and the metric's log-softmax ~ 3 vocab per
+    kept position.
+    """
+    info = model.info
+    item = torch.finfo(model.dtype).bits // 8
+    per_token = 10 * info.d_model + 4 * _d_mlp(model) + 3 * info.n_heads * seq_len
+    return item * (seq_len * per_token + 3 * n_logit_positions * info.vocab_size)
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def _bridge_backend(model: LoadedModel) -> Any:
+    from interp.backends import BridgeBackend
+
+    backend = model.backend
+    return backend if isinstance(backend, BridgeBackend) else None
+
+
+@contextlib.contextmanager
+def _skip_blocks(bridge: Any, n: int, tuple_out: bool) -> Iterator[None]:
+    """Make blocks 0..n-1 return their input unchanged: their result would be discarded anyway
+    when block n swaps in the cached residual (the bridge's start_at_layer runs them)."""
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h,) if tuple_out else h
+
+    blocks = list(bridge.blocks)[:n]
+    for block in blocks:
+        # object.__setattr__: the bridge's components forward attribute writes to the wrapped
+        # HF module, which would leave the HF layer short-circuited after the sweep.
+        object.__setattr__(block, "forward", passthrough)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            if "forward" in block.__dict__:
+                del block.__dict__["forward"]
+
+
+class _Runner:
+    """Forward passes for one sweep: the base run, then chunks from a start layer."""
+
+    def __init__(self, model: LoadedModel, metric: Metric, seq_len: int, prefix_reuse: bool) -> None:
+        self.model = model
+        self.metric = metric
+        self.seq_len = seq_len
+        self.backend = _bridge_backend(model)
+        self.bridge = None if self.backend is None else self.backend.bridge
+        self.prefix = prefix_reuse and self.bridge is not None and hasattr(self.bridge, "blocks")
+        self.block_tuple_out = False
+        pos = metric.positions
+        self.logit_positions = None if pos is None else tuple(_norm_pos(p, seq_len) for p in pos)
+        self.keep: int | torch.Tensor = 0
+        self.slice_after: tuple[int, ...] | None = self.logit_positions
+        if (
+            self.bridge is not None
+            and self.logit_positions is not None
+            and "logits_to_keep" in inspect.signature(model.hf.forward).parameters
+        ):
+            if self.logit_positions == (seq_len - 1,):
+                self.keep = 1
+            else:
+                self.keep = torch.tensor(self.logit_positions, device=model.device)
+            self.slice_after = None
+        self.forwards = 0
+        self.token_layers = 0
+
+    @property
+    def n_logit_positions(self) -> int:
+        return self.seq_len if self.logit_positions is None else len(self.logit_positions)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        interventions: Sequence[Intervention] = (),
+        sources: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        *,
+        start: int = 0,
+        resid: torch.Tensor | None = None,
+        cache: Sequence[str] = (),
+        grad: bool = False,
+        offload: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits at the metric's positions [rows, k, vocab], and the cache."""
+        self.forwards += 1
+        self.token_layers += tokens.shape[0] * self.seq_len * (self.model.info.n_layers - start)
+        if self.bridge is None:
+            out = self.model.run(tokens, interventions=interventions, sources=sources, cache=cache, grad=grad,
+                                 cache_to_cpu=offload)
+            logits = out.logits
+        else:
+            fkw: dict[str, Any] = {"use_cache": False}
+            if not isinstance(self.keep, int) or self.keep:
+                fkw["logits_to_keep"] = self.keep
+            inp = tokens.to(self.model.device)
+            ctx: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+            if start > 0:
+                assert resid is not None
+                fkw["start_at_layer"] = start
+                inp = resid
+                ctx = _skip_blocks(self.bridge, start, self.block_tuple_out)
+            with ctx:
+                out = self.backend.run(
+                    inp, interventions=interventions, sources=sources, cache=cache, grad=grad,
+                    cache_to_cpu=offload, forward_kwargs=fkw,
+                )
+            logits = out.logits
+        if self.slice_after is not None:
+            logits = logits[:, list(self.slice_after), :]
+        return logits, out.cache
+
+    def record_block_output_type(self) -> Any:
+        if self.bridge is None or not self.prefix:
+            return contextlib.nullcontext()
+
+        def hook(_mod: Any, _args: Any, output: Any) -> None:
+            self.block_tuple_out = isinstance(output, tuple)
+
+        return _Handle(self.bridge.blocks[0].register_forward_hook(hook))
+
+
+class _Handle(contextlib.AbstractContextManager[None]):
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def _check_tokens(model: LoadedModel, tokens: torch.Tensor, what: str = "tokens") -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
+        raise UserError(f"{what} must be a [prompts, positions] tensor of token ids")
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise UserError(f"{what} is empty")
+    model.check_length(int(tokens.shape[1]))
+    return tokens.to(model.device)
+
+
+def _needed_sites(variants: Sequence[Variant], source_name: str) -> list[str]:
+    return sorted({str(iv.site) for v in variants for iv in v.edits if getattr(iv, "source", None) == source_name})
+
+
+def _reference_tokens(sweep: Sweep, tokens: torch.Tensor, source: Any) -> Any:
+    if source is not None:
+        return source
+    if sweep.intervention == "patch":
+        raise UserError("a patch sweep needs a source run: give source= (tokens or a cache)")
+    if sweep.intervention == "resample":
+        if tokens.shape[0] < 2:
+            raise UserError("resample ablation without a reference needs at least 2 prompts")
+        return tokens.roll(1, dims=0)
+    return tokens
+
+
+def build_sources(
+    model: LoadedModel,
+    sweep: Sweep,
+    variants: Sequence[Variant],
+    tokens: torch.Tensor,
+    source: torch.Tensor | Mapping[str, torch.Tensor] | None,
+    offload: bool = False,
+) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor | None]:
+    """The runs the edit templates read from, caching only the sites they name.
+
+    Returns the sources mapping and the source run's tokens (None when a cache was given).
+    """
+    n_prompts, seq_len = tokens.shape
+    sources: dict[str, dict[str, torch.Tensor]] = {}
+    need_src = _needed_sites(variants, SOURCE)
+    need_mean = _needed_sites(variants, MEAN)
+    need_zero = _needed_sites(variants, ZERO)
+    ref = _reference_tokens(sweep, tokens, source) if (need_src or need_mean) else None
+    src_tokens = None
+    ref_cache: Mapping[str, torch.Tensor] = {}
+    if isinstance(ref, torch.Tensor):
+        src_tokens = _check_tokens(model, ref, "source tokens")
+        if src_tokens.shape[1] != seq_len:
+            raise UserError(f"source prompts have {src_tokens.shape[1]} tokens, base prompts {seq_len}")
+        if src_tokens.shape[0] not in (1, n_prompts) and need_src:
+            raise UserError(f"source has {src_tokens.shape[0]} prompts; give 1 or {n_prompts}")
+        with torch.no_grad():
+            ref_cache = model.run(src_tokens, cache=need_src + need_mean, cache_to_cpu=offload).cache
+    elif ref is not None:
+        ref_cache = ref
+        missing = [s for s in need_src + need_mean if s not in ref_cache]
+        if missing:
+            raise UserError(f"source cache has no activation at site {missing[0]}")
+    if need_src:
+        sources[SOURCE] = {s: ref_cache[s] for s in need_src}
+        for s, t in sources[SOURCE].items():
+            if t.shape[0] not in (1, n_prompts) or t.shape[1] != seq_len:
+                raise UserError(f"source activation at {s} has shape {tuple(t.shape)}; base is {n_prompts}x{seq_len}")
+    if need_mean:
+        sources[MEAN] = {
+            s: ref_cache[s].mean(dim=(0, 1), keepdim=True).expand(1, seq_len, *ref_cache[s].shape[2:]).contiguous()
+            for s in need_mean
+        }
+    if need_zero:
+        shapes = _site_shapes(model, need_zero, seq_len)
+        sources[ZERO] = {s: torch.zeros((1, *shapes[s]), dtype=model.dtype, device=model.device) for s in need_zero}
+    return sources, src_tokens
+
+
+def _site_shapes(model: LoadedModel, names: Sequence[str], seq_len: int) -> dict[str, tuple[int, ...]]:
+    info = model.info
+    out = {}
+    for name in names:
+        kind = parse_site(name).kind
+        if kind in ("q", "z"):
+            out[name] = (seq_len, info.n_heads, info.d_head)
+        elif kind in KV_KINDS:
+            out[name] = (seq_len, info.n_kv_heads, info.d_head)
+        else:
+            out[name] = (seq_len, info.d_model)
+    return out
+
+
+def _with_rows(iv: Intervention, rows: tuple[int, ...], sources: Mapping[str, Mapping[str, torch.Tensor]],
+               n_prompts: int) -> Intervention:
+    if isinstance(iv, Patch):
+        src = sources[iv.source][iv.site_name]
+        return dataclasses.replace(iv, batch=rows, source_batch=tuple(range(n_prompts)) if src.shape[0] > 1 else None)
+    return dataclasses.replace(iv, batch=rows)  # type: ignore[call-arg]
+
+
+def plan_chunks(starts: Sequence[int], max_variants: int, rows_per_variant: int, seq_len: int,
+                n_layers: int, prefix_reuse: bool) -> list[tuple[int, list[int]]]:
+    """Group variant indices into (start layer, indices) chunks of at most ``max_variants``.
+
+    Minimises the estimated cost: token-layers computed (rows x tokens x layers from the
+    chunk's lowest start) plus a per-forward overhead, over contiguous runs of variants
+    sorted by start layer (a small dynamic programme).
+    """
+    order = sorted(range(len(starts)), key=lambda i: (starts[i] if prefix_reuse else 0, i))
+    eff = [starts[i] if prefix_reuse else 0 for i in order]
+    n = len(order)
+    tok = rows_per_variant * seq_len
+    overhead = _OVERHEAD_TOKENS_PER_LAYER * n_layers
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        for j in range(max(0, i - max_variants), i):
+            cost = best[j] + (i - j) * tok * (n_layers - eff[j]) + overhead
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    chunks = []
+    i = n
+    while i > 0:
+        j = cut[i]
+        chunks.append((eff[j], order[j:i]))
+        i = j
+    return chunks[::-1]
+
+
+def run_sweep(
+    model: LoadedModel,
+    sweep: Sweep,
+    metric: Metric,
+    tokens: torch.Tensor,
+    source: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    *,
+    budget_bytes: int | None = None,
+    max_variants: int | None = None,
+    prefix_reuse: bool = True,
+    offload: bool = False,
+    select: Sequence[int] | None = None,
+) -> SweepResult:
+    """Run every variant of ``sweep`` on ``tokens`` (the base run) and measure ``metric``.
+
+    ``source``: the source run for patching, or the reference for mean/resample ablation,
+    as token ids ([prompts or 1, positions]) or as a cache {site: tensor}. ``budget_bytes``:
+    memory for one chunk's activations (default a quarter of the free memory);
+    ``max_variants`` caps variants per chunk; ``select`` runs only those variant indices.
+    """
+    t0 = time.perf_counter()
+    tokens = _check_tokens(model, tokens)
+    n_prompts, seq_len = tokens.shape
+    _check_metric(metric, n_prompts)
+    variants = sweep.variants(model, seq_len)
+    if select is not None:
+        bad = [i for i in select if not 0 <= i < len(variants)]
+        if bad:
+            raise UserError(f"variant index {bad[0]} out of range (0..{len(variants) - 1})")
+        variants = [variants[i] for i in select]
+    if not variants:
+        raise UserError("the sweep has no variants")
+    runner = _Runner(model, metric, seq_len, prefix_reuse)
+    budget = default_budget(model) if budget_bytes is None else int(budget_bytes)
+    per_variant = n_prompts * bytes_per_row(model, seq_len, runner.n_logit_positions)
+    if budget < per_variant:
+        raise UserError(
+            f"memory budget of {budget} bytes is smaller than one patched variant "
+            f"({per_variant} bytes for {n_prompts} prompts x {seq_len} tokens); raise budget_bytes or use fewer prompts"
+        )
+    cap = budget // per_variant
+    if max_variants is not None:
+        if max_variants < 1:
+            raise UserError(f"max_variants must be at least 1, got {max_variants}")
+        cap = min(cap, max_variants)
+
+    with torch.no_grad():
+        sources, _ = build_sources(model, sweep, variants, tokens, source, offload)
+        starts = [v.start_layer for v in variants]
+        need_resid = sorted({s for s in starts if s > 0}) if runner.prefix else []
+        prompt_index = torch.arange(n_prompts, device=model.device)
+        with runner.record_block_output_type():
+            logits, base_cache = runner.forward(tokens, cache=[f"resid_pre.{s}" for s in need_resid])
+        base = metric(logits, prompt_index)
+        prefix_diff = None
+        if need_resid:
+            # The bridge's layer re-entry is checked once per sweep on this model: resuming the
+            # base run at the highest start layer must give the base metric back.
+            top = need_resid[-1]
+            again, _ = runner.forward(tokens, start=top, resid=base_cache[f"resid_pre.{top}"])
+            prefix_diff = float((metric(again, prompt_index) - base).abs().max())
+            if prefix_diff > 1e-4 * (1.0 + float(base.abs().max())):
+                warnings.warn(f"prefix reuse disagrees with a full forward on {model.name} "
+                              f"(max diff {prefix_diff:.2g}); running full forwards", stacklevel=2)
+                runner.prefix = False
+        chunks = plan_chunks(starts, cap, n_prompts, seq_len, model.info.n_layers, runner.prefix)
+        values = torch.empty(len(variants), n_prompts, dtype=torch.float64)
+        for start, idx in chunks:
+            ivs: list[Intervention] = []
+            for slot, vi in enumerate(idx):
+                rows = tuple(range(slot * n_prompts, (slot + 1) * n_prompts))
+                ivs.extend(_with_rows(iv, rows, sources, n_prompts) for iv in variants[vi].edits)
+            batch_tokens = tokens.repeat(len(idx), 1)
+            resid = base_cache[f"resid_pre.{start}"].repeat(len(idx), 1, 1) if start > 0 else None
+            logits, _ = runner.forward(batch_tokens, ivs, sources, start=start, resid=resid)
+            vals = metric(logits, prompt_index.repeat(len(idx)))
+            values[idx] = vals.view(len(idx), n_prompts).double().cpu()
+    cache_bytes = sum(t.numel() * t.element_size() for t in base_cache.values()) + sum(
+        t.numel() * t.element_size() for c in sources.values() for t in c.values()
+    )
+    stats = {
+        "n_variants": len(variants),
+        "chunks": len(chunks),
+        "chunk_sizes": [len(i) for _, i in chunks],
+        "forwards": runner.forwards,
+        "token_layers": runner.token_layers,
+        "prefix_reuse": runner.prefix,
+        "prefix_check_diff": prefix_diff,
+        "logits_positions": runner.n_logit_positions,
+        "budget_bytes": budget,
+        "bytes_per_variant": per_variant,
+        "cache_bytes": cache_bytes,
+        "seconds": time.perf_counter() - t0,
+    }
+    return SweepResult(
+        sweep=sweep, variant=sweep.intervention, metric=metric.name, labels=[v.label for v in variants],
+        values=values, base=base.double().cpu(), stats=stats,
+    )
+
+
+__all__ = [
+    "DEFAULT_SITE",
+    "LogProb",
+    "LogitDiff",
+    "Metric",
+    "Sweep",
+    "SweepResult",
+    "Variant",
+    "build_sources",
+    "bytes_per_row",
+    "default_budget",
+    "free_memory_bytes",
+    "plan_chunks",
+    "run_sweep",
+]
