@@ -1,0 +1,1021 @@
+"""Episodic memory in attention: copying scores, attention lag-CRPs, CMR fits and ablations.
+
+methods.md sections 1, 2 and 8:
+
+- ``copying``: the copying score of every head, sum(lambda) / sum(|lambda|) over the eigenvalues
+  of its token-to-token OV map W_E W_V W_O W_U (Olsson et al. 2022), next to its prefix-matching
+  (induction) score on repeated random tokens; a head is an induction head only with both.
+- ``lag-crp``: each head's attention lag-CRP on repeated token lists (Ji-An et al. 2024): from
+  each second-copy token to the first-copy positions p + lag around its first occurrence p;
+  the ``mistry`` variant (Mistry et al. 2025) shows frequent tokens once and repeats them in a
+  random order. The serial-position curve gives primacy and recency.
+- ``cmr``: the lag-CRP of every head fitted by the CMR model (``circuits/cmr_model.py``):
+  distance, fitted parameters, CMR-like labels (distance < 0.5; strict < 0.1).
+- ``episodic-ablation``: zero (or mean) ablation of the top-k heads by a score against k random
+  heads drawn outside the top set, several draws: in-context-learning score on natural text and
+  second-copy loss on repeated tokens, single-head and cumulative effects, paired t-test.
+
+The copying score reads the weights from ``model.hf``. Included: the RMSNorm/LayerNorm weight of
+the layer's attention input folded into W_V, and the final-norm weight folded into W_U (the
+unembedding, which for SmolLM2 is tied to W_E). Left out: the per-token normalisation scale, norm
+biases and centring (for LayerNorm models), and the value/output biases. The eigenvalues are those
+of the d_head x d_head matrix (W_V g_l) (E^T U) (g_f W_O), whose non-zero spectrum equals that of
+the vocab x vocab map; E^T U is d_model x d_model and computed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+
+from circuits import cmr_model
+from circuits.induction import INDUCTION_THRESHOLD, copy_losses, head_scores_from_patterns
+from interp.errors import UserError
+from interp.interventions import Intervention, ablate_heads
+from interp.model import LoadedModel
+from interp.registry import Detector, Param, Summary, UnitResult, register
+from interp.tokens import bos_offset, repeated_random_tokens
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+TEXT_SAMPLE = DATA_DIR / "public_domain_sample.txt"
+METRIC_COLUMNS = ["name", "value", "ci_low", "ci_high", "n"]
+CURVE_COLUMNS = ["curve", "layer", "head", "x", "y"]
+HEAD_COLUMNS = ["metric", "layer", "head", "value"]
+
+
+# --------------------------------------------------------------------------------------------
+# OV circuits and copying scores
+# --------------------------------------------------------------------------------------------
+
+
+def _unwrap(module: Any) -> Any:
+    """The HF module behind a TransformerBridge wrapper (the bridge keeps it as an attribute)."""
+    return getattr(module, "_original_component", module)
+
+
+def _weight(module: Any) -> torch.Tensor:
+    return _unwrap(module).weight.detach()
+
+
+@dataclass
+class OVWeights:
+    """Per query head: W_V [layers, heads, d_head, d_model] (input-norm weight folded in) and
+    W_O [layers, heads, d_model, d_head]; W_E [vocab, d_model]; W_U [vocab, d_model] (final-norm
+    weight folded in). Column convention: v = W_V x, out = W_O z, logits = W_U out."""
+
+    w_v: torch.Tensor
+    w_o: torch.Tensor
+    w_e: torch.Tensor
+    w_u: torch.Tensor
+
+
+def ov_weights(model: LoadedModel) -> OVWeights:
+    """Read the OV weights of every query head from ``model.hf``, each with its kv group's W_V."""
+    hf = model.hf
+    info = model.info
+    dh, d, nh, group = info.d_head, info.d_model, info.n_heads, info.group_size
+    base = getattr(hf, "model", None) or getattr(hf, "transformer", None)
+    if base is None:
+        raise UserError(f"copying score: unsupported model layout {type(hf).__name__}")
+    w_vs, w_os = [], []
+    if hasattr(base, "h"):  # GPT-2: fused c_attn (Conv1D, in x out), c_proj (in x out)
+        final_norm = base.ln_f
+        for block in base.h:
+            c_attn, c_proj = _weight(block.attn.c_attn), _weight(block.attn.c_proj)
+            gamma = _weight(block.ln_1)
+            w_v = c_attn[:, 2 * d : 3 * d].T.reshape(nh, dh, d) * gamma
+            w_o = c_proj.T.reshape(d, nh, dh).permute(1, 0, 2)
+            w_vs.append(w_v)
+            w_os.append(w_o)
+    else:  # Llama-like: v_proj [n_kv*dh, d], o_proj [d, n_heads*dh]
+        final_norm = base.norm
+        for layer in base.layers:
+            attn = layer.self_attn
+            gamma = _weight(layer.input_layernorm)
+            kv = _weight(attn.v_proj).reshape(info.n_kv_heads, dh, d) * gamma
+            w_vs.append(kv.repeat_interleave(group, dim=0))  # query head h uses kv head h // group
+            w_os.append(_weight(attn.o_proj).reshape(d, nh, dh).permute(1, 0, 2))
+    w_e = _weight(hf.get_input_embeddings())
+    w_u = _weight(hf.get_output_embeddings()) * _weight(final_norm)
+    return OVWeights(w_v=torch.stack(w_vs), w_o=torch.stack(w_os), w_e=w_e, w_u=w_u)
+
+
+def ov_eigenvalues(w: OVWeights) -> torch.Tensor:
+    """Eigenvalues [layers, heads, d_head] (complex) of each head's low-rank OV token map."""
+    emb_unemb = w.w_e.double().T @ w.w_u.double()  # E^T U: [d_model, d_model]
+    small = w.w_v.double() @ emb_unemb @ w.w_o.double()  # [L, H, dh, dh]
+    return torch.linalg.eigvals(small)
+
+
+def copying_scores(model: LoadedModel) -> Float[torch.Tensor, "layer head"]:
+    """sum(lambda) / sum(|lambda|) of each head's OV circuit, in [-1, 1]; positive = copying."""
+    eig = ov_eigenvalues(ov_weights(model))
+    return (eig.sum(-1).real / eig.abs().sum(-1)).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Attention lag-CRP
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ListPrompts:
+    """Token lists presented twice: ``tokens`` [b, seq]; the first list starts at ``offset``
+    and has length R; second-list query k sits at ``offset + R + k`` and shows the token of
+    first-list position ``match[b, k]``."""
+
+    tokens: torch.Tensor
+    offset: int
+    length: int
+    match: torch.Tensor
+
+
+def repeated_lists(model: LoadedModel, batch: int, length: int, seed: int) -> ListPrompts:
+    tokens = repeated_random_tokens(model, batch, length, seed)
+    return ListPrompts(tokens, bos_offset(model), length, torch.arange(length).expand(batch, length).clone())
+
+
+def frequent_tokens(model: LoadedModel, n: int) -> tuple[list[int], int]:
+    """The n most frequent tokens of the bundled English text (ties by id), special tokens
+    excluded; filled from the lowest ordinary ids when the text has fewer. Returns the ids and
+    how many came from the fill."""
+    specials = {int(i) for i in getattr(model.tokenizer, "all_special_ids", []) if i is not None}
+    ids = model.tokenizer(TEXT_SAMPLE.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    uniq, counts = np.unique(np.asarray(ids, dtype=np.int64), return_counts=True)
+    ranked = sorted((-int(c), int(t)) for t, c in zip(uniq, counts, strict=True) if int(t) not in specials)
+    chosen = [t for _, t in ranked[:n]]
+    filled = 0
+    tid = 0
+    have = set(chosen)
+    while len(chosen) < n and tid < model.info.vocab_size:
+        if tid not in have and tid not in specials:
+            chosen.append(tid)
+            filled += 1
+        tid += 1
+    if len(chosen) < n:
+        raise UserError(f"the vocabulary has fewer than {n} ordinary tokens")
+    return chosen, filled
+
+
+def mistry_lists(model: LoadedModel, batch: int, length: int, seed: int) -> ListPrompts:
+    """Mistry et al.: the ``length`` most frequent tokens in a random order, then again in
+    another random order (BOS first when the model has one)."""
+    vocab, _ = frequent_tokens(model, length)
+    pool = torch.tensor(vocab)
+    gen = torch.Generator().manual_seed(seed)
+    rows, matches = [], []
+    for _ in range(batch):
+        first = pool[torch.randperm(length, generator=gen)]
+        order = torch.randperm(length, generator=gen)  # second-list k shows first-list order[k]
+        parts = [first, first[order]]
+        if model.bos_token_id is not None:
+            parts.insert(0, torch.tensor([model.bos_token_id]))
+        rows.append(torch.cat(parts))
+        matches.append(order)
+    return ListPrompts(torch.stack(rows), bos_offset(model), length, torch.stack(matches))
+
+
+def lag_crp_from_pattern(
+    pattern: Float[torch.Tensor, "batch head q k"], prompts: ListPrompts, max_lag: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head: summed attention by lag [heads, 2*max_lag+1] and the count of (query, lag)
+    pairs with the key inside the first list [2*max_lag+1]."""
+    off, r = prompts.offset, prompts.length
+    lags = torch.arange(-max_lag, max_lag + 1)
+    first_idx = prompts.match[:, :, None] + lags  # [b, R, lags]
+    valid = (first_idx >= 0) & (first_idx < r)
+    keys = off + first_idx.clamp(0, r - 1)
+    q = off + r + torch.arange(r)
+    rows = pattern[:, :, q, :]  # [b, H, R, seq]
+    att = rows.gather(3, keys[:, None].expand(-1, pattern.shape[1], -1, -1))  # [b, H, R, lags]
+    att = att * valid[:, None]
+    return att.sum(dim=(0, 2)).double(), valid.sum(dim=(0, 1)).double()
+
+
+def serial_position_sum(pattern: Float[torch.Tensor, "batch head q k"], prompts: ListPrompts) -> torch.Tensor:
+    """Per head, attention summed over second-list queries to each first-list position [H, R]."""
+    off, r = prompts.offset, prompts.length
+    return pattern[:, :, off + r : off + 2 * r, off : off + r].sum(dim=(0, 2)).double()
+
+
+def primacy_recency(spc: np.ndarray, edge_frac: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Mean attention to the first / last ``edge_frac`` of serial positions over the mean to
+    the middle half (> 1: primacy / recency)."""
+    r = spc.shape[-1]
+    edge = max(1, round(r * edge_frac))
+    mid = spc[..., r // 4 : r - r // 4].mean(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return spc[..., :edge].mean(-1) / mid, spc[..., -edge:].mean(-1) / mid
+
+
+def _layer_chunks(model: LoadedModel, batch: int, seq: int, budget_bytes: float = 4e8) -> list[list[int]]:
+    """Layers whose attention patterns fit the memory budget together in one forward pass."""
+    per_layer = batch * model.info.n_heads * seq * seq * 4
+    step = max(1, int(budget_bytes // per_layer))
+    layers = list(range(model.info.n_layers))
+    return [layers[i : i + step] for i in range(0, len(layers), step)]
+
+
+def lag_crp_unit(model: LoadedModel, prompts: ListPrompts, max_lag: int) -> dict[str, np.ndarray]:
+    """Lag-CRP sums, counts and serial-position sums of every head for one batch of prompts."""
+    b, seq = prompts.tokens.shape
+    n_l, n_h = model.info.n_layers, model.info.n_heads
+    sums = np.zeros((n_l, n_h, 2 * max_lag + 1))
+    spc = np.zeros((n_l, n_h, prompts.length))
+    counts = np.zeros(2 * max_lag + 1)
+    for chunk in _layer_chunks(model, b, seq):
+        with torch.no_grad():
+            out = model.run(prompts.tokens, cache=[f"pattern.{layer}" for layer in chunk])
+        for layer in chunk:
+            pat = out.cache[f"pattern.{layer}"].float()
+            s, c = lag_crp_from_pattern(pat, prompts, max_lag)
+            sums[layer] = s.cpu().numpy()
+            counts = c.cpu().numpy()
+            spc[layer] = serial_position_sum(pat, prompts).cpu().numpy()
+        del out
+    return {"sums": sums, "counts": counts, "spc": spc}
+
+
+def _weighted_curves(curves: pd.DataFrame, metrics: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Average one curve over units, weighting each unit by its number of queries."""
+    m_units = _col(metrics, "unit")[_col(metrics, "name") == "n_queries"]
+    weight = dict(zip(m_units, _col(metrics, "value")[_col(metrics, "name") == "n_queries"], strict=True))
+    sel = _col(curves, "curve") == name
+    w = np.array([weight[u] for u in _col(curves, "unit")[sel]], dtype=float)
+    df = pd.DataFrame(
+        {
+            "layer": _col(curves, "layer")[sel].astype(int),
+            "head": _col(curves, "head")[sel].astype(int),
+            "x": _col(curves, "x")[sel].astype(float),
+            "wy": _col(curves, "y")[sel].astype(float) * w,
+            "w": w,
+        }
+    )
+    agg = pd.DataFrame(df.groupby(["layer", "head", "x"], as_index=False).sum())
+    y = _col(agg, "wy") / _col(agg, "w")
+    return pd.DataFrame({"layer": _col(agg, "layer"), "head": _col(agg, "head"), "x": _col(agg, "x"), "y": y})
+
+
+def curve_array(df: pd.DataFrame, n_layers: int, n_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Long curve table (layer, head, x, y) -> [layers, heads, xs] and the xs."""
+    x_all = _col(df, "x").astype(float)
+    xs = np.unique(x_all)
+    arr = np.full((n_layers, n_heads, len(xs)), np.nan)
+    arr[_col(df, "layer").astype(int), _col(df, "head").astype(int), np.searchsorted(xs, x_all)] = _col(df, "y")
+    return arr, xs
+
+
+def _col(df: pd.DataFrame, name: str) -> np.ndarray:
+    """A column as a numpy array (keeps the long-table code free of pandas' loose typing)."""
+    return np.asarray(df[name].to_numpy())
+
+
+def _curve_rows(name: str, arr: np.ndarray, xs: Sequence[float] | np.ndarray) -> list[tuple[str, int, int, float, float]]:
+    n_l, n_h, _ = arr.shape
+    return [
+        (name, layer, head, float(x), float(arr[layer, head, i]))
+        for layer in range(n_l)
+        for head in range(n_h)
+        for i, x in enumerate(xs)
+    ]
+
+
+_LAG_PARAMS = (
+    Param("variant", str, "repeated", "input lists: repeated random tokens, or Mistry et al.'s frequent tokens", ("repeated", "mistry")),
+    Param("seq_len", int, 0, "list length R (0: 50 for repeated, 500 for mistry)"),
+    Param("n_prompts", int, 0, "number of prompts (0: 20 for repeated, 2 for mistry)"),
+    Param("batch_size", int, 0, "prompts per forward pass, one stored unit each (0: 10 repeated, 1 mistry)"),
+    Param("max_lag", int, 8, "lags -max_lag..max_lag"),
+    Param("seed", int, 0, "random seed of the lists"),
+)
+
+
+def _lag_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
+    p = dict(params)
+    mistry = p["variant"] == "mistry"
+    p["seq_len"] = p["seq_len"] or (500 if mistry else 50)
+    p["n_prompts"] = p["n_prompts"] or (2 if mistry else 20)
+    p["batch_size"] = p["batch_size"] or (1 if mistry else 10)
+    return p
+
+
+class _LagCRPBase(Detector):
+    kind = "curves"
+
+    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
+        p = _lag_defaults(params)
+        if p["n_prompts"] < 1 or p["batch_size"] < 1:
+            raise UserError("n_prompts and batch_size must be >= 1")
+        if p["max_lag"] < 1 or p["seq_len"] < p["max_lag"] + 2:
+            raise UserError(f"need max_lag >= 1 and seq_len >= max_lag + 2 (got {p['max_lag']}, {p['seq_len']})")
+        model.check_length(2 * p["seq_len"] + bos_offset(model))
+        if p["variant"] == "mistry" and p["seq_len"] > model.info.vocab_size // 2:
+            raise UserError(f"mistry lists of {p['seq_len']} tokens need a larger vocabulary")
+        n, b = p["n_prompts"], p["batch_size"]
+        return [f"batch-{i}" for i in range((n + b - 1) // b)]
+
+    def prompts(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> ListPrompts:
+        p = _lag_defaults(params)
+        i = int(unit.split("-")[1])
+        size = min(p["batch_size"], p["n_prompts"] - i * p["batch_size"])
+        seed = p["seed"] * 100_003 + i
+        if p["variant"] == "mistry":
+            return mistry_lists(model, size, p["seq_len"], seed)
+        return repeated_lists(model, size, p["seq_len"], seed)
+
+    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
+        p = _lag_defaults(params)
+        prompts = self.prompts(model, params, unit)
+        res = lag_crp_unit(model, prompts, p["max_lag"])
+        lags = np.arange(-p["max_lag"], p["max_lag"] + 1)
+        # Per-unit means; finalize re-weights by the number of queries (per-lag counts scale with it).
+        crp = res["sums"] / np.maximum(res["counts"], 1)
+        n_queries = prompts.tokens.shape[0] * prompts.length
+        spc = res["spc"] / n_queries
+        rows = _curve_rows("lag_crp", crp, lags) + _curve_rows("serial_position", spc, np.arange(prompts.length))
+        return UnitResult(
+            tables={
+                "curves": pd.DataFrame(rows, columns=CURVE_COLUMNS),
+                "metrics": pd.DataFrame(
+                    [("n_queries", float(n_queries), None, None, int(prompts.tokens.shape[0]))], columns=METRIC_COLUMNS
+                ),
+            }
+        )
+
+    def aggregate(
+        self, model: LoadedModel, results: Mapping[str, pd.DataFrame]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
+        """(lag-CRP [L, H, lags], lags, serial-position curve [L, H, R], long curve table)."""
+        curves, metrics = results["curves"], results["metrics"]
+        crp_df = _weighted_curves(curves, metrics, "lag_crp")
+        spc_df = _weighted_curves(curves, metrics, "serial_position")
+        crp, lags = curve_array(crp_df, model.info.n_layers, model.info.n_heads)
+        spc, _ = curve_array(spc_df, model.info.n_layers, model.info.n_heads)
+        table = pd.concat([crp_df.assign(curve="lag_crp"), spc_df.assign(curve="serial_position")])
+        return crp, lags, spc, pd.DataFrame(table, columns=CURVE_COLUMNS)
+
+
+def lag_records(crp: np.ndarray, lags: np.ndarray, spc: np.ndarray) -> list[dict[str, Any]]:
+    """Per head: lag-CRP at +1, -1, 0, the peak lag, the +1/-1 asymmetry, primacy, recency."""
+    n_l, n_h, _ = crp.shape
+    li = {int(x): i for i, x in enumerate(lags)}
+    primacy, recency = primacy_recency(spc)
+    rows = []
+    for layer in range(n_l):
+        for head in range(n_h):
+            c = crp[layer, head]
+            rows.append(
+                {
+                    "layer": layer,
+                    "head": head,
+                    "crp_plus1": float(c[li[1]]),
+                    "crp_minus1": float(c[li[-1]]),
+                    "crp_lag0": float(c[li[0]]),
+                    "peak_lag": int(lags[int(np.argmax(c))]),
+                    "asymmetry": float(c[li[1]] - c[li[-1]]),
+                    "primacy": float(primacy[layer, head]),
+                    "recency": float(recency[layer, head]),
+                }
+            )
+    return rows
+
+
+@register
+class LagCRPDetector(_LagCRPBase):
+    name = "lag-crp"
+    description = "Attention lag-CRP of every head on repeated lists (Mistry et al. frequent tokens by default; --variant repeated for random tokens), with primacy and recency"
+    # The repeated-random-token lag-CRP (with primacy and recency) comes with every ``cmr`` run,
+    # which is in the default scan; this detector defaults to the Mistry et al. lists (two
+    # 1001-token prompts, about 90 CPU-seconds on smollm2), too slow for a default scan.
+    params = (
+        Param("variant", str, "mistry", "input lists: Mistry et al.'s frequent tokens, or repeated random tokens", ("mistry", "repeated")),
+        *_LAG_PARAMS[1:],
+    )
+
+    def variant(self, params: Mapping[str, Any]) -> str:
+        return str(params["variant"])
+
+    def finalize(
+        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+    ) -> Summary:
+        crp, lags, spc, table = self.aggregate(model, results)
+        records = sorted(lag_records(crp, lags, spc), key=lambda r: -r["crp_plus1"])
+        heads = [_finite({**r, "score": r["crp_plus1"]}) for r in records]
+        mean_crp = np.nanmean(crp, axis=(0, 1))
+        m = results["metrics"]
+        metrics = {
+            "n_heads": len(heads),
+            "n_prompts": int(_col(m, "n")[_col(m, "name") == "n_queries"].sum()),
+            "n_heads_peak_plus1": sum(r["peak_lag"] == 1 for r in records),
+            "n_heads_asymmetric_forward": sum(r["asymmetry"] > 0 for r in records),
+            "mean_crp_by_lag": {int(x): float(y) for x, y in zip(lags, mean_crp, strict=True)},
+            "median_primacy": float(np.nanmedian([r["primacy"] for r in records])),
+            "median_recency": float(np.nanmedian([r["recency"] for r in records])),
+        }
+        head_rows = [
+            (name, r["layer"], r["head"], float(r[name]))
+            for r in records
+            for name in ("crp_plus1", "crp_minus1", "asymmetry", "primacy", "recency")
+        ]
+        return Summary(
+            detector=self.name,
+            variant=self.variant(params),
+            heads=heads,
+            metrics=_finite(metrics),
+            tables={
+                "curves": table,
+                "head_scores": pd.DataFrame(head_rows, columns=HEAD_COLUMNS),
+                "metrics": _metrics_frame(metrics),
+            },
+        )
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None, recursively, so summaries are strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _metrics_frame(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    rows = [(k, float(v), None, None, None) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    return pd.DataFrame(rows, columns=METRIC_COLUMNS)
+
+
+# --------------------------------------------------------------------------------------------
+# CMR fit
+# --------------------------------------------------------------------------------------------
+
+_GRID_PARAMS = (
+    Param("grid_sims", int, cmr_model.GridSpec().n_sims, "CMR trials per start position and grid point"),
+    Param("grid_estimator", str, cmr_model.GridSpec().estimator, "CMR CRP estimator", ("sampled", "expected")),
+    Param("grid_seed", int, 0, "seed of the CMR simulation"),
+    Param("fit_lag", int, cmr_model.FIT_LAG, "lags -fit_lag..fit_lag enter the CMR distance"),
+)
+
+
+def grid_spec(params: Mapping[str, Any]) -> cmr_model.GridSpec:
+    return cmr_model.GridSpec(n_sims=params["grid_sims"], estimator=params["grid_estimator"], seed=params["grid_seed"])
+
+
+def cmr_records(
+    crp: np.ndarray, lags: np.ndarray, grid: cmr_model.CMRGrid, fit_lag: int
+) -> tuple[list[dict[str, Any]], cmr_model.CMRFit]:
+    """Fit every head; one record per head (layer-major) with distance, parameters and labels."""
+    n_l, n_h, _ = crp.shape
+    fit = cmr_model.fit_cmr(crp.reshape(n_l * n_h, -1), lags, grid, fit_lag)
+    labels = fit.labels()
+    records = [
+        {
+            "layer": i // n_h,
+            "head": i % n_h,
+            "cmr_distance": float(fit.distance[i]),
+            "beta_enc": float(fit.beta_enc[i]),
+            "beta_rec": float(fit.beta_rec[i]),
+            "gamma_ft": float(fit.gamma_ft[i]),
+            "cmr_like": bool(labels["cmr_like"][i]),
+            "cmr_like_strict": bool(labels["cmr_like_strict"][i]),
+        }
+        for i in range(n_l * n_h)
+    ]
+    return records, fit
+
+
+def _by_layer(records: Sequence[Mapping[str, Any]], flag: str) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for r in records:
+        if r[flag]:
+            out[int(r["layer"])] = out.get(int(r["layer"]), 0) + 1
+    return dict(sorted(out.items()))
+
+
+@register
+class CMRDetector(_LagCRPBase):
+    name = "cmr"
+    description = "CMR fit of every head's attention lag-CRP (Ji-An et al.): distance, fitted parameters, CMR-like labels"
+    in_default_scan = True
+    params = (*_LAG_PARAMS, *_GRID_PARAMS)
+
+    def variant(self, params: Mapping[str, Any]) -> str:
+        return f"{params['variant']}-lists/cmr-grid-{params['grid_estimator']}-{params['grid_sims']}"
+
+    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
+        if params["fit_lag"] < 1 or params["fit_lag"] > params["max_lag"] or params["fit_lag"] > cmr_model.GridSpec().max_lag:
+            raise UserError(f"fit_lag must be in 1..{min(params['max_lag'], cmr_model.GridSpec().max_lag)}")
+        grid_spec(params)  # validates the grid parameters before any work
+        return super().units(model, params)
+
+    def finalize(
+        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+    ) -> Summary:
+        crp, lags, spc, table = self.aggregate(model, results)
+        grid = cmr_model.cmr_grid(grid_spec(params))
+        records, fit = cmr_records(crp, lags, grid, params["fit_lag"])
+        for r, extra in zip(records, lag_records(crp, lags, spc), strict=True):
+            r.update({k: v for k, v in extra.items() if k not in ("layer", "head")})
+        dist = np.array([r["cmr_distance"] for r in records])
+        order = np.argsort(np.nan_to_num(dist, nan=np.inf), kind="stable")
+        ranked = [records[i] for i in order]
+        heads = [_finite({**r, "score": -r["cmr_distance"]}) for r in ranked]
+        warnings = []
+        n_nan = int(np.isnan(dist).sum())
+        if n_nan:
+            warnings.append(f"{n_nan} heads have a flat lag-CRP (no variance): no CMR distance")
+        metrics = {
+            "n_heads": len(records),
+            "n_fitted": int(np.isfinite(dist).sum()),
+            "n_cmr_like": sum(r["cmr_like"] for r in records),
+            "n_cmr_like_strict": sum(r["cmr_like_strict"] for r in records),
+            "cmr_like_threshold": cmr_model.CMR_LIKE,
+            "cmr_like_strict_threshold": cmr_model.CMR_LIKE_STRICT,
+            "cmr_like_by_layer": _by_layer(records, "cmr_like"),
+            "cmr_like_strict_by_layer": _by_layer(records, "cmr_like_strict"),
+            "median_distance": float(np.nanmedian(dist)),
+            **cmr_model.describe(grid),
+        }
+        fitted_rows = []
+        for idx, r in enumerate(records):
+            for x, y in zip(fit.lags, fit.fitted[idx], strict=True):
+                fitted_rows.append(("cmr_fit_scaled", r["layer"], r["head"], float(x), float(y)))
+            for x, y in zip(fit.lags, fit.attn_scaled[idx], strict=True):
+                fitted_rows.append(("attn_scaled", r["layer"], r["head"], float(x), float(y)))
+        curves = pd.concat([table, pd.DataFrame(fitted_rows, columns=CURVE_COLUMNS)], ignore_index=True)
+        head_rows = [
+            (m, r["layer"], r["head"], float(r[m]))
+            for r in ranked
+            for m in ("cmr_distance", "beta_enc", "beta_rec", "gamma_ft", "crp_plus1", "asymmetry", "primacy", "recency")
+        ]
+        return Summary(
+            detector=self.name,
+            variant=self.variant(params),
+            heads=heads,
+            metrics=_finite(metrics),
+            warnings=warnings,
+            tables={
+                "curves": curves,
+                "head_scores": pd.DataFrame(head_rows, columns=HEAD_COLUMNS),
+                "metrics": _metrics_frame(metrics),
+                "artifacts": pd.DataFrame({"name": ["grid"], "json": [json.dumps(cmr_model.describe(grid))]}),
+            },
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Copying scores next to prefix-matching scores
+# --------------------------------------------------------------------------------------------
+
+
+@register
+class CopyingDetector(Detector):
+    name = "copying"
+    description = "OV copying score (eigenvalues, low-rank) of every head next to its prefix-matching score"
+    kind = "head_scores"
+    in_default_scan = True
+    params = (
+        Param("seq_len", int, 50, "length R of the random block for the prefix-matching score"),
+        Param("n_prompts", int, 10, "repeated-token prompts for the prefix-matching score"),
+        Param("seed", int, 0, "random seed of the token batch"),
+    )
+
+    def variant(self, params: Mapping[str, Any]) -> str:
+        return "eig-lowrank/ln-weights-folded"
+
+    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
+        if params["n_prompts"] < 1 or params["seq_len"] < 2:
+            raise UserError("n_prompts must be >= 1 and seq_len >= 2")
+        model.check_length(2 * params["seq_len"] + bos_offset(model))
+        return ["ov", "prefix-matching"]
+
+    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
+        if unit == "ov":
+            scores = copying_scores(model)
+            rows = [
+                ("copying", layer, head, float(scores[layer, head]))
+                for layer in range(scores.shape[0])
+                for head in range(scores.shape[1])
+            ]
+            return UnitResult(tables={"head_scores": pd.DataFrame(rows, columns=HEAD_COLUMNS)})
+        tokens = repeated_random_tokens(model, params["n_prompts"], params["seq_len"], params["seed"])
+        with torch.no_grad():
+            out = model.run(tokens, cache=["pattern.*"])
+        patterns = [out.cache[f"pattern.{layer}"] for layer in range(model.info.n_layers)]
+        scores = head_scores_from_patterns(patterns, params["seq_len"], bos_offset(model))["induction"]
+        rows = [
+            ("prefix_matching", layer, head, float(scores[layer, head]))
+            for layer in range(scores.shape[0])
+            for head in range(scores.shape[1])
+        ]
+        return UnitResult(tables={"head_scores": pd.DataFrame(rows, columns=HEAD_COLUMNS)})
+
+    def finalize(
+        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+    ) -> Summary:
+        hs = pd.DataFrame(results["head_scores"], columns=HEAD_COLUMNS)
+        vals: dict[tuple[int, int], dict[str, float]] = {}
+        for metric, layer, head, value in zip(
+            _col(hs, "metric"), _col(hs, "layer"), _col(hs, "head"), _col(hs, "value"), strict=True
+        ):
+            vals.setdefault((int(layer), int(head)), {})[str(metric)] = float(value)
+        heads = [
+            {
+                "layer": layer,
+                "head": head,
+                "score": v["prefix_matching"],
+                "prefix_matching": v["prefix_matching"],
+                "copying": v["copying"],
+                "induction_head": v["prefix_matching"] > INDUCTION_THRESHOLD and v["copying"] > 0,
+            }
+            for (layer, head), v in vals.items()
+        ]
+        heads.sort(key=lambda h: -h["score"])
+        pm = np.array([h["prefix_matching"] for h in heads])
+        cp = np.array([h["copying"] for h in heads])
+        from scipy import stats
+
+        metrics = {
+            "n_heads": len(heads),
+            "n_copying_positive": int((cp > 0).sum()),
+            "n_prefix_matching_above_threshold": int((pm > INDUCTION_THRESHOLD).sum()),
+            "n_induction_heads": sum(h["induction_head"] for h in heads),
+            "threshold": INDUCTION_THRESHOLD,
+            "top10_prefix_matching_min_copying": float(cp[:10].min()),
+            "spearman_prefix_matching_copying": float(stats.spearmanr(pm, cp).statistic),  # type: ignore[attr-defined]
+        }
+        return Summary(
+            detector=self.name,
+            variant=self.variant(params),
+            heads=heads,
+            metrics=_finite(metrics),
+            tables={"head_scores": hs, "metrics": _metrics_frame(metrics)},
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Causal checks: ablation of top-k heads against random heads
+# --------------------------------------------------------------------------------------------
+
+
+def text_chunks(model: LoadedModel, n: int, seq_len: int, path: Path = TEXT_SAMPLE) -> torch.Tensor:
+    """Non-overlapping windows of the text sample: BOS (when the model has one) + tokens."""
+    ids = model.tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    body = seq_len - bos_offset(model)
+    available = len(ids) // body
+    if available < 1:
+        raise UserError(f"the text sample has {len(ids)} tokens: not one window of {seq_len}")
+    n = min(n, available) if n > 0 else available
+    rows = torch.tensor(ids[: n * body]).reshape(n, body)
+    if model.bos_token_id is not None:
+        rows = torch.cat([torch.full((n, 1), model.bos_token_id), rows], dim=1)
+    return rows
+
+
+def per_token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """nll[:, i] = loss of predicting token i+1 (TransformerLens's per-token convention)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -logp.gather(-1, tokens[:, 1:, None])[..., 0]
+
+
+def t_interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and t confidence interval."""
+    from scipy import stats
+
+    x = np.asarray(x, dtype=float)
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return m, m - half, m + half
+
+
+def paired_p(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy import stats
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if len(d) < 2 or np.allclose(d, d[0]):
+        return float("nan")  # no spread of the differences: the t statistic is undefined
+    return float(stats.ttest_rel(a, b).pvalue)
+
+
+def _parse_sizes(raw: str) -> list[int]:
+    try:
+        sizes = sorted({int(s) for s in raw.split(",") if s.strip()})
+    except ValueError:
+        raise UserError(f"cum_sizes must be comma-separated integers, got {raw!r}") from None
+    if any(s < 1 for s in sizes):
+        raise UserError("cum_sizes must be positive")
+    return sizes
+
+
+@register
+class EpisodicAblationDetector(Detector):
+    name = "episodic-ablation"
+    description = "Ablate the top-k heads by a score vs k random heads: ICL score and second-copy loss with CIs"
+    kind = "intervention"
+    params = (
+        Param("score", str, "cmr", "rank heads by: CMR distance, prefix-matching or copying", ("cmr", "induction", "copying")),
+        Param("k", int, 0, "heads ablated together (0: 10% of all heads, as Ji-An et al.)"),
+        Param("n_draws", int, 3, "random sets of k heads drawn outside the top set"),
+        Param("method", str, "zero", "ablation of the heads' value vectors (z)", ("zero", "mean")),
+        Param("n_texts", int, 8, "512-token windows of the bundled text (0: all)"),
+        Param("seq_len", int, 512, "tokens per text window, BOS included"),
+        Param("late", int, 500, "ICL score = loss at this token index ..."),
+        Param("early", int, 50, "... minus loss at this one"),
+        Param("window", int, 25, "also report a windowed ICL score: mean loss over `window` tokens ending at each index"),
+        Param("n_single", int, 3, "single-head ablations of the top heads"),
+        Param("cum_sizes", str, "1,3", "cumulative ablations of the top-n heads (k is always included)"),
+        Param("rep_len", int, 50, "length R of the repeated random tokens for the second-copy loss"),
+        Param("rep_prompts", int, 8, "repeated-token prompts for the second-copy loss"),
+        Param("batch_size", int, 4, "texts per forward pass"),
+        Param("seed", int, 0, "seed of the random draws and repeated tokens"),
+    )
+
+    def __init__(self) -> None:
+        self._ranking_cache: dict[str, list[tuple[int, int]]] = {}
+        self._mean_cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def variant(self, params: Mapping[str, Any]) -> str:
+        return f"{params['method']}-ablation/top-by-{params['score']}"
+
+    def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
+        return hashlib.sha256(TEXT_SAMPLE.read_bytes()).hexdigest()
+
+    def _k(self, model: LoadedModel, params: Mapping[str, Any]) -> int:
+        return params["k"] or max(1, round(0.1 * model.info.n_total_heads))
+
+    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
+        k = self._k(model, params)
+        total = model.info.n_total_heads
+        if k < 1 or 2 * k > total:
+            raise UserError(f"k must be in 1..{total // 2} so that k random heads fit outside the top k")
+        if params["n_draws"] < 1:
+            raise UserError("n_draws must be >= 1")
+        if not 0 < params["early"] < params["late"] < params["seq_len"] - 1:
+            raise UserError("need 0 < early < late < seq_len - 1")
+        if params["window"] < 1 or params["window"] > params["early"] + 1:
+            raise UserError("window must be in 1..early+1")
+        if params["n_single"] < 0 or params["n_single"] > k:
+            raise UserError(f"n_single must be in 0..k ({k})")
+        model.check_length(params["seq_len"])
+        model.check_length(2 * params["rep_len"] + bos_offset(model))
+        text_chunks(model, max(params["n_texts"], 0), params["seq_len"])
+        sizes = [s for s in _parse_sizes(params["cum_sizes"]) if s < k]
+        units = ["clean", "top", *(f"random-{d}" for d in range(params["n_draws"]))]
+        units += [f"single-{i}" for i in range(params["n_single"])]
+        units += [f"cum-{s}" for s in sizes]
+        return units
+
+    def ranking(self, model: LoadedModel, params: Mapping[str, Any]) -> list[tuple[int, int]]:
+        """All heads, best first by the chosen score (computed here, deterministically)."""
+        key = json.dumps({"s": params["score"], "seed": params["seed"], "m": model.name})
+        if key in self._ranking_cache:
+            return self._ranking_cache[key]
+        if params["score"] == "copying":
+            s = copying_scores(model).numpy()
+            order = np.argsort(-s.reshape(-1), kind="stable")
+        else:
+            prompts = repeated_lists(model, 20, 50, params["seed"])
+            res = lag_crp_unit(model, prompts, 8)
+            crp = res["sums"] / np.maximum(res["counts"], 1)
+            lags = np.arange(-8, 9)
+            if params["score"] == "induction":
+                order = np.argsort(-crp[..., int(np.flatnonzero(lags == 1)[0])].reshape(-1), kind="stable")
+            else:
+                fit = cmr_model.fit_cmr(crp.reshape(-1, len(lags)), lags, cmr_model.cmr_grid(), cmr_model.FIT_LAG)
+                dist = np.nan_to_num(fit.distance, nan=np.inf)
+                order = np.argsort(dist, kind="stable")
+        n_h = model.info.n_heads
+        ranked = [(int(i) // n_h, int(i) % n_h) for i in order]
+        self._ranking_cache[key] = ranked
+        return ranked
+
+    def heads_for(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> list[tuple[int, int]]:
+        ranked = self.ranking(model, params)
+        k = self._k(model, params)
+        if unit == "clean":
+            return []
+        if unit == "top":
+            return ranked[:k]
+        kind, idx = unit.split("-")
+        i = int(idx)
+        if kind == "random":
+            rest = ranked[k:]
+            rng = np.random.default_rng([params["seed"], i])
+            pick = rng.choice(len(rest), size=k, replace=False)
+            return sorted(rest[j] for j in pick)
+        if kind == "single":
+            return [ranked[i]]
+        return ranked[:i]
+
+    def _sources(self, model: LoadedModel, params: Mapping[str, Any], tokens: torch.Tensor) -> dict[str, Any]:
+        if params["method"] != "mean":
+            return {}
+        key = f"{model.name}:{params['seq_len']}:{params['n_texts']}"
+        if key not in self._mean_cache:
+            # Mean ablation replaces z by its mean over the clean text windows (batch and positions).
+            with torch.no_grad():
+                out = model.run(tokens, cache=["z.*"])
+            self._mean_cache[key] = {name: z.mean(dim=(0, 1), keepdim=True) for name, z in out.cache.items()}
+        return {"ref": self._mean_cache[key]}
+
+    def _interventions(self, heads: list[tuple[int, int]], params: Mapping[str, Any]) -> list[Intervention]:
+        if not heads:
+            return []
+        method = params["method"]
+        return ablate_heads(heads, method, source="ref" if method == "mean" else None)
+
+    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
+        heads = self.heads_for(model, params, unit)
+        texts = text_chunks(model, params["n_texts"], params["seq_len"])
+        sources = self._sources(model, params, texts)
+        ivs = self._interventions(heads, params)
+        late, early, w = params["late"], params["early"], params["window"]
+        icl, icl_w = [], []
+        for start in range(0, texts.shape[0], params["batch_size"]):
+            batch = texts[start : start + params["batch_size"]]
+            with torch.no_grad():
+                logits = model.run(batch, interventions=ivs, sources=sources).logits
+            nll = per_token_nll(logits, batch)
+            icl += (nll[:, late] - nll[:, early]).tolist()
+            icl_w += (nll[:, late - w + 1 : late + 1].mean(1) - nll[:, early - w + 1 : early + 1].mean(1)).tolist()
+        rep = repeated_random_tokens(model, params["rep_prompts"], params["rep_len"], params["seed"] + 7919)
+        with torch.no_grad():
+            logits = model.run(rep, interventions=ivs, sources=sources).logits
+        second = [copy_losses(logits[i : i + 1], rep[i : i + 1], params["rep_len"], bos_offset(model))[1] for i in range(rep.shape[0])]
+        rows = [("icl", -1, -1, float(i), v) for i, v in enumerate(icl)]
+        rows += [("icl_window", -1, -1, float(i), v) for i, v in enumerate(icl_w)]
+        rows += [("second_copy_loss", -1, -1, float(i), v) for i, v in enumerate(second)]
+        return UnitResult(
+            tables={
+                "curves": pd.DataFrame(rows, columns=CURVE_COLUMNS),
+                "artifacts": pd.DataFrame({"name": ["heads"], "json": [json.dumps([list(h) for h in heads])]}),
+            }
+        )
+
+    def finalize(
+        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+    ) -> Summary:
+        curves = results["curves"]
+        k = self._k(model, params)
+
+        c_unit, c_curve, c_x, c_y = (_col(curves, c) for c in ("unit", "curve", "x", "y"))
+
+        def values(unit: str, metric: str) -> np.ndarray:
+            sel = (c_unit == unit) & (c_curve == metric)
+            return c_y[sel][np.argsort(c_x[sel].astype(float))].astype(float)
+
+        units = self.units(model, params)
+        draws = [u for u in units if u.startswith("random-")]
+        metrics: dict[str, Any] = {"k": k, "n_draws": len(draws), "method": params["method"], "score": params["score"]}
+        rows = []
+        for metric in ("icl", "icl_window", "second_copy_loss"):
+            clean = values("clean", metric)
+            top = values("top", metric)
+            rand = np.mean([values(u, metric) for u in draws], axis=0)
+            metrics[f"{metric}_clean"] = float(clean.mean())
+            for name, arr in (("top", top), ("random", rand)):
+                m, lo, hi = t_interval(arr - clean)
+                metrics[f"{metric}_delta_{name}"] = m
+                metrics[f"{metric}_delta_{name}_ci"] = [lo, hi]
+                rows.append((f"{metric}_delta_{name}", m, lo, hi, len(arr)))
+            m, lo, hi = t_interval(top - rand)
+            metrics[f"{metric}_top_minus_random"] = m
+            metrics[f"{metric}_top_minus_random_ci"] = [lo, hi]
+            metrics[f"{metric}_paired_p"] = paired_p(top, rand)
+            rows.append((f"{metric}_top_minus_random", m, lo, hi, len(top)))
+            rows.append((f"{metric}_paired_p", metrics[f"{metric}_paired_p"], None, None, len(top)))
+            per_draw = [float((values(u, metric) - clean).mean()) for u in draws]
+            metrics[f"{metric}_delta_random_per_draw"] = per_draw
+            for u in units:
+                if u.startswith(("single-", "cum-")):
+                    mm, lo2, hi2 = t_interval(values(u, metric) - clean)
+                    metrics[f"{metric}_delta_{u}"] = mm
+                    rows.append((f"{metric}_delta_{u}", mm, lo2, hi2, len(clean)))
+        heads_of = {}
+        arts = results["artifacts"]
+        for unit, name, blob in zip(_col(arts, "unit"), _col(arts, "name"), _col(arts, "json"), strict=True):
+            if name == "heads":
+                heads_of[str(unit)] = [tuple(h) for h in json.loads(str(blob))]
+        ranked = self.ranking(model, params)[:k]
+        heads = [
+            {
+                "layer": layer,
+                "head": head,
+                "rank": i,
+                "score": float(-i),
+                "single_delta_icl": metrics.get(f"icl_delta_single-{i}"),
+                "single_delta_second_copy_loss": metrics.get(f"second_copy_loss_delta_single-{i}"),
+            }
+            for i, (layer, head) in enumerate(ranked)
+        ]
+        metrics["top_heads"] = [f"L{layer}H{head}" for layer, head in ranked]
+        metrics["random_heads"] = {u: [f"L{a}H{b}" for a, b in heads_of.get(u, [])] for u in draws}
+        return Summary(
+            detector=self.name,
+            variant=self.variant(params),
+            heads=heads,
+            metrics=_finite(metrics),
+            tables={"metrics": pd.DataFrame(rows, columns=METRIC_COLUMNS)},
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Figures (shared by the notebook and the dashboard)
+# --------------------------------------------------------------------------------------------
+
+
+def fig_induction_copying(heads: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """Prefix-matching vs copying score of every head (``copying`` summary heads)."""
+    import plotly.express as px
+
+    df = pd.DataFrame(heads)
+    df["label"] = "L" + df["layer"].astype(str) + "H" + df["head"].astype(str)
+    fig = px.scatter(
+        df, x="prefix_matching", y="copying", color="layer", hover_name="label",
+        title="Prefix-matching vs OV copying score",
+    )
+    fig.add_vline(x=INDUCTION_THRESHOLD, line_dash="dot")
+    fig.add_hline(y=0, line_dash="dot")
+    return fig
+
+
+def fig_lag_crp_fits(curves: pd.DataFrame, heads: Sequence[Mapping[str, Any]], n: int = 6) -> go.Figure:
+    """Lag-CRP of the first ``n`` heads (attention shifted to min 0) with their scaled CMR fit."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    sel = list(heads)[:n]
+    cols = min(3, max(1, len(sel)))
+    rows = max(1, math.ceil(len(sel) / cols))
+    titles = [f"L{h['layer']}H{h['head']} d={h.get('cmr_distance', float('nan')):.2f}" for h in sel]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles)
+    for i, h in enumerate(sel):
+        r, c = i // cols + 1, i % cols + 1
+        for name, dash in (("attn_scaled", None), ("cmr_fit_scaled", "dash")):
+            sel = (_col(curves, "curve") == name) & (_col(curves, "layer") == h["layer"]) & (_col(curves, "head") == h["head"])
+            xs, ys = _col(curves, "x")[sel].astype(float), _col(curves, "y")[sel].astype(float)
+            order = np.argsort(xs)
+            fig.add_trace(
+                go.Scatter(x=xs[order], y=ys[order], mode="lines+markers", name=name, line={"dash": dash},
+                           showlegend=i == 0, legendgroup=name),
+                row=r, col=c,
+            )
+    fig.update_layout(title="Attention lag-CRP (shifted) and CMR fit (scaled)")
+    return fig
+
+
+def fig_cmr_layers(heads: Sequence[Mapping[str, Any]], n_layers: int) -> go.Figure:
+    """Number of CMR-like heads (distance < 0.5, and < 0.1) per layer."""
+    import plotly.graph_objects as go
+
+    df = pd.DataFrame(heads)
+    layers = np.arange(n_layers)
+    like = df[df["cmr_like"]].groupby("layer").size().reindex(layers, fill_value=0)
+    strict = df[df["cmr_like_strict"]].groupby("layer").size().reindex(layers, fill_value=0)
+    fig = go.Figure([
+        go.Bar(x=layers, y=like.values, name=f"distance < {cmr_model.CMR_LIKE}"),
+        go.Bar(x=layers, y=strict.values, name=f"distance < {cmr_model.CMR_LIKE_STRICT}"),
+    ])
+    fig.update_layout(barmode="group", title="CMR-like heads by layer", xaxis_title="layer", yaxis_title="heads")
+    return fig
+
+
+def fig_ablation(metrics: Mapping[str, Any]) -> go.Figure:
+    """Change of ICL score and second-copy loss: top-k vs random-k (95% CIs)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    names = ("icl", "icl_window", "second_copy_loss")
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=[f"delta {n}" for n in names])
+    for i, metric in enumerate(names):
+        xs, ys, lo, hi = [], [], [], []
+        for group in ("top", "random"):
+            m = metrics[f"{metric}_delta_{group}"]
+            ci = metrics[f"{metric}_delta_{group}_ci"]
+            xs.append(f"{group}-{metrics['k']}")
+            ys.append(m)
+            lo.append(m - ci[0])
+            hi.append(ci[1] - m)
+        fig.add_trace(
+            go.Bar(x=xs, y=ys, error_y={"type": "data", "array": hi, "arrayminus": lo}, showlegend=False),
+            row=1, col=i + 1,
+        )
+    fig.update_layout(title=f"Ablating top-{metrics['k']} ({metrics['score']}) vs random heads ({metrics['method']})")
+    return fig
