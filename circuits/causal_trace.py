@@ -1,0 +1,762 @@
+"""Factual-recall sites: causal tracing (Meng et al. 2022, ROME) and attention knockout (Geva et al. 2023).
+
+methods.md section 6. Causal tracing, faithful to ROME's reference code:
+
+- The batch is 1 clean row + N corrupted rows (N = ``samples``, 10). Corruption adds Gaussian
+  noise to the subject tokens' embeddings only (site ``embed``), std = ``noise_factor`` (3) x the
+  std of the embeddings of the dataset's subjects (each subject tokenised alone, all values
+  pooled, as ROME's ``collect_embedding_std``), or an absolute ``noise`` when given. The noise is
+  ``AddNoise``'s seeded draw, so every restoration sees the same N noise samples.
+- A cell (token t, layer L) restores from the clean run, in all N corrupted rows: the residual
+  state after block L (``resid_post.L``, ROME's hidden state), or the MLP outputs (``mlp_out``)
+  or attention outputs (``attn_out``) of the layer window [L - w//2, L + w - w//2) (w = 10) at
+  token t. Score = mean p(answer) over the corrupted rows at the last position.
+  Indirect effect = restored - corrupted; total effect = clean - corrupted.
+- Many cells run in one forward pass: each cell gets its own N rows (its own ``AddNoise`` and
+  ``Patch`` restricted with ``batch=``), cells are stacked in the batch dimension and chunked by a
+  memory budget. Cells at tokens before the first subject token are not run: with causal
+  attention their clean and corrupted activations are identical, so restoring them gives the
+  corrupted score exactly, which is what is stored for them.
+- Multi-token answers are traced on the probability of their FIRST token (as ROME).
+
+Averages over known facts use ROME's buckets: first / middle / last subject token, first
+subsequent token, further tokens, last token (tokens before the subject belong to no bucket; a
+one-token subject counts as both first and last subject token).
+
+Attention knockout (Geva et al. 2023): from the last position, the attention edges to a set of
+source positions (``subject``; ``non_subject`` = every other position except the last, BOS
+included; ``last`` = itself) are blocked (score -inf before the softmax) in all heads of a window
+of layers centred at L, same window convention as above (default 9). Metric = relative change
+of p(answer first token) = (p_knocked - p_clean) / p_clean; averaged over facts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from circuits.facts import ANSWER_MODES, Fact, answer_tokens, file_hash, known_facts, load_facts, subject_span
+from interp.errors import UserError
+from interp.interventions import AddNoise, Intervention, Knockout, Patch
+from interp.model import LoadedModel
+from interp.registry import Detector, Param, Summary, UnitResult, register
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+KINDS = ("state", "mlp", "attn")
+SITE_OF = {"state": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+BUCKETS = ("first_subject", "middle_subject", "last_subject", "first_subsequent", "further", "last")
+KNOCKOUT_SETS = ("subject", "non_subject", "last")
+KNOWN_METRICS = ("n_facts_in_file", "n_facts_checked", "n_known", "fraction_known")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class TraceInput:
+    """One fact, tokenised: BOS + prompt, the subject's token range [start, end), the target."""
+
+    prompt: str
+    subject: str
+    answer: str
+    tokens: torch.Tensor  # [1, T]
+    subject_range: tuple[int, int]
+    target: int
+    n_answer_tokens: int
+    token_strs: tuple[str, ...]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[1])
+
+
+def prepare(model: LoadedModel, prompt: str, subject: str, answer: str) -> TraceInput:
+    """Tokenise a fact; clear UserErrors for a missing subject, an empty answer, an over-long prompt."""
+    if not prompt:
+        raise UserError("prompt is empty")
+    ids, start, end = subject_span(model, prompt, subject)
+    ans = answer_tokens(model, answer)
+    tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
+    strs = tuple(str(model.tokenizer.decode([i])) for i in ids)
+    return TraceInput(prompt, subject, answer, tokens, (start, end), int(ans[0]), len(ans), strs)
+
+
+def prepare_fact(model: LoadedModel, fact: Fact) -> TraceInput:
+    return prepare(model, fact.prompt, fact.subject, fact.answer)
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> list[int]:
+    """ROME's window: layers [L - w//2, L + w - w//2), clipped to the model."""
+    return list(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
+
+
+def subject_embedding_std(model: LoadedModel, subjects: Iterable[str], batch_size: int = 64) -> float:
+    """Std of the embeddings (site ``embed``) of all subject tokens, each subject tokenised alone
+    without BOS, values pooled (ROME's ``collect_embedding_std``)."""
+    rows = [list(model.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in dict.fromkeys(subjects)]
+    rows = [r for r in rows if r]
+    if not rows:
+        raise UserError("no subjects to measure the embedding std on")
+    values = []
+    for b0 in range(0, len(rows), batch_size):
+        chunk = rows[b0 : b0 + batch_size]
+        width = max(len(r) for r in chunk)
+        # Padding cannot change the embeddings of real tokens (the embedding is per token).
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, : len(r)] = torch.tensor(r)
+        with torch.no_grad():
+            emb = model.run(ids, cache=["embed"]).cache["embed"]
+        values.extend(emb[i, : len(r)].float().cpu() for i, r in enumerate(chunk))
+    return float(torch.cat(values).std())
+
+
+def _answer_probs(logits: torch.Tensor, target: int) -> torch.Tensor:
+    return torch.softmax(logits[:, -1].float(), dim=-1)[:, target]
+
+
+def rows_per_pass(model: LoadedModel, n_tokens: int, memory_mb: float) -> int:
+    """How many batch rows one forward pass may hold: a rough per-row estimate dominated by the
+    full-sequence logits (T x vocab) plus a few residual-sized buffers per layer."""
+    info = model.info
+    per_row = 4 * n_tokens * (info.vocab_size + 16 * info.d_model)
+    return max(1, int(memory_mb * 2**20 // per_row))
+
+
+# --------------------------------------------------------------------------- causal tracing
+
+
+@dataclass(frozen=True)
+class Cell:
+    kind: str  # state | mlp | attn
+    token: int
+    layer: int
+
+
+def cell_patches(cell: Cell, window: int, n_layers: int, rows: tuple[int, ...]) -> list[Intervention]:
+    if cell.kind == "state":
+        return [Patch(f"resid_post.{cell.layer}", positions=(cell.token,), batch=rows)]
+    site = SITE_OF[cell.kind]
+    return [
+        Patch(f"{site}.{layer}", positions=(cell.token,), batch=rows)
+        for layer in window_layers(cell.layer, window, n_layers)
+    ]
+
+
+def _noise(inp: TraceInput, std: float, seed: int, rows: tuple[int, ...]) -> AddNoise:
+    s, e = inp.subject_range
+    return AddNoise("embed", positions=tuple(range(s, e)), std=std, seed=seed, batch=rows)
+
+
+def clean_and_corrupted(
+    model: LoadedModel, inp: TraceInput, *, noise_std: float, samples: int, seed: int, kinds: Sequence[str]
+) -> tuple[float, float, dict[str, torch.Tensor]]:
+    """ROME's base batch: row 0 clean, rows 1..N corrupted. Returns p_clean, p_corrupted (mean
+    over the corrupted rows) and the clean row's activations at the sites the cells restore."""
+    ids = inp.tokens.expand(samples + 1, -1)
+    noise = _noise(inp, noise_std, seed, tuple(range(1, samples + 1)))
+    with torch.no_grad():
+        out = model.run(ids, interventions=[noise], cache=[f"{SITE_OF[k]}.*" for k in kinds])
+    p = _answer_probs(out.logits, inp.target)
+    clean = {name: act[:1] for name, act in out.cache.items()}
+    return float(p[0]), float(p[1:].mean()), clean
+
+
+def restored_scores(
+    model: LoadedModel,
+    inp: TraceInput,
+    cells: Sequence[Cell],
+    clean: Mapping[str, torch.Tensor],
+    *,
+    noise_std: float,
+    samples: int,
+    seed: int,
+    window: int,
+    memory_mb: float = 512.0,
+) -> np.ndarray:
+    """Mean p(answer) over N corrupted rows with each cell restored: cells stacked N rows each
+    in the batch dimension, as many per forward pass as the memory budget allows."""
+    n_layers = model.info.n_layers
+    per_pass = max(1, rows_per_pass(model, inp.n_tokens, memory_mb) // samples)
+    out = np.empty(len(cells), dtype=np.float64)
+    for c0 in range(0, len(cells), per_pass):
+        chunk = cells[c0 : c0 + per_pass]
+        ivs: list[Intervention] = []
+        for j, cell in enumerate(chunk):
+            rows = tuple(range(j * samples, (j + 1) * samples))
+            ivs.append(_noise(inp, noise_std, seed, rows))
+            ivs.extend(cell_patches(cell, window, n_layers, rows))
+        ids = inp.tokens.expand(len(chunk) * samples, -1)
+        with torch.no_grad():
+            logits = model.run(ids, interventions=ivs, sources={"clean": dict(clean)}).logits
+        p = _answer_probs(logits, inp.target).view(len(chunk), samples).mean(dim=1)
+        out[c0 : c0 + len(chunk)] = p.double().cpu().numpy()
+    return out
+
+
+@dataclass
+class TraceResult:
+    """One fact's trace: restored p(answer) per (kind, token, layer), and the base scores."""
+
+    input: TraceInput
+    p_clean: float
+    p_corrupted: float
+    scores: dict[str, np.ndarray]  # kind -> [T, n_layers] restored p(answer)
+    noise_std: float
+    samples: int
+    window: int
+    seed: int
+    variant: str = "faithful"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_effect(self) -> float:
+        return self.p_clean - self.p_corrupted
+
+    def indirect(self, kind: str) -> np.ndarray:
+        return self.scores[kind] - self.p_corrupted
+
+    def to_frame(self, item: str = "") -> pd.DataFrame:
+        rows = []
+        for kind, table in self.scores.items():
+            for t in range(table.shape[0]):
+                for layer in range(table.shape[1]):
+                    rows.append((kind, item, t, self.input.token_strs[t], layer, float(table[t, layer])))
+        return pd.DataFrame(rows, columns=["kind", "item", "token_index", "token", "layer", "value"])
+
+
+def trace_fact(
+    model: LoadedModel,
+    inp: TraceInput,
+    *,
+    noise_std: float,
+    samples: int = 10,
+    window: int = 10,
+    seed: int = 1,
+    kinds: Sequence[str] = KINDS,
+    memory_mb: float = 512.0,
+) -> TraceResult:
+    """Causal trace of one fact: every (token, layer) cell of each kind, batched."""
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise UserError(f"unknown trace kind {bad[0] if bad else ''!r} (known: {', '.join(KINDS)})")
+    if samples < 1 or window < 1 or noise_std <= 0:
+        raise UserError("samples and window must be >= 1 and the noise std > 0")
+    n_layers, n_tok = model.info.n_layers, inp.n_tokens
+    p_clean, p_corr, clean = clean_and_corrupted(
+        model, inp, noise_std=noise_std, samples=samples, seed=seed, kinds=kinds
+    )
+    start = inp.subject_range[0]
+    cells = [Cell(k, t, layer) for k in kinds for t in range(start, n_tok) for layer in range(n_layers)]
+    values = restored_scores(
+        model, inp, cells, clean, noise_std=noise_std, samples=samples, seed=seed, window=window, memory_mb=memory_mb
+    )
+    scores = {k: np.full((n_tok, n_layers), p_corr) for k in kinds}
+    for cell, v in zip(cells, values, strict=True):
+        scores[cell.kind][cell.token, cell.layer] = v
+    return TraceResult(inp, p_clean, p_corr, scores, noise_std, samples, window, seed)
+
+
+# --------------------------------------------------------------------------- buckets
+
+
+def token_buckets(t: int, subject_range: tuple[int, int], n_tokens: int) -> list[str]:
+    s, e = subject_range
+    out = []
+    if s <= t < e:
+        if t == s:
+            out.append("first_subject")
+        if t == e - 1:
+            out.append("last_subject")
+        if s < t < e - 1:
+            out.append("middle_subject")
+    if t == n_tokens - 1:
+        out.append("last")
+    elif t == e:
+        out.append("first_subsequent")
+    elif t > e:
+        out.append("further")
+    return out
+
+
+def bucket_means(effects: np.ndarray, subject_range: tuple[int, int]) -> dict[str, np.ndarray]:
+    """One fact's [T, L] effects averaged over the tokens of each ROME bucket present."""
+    n_tok = effects.shape[0]
+    members: dict[str, list[int]] = {b: [] for b in BUCKETS}
+    for t in range(n_tok):
+        for b in token_buckets(t, subject_range, n_tok):
+            members[b].append(t)
+    return {b: effects[ts].mean(axis=0) for b, ts in members.items() if ts}
+
+
+def average_buckets(per_fact: Sequence[tuple[np.ndarray, tuple[int, int]]]) -> pd.DataFrame:
+    """Bucket averages over facts (each fact weighs once per bucket it has): bucket, layer, value, n."""
+    acc: dict[str, list[np.ndarray]] = {b: [] for b in BUCKETS}
+    for effects, rng in per_fact:
+        for b, v in bucket_means(effects, rng).items():
+            acc[b].append(v)
+    rows = []
+    for b in BUCKETS:
+        if acc[b]:
+            mean = np.mean(np.stack(acc[b]), axis=0)
+            rows.extend((b, layer, float(mean[layer]), len(acc[b])) for layer in range(mean.shape[0]))
+    return pd.DataFrame(rows, columns=["bucket", "layer", "value", "n"])
+
+
+# --------------------------------------------------------------------------- knockout
+
+
+def knockout_keys(inp: TraceInput, which: str) -> tuple[int, ...]:
+    s, e = inp.subject_range
+    last = inp.n_tokens - 1
+    if which == "subject":
+        return tuple(range(s, e))
+    if which == "non_subject":
+        return tuple(i for i in range(inp.n_tokens) if not s <= i < e and i != last)
+    if which == "last":
+        return (last,)
+    raise UserError(f"unknown knockout set {which!r} (known: {', '.join(KNOCKOUT_SETS)})")
+
+
+def knockout_effects(
+    model: LoadedModel, inp: TraceInput, *, window: int = 9, memory_mb: float = 512.0
+) -> tuple[float, dict[str, np.ndarray]]:
+    """p_clean and, per source set, the relative change of p(answer) with the last position's
+    attention to that set blocked in the layer window centred at each layer (NaN where the set
+    is empty). One clean row + one row per (set, layer), stacked and chunked."""
+    n_layers = model.info.n_layers
+    last = inp.n_tokens - 1
+    variants: list[tuple[str, int, tuple[int, ...]]] = []
+    for which in KNOCKOUT_SETS:
+        keys = knockout_keys(inp, which)
+        if keys:
+            variants.extend((which, layer, keys) for layer in range(n_layers))
+    per_pass = rows_per_pass(model, inp.n_tokens, memory_mb)
+    with torch.no_grad():
+        p_clean = float(_answer_probs(model.run(inp.tokens).logits, inp.target)[0])
+    if p_clean <= 0:
+        raise UserError("p(answer) is 0 on the clean run: the relative change is undefined")
+    curves = {w: np.full(n_layers, np.nan) for w in KNOCKOUT_SETS}
+    for v0 in range(0, len(variants), per_pass):
+        chunk = variants[v0 : v0 + per_pass]
+        ivs: list[Intervention] = [
+            Knockout(layer=lw, query_positions=(last,), key_positions=keys, batch=(j,))
+            for j, (_, layer, keys) in enumerate(chunk)
+            for lw in window_layers(layer, window, n_layers)
+        ]
+        with torch.no_grad():
+            logits = model.run(inp.tokens.expand(len(chunk), -1), interventions=ivs).logits
+        p = _answer_probs(logits, inp.target).double().cpu().numpy()
+        for j, (which, layer, _) in enumerate(chunk):
+            curves[which][layer] = (p[j] - p_clean) / p_clean
+    return p_clean, curves
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+def _metrics_frame(values: Mapping[str, float], n: int = 1) -> pd.DataFrame:
+    return pd.DataFrame(
+        [(k, float(v), None, None, n) for k, v in values.items()], columns=["name", "value", "ci_low", "ci_high", "n"]
+    )
+
+
+def _artifact(name: str, doc: Any) -> pd.DataFrame:
+    return pd.DataFrame([(name, json.dumps(doc))], columns=["name", "json"])
+
+
+_COMMON = (
+    Param("prompt", str, "", "a single prompt to trace (with --subject and --answer) instead of the dataset"),
+    Param("subject", str, "", "the subject, verbatim in the prompt"),
+    Param("answer", str, "", "the expected answer (tokenised with a leading space; first token used)"),
+    Param("facts", str, "", "fact file (JSONL or CSV: subject, prompt, answer); default: the shipped dataset"),
+    Param("scan_all", bool, False, "check every fact of the file (else stop once 'limit' known facts are found)"),
+    Param(
+        "answer_mode",
+        str,
+        "first",
+        "known-facts criterion: 'first' = top-1 is the answer's first token; 'sum' = every answer "
+        "token top-1 under teacher forcing (score: summed log-probs)",
+        choices=ANSWER_MODES,
+    ),
+)
+
+
+class _FactsDetector(Detector):
+    """Shared unit plan: a 'known' unit (the filter) then one unit per known fact, or a single
+    'fact' unit for a prompt given on the command line."""
+
+    def __init__(self) -> None:
+        # Per-instance memo (one run), so units() and run_unit('known') filter only once.
+        self._memo: dict[tuple[Any, ...], Any] = {}
+
+    def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
+        return None if params["prompt"] else file_hash(params["facts"] or None)
+
+    @staticmethod
+    def _single(params: Mapping[str, Any]) -> bool:
+        given = [bool(params[k]) for k in ("prompt", "subject", "answer")]
+        if any(given) and not all(given):
+            raise UserError("a single-prompt run needs all of --prompt, --subject and --answer")
+        return all(given)
+
+    def _facts(self, params: Mapping[str, Any]) -> list[Fact]:
+        key = ("facts", params["facts"])
+        if key not in self._memo:
+            self._memo[key] = load_facts(params["facts"] or None)
+        return self._memo[key]
+
+    def _known(self, model: LoadedModel, params: Mapping[str, Any]) -> pd.DataFrame:
+        """The known-facts filter over the file in order, in chunks, stopping once ``limit``
+        known facts are found (``scan_all`` filters the whole file, to count what it knows)."""
+        key = ("known", model.name, params["facts"], params["answer_mode"], params["limit"], params["scan_all"])
+        if key not in self._memo:
+            facts = self._facts(params)
+            parts: list[pd.DataFrame] = []
+            n_known, step = 0, 32
+            for c0 in range(0, len(facts), step):
+                part = known_facts(model, facts[c0 : c0 + step], answer_mode=params["answer_mode"])
+                parts.append(part.assign(index=part["index"] + c0))
+                n_known += int(np.sum(part["known"].to_numpy()))
+                if n_known >= params["limit"] and not params["scan_all"]:
+                    break
+            self._memo[key] = pd.concat(parts, ignore_index=True)
+        return self._memo[key]
+
+    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
+        if self._single(params):
+            prepare(model, params["prompt"], params["subject"], params["answer"])
+            return ["fact"]
+        if params["limit"] < 1:
+            raise UserError("limit must be >= 1")
+        known = self._known(model, params)
+        chosen = known[known["known"]]["index"].tolist()[: params["limit"]]
+        if not chosen:
+            raise UserError(f"{model.name} knows none of the {len(known)} facts: nothing to trace")
+        return ["known", *(f"fact-{i}" for i in chosen)]
+
+    def _fact_of(self, params: Mapping[str, Any], unit: str) -> Fact:
+        if unit == "fact":
+            return Fact(params["subject"], params["prompt"], params["answer"], id="prompt")
+        try:
+            return self._facts(params)[int(unit.split("-", 1)[1])]
+        except (ValueError, IndexError):
+            raise UserError(f"unknown unit {unit!r}") from None
+
+    def _known_unit(self, model: LoadedModel, params: Mapping[str, Any]) -> UnitResult:
+        known = self._known(model, params)
+        n_known = int(np.sum(known["known"].to_numpy()))
+        return UnitResult(
+            tables={
+                "metrics": _metrics_frame(
+                    {
+                        "n_facts_in_file": len(self._facts(params)),
+                        "n_facts_checked": len(known),
+                        "n_known": n_known,
+                        "fraction_known": n_known / len(known),
+                    },
+                    n=len(known),
+                ),
+                "artifacts": _artifact("known_facts", known.to_dict(orient="records")),
+            }
+        )
+
+    def _single_known(self, model: LoadedModel, fact: Fact, params: Mapping[str, Any]) -> bool:
+        return bool(known_facts(model, [fact], answer_mode=params["answer_mode"])["known"].iloc[0])
+
+
+@register
+class CausalTraceDetector(_FactsDetector):
+    name = "causal-trace"
+    description = "ROME causal tracing: restore states, MLP and attention windows into subject-noised runs"
+    kind = "token_layer"
+    params = (
+        *_COMMON,
+        # One fact is ~T x n_layers x 3 cells x N rows (about 9000 rows of ~10 tokens on
+        # smollm2-135m), minutes on 2 CPU cores: the default keeps a first look short.
+        Param("limit", int, 2, "how many known facts of the file to trace (in file order)"),
+        Param("samples", int, 10, "N corrupted copies per restoration (ROME: 10)"),
+        Param("noise_factor", float, 3.0, "noise std = this x the std of subject embeddings (ROME: 3)"),
+        Param("noise", float, 0.0, "absolute noise std; overrides noise_factor when > 0"),
+        Param("window", int, 10, "layer window of the MLP and attention restorations (ROME: 10)"),
+        Param("kinds", str, "state,mlp,attn", "what to restore: comma-separated subset of state, mlp, attn"),
+        Param("seed", int, 1, "seed of the noise draw"),
+        Param("memory_mb", float, 512.0, "memory budget of one forward pass (chunks the stacked restorations)"),
+    )
+
+    def variant(self, params: Mapping[str, Any]) -> str:
+        return "faithful"
+
+    def _kinds(self, params: Mapping[str, Any]) -> list[str]:
+        kinds = [k.strip() for k in str(params["kinds"]).split(",") if k.strip()]
+        bad = [k for k in kinds if k not in KINDS]
+        if bad or not kinds:
+            raise UserError(f"kinds must be a comma-separated subset of {', '.join(KINDS)}, got {params['kinds']!r}")
+        return kinds
+
+    def noise_std(self, model: LoadedModel, params: Mapping[str, Any]) -> tuple[float, float | None]:
+        """(noise std, measured subject-embedding std or None when overridden)."""
+        if params["noise"] > 0:
+            return float(params["noise"]), None
+        key = ("std", model.name, params["facts"])
+        if key not in self._memo:
+            self._memo[key] = subject_embedding_std(model, [f.subject for f in self._facts(params)])
+        std = self._memo[key]
+        return params["noise_factor"] * std, std
+
+    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
+        kinds = self._kinds(params)
+        noise, std = self.noise_std(model, params)
+        if unit == "known":
+            res = self._known_unit(model, params)
+            extra = {"noise_std": noise} | ({} if std is None else {"subject_embedding_std": std})
+            res.tables["metrics"] = pd.concat([res.tables["metrics"], _metrics_frame(extra)], ignore_index=True)
+            return res
+        fact = self._fact_of(params, unit)
+        inp = prepare_fact(model, fact)
+        result = trace_fact(
+            model,
+            inp,
+            noise_std=noise,
+            samples=params["samples"],
+            window=params["window"],
+            seed=params["seed"],
+            kinds=kinds,
+            memory_mb=params["memory_mb"],
+        )
+        metrics = {
+            "p_clean": result.p_clean,
+            "p_corrupted": result.p_corrupted,
+            "total_effect": result.total_effect,
+            "noise_std": noise,
+            "subject_start": inp.subject_range[0],
+            "subject_end": inp.subject_range[1],
+            "n_tokens": inp.n_tokens,
+            "n_answer_tokens": inp.n_answer_tokens,
+        }
+        if unit == "fact":
+            metrics["known"] = float(self._single_known(model, fact, params))
+        doc = {
+            **fact.to_dict(),
+            "tokens": list(inp.token_strs),
+            "subject_range": list(inp.subject_range),
+            "answer_token": model.tokenizer.decode([inp.target]),
+        }
+        return UnitResult(
+            tables={
+                "token_layer": result.to_frame(item=fact.id),
+                "metrics": _metrics_frame(metrics),
+                "artifacts": _artifact("fact", doc),
+            }
+        )
+
+    def finalize(
+        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+    ) -> Summary:
+        kinds = self._kinds(params)
+        m = results["metrics"]
+        tl = results["token_layer"]
+        per_unit = {u: dict(zip(g["name"], g["value"], strict=True)) for u, g in m.groupby("unit")}
+        fact_units = [u for u in per_unit if u != "known"]
+        warnings: list[str] = []
+        effects: dict[str, list[tuple[np.ndarray, tuple[int, int]]]] = {k: [] for k in kinds}
+        n_layers = model.info.n_layers
+        for u in fact_units:
+            mu = per_unit[u]
+            rng = (int(mu["subject_start"]), int(mu["subject_end"]))
+            n_tok = int(mu["n_tokens"])
+            rows = tl[tl["unit"] == u]
+            for k in kinds:
+                r = pd.DataFrame(rows[rows["kind"] == k])
+                grid = np.full((n_tok, n_layers), np.nan)
+                grid[r["token_index"].to_numpy(int), r["layer"].to_numpy(int)] = r["value"].to_numpy(float)
+                effects[k].append((grid - mu["p_corrupted"], rng))
+            if mu.get("known", 1.0) == 0.0:
+                warnings.append("the model does not predict this answer (top-1): tracing it may be meaningless")
+        n_multi = sum(per_unit[u]["n_answer_tokens"] > 1 for u in fact_units)
+        if n_multi:
+            warnings.append(f"{n_multi} of {len(fact_units)} answers are several tokens: traced on the first token")
+        bucket_rows = []
+        summary: dict[str, Any] = {"n_facts_traced": len(fact_units)}
+        if "known" in per_unit:
+            summary.update({k: per_unit["known"][k] for k in KNOWN_METRICS})
+        for name in ("p_clean", "p_corrupted", "total_effect"):
+            summary[f"mean_{name}"] = float(np.mean([per_unit[u][name] for u in fact_units]))
+        summary["noise_std"] = float(per_unit[fact_units[0]]["noise_std"])
+        for k in kinds:
+            b = average_buckets(effects[k])
+            bucket_rows.append(b.assign(kind=f"avg_indirect_{k}"))
+            for bucket in ("last_subject", "last"):
+                sub = pd.DataFrame(b[b["bucket"] == bucket])
+                if len(sub):
+                    values = sub["value"].to_numpy(float)
+                    best = int(np.argmax(values))
+                    summary[f"peak_layer_{k}_{bucket}"] = int(sub["layer"].to_numpy()[best])
+                    summary[f"peak_value_{k}_{bucket}"] = float(values[best])
+        buckets = pd.concat(bucket_rows, ignore_index=True)
+        table = pd.DataFrame(
+            {
+                "kind": buckets["kind"],
+                "item": buckets["bucket"],
+                "token_index": buckets["bucket"].map(BUCKETS.index),
+                "token": buckets["bucket"],
+                "layer": buckets["layer"],
+                "value": buckets["value"],
+            }
+        )
+        summary.update(samples=params["samples"], window=params["window"], answer_mode=params["answer_mode"])
+        numeric = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        return Summary(
+            detector=self.name,
+            variant=self.variant(params),
+            metrics=summary,
+            warnings=sorted(set(warnings)),
+            tables={"token_layer": table, "metrics": _metrics_frame(numeric, n=len(fact_units))},
+        )
+
+
+@register
+class AttentionKnockoutDetector(_FactsDetector):
+    name = "attention-knockout"
+    description = "Geva et al. attention knockout: block the last position's attention to subject / non-subject / itself"
+    kind = "curves"
+    params = (
+        *_COMMON,
+        Param("limit", int, 20, "how many known facts of the file to use (in file order)"),
+        Param("window", int, 9, "layers blocked around each layer L: [L - w//2, L + w - w//2)"),
+        Param("memory_mb", float, 512.0, "memory budget of one forward pass"),
+    )
+
+    def variant(self, params: Mapping[str, Any]) -> str:
+        return "faithful"
+
+    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
+        if unit == "known":
+            return self._known_unit(model, params)
+        fact = self._fact_of(params, unit)
+        inp = prepare_fact(model, fact)
+        p_clean, curves = knockout_effects(model, inp, window=params["window"], memory_mb=params["memory_mb"])
+        rows = [
+            (which, layer, -1, float(layer), float(y))
+            for which, ys in curves.items()
+            for layer, y in enumerate(ys)
+            if not np.isnan(y)
+        ]
+        metrics = {"p_clean": p_clean, "n_answer_tokens": inp.n_answer_tokens}
+        if unit == "fact":
+            metrics["known"] = float(self._single_known(model, fact, params))
+        return UnitResult(
+            tables={
+                "curves": pd.DataFrame(rows, columns=["curve", "layer", "head", "x", "y"]),
+                "metrics": _metrics_frame(metrics),
+            }
+        )
+
+    def finalize(
+        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+    ) -> Summary:
+        m = results["metrics"]
+        per_unit = {u: dict(zip(g["name"], g["value"], strict=True)) for u, g in m.groupby("unit")}
+        fact_units = [u for u in per_unit if u != "known"]
+        c = results["curves"]
+        mean = c.groupby(["curve", "layer"], as_index=False).agg(y=("y", "mean"), n=("y", "size"))
+        summary: dict[str, Any] = {"n_facts": len(fact_units)}
+        if "known" in per_unit:
+            summary.update({k: per_unit["known"][k] for k in KNOWN_METRICS})
+        for which, g in mean.groupby("curve"):
+            worst = g.loc[g["y"].idxmin()]
+            summary[f"min_layer_{which}"] = int(worst["layer"])
+            summary[f"min_change_{which}"] = float(worst["y"])
+        warnings = []
+        if any(per_unit[u].get("known", 1.0) == 0.0 for u in fact_units):
+            warnings.append("the model does not predict this answer (top-1): the knockout may be meaningless")
+        n_multi = sum(per_unit[u]["n_answer_tokens"] > 1 for u in fact_units)
+        if n_multi:
+            warnings.append(f"{n_multi} of {len(fact_units)} answers are several tokens: p of the first token used")
+        curves = pd.DataFrame(
+            {"curve": mean["curve"], "layer": mean["layer"], "head": -1, "x": mean["layer"].astype(float), "y": mean["y"]}
+        )
+        summary["window"] = params["window"]
+        numeric = {k: v for k, v in summary.items() if isinstance(v, int | float)}
+        return Summary(
+            detector=self.name,
+            variant=self.variant(params),
+            metrics=summary,
+            warnings=warnings,
+            tables={"curves": curves, "metrics": _metrics_frame(numeric, n=len(fact_units))},
+        )
+
+
+def run_inline(model: LoadedModel, name: str, **params: Any) -> tuple[Summary, dict[str, pd.DataFrame]]:
+    """Run a detector of this module without the store (notebooks, tests): units, then finalize.
+    Returns the summary and the units' concatenated tables."""
+    det = {"causal-trace": CausalTraceDetector, "attention-knockout": AttentionKnockoutDetector}[name]()
+    p = det.parse_params(params)
+    tables: dict[str, list[pd.DataFrame]] = {}
+    for unit in det.units(model, p):
+        for t, frame in det.run_unit(model, p, unit).tables.items():
+            tables.setdefault(t, []).append(frame.assign(unit=unit))
+    results = {t: pd.concat(fs, ignore_index=True) for t, fs in tables.items()}
+    return det.finalize(model, p, results), results
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def heatmap_figure(result: TraceResult, kind: str, indirect: bool = False) -> go.Figure:
+    """Token x layer heatmap of one fact (subject tokens marked with *), as ROME's figures."""
+    import plotly.graph_objects as go
+
+    s, e = result.input.subject_range
+    labels = [f"{t!r}*" if s <= i < e else repr(t) for i, t in enumerate(result.input.token_strs)]
+    z = result.indirect(kind) if indirect else result.scores[kind]
+    what = {"state": "single restored state", "mlp": "MLP window", "attn": "attention window"}[kind]
+    fig = go.Figure(go.Heatmap(z=z, y=labels, x=list(range(z.shape[1])), colorscale="Purples" if kind == "state"
+                               else ("Greens" if kind == "mlp" else "Reds"), colorbar={"title": "p(answer)"}))
+    fig.update_layout(
+        title=f"{what}: p({result.input.answer!r}) restored; clean {result.p_clean:.3f}, corrupted {result.p_corrupted:.3f}",
+        xaxis_title="layer", yaxis={"autorange": "reversed", "type": "category"},
+    )
+    return fig
+
+
+def bucket_figure(table: pd.DataFrame) -> go.Figure:
+    """Average indirect effect per layer for each ROME bucket, one panel per kind; ``table`` is
+    the causal-trace summary's token_layer table (kind avg_indirect_*, token = bucket)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    kinds = sorted(table["kind"].unique())
+    fig = make_subplots(rows=1, cols=len(kinds), subplot_titles=kinds, shared_yaxes=True)
+    for col, kind in enumerate(kinds, start=1):
+        sub = table[table["kind"] == kind]
+        for bucket in BUCKETS:
+            b = sub[sub["token"] == bucket]
+            if len(b):
+                fig.add_trace(
+                    go.Scatter(x=b["layer"], y=b["value"], name=bucket, legendgroup=bucket, showlegend=col == 1),
+                    row=1, col=col,
+                )
+    fig.update_layout(title="average indirect effect by token bucket", xaxis_title="layer")
+    return fig
+
+
+def knockout_figure(curves: pd.DataFrame) -> go.Figure:
+    """Relative change of p(answer) per window-centre layer for each blocked source set."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for which in KNOCKOUT_SETS:
+        c = curves[curves["curve"] == which]
+        if len(c):
+            fig.add_trace(go.Scatter(x=c["x"], y=c["y"], name=f"last -> {which} blocked"))
+    fig.update_layout(title="attention knockout", xaxis_title="layer (window centre)", yaxis_title="relative change of p")
+    return fig

@@ -1,0 +1,212 @@
+"""Facts (subject, relation prompt, object) for factual-recall tracing, and the known-facts filter.
+
+A fact file is JSONL (one object per line) or CSV with the columns described in
+``circuits/data/README.md``: ``subject``, ``prompt`` (containing the subject verbatim) and
+``answer`` are required; ``relation``, ``type`` and ``id`` are optional.
+
+Known-facts criterion (stated, per model, never cached): the answer is tokenised with a
+leading space (it continues the prompt) and
+
+- ``answer_mode="first"`` (default, as ROME): the model's top-1 next token after the prompt is
+  the answer's FIRST token. Multi-token answers are judged on that first token only.
+- ``answer_mode="sum"``: every answer token is top-1 under teacher forcing (greedy decoding
+  reproduces the whole answer); the score is the SUM of the answer tokens' log-probs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+
+from interp.errors import UserError
+from interp.model import LoadedModel
+
+DEFAULT_FACTS = Path(__file__).resolve().parent / "data" / "facts.jsonl"
+REQUIRED = ("subject", "prompt", "answer")
+OPTIONAL = ("relation", "type", "id")
+AnswerMode = Literal["first", "sum"]
+ANSWER_MODES: tuple[str, ...] = ("first", "sum")
+
+
+@dataclass(frozen=True)
+class Fact:
+    subject: str
+    prompt: str
+    answer: str
+    relation: str = ""
+    type: str = ""
+    id: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _fact_from_row(row: dict[str, object], where: str) -> Fact:
+    missing = [c for c in REQUIRED if c not in row]
+    if missing:
+        raise UserError(f"{where}: missing column {missing[0]!r} (required: {', '.join(REQUIRED)})")
+    values = {}
+    for col in (*REQUIRED, *OPTIONAL):
+        v = row.get(col)
+        if v is None:
+            v = ""
+        if not isinstance(v, str | int | float):
+            raise UserError(f"{where}: column {col!r} must be a string, got {type(v).__name__}")
+        values[col] = str(v)
+    for col in REQUIRED:
+        if not values[col].strip():
+            raise UserError(f"{where}: column {col!r} is empty")
+    if values["subject"] not in values["prompt"]:
+        raise UserError(f"{where}: subject {values['subject']!r} does not occur in prompt {values['prompt']!r}")
+    return Fact(**values)
+
+
+def load_facts(path: str | Path | None = None) -> list[Fact]:
+    """Read a JSONL or CSV fact file (default: the shipped dataset), validating every row."""
+    p = DEFAULT_FACTS if path is None or str(path) == "" else Path(path)
+    if not p.is_file():
+        raise UserError(f"fact file not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise UserError(f"fact file {p.name}: expected a .jsonl or .csv file")
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise UserError(f"fact file {p} is empty")
+    facts: list[Fact] = []
+    if suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{p.name} line {n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{p.name} line {n}: expected a JSON object")
+            facts.append(_fact_from_row(row, f"{p.name} line {n}"))
+    else:
+        reader = csv.DictReader(text.splitlines())
+        if reader.fieldnames is None:
+            raise UserError(f"fact file {p} has no header row")
+        for n, row in enumerate(reader, start=2):
+            if None in row:
+                raise UserError(f"{p.name} line {n}: more fields than header columns")
+            facts.append(_fact_from_row(dict(row), f"{p.name} line {n}"))
+    if not facts:
+        raise UserError(f"fact file {p} has no facts")
+    return [f if f.id else Fact(**{**f.to_dict(), "id": str(i)}) for i, f in enumerate(facts)]
+
+
+def file_hash(path: str | Path | None = None) -> str:
+    p = DEFAULT_FACTS if path is None or str(path) == "" else Path(path)
+    if not p.is_file():
+        raise UserError(f"fact file not found: {p}")
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+
+
+def answer_tokens(model: LoadedModel, answer: str) -> list[int]:
+    """The answer's token ids as a continuation of the prompt (a leading space is added)."""
+    text = answer if answer.startswith(" ") else " " + answer
+    ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not answer.strip() or not ids:
+        raise UserError("answer is empty")
+    first = str(model.tokenizer.decode([ids[0]]))
+    if not first.strip():
+        # A bare-space first token (e.g. before digits) says nothing about the answer.
+        raise UserError(f"answer {answer!r}: its first token is only whitespace; give the answer differently")
+    return ids
+
+
+def subject_span(model: LoadedModel, prompt: str, subject: str, prepend_bos: bool = True) -> tuple[list[int], int, int]:
+    """Token ids of the prompt and the token range [start, end) covering the subject's LAST
+    occurrence in the prompt (as ROME: the subject nearest the prediction)."""
+    char_start = prompt.rfind(subject)
+    if not subject or char_start < 0:
+        raise UserError(f"subject {subject!r} not found in prompt {prompt!r}")
+    char_end = char_start + len(subject)
+    enc = model.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = enc["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(offsets) if a < char_end and b > char_start and b > a]
+    if not inside:
+        raise UserError(f"subject {subject!r} covers no token of prompt {prompt!r}")
+    start, end = inside[0], inside[-1] + 1
+    if prepend_bos and model.bos_token_id is not None:
+        ids = [model.bos_token_id, *ids]
+        start, end = start + 1, end + 1
+    model.check_length(len(ids))
+    return ids, start, end
+
+
+def _right_padded(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, list[int]]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return ids, [len(r) for r in rows]
+
+
+def known_facts(
+    model: LoadedModel,
+    facts: Sequence[Fact],
+    answer_mode: AnswerMode = "first",
+    batch_size: int = 16,
+) -> pd.DataFrame:
+    """Which facts the model knows, with the stated criterion (module docstring).
+
+    Prompts are batched right-padded without an attention mask: with causal attention the real
+    tokens never see the padding, so every row's logits at its real positions are exact.
+    Returns one row per fact: index, id, subject, answer, n_answer_tokens, predicted (top-1
+    token text), p_first (probability of the first answer token), logp_answer (log-prob of the first
+    answer token, or the sum over all answer tokens with answer_mode="sum"), known.
+    """
+    if answer_mode not in ANSWER_MODES:
+        raise UserError(f"answer_mode must be one of {list(ANSWER_MODES)}, got {answer_mode!r}")
+    if not facts:
+        raise UserError("no facts given")
+    rows, meta = [], []
+    for fact in facts:
+        ids, _, _ = subject_span(model, fact.prompt, fact.subject)
+        ans = answer_tokens(model, fact.answer)
+        full = ids + (ans[:-1] if answer_mode == "sum" else [])
+        model.check_length(len(full))
+        rows.append(full)
+        meta.append((len(ids), ans))
+    pad_id = model.tokenizer.pad_token_id
+    pad = pad_id if isinstance(pad_id, int) else 0
+    out = []
+    for b0 in range(0, len(rows), batch_size):
+        ids, _ = _right_padded(rows[b0 : b0 + batch_size], pad)
+        with torch.no_grad():
+            logp = torch.log_softmax(model.run(ids).logits.float(), dim=-1)
+        for j in range(ids.shape[0]):
+            i = b0 + j
+            n_prompt, ans = meta[i]
+            steps = len(ans) if answer_mode == "sum" else 1
+            pos = torch.arange(n_prompt - 1, n_prompt - 1 + steps)
+            lp = logp[j, pos]
+            target = torch.tensor(ans[:steps])
+            top = lp.argmax(dim=-1)
+            fact = facts[i]
+            out.append(
+                {
+                    "index": i,
+                    "id": fact.id,
+                    "subject": fact.subject,
+                    "answer": fact.answer,
+                    "n_answer_tokens": len(ans),
+                    "predicted": str(model.tokenizer.decode([int(top[0])])),
+                    "p_first": float(lp[0, ans[0]].exp()),
+                    "logp_answer": float(lp.gather(-1, target[:, None]).sum()),
+                    "known": bool((top == target).all()),
+                }
+            )
+    return pd.DataFrame(out)
