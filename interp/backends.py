@@ -92,6 +92,35 @@ class BridgeBackend(Backend):
             )
         self.bridge.eval()
 
+    @contextlib.contextmanager
+    def _kv_cache_alias(self, active: bool) -> Iterator[None]:
+        """Let the bridge's attention read and extend HF's KV cache.
+
+        transformers 5 passes the cache to attention modules as ``cache=``, while the
+        TransformerLens 4.3 attention bridge reads ``past_key_values=``: without this alias
+        every decoding step attends to itself alone, silently. Hooks go when the run ends.
+        """
+        if not active:
+            yield
+            return
+        from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+        def alias(_mod: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+                kwargs["past_key_values"] = kwargs["cache"]
+            return args, kwargs
+
+        handles = [
+            m.register_forward_pre_hook(alias, with_kwargs=True)
+            for m in self.bridge.modules()
+            if isinstance(m, AttentionBridge)
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
     @staticmethod
     def hook_name(site: Site) -> str:
         if site.kind == "embed":
@@ -165,7 +194,11 @@ class BridgeBackend(Backend):
             kwargs["use_cache"] = True
             return_type = "logits_and_cache"
         kwargs.update(forward_kwargs or {})
-        with torch.set_grad_enabled(grad), self.bridge.hooks(fwd_hooks=fwd_hooks):
+        with (
+            torch.set_grad_enabled(grad),
+            self.bridge.hooks(fwd_hooks=fwd_hooks),
+            self._kv_cache_alias(return_type == "logits_and_cache"),
+        ):
             out = self.bridge(input_ids, return_type=return_type, **kwargs)
         if return_type == "logits_and_cache":
             logits, pkv = out

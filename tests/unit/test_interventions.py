@@ -254,3 +254,17 @@ def test_interventions_round_trip_as_data() -> None:
         assert from_dict(iv.to_dict()) == iv
     with pytest.raises(UserError):
         from_dict({"op": "explode"})
+
+
+def test_kv_cache_decoding_equals_full_forward(tiny_hf: torch.nn.Module) -> None:
+    """Step-by-step decoding through the bridge's KV cache gives the full pass's logits."""
+    model = loaded(copy.deepcopy(tiny_hf), "bridge")
+    ids = _ids(batch=2, seq=8)
+    full = model.run(ids).logits
+    out = model.run(ids[:, :5], use_cache=True)
+    assert torch.allclose(out.logits, full[:, :5], atol=1e-5)
+    pkv = out.past_key_values
+    for t in range(5, 8):
+        step = model.run(ids[:, t : t + 1], past_key_values=pkv)
+        assert torch.allclose(step.logits[:, -1], full[:, t], atol=1e-4), f"step {t}"
+        pkv = step.past_key_values
