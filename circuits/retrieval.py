@@ -1,0 +1,735 @@
+"""Retrieval heads (Wu et al. 2024, methods.md §3): the retrieval score and the masking experiment.
+
+Retrieval score (``retrieval``, mode ``faithful``, the default): on needle-in-a-haystack
+prompts (``circuits/needles.py``) decode greedily with a KV cache: the prompt minus its last
+token is prefilled, then every decoding step feeds one token (the first step feeds the last
+prompt token, as the reference code does). At each step, for each query head, take the argmax
+key position i of the current query's attention row; the step counts when i lies inside the
+needle sentence's token span AND the generated token equals the prompt token at i. Each counted
+step adds 1 / (span length). Attention is read from the decoding steps only.
+
+Only samples the model answered correctly count: ROUGE-1 recall of the needle's answer words in
+the response > 0.5 (lower-cased alphanumeric words, clipped counts, no stemming; the reference
+uses rouge_score with a Porter stemmer against its "real_needle"). A head's score is the mean
+over counted samples. How many samples counted is part of every result; when too few counted
+the result says so loudly (the reference writes empty files silently: its issues #6 and #12).
+
+Mode ``fast`` (teacher-forced): the needle's answer tokens, copied from the needle in the
+prompt, are appended to the prompt and scored in one forward pass over them (after a prefill
+of the prompt): the same argmax/copy bookkeeping at each answer position, targets = the answer
+tokens. A sample counts when teacher-forced top-1 accuracy over the answer tokens is > 0.5.
+
+Masking (``retrieval-masking``): mask the top-K retrieval heads (UniformAttention: zero the
+query, as the reference does; or zero ablation of the head output) against K random heads
+drawn outside the top set, several draws, and report needle accuracy by context length and
+depth. All conditions of a prompt run as rows of one batch, the interventions restricted to
+their row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from circuits.needles import (
+    Haystack,
+    NeedleSample,
+    grid_depths,
+    grid_lengths,
+    load_haystack,
+    load_needles,
+    make_grid,
+    words,
+)
+from interp.errors import UserError
+from interp.interventions import Intervention, ablate_heads
+from interp.model import LoadedModel
+from interp.registry import Detector, Param, Summary, UnitResult, register
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+RETRIEVAL_THRESHOLD = 0.1
+CORRECTNESS = "rouge1_recall>0.5"
+METRIC_COLS = ["name", "value", "ci_low", "ci_high", "n"]
+
+
+# ---------------------------------------------------------------- correctness
+
+
+def rouge1_recall(reference: str, prediction: str) -> float:
+    """Share of the reference's words found in the prediction (clipped unigram counts)."""
+    ref, pred = Counter(words(reference)), Counter(words(prediction))
+    total = sum(ref.values())
+    if total == 0:
+        return 0.0
+    return sum(min(c, pred[w]) for w, c in ref.items()) / total
+
+
+def is_correct(answer: str, response: str) -> bool:
+    return rouge1_recall(answer, response) > 0.5
+
+
+# ---------------------------------------------------------------- bookkeeping
+
+
+def step_hits(
+    argmax: torch.Tensor, sequence: Sequence[int], span: tuple[int, int], target: int
+) -> torch.Tensor:
+    """Which heads count at one step: argmax ([layer, head] key positions) inside the needle
+    span and pointing at a token equal to ``target`` (the token generated at this step)."""
+    start, end = span
+    seq = torch.as_tensor(list(sequence), dtype=torch.long)
+    inside = (argmax >= start) & (argmax < end)
+    safe = argmax.clamp(0, len(seq) - 1)
+    return inside & (seq[safe] == int(target))
+
+
+def retrieval_scores(
+    argmaxes: Sequence[torch.Tensor], sequence: Sequence[int], span: tuple[int, int], targets: Sequence[int]
+) -> torch.Tensor:
+    """One sample's retrieval score per head: counted steps / needle span length."""
+    if len(argmaxes) != len(targets):
+        raise ValueError("one argmax table per target token")
+    if not argmaxes:
+        raise ValueError("no decoding steps")
+    hits = torch.stack([step_hits(a, sequence, span, t) for a, t in zip(argmaxes, targets, strict=True)])
+    return hits.sum(0).double() / (span[1] - span[0])
+
+
+def _argmax_rows(cache: Mapping[str, torch.Tensor], n_layers: int) -> torch.Tensor:
+    """[layer, batch, head, query] argmax key position of each cached pattern."""
+    return torch.stack([cache[f"pattern.{layer}"].argmax(-1) for layer in range(n_layers)])
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def stop_token(model: LoadedModel, token: int) -> bool:
+    """End of answer: EOS, or a token holding a newline (the reference stops at newline)."""
+    eos = model.tokenizer.eos_token_id
+    return (isinstance(eos, int) and token == eos) or "\n" in str(model.tokenizer.decode([token]))
+
+
+@contextlib.contextmanager
+def kv_cache_alias(model: LoadedModel) -> Iterator[None]:
+    """Make the bridge's attention update the KV cache (transformers 5.x).
+
+    transformers 5 hands the cache to attention modules as ``cache=``; TransformerLens 4.3's
+    attention bridge reads ``past_key_values=`` (or ``layer_past=``) and otherwise never
+    updates the cache, so every decoding step would attend to itself alone. For the duration
+    of a decode, a pre-hook on each attention bridge passes the cache under the name the
+    bridge reads. A no-op where the name is already given, and on other backends.
+    """
+    if model.backend_name != "bridge":
+        yield
+        return
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    def alias(_mod: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return args, kwargs
+
+    bridge = model.backend.bridge  # type: ignore[attr-defined]
+    handles = [
+        m.register_forward_pre_hook(alias, with_kwargs=True) for m in bridge.modules() if isinstance(m, AttentionBridge)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def greedy_decode(
+    model: LoadedModel,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    interventions: Sequence[Intervention] = (),
+    record_attention: bool = False,
+) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy decoding of a batch of equal-length prompts with the KV cache.
+
+    Returns each row's generated tokens (up to and including its stop token) and, with
+    ``record_attention``, one [layer, batch, head] table of argmax key positions per step, read
+    from that step's attention row (decoding steps only, never the prefill).
+    """
+    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+        raise UserError("greedy_decode needs a [batch, >=2 tokens] prompt")
+    n_layers = model.info.n_layers
+    bsz = int(input_ids.shape[0])
+    model.check_length(int(input_ids.shape[1]) + max_new_tokens)
+    with torch.no_grad(), kv_cache_alias(model):
+        pre = model.run(input_ids[:, :-1], interventions=interventions, use_cache=True)
+        pkv = pre.past_key_values
+        inp = input_ids[:, -1:]
+        generated: list[list[int]] = [[] for _ in range(bsz)]
+        done = [False] * bsz
+        argmaxes: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            out = model.run(
+                inp,
+                interventions=interventions,
+                cache=["pattern.*"] if record_attention else [],
+                past_key_values=pkv,
+            )
+            pkv = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1)
+            if record_attention:
+                argmaxes.append(_argmax_rows(out.cache, n_layers)[..., -1].cpu())
+            for b in range(bsz):
+                if not done[b]:
+                    tok = int(nxt[b])
+                    generated[b].append(tok)
+                    done[b] = stop_token(model, tok)
+            if all(done):
+                break
+            inp = nxt[:, None]
+    return generated, argmaxes
+
+
+def response_text(model: LoadedModel, tokens: Sequence[int]) -> str:
+    return str(model.tokenizer.decode(list(tokens), skip_special_tokens=True)).strip()
+
+
+def score_sample_faithful(
+    model: LoadedModel, sample: NeedleSample, max_new_tokens: int, interventions: Sequence[Intervention] = ()
+) -> dict[str, Any]:
+    """Decode one sample greedily and score every head on it (the reference's procedure)."""
+    ids = torch.tensor([sample.input_ids], dtype=torch.long)
+    generated, argmaxes = greedy_decode(
+        model, ids, max_new_tokens, interventions=interventions, record_attention=True
+    )
+    gen = generated[0]
+    # The sequence the step-t query can see: prompt + tokens generated before step t.
+    seq = list(sample.input_ids) + gen
+    tables = [a[:, 0] for a in argmaxes[: len(gen)]]
+    scores = retrieval_scores(tables, seq, sample.needle_span, gen)
+    response = response_text(model, gen)
+    recall = rouge1_recall(sample.needle.answer, response)
+    return {
+        "scores": scores,
+        "generated": gen,
+        "response": response,
+        "rouge1_recall": recall,
+        "correct": recall > 0.5,
+        "steps": len(gen),
+        "argmax": tables,
+    }
+
+
+def score_sample_fast(model: LoadedModel, sample: NeedleSample) -> dict[str, Any]:
+    """Teacher-forced: the needle's answer tokens after the prompt, scored in one pass."""
+    prompt = list(sample.input_ids)
+    a0, a1 = sample.answer_span
+    answer = prompt[a0:a1]
+    n_layers = model.info.n_layers
+    with torch.no_grad(), kv_cache_alias(model):
+        pre = model.run(torch.tensor([prompt[:-1]]), use_cache=True)
+        chunk = torch.tensor([[prompt[-1], *answer[:-1]]])
+        out = model.run(chunk, cache=["pattern.*"], past_key_values=pre.past_key_values)
+    # Query j of the chunk sits at position len(prompt) - 1 + j and predicts answer[j].
+    am = _argmax_rows(out.cache, n_layers)[:, 0]  # [layer, head, query]
+    tables = [am[..., j].cpu() for j in range(len(answer))]
+    seq = prompt + answer
+    scores = retrieval_scores(tables, seq, sample.needle_span, answer)
+    pred = out.logits[0].argmax(-1).tolist()
+    acc = float(np.mean([p == t for p, t in zip(pred, answer, strict=True)]))
+    return {
+        "scores": scores,
+        "generated": answer,
+        "response": response_text(model, answer),
+        "teacher_accuracy": acc,
+        "correct": acc > 0.5,
+        "steps": len(answer),
+    }
+
+
+# ---------------------------------------------------------------- grid and params
+
+
+def grid_params(n_needles: int = 3) -> tuple[Param, ...]:
+    return (
+        Param("min_length", int, 200, "shortest context (filler + needle), tokens"),
+        Param("max_length", int, 800, "longest context, tokens"),
+        Param("n_lengths", int, 3, "context lengths, evenly spaced from min_length to max_length"),
+        Param("n_depths", int, 3, "needle depths, evenly spaced from 0 (start) to 1 (end)"),
+        Param("n_needles", int, n_needles, "needles used, from the start of the needles file (0 = all)"),
+        Param("needles_file", str, "", "JSONL of {sentence, question, answer} (default: shipped needles)"),
+        Param("haystack_file", str, "", "filler text file (default: shipped public-domain prose)"),
+        Param("max_tokens", int, 1024, "token budget: prompt + decoded tokens stay within it"),
+        Param("max_new_tokens", int, 24, "greedy decoding steps at most (the reference uses 50)"),
+        Param("prompt_format", str, "auto", "chat template (auto: when the tokenizer has one) or plain",
+              choices=("auto", "chat", "plain")),
+        Param("seed", int, 0, "seed of the haystack windows"),
+    )
+
+
+@lru_cache(maxsize=8)
+def _haystack(model: LoadedModel, path: str) -> Haystack:
+    return Haystack(model, load_haystack(path or None))
+
+
+def samples_for(model: LoadedModel, params: Mapping[str, Any], seed: int | None = None) -> dict[str, NeedleSample]:
+    """The grid of samples, keyed by unit name, in a fixed order."""
+    needles = load_needles(params["needles_file"] or None)
+    if params["n_needles"] < 0:
+        raise UserError("n_needles must be >= 0 (0 = all)")
+    if params["n_needles"]:
+        needles = needles[: params["n_needles"]]
+    if params["max_new_tokens"] < 1:
+        raise UserError("max_new_tokens must be >= 1")
+    grid = make_grid(
+        model,
+        needles,
+        _haystack(model, params["haystack_file"]),
+        grid_lengths(params["min_length"], params["max_length"], params["n_lengths"]),
+        grid_depths(params["n_depths"]),
+        budget=params["max_tokens"],
+        max_new_tokens=params["max_new_tokens"],
+        seed=params["seed"] if seed is None else seed,
+        prompt_format=params["prompt_format"],
+    )
+    return {f"len{s.length}-depth{s.depth:.2f}-needle{s.needle_index}": s for s in grid}
+
+
+def _file_hash(params: Mapping[str, Any]) -> str | None:
+    import hashlib
+
+    paths = [params[k] for k in ("needles_file", "haystack_file") if params[k]]
+    if not paths:
+        return None
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                h.update(f.read())
+        except OSError:
+            raise UserError(f"cannot read {p}") from None
+    return h.hexdigest()[:16]
+
+
+def _metrics_frame(items: Mapping[str, float], n: int) -> pd.DataFrame:
+    return pd.DataFrame([(k, float(v), None, None, n) for k, v in items.items()], columns=METRIC_COLS)
+
+
+def _head_frame(metric: str, scores: torch.Tensor) -> pd.DataFrame:
+    n_layers, n_heads = scores.shape
+    rows = [(metric, la, h, float(scores[la, h])) for la in range(n_layers) for h in range(n_heads)]
+    return pd.DataFrame(rows, columns=["metric", "layer", "head", "value"])
+
+
+def _artifact(name: str, obj: Any) -> pd.DataFrame:
+    return pd.DataFrame({"name": [name], "json": [json.dumps(obj)]})
+
+
+def _artifacts(results: Mapping[str, pd.DataFrame], name: str) -> list[dict[str, Any]]:
+    """The JSON artifacts of a name, each with the unit that wrote it (when known)."""
+    art = results.get("artifacts")
+    if art is None or art.empty:
+        return []
+    sel = art[art["name"] == name]
+    units = sel["unit"] if "unit" in sel.columns else [None] * len(sel)
+    return [{**json.loads(j), "unit": u} for j, u in zip(sel["json"], units, strict=True)]
+
+
+def _mean(values: Any) -> float:
+    return float(np.mean(np.asarray(values, dtype=float)))
+
+
+def accuracy_curves(samples: pd.DataFrame, column: str, condition: str) -> pd.DataFrame:
+    """Accuracy against length (one curve per depth) and against depth, as long rows."""
+    depth = np.asarray(samples["depth"], dtype=float)
+    length = np.asarray(samples["length"], dtype=float)
+    value = np.asarray(samples[column], dtype=float)
+    rows = []
+    for d in sorted(set(depth)):
+        for n in sorted(set(length)):
+            sel = (depth == d) & (length == n)
+            rows.append((f"{condition}: accuracy vs length, depth={d:.2f}", -1, -1, n, _mean(value[sel])))
+    for d in sorted(set(depth)):
+        rows.append((f"{condition}: accuracy vs depth", -1, -1, d, _mean(value[depth == d])))
+    for n in sorted(set(length)):
+        rows.append((f"{condition}: accuracy vs length", -1, -1, n, _mean(value[length == n])))
+    return pd.DataFrame(rows, columns=["curve", "layer", "head", "x", "y"])
+
+
+# ---------------------------------------------------------------- the retrieval score
+
+
+@register
+class RetrievalDetector(Detector):
+    name = "retrieval"
+    description = "Retrieval score per query head on needle-in-a-haystack prompts (Wu et al. 2024)"
+    kind = "head_scores"
+    in_default_scan = True
+    params = (
+        Param("mode", str, "faithful", "faithful: greedy decoding with a KV cache; fast: teacher-forced answer",
+              choices=("faithful", "fast")),
+        *grid_params(),
+        Param("min_counted", int, 5, "fewer correctly answered samples than this triggers a loud warning"),
+    )
+
+    def variant(self, params: Mapping[str, Any]) -> str:
+        return "faithful" if params["mode"] == "faithful" else "fast-teacher-forced"
+
+    def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
+        return _file_hash(params)
+
+    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
+        return list(samples_for(model, params))
+
+    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
+        sample = samples_for(model, params)[unit]
+        if params["mode"] == "faithful":
+            r = score_sample_faithful(model, sample, params["max_new_tokens"])
+            quality = ("rouge1_recall", r["rouge1_recall"])
+        else:
+            r = score_sample_fast(model, sample)
+            quality = ("teacher_accuracy", r["teacher_accuracy"])
+        info = {**sample.describe(), "response": r["response"], "generated": r["generated"],
+                "correct": bool(r["correct"]), quality[0]: quality[1], "steps": r["steps"]}
+        return UnitResult(
+            tables={
+                "head_scores": _head_frame("retrieval_sample", r["scores"]),
+                "metrics": _metrics_frame(
+                    {"correct": float(r["correct"]), quality[0]: quality[1], "steps": r["steps"],
+                     "length": sample.length, "depth": sample.depth, "n_tokens": sample.n_tokens,
+                     "needle": sample.needle_index},
+                    1,
+                ),
+                "artifacts": _artifact("sample", info),
+            }
+        )
+
+    def finalize(
+        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+    ) -> Summary:
+        samples = pd.DataFrame(_artifacts(results, "sample"))
+        n = len(samples)
+        counted = samples[samples["correct"]] if n else samples
+        n_counted = len(counted)
+        hs = results["head_scores"]
+        per_sample = hs[hs["metric"] == "retrieval_sample"]
+        warnings: list[str] = []
+        mode = self.variant(params)
+        rule = CORRECTNESS if params["mode"] == "faithful" else "teacher_accuracy>0.5"
+        n_heads = model.info.n_total_heads
+        metrics: dict[str, Any] = {
+            "n_samples": n,
+            "n_counted": n_counted,
+            "share_counted": n_counted / n if n else 0.0,
+            "accuracy": _mean(samples["correct"]) if n else 0.0,
+            "min_counted": params["min_counted"],
+            "too_few_counted": int(n_counted < params["min_counted"]),
+            "threshold": RETRIEVAL_THRESHOLD,
+            "n_heads": n_heads,
+        }
+        tables: dict[str, pd.DataFrame] = {}
+        heads: list[dict[str, Any]] = []
+        if n_counted == 0:
+            warnings.append(
+                f"NO RETRIEVAL SCORES: none of the {n} samples was answered correctly ({rule}) by "
+                f"{model.name}; the score is undefined, so no head scores were written. Try shorter "
+                f"contexts (min_length/max_length), other needles, or a larger model."
+            )
+        else:
+            if n_counted < params["min_counted"]:
+                warnings.append(
+                    f"TOO FEW SAMPLES COUNTED: only {n_counted} of {n} samples were answered correctly "
+                    f"({rule}), fewer than min_counted={params['min_counted']}; these retrieval scores "
+                    f"are noisy and may not rank heads reliably."
+                )
+            units = set(counted["unit"])
+            sums: dict[tuple[int, int], float] = {}
+            for u, la, h, v in zip(per_sample["unit"], per_sample["layer"], per_sample["head"],
+                                   per_sample["value"], strict=True):
+                if u in units:
+                    sums[(int(la), int(h))] = sums.get((int(la), int(h)), 0.0) + float(v)
+            # Mean over the counted samples (each counted sample scores every head).
+            mean = {key: total / n_counted for key, total in sums.items()}
+            order = sorted(mean, key=lambda key: (-mean[key], key))
+            heads = [{"layer": la, "head": h, "score": mean[(la, h)]} for la, h in order]
+            above = sum(v > RETRIEVAL_THRESHOLD for v in mean.values())
+            metrics["n_heads_above_threshold"] = above
+            metrics["share_heads_above_threshold"] = above / n_heads
+            metrics["max_score"] = max(mean.values())
+            tables["head_scores"] = pd.DataFrame(
+                [("retrieval", la, h, mean[(la, h)]) for la, h in order], columns=["metric", "layer", "head", "value"]
+            )
+        if n:
+            tables["curves"] = accuracy_curves(samples, "correct", "unmasked")
+        tables["metrics"] = _metrics_frame(metrics, n)
+        tables["artifacts"] = _artifact(
+            "settings", {"mode": mode, "correctness": rule, "counted_units": sorted(counted["unit"]) if n_counted else []}
+        )
+        metrics["correctness"] = rule
+        return Summary(
+            detector=self.name, variant=mode, heads=heads, metrics=metrics, warnings=warnings, tables=tables
+        )
+
+
+# ---------------------------------------------------------------- the masking experiment
+
+
+def parse_heads(text: str, model: LoadedModel) -> list[tuple[int, int]]:
+    """'L.H,L.H,...' -> [(L, H), ...], validated against the model."""
+    out: list[tuple[int, int]] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            layer_s, head_s = part.split(".")
+            layer, head = int(layer_s), int(head_s)
+        except ValueError:
+            raise UserError(f"heads must be a comma list of LAYER.HEAD, got {part!r}") from None
+        model.check_head(layer, head)
+        if (layer, head) in out:
+            raise UserError(f"head {part} listed twice")
+        out.append((layer, head))
+    return out
+
+
+def random_head_sets(
+    all_heads: Sequence[tuple[int, int]], exclude: Sequence[tuple[int, int]], k: int, n_draws: int, seed: int
+) -> list[list[tuple[int, int]]]:
+    """``n_draws`` sets of ``k`` heads drawn without replacement from heads not in ``exclude``."""
+    pool = sorted(set(all_heads) - set(exclude))
+    if len(pool) < k:
+        raise UserError(f"only {len(pool)} heads lie outside the excluded set; cannot draw {k}")
+    rng = random.Random(seed)
+    return [sorted(rng.sample(pool, k)) for _ in range(n_draws)]
+
+
+_RANKINGS: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+
+
+@register
+class RetrievalMaskingDetector(Detector):
+    name = "retrieval-masking"
+    description = "Needle accuracy with the top-K retrieval heads masked vs K random heads (Wu et al. 2024)"
+    kind = "intervention"
+    params = (
+        Param("heads", str, "", "ranking as LAYER.HEAD,... best first; empty: compute it (faithful retrieval scan)"),
+        Param("top_k", int, 10, "K: how many top retrieval heads to mask"),
+        Param("method", str, "uniform", "uniform: zero the query (the reference's mask); zero: zero the head output",
+              choices=("uniform", "zero")),
+        Param("n_random", int, 3, "draws of K random heads"),
+        Param("exclude_top", int, -1, "random heads are drawn outside the top N of the ranking "
+              "(-1: max(K, 10% of heads); the paper draws outside its top 100)"),
+        Param("ranking_mode", str, "faithful", "score used to rank heads when 'heads' is empty",
+              choices=("faithful", "fast")),
+        *grid_params(),
+    )
+
+    def variant(self, params: Mapping[str, Any]) -> str:
+        return f"{params['method']}-mask"
+
+    def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
+        return _file_hash(params)
+
+    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
+        if params["top_k"] < 1 or params["n_random"] < 1:
+            raise UserError("top_k and n_random must be >= 1")
+        if params["heads"]:
+            ranked = parse_heads(params["heads"], model)
+            if len(ranked) < params["top_k"]:
+                raise UserError(f"'heads' lists {len(ranked)} heads, fewer than top_k={params['top_k']}")
+        if params["top_k"] >= model.info.n_total_heads:
+            raise UserError(f"top_k={params['top_k']} leaves no heads to draw at random")
+        units = list(samples_for(model, params))
+        return units if params["heads"] else ["ranking", *units]
+
+    def _ranking_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        keys = {p.name for p in grid_params()}
+        # The ranking is computed on other haystack windows than the ones it is tested on.
+        return {**{k: params[k] for k in keys}, "seed": params["seed"] + 1, "mode": params["ranking_mode"],
+                "min_counted": 1}
+
+    def _compute_ranking(self, model: LoadedModel, params: Mapping[str, Any]) -> tuple[list[tuple[int, int]], Summary]:
+        det = RetrievalDetector()
+        rp = self._ranking_params(params)
+        units = det.units(model, rp)
+        parts: dict[str, list[pd.DataFrame]] = {}
+        for u in units:
+            for table, df in det.run_unit(model, rp, u).tables.items():
+                parts.setdefault(table, []).append(df.assign(unit=u))
+        results = {t: pd.concat(v, ignore_index=True) for t, v in parts.items()}
+        summary = det.finalize(model, rp, results)
+        if not summary.heads:
+            raise UserError(
+                "cannot rank heads: no ranking sample was answered correctly; pass 'heads' explicitly"
+            )
+        return [(h["layer"], h["head"]) for h in summary.heads], summary
+
+    def ranking(self, model: LoadedModel, params: Mapping[str, Any]) -> list[tuple[int, int]]:
+        if params["heads"]:
+            return parse_heads(params["heads"], model)
+        key = (id(model), json.dumps(dict(params), sort_keys=True))
+        if key not in _RANKINGS:
+            _RANKINGS[key] = self._compute_ranking(model, params)[0]
+        return _RANKINGS[key]
+
+    def head_sets(self, model: LoadedModel, params: Mapping[str, Any]) -> dict[str, list[tuple[int, int]]]:
+        ranked = self.ranking(model, params)
+        k = params["top_k"]
+        n_excl = params["exclude_top"]
+        if n_excl < 0:
+            n_excl = max(k, int(np.ceil(0.1 * model.info.n_total_heads)))
+        n_excl = max(n_excl, k)
+        all_heads = [(la, h) for la in range(model.info.n_layers) for h in range(model.info.n_heads)]
+        sets = {"none": [], f"top{k}": ranked[:k]}
+        draws = random_head_sets(all_heads, ranked[:n_excl], k, params["n_random"], params["seed"])
+        for i, d in enumerate(draws):
+            sets[f"random{k}-draw{i}"] = d
+        return sets
+
+    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
+        if unit == "ranking":
+            key = (id(model), json.dumps(dict(params), sort_keys=True))
+            ranked, summary = self._compute_ranking(model, params)
+            _RANKINGS[key] = ranked
+            scores = summary.tables["head_scores"].rename(columns={})
+            scores = scores.assign(metric="ranking_retrieval")
+            return UnitResult(tables={
+                "head_scores": scores,
+                "metrics": _metrics_frame({f"ranking_{k}": v for k, v in summary.metrics.items()
+                                           if isinstance(v, (int, float))}, int(summary.metrics["n_samples"])),
+                "artifacts": _artifact("ranking", {"variant": summary.variant, "warnings": summary.warnings,
+                                                   "heads": [list(h) for h in ranked]}),
+            })
+        sample = samples_for(model, params)[unit]
+        sets = self.head_sets(model, params)
+        names = list(sets)
+        ivs: list[Intervention] = []
+        for row, name in enumerate(names):
+            if sets[name]:
+                ivs.extend(ablate_heads(sets[name], params["method"], batch=(row,)))
+        ids = torch.tensor([sample.input_ids] * len(names), dtype=torch.long)
+        generated, _ = greedy_decode(model, ids, params["max_new_tokens"], interventions=ivs)
+        info: dict[str, Any] = {**sample.describe()}
+        rows = {}
+        for name, gen in zip(names, generated, strict=True):
+            resp = response_text(model, gen)
+            ok = is_correct(sample.needle.answer, resp)
+            info[f"response:{name}"] = resp
+            info[f"correct:{name}"] = bool(ok)
+            rows[f"correct:{name}"] = float(ok)
+        return UnitResult(tables={"metrics": _metrics_frame(rows, 1), "artifacts": _artifact("masked_sample", info)})
+
+    def finalize(
+        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+    ) -> Summary:
+        samples = pd.DataFrame(_artifacts(results, "masked_sample"))
+        ranking = _artifacts(results, "ranking")
+        if ranking and not params["heads"]:
+            # The stored ranking, so a resumed run never recomputes it here.
+            key = (id(model), json.dumps(dict(params), sort_keys=True))
+            _RANKINGS.setdefault(key, [(int(la), int(h)) for la, h in ranking[0]["heads"]])
+        sets = self.head_sets(model, params)
+        k = params["top_k"]
+        warnings: list[str] = []
+        metrics: dict[str, Any] = {"n_samples": len(samples), "top_k": k, "method": params["method"],
+                                   "n_random": params["n_random"], "correctness": CORRECTNESS,
+                                   "ranking_source": "param" if params["heads"] else f"computed ({params['ranking_mode']}, seed+1)"}
+        curves = []
+        for name in sets:
+            col = f"correct:{name}"
+            metrics[f"accuracy:{name}"] = _mean(samples[col])
+        rand_cols = [f"correct:{n}" for n in sets if n.startswith("random")]
+        samples["correct:random-mean"] = samples[rand_cols].mean(axis=1)
+        metrics["accuracy:random-mean"] = _mean(samples["correct:random-mean"])
+        metrics["accuracy:random-min"] = min(_mean(samples[c]) for c in rand_cols)
+        metrics["accuracy:random-max"] = max(_mean(samples[c]) for c in rand_cols)
+        base = metrics["accuracy:none"]
+        metrics["drop:top"] = base - metrics[f"accuracy:top{k}"]
+        metrics["drop:random-mean"] = base - metrics["accuracy:random-mean"]
+        for name in ["none", f"top{k}", "random-mean"]:
+            curves.append(accuracy_curves(samples, f"correct:{name}", name))
+        if base == 0:
+            warnings.append(
+                f"the unmasked model answered none of the {len(samples)} samples ({CORRECTNESS}): "
+                "masking cannot show a drop"
+            )
+        if ranking:
+            warnings.extend(f"ranking: {w}" for w in ranking[0].get("warnings", []))
+        metric_rows = {k2: v for k2, v in metrics.items() if isinstance(v, (int, float))}
+        tables = {
+            "metrics": _metrics_frame(metric_rows, len(samples)),
+            "curves": pd.concat(curves, ignore_index=True),
+            "artifacts": _artifact("head_sets", {n: [list(h) for h in hs] for n, hs in sets.items()}),
+        }
+        return Summary(detector=self.name, variant=self.variant(params), heads=None, metrics=metrics,
+                       warnings=warnings, tables=tables)
+
+
+# ---------------------------------------------------------------- comparison and figures
+
+
+def agreement(a: Mapping[tuple[int, int], float], b: Mapping[tuple[int, int], float], k: int = 10) -> dict[str, float]:
+    """Spearman rank correlation over the heads both score, and the overlap of their top-k."""
+    from scipy.stats import spearmanr
+
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        raise UserError("need at least two heads scored by both runs")
+    rho = float(np.asarray(spearmanr([a[h] for h in common], [b[h] for h in common])[0]))
+    top_a = sorted(common, key=lambda h: -a[h])[:k]
+    top_b = sorted(common, key=lambda h: -b[h])[:k]
+    return {"spearman": rho, f"top{k}_overlap": len(set(top_a) & set(top_b)) / k}
+
+
+def score_matrix(heads: Sequence[Mapping[str, Any]], n_layers: int, n_heads: int) -> np.ndarray:
+    m = np.full((n_layers, n_heads), np.nan)
+    for h in heads:
+        m[int(h["layer"]), int(h["head"])] = float(h["score"])
+    return m
+
+
+def score_heatmap(heads: Sequence[Mapping[str, Any]], n_layers: int, n_heads: int, title: str = "") -> go.Figure:
+    """Layer x head heatmap of retrieval scores (grey where no score was written)."""
+    import plotly.graph_objects as go
+
+    m = score_matrix(heads, n_layers, n_heads)
+    fig = go.Figure(go.Heatmap(z=m, x=list(range(n_heads)), y=list(range(n_layers)), colorscale="Viridis",
+                               zmin=0, colorbar={"title": "score"},
+                               hovertemplate="L%{y}H%{x}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title or "Retrieval score per head", xaxis_title="head", yaxis_title="layer",
+                      yaxis={"autorange": "reversed"})
+    return fig
+
+
+def accuracy_grid(samples: pd.DataFrame, column: str = "correct") -> pd.DataFrame:
+    """Depth x length table of the mean of ``column`` (needle accuracy)."""
+    t = samples.assign(_v=samples[column].astype(float))
+    return t.pivot_table(index="depth", columns="length", values="_v", aggfunc="mean")
+
+
+def accuracy_heatmaps(samples: pd.DataFrame, columns: Mapping[str, str]) -> go.Figure:
+    """One depth x length accuracy heatmap per condition (title -> column), side by side."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(columns), subplot_titles=list(columns), shared_yaxes=True)
+    for i, (title, col) in enumerate(columns.items(), start=1):
+        grid = accuracy_grid(samples, col)
+        fig.add_trace(go.Heatmap(z=grid.values, x=[str(c) for c in grid.columns], y=[f"{d:.2f}" for d in grid.index],
+                                 zmin=0, zmax=1, colorscale="RdYlGn", showscale=i == len(columns), name=title,
+                                 hovertemplate=f"{title}<br>length %{{x}}, depth %{{y}}: %{{z:.2f}}<extra></extra>"),
+                      row=1, col=i)
+        fig.update_xaxes(title_text="context length (tokens)", row=1, col=i)
+    fig.update_yaxes(title_text="needle depth", row=1, col=1)
+    fig.update_layout(title="Needle accuracy by context length and depth")
+    return fig
