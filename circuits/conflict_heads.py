@@ -1,0 +1,611 @@
+"""Memory heads and context heads under knowledge conflicts (Jin et al. 2024; methods.md 5, 7).
+
+Metric: logit(memory) - logit(context) at the last position of the conflict prompt.
+
+Path patching of a head to the logits (the detector's ranking). For each query head (l, h):
+its output at the final position is taken from the no-conflict run (the same query without the
+counterfactual sentence, aligned at the final position) and sent into the conflict run along its
+DIRECT path only: every other head, every MLP and every later layer stays frozen at its
+conflict-run value. The receiver is the final residual stream at the last position, so the
+patched final residual is exactly
+
+    r' = r_conflict + (z_noconflict[l, h] - z_conflict[l, h]) @ W_O[l, h]
+
+(the output bias cancels), and the logits are read through the final norm and the unembedding.
+Only the final position matters: a head's output at another position has no direct path to the
+last position's logits. Two variants of the final norm:
+
+- ``recomputed`` (default, as Wang et al.'s path patching, where the receiver input is patched and
+  everything after it is recomputed): logits' = unembed(norm(r')).
+- ``frozen``: the norm's scale (RMS, or LayerNorm's std) stays at the conflict run's value, so the
+  effect is linear: the direct logit attribution of the head's output difference.
+
+Sign: ``path_delta`` = metric(patched) - metric(conflict). A head whose conflict-run output pushes
+towards the memory answer more than its no-conflict output has ``path_delta`` < 0 (patching it
+away lowers the metric): a memory head. ``path_delta`` > 0: the head's conflict-specific output
+pushes towards the context answer: a context head. The ranking score is
+``memory_score = -path_delta`` (pooled over formats); context heads are those with the most
+negative memory score.
+
+Also per head (not only the difference, since a head can push both answers): the effect on
+logit(memory) and on logit(context) separately, and the direct logit attribution of its
+conflict-run output (frozen norm) to each answer.
+
+Total-effect patching (option): the same activation (z of head (l, h) at the final position) is
+patched from the no-conflict run with everything downstream recomputed, one batch row per head;
+its ranking is compared with path patching by Spearman correlation and top-k overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from scipy.stats import spearmanr
+
+from circuits.conflicts import (
+    ConflictDataset,
+    ConflictItem,
+    build_dataset,
+    check_format,
+    facts_hash,
+    grouped_by_length,
+    load_facts,
+    parse_formats,
+    rates,
+    score_items,
+)
+from interp.errors import UserError
+from interp.interventions import Intervention, Patch
+from interp.model import LoadedModel
+from interp.registry import Detector, Param, Summary, UnitResult, register
+
+NORM_VARIANTS = ("recomputed", "frozen")
+FROZEN = (
+    "path patching freezes every component except the sender at its conflict-run value: all other "
+    "heads of every layer, all MLPs, and all layers after the sender; the sender's output at the final "
+    "position is replaced by its no-conflict output; the receiver is the final residual stream at the "
+    "final position"
+)
+
+
+def _raw(module: Any) -> Any:
+    """The HF module under a TransformerBridge wrapper (the bridge keeps it as original_component)."""
+    inner = getattr(module, "original_component", None)
+    return inner if isinstance(inner, torch.nn.Module) else module
+
+
+def _base(model: LoadedModel) -> Any:
+    hf = model.hf
+    for name in ("model", "transformer"):
+        base = getattr(hf, name, None)
+        if base is not None and (hasattr(base, "layers") or hasattr(base, "h")):
+            return base
+    raise UserError(f"unsupported model layout {type(hf).__name__}: no decoder layers found")
+
+
+def out_proj_module(model: LoadedModel, layer: int) -> torch.nn.Module:
+    """The module whose input is z (heads concatenated) and output the attention output."""
+    base = _base(model)
+    if hasattr(base, "layers"):
+        return base.layers[layer].self_attn.o_proj
+    return base.h[layer].attn.c_proj
+
+
+def output_weights(model: LoadedModel) -> torch.Tensor:
+    """W_O per head, [layers, heads, d_head, d_model], such that out = sum_h z_h @ W_O[l, h]."""
+    info = model.info
+    mats = []
+    for layer in range(info.n_layers):
+        mod = _raw(out_proj_module(model, layer))
+        w = mod.weight.detach().float()
+        # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
+        w_in_out = w.T if isinstance(mod, torch.nn.Linear) else w
+        mats.append(w_in_out.reshape(info.n_heads, info.d_head, info.d_model))
+    return torch.stack(mats).cpu()
+
+
+class FinalReadout:
+    """The final norm and unembedding, applied to a residual vector at one position."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        base = _base(model)
+        norm = getattr(base, "norm", None) or getattr(base, "ln_f", None)
+        if norm is None:
+            raise UserError(f"unsupported model layout {type(model.hf).__name__}: no final norm")
+        self.norm = _raw(norm)
+        unembed = _raw(model.hf.get_output_embeddings())
+        self.w_u = unembed.weight.detach().float().cpu()
+        bias = getattr(unembed, "bias", None)
+        self.b_u = None if bias is None else bias.detach().float().cpu()
+        self.layernorm = isinstance(self.norm, torch.nn.LayerNorm)
+        eps = getattr(self.norm, "variance_epsilon", None)
+        if eps is None:
+            eps = getattr(self.norm, "eps", None)
+        if eps is None:
+            raise UserError(f"final norm {type(self.norm).__name__} has no eps: unsupported")
+        self.eps = float(eps)
+        d = model.info.d_model
+        with torch.no_grad():
+            if self.layernorm:
+                self.weight = self.norm.weight.detach().float().cpu()
+                self.bias = self.norm.bias.detach().float().cpu() if self.norm.bias is not None else None
+            else:
+                # RMS norms differ in how they apply their weight (Gemma uses 1 + w); reading the
+                # effective weight off a probe of known RMS covers them all.
+                probe = torch.full((1, d), 1e3)
+                self.weight = (self.norm(probe.to(model.device, model.dtype)).float().cpu()[0]
+                               * (1e6 + self.eps) ** 0.5 / 1e3)
+                self.bias = None
+
+    def normed(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm itself, recomputed on x [..., d_model]."""
+        dev = next(self.norm.parameters()).device
+        dtype = next(self.norm.parameters()).dtype
+        with torch.no_grad():
+            return self.norm(x.to(dev, dtype)).float().cpu()
+
+    def scale(self, r: torch.Tensor) -> torch.Tensor:
+        """The norm's divisor for residual r [..., d]: its RMS (or std), eps included."""
+        if self.layernorm:
+            return (r.var(-1, unbiased=False, keepdim=True) + self.eps).sqrt()
+        return (r.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+
+    def frozen(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The final norm as a linear map with its scale frozen at residual r (no bias)."""
+        if self.layernorm:
+            x = x - x.mean(-1, keepdim=True)
+        return x * self.weight / self.scale(r)
+
+    def project(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """x [n, d] (already normed) dotted with the unembedding rows of ``tokens`` [k]: [n, k]."""
+        return x @ self.w_u[tokens].T
+
+    def logits(self, normed: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of ``tokens`` [k] from normed residuals [n, d], unembedding bias included."""
+        out = self.project(normed, tokens)
+        return out + self.b_u[tokens] if self.b_u is not None else out
+
+
+@dataclass
+class _Runs:
+    z_conflict: torch.Tensor  # [n, L, H, e] at the final position
+    z_clean: torch.Tensor  # [n, L, H, e]
+    resid: torch.Tensor  # [n, d] final residual (before the final norm) at the final position
+    logits: torch.Tensor  # [n, 2] conflict-run logits of (memory, context)
+
+
+def _final_z(model: LoadedModel, prompts: Sequence[str], batch_size: int, resid: bool) -> tuple[torch.Tensor, ...]:
+    info = model.info
+    last_layer = info.n_layers - 1
+    n = len(prompts)
+    z = torch.empty(n, info.n_layers, info.n_heads, info.d_head)
+    r = torch.empty(n, info.d_model)
+    logits = torch.empty(n, info.vocab_size)
+    cache = ["z.*", f"resid_post.{last_layer}"] if resid else ["z.*"]
+    for idx, ids in grouped_by_length(model, prompts, batch_size):
+        with torch.no_grad():
+            out = model.run(ids, cache=cache)
+        z[idx] = torch.stack([out.cache[f"z.{layer}"][:, -1].float().cpu() for layer in range(info.n_layers)], 1)
+        if resid:
+            r[idx] = out.cache[f"resid_post.{last_layer}"][:, -1].float().cpu()
+            logits[idx] = out.logits[:, -1].float().cpu()
+    return z, r, logits
+
+
+def _runs(model: LoadedModel, items: Sequence[ConflictItem], fmt: str, batch_size: int) -> _Runs:
+    check_format(fmt)
+    conflict = [i.conflict_prompt(fmt) for i in items]
+    plain = [i.plain_prompt(fmt) for i in items]
+    for c, p in zip(conflict, plain, strict=True):
+        if model.to_tokens(c)[0, -1] != model.to_tokens(p)[0, -1]:
+            raise UserError(f"conflict and no-conflict prompts end in different tokens: {c!r} / {p!r}")
+    z_c, resid, logits = _final_z(model, conflict, batch_size, resid=True)
+    z_p, _, _ = _final_z(model, plain, batch_size, resid=False)
+    toks = torch.tensor([[i.memory_token, i.context_token] for i in items])
+    return _Runs(z_c, z_p, resid, logits.gather(1, toks))
+
+
+def check_readout(model: LoadedModel, readout: FinalReadout, runs: _Runs, items: Sequence[ConflictItem]) -> float:
+    """Max |logit| error of reading the cached final residual through norm + unembedding."""
+    toks = torch.tensor([[i.memory_token, i.context_token] for i in items])
+    normed = readout.normed(runs.resid)
+    rebuilt = torch.stack([readout.logits(normed[n : n + 1], toks[n])[0] for n in range(len(items))])
+    err = float((rebuilt - runs.logits).abs().max())
+    # The frozen-scale map must reproduce the norm on the residual it was frozen at.
+    frozen = readout.frozen(runs.resid, runs.resid) + (readout.bias if readout.bias is not None else 0.0)
+    err_norm = float((frozen - normed).abs().max() / max(1.0, float(normed.abs().max())))
+    if err_norm > 1e-4:
+        raise UserError(
+            f"{model.name}: final norm {type(readout.norm).__name__} is not a plain RMSNorm/LayerNorm "
+            f"(frozen-scale error {err_norm:.3g}); direct-path patching does not support it"
+        )
+    tol = 1e-3 * max(1.0, float(runs.logits.abs().max()))
+    if err > tol:
+        raise UserError(
+            f"{model.name}: the final residual read through its norm and unembedding does not give the "
+            f"model's logits (max error {err:.3g}); direct-path patching does not support this architecture"
+        )
+    return err
+
+
+def head_effects(
+    model: LoadedModel, items: Sequence[ConflictItem], fmt: str, batch_size: int = 16
+) -> pd.DataFrame:
+    """Per item and head: path-patching deltas (both norm variants, both logits) and the direct
+    logit attribution of the conflict-run output. One row per (item, layer, head)."""
+    if not items:
+        raise UserError("no conflict items for head attribution")
+    info = model.info
+    runs = _runs(model, items, fmt, batch_size)
+    readout = FinalReadout(model)
+    check_readout(model, readout, runs, items)
+    w_o = output_weights(model)
+    frames = []
+    layer_idx = torch.arange(info.n_layers).repeat_interleave(info.n_heads)
+    head_idx = torch.arange(info.n_heads).repeat(info.n_layers)
+    for n, item in enumerate(items):
+        toks = torch.tensor([item.memory_token, item.context_token])
+        r = runs.resid[n]
+        out_c = torch.einsum("lhe,lhed->lhd", runs.z_conflict[n], w_o).reshape(-1, info.d_model)
+        delta = torch.einsum("lhe,lhed->lhd", runs.z_clean[n] - runs.z_conflict[n], w_o).reshape(-1, info.d_model)
+        base = readout.logits(readout.normed(r[None]), toks)[0]
+        patched = readout.logits(readout.normed(r[None] + delta), toks) - base  # [LH, 2]
+        linear = readout.project(readout.frozen(delta, r[None]), toks)
+        dla = readout.project(readout.frozen(out_c, r[None]), toks)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "item": item.id,
+                    "layer": layer_idx.numpy(),
+                    "head": head_idx.numpy(),
+                    "path_delta": (patched[:, 0] - patched[:, 1]).numpy(),
+                    "path_delta_memory_logit": patched[:, 0].numpy(),
+                    "path_delta_context_logit": patched[:, 1].numpy(),
+                    "path_delta_frozen_norm": (linear[:, 0] - linear[:, 1]).numpy(),
+                    "dla_memory": dla[:, 0].numpy(),
+                    "dla_context": dla[:, 1].numpy(),
+                    "dla_diff": (dla[:, 0] - dla[:, 1]).numpy(),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def total_effects(
+    model: LoadedModel,
+    items: Sequence[ConflictItem],
+    fmt: str,
+    rows_per_pass: int = 30,
+    heads: Sequence[tuple[int, int]] | None = None,
+) -> pd.DataFrame:
+    """Per item and head: metric change when z of the head at the final position is patched from
+    the no-conflict run with everything downstream recomputed (one batch row per head).
+    ``heads`` restricts it to some heads (to confirm top candidates); default all."""
+    if not items:
+        raise UserError("no conflict items for total-effect patching")
+    if rows_per_pass < 1:
+        raise UserError("rows_per_pass must be >= 1")
+    info = model.info
+    if heads is None:
+        heads = [(layer, h) for layer in range(info.n_layers) for h in range(info.n_heads)]
+    for layer, h in heads:
+        model.check_head(layer, h)
+    heads = list(heads)
+    frames = []
+    for item in items:
+        ids = model.to_tokens(item.conflict_prompt(fmt))
+        plain = model.to_tokens(item.plain_prompt(fmt))
+        last = int(ids.shape[1]) - 1
+        toks = [item.memory_token, item.context_token]
+        with torch.no_grad():
+            conf = model.run(ids, cache=["z.*"])
+            clean = model.run(plain, cache=["z.*"])
+        base = conf.logits[0, -1, toks].float().cpu()
+        # The source is the conflict run's z with the final position taken from the no-conflict
+        # run, so a Patch restricted to that position and head copies exactly the sender.
+        mixed: dict[str, torch.Tensor] = {}
+        for layer in range(info.n_layers):
+            z = conf.cache[f"z.{layer}"].clone()
+            z[:, -1] = clean.cache[f"z.{layer}"][:, -1]
+            mixed[f"z.{layer}"] = z
+        deltas = torch.empty(len(heads), 2)
+        for s in range(0, len(heads), rows_per_pass):
+            chunk = heads[s : s + rows_per_pass]
+            ivs: list[Intervention] = [
+                Patch(f"z.{layer}", source="noconflict", heads=(h,), positions=(last,), batch=(row,))
+                for row, (layer, h) in enumerate(chunk)
+            ]
+            with torch.no_grad():
+                out = model.run(ids.expand(len(chunk), -1), interventions=ivs, sources={"noconflict": mixed})
+            deltas[s : s + len(chunk)] = out.logits[:, -1, toks].float().cpu() - base
+        frames.append(
+            pd.DataFrame(
+                {
+                    "item": item.id,
+                    "layer": [layer for layer, _ in heads],
+                    "head": [h for _, h in heads],
+                    "total_delta": (deltas[:, 0] - deltas[:, 1]).numpy(),
+                    "total_delta_memory_logit": deltas[:, 0].numpy(),
+                    "total_delta_context_logit": deltas[:, 1].numpy(),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def rank_agreement(a: pd.Series, b: pd.Series, top: int = 10) -> dict[str, float]:
+    """Spearman correlation of two per-head scores, and the overlap of their top-k heads at
+    both ends (memory end: most negative delta; context end: most positive)."""
+    a, b = a.align(b, join="inner")
+    if len(a) < 2:
+        raise UserError("rank agreement needs at least two heads")
+    rho = float(spearmanr(a.to_numpy(), b.to_numpy()).statistic)  # type: ignore[attr-defined]
+    k = min(top, len(a))
+    mem = len(set(a.nsmallest(k).index) & set(b.nsmallest(k).index)) / k
+    ctx = len(set(a.nlargest(k).index) & set(b.nlargest(k).index)) / k
+    return {"spearman": rho, f"top{k}_overlap_memory": mem, f"top{k}_overlap_context": ctx}
+
+
+def ranked_heads(scores: pd.DataFrame, column: str = "path_delta") -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(memory heads, context heads) from per-head mean deltas: memory heads have negative
+    delta (most negative first), context heads positive (largest first)."""
+    rows = sorted(
+        zip(scores[column].astype(float).tolist(), scores["layer"].astype(int).tolist(),
+            scores["head"].astype(int).tolist(), strict=True)
+    )
+    mem = [(layer, h) for v, layer, h in rows if v < 0]
+    ctx = [(layer, h) for v, layer, h in reversed(rows) if v > 0]
+    return mem, ctx
+
+
+def _wide(long: pd.DataFrame) -> pd.DataFrame:
+    """score_name/layer/head/value rows -> one row per head, one column per score."""
+    return pd.DataFrame(
+        long.pivot_table(index=["layer", "head"], columns="score_name", values="value").reset_index()
+    )
+
+
+def _col(frame: pd.DataFrame, name: str) -> pd.Series:
+    return pd.Series(frame[name])
+
+
+def head_label(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def mean_by_head(per_item: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c in per_item.columns if c not in ("item", "layer", "head")]
+    return pd.DataFrame(per_item.groupby(["layer", "head"], as_index=False)[cols].mean())
+
+
+def head_map_figure(scores: pd.DataFrame, column: str, title: str) -> go.Figure:
+    """Layer x head heatmap of one per-head score (diverging, centred at zero)."""
+    grid = scores.pivot_table(index="layer", columns="head", values=column).sort_index()
+    lim = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=[str(c) for c in grid.columns],
+            y=[str(i) for i in grid.index],
+            colorscale="RdBu",
+            zmin=-lim,
+            zmax=lim,
+            colorbar={"title": column},
+        )
+    )
+    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", height=600)
+    return fig
+
+
+def rates_figure(table: pd.DataFrame, title: str = "memory vs context rates") -> go.Figure:
+    """Grouped bars of memory / context / other rate per row label (format, split, condition)."""
+    label = table["label"] if "label" in table else table["format"] + " / " + table["split"]
+    fig = go.Figure()
+    for col, name in (("memory_rate", "memory"), ("context_rate", "context"), ("other_rate", "neither")):
+        fig.add_bar(x=label, y=table[col], name=name)
+    fig.update_layout(barmode="group", title=title, yaxis_title="rate (top-1)", yaxis_range=[0, 1])
+    return fig
+
+
+_METRIC_COLUMNS = ["name", "value", "ci_low", "ci_high", "n"]
+
+
+def _metric_rows(prefix: str, values: Mapping[str, float], n: int) -> list[tuple[Any, ...]]:
+    return [(f"{prefix}{k}", float(v), None, None, n) for k, v in values.items()]
+
+
+@register
+class ConflictHeadsDetector(Detector):
+    name = "conflict-heads"
+    description = (
+        "Memory heads vs context heads under knowledge conflicts: path patching of each head to the "
+        "logits (Jin et al. 2024), per-answer direct effects, optional total-effect patching"
+    )
+    kind = "head_scores"
+    params = (
+        Param("seed", int, 0, "seed of the context answers and of the validation/test split"),
+        Param("formats", str, "restated,qa", "comma-separated prompt formats (restated, qa)"),
+        Param("facts", str, "auto", "facts source: auto (circuits.facts if present) or builtin", ("auto", "builtin")),
+        Param("val_fraction", float, 0.5, "fraction of items in the validation split"),
+        Param("max_items", int, 80, "keep a seeded subset of this many known items (0 = all)"),
+        Param("norm", str, "recomputed", "final norm in path patching: recomputed or frozen", NORM_VARIANTS),
+        Param("total_effect", bool, False, "also run total-effect patching (downstream recomputed)"),
+        Param("total_items", int, 4, "validation items per format for total-effect patching"),
+        Param("top", int, 10, "heads per kind listed in the metrics and used for top-k overlap"),
+        Param("batch_size", int, 16, "prompts per forward pass"),
+    )
+
+    def __init__(self) -> None:
+        self._datasets: dict[tuple[Any, ...], ConflictDataset] = {}
+
+    def variant(self, params: Mapping[str, Any]) -> str:
+        v = f"path-patching-direct-to-logits(norm={params['norm']}, sender=final position)"
+        return v + "+total-effect(final position)" if params["total_effect"] else v
+
+    def dataset(self, model: LoadedModel, params: Mapping[str, Any]) -> ConflictDataset:
+        key = (id(model), params["seed"], params["facts"], params["val_fraction"], params["max_items"])
+        if key not in self._datasets:
+            self._datasets[key] = build_dataset(
+                model,
+                load_facts(params["facts"]),
+                seed=params["seed"],
+                val_fraction=params["val_fraction"],
+                max_items=params["max_items"],
+                batch_size=params["batch_size"],
+            )
+        return self._datasets[key]
+
+    def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
+        return facts_hash(params["facts"])
+
+    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
+        if params["max_items"] < 0 or params["total_items"] < 1 or params["top"] < 1 or params["batch_size"] < 1:
+            raise UserError("max_items must be >= 0; total_items, top and batch_size >= 1")
+        if not 0.0 < params["val_fraction"] < 1.0:
+            raise UserError(f"val_fraction must be in (0, 1), got {params['val_fraction']}")
+        return list(parse_formats(params["formats"]))
+
+    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
+        fmt = unit
+        ds = self.dataset(model, params)
+        metrics: list[tuple[Any, ...]] = []
+        for split in ("validation", "test"):
+            r = rates(score_items(model, ds.split(split), fmt, batch_size=params["batch_size"]))
+            n = int(r.pop("n"))
+            metrics += _metric_rows(f"{fmt}.{split}.", r, n)
+        val = ds.split("validation")
+        per_item = head_effects(model, val, fmt, params["batch_size"])
+        scores = mean_by_head(per_item)
+        if params["total_effect"]:
+            te = mean_by_head(total_effects(model, val[: params["total_items"]], fmt))
+            scores = scores.merge(te, on=["layer", "head"])
+            metrics.append((f"{fmt}.n_total_effect_items", float(min(len(val), params["total_items"])), None, None, None))
+        metrics.append((f"{fmt}.n_patch_items", float(len(val)), None, None, len(val)))
+        long = pd.DataFrame(scores.melt(id_vars=["layer", "head"], var_name="metric", value_name="value"))
+        long["metric"] = fmt + "." + long["metric"].astype(str)
+        return UnitResult(
+            tables={
+                "head_scores": pd.DataFrame(long[["metric", "layer", "head", "value"]]),
+                "metrics": pd.DataFrame(metrics, columns=_METRIC_COLUMNS),
+            }
+        )
+
+    def finalize(
+        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+    ) -> Summary:
+        hs = pd.DataFrame(results["head_scores"]).copy()
+        met = pd.DataFrame(results["metrics"])
+        formats = list(parse_formats(params["formats"]))
+        met_values = dict(zip(met["name"].astype(str).tolist(), met["value"].astype(float).tolist(), strict=True))
+        n_items = {f: met_values[f"{f}.n_patch_items"] for f in formats}
+        parts = hs["metric"].astype(str).str.split(".", n=1)
+        hs["format"] = parts.str[0]
+        hs["score_name"] = parts.str[1]
+        hs["w"] = [n_items[f] for f in hs["format"].tolist()]
+        hs["wv"] = hs["value"] * hs["w"]
+        pooled = pd.DataFrame(hs.groupby(["score_name", "layer", "head"], as_index=False)[["wv", "w"]].sum())
+        pooled["value"] = pooled["wv"] / pooled["w"]
+        wide = _wide(pooled)
+        rank_col = "path_delta" if params["norm"] == "recomputed" else "path_delta_frozen_norm"
+        wide["memory_score"] = -wide[rank_col]
+        wide = wide.sort_values("memory_score", ascending=False).reset_index(drop=True)
+        top = params["top"]
+        mem_heads, ctx_heads = ranked_heads(wide, rank_col)
+        metrics: dict[str, Any] = dict(met_values)
+        warnings: list[str] = []
+        metrics["top_memory_heads"] = ",".join(head_label(*h) for h in mem_heads[:top])
+        metrics["top_context_heads"] = ",".join(head_label(*h) for h in ctx_heads[:top])
+        for kind, heads in (("memory", mem_heads[:top]), ("context", ctx_heads[:top])):
+            if heads:
+                metrics[f"mean_layer_top_{kind}_heads"] = float(np.mean([layer for layer, _ in heads]))
+        metrics["n_layers"] = model.info.n_layers
+        idx = wide.set_index(["layer", "head"])
+        if params["total_effect"]:
+            agree = rank_agreement(_col(idx, rank_col), _col(idx, "total_delta"), top)
+            for k, v in agree.items():
+                metrics[f"path_vs_total.{k}"] = v
+            for f in formats:
+                sub = _wide(pd.DataFrame(hs.loc[hs["format"] == f])).set_index(["layer", "head"])
+                for k, v in rank_agreement(_col(sub, rank_col), _col(sub, "total_delta"), top).items():
+                    metrics[f"{f}.path_vs_total.{k}"] = v
+        # The frozen and recomputed final norm differ only by the norm's response to the patch;
+        # their agreement shows how far the linear (DLA-like) reading can be trusted.
+        metrics["norm_recomputed_vs_frozen.spearman"] = rank_agreement(
+            _col(idx, "path_delta"), _col(idx, "path_delta_frozen_norm"), top
+        )["spearman"]
+        ds = self.dataset(model, params)
+        split = ds.split_record()
+        n_unequal = sum(not i.equal_token_count for i in ds.validation + ds.test)
+        metrics.update(
+            {
+                "seed": params["seed"],
+                "split_hash": split["hash"],
+                "n_validation": len(ds.validation),
+                "n_test": len(ds.test),
+                "n_facts": ds.n_facts,
+                "n_known_facts": ds.n_known,
+                "n_unequal_token_count": n_unequal,
+            }
+        )
+        if n_unequal:
+            warnings.append(
+                f"{n_unequal} items have answers of different token counts; "
+                "they are scored on the first token of each answer"
+            )
+        score_cols = [str(c) for c in wide.columns if c not in ("layer", "head", "memory_score")]
+        heads = [
+            {
+                "layer": int(r["layer"]),
+                "head": int(r["head"]),
+                "score": float(r["memory_score"]),
+                "kind": "memory" if float(r["memory_score"]) > 0 else "context",
+                **{c: float(r[c]) for c in score_cols},
+            }
+            for r in wide.to_dict("records")
+        ]
+        pooled_long = pd.DataFrame(
+            {"metric": "pooled." + pooled["score_name"], "layer": pooled["layer"], "head": pooled["head"],
+             "value": pooled["value"]}
+        )
+        mem_long = pd.DataFrame(
+            {"metric": "pooled.memory_score", "layer": wide["layer"], "head": wide["head"], "value": wide["memory_score"]}
+        )
+        pooled_long = pd.concat(
+            [pd.DataFrame(hs[["metric", "layer", "head", "value"]]), pooled_long, mem_long], ignore_index=True
+        )
+        numeric = [(k, float(v), None, None, None) for k, v in metrics.items() if isinstance(v, int | float)]
+        settings = {
+            "variant": self.variant(params),
+            "frozen": FROZEN,
+            "final_norm": params["norm"],
+            "metric": "logit(memory) - logit(context) at the final position, first answer tokens",
+            "sign": "path_delta = metric(patched) - metric(conflict); memory_score = -path_delta",
+            "ranking_split": "validation",
+            "formats": formats,
+        }
+        artifacts = pd.DataFrame(
+            {
+                "name": ["split", "settings", "items"],
+                "json": [
+                    split,
+                    settings,
+                    [dict(i.to_dict(), split="validation") for i in ds.validation]
+                    + [dict(i.to_dict(), split="test") for i in ds.test],
+                ],
+            }
+        )
+        metrics_df = pd.DataFrame(numeric, columns=_METRIC_COLUMNS)
+        return Summary(
+            detector=self.name,
+            variant=self.variant(params),
+            heads=heads,
+            metrics=metrics,
+            warnings=warnings,
+            tables={"head_scores": pooled_long, "metrics": metrics_df, "artifacts": artifacts},
+        )

@@ -1,0 +1,496 @@
+"""Offline evaluation of DeCoRe (methods.md section 4) on small shipped sets.
+
+Tasks (each split into validation and test; k is chosen on validation, reported on test):
+
+- ``nqswap``: context-faithful QA where the context contradicts memory, NQ-Swap style, built
+  from the knowledge-conflict dataset (``circuits/conflicts.py``: known facts, a same-type
+  substitute stated in context, its QA form "<context> Q: <question> A:"). Target: the context
+  answer. Metric: prefix exact match of the greedy/DeCoRe generation (normalised words of the
+  generation start with the target's), decoding stops at a newline. One fixed fictional
+  demonstration is prepended, so the answer comes in the demonstrated format.
+- ``closedbook``: the same facts asked without the context ("Q: <question> A:"), target the
+  memory answer: the cost of DeCoRe on parametric recall (the paper's NQ-Open / TriviaQA role).
+  A fixed demonstration about a fact outside the dataset is prepended. The facts are known in
+  the restated form ("The capital of France is the city of" -> Paris), so greedy accuracy in
+  QA form is high but not 1 by construction.
+- ``memotrap``: ``circuits/data/memotrap.jsonl`` (written for this workbench in the spirit of
+  MemoTrap): 'Write a quote that ends in the word "<instructed>": <proverb stem>'; the two
+  candidate endings " <instructed>." and " <memorised>." are scored with summed log-probs
+  (``decore_score``); correct when the instructed ending scores higher.
+
+Methods: ``greedy`` (k = 0), ``decore-vanilla`` (alpha 0.5), ``decore-entropy`` (alpha = the
+base entropy), and ``control-entropy``: DeCoRe-entropy masking k random heads drawn outside the
+top ``exclude_top`` retrieval heads (max of the k sweep and the heads scoring above 0.1), so a
+control never masks a retrieval head (the reference's control can).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from circuits.conflicts import build_dataset
+from circuits.decore import (
+    VANILLA_ALPHA,
+    DecoreSettings,
+    Head,
+    choices,
+    decore_generate,
+    decore_score,
+    greedy_generate,
+    random_control_heads,
+    retrieval_ranking,
+)
+from circuits.retrieval import RETRIEVAL_THRESHOLD, parse_heads
+from interp.errors import UserError
+from interp.model import LoadedModel
+from interp.registry import Detector, Param, Summary, UnitResult, register
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+MEMOTRAP = Path(__file__).resolve().parent / "data" / "memotrap.jsonl"
+TASKS: tuple[str, ...] = ("nqswap", "memotrap", "closedbook")
+METHODS: tuple[str, ...] = ("greedy", "decore-vanilla", "decore-entropy", "control-entropy")
+NQSWAP_DEMO = "The capital of Zubrowka is the city of Lutz. Q: What is the capital of Zubrowka? A: Lutz\n"
+CLOSEDBOOK_DEMO = "Q: What is the largest planet of the solar system? A: Jupiter\n"
+METRIC = {"nqswap": "prefix_em(context answer)", "closedbook": "prefix_em(memory answer)",
+          "memotrap": "instructed ending scores higher (summed log-probs)"}
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    id: str
+    task: str
+    split: str
+    prompt: str
+    target: str
+    other: str  # the competing answer: memory (nqswap), none (closedbook), memorised ending (memotrap)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_memotrap(path: str | Path | None = None) -> list[dict[str, str]]:
+    p = MEMOTRAP if path in (None, "") else Path(str(path))
+    if not p.is_file():
+        raise UserError(f"MemoTrap file not found: {p}")
+    rows = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{p.name} line {n}: not valid JSON") from None
+        missing = [c for c in ("id", "stem", "memorised", "instructed") if not str(row.get(c, "")).strip()]
+        if missing:
+            raise UserError(f"{p.name} line {n}: missing {missing[0]!r}")
+        if row["memorised"].strip().lower() == row["instructed"].strip().lower():
+            raise UserError(f"{p.name} line {n}: instructed ending equals the memorised one")
+        rows.append({k: str(row[k]) for k in ("id", "stem", "memorised", "instructed")})
+    if not rows:
+        raise UserError(f"{p} has no items")
+    return rows
+
+
+def memotrap_prompt(row: Mapping[str, str]) -> str:
+    return f'Write a quote that ends in the word "{row["instructed"]}": {row["stem"]}'
+
+
+def _split_half(ids: Sequence[str], seed: int) -> dict[str, str]:
+    order = sorted(ids)
+    random.Random(seed).shuffle(order)
+    n_val = len(order) // 2
+    return {i: ("validation" if j < n_val else "test") for j, i in enumerate(order)}
+
+
+@lru_cache(maxsize=4)
+def _conflicts(model: LoadedModel, seed: int) -> Any:
+    return build_dataset(model, seed=seed)
+
+
+def build_tasks(
+    model: LoadedModel, seed: int = 0, max_items: int = 0, tasks: Sequence[str] = TASKS
+) -> dict[str, list[EvalItem]]:
+    """The items of the given tasks, each tagged with its split. ``max_items`` > 0 keeps at
+    most that many per split and task (the first, in a seeded order)."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise UserError(f"unknown task {unknown[0]!r} (known: {', '.join(TASKS)})")
+    out: dict[str, list[EvalItem]] = {t: [] for t in TASKS}
+    need_conflicts = "nqswap" in tasks or "closedbook" in tasks
+    for split in ("validation", "test") if need_conflicts else ():
+        for it in _conflicts(model, seed).split(split):
+            out["nqswap"].append(EvalItem(f"{it.id}", "nqswap", split, NQSWAP_DEMO + it.conflict_prompt("qa"),
+                                          it.context_answer, it.memory_answer))
+            out["closedbook"].append(EvalItem(f"{it.id}", "closedbook", split,
+                                              CLOSEDBOOK_DEMO + it.plain_prompt("qa"), it.memory_answer, ""))
+    rows = load_memotrap() if "memotrap" in tasks else []
+    split_of = _split_half([r["id"] for r in rows], seed)
+    for r in rows:
+        out["memotrap"].append(EvalItem(r["id"], "memotrap", split_of[r["id"]], memotrap_prompt(r),
+                                        f" {r['instructed']}.", f" {r['memorised']}."))
+    if max_items > 0:
+        for task, items in out.items():
+            kept = []
+            for split in ("validation", "test"):
+                sel = [i for i in items if i.split == split]
+                random.Random(seed).shuffle(sel)
+                kept.extend(sorted(sel[:max_items], key=lambda i: i.id))
+            out[task] = kept
+    return {t: out[t] for t in tasks}
+
+
+def data_hash(tasks: Mapping[str, Sequence[EvalItem]]) -> str:
+    text = json.dumps({t: [i.to_dict() for i in items] for t, items in sorted(tasks.items())}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def _words(text: str) -> list[str]:
+    text = text.lower().split("\n")[0]
+    ws = re.findall(r"[a-z0-9]+", text)
+    return [w for w in ws if w not in ("a", "an", "the")]
+
+
+def prefix_em(generated: str, target: str) -> bool:
+    """The generation's first line, normalised (lower case, alphanumeric words, no articles),
+    starts with the target's normalised words."""
+    t = _words(target)
+    return bool(t) and _words(generated)[: len(t)] == t
+
+
+def max_answer_tokens(model: LoadedModel, items: Sequence[EvalItem]) -> int:
+    return max(len(model.tokenizer(" " + i.target.strip(), add_special_tokens=False)["input_ids"]) for i in items)
+
+
+def method_settings(method: str, masking: str = "uniform") -> DecoreSettings | None:
+    """The decoder of a method; None for greedy."""
+    alpha = {"greedy": None, "decore-vanilla": VANILLA_ALPHA, "decore-entropy": "entropy",
+             "control-entropy": "entropy"}.get(method, "?")
+    if alpha == "?":
+        raise UserError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    return None if alpha is None else DecoreSettings(alpha=alpha, method=masking)  # type: ignore[arg-type]
+
+
+def run_method(
+    model: LoadedModel,
+    task: str,
+    items: Sequence[EvalItem],
+    heads: Sequence[Head],
+    settings: DecoreSettings | None,
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
+    """Per item: split, correct, output (and, on nqswap, whether it gave the memory answer).
+    ``settings`` None = greedy (heads ignored)."""
+    if not items:
+        return []
+    if task == "memotrap":
+        s = settings or DecoreSettings()
+        scored = decore_score(model, [i.prompt for i in items], [[i.target, i.other] for i in items], heads,
+                              s.alpha, method=s.method, normalize_entropy=s.normalize_entropy,
+                              alpha_cap=s.alpha_cap, batch_size=batch_size)
+        pick = choices(scored, "base" if settings is None else "decore")
+        return [{"item": i.id, "split": i.split, "correct": p == 0, "output": [i.target, i.other][p]}
+                for i, p in zip(items, pick, strict=True)]
+    n_new = max_answer_tokens(model, items) + 2
+    prompts = [i.prompt for i in items]
+    if settings is None:
+        gens = greedy_generate(model, prompts, max_new_tokens=n_new, stop_at_newline=True, batch_size=batch_size)
+    else:
+        gens = decore_generate(model, prompts, heads, settings.alpha, max_new_tokens=n_new, method=settings.method,
+                               normalize_entropy=settings.normalize_entropy, alpha_cap=settings.alpha_cap,
+                               prefill=settings.prefill, stop_at_newline=True, batch_size=batch_size)
+    rows = []
+    for i, g in zip(items, gens, strict=True):
+        row = {"item": i.id, "split": i.split, "correct": prefix_em(g.text, i.target), "output": g.text}
+        if task == "nqswap":
+            row["memory"] = prefix_em(g.text, i.other)
+        rows.append(row)
+    return rows
+
+
+def method_heads(
+    method: str, k: int, ranking: Sequence[Head], exclude_top: int, model: LoadedModel, seed: int, draw: int = 0
+) -> list[Head]:
+    if method == "greedy":
+        return []
+    if method == "control-entropy":
+        return random_control_heads(model, ranking, k, exclude_top, seed=seed * 1000 + k * 10 + draw)
+    return list(ranking[:k])
+
+
+def default_exclude_top(ks: Sequence[int], scores: Sequence[float] | None) -> int:
+    above = sum(s > RETRIEVAL_THRESHOLD for s in scores) if scores else 0
+    return max([*ks, above])
+
+
+# ---------------------------------------------------------------- tables
+
+
+def accuracy_table(per_item: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy per task, split, method and k: mean of ``correct`` over n items (and, on
+    nqswap, the rate of memory answers)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in per_item.to_dict("records"):
+        groups.setdefault((r["task"], r["split"], r["method"], int(r["k"])), []).append(r)
+    rows = []
+    for (task, split, method, k), rs in sorted(groups.items()):
+        row = {"task": task, "split": split, "method": method, "k": k,
+               "accuracy": float(np.mean([bool(r["correct"]) for r in rs])), "n": len(rs)}
+        mem = [r.get("memory") for r in rs]
+        if all(isinstance(m, bool | np.bool_) for m in mem):
+            row["memory_rate"] = float(np.mean([bool(m) for m in mem]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def results_table(acc: pd.DataFrame) -> pd.DataFrame:
+    """Methods x tasks on the test split, k chosen per task and method on validation (the
+    smallest k among ties); the control uses DeCoRe-entropy's chosen k."""
+    by: dict[tuple[str, str, str, int], dict[str, Any]] = {
+        (r["task"], r["method"], r["split"], int(r["k"])): r for r in acc.to_dict("records")
+    }
+    rows = []
+    for task in [t for t in TASKS if any(key[0] == t for key in by)]:
+        chosen: dict[str, int] = {}
+        for method in METHODS:
+            val = {key[3]: r["accuracy"] for key, r in by.items() if key[:3] == (task, method, "validation")}
+            if not val:
+                continue
+            if method == "control-entropy" and "decore-entropy" in chosen:
+                k = chosen["decore-entropy"]
+            else:
+                best = max(val.values())
+                k = min(kk for kk, v in val.items() if v == best)
+            chosen[method] = k
+            test = by.get((task, method, "test", k))
+            v = by[(task, method, "validation", k)]
+            rows.append({
+                "task": task, "method": method, "k": k,
+                "test_accuracy": float(test["accuracy"]) if test else float("nan"),
+                "n_test": int(test["n"]) if test else 0,
+                "validation_accuracy": float(v["accuracy"]), "n_validation": int(v["n"]),
+            })
+    return pd.DataFrame(rows)
+
+
+def sweep_figure(acc: pd.DataFrame, split: str = "validation") -> go.Figure:
+    """Accuracy against k per task (one panel each), a line per method; greedy as a flat line."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    tasks = [t for t in TASKS if t in set(acc["task"])]
+    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks, shared_yaxes=True)
+    colors = {"greedy": "black", "decore-vanilla": "#1f77b4", "decore-entropy": "#d62728", "control-entropy": "#7f7f7f"}
+    for c, task in enumerate(tasks, 1):
+        recs = [r for r in acc.to_dict("records") if r["task"] == task and r["split"] == split]
+        ks = sorted({int(r["k"]) for r in recs if r["method"] != "greedy"}) or [0]
+        for method in METHODS:
+            m = sorted((int(r["k"]), float(r["accuracy"])) for r in recs if r["method"] == method)
+            if not m:
+                continue
+            x, y = (ks, [m[0][1]] * len(ks)) if method == "greedy" else ([p[0] for p in m], [p[1] for p in m])
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=method, legendgroup=method,
+                                     showlegend=c == 1, line={"color": colors[method],
+                                                             "dash": "dot" if method == "greedy" else "solid"}),
+                          row=1, col=c)
+        fig.update_xaxes(title_text="k (heads masked)", row=1, col=c)
+    fig.update_yaxes(title_text=f"accuracy ({split})", row=1, col=1, range=[0, 1.02])
+    fig.update_layout(title=f"DeCoRe: accuracy against k ({split} items)")
+    return fig
+
+
+# ---------------------------------------------------------------- whole evaluation (API)
+
+
+def evaluate(
+    model: LoadedModel,
+    ranking: Sequence[Head],
+    ks: Sequence[int],
+    tasks: Sequence[str] = TASKS,
+    *,
+    seed: int = 0,
+    max_items: int = 0,
+    exclude_top: int | None = None,
+    methods: Sequence[str] = METHODS,
+    masking: str = "uniform",
+    batch_size: int = 16,
+) -> pd.DataFrame:
+    """Per-item results for every task, method and k (greedy once, as k = 0)."""
+    data = build_tasks(model, seed, max_items, tasks)
+    excl = max(ks) if exclude_top is None else exclude_top
+    rows = []
+    for task in tasks:
+        if task not in TASKS:
+            raise UserError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+        for method in methods:
+            for k in ([0] if method == "greedy" else ks):
+                heads = method_heads(method, k, ranking, excl, model, seed)
+                settings = method_settings(method, masking)
+                for r in run_method(model, task, data[task], heads, settings, batch_size):
+                    rows.append({"task": task, "method": method, "k": k, **r,
+                                 "heads": json.dumps([list(h) for h in heads])})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- detector
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"ks must be a comma list of integers, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise UserError("ks must list integers >= 1")
+    return ks
+
+
+_RANK_CACHE: dict[tuple[Any, ...], tuple[list[Head], dict[str, Any]]] = {}
+
+
+@register
+class DecoreEvalDetector(Detector):
+    name = "decore-eval"
+    description = "DeCoRe vs greedy vs random-head control on NQ-Swap-style, MemoTrap-style and closed-book items"
+    kind = "metrics"
+    params = (
+        Param("heads", str, "", "retrieval ranking LAYER.HEAD,... best first (empty: compute it with 'retrieval')"),
+        Param("ranking_mode", str, "fast", "retrieval score used to rank heads when 'heads' is empty",
+              choices=("fast", "faithful")),
+        Param("ks", str, "1,3,10,30", "k values to sweep (heads masked)"),
+        Param("tasks", str, ",".join(TASKS), "tasks: nqswap, memotrap, closedbook"),
+        Param("max_items", int, 0, "at most this many items per task and split (0 = all)"),
+        Param("exclude_top", int, -1, "control heads are drawn outside this top of the ranking "
+              "(-1: max of ks and the heads scoring above 0.1)"),
+        Param("method", str, "uniform", "masking: uniform (zero the query, the reference) or zero (head output)",
+              choices=("uniform", "zero")),
+        Param("seed", int, 0, "seed of the conflict substitutes, the splits and the control draws"),
+        Param("batch_size", int, 16, "prompts per batch"),
+    )
+
+    def variant(self, params: Mapping[str, Any]) -> str:
+        return f"{params['method']}-mask;masked-prefill"
+
+    def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
+        return data_hash(build_tasks(model, params["seed"], params["max_items"], self._tasks(params)))
+
+    def _tasks(self, params: Mapping[str, Any]) -> list[str]:
+        names = [t.strip() for t in params["tasks"].split(",") if t.strip()]
+        bad = [t for t in names if t not in TASKS]
+        if bad or not names:
+            raise UserError(f"unknown task {bad[0] if bad else ''!r} (known: {', '.join(TASKS)})")
+        return names
+
+    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
+        ks = _parse_ks(params["ks"])
+        if max(ks) >= model.info.n_total_heads:
+            raise UserError(f"k={max(ks)} is not below the model's {model.info.n_total_heads} heads")
+        if params["heads"]:
+            ranked = parse_heads(params["heads"], model)
+            if len(ranked) < max(ks):
+                raise UserError(f"'heads' lists {len(ranked)} heads, fewer than the largest k={max(ks)}")
+        units = [] if params["heads"] else ["ranking"]
+        for task in self._tasks(params):
+            units.append(f"{task}/greedy/k0")
+            units += [f"{task}/{m}/k{k}" for m in METHODS[1:] for k in ks]
+        return units
+
+    def ranking(self, model: LoadedModel, params: Mapping[str, Any]) -> tuple[list[Head], dict[str, Any]]:
+        if params["heads"]:
+            return parse_heads(params["heads"], model), {"mode": "param", "scores": None}
+        key = (id(model), params["ranking_mode"])
+        if key not in _RANK_CACHE:
+            _RANK_CACHE[key] = retrieval_ranking(model, params["ranking_mode"])
+        return _RANK_CACHE[key]
+
+    def _exclude_top(self, params: Mapping[str, Any], record: Mapping[str, Any]) -> int:
+        if params["exclude_top"] >= 0:
+            return max(params["exclude_top"], max(_parse_ks(params["ks"])))
+        return default_exclude_top(_parse_ks(params["ks"]), record.get("scores"))
+
+    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
+        ranked, record = self.ranking(model, params)
+        if unit == "ranking":
+            rec = {**{k: v for k, v in record.items() if k != "scores"}, "heads": [list(h) for h in ranked]}
+            hs = pd.DataFrame([("ranking_retrieval", la, h, s) for (la, h), s in
+                               zip(ranked, record.get("scores") or [np.nan] * len(ranked), strict=True)],
+                              columns=["metric", "layer", "head", "value"])
+            return UnitResult(tables={"head_scores": hs,
+                                      "artifacts": pd.DataFrame({"name": ["ranking"], "json": [json.dumps(rec, default=str)]})})
+        task, method, kname = unit.split("/")
+        k = int(kname[1:])
+        items = build_tasks(model, params["seed"], params["max_items"], [task])[task]
+        heads = method_heads(method, k, ranked, self._exclude_top(params, record), model, params["seed"])
+        heads_settings = method_settings(method, params["method"])
+        rows = run_method(model, task, items, heads, heads_settings, params["batch_size"])
+        metrics = []
+        for split in ("validation", "test"):
+            ok = [bool(r["correct"]) for r in rows if r["split"] == split]
+            metrics.append((f"accuracy:{split}", float(np.mean(ok)) if ok else float("nan"), None, None, len(ok)))
+        art = {"task": task, "method": method, "k": k, "heads": [list(h) for h in heads],
+               "settings": None if heads_settings is None else heads_settings.to_dict(), "items": rows}
+        return UnitResult(tables={
+            "metrics": pd.DataFrame(metrics, columns=["name", "value", "ci_low", "ci_high", "n"]),
+            "artifacts": pd.DataFrame({"name": ["per_item"], "json": [json.dumps(art, default=str)]}),
+        })
+
+    def finalize(self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]) -> Summary:
+        art = results["artifacts"]
+        per_rows = []
+        ranking_rec = None
+        for name, js in zip(art["name"], art["json"], strict=True):
+            obj = json.loads(js)
+            if name == "per_item":
+                for r in obj["items"]:
+                    per_rows.append({"task": obj["task"], "method": obj["method"], "k": obj["k"], **r})
+            elif name == "ranking":
+                ranking_rec = obj
+        per = pd.DataFrame(per_rows)
+        acc = accuracy_table(per)
+        table = results_table(acc)
+        metrics: dict[str, Any] = {}
+        for r in table.to_dict("records"):
+            metrics[f"{r['task']}:{r['method']}:test_accuracy"] = r["test_accuracy"]
+            metrics[f"{r['task']}:{r['method']}:k"] = r["k"]
+            metrics[f"{r['task']}:n_test"] = r["n_test"]
+            metrics[f"{r['task']}:n_validation"] = r["n_validation"]
+        metrics["ranking_source"] = "param" if params["heads"] else f"retrieval ({params['ranking_mode']})"
+        warnings = []
+        if ranking_rec:
+            warnings += [f"ranking: {w}" for w in ranking_rec.get("warnings", [])]
+        n_test: dict[str, int] = {}
+        for r in table.to_dict("records"):
+            n_test[r["task"]] = max(n_test.get(r["task"], 0), int(r["n_test"]))
+        for task, n in sorted(n_test.items()):
+            if n < 30:
+                warnings.append(f"{task}: only {n} test items; differences of a few items are noise")
+        rows = [(f"{t}:{s}:{m}:k{k}", a, None, None, n) for t, s, m, k, a, n in
+                zip(acc["task"], acc["split"], acc["method"], acc["k"], acc["accuracy"], acc["n"], strict=True)]
+        tables = {
+            "metrics": pd.DataFrame(rows, columns=["name", "value", "ci_low", "ci_high", "n"]),
+            "curves": pd.DataFrame([(f"{t}:{s}:{m}", -1, -1, float(k), float(a)) for t, s, m, k, a in
+                                    zip(acc["task"], acc["split"], acc["method"], acc["k"], acc["accuracy"], strict=True)],
+                                   columns=["curve", "layer", "head", "x", "y"]),
+            "artifacts": pd.DataFrame({"name": ["results_table"], "json": [table.to_json(orient="records")]}),
+        }
+        return Summary(detector=self.name, variant=self.variant(params), heads=None, metrics=metrics,
+                       warnings=warnings, tables=tables)
+

@@ -1,0 +1,447 @@
+"""Knowledge-conflict dataset, memory/context head attribution and PH3 pruning on tiny models.
+
+The references are plain HF forward passes over separate, never-bridged copies of the tiny
+models, with raw torch hooks written out here.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from circuits import ph3
+from circuits.conflict_heads import (
+    ConflictHeadsDetector,
+    head_effects,
+    rank_agreement,
+    ranked_heads,
+    total_effects,
+)
+from circuits.conflicts import (
+    ConflictItem,
+    Fact,
+    build_dataset,
+    make_item,
+    parse_formats,
+    rates,
+    score_items,
+)
+from interp.backends import no_hooks_left
+from interp.errors import UserError
+from interp.interventions import AblateHeads
+from interp.model import LoadedModel
+from tests.tiny import loaded
+
+# ---------------------------------------------------------------- helpers
+
+
+def _layers(hf: Any) -> list[Any]:
+    return list(hf.model.layers) if hasattr(hf, "model") else list(hf.transformer.h)
+
+
+def _attn(layer: Any) -> Any:
+    return layer.self_attn if hasattr(layer, "self_attn") else layer.attn
+
+
+def _o_proj(layer: Any) -> Any:
+    return layer.self_attn.o_proj if hasattr(layer, "self_attn") else layer.attn.c_proj
+
+
+def _final_norm(hf: Any) -> Any:
+    return hf.model.norm if hasattr(hf, "model") else hf.transformer.ln_f
+
+
+def _ids(model: LoadedModel, text: str) -> torch.Tensor:
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor([[0, *ids]])
+
+
+def _tiny_item(model: LoadedModel) -> ConflictItem:
+    fact = Fact(subject="w5", prompt="w5 w6 w7", answer="w10", relation="r", type="t")
+    return make_item(model, fact, "w11")
+
+
+def _hf_run(hf: Any, ids: torch.Tensor, pre: dict[int, Any] | None = None, attn_out: dict[int, Any] | None = None,
+            mlp_out: dict[int, Any] | None = None, record: bool = False) -> dict[str, Any]:
+    """Plain HF forward with raw hooks: pre-hooks on output projections (edit z), attention and
+    MLP outputs replaced by given tensors; optionally records z, attention and MLP outputs."""
+    rec: dict[str, Any] = {"z": {}, "attn": {}, "mlp": {}}
+    handles = []
+    for i, layer in enumerate(_layers(hf)):
+        def pre_hook(mod: Any, args: Any, i: int = i) -> Any:
+            z = args[0]
+            if pre and i in pre:
+                z = pre[i](z.clone())
+            if record:
+                rec["z"][i] = z.detach().clone()
+            return (z, *args[1:])
+
+        def attn_hook(mod: Any, args: Any, out: Any, i: int = i) -> Any:
+            if record:
+                rec["attn"][i] = out[0].detach().clone()
+            if attn_out and i in attn_out:
+                return (attn_out[i], *out[1:])
+            return None
+
+        def mlp_hook(mod: Any, args: Any, out: Any, i: int = i) -> Any:
+            if record:
+                rec["mlp"][i] = out.detach().clone()
+            if mlp_out and i in mlp_out:
+                return mlp_out[i]
+            return None
+
+        handles.append(_o_proj(layer).register_forward_pre_hook(pre_hook))
+        handles.append(_attn(layer).register_forward_hook(attn_hook))
+        handles.append(layer.mlp.register_forward_hook(mlp_hook))
+    try:
+        with torch.no_grad():
+            out = hf(ids, output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    rec["logits"] = out.logits
+    # hidden_states[-1] is after the final norm in HF; the pre-norm residual is rebuilt below.
+    rec["out"] = out
+    return rec
+
+
+def _pre_norm_residual(hf: Any, ids: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final residual before the final norm at the last position, logits at the last position)."""
+    captured: dict[str, torch.Tensor] = {}
+    norm = _final_norm(hf)
+    h = norm.register_forward_pre_hook(lambda m, a: captured.__setitem__("r", a[0].detach().clone()))
+    try:
+        rec = _hf_run(hf, ids, **kw)
+    finally:
+        h.remove()
+    return captured["r"][0, -1], rec["logits"][0, -1]
+
+
+# ---------------------------------------------------------------- dataset
+
+
+def test_make_item_rejects_context_equal_to_memory(tiny_llama_hf: Any) -> None:
+    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
+    fact = Fact("w5", "w5 w6 w7", "w10", "r", "t")
+    with pytest.raises(UserError, match="equals the memory answer"):
+        make_item(model, fact, "w10")
+
+
+def test_make_item_rejects_shared_first_token_and_counts_tokens(tiny_llama_hf: Any) -> None:
+    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
+    fact = Fact("w5", "w5 w6 w7", "w10", "r", "t")
+    with pytest.raises(UserError, match="share their first token"):
+        make_item(model, fact, "w10 w12")
+    item = make_item(model, fact, "w11 w12")
+    assert (item.memory_n_tokens, item.context_n_tokens, item.equal_token_count) == (1, 2, False)
+    # Documented handling: the first token of each answer is what gets compared.
+    assert item.memory_token == model.tokenizer("w10")["input_ids"][-1]
+    assert item.context_token == model.tokenizer("w11")["input_ids"][-1]
+    with pytest.raises(UserError, match="has 1 tokens"):
+        make_item(model, fact, "w11 w12", require_equal_token_count=True)
+
+
+def _item(subject: str, prompt: str, relation: str, mem: str, ctx: str) -> ConflictItem:
+    return ConflictItem(f"{relation}:{subject}->{ctx}", subject, relation, "t", prompt, mem, ctx, 5, 6, 1, 1)
+
+
+def test_prompt_formats_and_alignment() -> None:
+    item = _item("France", "The capital of France is", "capital", "Paris", "Rome")
+    assert item.conflict_prompt("restated") == "The capital of France is Rome. The capital of France is"
+    assert item.conflict_prompt("qa") == "The capital of France is Rome. Q: What is the capital of France? A:"
+    assert item.plain_prompt("qa") == "Q: What is the capital of France? A:"
+    assert item.conflict_prompt("qa").endswith(item.plain_prompt("qa"))
+    other = _item("x", "The mascot of x is", "mascot", "y", "z")
+    assert other.plain_prompt("qa") == "Q: The mascot of x is what? A:"
+    with pytest.raises(UserError, match="unknown conflict format"):
+        item.conflict_prompt("cloze")
+    with pytest.raises(UserError, match="unknown conflict format"):
+        parse_formats("restated,nope")
+
+
+def _own_answer_facts(model: LoadedModel, n: int) -> list[Fact]:
+    """Facts whose answer is the tiny model's own top-1 token, so the model 'knows' them."""
+    facts = []
+    for i in range(n):
+        prompt = f"w{20 + i} w{60 + i} w{90 + i}"
+        with torch.no_grad():
+            top = int(model.run(_ids(model, prompt)).logits[0, -1].argmax())
+        facts.append(Fact(f"w{20 + i}", prompt, str(model.tokenizer.decode([top])).strip(), "r", "t"))
+    return facts
+
+
+def test_build_dataset_filters_known_and_splits_by_seed(tiny_llama_hf: Any) -> None:
+    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
+    facts = _own_answer_facts(model, 12)
+    answers = {f.answer for f in facts}
+    wrong = next(f"w{i}" for i in range(4, 128) if f"w{i}" not in answers)
+    unknown = Fact("w50", "w50 w51 w52", wrong, "r", "t")
+    with torch.no_grad():
+        assert model.tokenizer.decode([int(model.run(_ids(model, unknown.prompt)).logits[0, -1].argmax())]) != wrong
+    ds = build_dataset(model, [*facts, unknown], seed=3)
+    ids = [i.id for i in ds.validation + ds.test]
+    assert not any(i.startswith("r:w50->") for i in ids)
+    assert ds.n_known == len({f.key for f in facts})
+    assert not {i.id for i in ds.validation} & {i.id for i in ds.test}
+    for item in ds.validation + ds.test:
+        assert item.memory_token != item.context_token
+        assert item.context_answer != item.memory_answer
+    again = build_dataset(model, [*facts, unknown], seed=3)
+    assert again.split_record() == ds.split_record()
+    other = build_dataset(model, [*facts, unknown], seed=4)
+    assert other.split_record()["hash"] != ds.split_record()["hash"]
+
+
+def test_empty_split_is_a_clear_error(tiny_llama_hf: Any) -> None:
+    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
+    facts = _own_answer_facts(model, 2)[:1]
+    # One known fact plus an unknown of the same type (a substitute pool) makes one item.
+    facts.append(Fact("w31", "w31 w32 w33", "w126" if facts[0].answer != "w126" else "w125", "r", "t"))
+    with pytest.raises(UserError, match="split needs items on both sides"):
+        build_dataset(model, facts, seed=0)
+
+
+def test_rates_hand_worked() -> None:
+    df = pd.DataFrame(
+        {
+            "top1": [5, 6, 7, 5],
+            "memory_token": [5, 5, 5, 5],
+            "context_token": [6, 6, 6, 6],
+            "logit_memory": [3.0, 1.0, 2.0, 4.0],
+            "logit_context": [1.0, 2.0, 2.5, 0.0],
+        }
+    )
+    r = rates(df)
+    assert r["memory_rate"] == 0.5
+    assert r["context_rate"] == 0.25
+    assert r["other_rate"] == 0.25
+    assert r["memory_preferred_rate"] == 0.5
+    assert r["mean_logit_diff"] == pytest.approx((2 - 1 - 0.5 + 4) / 4)
+
+
+def test_score_items_matches_plain_hf(tiny_hf: Any) -> None:
+    model = loaded(copy.deepcopy(tiny_hf), "bridge")
+    ref = copy.deepcopy(tiny_hf)
+    fact = Fact("w5", "w5 w6 w7", "w10", "r", "t")
+    items = [make_item(model, fact, "w11"), make_item(model, Fact("w8", "w8 w9", "w12", "r", "t"), "w13")]
+    df = score_items(model, items, "restated")
+    for row, item in zip(df.to_dict("records"), items, strict=True):
+        with torch.no_grad():
+            logits = ref(_ids(model, item.conflict_prompt("restated"))).logits[0, -1]
+        assert row["top1"] == int(logits.argmax())
+        assert row["logit_memory"] == pytest.approx(float(logits[item.memory_token]), abs=1e-4)
+        assert row["logit_context"] == pytest.approx(float(logits[item.context_token]), abs=1e-4)
+
+
+# ---------------------------------------------------------------- path patching
+
+
+@pytest.mark.parametrize("fmt", ["restated", "qa"])
+def test_path_patching_equals_hand_written_frozen_downstream(tiny_hf: Any, fmt: str) -> None:
+    """Independent check: patch head (l, h) at the final position from the no-conflict run,
+    freeze every other component (other heads of layer l, all MLPs from l on, all later
+    attention layers) at conflict-run values by raw hooks on a plain HF copy, and read the
+    logits through HF's own final norm (recomputed) and lm_head."""
+    model = loaded(copy.deepcopy(tiny_hf), "bridge")
+    ref = copy.deepcopy(tiny_hf)
+    item = _tiny_item(model)
+    conflict = _ids(model, item.conflict_prompt(fmt))
+    plain = _ids(model, item.plain_prompt(fmt))
+    d_head = model.info.d_head
+    n_layers = model.info.n_layers
+    got = head_effects(model, [item], fmt).set_index(["layer", "head"])
+
+    conf_rec = _hf_run(ref, conflict, record=True)
+    clean_rec = _hf_run(ref, plain, record=True)
+    r_conf, logits_conf = _pre_norm_residual(ref, conflict)
+    toks = [item.memory_token, item.context_token]
+    checked = 0
+    for layer, head in [(0, 1), (1, 3), (n_layers - 1, 0), (n_layers - 1, 2)]:
+        cols = slice(head * d_head, (head + 1) * d_head)
+
+        def patch_z(z: torch.Tensor, cols: slice = cols, layer: int = layer) -> torch.Tensor:
+            z[0, -1, cols] = clean_rec["z"][layer][0, -1, cols]
+            return z
+
+        r_new, logits_new = _pre_norm_residual(
+            ref,
+            conflict,
+            pre={layer: patch_z},
+            attn_out={i: conf_rec["attn"][i] for i in range(layer + 1, n_layers)},
+            mlp_out={i: conf_rec["mlp"][i] for i in range(layer, n_layers)},
+        )
+        d_logit = (logits_new - logits_conf)[toks]
+        row = got.loc[(layer, head)]
+        assert row["path_delta_memory_logit"] == pytest.approx(float(d_logit[0]), abs=2e-4)
+        assert row["path_delta_context_logit"] == pytest.approx(float(d_logit[1]), abs=2e-4)
+        assert row["path_delta"] == pytest.approx(float(d_logit[0] - d_logit[1]), abs=3e-4)
+        # Frozen-norm variant, by hand: the residual change divided by the conflict run's RMS
+        # (LayerNorm: centred and divided by its std), times the norm weight, onto W_U.
+        norm = _final_norm(ref)
+        dr = r_new - r_conf
+        if isinstance(norm, torch.nn.LayerNorm):
+            dn = (dr - dr.mean()) / torch.sqrt(r_conf.var(unbiased=False) + norm.eps) * norm.weight
+        else:
+            dn = dr / torch.sqrt(r_conf.pow(2).mean() + norm.variance_epsilon) * norm.weight
+        w_u = ref.get_output_embeddings().weight
+        lin = (w_u[toks] @ dn).detach()
+        assert row["path_delta_frozen_norm"] == pytest.approx(float(lin[0] - lin[1]), abs=2e-4)
+        checked += 1
+    assert checked == 4
+    # The frozen downstream matters: the effect differs from total-effect patching somewhere.
+    assert max(abs(v) for v in got["path_delta"].tolist()) > 1e-3
+
+
+def test_direct_attribution_per_answer_by_hand(tiny_llama_hf: Any) -> None:
+    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
+    ref = copy.deepcopy(tiny_llama_hf)
+    item = _tiny_item(model)
+    ids = _ids(model, item.conflict_prompt("restated"))
+    rec = _hf_run(ref, ids, record=True)
+    r, _ = _pre_norm_residual(ref, ids)
+    got = head_effects(model, [item], "restated").set_index(["layer", "head"])
+    d = model.info.d_head
+    layer, head = 2, 1
+    w_o = ref.model.layers[layer].self_attn.o_proj.weight[:, head * d : (head + 1) * d]
+    out = w_o @ rec["z"][layer][0, -1, head * d : (head + 1) * d]
+    normed = out.detach() / torch.sqrt(r.pow(2).mean() + ref.model.norm.variance_epsilon) * ref.model.norm.weight
+    w_u = ref.lm_head.weight.detach()
+    assert got.loc[(layer, head), "dla_memory"] == pytest.approx(float(w_u[item.memory_token] @ normed), abs=1e-4)
+    assert got.loc[(layer, head), "dla_context"] == pytest.approx(float(w_u[item.context_token] @ normed), abs=1e-4)
+
+
+def test_total_effect_equals_hand_written_patch(tiny_hf: Any) -> None:
+    model = loaded(copy.deepcopy(tiny_hf), "bridge")
+    ref = copy.deepcopy(tiny_hf)
+    item = _tiny_item(model)
+    conflict = _ids(model, item.conflict_prompt("restated"))
+    plain = _ids(model, item.plain_prompt("restated"))
+    d = model.info.d_head
+    got = total_effects(model, [item], "restated", rows_per_pass=5).set_index(["layer", "head"])
+    assert len(got) == model.info.n_layers * model.info.n_heads
+    clean_rec = _hf_run(ref, plain, record=True)
+    base = _hf_run(ref, conflict)["logits"][0, -1]
+    toks = [item.memory_token, item.context_token]
+    for layer, head in [(0, 0), (1, 2), (2, 3)]:
+        cols = slice(head * d, (head + 1) * d)
+
+        def patch_z(z: torch.Tensor, cols: slice = cols, layer: int = layer) -> torch.Tensor:
+            z[0, -1, cols] = clean_rec["z"][layer][0, -1, cols]
+            return z
+
+        new = _hf_run(ref, conflict, pre={layer: patch_z})["logits"][0, -1]
+        delta = (new - base)[toks]
+        assert got.loc[(layer, head), "total_delta"] == pytest.approx(float(delta[0] - delta[1]), abs=3e-4)
+
+
+def test_rank_agreement_and_ranking_hand_worked() -> None:
+    idx = pd.MultiIndex.from_tuples([(0, 0), (0, 1), (1, 0), (1, 1)], names=["layer", "head"])
+    a = pd.Series([-2.0, -1.0, 0.5, 3.0], index=idx)
+    b = pd.Series([-1.0, -2.0, 0.1, 4.0], index=idx)
+    ag = rank_agreement(a, b, top=1)
+    assert ag["spearman"] == pytest.approx(0.8)
+    assert ag["top1_overlap_memory"] == 0.0
+    assert ag["top1_overlap_context"] == 1.0
+    mem, ctx = ranked_heads(a.rename("path_delta").reset_index())
+    assert mem == [(0, 0), (0, 1)]
+    assert ctx == [(1, 1), (1, 0)]
+
+
+def test_detector_on_model_that_knows_nothing_is_a_clear_error(tiny_llama_hf: Any) -> None:
+    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
+    det = ConflictHeadsDetector()
+    params = det.parse_params({"facts": "builtin"})
+    with pytest.raises(UserError, match="known conflict items"):
+        det.run_unit(model, params, "restated")
+    with pytest.raises(UserError, match="must be one of"):
+        det.parse_params({"norm": "sideways"})
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def _count_hooks(model: LoadedModel) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.hf.modules())
+
+
+def test_prune_equals_zeroed_output_weights_and_removes_hooks(tiny_hf: Any) -> None:
+    model = loaded(copy.deepcopy(tiny_hf), "bridge")
+    ids = _ids(model, "w5 w6 w7 w8 w9")
+    heads = [(0, 1), (2, 3), (2, 0)]
+    base = model.run(ids).logits
+    before = _count_hooks(model)
+    with no_hooks_left(model), ph3.prune(model, heads):
+        assert _count_hooks(model) > before
+        pruned = model.run(ids).logits
+        pruned_hf = model.hf(ids).logits
+    assert _count_hooks(model) == before
+    # Independent: a plain copy with those heads' columns of W_O zeroed.
+    ref = copy.deepcopy(tiny_hf)
+    d = model.info.d_head
+    with torch.no_grad():
+        for layer, head in heads:
+            mod = _o_proj(_layers(ref)[layer])
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight[:, head * d : (head + 1) * d] = 0.0
+            else:
+                mod.weight[head * d : (head + 1) * d, :] = 0.0
+        expected = ref(ids).logits
+    assert torch.allclose(pruned, expected, atol=1e-4)
+    assert torch.allclose(pruned_hf, expected, atol=1e-4)
+    assert torch.allclose(model.run(ids).logits, base)
+    zero = model.run(ids, interventions=[AblateHeads(0, (1,)), AblateHeads(2, (0, 3))]).logits
+    assert torch.allclose(zero, expected, atol=1e-4)
+
+
+def test_prune_removes_hooks_on_exception(tiny_llama_hf: Any) -> None:
+    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
+    before = _count_hooks(model)
+    with pytest.raises(RuntimeError, match="boom"), ph3.prune(model, [(1, 1)]):
+        raise RuntimeError("boom")
+    assert _count_hooks(model) == before
+    with pytest.raises(UserError, match="out of range"), ph3.prune(model, [(1, 9)]):
+        pass
+    assert _count_hooks(model) == before
+
+
+def test_parse_heads() -> None:
+    assert ph3.parse_heads("12.3, L4H1,12.3") == [(12, 3), (4, 1)]
+    for bad in ("", "12", "a.b", "1.2.3"):
+        with pytest.raises(UserError):
+            ph3.parse_heads(bad)
+
+
+def test_greedy_generate_matches_hf_argmax(tiny_llama_hf: Any) -> None:
+    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
+    ref = copy.deepcopy(tiny_llama_hf)
+    text = ph3.greedy_generate(model, "w5 w6", max_new_tokens=4)
+    ids = _ids(model, "w5 w6")
+    for _ in range(4):
+        with torch.no_grad():
+            nxt = int(ref(ids).logits[0, -1].argmax())
+        if nxt == 1:
+            break
+        ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    assert text == model.tokenizer.decode(ids[0, 3:].tolist())
+
+
+def test_select_k_prefers_best_validation_rate_then_smaller_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    table = {0: 0.2, 1: 0.3, 3: 0.6, 5: 0.6, 7: 0.5, 9: 0.1, 15: 0.0}
+
+    def fake_evaluate(model: Any, items: Any, formats: Any, heads: Any, **kw: Any) -> dict[str, dict[str, float]]:
+        v = table[len(heads)]
+        return {f: {"memory_rate": v, "context_rate": 0.0, "mean_logit_diff": 1.0} for f in formats}
+
+    monkeypatch.setattr(ph3, "evaluate", fake_evaluate)
+    heads = [(0, i) for i in range(20)]
+    k, sweep = ph3.select_k(None, [], ["restated", "qa"], heads, "prune-context")  # type: ignore[arg-type]
+    assert k == 3
+    assert list(sweep["k"]) == [1, 3, 5, 7, 9, 15]
+    with pytest.raises(UserError, match="no heads"):
+        ph3.select_k(None, [], ["restated"], [], "prune-memory")  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="unknown PH3 direction"):
+        ph3.select_k(None, [], ["restated"], heads, "prune-both")  # type: ignore[arg-type]

@@ -1,0 +1,251 @@
+"""DeCoRe decoding on tiny models, checked against plain HF copies with raw torch hooks.
+
+The masked model of the reference is computed independently here: a separate copy of the HF
+model whose head is masked by a raw hook on the query projection's output (uniform attention:
+the head's query slice is zeroed) or on the output projection's input (zero ablation), and
+every decoding step recomputes the whole sequence without a KV cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from circuits.decore import (
+    DecoreSettings,
+    base_entropy,
+    combine,
+    decore_generate,
+    decore_score,
+    greedy_generate,
+    parse_alpha,
+    random_control_heads,
+)
+from interp.errors import UserError
+from interp.model import LoadedModel
+from tests.tiny import loaded
+
+HEADS = [(1, 0), (2, 3)]
+PROMPTS = [[0, 5, 9, 17, 33, 40, 41], [0, 77, 12], [0, 64, 65, 66, 70]]
+
+
+def _is_gpt2(hf: Any) -> bool:
+    return hasattr(hf, "transformer")
+
+
+@contextlib.contextmanager
+def raw_mask(hf: Any, heads: Sequence[tuple[int, int]], method: str, from_pos: int = 0) -> Iterator[None]:
+    """Mask heads of a plain HF model with raw hooks, at query positions >= from_pos."""
+    cfg = hf.config
+    n_heads = cfg.num_attention_heads if not _is_gpt2(hf) else cfg.n_head
+    d_model = cfg.hidden_size if not _is_gpt2(hf) else cfg.n_embd
+    d_head = getattr(cfg, "head_dim", None) or d_model // n_heads
+    handles = []
+    for layer, head in heads:
+        sl = slice(head * d_head, (head + 1) * d_head)
+        if _is_gpt2(hf):
+            attn = hf.transformer.h[layer].attn
+            q_mod, o_mod = attn.c_attn, attn.c_proj  # c_attn output: [q | k | v], q first
+        else:
+            attn = hf.model.layers[layer].self_attn
+            q_mod, o_mod = attn.q_proj, attn.o_proj
+        if method == "uniform":
+            def fwd(_m, _i, out, sl=sl):
+                out = out.clone()
+                out[:, from_pos:, sl] = 0.0
+                return out
+            handles.append(q_mod.register_forward_hook(fwd))
+        else:
+            def pre(_m, args, sl=sl):
+                x = args[0].clone()
+                x[:, from_pos:, sl] = 0.0
+                return (x, *args[1:])
+            handles.append(o_mod.register_forward_pre_hook(pre))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hand_entropy(logits: torch.Tensor) -> float:
+    p = torch.softmax(logits.double(), -1)
+    return float(-sum(float(x) * math.log(float(x)) for x in p if x > 0))
+
+
+def hand_decode(
+    plain: Any, prompt: list[int], heads: Sequence[tuple[int, int]], method: str, alpha: str | float, steps: int,
+    shared_prefill: bool = False,
+) -> tuple[list[int], list[float], list[float]]:
+    """DeCoRe by hand: two full forward passes per step, no cache, no batching."""
+    seq = list(prompt)
+    toks, scores, alphas = [], [], []
+    for _ in range(steps):
+        ids = torch.tensor([seq])
+        with torch.no_grad():
+            base = plain(ids).logits[0, -1].double()
+            with raw_mask(plain, heads, method, from_pos=len(prompt) - 1 if shared_prefill else 0):
+                masked = plain(ids).logits[0, -1].double()
+        a = hand_entropy(base) if alpha == "entropy" else float(alpha)
+        s = (1 + a) * torch.log_softmax(base, -1) - a * torch.log_softmax(masked, -1)
+        t = int(s.argmax())
+        toks.append(t)
+        scores.append(float(s[t]))
+        alphas.append(a)
+        seq.append(t)
+    return toks, scores, alphas
+
+
+@pytest.fixture
+def pair(tiny_hf: torch.nn.Module) -> tuple[LoadedModel, torch.nn.Module]:
+    """A bridge model and an independent plain HF copy of the same weights."""
+    return loaded(copy.deepcopy(tiny_hf), "bridge"), copy.deepcopy(tiny_hf)
+
+
+@pytest.mark.parametrize("method", ["uniform", "zero"])
+@pytest.mark.parametrize("alpha", ["entropy", 0.5])
+def test_one_step_equals_formula(pair, method, alpha) -> None:
+    model, plain = pair
+    prompt = PROMPTS[0]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        base = plain(ids).logits[0, -1].double()
+        with raw_mask(plain, HEADS, method):
+            masked = plain(ids).logits[0, -1].double()
+    # The mask must change the distribution, or the test could not fail.
+    assert float((torch.log_softmax(base, -1) - torch.log_softmax(masked, -1)).abs().max()) > 1e-3
+    a = hand_entropy(base) if alpha == "entropy" else 0.5
+    expect = (1 + a) * torch.log_softmax(base, -1) - a * torch.log_softmax(masked, -1)
+    tok = int(expect.argmax())
+    g = decore_generate(model, [prompt], HEADS, alpha, max_new_tokens=1, method=method)[0]
+    assert g.tokens == [tok]
+    assert g.alphas[0] == pytest.approx(a, abs=1e-4)
+    assert g.scores[0] == pytest.approx(float(expect[tok]), abs=1e-4)
+    assert g.base_logprobs[0] == pytest.approx(float(torch.log_softmax(base, -1)[tok]), abs=1e-4)
+
+
+@pytest.mark.parametrize("prefill", ["masked", "shared"])
+def test_several_steps_with_cache_equal_hand_decoding(pair, prefill) -> None:
+    model, plain = pair
+    for prompt in PROMPTS[:2]:
+        toks, scores, alphas = hand_decode(plain, prompt, HEADS, "uniform", "entropy", 5,
+                                           shared_prefill=prefill == "shared")
+        g = decore_generate(model, [prompt], HEADS, max_new_tokens=5, prefill=prefill)[0]
+        n = len(g.tokens)  # may stop early at EOS
+        assert g.tokens == toks[:n]
+        assert g.scores == pytest.approx(scores[:n], abs=1e-4)
+        assert g.alphas == pytest.approx(alphas[:n], abs=1e-4)
+
+
+def test_no_heads_makes_decore_greedy(pair) -> None:
+    model, plain = pair
+    dec = decore_generate(model, PROMPTS, [], max_new_tokens=6)
+    gre = greedy_generate(model, PROMPTS, max_new_tokens=6)
+    for prompt, d, g in zip(PROMPTS, dec, gre, strict=True):
+        seq = list(prompt)
+        hand = []
+        for _ in range(len(g.tokens)):
+            with torch.no_grad():
+                t = int(plain(torch.tensor([seq])).logits[0, -1].argmax())
+            hand.append(t)
+            seq.append(t)
+        assert g.tokens == hand
+        assert d.tokens == g.tokens
+        # With nothing masked the combination is (1 + a) lp - a lp = lp.
+        assert d.scores == pytest.approx(d.base_logprobs, abs=1e-4)
+        assert d.scores == pytest.approx(g.scores, abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["uniform", "zero"])
+def test_left_padding_changes_nothing(pair, method) -> None:
+    model, _ = pair
+    batch = decore_generate(model, PROMPTS, HEADS, max_new_tokens=6, method=method)
+    for prompt, b in zip(PROMPTS, batch, strict=True):
+        alone = decore_generate(model, [prompt], HEADS, max_new_tokens=6, method=method)[0]
+        assert b.tokens == alone.tokens
+        assert b.scores == pytest.approx(alone.scores, abs=1e-4)
+        assert b.alphas == pytest.approx(alone.alphas, abs=1e-4)
+    gb = greedy_generate(model, PROMPTS, max_new_tokens=6)
+    for prompt, b in zip(PROMPTS, gb, strict=True):
+        assert b.tokens == greedy_generate(model, [prompt], max_new_tokens=6)[0].tokens
+
+
+def test_score_equals_hand_sum(pair) -> None:
+    model, plain = pair
+    prompts = ["w5 w9 w17 w33", "w70 w71"]
+    answers = [["w40 w41 w42", "w50"], ["w90 w91", "w100 w101 w102 w103"]]
+    got = decore_score(model, prompts, answers, HEADS)
+    for pi, (p, cands) in enumerate(zip(prompts, answers, strict=True)):
+        pids = [0] + [int(w[1:]) for w in p.split()]
+        for ai, a in enumerate(cands):
+            aids = [int(w[1:]) for w in a.split()]
+            ids = torch.tensor([pids + aids])
+            with torch.no_grad():
+                base = plain(ids).logits[0].double()
+                with raw_mask(plain, HEADS, "uniform"):
+                    masked = plain(ids).logits[0].double()
+            total, base_total = 0.0, 0.0
+            for j, t in enumerate(aids):
+                pos = len(pids) - 1 + j
+                alpha = hand_entropy(base[pos])
+                s = (1 + alpha) * torch.log_softmax(base[pos], -1) - alpha * torch.log_softmax(masked[pos], -1)
+                total += float(s[t])
+                base_total += float(torch.log_softmax(base[pos], -1)[t])
+            row = got[(got.prompt_index == pi) & (got.answer_index == ai)].iloc[0]
+            assert row["decore"] == pytest.approx(total, abs=1e-3)
+            assert row["base"] == pytest.approx(base_total, abs=1e-3)
+    # Left padding in a batch of one vs several: the same scores.
+    alone = decore_score(model, prompts[1:], answers[1:], HEADS)
+    both = got[got.prompt_index == 1].reset_index(drop=True)
+    assert alone["decore"].tolist() == pytest.approx(both["decore"].tolist(), abs=1e-4)
+
+
+def test_random_control_never_contains_a_top_head(tiny_llama_hf) -> None:
+    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")  # 3 layers x 4 heads
+    ranking = [(2, 1), (0, 3), (1, 2), (0, 0), (2, 2), (1, 1)]
+    for k in (1, 2, 3):
+        for seed in range(50):
+            drawn = random_control_heads(model, ranking, k, exclude_top=4, seed=seed)
+            assert len(drawn) == k == len(set(drawn))
+            assert not set(drawn) & set(ranking[:4])
+    # Heads given as lists (as JSON gives them) are excluded too: the reference's defect.
+    as_lists = [list(h) for h in ranking]
+    for seed in range(50):
+        assert not set(random_control_heads(model, as_lists, 3, 4, seed)) & set(ranking[:4])  # type: ignore[arg-type]
+    with pytest.raises(UserError):
+        random_control_heads(model, ranking, 9, exclude_top=4, seed=0)
+
+
+def test_entropy_and_combination_by_hand() -> None:
+    two = torch.tensor([[0.0, 0.0]])
+    assert float(base_entropy(two)[0]) == pytest.approx(math.log(2))
+    assert float(base_entropy(torch.tensor([[0.0, -float("inf")]]))[0]) == pytest.approx(0.0)
+    base = torch.tensor([[math.log(0.5), math.log(0.25), math.log(0.25)]])
+    masked = torch.tensor([[math.log(0.25), math.log(0.5), math.log(0.25)]])
+    out = combine(base, masked, torch.tensor([1.0]))[0]
+    # 2 * log(0.5) - log(0.25) = 0; 2 * log(0.25) - log(0.5) = log(1/8); 2 log .25 - log .25 = log .25
+    assert out.tolist() == pytest.approx([0.0, math.log(1 / 8), math.log(0.25)], abs=1e-6)
+
+
+def test_settings_and_bad_input(tiny_llama_hf) -> None:
+    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
+    assert parse_alpha("entropy") == "entropy"
+    assert parse_alpha("0.5") == 0.5
+    for bad in ("x", "-1", "nan"):
+        with pytest.raises(UserError):
+            parse_alpha(bad)
+    with pytest.raises(UserError):
+        DecoreSettings(method="mean")  # type: ignore[arg-type]
+    with pytest.raises(UserError):
+        decore_generate(model, [PROMPTS[0]], [(7, 0)], max_new_tokens=1)
+    with pytest.raises(UserError):
+        decore_generate(model, [PROMPTS[0]], [(0, 0), (0, 0)], max_new_tokens=1)
+    with pytest.raises(UserError):
+        decore_generate(model, [], HEADS)
+    assert DecoreSettings(alpha=0.5).variant.startswith("vanilla")
