@@ -45,7 +45,7 @@ import pandas as pd
 import torch
 import typer
 
-from circuits.retrieval import RetrievalDetector, kv_cache_alias, parse_heads
+from circuits.retrieval import RetrievalDetector, parse_heads
 from interp.errors import UserError
 from interp.interventions import Intervention, ablate_heads
 from interp.model import LoadedModel
@@ -252,7 +252,7 @@ def _decode_batch(
     ids, mask = ids.to(dev), mask.to(dev)
     gens = [Generation(prompt_tokens=list(r)) for r in rows]
     done = [False] * b
-    with torch.no_grad(), kv_cache_alias(model):
+    with torch.no_grad():
         out = model.run(ids, attention_mask=mask, interventions=first_ivs, use_cache=True)
         for step in range(max_new_tokens):
             logits = out.logits[:, -1].float()

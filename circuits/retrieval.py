@@ -28,11 +28,10 @@ their row.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -120,37 +119,6 @@ def stop_token(model: LoadedModel, token: int) -> bool:
     return (isinstance(eos, int) and token == eos) or "\n" in str(model.tokenizer.decode([token]))
 
 
-@contextlib.contextmanager
-def kv_cache_alias(model: LoadedModel) -> Iterator[None]:
-    """Make the bridge's attention update the KV cache (transformers 5.x).
-
-    transformers 5 hands the cache to attention modules as ``cache=``; TransformerLens 4.3's
-    attention bridge reads ``past_key_values=`` (or ``layer_past=``) and otherwise never
-    updates the cache, so every decoding step would attend to itself alone. For the duration
-    of a decode, a pre-hook on each attention bridge passes the cache under the name the
-    bridge reads. A no-op where the name is already given, and on other backends.
-    """
-    if model.backend_name != "bridge":
-        yield
-        return
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-
-    def alias(_mod: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
-            kwargs["past_key_values"] = kwargs["cache"]
-        return args, kwargs
-
-    bridge = model.backend.bridge  # type: ignore[attr-defined]
-    handles = [
-        m.register_forward_pre_hook(alias, with_kwargs=True) for m in bridge.modules() if isinstance(m, AttentionBridge)
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def greedy_decode(
     model: LoadedModel,
     input_ids: torch.Tensor,
@@ -170,7 +138,7 @@ def greedy_decode(
     n_layers = model.info.n_layers
     bsz = int(input_ids.shape[0])
     model.check_length(int(input_ids.shape[1]) + max_new_tokens)
-    with torch.no_grad(), kv_cache_alias(model):
+    with torch.no_grad():
         pre = model.run(input_ids[:, :-1], interventions=interventions, use_cache=True)
         pkv = pre.past_key_values
         inp = input_ids[:, -1:]
@@ -235,7 +203,7 @@ def score_sample_fast(model: LoadedModel, sample: NeedleSample) -> dict[str, Any
     a0, a1 = sample.answer_span
     answer = prompt[a0:a1]
     n_layers = model.info.n_layers
-    with torch.no_grad(), kv_cache_alias(model):
+    with torch.no_grad():
         pre = model.run(torch.tensor([prompt[:-1]]), use_cache=True)
         chunk = torch.tensor([[prompt[-1], *answer[:-1]]])
         out = model.run(chunk, cache=["pattern.*"], past_key_values=pre.past_key_values)
