@@ -104,6 +104,19 @@ def run_tables(s: Store, row: Mapping[str, Any]) -> tuple[dict[str, pd.DataFrame
     return out, warnings, final
 
 
+def unit_tables(s: Store, row: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
+    """Every per-unit row of a run (its final summary and warnings left out): per-item detail
+    that a finalized run's summary aggregates away, such as one traced fact's heatmaps."""
+    raw = _tables(str(s.workspace), int(row["id"]), str(row["updated_at"]), int(row.get("n_units") or 0))
+    out: dict[str, pd.DataFrame] = {}
+    for name, frame in raw.items():
+        if len(frame):
+            frame = subset(frame, ~frame["unit"].isin([FINAL_UNIT, WARNINGS_UNIT]))
+            if len(frame):
+                out[name] = frame.reset_index(drop=True)
+    return out
+
+
 def run_label(row: Mapping[str, Any]) -> str:
     return f"#{int(row['id'])} {row['detector']} · {Path(str(row['model'])).name} · {row['status']}"
 
@@ -227,12 +240,16 @@ def _selected_points(state: Any) -> list[tuple[int, int]]:
     return out
 
 
-def show_token_layer(frame: pd.DataFrame, *, key: str, marked: Callable[[Any], list[int]] | None = None) -> None:
+def show_token_layer(
+    frame: pd.DataFrame, *, key: str, marked: Callable[[Any], list[int]] | None = None, mean: bool = True
+) -> None:
+    """Heatmaps per kind; with several items, a picker (``mean`` adds the mean over items)."""
     kinds = sorted(str(k) for k in frame["kind"].dropna().unique()) if "kind" in frame.columns else [""]
     items = sorted({str(i) for i in frame["item"].dropna()}) if "item" in frame.columns else []
     item: str | None = None
     if len(items) > 1:
-        choice = st.selectbox("item", ["(mean over items)", *items], key=f"{key}-item")
+        options = ["(mean over items)", *items] if mean else items
+        choice = st.selectbox("item", options, key=f"{key}-item")
         item = None if choice == "(mean over items)" else choice
     elif items:
         item = items[0]

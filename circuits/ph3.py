@@ -121,21 +121,89 @@ def prune(model: LoadedModel, heads: Sequence[Head]) -> Iterator[LoadedModel]:
 def greedy_generate(
     model: LoadedModel, prompt: str, max_new_tokens: int = 20, interventions: Sequence[Intervention] = ()
 ) -> str:
-    """Greedy continuation of ``prompt`` (BOS prepended), recomputing the full prefix each step."""
+    """Greedy continuation of ``prompt`` (BOS prepended) until EOS or ``max_new_tokens``.
+
+    ``interventions`` must act on every position alike (ablation, scaling): on the bridge the
+    prefix is computed once and each step runs one token against HF's KV cache, so a
+    position-indexed intervention would see step-local positions. Other backends recompute the
+    whole prefix each step.
+    """
     if max_new_tokens < 1:
         raise UserError("max_new_tokens must be >= 1")
     ids = model.to_tokens(prompt)
     model.check_length(int(ids.shape[1]) + max_new_tokens)
     eos = model.tokenizer.eos_token_id
+    cached = model.backend_name == "bridge"
     new: list[int] = []
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            nxt = int(model.run(ids, interventions=interventions).logits[0, -1].argmax())
-        if eos is not None and nxt == eos:
-            break
-        new.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
+    with torch.no_grad():
+        out = model.run(ids, interventions=interventions, use_cache=cached)
+        for _ in range(max_new_tokens):
+            nxt = int(out.logits[0, -1].argmax())
+            if eos is not None and nxt == eos:
+                break
+            new.append(nxt)
+            if len(new) == max_new_tokens:
+                break
+            step = torch.tensor([[nxt]], device=ids.device)
+            if cached:
+                out = model.run(step, interventions=interventions, past_key_values=out.past_key_values)
+            else:
+                ids = torch.cat([ids, step], dim=1)
+                out = model.run(ids, interventions=interventions)
     return str(model.tokenizer.decode(new))
+
+
+def head_interventions(heads: Sequence[Head], factor: float = 0.0) -> list[Intervention]:
+    """Prune (factor 0: zero ablation of z, as PH3) or scale the heads' value vectors."""
+    if not heads:
+        return []
+    if float(factor) == 0.0:
+        return ablate_heads(list(heads), "zero")
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(int(layer), []).append(int(head))
+    return [ScaleValue(layer=la, heads=tuple(hs), factor=float(factor)) for la, hs in sorted(by_layer.items())]
+
+
+def compare_generations(
+    model: LoadedModel, prompt: str, heads: Sequence[Head], factor: float = 0.0, max_new_tokens: int = 20
+) -> dict[str, Any]:
+    """Greedy continuations of one prompt by the unmodified model and with ``heads`` pruned
+    (factor 0) or their value vectors scaled by ``factor``."""
+    for layer, head in heads:
+        model.check_head(layer, head)
+    return {
+        "heads": [head_label(la, h) for la, h in heads],
+        "factor": float(factor),
+        "variant": "prune (zero ablation)" if float(factor) == 0.0 else f"scale values x{float(factor):g}",
+        "unmodified": greedy_generate(model, prompt, max_new_tokens),
+        "modified": greedy_generate(model, prompt, max_new_tokens, head_interventions(heads, factor)),
+    }
+
+
+def compare_rates(
+    model: LoadedModel,
+    heads: Sequence[Head],
+    factor: float = 0.0,
+    *,
+    formats: Sequence[str] = ("restated", "qa"),
+    max_items: int = 24,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> pd.DataFrame:
+    """Memory / context rates of the unmodified and the modified model on the same conflict
+    items (every kept item of a seeded draw from the shared facts; no split: a live check)."""
+    for layer, head in heads:
+        model.check_head(layer, head)
+    ds = build_dataset(model, load_facts("auto"), seed=seed, max_items=max_items, batch_size=batch_size)
+    items = ds.validation + ds.test
+    ivs = head_interventions(heads, factor)
+    rows = []
+    for fmt in formats:
+        for label, iv in (("unmodified", []), ("modified", ivs)):
+            r = rates(score_items(model, items, fmt, iv, batch_size=batch_size))
+            rows.append({"format": fmt, "model": label, "label": f"{fmt} / {label}", "n_items": len(items), **r})
+    return pd.DataFrame(rows)
 
 
 def ranking(

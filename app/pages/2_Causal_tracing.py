@@ -57,20 +57,30 @@ else:
         dash.show_warnings(warnings)
         dash.show_run_header(row, final)
 
+        units = dash.unit_tables(store, row)
+        arts = units.get("artifacts")
+
         def _subject_tokens(item: Any) -> list[int]:
-            # Subject spans, where the run stored them: artifact "subjects" = {item: [token indices]}.
-            arts = tables.get("artifacts")
+            # Per-fact artifacts "fact" carry the subject's token range [start, end).
             if arts is None or item is None:
                 return []
-            for doc in arts.loc[arts["name"] == "subjects", "json"]:
+            for doc in arts.loc[arts["name"] == "fact", "json"]:
                 try:
-                    spans = json.loads(doc)
-                    return [int(t) for t in spans.get(str(item), [])]
-                except (TypeError, ValueError, AttributeError):
+                    fact = json.loads(doc)
+                    if str(fact.get("id")) == str(item):
+                        start, end = (int(t) for t in fact["subject_range"])
+                        return list(range(start, end))
+                except (TypeError, ValueError, AttributeError, KeyError):
                     continue
             return []
 
+        per_item = units.get("token_layer") if final else None
+        if per_item is not None and len(per_item):
+            st.markdown("**one fact: restored p(answer), subject tokens marked with \\***")
+            dash.show_token_layer(per_item, key=f"ct-item-{row['id']}", marked=_subject_tokens, mean=False)
         if "token_layer" in tables:
+            if per_item is not None and len(per_item):
+                st.markdown("**averages over the traced facts, by ROME bucket**")
             dash.show_token_layer(tables["token_layer"], key=f"ct-{row['id']}", marked=_subject_tokens)
         dash.show_tables(tables, key=f"ct-rest-{row['id']}", skip=("token_layer",))
         for title, fig in dash.detector_figures(str(row["detector"]), tables):

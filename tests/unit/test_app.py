@@ -190,6 +190,29 @@ def test_generic_tables_on_the_tracing_page(env: dict[str, Any]) -> None:
     assert line["y"] == pytest.approx([0.1, 0.5, 0.2])
 
 
+def test_stored_trace_shows_one_fact_with_its_subject_marked(
+    env: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INTERP_WORKSPACE", str(tmp_path))
+    params = {"prompt": "w5 w9 w17 w23 w40 w41", "subject": "w17 w23", "answer": "w8", "samples": 2,
+              "kinds": "state", "window": 2}
+    with Store(tmp_path) as s:
+        rid = run_detector(loaded(copy.deepcopy(env["hf"])), "causal-trace", params, s, progress=False).run_id
+        rows = s.run(rid).results("token_layer")
+    at = _app("pages/2_Causal_tracing.py", run=rid)
+    _ok(at)
+    charts = _charts(at)
+    fact = next(c for c in charts if any("*" in str(y) for y in c["data"][0]["y"]))["data"][0]
+    # BOS, w5, w9 then the subject w17 w23 at token indices 3 and 4.
+    assert [y for y in fact["y"] if y.startswith("*")] == ["*w17 [3]", "*w23 [4]"]
+    stored = rows[(rows["unit"] == "fact") & (rows["kind"] == "state")]
+    for t, label in enumerate(fact["y"]):
+        assert label.endswith(f"[{t}]")
+        for j, layer in enumerate(fact["x"]):
+            want = stored.loc[(stored["token_index"] == t) & (stored["layer"] == layer), "value"].to_numpy()
+            assert fact["z"][t][j] == pytest.approx(float(want[0]))
+
+
 def test_live_trace_subject_not_in_prompt(env: dict[str, Any]) -> None:
     at = _app("pages/2_Causal_tracing.py")
     if not any(t.key == "ct-prompt" for t in at.text_input):
@@ -214,6 +237,71 @@ def test_compare_difference_is_b_minus_a(env: dict[str, Any]) -> None:
 def test_conflicts_page_shows_rates(env: dict[str, Any]) -> None:
     at = _app("pages/3_Conflicts.py")
     _ok(at)
+
+
+def _hf_greedy(hf: Any, text: str, n: int, zero: tuple[tuple[int, int], ...] = ()) -> str:
+    """Plain HF argmax decoding from BOS + text, with heads zeroed at o_proj's input by hand."""
+    tok = tiny_tokenizer()
+    d = hf.config.hidden_size // hf.config.num_attention_heads
+
+    def hook(cols: slice) -> Any:
+        def pre(_m: Any, args: Any) -> Any:
+            z = args[0].clone()
+            z[..., cols] = 0.0
+            return (z, *args[1:])
+
+        return pre
+
+    handles = [hf.model.layers[la].self_attn.o_proj.register_forward_pre_hook(hook(slice(h * d, (h + 1) * d)))
+               for la, h in zero]
+    ids = [0, *tok([text], add_special_tokens=False)["input_ids"][0]]
+    new: list[int] = []
+    try:
+        for _ in range(n):
+            with torch.no_grad():
+                nxt = int(hf(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if nxt == 1:
+                break
+            new.append(nxt)
+    finally:
+        for h in handles:
+            h.remove()
+    return text + str(tok.decode(new))
+
+
+def test_ph3_live_compare_matches_hf(env: dict[str, Any]) -> None:
+    at = _app("pages/3_Conflicts.py")
+    at.text_input(key="ph3-model").input(str(env["folder"]))
+    at.text_input(key="ph3-heads").input("1.2,0.1")
+    at.text_input(key="ph3-prompt").input("w5 w6 w7")
+    at.number_input(key="ph3-tokens").set_value(5)
+    next(b for b in at.button if b.label == "compare").click()
+    at.run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    codes = [c.value for c in at.code]
+    hf = copy.deepcopy(env["hf"])
+    assert codes[:2] == [_hf_greedy(hf, "w5 w6 w7", 5), _hf_greedy(hf, "w5 w6 w7", 5, ((1, 2), (0, 1)))]
+
+
+def test_decore_live_greedy_side_and_bad_head(env: dict[str, Any]) -> None:
+    at = _app("pages/3_Conflicts.py")
+    at.text_input(key="dc-model").input(str(env["folder"]))
+    at.text_input(key="dc-heads").input("1.0")
+    at.text_area(key="dc-prompt").input("w5 w6 w7 w5")
+    at.number_input(key="dc-tokens").set_value(4)
+    next(b for b in at.button if b.label == "decode").click()
+    at.run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    codes = [c.value for c in at.code]
+    assert codes[0] == _hf_greedy(copy.deepcopy(env["hf"]), "w5 w6 w7 w5", 4)
+    assert len(codes) == 2
+    at.text_input(key="dc-heads").input("9.0")
+    next(b for b in at.button if b.label == "decode").click()
+    at.run()
+    _ok(at)
+    assert any("out of range" in e.value or "layer" in e.value for e in at.error)
 
 
 def test_bad_model_folder_in_the_form(env: dict[str, Any], tmp_path: Path) -> None:

@@ -429,6 +429,42 @@ def test_greedy_generate_matches_hf_argmax(tiny_llama_hf: Any) -> None:
     assert text == model.tokenizer.decode(ids[0, 3:].tolist())
 
 
+@pytest.mark.parametrize("backend", ["bridge", "nnsight"])
+def test_pruned_greedy_generate_matches_hf_with_zeroed_heads(tiny_llama_hf: Any, backend: str) -> None:
+    """The KV-cached loop (bridge) and the recomputing loop (nnsight) under pruning both equal
+    plain HF argmax decoding with the heads' o_proj input columns zeroed by hand."""
+    model = loaded(copy.deepcopy(tiny_llama_hf), backend)
+    ref = copy.deepcopy(tiny_llama_hf)
+    d = model.info.d_head
+    heads = [(0, 1), (1, 3)]
+
+    def zero(cols: slice) -> Any:
+        def hook(_m: Any, args: Any) -> Any:
+            z = args[0].clone()
+            z[..., cols] = 0.0
+            return (z, *args[1:])
+
+        return hook
+
+    handles = [ref.model.layers[la].self_attn.o_proj.register_forward_pre_hook(zero(slice(h * d, (h + 1) * d)))
+               for la, h in heads]
+    ids = _ids(model, "w5 w6 w7")
+    n0 = ids.shape[1]
+    try:
+        for _ in range(6):
+            with torch.no_grad():
+                nxt = int(ref(ids).logits[0, -1].argmax())
+            if nxt == model.tokenizer.eos_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    finally:
+        for h in handles:
+            h.remove()
+    with ph3.prune(model, heads):
+        text = ph3.greedy_generate(model, "w5 w6 w7", max_new_tokens=6)
+    assert text == model.tokenizer.decode(ids[0, n0:].tolist())
+
+
 def test_select_k_prefers_best_validation_rate_then_smaller_k(monkeypatch: pytest.MonkeyPatch) -> None:
     table = {0: 0.2, 1: 0.3, 3: 0.6, 5: 0.6, 7: 0.5, 9: 0.1, 15: 0.0}
 
