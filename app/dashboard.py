@@ -117,6 +117,29 @@ def unit_tables(s: Store, row: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     return out
 
 
+def head_in_other_runs(
+    s: Store, all_runs: pd.DataFrame, row: Mapping[str, Any], layer: int, head: int
+) -> list[tuple[Mapping[str, Any], pd.DataFrame, pd.DataFrame]]:
+    """One head's stored scores and curves in the other finished runs on the same model, so a
+    head's detail gathers its lag-CRP and CMR fit, retrieval score, memory/context effects."""
+    out = []
+    for other in all_runs.to_dict("records"):
+        if int(other["id"]) == int(row["id"]) or other["model"] != row["model"] or other["status"] != "done":
+            continue
+        tables, _, _ = run_tables(s, other)
+        parts = []
+        for name in ("head_scores", "curves"):
+            frame = tables.get(name)
+            if frame is not None and {"layer", "head"} <= set(frame.columns):
+                frame = subset(frame, (frame["layer"] == layer) & (frame["head"] == head))
+            else:
+                frame = pd.DataFrame()
+            parts.append(frame)
+        if any(len(p) for p in parts):
+            out.append((other, parts[0], parts[1]))
+    return out
+
+
 def run_label(row: Mapping[str, Any]) -> str:
     return f"#{int(row['id'])} {row['detector']} · {Path(str(row['model'])).name} · {row['status']}"
 

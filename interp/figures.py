@@ -166,6 +166,28 @@ def token_layer_heatmap(
     return fig
 
 
+def head_curves_figures(frame: pd.DataFrame, layer: int, head: int, *, title: str | None = None) -> list[go.Figure]:
+    """Every curve stored for one head, one line each; curves on the same x values share a
+    figure (a head's lag-CRP next to its CMR fit; its serial-position curve apart)."""
+    _require(frame, ("curve", "layer", "head", "x", "y"), "curves")
+    rows = _df(frame[(frame["layer"] == layer) & (frame["head"] == head)])
+    if rows.empty:
+        raise UserError(f"curves: nothing stored for L{layer}H{head}")
+    groups: dict[tuple[float, ...], list[str]] = {}
+    for name in sorted(str(c) for c in rows["curve"].dropna().unique()):
+        xs = tuple(sorted({float(x) for x in rows.loc[rows["curve"] == name, "x"]}))
+        groups.setdefault(xs, []).append(name)
+    figs = []
+    for names in groups.values():
+        fig = go.Figure()
+        for name in names:
+            g = _df(_df(rows[rows["curve"] == name]).groupby("x", as_index=False)["y"].mean())
+            fig.add_trace(go.Scatter(x=g["x"], y=g["y"], mode="lines+markers", name=name))
+        fig.update_layout(title=f"{title or f'L{layer}H{head}'}: {', '.join(names)}", height=320)
+        figs.append(fig)
+    return figs
+
+
 def curves_figure(
     frame: pd.DataFrame,
     curve: str | None = None,

@@ -107,6 +107,19 @@ if curves is not None and {"layer", "head"} <= set(curves.columns):
         dash.plot(figures.curves_figure(dash.subset(mine, mine["curve"] == name), title=f"{name}: L{layer}H{head}"),
                   key=f"hd-curve-{row['id']}-{name}")
 
+others = dash.head_in_other_runs(store, runs, row, layer, head)
+if others:
+    with st.expander(f"L{layer}H{head} in {len(others)} other runs on this model", expanded=True):
+        for other, other_scores, other_curves in others:
+            st.markdown(f"**{dash.run_label(other)}**")
+            if len(other_scores):
+                st.dataframe(other_scores[[c for c in ("metric", "value") if c in other_scores.columns]],
+                             hide_index=True)
+            if len(other_curves):
+                figs = figures.head_curves_figures(other_curves, layer, head, title=f"{other['detector']}: L{layer}H{head}")
+                for i, fig in enumerate(figs):
+                    dash.plot(fig, key=f"hd-other-{row['id']}-{other['id']}-{i}")
+
 with st.expander("attention pattern on an example (computed on demand through the model)", expanded=False):
     name, dtype, device = dash.model_spec(row)
     if name is None:

@@ -165,6 +165,21 @@ def test_attention_pattern_on_demand_matches_hf(env: dict[str, Any]) -> None:
     np.testing.assert_allclose(z, ref, atol=1e-5)
 
 
+def test_head_detail_gathers_the_head_from_other_runs(env: dict[str, Any]) -> None:
+    at = _app("pages/1_Head_maps.py", run=env["a"])
+    rid = env["a"]
+    at.selectbox(key=f"hd-layer-{rid}").set_value(1)
+    at.selectbox(key=f"hd-head-{rid}").set_value(2)
+    at.run()
+    _ok(at)
+    assert any(f"#{env['b']} induction" in m.value for m in at.markdown)
+    b = _stored(env, env["b"], "induction")
+    shown = [df.value for df in at.dataframe if {"metric", "value"} <= set(df.value.columns)]
+    values = {float(v) for frame in shown for m, v in zip(frame["metric"], frame["value"], strict=True)
+              if m == "induction"}
+    assert b[(1, 2)] in values
+
+
 def test_unknown_model_in_head_detail_is_an_error_not_a_traceback(env: dict[str, Any]) -> None:
     at = _app("pages/1_Head_maps.py", run=env["a"])
     rid = env["a"]
