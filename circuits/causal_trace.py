@@ -196,7 +196,7 @@ def restored_scores(
             ivs.extend(cell_patches(cell, window, n_layers, rows))
         ids = inp.tokens.expand(len(chunk) * samples, -1)
         with torch.no_grad():
-            logits = model.run(ids, interventions=ivs, sources={"clean": dict(clean)}).logits
+            logits = model.run(ids, interventions=ivs, sources={"clean": dict(clean)}, last_logits_only=True).logits
         p = _answer_probs(logits, inp.target).view(len(chunk), samples).mean(dim=1)
         out[c0 : c0 + len(chunk)] = p.double().cpu().numpy()
     return out

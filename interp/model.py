@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -178,17 +178,24 @@ class LoadedModel:
         cache_to_cpu: bool = False,
         past_key_values: Any = None,
         use_cache: bool = False,
+        last_logits_only: bool = False,
     ) -> RunOutput:
         """Run the model with interventions applied and the given sites cached.
 
-        ``cache`` takes site names or globs (``"z.*"``); ``sources`` maps a run name to a
+        ``last_logits_only`` returns logits at the last position only, [batch, 1, vocab]
+        (computed only there where the model allows). ``cache`` takes site names or globs (``"z.*"``); ``sources`` maps a run name to a
         cache, for patching and mean/resample ablation. Hooks never outlive the call.
         With ``use_cache`` (or a ``past_key_values`` from an earlier output) the bridge
         backend steps HF's KV cache, for decoding.
         """
         if past_key_values is None:
             self.check_length(int(input_ids.shape[-1]))
-        return self.backend.run(
+        kwargs: dict[str, Any] = {}
+        keep = last_logits_only and self.backend_name == "bridge" and _takes_logits_to_keep(self.hf)
+        if keep:
+            # The unembedding of every position is a fifth of a small model's forward pass.
+            kwargs["forward_kwargs"] = {"logits_to_keep": 1}
+        out = self.backend.run(
             input_ids.to(self.device),
             interventions=interventions,
             cache=cache,
@@ -198,7 +205,11 @@ class LoadedModel:
             cache_to_cpu=cache_to_cpu,
             past_key_values=past_key_values,
             use_cache=use_cache,
+            **kwargs,
         )
+        if last_logits_only and not keep:
+            out = replace(out, logits=out.logits[:, -1:])
+        return out
 
     def __repr__(self) -> str:
         i = self.info
@@ -207,3 +218,8 @@ class LoadedModel:
             f"({i.n_kv_heads} kv), backend={self.backend_name}, {self.dtype}, {self.device})"
         )
 
+
+def _takes_logits_to_keep(hf: Any) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(hf.forward).parameters

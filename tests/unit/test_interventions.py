@@ -16,6 +16,7 @@ from interp.interventions import (
     Patch,
     ScaleValue,
     UniformAttention,
+    ablate_heads,
     from_dict,
 )
 from interp.model import LoadedModel
@@ -268,3 +269,15 @@ def test_kv_cache_decoding_equals_full_forward(tiny_hf: torch.nn.Module) -> None
         step = model.run(ids[:, t : t + 1], past_key_values=pkv)
         assert torch.allclose(step.logits[:, -1], full[:, t], atol=1e-4), f"step {t}"
         pkv = step.past_key_values
+
+
+@pytest.mark.parametrize("backend", ["bridge", "nnsight"])
+def test_last_logits_only_equals_the_last_row_of_full_logits(tiny_hf: torch.nn.Module, backend: str) -> None:
+    model = loaded(copy.deepcopy(tiny_hf), backend)
+    ids = torch.tensor([[0, 5, 6, 7, 8], [0, 9, 10, 11, 12]])
+    ivs = ablate_heads([(1, 0)], "zero")
+    with torch.no_grad():
+        full = model.run(ids, interventions=ivs).logits
+        last = model.run(ids, interventions=ivs, last_logits_only=True).logits
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
