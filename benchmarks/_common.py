@@ -9,6 +9,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,10 @@ CAPITALS = [
 ]
 
 
+# Config and tokenizer files (no weights) of the models a --random-init run builds.
+RANDOM_INIT_DIR = Path(__file__).resolve().parent.parent / ".gpu"
+
+
 def parse_args(doc: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=doc)
     p.add_argument("--quick", action="store_true", help="few prompts and sites, for a smoke test")
@@ -30,14 +35,44 @@ def parse_args(doc: str) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--rounds", type=int, default=0, help="interleaved timing rounds (0: 2 quick, 1 full)")
     p.add_argument("--profile", action="store_true", help="print a torch profile of one engine run to stderr")
+    p.add_argument(
+        "--random-init", action="store_true",
+        help=f"random weights (seed 0) built from the config in {RANDOM_INIT_DIR.name}/<model>/, with the real "
+        "tokenizer saved there; on cuda when available (for machines without the weights)",
+    )
     return p.parse_args()
 
 
-def load(name: str) -> tuple[Any, torch.nn.Module]:
-    """The LoadedModel (bridge) and an independent plain HF copy for the un-hooked baseline."""
+def random_init_model(name: str, seed: int = 0, device: str | None = None) -> Any:
+    """A LoadedModel with random weights (``torch.manual_seed(seed)``, drawn on the CPU so they
+    do not depend on the device) built from ``.gpu/<name>/config.json``, and the real tokenizer
+    saved beside it. ``device``: default cuda when available, else cpu."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     import interp
 
-    model = interp.load_model(name)
+    folder = RANDOM_INIT_DIR / name
+    if not (folder / "config.json").is_file():
+        raise SystemExit(
+            f"--random-init needs {folder}/config.json and the tokenizer files (copy them from the "
+            f"converted model folder, without the weights)"
+        )
+    config = AutoConfig.from_pretrained(folder)
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    hf.name_or_path = f"{name}-random-seed{seed}"  # the LoadedModel's (and the bridge's) name
+    tok = AutoTokenizer.from_pretrained(folder)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return interp.load_model(hf, tokenizer=tok, device=dev)
+
+
+def load(name: str, random_init: bool = False) -> tuple[Any, torch.nn.Module]:
+    """The LoadedModel (bridge) and an independent plain HF copy for the un-hooked baseline.
+
+    ``random_init``: random weights from the model's config (see :func:`random_init_model`)."""
+    import interp
+
+    model = random_init_model(name) if random_init else interp.load_model(name)
     plain = copy.deepcopy(model.hf)  # before the bridge boots and rewires model.hf
     _ = model.backend
     return model, plain
@@ -75,9 +110,17 @@ def conflict_prompts(model: Any, n: int) -> tuple[torch.Tensor, torch.Tensor, li
     )
 
 
+def _sync() -> None:
+    # CUDA kernels run asynchronously: without this a GPU timing measures only their launches.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    _sync()
     t = time.perf_counter()
     out = fn()
+    _sync()
     return time.perf_counter() - t, out
 
 

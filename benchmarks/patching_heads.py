@@ -5,7 +5,8 @@ Engine (interp.engine.run_sweep) vs (a) TransformerLens's per-index idiom on the
 (patching.get_act_patch_attn_head_out_all_pos; with --quick, generic_activation_patch over
 the same subset of heads) and (b) the plain un-hooked HF forward of the same batch. Engine and
 baseline are timed in the same process, interleaved; both results are compared first.
-Prints one JSON object.
+Prints one JSON object. With --random-init the model has random weights (seed 0) built from
+its config in .gpu/<model>/ and runs on cuda when available (for machines without the weights).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main() -> None:
     args = parse_args(__doc__ or "")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, plain = load(args.model)
+    model, plain = load(args.model, random_init=args.random_init)
     n_prompts = 4 if args.quick else 16
     layers = (model.info.n_layers // 2, model.info.n_layers - 1) if args.quick else None
     rounds = args.rounds or (2 if args.quick else 1)
@@ -83,6 +84,7 @@ def main() -> None:
         "benchmark": "patching_heads",
         "quick": args.quick,
         "model": model.name,
+        "random_init": args.random_init,
         "device": str(model.device),
         "machine": platform.machine(),
         "torch_threads": torch.get_num_threads(),
