@@ -222,7 +222,8 @@ def model_checks(group: str, pair: Pair, tokens: torch.Tensor, src_tokens: torch
     def sweep(over: str, kind: str, source: Any, offload: bool = False, layers: Any = None) -> Callable[[], dict[str, Any]]:
         def f(m: Any) -> Any:
             src = source.to(m.device) if isinstance(source, torch.Tensor) else source
-            return run_sweep(m, Sweep(over, kind, layers=layers), metric, tokens, src, offload=offload)
+            sw = Sweep(over, kind, layers=layers)  # type: ignore[arg-type]
+            return run_sweep(m, sw, metric, tokens, src, offload=offload)
 
         def go() -> dict[str, Any]:
             d, c = pair.both(f)
