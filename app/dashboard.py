@@ -8,6 +8,7 @@ plot with :mod:`interp.figures`. The model is loaded only for on-demand computat
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -138,6 +139,33 @@ def head_in_other_runs(
         if any(len(p) for p in parts):
             out.append((other, parts[0], parts[1]))
     return out
+
+
+def retrieval_examples(s: Store, row: Mapping[str, Any], layer: int, head: int, n: int = 3) -> pd.DataFrame:
+    """The needle samples of a retrieval run on which one head scored highest: its per-sample
+    retrieval score next to the needle, the question, the answer and the model's response."""
+    units = unit_tables(s, row)
+    hs, arts = units.get("head_scores"), units.get("artifacts")
+    if hs is None or arts is None or "metric" not in hs.columns:
+        return pd.DataFrame()
+    mine = subset(hs, (hs["metric"] == "retrieval_sample") & (hs["layer"] == layer) & (hs["head"] == head))
+    docs: dict[str, dict[str, Any]] = {}
+    for unit, name, doc in zip(arts["unit"], arts["name"], arts["json"], strict=True):
+        if name == "sample":
+            with contextlib.suppress(TypeError, ValueError):
+                docs[str(unit)] = json.loads(doc)
+    rows = []
+    for unit, value in zip(mine["unit"], mine["value"], strict=True):
+        d = docs.get(str(unit))
+        if d is None:
+            continue
+        needle = d.get("needle") or {}
+        rows.append({"score": float(value), "sample": str(unit), "question": needle.get("question"),
+                     "answer": needle.get("answer"), "response": d.get("response"), "correct": d.get("correct"),
+                     "context_tokens": d.get("context_tokens"), "depth": d.get("actual_depth")})
+    if not rows:
+        return pd.DataFrame()
+    return pd.DataFrame(rows).sort_values("score", ascending=False, kind="stable").head(n).reset_index(drop=True)
 
 
 def run_label(row: Mapping[str, Any]) -> str:

@@ -108,6 +108,14 @@ if curves is not None and {"layer", "head"} <= set(curves.columns):
                   key=f"hd-curve-{row['id']}-{name}")
 
 others = dash.head_in_other_runs(store, runs, row, layer, head)
+for rr in [row, *(o for o, _, _ in others)]:
+    if rr["detector"] != "retrieval":
+        continue
+    examples = dash.retrieval_examples(store, rr, layer, head)
+    if len(examples):
+        st.markdown(f"**retrieval examples of L{layer}H{head}** ({dash.run_label(rr)}): "
+                    "the needle samples where it copied most")
+        st.dataframe(examples, hide_index=True)
 if others:
     with st.expander(f"L{layer}H{head} in {len(others)} other runs on this model", expanded=True):
         for other, other_scores, other_curves in others:

@@ -180,6 +180,27 @@ def test_head_detail_gathers_the_head_from_other_runs(env: dict[str, Any]) -> No
     assert b[(1, 2)] in values
 
 
+def test_retrieval_examples_are_the_heads_best_samples(tmp_path: Path) -> None:
+    with Store(tmp_path) as s:
+        run = s.start_run(model="toy", model_hash=None, detector="retrieval", variant="fast", params={},
+                          dataset_hash=None, seed=None, code_version=None, provenance={"source": "object"})
+        for i, score in enumerate([0.2, 0.9, 0.5, 0.7]):
+            hs = pd.DataFrame({"metric": ["retrieval_sample"] * 2, "layer": [1, 1], "head": [2, 3],
+                               "value": [score, 1.0 - score]})
+            doc = {"needle": {"question": f"q{i}", "answer": f"a{i}", "sentence": "s"}, "response": f"r{i}",
+                   "correct": i % 2 == 0, "context_tokens": 100 + i, "actual_depth": 0.5}
+            run.commit_unit(f"s{i}", UnitResult({"head_scores": hs, "artifacts": pd.DataFrame(
+                {"name": ["sample"], "json": [json.dumps(doc)]})}), 0.0)
+        run.finish("done")
+        row = s.runs().iloc[0].to_dict()
+        import dashboard  # pyright: ignore[reportMissingImports]
+
+        ex = dashboard.retrieval_examples(s, row, 1, 2, n=2)
+    assert list(ex["score"]) == [0.9, 0.7]
+    assert list(ex["question"]) == ["q1", "q3"]
+    assert list(ex["response"]) == ["r1", "r3"]
+
+
 def test_unknown_model_in_head_detail_is_an_error_not_a_traceback(env: dict[str, Any]) -> None:
     at = _app("pages/1_Head_maps.py", run=env["a"])
     rid = env["a"]
