@@ -182,11 +182,11 @@ class LoadedModel:
     ) -> RunOutput:
         """Run the model with interventions applied and the given sites cached.
 
-        ``last_logits_only`` returns logits at the last position only, [batch, 1, vocab]
-        (computed only there where the model allows). ``cache`` takes site names or globs (``"z.*"``); ``sources`` maps a run name to a
+        ``cache`` takes site names or globs (``"z.*"``); ``sources`` maps a run name to a
         cache, for patching and mean/resample ablation. Hooks never outlive the call.
         With ``use_cache`` (or a ``past_key_values`` from an earlier output) the bridge
-        backend steps HF's KV cache, for decoding.
+        backend steps HF's KV cache, for decoding. ``last_logits_only`` returns the logits of
+        the last position alone, [batch, 1, vocab], computed only there where the model allows.
         """
         if past_key_values is None:
             self.check_length(int(input_ids.shape[-1]))
