@@ -49,6 +49,8 @@ import torch
 from scipy.stats import spearmanr
 
 from circuits.conflicts import (
+    DATASET_PARAMS,
+    METRIC_COLUMNS,
     ConflictDataset,
     ConflictItem,
     build_dataset,
@@ -413,9 +415,6 @@ def rates_figure(table: pd.DataFrame, title: str = "memory vs context rates") ->
     return fig
 
 
-_METRIC_COLUMNS = ["name", "value", "ci_low", "ci_high", "n"]
-
-
 def _metric_rows(prefix: str, values: Mapping[str, float], n: int) -> list[tuple[Any, ...]]:
     return [(f"{prefix}{k}", float(v), None, None, n) for k, v in values.items()]
 
@@ -430,10 +429,7 @@ class ConflictHeadsDetector(Detector):
     kind = "head_scores"
     params = (
         Param("seed", int, 0, "seed of the context answers and of the validation/test split"),
-        Param("formats", str, "restated,qa", "comma-separated prompt formats (restated, qa)"),
-        Param("facts", str, "auto", "facts source: auto (circuits.facts if present) or builtin", ("auto", "builtin")),
-        Param("val_fraction", float, 0.5, "fraction of items in the validation split"),
-        Param("max_items", int, 80, "keep a seeded subset of this many known items (0 = all)"),
+        *DATASET_PARAMS,
         Param("norm", str, "recomputed", "final norm in path patching: recomputed or frozen", NORM_VARIANTS),
         Param("total_effect", bool, False, "also run total-effect patching (downstream recomputed)"),
         Param("total_items", int, 4, "validation items per format for total-effect patching"),
@@ -492,7 +488,7 @@ class ConflictHeadsDetector(Detector):
         return UnitResult(
             tables={
                 "head_scores": pd.DataFrame(long[["metric", "layer", "head", "value"]]),
-                "metrics": pd.DataFrame(metrics, columns=_METRIC_COLUMNS),
+                "metrics": pd.DataFrame(metrics, columns=METRIC_COLUMNS),
             }
         )
 
@@ -600,7 +596,7 @@ class ConflictHeadsDetector(Detector):
                 ],
             }
         )
-        metrics_df = pd.DataFrame(numeric, columns=_METRIC_COLUMNS)
+        metrics_df = pd.DataFrame(numeric, columns=METRIC_COLUMNS)
         return Summary(
             detector=self.name,
             variant=self.variant(params),

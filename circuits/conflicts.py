@@ -37,6 +37,7 @@ import torch
 from interp.errors import UserError
 from interp.interventions import Intervention
 from interp.model import LoadedModel
+from interp.registry import Param
 
 FORMATS: tuple[str, ...] = ("restated", "qa")
 Split = Literal["validation", "test"]
@@ -79,6 +80,16 @@ class Fact:
 # A small built-in set (capitals and languages), used when circuits.facts is not available
 # and by the tests. Answers whose first token is shared with another answer of the same type
 # (New Delhi / New York) are left out on purpose: their logit difference is undefined.
+# The dataset parameters every conflict detector takes (conflict-heads, ph3), declared once.
+DATASET_PARAMS = (
+    Param("formats", str, "restated,qa", "comma-separated prompt formats (restated, qa)"),
+    Param("facts", str, "auto", "facts source: auto (circuits.facts if present) or builtin", ("auto", "builtin")),
+    Param("val_fraction", float, 0.5, "fraction of items in the validation split"),
+    Param("max_items", int, 80, "keep a seeded subset of this many known items (0 = all)"),
+)
+METRIC_COLUMNS = ["name", "value", "ci_low", "ci_high", "n"]
+
+
 _CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Japan": "Tokyo", "China": "Beijing",
     "Russia": "Moscow", "Greece": "Athens", "Portugal": "Lisbon", "Austria": "Vienna", "Poland": "Warsaw",

@@ -40,6 +40,8 @@ from circuits.conflict_heads import (
     ranked_heads,
 )
 from circuits.conflicts import (
+    DATASET_PARAMS,
+    METRIC_COLUMNS,
     ConflictDataset,
     ConflictItem,
     build_dataset,
@@ -328,9 +330,6 @@ def parse_factors(text: str) -> list[float]:
     return out
 
 
-_METRIC_COLUMNS = ["name", "value", "ci_low", "ci_high", "n"]
-
-
 @register
 class PH3Detector(Detector):
     name = "ph3"
@@ -341,10 +340,7 @@ class PH3Detector(Detector):
     kind = "intervention"
     params = (
         Param("seed", int, 0, "seed of the context answers, the split and the random-head control"),
-        Param("formats", str, "restated,qa", "comma-separated prompt formats (restated, qa)"),
-        Param("facts", str, "auto", "facts source: auto (circuits.facts if present) or builtin", ("auto", "builtin")),
-        Param("val_fraction", float, 0.5, "fraction of items in the validation split"),
-        Param("max_items", int, 80, "keep a seeded subset of this many known items (0 = all)"),
+        *DATASET_PARAMS,
         Param("ks", str, "1,3,5,7,9,15", "candidate k (heads pruned), chosen on validation"),
         Param("scale_heads", int, 1, "top heads of each kind for the value-scaling curve (0 = none)"),
         Param("factors", str, "0,0.5,1,2,4", "value-vector scale factors"),
@@ -436,7 +432,7 @@ class PH3Detector(Detector):
             return UnitResult(
                 tables={
                     "curves": curves,
-                    "metrics": pd.DataFrame(metrics, columns=_METRIC_COLUMNS),
+                    "metrics": pd.DataFrame(metrics, columns=METRIC_COLUMNS),
                     "head_scores": pd.DataFrame(long[["metric", "layer", "head", "value"]]),
                 }
             )
@@ -461,7 +457,7 @@ class PH3Detector(Detector):
             art = {c: [head_label(*h) for h in hs] for c, hs in conditions.items()}
             return UnitResult(
                 tables={
-                    "metrics": pd.DataFrame(rows, columns=_METRIC_COLUMNS),
+                    "metrics": pd.DataFrame(rows, columns=METRIC_COLUMNS),
                     "artifacts": pd.DataFrame({"name": ["pruned_heads"], "json": [art]}),
                 }
             )
@@ -529,7 +525,7 @@ class PH3Detector(Detector):
         curves = results.get("curves", pd.DataFrame())
         hs = results.get("head_scores", pd.DataFrame())
         tables: dict[str, pd.DataFrame] = {
-            "metrics": pd.DataFrame(numeric, columns=_METRIC_COLUMNS),
+            "metrics": pd.DataFrame(numeric, columns=METRIC_COLUMNS),
             "artifacts": pd.DataFrame({"name": ["split", "settings"], "json": [split, settings]}),
         }
         if len(curves):
