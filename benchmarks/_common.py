@@ -116,6 +116,26 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def interleaved(
+    rounds: int, engine: Callable[[], Any], baseline: Callable[[], Any], plain: Callable[[], float]
+) -> tuple[list[float], list[float], list[float], Any, Any]:
+    """Time engine, plain forward and baseline in turn, ``rounds`` times, so that drifts of the
+    machine's speed hit all three alike. Returns their times and the last engine and baseline
+    outputs."""
+    engine_t: list[float] = []
+    base_t: list[float] = []
+    plain_t: list[float] = []
+    res: Any = None
+    base: Any = None
+    for _ in range(rounds):
+        t, res = timed(engine)
+        engine_t.append(t)
+        plain_t.append(plain())
+        t, base = timed(baseline)
+        base_t.append(t)
+    return engine_t, base_t, plain_t, res, base
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     _sync()
     t = time.perf_counter()

@@ -18,7 +18,14 @@ import sys
 import pandas as pd
 import torch
 
-from benchmarks._common import conflict_prompts, emit, load, parse_args, plain_forward_seconds, timed
+from benchmarks._common import (
+    conflict_prompts,
+    emit,
+    interleaved,
+    load,
+    parse_args,
+    plain_forward_seconds,
+)
 from interp.engine import LogitDiff, Sweep, SweepResult, run_sweep
 
 
@@ -66,16 +73,10 @@ def main() -> None:
             engine()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
 
-    engine_t, base_t, plain_t = [], [], []
-    res: SweepResult | None = None
-    tl = torch.empty(0)
-    for _ in range(rounds):
-        t, res = timed(engine)
-        engine_t.append(t)
-        plain_t.append(plain_forward_seconds(plain, conflict))
-        t, tl = timed(baseline)
-        base_t.append(t)
-    assert res is not None
+    engine_t, base_t, plain_t, res, tl = interleaved(
+        rounds, engine, baseline, lambda: plain_forward_seconds(plain, conflict)
+    )
+    assert isinstance(res, SweepResult)
     ours = res.mean().to(tl.dtype)
     diff = float((ours - tl.cpu()).abs().max())
     e, b, p = statistics.median(engine_t), statistics.median(base_t), statistics.median(plain_t)

@@ -37,7 +37,14 @@ from typing import Any
 import pandas as pd
 import torch
 
-from benchmarks._common import conflict_prompts, emit, load, parse_args, plain_forward_seconds, timed
+from benchmarks._common import (
+    conflict_prompts,
+    emit,
+    interleaved,
+    load,
+    parse_args,
+    plain_forward_seconds,
+)
 from interp.engine import LogitDiff, Sweep, SweepResult, run_sweep
 
 KINDS = ("positions_patch", "windows_patch", "heads_zero", "heads_mean", "positions_knockout")
@@ -199,16 +206,10 @@ def main() -> None:
             print(f"--- {name}", file=sys.stderr)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
 
-        engine_t, base_t, plain_t = [], [], []
-        res: SweepResult | None = None
-        tl = torch.empty(0)
-        for _ in range(rounds):
-            t, res = timed(engine)
-            engine_t.append(t)
-            plain_t.append(plain_forward_seconds(plain, conflict))
-            t, tl = timed(baseline)
-            base_t.append(t)
-        assert res is not None
+        engine_t, base_t, plain_t, res, tl = interleaved(
+            rounds, engine, baseline, lambda: plain_forward_seconds(plain, conflict)
+        )
+        assert isinstance(res, SweepResult)
         tl = tl.double().cpu()
         if tl.shape != res.values.shape:
             raise SystemExit(f"{name}: baseline shape {tuple(tl.shape)} vs engine {tuple(res.values.shape)}")
