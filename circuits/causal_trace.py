@@ -46,6 +46,7 @@ from interp.errors import UserError
 from interp.interventions import AddNoise, Intervention, Knockout, Patch
 from interp.model import LoadedModel
 from interp.registry import Detector, Param, Summary, UnitResult, register
+from interp.runner import run_in_memory
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -699,13 +700,7 @@ def run_inline(model: LoadedModel, name: str, **params: Any) -> tuple[Summary, d
     """Run a detector of this module without the store (notebooks, tests): units, then finalize.
     Returns the summary and the units' concatenated tables."""
     det = {"causal-trace": CausalTraceDetector, "attention-knockout": AttentionKnockoutDetector}[name]()
-    p = det.parse_params(params)
-    tables: dict[str, list[pd.DataFrame]] = {}
-    for unit in det.units(model, p):
-        for t, frame in det.run_unit(model, p, unit).tables.items():
-            tables.setdefault(t, []).append(frame.assign(unit=unit))
-    results = {t: pd.concat(fs, ignore_index=True) for t, fs in tables.items()}
-    return det.finalize(model, p, results), results
+    return run_in_memory(model, det, det.parse_params(params))
 
 
 # --------------------------------------------------------------------------- figures

@@ -50,6 +50,7 @@ from interp.errors import UserError
 from interp.interventions import Intervention, ablate_heads
 from interp.model import LoadedModel
 from interp.registry import command
+from interp.runner import run_in_memory
 
 Alpha = float | Literal["entropy"]
 Method = Literal["uniform", "zero"]
@@ -471,12 +472,7 @@ def retrieval_ranking(
     """
     det = RetrievalDetector()
     params = det.parse_params({"mode": mode, **(overrides or {})})
-    parts: dict[str, list[pd.DataFrame]] = {}
-    for unit in det.units(model, params):
-        for table, df in det.run_unit(model, params, unit).tables.items():
-            parts.setdefault(table, []).append(df.assign(unit=unit))
-    results = {t: pd.concat(v, ignore_index=True) for t, v in parts.items()}
-    summary = det.finalize(model, params, results)
+    summary, _ = run_in_memory(model, det, params)
     if not summary.heads:
         raise UserError(
             f"retrieval ranking ({mode}) is empty: no needle sample was answered correctly; pass heads explicitly"

@@ -53,6 +53,7 @@ from interp.errors import UserError
 from interp.interventions import Intervention, ablate_heads
 from interp.model import LoadedModel
 from interp.registry import Detector, Param, Summary, UnitResult, register
+from interp.runner import run_in_memory
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -529,13 +530,7 @@ class RetrievalMaskingDetector(Detector):
     def _compute_ranking(self, model: LoadedModel, params: Mapping[str, Any]) -> tuple[list[tuple[int, int]], Summary]:
         det = RetrievalDetector()
         rp = self._ranking_params(params)
-        units = det.units(model, rp)
-        parts: dict[str, list[pd.DataFrame]] = {}
-        for u in units:
-            for table, df in det.run_unit(model, rp, u).tables.items():
-                parts.setdefault(table, []).append(df.assign(unit=u))
-        results = {t: pd.concat(v, ignore_index=True) for t, v in parts.items()}
-        summary = det.finalize(model, rp, results)
+        summary, _ = run_in_memory(model, det, rp)
         if not summary.heads:
             raise UserError(
                 "cannot rank heads: no ranking sample was answered correctly; pass 'heads' explicitly"

@@ -17,7 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from interp.model import LoadedModel
-from interp.registry import Summary, UnitResult, get_detector
+from interp.registry import Detector, Summary, UnitResult, get_detector
 from interp.store import Run, Store, code_version
 
 FINAL_UNIT = "final"
@@ -97,6 +97,20 @@ def run_detector(
         computed_units=len(todo),
         seconds=time.perf_counter() - started,
     )
+
+
+def run_in_memory(
+    model: LoadedModel, detector: Detector, params: Mapping[str, Any]
+) -> tuple[Summary, dict[str, pd.DataFrame]]:
+    """Run a detector's units and finalize without a store (notebooks, tests, one detector
+    feeding another). ``params`` are already parsed. Returns the summary and the units'
+    concatenated tables, each row tagged with its unit."""
+    parts: dict[str, list[pd.DataFrame]] = {}
+    for unit in detector.units(model, params):
+        for table, frame in detector.run_unit(model, params, unit).tables.items():
+            parts.setdefault(table, []).append(frame.assign(unit=unit))
+    results = {t: pd.concat(frames, ignore_index=True) for t, frames in parts.items()}
+    return detector.finalize(model, params, results), results
 
 
 def _without_final(df: pd.DataFrame) -> pd.DataFrame:
