@@ -71,11 +71,11 @@ def attribution_patch(
     sites = sorted({str(iv.site) for v in variants for iv in v.edits})
     runner = _Runner(model, metric, seq_len, prefix_reuse=False)
     with torch.enable_grad():
-        logits, cache = runner.forward(tokens, cache=sites, grad=True)
+        logits, cache, _ = runner.forward(tokens, cache=sites, grad=True)
         acts = [cache[s] for s in sites]
         if not all(a.requires_grad for a in acts):
             raise UserError("attribution patching needs gradients: the model's parameters have requires_grad=False")
-        base = metric(logits, torch.arange(n_prompts, device=model.device))
+        base = runner.metric(logits, torch.arange(n_prompts, device=model.device))
         # Rows are independent prompts, so the gradient of the sum is each prompt's gradient.
         grads = torch.autograd.grad(base.sum(), acts)
     grad_of = {s: g.detach() for s, g in zip(sites, grads, strict=True)}

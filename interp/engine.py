@@ -98,6 +98,13 @@ class LogitDiff:
     def positions(self) -> tuple[int, ...]:
         return (self.position,)
 
+    def on_vocab(self) -> tuple[tuple[int, ...], LogitDiff]:
+        """The token ids this metric reads, and the same metric over the logits of those alone
+        (the engine then unembeds only them)."""
+        vocab = tuple(sorted(set(self.correct) | set(self.wrong)))
+        at = {t: i for i, t in enumerate(vocab)}
+        return vocab, LogitDiff([at[t] for t in self.correct], [at[t] for t in self.wrong], self.position, self.name)
+
     def __call__(self, logits: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
         lg = logits[:, 0, :]
         c = torch.tensor(self.correct, device=lg.device)[prompt_index]
@@ -126,9 +133,30 @@ class LogProb:
         return logp.gather(1, t[:, None])[:, 0]
 
 
+@dataclass(frozen=True)
+class Prob:
+    """p(target[i]) at one position, for prompt i (ROME's causal-tracing score)."""
+
+    target: Sequence[int]
+    position: int = -1
+    name: str = "prob"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", _ids(self.target))
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        return (self.position,)
+
+    def __call__(self, logits: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(logits[:, 0, :].float(), dim=-1)
+        t = torch.tensor(self.target, device=p.device)[prompt_index]
+        return p.gather(1, t[:, None])[:, 0]
+
+
 def _check_metric(metric: Any, n_prompts: int) -> None:
     if not callable(metric) or not hasattr(metric, "positions"):
-        raise UserError("metric must be a Metric (LogitDiff, LogProb or an object with positions and __call__)")
+        raise UserError("metric must be a Metric (LogitDiff, LogProb, Prob or an object with positions and __call__)")
     for attr in ("correct", "wrong", "target"):
         ids = getattr(metric, attr, None)
         if ids is not None and len(ids) != n_prompts:
@@ -161,6 +189,22 @@ class Variant:
         """The lowest layer edited: everything below it is the base run's."""
         layers = [iv.site.layer for iv in self.edits]
         return 0 if any(layer is None for layer in layers) else min(int(x) for x in layers if x is not None)
+
+    def start_position(self, seq_len: int, same_prefix: int = 0) -> int:
+        """The lowest position the edits change, when every edit is a patch or head ablation
+        on the position axis (else 0): with causal attention every earlier position is the
+        base run's. ``same_prefix``: the base and source runs have the same tokens there, so
+        a patch from the source cannot change those positions."""
+        lows = []
+        for iv in self.edits:
+            pos = getattr(iv, "positions", None)
+            if not isinstance(iv, Patch | AblateHeads) or iv.site.position_axis != 1:
+                return 0
+            low = 0 if pos is None else min(_norm_pos(p, seq_len) for p in pos)
+            if isinstance(iv, Patch) and iv.source == SOURCE:
+                low = max(low, same_prefix)
+            lows.append(low)
+        return min(lows, default=0)
 
 
 @dataclass(frozen=True)
@@ -369,18 +413,40 @@ def _d_mlp(model: LoadedModel) -> int:
     return int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * model.info.d_model)
 
 
-def bytes_per_row(model: LoadedModel, seq_len: int, n_logit_positions: int) -> int:
+def bytes_per_row(model: LoadedModel, seq_len: int, n_logit_positions: int, kv: bool = False) -> int:
     """Estimated peak bytes one batch row needs in a no-grad forward pass.
 
     A deliberate over-estimate: the residual and its copies (norms, hook clones, q/k/v/z,
     attention output) ~ 10 d_model, the MLP's intermediates ~ 4 d_mlp, scores/pattern and
     their softmax ~ 3 heads x seq, per token; logits and the metric's log-softmax ~ 3 vocab per
-    kept position.
+    kept position; with ``kv``, every layer's keys and values (a pass on a cached prefix).
     """
     info = model.info
     item = torch.finfo(model.dtype).bits // 8
     per_token = 10 * info.d_model + 4 * _d_mlp(model) + 3 * info.n_heads * seq_len
+    if kv:
+        per_token += 2 * info.n_layers * info.n_kv_heads * info.d_head
     return item * (seq_len * per_token + 3 * n_logit_positions * info.vocab_size)
+
+
+def _prefix_kv(model: LoadedModel, pkv: Any, n_pos: int, copies: int) -> Any:
+    """HF's KV cache of the base run's first ``n_pos`` positions, its rows tiled ``copies``
+    times (row = copy * prompts + prompt, the chunk's layout)."""
+    from transformers.cache_utils import DynamicCache
+
+    data = [
+        (layer.keys[:, :, :n_pos].repeat(copies, 1, 1, 1), layer.values[:, :, :n_pos].repeat(copies, 1, 1, 1))
+        for layer in pkv.layers
+    ]
+    return DynamicCache(data, config=model.hf.config)
+
+
+def _plain_kv(pkv: Any) -> bool:
+    """Only full-attention dynamic caches can be cut at a position (not sliding windows or
+    recurrent state)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return type(pkv) is DynamicCache and all(type(layer) is DynamicLayer for layer in pkv.layers)
 
 
 # --------------------------------------------------------------------------- execution
@@ -415,8 +481,28 @@ def _skip_blocks(bridge: Any, n: int, tuple_out: bool) -> Iterator[None]:
                 del block.__dict__["forward"]
 
 
+@contextlib.contextmanager
+def _unembed_only(head: torch.nn.Linear | None, vocab: tuple[int, ...] | None) -> Iterator[None]:
+    """Make the unembedding compute the logits of ``vocab`` alone: a metric that reads two
+    tokens need not pay for a d_model x vocab product per row."""
+    if head is None or vocab is None:
+        yield
+        return
+    idx = torch.tensor(vocab, device=head.weight.device)
+    w = head.weight[idx]
+    b = None if head.bias is None else head.bias[idx]
+    object.__setattr__(head, "forward", lambda h: torch.nn.functional.linear(h, w, b))
+    try:
+        yield
+    finally:
+        del head.__dict__["forward"]
+
+
 class _Runner:
-    """Forward passes for one sweep: the base run, then chunks from a start layer."""
+    """Forward passes for one sweep: the base run, then chunks from a start layer.
+
+    ``metric`` is what the caller asked for; ``self.metric`` is the one to apply to this
+    runner's logits (over a few token ids when the metric says which it reads)."""
 
     def __init__(self, model: LoadedModel, metric: Metric, seq_len: int, prefix_reuse: bool) -> None:
         self.model = model
@@ -424,6 +510,13 @@ class _Runner:
         self.seq_len = seq_len
         self.backend = _bridge_backend(model)
         self.bridge = None if self.backend is None else self.backend.bridge
+        self.head: torch.nn.Linear | None = None
+        self.vocab: tuple[int, ...] | None = None
+        head = getattr(getattr(self.bridge, "unembed", None), "original_component", None)
+        on_vocab = getattr(metric, "on_vocab", None)
+        if on_vocab is not None and isinstance(head, torch.nn.Linear):
+            self.head = head
+            self.vocab, self.metric = on_vocab()
         self.prefix = prefix_reuse and self.bridge is not None and hasattr(self.bridge, "blocks")
         self.block_tuple_out = False
         pos = metric.positions
@@ -458,34 +551,48 @@ class _Runner:
         cache: Sequence[str] = (),
         grad: bool = False,
         offload: bool = False,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits at the metric's positions [rows, k, vocab], and the cache."""
+        past: Any = None,
+        offset: int = 0,
+        keep_kv: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+        """Logits at the metric's positions [rows, k, vocab], the cache and HF's KV cache.
+
+        With ``resid`` the pass enters block ``start`` with that residual (``start`` may be 0).
+        With ``past`` (HF's KV cache of positions 0..offset-1) the pass computes positions
+        offset.. only; ``keep_kv`` returns the pass's own KV cache.
+        """
         self.forwards += 1
-        self.token_layers += tokens.shape[0] * self.seq_len * (self.model.info.n_layers - start)
+        n_pos = int(tokens.shape[1]) if resid is None else int(resid.shape[1])
+        self.token_layers += tokens.shape[0] * n_pos * (self.model.info.n_layers - start)
+        pkv = None
         if self.bridge is None:
             out = self.model.run(tokens, interventions=interventions, sources=sources, cache=cache, grad=grad,
                                  cache_to_cpu=offload)
             logits = out.logits
         else:
-            fkw: dict[str, Any] = {"use_cache": False}
-            if not isinstance(self.keep, int) or self.keep:
-                fkw["logits_to_keep"] = self.keep
+            fkw: dict[str, Any] = {} if (past is not None or keep_kv) else {"use_cache": False}
+            keep = self.keep
+            if isinstance(keep, torch.Tensor):
+                keep = keep - offset
+            if not isinstance(keep, int) or keep:
+                fkw["logits_to_keep"] = keep
             inp = tokens.to(self.model.device)
             ctx: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-            if start > 0:
-                assert resid is not None
+            if resid is not None:
                 fkw["start_at_layer"] = start
                 inp = resid
                 ctx = _skip_blocks(self.bridge, start, self.block_tuple_out)
-            with ctx:
+            with ctx, _unembed_only(self.head, self.vocab), warnings.catch_warnings():
+                # transformers renames past_key_values to cache; the bridge still passes the old name.
+                warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
                 out = self.backend.run(
                     inp, interventions=interventions, sources=sources, cache=cache, grad=grad,
-                    cache_to_cpu=offload, forward_kwargs=fkw,
+                    cache_to_cpu=offload, forward_kwargs=fkw, past_key_values=past, use_cache=keep_kv,
                 )
-            logits = out.logits
+            logits, pkv = out.logits, out.past_key_values
         if self.slice_after is not None:
-            logits = logits[:, list(self.slice_after), :]
-        return logits, out.cache
+            logits = logits[:, [p - offset for p in self.slice_after], :]
+        return logits, out.cache, pkv
 
     def record_block_output_type(self) -> Any:
         if self.bridge is None or not self.prefix:
@@ -593,8 +700,39 @@ def _site_shapes(model: LoadedModel, names: Sequence[str], seq_len: int) -> dict
     return out
 
 
+def _same_prefix(tokens: torch.Tensor, src_tokens: torch.Tensor | None) -> int:
+    """How many leading positions the base and source prompts share in every row (0 when the
+    source is a cache: its tokens are unknown)."""
+    if src_tokens is None:
+        return 0
+    differs = (tokens != src_tokens.to(tokens.device)).any(dim=0)
+    return int(differs.float().argmax()) if bool(differs.any()) else int(tokens.shape[1])
+
+
+def _shifted(iv: Intervention, offset: int, seq_len: int) -> Intervention:
+    """The edit in a pass that starts at position ``offset``."""
+    pos = getattr(iv, "positions", None)
+    if not offset or pos is None:
+        return iv
+    return dataclasses.replace(iv, positions=tuple(_norm_pos(p, seq_len) - offset for p in pos))  # type: ignore[call-arg]
+
+
+def _cut_sources(sources: Mapping[str, Mapping[str, torch.Tensor]], offset: int,
+                 seq_len: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Source activations from position ``offset`` on (position axis 1, as the edits that
+    allow a cut prefix require)."""
+    return {
+        name: {site: t[:, offset:] if t.ndim > 1 and t.shape[1] == seq_len else t for site, t in acts.items()}
+        for name, acts in sources.items()
+    }
+
+
 def _with_rows(iv: Intervention, rows: tuple[int, ...], sources: Mapping[str, Mapping[str, torch.Tensor]],
                n_prompts: int) -> Intervention:
+    own = getattr(iv, "batch", None)
+    if own is not None:
+        # A base edit on some prompts: the same prompts of this variant's block.
+        rows = tuple(rows[b] for b in own)
     if isinstance(iv, Patch):
         src = sources[iv.source][iv.site_name]
         return dataclasses.replace(iv, batch=rows, source_batch=tuple(range(n_prompts)) if src.shape[0] > 1 else None)
@@ -640,8 +778,10 @@ def run_sweep(
     budget_bytes: int | None = None,
     max_variants: int | None = None,
     prefix_reuse: bool = True,
+    sequence_reuse: bool = True,
     offload: bool = False,
     select: Sequence[int] | None = None,
+    base_interventions: Sequence[Intervention] = (),
 ) -> SweepResult:
     """Run every variant of ``sweep`` on ``tokens`` (the base run) and measure ``metric``.
 
@@ -649,6 +789,11 @@ def run_sweep(
     as token ids ([prompts or 1, positions]) or as a cache {site: tensor}. ``budget_bytes``:
     memory for one chunk's activations (default a quarter of the free memory);
     ``max_variants`` caps variants per chunk; ``select`` runs only those variant indices.
+    ``base_interventions`` are part of the base run itself (ROME's embedding noise): every
+    variant sees them, each prompt row with its own row's edit.
+    ``prefix_reuse``: start each chunk at its lowest edited layer from the base run's residual.
+    ``sequence_reuse``: when a variant edits only positions >= p (and the metric reads no
+    earlier position), compute positions p.. only, on the base run's KV cache of 0..p-1.
     """
     t0 = time.perf_counter()
     tokens = _check_tokens(model, tokens)
@@ -663,8 +808,13 @@ def run_sweep(
     if not variants:
         raise UserError("the sweep has no variants")
     runner = _Runner(model, metric, seq_len, prefix_reuse)
+    base_ivs = list(base_interventions)
+    if any(iv.site.layer is not None for iv in base_ivs):
+        # Only edits below every block are inside the cached residual a chunk starts from.
+        runner.prefix = False
+    seq = sequence_reuse and runner.prefix
     budget = default_budget(model) if budget_bytes is None else int(budget_bytes)
-    per_variant = n_prompts * bytes_per_row(model, seq_len, runner.n_logit_positions)
+    per_variant = n_prompts * bytes_per_row(model, seq_len, runner.n_logit_positions, kv=seq)
     if budget < per_variant:
         raise UserError(
             f"memory budget of {budget} bytes is smaller than one patched variant "
@@ -677,35 +827,69 @@ def run_sweep(
         cap = min(cap, max_variants)
 
     with torch.no_grad():
-        sources, _ = build_sources(model, sweep, variants, tokens, source, offload)
+        sources, src_tokens = build_sources(model, sweep, variants, tokens, source, offload)
         starts = [v.start_layer for v in variants]
-        need_resid = sorted({s for s in starts if s > 0}) if runner.prefix else []
+        first_read = 0 if runner.logit_positions is None else min(runner.logit_positions)
+        same = _same_prefix(tokens, src_tokens)
+        offsets = [min(v.start_position(seq_len, same), first_read) if seq else 0 for v in variants]
+        # A chunk enters at its start layer from the base residual; with base edits or a cut
+        # prefix it does so even at layer 0, where the residual holds the edited embedding.
+        embed_edits = any(iv.site.layer is None for v in variants for iv in v.edits)
+        if embed_edits:
+            # An edit of the embedding needs its pass to start from the tokens.
+            seq, offsets = False, [0] * len(offsets)
+        from_resid = runner.prefix and not embed_edits and (bool(base_ivs) or any(o > 0 for o in offsets))
+        need_resid = sorted({s for s in starts if s > 0 or from_resid}) if runner.prefix else []
         prompt_index = torch.arange(n_prompts, device=model.device)
         with runner.record_block_output_type():
-            logits, base_cache = runner.forward(tokens, cache=[f"resid_pre.{s}" for s in need_resid])
-        base = metric(logits, prompt_index)
+            logits, base_cache, base_kv = runner.forward(
+                tokens, base_ivs, sources, cache=[f"resid_pre.{s}" for s in need_resid], keep_kv=seq
+            )
+        base = runner.metric(logits, prompt_index)
+        if seq and not _plain_kv(base_kv):
+            seq = False
+            offsets = [0] * len(offsets)
         prefix_diff = None
         if need_resid:
-            # The bridge's layer re-entry is checked once per sweep on this model: resuming the
-            # base run at the highest start layer must give the base metric back.
-            top = need_resid[-1]
-            again, _ = runner.forward(tokens, start=top, resid=base_cache[f"resid_pre.{top}"])
-            prefix_diff = float((metric(again, prompt_index) - base).abs().max())
+            # Layer (and position) re-entry is checked once per sweep on this model: resuming
+            # the base run at the highest start layer, after the largest cut, must give the
+            # base metric back.
+            top, cut = need_resid[-1], max(offsets)
+            past = _prefix_kv(model, base_kv, cut, 1) if cut else None
+            again, _, _ = runner.forward(tokens, start=top, resid=base_cache[f"resid_pre.{top}"][:, cut:],
+                                         past=past, offset=cut)
+            prefix_diff = float((runner.metric(again, prompt_index) - base).abs().max())
             if prefix_diff > 1e-4 * (1.0 + float(base.abs().max())):
                 warnings.warn(f"prefix reuse disagrees with a full forward on {model.name} "
                               f"(max diff {prefix_diff:.2g}); running full forwards", stacklevel=2)
-                runner.prefix = False
-        chunks = plan_chunks(starts, cap, n_prompts, seq_len, model.info.n_layers, runner.prefix)
+                runner.prefix = seq = from_resid = False
+                offsets = [0] * len(offsets)
+        chunks: list[tuple[int, int, list[int]]] = []
+        for off in sorted(set(offsets)):
+            group = [i for i, o in enumerate(offsets) if o == off]
+            planned = plan_chunks([starts[i] for i in group], cap, n_prompts, seq_len - off,
+                                  model.info.n_layers, runner.prefix)
+            chunks.extend((off, start, [group[k] for k in idx]) for start, idx in planned)
         values = torch.empty(len(variants), n_prompts, dtype=torch.float64)
-        for start, idx in chunks:
+        cut_sources: dict[int, dict[str, dict[str, torch.Tensor]]] = {0: sources}
+        for off, start, idx in chunks:
+            if off not in cut_sources:
+                cut_sources[off] = _cut_sources(sources, off, seq_len)
+            resid = None
+            if runner.prefix and (start > 0 or from_resid):
+                resid = base_cache[f"resid_pre.{start}"][:, off:].repeat(len(idx), 1, 1)
             ivs: list[Intervention] = []
             for slot, vi in enumerate(idx):
                 rows = tuple(range(slot * n_prompts, (slot + 1) * n_prompts))
-                ivs.extend(_with_rows(iv, rows, sources, n_prompts) for iv in variants[vi].edits)
-            batch_tokens = tokens.repeat(len(idx), 1)
-            resid = base_cache[f"resid_pre.{start}"].repeat(len(idx), 1, 1) if start > 0 else None
-            logits, _ = runner.forward(batch_tokens, ivs, sources, start=start, resid=resid)
-            vals = metric(logits, prompt_index.repeat(len(idx)))
+                if resid is None:
+                    ivs.extend(_with_rows(iv, rows, sources, n_prompts) for iv in base_ivs)
+                ivs.extend(_with_rows(_shifted(iv, off, seq_len), rows, sources, n_prompts)
+                           for iv in variants[vi].edits)
+            batch_tokens = tokens[:, off:].repeat(len(idx), 1)
+            past = _prefix_kv(model, base_kv, off, len(idx)) if off else None
+            logits, _, _ = runner.forward(batch_tokens, ivs, cut_sources[off], start=start, resid=resid,
+                                          past=past, offset=off)
+            vals = runner.metric(logits, prompt_index.repeat(len(idx)))
             values[idx] = vals.view(len(idx), n_prompts).double().cpu()
     cache_bytes = sum(t.numel() * t.element_size() for t in base_cache.values()) + sum(
         t.numel() * t.element_size() for c in sources.values() for t in c.values()
@@ -713,10 +897,11 @@ def run_sweep(
     stats = {
         "n_variants": len(variants),
         "chunks": len(chunks),
-        "chunk_sizes": [len(i) for _, i in chunks],
+        "chunk_sizes": [len(i) for _, _, i in chunks],
         "forwards": runner.forwards,
         "token_layers": runner.token_layers,
         "prefix_reuse": runner.prefix,
+        "sequence_reuse": seq,
         "prefix_check_diff": prefix_diff,
         "logits_positions": runner.n_logit_positions,
         "budget_bytes": budget,
@@ -735,6 +920,7 @@ __all__ = [
     "LogProb",
     "LogitDiff",
     "Metric",
+    "Prob",
     "Sweep",
     "SweepResult",
     "Variant",

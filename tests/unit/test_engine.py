@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from interp.attribution import attribution_patch, estimate_then_confirm, spearman, top_k_overlap
-from interp.engine import LogitDiff, Sweep, bytes_per_row, plan_chunks, run_sweep
+from interp.engine import LogitDiff, Prob, Sweep, bytes_per_row, plan_chunks, run_sweep
 from interp.errors import UserError
-from interp.interventions import AblateHeads, Intervention, Knockout, Patch
+from interp.interventions import AblateHeads, AddNoise, Intervention, Knockout, Patch
 from interp.model import LoadedModel
 from tests.tiny import loaded
 
@@ -139,6 +139,90 @@ def test_prefix_reuse_skips_layers_and_leaves_the_model_clean(tiny_model: Loaded
     bridge = tiny_model.backend.bridge  # type: ignore[attr-defined]
     assert all("forward" not in b.__dict__ for b in bridge.blocks)
     torch.testing.assert_close(tiny_model.run(tokens).logits, before)
+
+
+def test_sequence_reuse_computes_only_the_edited_suffix(tiny_model: LoadedModel, data: dict[str, torch.Tensor]) -> None:
+    tokens, ref = data["tokens"], data["source"]
+    metric = LogitDiff(CORRECT, WRONG)
+    sweep = Sweep("positions", "patch", site="resid_post", positions=(2, 3, 6))
+    fast = run_sweep(tiny_model, sweep, metric, tokens, ref, max_variants=2)
+    no_cut = run_sweep(tiny_model, sweep, metric, tokens, ref, max_variants=2, sequence_reuse=False)
+    assert fast.stats["sequence_reuse"] and not no_cut.stats["sequence_reuse"]
+    assert fast.stats["token_layers"] < no_cut.stats["token_layers"]
+    expected = torch.stack([v for _, v in reference_loop(tiny_model, sweep, tokens, ref)])
+    torch.testing.assert_close(fast.values, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(no_cut.values, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_token_prefix_is_not_recomputed(tiny_model: LoadedModel, data: dict[str, torch.Tensor]) -> None:
+    """Base and source prompts agree on their first 3 tokens (as a conflict prompt and its
+    consistent twin do): patching those positions is a no-op, so the engine starts at 3."""
+    tokens = data["tokens"]
+    ref = data["source"].clone()
+    ref[:, :3] = tokens[:, :3]
+    metric = LogitDiff(CORRECT, WRONG)
+    for sweep in (Sweep("heads", "patch"), Sweep("layers", "patch", site="resid_post")):
+        expected = torch.stack([v for _, v in reference_loop(tiny_model, sweep, tokens, ref)])
+        fast = run_sweep(tiny_model, sweep, metric, tokens, ref, max_variants=4)
+        slow = run_sweep(tiny_model, sweep, metric, tokens, ref, max_variants=4, sequence_reuse=False)
+        assert fast.stats["sequence_reuse"]
+        assert fast.stats["token_layers"] < slow.stats["token_layers"]
+        torch.testing.assert_close(fast.values, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(slow.values, expected, atol=1e-5, rtol=1e-5)
+    # Zero ablation changes the shared positions too: nothing may be cut there.
+    zero = run_sweep(tiny_model, Sweep("heads", "zero"), metric, tokens, ref)
+    torch.testing.assert_close(
+        zero.values, torch.stack([v for _, v in reference_loop(tiny_model, Sweep("heads", "zero"), tokens, ref)]),
+        atol=1e-5, rtol=1e-5,
+    )
+
+
+NOISE = AddNoise("embed", positions=(1, 2), std=0.5, seed=3)
+
+
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        Sweep("positions", "patch", site="resid_post", positions=(0, 2, 5)),
+        Sweep("windows", "patch", site="mlp_out", window=2, positions=(1, 3, 6)),
+        Sweep("windows", "patch", site="attn_out", window=3, positions=(2, 4)),
+        Sweep("positions", "patch", site="embed", positions=(1, 4)),
+        Sweep("heads", "zero", positions=(3,)),
+    ],
+    ids=lambda s: f"{s.over}-{s.site}",
+)
+def test_base_interventions_are_in_every_variant(tiny_model: LoadedModel, data: dict[str, torch.Tensor], sweep: Sweep) -> None:
+    """ROME's setting: noise in the base run, clean states restored one site at a time. The
+    loop applies the noise and the restoration by hand in one plain run per site."""
+    tokens = data["tokens"]
+    clean_tokens = data["source"]
+    site = sweep.site or "z"
+    clean = tiny_model.run(clean_tokens, cache=[f"{site}.*" if site != "embed" else "embed"]).cache
+    want, edits = [], sweep.variants(tiny_model, SEQ)
+    for v in edits:
+        hand = [NOISE] + [
+            AblateHeads(iv.layer, heads=iv.heads, method="zero", positions=iv.positions) if isinstance(iv, AblateHeads)
+            else Patch(iv.site_name, source="clean", positions=iv.positions)  # type: ignore[attr-defined]
+            for iv in v.edits
+        ]
+        want.append(naive(tiny_model, tokens, hand, {"clean": clean}))
+    expected = torch.stack(want)
+    noised_base = naive(tiny_model, tokens, [NOISE], {})
+    metric = LogitDiff(CORRECT, WRONG)
+    for kwargs in ({"max_variants": 4}, {"prefix_reuse": False, "max_variants": 3}):
+        res = run_sweep(tiny_model, sweep, metric, tokens, clean, base_interventions=[NOISE], **kwargs)
+        torch.testing.assert_close(res.values, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(res.base, noised_base, atol=1e-5, rtol=1e-5)
+    assert (expected - noised_base).abs().max() > 1e-3
+
+
+def test_prob_metric_is_the_softmax(tiny_model: LoadedModel, data: dict[str, torch.Tensor]) -> None:
+    tokens, ref = data["tokens"], data["source"]
+    res = run_sweep(tiny_model, Sweep("layers", "patch"), Prob(CORRECT), tokens, ref, select=[1])
+    logits = tiny_model.run(tokens, interventions=[Patch("resid_pre.1", source="ref")],
+                            sources={"ref": tiny_model.run(ref, cache=["resid_pre.1"]).cache}).logits[:, -1]
+    p = torch.exp(logits.double() - torch.logsumexp(logits.double(), dim=-1, keepdim=True))
+    torch.testing.assert_close(res.values[0], p[torch.arange(N_PROMPTS), list(CORRECT)], atol=1e-6, rtol=1e-5)
 
 
 def test_uneven_budget_split(tiny_model: LoadedModel, data: dict[str, torch.Tensor]) -> None:
