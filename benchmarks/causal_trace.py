@@ -1,9 +1,14 @@
-"""Batched causal-trace restorations vs one forward pass per cell, on the same inputs.
+"""Causal-trace restorations through the engine vs one forward pass per cell, same inputs.
 
-Both paths restore the same cells with the same noise; the script checks they give the same
-scores and prints one JSON object with both wall times and their ratio (loop / batched).
+Three paths restore the same cells with the same noise:
+- ``loop``: one full forward pass of the N corrupted rows per cell (the baseline);
+- ``stacked``: cells stacked in the batch dimension, every pass a full forward;
+- ``engine``: stacked, and each cell starts at its lowest restored layer and its token, on the
+  corrupted run's residual and KV cache (the default path of ``trace_fact``).
+The script checks all three give the same scores and prints one JSON object with the wall
+times and the ratios to the loop. ``--cells 0`` (default) restores every cell of the fact.
 
-    .venv/bin/python benchmarks/causal_trace.py [--model smollm2-135m] [--cells 60] [--samples 10]
+    .venv/bin/python benchmarks/causal_trace.py [--model smollm2-135m] [--cells 0] [--samples 10]
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", default="The Eiffel Tower is located in the city of")
     ap.add_argument("--subject", default="The Eiffel Tower")
     ap.add_argument("--answer", default="Paris")
-    ap.add_argument("--cells", type=int, default=60, help="number of (kind, token, layer) cells timed")
+    ap.add_argument("--cells", type=int, default=0, help="number of (kind, token, layer) cells timed (0: all)")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--window", type=int, default=10)
     ap.add_argument("--memory-mb", type=float, default=512.0)
@@ -46,28 +52,36 @@ def main(argv: list[str] | None = None) -> int:
         for layer in range(model.info.n_layers)
         for k in ct.KINDS
     ]
-    step = max(1, len(grid) // args.cells)
-    cells = grid[::step][: args.cells]
+    step = max(1, len(grid) // args.cells) if args.cells else 1
+    cells = grid[::step][: args.cells or None]
 
-    ct.restored_scores(model, inp, cells[:1], clean, memory_mb=args.memory_mb, **kw)  # warm-up
-    t0 = time.perf_counter()
-    batched = ct.restored_scores(model, inp, cells, clean, memory_mb=args.memory_mb, **kw)
-    t_batched = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    # One forward pass per cell: the same code path with room for a single cell per pass.
-    loop = np.concatenate([ct.restored_scores(model, inp, [c], clean, memory_mb=0.0, **kw) for c in cells])
-    t_loop = time.perf_counter() - t0
-    diff = float(np.abs(batched - loop).max())
+    def timed(fn: Any) -> tuple[float, np.ndarray]:
+        t0 = time.perf_counter()
+        values = fn()
+        return time.perf_counter() - t0, values
+
+    ct.restored_scores(model, inp, cells[:3], clean, memory_mb=args.memory_mb, **kw)  # warm-up
+    t_engine, engine = timed(lambda: ct.restored_scores(model, inp, cells, clean, memory_mb=args.memory_mb, **kw))
+    t_stacked, stacked = timed(
+        lambda: ct.restored_scores(model, inp, cells, clean, memory_mb=args.memory_mb, reuse=False, **kw)
+    )
+    # One full forward pass per cell: room for a single cell per pass, nothing reused.
+    t_loop, loop = timed(lambda: np.concatenate(
+        [ct.restored_scores(model, inp, [c], clean, memory_mb=0.0, reuse=False, **kw) for c in cells]
+    ))
+    diff = float(max(np.abs(engine - loop).max(), np.abs(stacked - loop).max()))
     out = {
         "model": model.name,
         "n_cells": len(cells),
         "samples": args.samples,
         "n_tokens": inp.n_tokens,
-        "rows_per_pass": ct.rows_per_pass(model, inp.n_tokens, args.memory_mb),
+        "subject_range": list(inp.subject_range),
         "threads": args.threads,
-        "batched_s": round(t_batched, 3),
+        "engine_s": round(t_engine, 3),
+        "stacked_s": round(t_stacked, 3),
         "loop_s": round(t_loop, 3),
-        "ratio_loop_over_batched": round(t_loop / t_batched, 2),
+        "ratio_loop_over_engine": round(t_loop / t_engine, 2),
+        "ratio_loop_over_stacked": round(t_loop / t_stacked, 2),
         "max_abs_diff": diff,
         "same_numbers": diff < 1e-5,
     }

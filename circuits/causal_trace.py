@@ -12,11 +12,14 @@ methods.md section 6. Causal tracing, faithful to ROME's reference code:
   or attention outputs (``attn_out``) of the layer window [L - w//2, L + w - w//2) (w = 10) at
   token t. Score = mean p(answer) over the corrupted rows at the last position.
   Indirect effect = restored - corrupted; total effect = clean - corrupted.
-- Many cells run in one forward pass: each cell gets its own N rows (its own ``AddNoise`` and
-  ``Patch`` restricted with ``batch=``), cells are stacked in the batch dimension and chunked by a
-  memory budget. Cells at tokens before the first subject token are not run: with causal
-  attention their clean and corrupted activations are identical, so restoring them gives the
-  corrupted score exactly, which is what is stored for them.
+- Cells run through the patching engine (``interp.engine.run_sweep``): the noise is the sweep's
+  base intervention, each cell gets its own N rows, cells are stacked in the batch dimension and
+  chunked by a memory budget. A restoration at (t, L) can change nothing below its lowest
+  restored layer or before position t, so the engine starts it there, from the corrupted run's
+  residual and KV cache (``reuse``; checked against full passes in the tests). Cells at tokens
+  before the first subject token are not run: with causal attention their clean and corrupted
+  activations are identical, so restoring them gives the corrupted score exactly, which is what
+  is stored for them.
 - Multi-token answers are traced on the probability of their FIRST token (as ROME).
 
 Averages over known facts use ROME's buckets: first / middle / last subject token, first
@@ -42,8 +45,9 @@ import pandas as pd
 import torch
 
 from circuits.facts import ANSWER_MODES, Fact, answer_tokens, file_hash, known_facts, load_facts, subject_span
+from interp.engine import Prob, Sweep, bytes_per_row, run_sweep
 from interp.errors import UserError
-from interp.interventions import AddNoise, Intervention, Knockout, Patch
+from interp.interventions import AddNoise, Intervention, Knockout
 from interp.model import LoadedModel
 from interp.registry import Detector, Param, Summary, UnitResult, register
 from interp.runner import run_in_memory
@@ -142,17 +146,7 @@ class Cell:
     layer: int
 
 
-def cell_patches(cell: Cell, window: int, n_layers: int, rows: tuple[int, ...]) -> list[Intervention]:
-    if cell.kind == "state":
-        return [Patch(f"resid_post.{cell.layer}", positions=(cell.token,), batch=rows)]
-    site = SITE_OF[cell.kind]
-    return [
-        Patch(f"{site}.{layer}", positions=(cell.token,), batch=rows)
-        for layer in window_layers(cell.layer, window, n_layers)
-    ]
-
-
-def _noise(inp: TraceInput, std: float, seed: int, rows: tuple[int, ...]) -> AddNoise:
+def _noise(inp: TraceInput, std: float, seed: int, rows: tuple[int, ...] | None) -> AddNoise:
     s, e = inp.subject_range
     return AddNoise("embed", positions=tuple(range(s, e)), std=std, seed=seed, batch=rows)
 
@@ -182,24 +176,34 @@ def restored_scores(
     seed: int,
     window: int,
     memory_mb: float = 512.0,
+    reuse: bool = True,
 ) -> np.ndarray:
-    """Mean p(answer) over N corrupted rows with each cell restored: cells stacked N rows each
-    in the batch dimension, as many per forward pass as the memory budget allows."""
-    n_layers = model.info.n_layers
-    per_pass = max(1, rows_per_pass(model, inp.n_tokens, memory_mb) // samples)
+    """Mean p(answer) over N corrupted rows with each cell restored, through the patching
+    engine: one sweep per kind, cells stacked N rows each in the batch dimension, as many per
+    forward pass as ``memory_mb`` allows. With ``reuse`` a restoration at (t, L) computes only
+    layers from its lowest restored layer and positions from t, on the corrupted run's
+    residual and KV cache (nothing below or before it can differ from the corrupted run);
+    without it, every cell is a full forward pass of its N rows."""
+    n_tok = inp.n_tokens
+    ids = inp.tokens.expand(samples, -1)
+    noise = _noise(inp, noise_std, seed, rows=None)
+    metric = Prob([inp.target] * samples)
+    per_cell = samples * bytes_per_row(model, n_tok, 1, kv=reuse)
+    max_cells = max(1, int(memory_mb * 2**20) // per_cell)
     out = np.empty(len(cells), dtype=np.float64)
-    for c0 in range(0, len(cells), per_pass):
-        chunk = cells[c0 : c0 + per_pass]
-        ivs: list[Intervention] = []
-        for j, cell in enumerate(chunk):
-            rows = tuple(range(j * samples, (j + 1) * samples))
-            ivs.append(_noise(inp, noise_std, seed, rows))
-            ivs.extend(cell_patches(cell, window, n_layers, rows))
-        ids = inp.tokens.expand(len(chunk) * samples, -1)
-        with torch.no_grad():
-            logits = model.run(ids, interventions=ivs, sources={"clean": dict(clean)}, last_logits_only=True).logits
-        p = _answer_probs(logits, inp.target).view(len(chunk), samples).mean(dim=1)
-        out[c0 : c0 + len(chunk)] = p.double().cpu().numpy()
+    for kind in dict.fromkeys(c.kind for c in cells):
+        which = [i for i, c in enumerate(cells) if c.kind == kind]
+        if kind == "state":
+            sweep = Sweep("positions", "patch", site=SITE_OF[kind])
+        else:
+            sweep = Sweep("windows", "patch", site=SITE_OF[kind], window=window)
+        # The sweep's variants run layer-major over all positions.
+        select = [cells[i].layer * n_tok + cells[i].token for i in which]
+        res = run_sweep(
+            model, sweep, metric, ids, dict(clean), base_interventions=[noise], select=select,
+            max_variants=max_cells, prefix_reuse=reuse, sequence_reuse=reuse,
+        )
+        out[which] = res.values.mean(dim=1).numpy()
     return out
 
 
