@@ -12,9 +12,16 @@ zero / mean / resample ablation, attention knockout) and measure a :class:`Metri
   base run's cached ``resid_pre.L`` into the bridge (``start_at_layer``) and the blocks below
   L are passed through without computing, so the shared prefix is computed once, by the base
   run, instead of once per variant;
+- a variant that can change only positions >= p (a patch or head ablation at some positions,
+  or a patch from a source whose prompts equal the base prompts up to p, as a conflict prompt
+  and its consistent twin do) computes positions p.. only, attending to the base run's KV
+  cache of 0..p-1; the layer and position re-entry is checked once per sweep against a full
+  pass, with a fallback to full passes;
+- ``base_interventions`` belong to the base run (ROME's embedding noise) and so to every variant;
 - chunks are sized to a memory budget in bytes (default: a quarter of the free memory);
-- logits are computed only at the positions the metric reads (HF's ``logits_to_keep``), the
-  metric is evaluated on the device and read back once per chunk.
+- logits are computed only at the positions the metric reads (HF's ``logits_to_keep``) and,
+  for a logit difference, only for its tokens; the metric is evaluated on the device and read
+  back once per chunk.
 
 Variant names stored with every result: ``patch`` (activation patching from ``source``),
 ``zero``, ``mean`` (mean over batch and positions of the reference run, like
