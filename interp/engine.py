@@ -141,24 +141,13 @@ class LogProb:
 
 
 @dataclass(frozen=True)
-class Prob:
+class Prob(LogProb):
     """p(target[i]) at one position, for prompt i (ROME's causal-tracing score)."""
 
-    target: Sequence[int]
-    position: int = -1
     name: str = "prob"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "target", _ids(self.target))
-
-    @property
-    def positions(self) -> tuple[int, ...]:
-        return (self.position,)
-
     def __call__(self, logits: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(logits[:, 0, :].float(), dim=-1)
-        t = torch.tensor(self.target, device=p.device)[prompt_index]
-        return p.gather(1, t[:, None])[:, 0]
+        return super().__call__(logits, prompt_index).exp()
 
 
 def _check_metric(metric: Any, n_prompts: int) -> None:
