@@ -147,7 +147,8 @@ def test_sequence_reuse_computes_only_the_edited_suffix(tiny_model: LoadedModel,
     sweep = Sweep("positions", "patch", site="resid_post", positions=(2, 3, 6))
     fast = run_sweep(tiny_model, sweep, metric, tokens, ref, max_variants=2)
     no_cut = run_sweep(tiny_model, sweep, metric, tokens, ref, max_variants=2, sequence_reuse=False)
-    assert fast.stats["sequence_reuse"] and not no_cut.stats["sequence_reuse"]
+    assert fast.stats["sequence_reuse"]
+    assert not no_cut.stats["sequence_reuse"]
     assert fast.stats["token_layers"] < no_cut.stats["token_layers"]
     expected = torch.stack([v for _, v in reference_loop(tiny_model, sweep, tokens, ref)])
     torch.testing.assert_close(fast.values, expected, atol=1e-5, rtol=1e-5)
