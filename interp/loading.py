@@ -42,7 +42,7 @@ _NOT_WEIGHTS = {"training_args.bin"}
 HUB_TIMEOUT_S = 3.0
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
     print(f"[interp.loading] {msg}", file=sys.stderr, flush=True)
 
 
@@ -206,11 +206,11 @@ def _set_eager(model: Any) -> None:
             setter("eager")
             return
         except Exception as exc:  # an architecture without eager support, or an old transformers
-            _log(f"could not switch {type(model).__name__} to eager attention via the API: {exc}")
+            log(f"could not switch {type(model).__name__} to eager attention via the API: {exc}")
     try:
         model.config._attn_implementation = "eager"
     except Exception:
-        _log(f"{type(model).__name__}: attention implementation left as is; hooks may differ slightly")
+        log(f"{type(model).__name__}: attention implementation left as is; hooks may differ slightly")
 
 
 def _from_object(
@@ -294,6 +294,6 @@ def load_hf(
         if tokenizer is not None:
             tok = tokenizer
 
-    _log(f"loaded {model_id} ({source}) in {time.perf_counter() - t0:.1f} s")
+    log(f"loaded {model_id} ({source}) in {time.perf_counter() - t0:.1f} s")
     provenance = Provenance(model_id=model_id, source=source, file_sha256=sha, dtype=str(dt), device=str(dev))
     return model, tok, provenance

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from interp.errors import UserError
+from interp.prefix import PromptPrefix, choose_prefix
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -88,13 +89,19 @@ class Provenance:
     dtype: str
     device: str
     versions: dict[str, str] = field(default_factory=library_versions)
+    # The prompt prefix (interp.prefix.PromptPrefix.to_dict()), set by LoadedModel.
+    prefix: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class LoadedModel:
-    """The HF model and tokenizer, plus the hook backend every detector goes through."""
+    """The HF model and tokenizer, plus the hook backend every detector goes through.
+
+    ``prefix`` is the token raw-text prompts start with (:mod:`interp.prefix`); by default the
+    rule there picks it from the tokenizer. It is part of the provenance of every result.
+    """
 
     def __init__(
         self,
@@ -102,11 +109,13 @@ class LoadedModel:
         tokenizer: PreTrainedTokenizerBase,
         provenance: Provenance,
         backend: BackendName = "bridge",
+        prefix: PromptPrefix | None = None,
     ) -> None:
         hf.eval()
         self.hf = hf
         self.tokenizer = tokenizer
-        self.provenance = provenance
+        self.prefix = prefix if prefix is not None else choose_prefix(tokenizer, hf.config)
+        self.provenance = replace(provenance, prefix=self.prefix.to_dict())
         self.info = ModelInfo.from_config(hf.config)
         self.backend_name: BackendName = backend
         self._backend: Backend | None = None
@@ -143,28 +152,20 @@ class LoadedModel:
                 f"prompt of {n_tokens} tokens is longer than {self.name}'s context of {self.info.max_positions}"
             )
 
-    def to_tokens(self, text: str | list[str], prepend_bos: bool = True) -> torch.Tensor:
-        """Tokenise one text (or several of equal token length) with an explicit BOS choice."""
+    def to_tokens(self, text: str | list[str], prefix: bool = True) -> torch.Tensor:
+        """Tokenise one raw text (or several of equal token length), after the prompt prefix
+        unless ``prefix=False``."""
         texts = [text] if isinstance(text, str) else text
-        rows = []
-        for t in texts:
-            ids = list(self.tokenizer(t, add_special_tokens=False)["input_ids"])
-            if prepend_bos and self.bos_token_id is not None:
-                ids = [self.bos_token_id, *ids]
-            rows.append(ids)
+        rows = [self.encode(t, prefix) for t in texts]
         if len({len(r) for r in rows}) != 1:
             raise UserError("texts have different token lengths; pad them explicitly")
         self.check_length(len(rows[0]))
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
-    @property
-    def bos_token_id(self) -> int | None:
-        bos: Any = self.tokenizer.bos_token_id
-        if bos is None:
-            bos = getattr(self.hf.config, "bos_token_id", None)
-        if isinstance(bos, list):  # some configs list several
-            bos = bos[0] if bos else None
-        return None if bos is None else int(bos)
+    def encode(self, text: str, prefix: bool = True) -> list[int]:
+        """One raw text's token ids, after the prompt prefix unless ``prefix=False``."""
+        ids = [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        return [*self.prefix.ids, *ids] if prefix else ids
 
     def run(
         self,

@@ -26,7 +26,7 @@ def ordinary_token_range(model: LoadedModel) -> tuple[int, int]:
 def repeated_random_tokens(
     model: LoadedModel, batch: int, length: int, seed: int
 ) -> Int[torch.Tensor, "batch seq"]:
-    """BOS (when the model has one) + ``length`` random tokens, repeated twice.
+    """The prompt prefix (when the model has one) + ``length`` random tokens, repeated twice.
 
     Drawn from a CPU generator seeded with ``seed``, so the same seed gives the same batch on
     every machine.
@@ -34,11 +34,5 @@ def repeated_random_tokens(
     low, high = ordinary_token_range(model)
     gen = torch.Generator().manual_seed(seed)
     block = torch.randint(low, high, (batch, length), generator=gen)
-    parts = [block, block]
-    if model.bos_token_id is not None:
-        parts.insert(0, torch.full((batch, 1), model.bos_token_id, dtype=torch.long))
-    return torch.cat(parts, dim=1)
-
-
-def bos_offset(model: LoadedModel) -> int:
-    return 1 if model.bos_token_id is not None else 0
+    prefix = torch.tensor(model.prefix.ids, dtype=torch.long).expand(batch, len(model.prefix))
+    return torch.cat([prefix, block, block], dim=1)

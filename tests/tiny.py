@@ -11,15 +11,28 @@ from interp.model import LoadedModel, Provenance
 VOCAB = 128
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<bos>": 0, "<eos>": 1, "<pad>": 2, "<unk>": 3}
-    for i in range(4, VOCAB):
+def tiny_tokenizer(
+    specials: tuple[str, ...] = ("<bos>", "<eos>", "<pad>", "<unk>"),
+    bos: str | None = "<bos>",
+    eos: str = "<eos>",
+    chat_template: str | None = None,
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``specials`` then ``w<i>`` words, VOCAB ids in all.
+
+    The defaults are a plain BOS and no chat template; the prompt-prefix tests also build one
+    whose BOS is a chat-turn marker and one without a BOS."""
+    vocab = {t: i for i, t in enumerate(specials)}
+    for i in range(len(specials), VOCAB):
         vocab[f"w{i}"] = i
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>" if "<unk>" in vocab else None))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos,
+        pad_token="<pad>" if "<pad>" in vocab else None, unk_token="<unk>" if "<unk>" in vocab else None,
     )
+    if chat_template is not None:
+        out.chat_template = chat_template
+    return out
 
 
 def tiny_llama(seed: int = 0, n_layers: int = 3) -> LlamaForCausalLM:

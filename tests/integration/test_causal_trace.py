@@ -67,7 +67,7 @@ def test_known_filter_matches_plain_forward_on_smol(smol: LoadedModel, plain_smo
     facts = ct.load_facts()[:12]
     df = known_facts(smol, facts)
     for fact, known in zip(facts, df["known"], strict=True):
-        ids = torch.tensor([[smol.bos_token_id, *smol.tokenizer(fact.prompt, add_special_tokens=False)["input_ids"]]])
+        ids = torch.tensor([smol.encode(fact.prompt)])
         first = smol.tokenizer(" " + fact.answer, add_special_tokens=False)["input_ids"][0]
         with torch.no_grad():
             top = int(plain_smol(ids).logits[0, -1].argmax())

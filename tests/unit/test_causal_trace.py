@@ -338,7 +338,7 @@ def test_shipped_dataset_is_valid() -> None:
 def test_subject_span_and_answer_tokens(tiny_model: LoadedModel) -> None:
     ids, s, e = subject_span(tiny_model, PROMPT, SUBJECT)
     assert (s, e) == (3, 6)
-    assert ids[0] == tiny_model.bos_token_id
+    assert ids[0] == tiny_model.prefix.token_id
     assert ids[s:e] == [17, 23, 40]
     # the LAST occurrence of the subject is traced
     _, s2, e2 = subject_span(tiny_model, "w6 w7 w6 w8", "w6")
