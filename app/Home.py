@@ -88,11 +88,12 @@ else:
     models = (
         runs.groupby("model", as_index=False)
         .agg(runs=("id", "count"), detectors=("detector", lambda d: ", ".join(sorted(set(d)))),
-             source=("source", "first"), dtype=("dtype", "first"), device=("device", "first"))
+             source=("source", "first"), dtype=("dtype", "first"), device=("device", "first"),
+             prefix=("prefix", "first"))
     )
     st.markdown("**models**")
     st.dataframe(models, hide_index=True)
-    shown = ["id", "detector", "variant", "model", "status", "n_units", "duration_s", "created_at", "error"]
+    shown = ["id", "detector", "variant", "model", "prefix", "status", "n_units", "duration_s", "created_at", "error"]
     st.markdown("**runs** (newest first)")
     st.dataframe(runs[shown], hide_index=True, column_config={"duration_s": st.column_config.NumberColumn(format="%.1f")})
     row = dash.select_run(runs, key="home-run", label="details of run")
@@ -178,6 +179,11 @@ c1, c2 = st.columns(2)
 model_choice = c1.selectbox("model", [*_zoo_names(), LOCAL], key="start-model")
 folder = c2.text_input("local model folder (with config.json)", key="start-folder",
                        disabled=model_choice != LOCAL)
+prefix = st.text_input(
+    "prompt prefix", value="auto", key="start-prefix",
+    help="the token raw-text prompts start with: auto (the model's document separator, never a "
+         "chat-turn marker), none, or a token such as <|endoftext|>",
+).strip() or "auto"
 
 if mode == "single detector" and registry:
     det_name = st.selectbox("detector", list(registry), key="start-detector")
@@ -204,7 +210,7 @@ if mode == "single detector" and registry:
                     raw[name] = str(uploads.save_upload(ws, upload.name, upload.getvalue(),
                                                         uploads.required_columns(name)))
             parsed = det.parse_params(raw)
-            argv = ["run", det_name, "--model", model]
+            argv = ["run", det_name, "--model", model, "--prefix", prefix]
             for k, v in parsed.items():
                 if k in raw:
                     argv += [f"--{k.replace('_', '-')}", str(v).lower() if isinstance(v, bool) else str(v)]
@@ -224,7 +230,7 @@ elif mode == "scan" and registry:
             model = _check_model(model_choice, folder)
             if not chosen:
                 raise UserError("choose at least one detector")
-            _start(["scan", "--model", model, "--detectors", ",".join(chosen)],
+            _start(["scan", "--model", model, "--prefix", prefix, "--detectors", ",".join(chosen)],
                    f"scan ({', '.join(chosen)}) on {Path(model).name}")
         except UserError as exc:
             st.error(str(exc))

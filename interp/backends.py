@@ -73,6 +73,25 @@ class Backend:
         raise NotImplementedError
 
 
+def _bridge_label(name: str) -> str:
+    """The name handed to TransformerLens, which records it as the bridge's ``cfg.model_name``.
+
+    It is only a label (the bridge gets our HF model and tokenizer), but TransformerLens first
+    looks it up in its table of deprecated model aliases and, on a match, logs a deprecation
+    notice and records the official name of *its* model instead, which need not be ours: the
+    zoo's ``qwen2.5-0.5b`` is Qwen2.5-Coder-0.5B-Instruct, TransformerLens's alias means
+    Qwen/Qwen2.5-0.5B (hub ids such as ``EleutherAI/pythia-1.3b`` are aliases too). Such a name
+    gets a prefix that no alias has.
+    """
+    try:
+        from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+
+        is_alias = resolve_model_alias(name) is not None
+    except Exception:  # the table moved or is unreadable: do not risk the lookup
+        is_alias = True
+    return f"interp:{name}" if is_alias else name
+
+
 class BridgeBackend(Backend):
     name = "bridge"
 
@@ -88,7 +107,7 @@ class BridgeBackend(Backend):
         tok.init_kwargs.setdefault("name_or_path", model.name)
         with contextlib.redirect_stdout(None):
             self.bridge = TransformerBridge.boot_transformers(
-                model.name, hf_model=model.hf, tokenizer=tok, device=str(model.device)
+                _bridge_label(model.name), hf_model=model.hf, tokenizer=tok, device=str(model.device)
             )
         self.bridge.eval()
 

@@ -7,8 +7,11 @@ one-line message, never a traceback (set INTERP_DEBUG=1 to see one for internal 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -36,18 +39,53 @@ WorkspaceOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="hook backend: bridge or nnsight")]
+PrefixOpt = Annotated[
+    str,
+    typer.Option(
+        "--prefix",
+        help="token raw-text prompts start with: auto (the model's document separator, never a "
+        "chat-turn marker), none, or a token such as '<|endoftext|>'",
+    ),
+]
+
+
+# What _quiet_libraries changed, undone by _restore_libraries (--verbose; end of main()).
+_loud = contextlib.ExitStack()
 
 
 def _quiet_libraries() -> None:
-    warnings.filterwarnings("ignore")
+    """Only our own messages and progress bars reach stderr: library warnings, library logging
+    (TransformerLens logs through the root logger, others through their own loggers) and
+    transformers' progress bars are hidden until :func:`_restore_libraries`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _loud.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore")
+    _loud.callback(logging.disable, logging.root.manager.disable)
+    logging.disable(logging.CRITICAL)
     try:
         import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
     except ImportError:
-        pass
+        return
+    tf_logging = transformers.logging
+    _loud.callback(tf_logging.set_verbosity, tf_logging.get_verbosity())
+    if tf_logging.is_progress_bar_enabled():
+        _loud.callback(tf_logging.enable_progress_bar)
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+
+
+def _restore_libraries() -> None:
+    _loud.close()
+
+
+@app.callback()
+def _global_options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="show library warnings and logging (hidden by default)")
+    ] = False,
+) -> None:
+    if verbose:
+        _restore_libraries()
 
 
 def _fail(prefix: str, message: str) -> None:
@@ -69,17 +107,19 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
-def _open_store(workspace: Path | None) -> Any:
+def _open_store(workspace: Path | None, *, create: bool = True) -> Any:
+    """The workspace's store. Only commands that write results create one (``create``); readers
+    get a one-line error for a workspace with no store, and create nothing."""
     from interp.store import Store
 
-    return Store(workspace)
+    return Store(workspace, create=create)
 
 
-def _load(model: str, backend: str) -> Any:
+def _load(model: str, backend: str, prefix: str = "auto") -> Any:
     import interp
 
     err.print(f"[dim]loading {model} ({backend} backend)...[/dim]")
-    return interp.load_model(model, backend=backend)
+    return interp.load_model(model, backend=backend, prefix=prefix)
 
 
 def _heads_table(title: str, heads: list[dict[str, Any]], top: int) -> Table:
@@ -108,6 +148,30 @@ def _print_summary(result: Any, top: int) -> None:
         f"[dim]run {result.run_id}: {result.computed_units} units computed, {result.resumed_units} resumed, "
         f"{result.seconds:.1f}s[/dim]"
     )
+
+
+def _scan_end_lines(model: str, results: dict[str, Any], workspace: Path) -> list[str]:
+    """The scan's last word: what ran, where the results are, how to look at them. Apart from
+    the model name and the paths, every line fits 80 columns."""
+    from interp.store import DB_NAME
+
+    width = max((len(n) for n in results), default=0)
+    lines = [f"scan of {model} done: {len(results)} detector{'' if len(results) == 1 else 's'}"]
+    for name, r in results.items():
+        lines.append(
+            f"  {name:<{width}}  run {r.run_id:<4}  {r.computed_units:>4} units computed, "
+            f"{r.resumed_units:>4} resumed  {r.seconds:7.1f} s"
+        )
+    lines.append(f"results:   {workspace / DB_NAME}")
+    lines.append(f"dashboard: interp app --workspace {shlex.quote(str(workspace))}")
+    return lines
+
+
+def _print_scan_end(model: str, results: dict[str, Any], workspace: Path) -> None:
+    out.print()
+    for line in _scan_end_lines(model, results, workspace):
+        # No markup (a path may hold brackets) and no hard wrap: the command must stay copyable.
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _result_json(result: Any) -> dict[str, Any]:
@@ -175,6 +239,7 @@ def scan(
     ] = None,
     workspace: WorkspaceOpt = None,
     backend: BackendOpt = "bridge",
+    prefix: PrefixOpt = "auto",
     top: Annotated[int, typer.Option(help="rows of each head table")] = 10,
     fresh: Annotated[bool, typer.Option("--fresh", help="start new runs instead of resuming")] = False,
     as_json: JsonOpt = False,
@@ -190,17 +255,22 @@ def scan(
             get_detector(n)
     else:
         names = [n for n, d in registry.items() if d.in_default_scan]
+    for n in names:
+        get_detector(n).parse_params({})  # every detector's parameters checked before loading anything
     store = _open_store(workspace)
-    loaded = _load(model, backend)
+    loaded = _load(model, backend, prefix)
     results = {}
     for name in names:
         result = run_detector(loaded, name, {}, store, resume=not fresh)
         results[name] = result
         if not as_json:
             _print_summary(result, top)
+    ws = store.workspace.resolve()
     if as_json:
-        _emit({"model": loaded.name, "provenance": loaded.provenance.to_dict(),
+        _emit({"model": loaded.name, "provenance": loaded.provenance.to_dict(), "workspace": str(ws),
                "detectors": {n: _result_json(r) for n, r in results.items()}})
+    else:
+        _print_scan_end(loaded.name, results, ws)
 
 
 def _parse_extra(args: list[str]) -> dict[str, Any]:
@@ -231,6 +301,7 @@ def run(
     model: ModelOpt = "smollm2-135m",
     workspace: WorkspaceOpt = None,
     backend: BackendOpt = "bridge",
+    prefix: PrefixOpt = "auto",
     top: Annotated[int, typer.Option(help="rows of the head table")] = 15,
     fresh: Annotated[bool, typer.Option("--fresh", help="start a new run instead of resuming")] = False,
     as_json: JsonOpt = False,
@@ -243,7 +314,7 @@ def run(
     params = _parse_extra(list(ctx.args))
     det.parse_params(params)  # fail on bad parameters before loading anything
     store = _open_store(workspace)
-    loaded = _load(model, backend)
+    loaded = _load(model, backend, prefix)
     result = run_detector(loaded, detector, params, store, resume=not fresh)
     if as_json:
         _emit({"model": loaded.name, **_result_json(result)})
@@ -254,7 +325,7 @@ def run(
 @app.command()
 def runs(workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
     """List the runs stored in a workspace."""
-    store = _open_store(workspace)
+    store = _open_store(workspace, create=False)
     df = store.runs()
     if as_json:
         _emit({"runs": json.loads(df.to_json(orient="records"))})
@@ -280,7 +351,10 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Export stored results as CSV or Parquet files, one per table."""
-    store = _open_store(workspace)
+    from interp.store import check_export_format
+
+    check_export_format(fmt)  # bad arguments first, then a missing store
+    store = _open_store(workspace, create=False)
     files = store.export(run_id, out_dir, fmt=fmt)
     if as_json:
         _emit({"files": [str(f) for f in files]})
@@ -303,7 +377,8 @@ def dashboard(
         raise UserError(f"the dashboard is not installed: {entry} is missing (run from a source checkout)")
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be in 1..65535, got {port}")
-    store = _open_store(workspace)  # fails here, in one line, on an unwritable workspace
+    # Fails here, in one line, on a workspace with no store (nothing to show: run a scan first).
+    store = _open_store(workspace, create=False)
     ws = store.workspace.resolve()
     store.close()
     cmd = [
@@ -359,6 +434,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _fail("internal error", f"{type(e).__name__}: {e} (INTERP_DEBUG=1 shows the traceback)")
         raise SystemExit(1) from None
+    finally:
+        _restore_libraries()  # main() also runs in-process (tests, notebooks)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from interp.errors import StoreError, UserError
+from interp.prefix import describe_stored
 from interp.registry import UnitResult
 
 SCHEMA_VERSION = 1
@@ -181,13 +182,16 @@ def run_key(
     params: Mapping[str, Any],
     dataset_hash: str | None,
     seed: int | None,
+    prefix: Mapping[str, Any] | None = None,
 ) -> str:
     """The identity of a run: sha256 of the canonical JSON of what determines its results.
 
     The model hash is preferred to the name so that a renamed or re-downloaded copy of the same
-    weights maps to the same key, and changed weights under the same name do not.
+    weights maps to the same key, and changed weights under the same name do not. ``prefix``
+    is the prompt prefix (:class:`interp.prefix.PromptPrefix` as a dict): it changes every
+    raw-text input, so runs made with different prefixes never resume into each other.
     """
-    identity = [model_hash or model, detector, variant, dict(params), dataset_hash, seed]
+    identity = [model_hash or model, detector, variant, dict(params), dataset_hash, seed, prefix]
     return hashlib.sha256(_canonical_json(identity, "params").encode()).hexdigest()
 
 
@@ -246,6 +250,18 @@ def _ensure_writable(path: Path) -> None:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise StoreError(f"workspace {path} is not writable: {reason}") from None
+
+
+def _prefix_of(provenance_json: str | None) -> Any:
+    try:
+        return json.loads(provenance_json).get("prefix") if provenance_json else None
+    except (ValueError, AttributeError):
+        return None
+
+
+def check_export_format(fmt: str) -> None:
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"unknown export format {fmt!r} (formats: {', '.join(EXPORT_FORMATS)})")
 
 
 def _check_table(table: str) -> tuple[tuple[str, str], ...]:
@@ -315,9 +331,20 @@ class Store:
     Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, workspace: str | Path | None = None) -> None:
+    def __init__(self, workspace: str | Path | None = None, *, create: bool = True) -> None:
+        """Open the store of ``workspace`` (default: ``$INTERP_WORKSPACE`` or ``./.interp``).
+
+        With ``create`` (writers: scan, run) a missing workspace and store are made; without it
+        (readers: runs, export, the dashboard's launcher) a workspace with no ``results.db`` is
+        an error and nothing is created, so a mistyped path is not silently an empty store.
+        """
         path = Path(workspace).expanduser() if workspace is not None else _default_workspace()
-        _ensure_writable(path)
+        if create:
+            _ensure_writable(path)
+        elif not (path / DB_NAME).is_file():
+            raise StoreError(
+                f"no results store at {path.absolute()} (run `interp scan` or `interp run` to create one)"
+            )
         self.workspace: Path = path
         self.path: Path = path / DB_NAME
         # RLock: a write helper may call a read helper while holding it.
@@ -327,7 +354,9 @@ class Store:
             # isolation_level=None: transactions are opened explicitly (BEGIN IMMEDIATE) so that
             # their bounds are exactly the unit's, and the write lock is taken up front rather than
             # upgraded later, which in WAL mode fails immediately instead of waiting.
-            con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            # mode=rw: a reader never creates the file, even if it vanished since the check.
+            target, uri = (self.path, False) if create else (f"{self.path.absolute().as_uri()}?mode=rw", True)
+            con = sqlite3.connect(target, timeout=30, isolation_level=None, check_same_thread=False, uri=uri)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open results store {self.path}: {exc}") from None
         self._con = con
@@ -438,6 +467,7 @@ class Store:
             params=params,
             dataset_hash=dataset_hash,
             seed=seed,
+            prefix=provenance.get("prefix"),
         )
         params_json = _canonical_json(dict(params), "params")
         provenance_json = _canonical_json(dict(provenance), "provenance")
@@ -507,11 +537,13 @@ class Store:
     def _runs_frame(self, run_id: int | None) -> pd.DataFrame:
         cols = ", ".join(f"r.{c}" for c in RUN_COLUMNS)
         where, params = ("WHERE r.id = ?", (run_id,)) if run_id is not None else ("", ())
-        return self._frame(
+        frame = self._frame(
             f"SELECT {cols}, COUNT(u.unit) AS n_units FROM runs r "
             f"LEFT JOIN units u ON u.run_id = r.id {where} GROUP BY r.id ORDER BY r.id DESC",
             params,
         )
+        frame["prefix"] = [describe_stored(_prefix_of(p)) for p in frame["provenance_json"]]
+        return frame
 
     def delete_run(self, run_id: int) -> None:
         """Delete a run with all its units and rows."""
@@ -528,8 +560,7 @@ class Store:
 
         Table files carry run_id and unit columns. Returns the written paths.
         """
-        if fmt not in EXPORT_FORMATS:
-            raise UserError(f"unknown export format {fmt!r} (formats: {', '.join(EXPORT_FORMATS)})")
+        check_export_format(fmt)
         if run_id is not None:
             self._run_row(run_id)
         out = Path(out_dir).expanduser()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -131,3 +132,30 @@ def test_kill_and_resume_loses_nothing(smol: object, tmp_path: Path) -> None:
     assert max(abs(a[k] - b[k]) for k in a) < 1e-9
     con = sqlite3.connect(db)
     assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
+
+
+def test_scan_ends_with_what_ran_and_where(smol: object, tmp_path: Path) -> None:
+    ws = tmp_path / "scan ws"
+    proc = _cli("scan", "-d", "induction", "--workspace", str(ws))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.rstrip("\n").splitlines()
+    head, *rows, results, dashboard = lines[-4:]
+    assert head == "scan of smollm2-135m done: 1 detector"
+    [row] = rows
+    assert row.split()[:3] == ["induction", "run", "1"]
+    assert "4 units computed" in row
+    assert "0 resumed" in row
+    assert max(len(head), len(row)) <= 80
+    assert results == f"results:   {ws.resolve() / 'results.db'}"
+    command = dashboard.removeprefix("dashboard: ")
+    assert shlex.split(command) == ["interp", "app", "--workspace", str(ws.resolve())]
+    # The printed workspace is the one that holds the run.
+    listed = _cli("runs", "--json", "--workspace", shlex.split(command)[-1])
+    assert [r["id"] for r in json.loads(listed.stdout)["runs"]] == [1]
+    # --json stays one object, now naming the workspace too.
+    again = _cli("scan", "-d", "induction", "--workspace", str(ws), "--json")
+    assert again.returncode == 0, again.stderr
+    [line] = [ln for ln in again.stdout.splitlines() if ln.strip()]
+    obj = json.loads(line)
+    assert obj["workspace"] == str(ws.resolve())
+    assert obj["detectors"]["induction"]["run_id"] == 2  # a finished run is not resumed: run again
