@@ -27,7 +27,7 @@ subsequent token, further tokens, last token (tokens before the subject belong t
 one-token subject counts as both first and last subject token).
 
 Attention knockout (Geva et al. 2023): from the last position, the attention edges to a set of
-source positions (``subject``; ``non_subject`` = every other position except the last, BOS
+source positions (``subject``; ``non_subject`` = every other position except the last, the prompt prefix
 included; ``last`` = itself) are blocked (score -inf before the softmax) in all heads of a window
 of layers centred at L, same window convention as above (default 9). Metric = relative change
 of p(answer first token) = (p_knocked - p_clean) / p_clean; averaged over facts.
@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -49,7 +49,7 @@ from interp.engine import Prob, Sweep, bytes_per_row, run_sweep
 from interp.errors import UserError
 from interp.interventions import AddNoise, Intervention, Knockout
 from interp.model import LoadedModel
-from interp.registry import Detector, Param, Summary, UnitResult, register
+from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
 from interp.runner import run_in_memory
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ KNOWN_METRICS = ("n_facts_in_file", "n_facts_checked", "n_known", "fraction_know
 
 @dataclass(frozen=True)
 class TraceInput:
-    """One fact, tokenised: BOS + prompt, the subject's token range [start, end), the target."""
+    """One fact, tokenised: prompt prefix + prompt, the subject's token range [start, end), the target."""
 
     prompt: str
     subject: str
@@ -105,7 +105,7 @@ def window_layers(layer: int, window: int, n_layers: int) -> list[int]:
 
 def subject_embedding_std(model: LoadedModel, subjects: Iterable[str], batch_size: int = 64) -> float:
     """Std of the embeddings (site ``embed``) of all subject tokens, each subject tokenised alone
-    without BOS, values pooled (ROME's ``collect_embedding_std``)."""
+    without the prompt prefix, values pooled (ROME's ``collect_embedding_std``)."""
     rows = [list(model.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in dict.fromkeys(subjects)]
     rows = [r for r in rows if r]
     if not rows:
@@ -413,6 +413,14 @@ class _FactsDetector(Detector):
             raise UserError("a single-prompt run needs all of --prompt, --subject and --answer")
         return all(given)
 
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        if cls._single(params):
+            if params["subject"] not in params["prompt"]:
+                raise UserError(f"subject {params['subject']!r} not found in prompt {params['prompt']!r}")
+        elif params["facts"]:
+            load_facts(params["facts"])  # a missing or malformed file fails before the model loads
+
     def _facts(self, params: Mapping[str, Any]) -> list[Fact]:
         key = ("facts", params["facts"])
         if key not in self._memo:
@@ -487,20 +495,28 @@ class CausalTraceDetector(_FactsDetector):
         *_COMMON,
         # One fact is ~T x n_layers x 3 cells x N rows (about 9000 rows of ~10 tokens on
         # smollm2-135m), minutes on 2 CPU cores: the default keeps a first look short.
-        Param("limit", int, 2, "how many known facts of the file to trace (in file order)"),
-        Param("samples", int, 10, "N corrupted copies per restoration (ROME: 10)"),
-        Param("noise_factor", float, 3.0, "noise std = this x the std of subject embeddings (ROME: 3)"),
-        Param("noise", float, 0.0, "absolute noise std; overrides noise_factor when > 0"),
-        Param("window", int, 10, "layer window of the MLP and attention restorations (ROME: 10)"),
+        Param("limit", int, 2, "how many known facts of the file to trace (in file order)", low=1),
+        Param("samples", int, 10, "N corrupted copies per restoration (ROME: 10)", low=1),
+        Param("noise_factor", float, 3.0, "noise std = this x the std of subject embeddings (ROME: 3)",
+              low=0, low_open=True),
+        Param("noise", float, 0.0, "absolute noise std; overrides noise_factor when > 0", low=0),
+        Param("window", int, 10, "layer window of the MLP and attention restorations (ROME: 10)", low=1),
         Param("kinds", str, "state,mlp,attn", "what to restore: comma-separated subset of state, mlp, attn"),
-        Param("seed", int, 1, "seed of the noise draw"),
-        Param("memory_mb", float, 512.0, "memory budget of one forward pass (chunks the stacked restorations)"),
+        Param("seed", int, 1, "seed of the noise draw", low=0, high=SEED_MAX),
+        Param("memory_mb", float, 512.0, "memory budget of one forward pass (chunks the stacked restorations)",
+              low=0, low_open=True),
     )
 
     def variant(self, params: Mapping[str, Any]) -> str:
         return "faithful"
 
-    def _kinds(self, params: Mapping[str, Any]) -> list[str]:
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        super().check_params(params)
+        cls._kinds(params)
+
+    @staticmethod
+    def _kinds(params: Mapping[str, Any]) -> list[str]:
         kinds = [k.strip() for k in str(params["kinds"]).split(",") if k.strip()]
         bad = [k for k in kinds if k not in KINDS]
         if bad or not kinds:
@@ -633,11 +649,14 @@ class AttentionKnockoutDetector(_FactsDetector):
     name = "attention-knockout"
     description = "Geva et al. attention knockout: block the last position's attention to subject / non-subject / itself"
     kind = "curves"
+    curve_axes: ClassVar[dict[str, tuple[str, str]]] = dict.fromkeys(
+        KNOCKOUT_SETS, ("layer (centre of the blocked window)", "relative change of p(answer): (p - p_clean) / p_clean")
+    )
     params = (
         *_COMMON,
-        Param("limit", int, 20, "how many known facts of the file to use (in file order)"),
-        Param("window", int, 9, "layers blocked around each layer L: [L - w//2, L + w - w//2)"),
-        Param("memory_mb", float, 512.0, "memory budget of one forward pass"),
+        Param("limit", int, 20, "how many known facts of the file to use (in file order)", low=1),
+        Param("window", int, 9, "layers blocked around each layer L: [L - w//2, L + w - w//2)", low=1),
+        Param("memory_mb", float, 512.0, "memory budget of one forward pass", low=0, low_open=True),
     )
 
     def variant(self, params: Mapping[str, Any]) -> str:
@@ -718,11 +737,13 @@ def heatmap_figure(result: TraceResult, kind: str, indirect: bool = False) -> go
     labels = [f"{t!r}*" if s <= i < e else repr(t) for i, t in enumerate(result.input.token_strs)]
     z = result.indirect(kind) if indirect else result.scores[kind]
     what = {"state": "single restored state", "mlp": "MLP window", "attn": "attention window"}[kind]
+    value = "indirect effect: p(answer) restored - corrupted" if indirect else "p(answer) restored"
     fig = go.Figure(go.Heatmap(z=z, y=labels, x=list(range(z.shape[1])), colorscale="Purples" if kind == "state"
-                               else ("Greens" if kind == "mlp" else "Reds"), colorbar={"title": "p(answer)"}))
+                               else ("Greens" if kind == "mlp" else "Reds"), colorbar={"title": value}))
     fig.update_layout(
         title=f"{what}: p({result.input.answer!r}) restored; clean {result.p_clean:.3f}, corrupted {result.p_corrupted:.3f}",
-        xaxis_title="layer", yaxis={"autorange": "reversed", "type": "category"},
+        xaxis_title="layer" if kind == "state" else "layer (window centre)",
+        yaxis={"title": "token (* = subject)", "autorange": "reversed", "type": "category"},
     )
     return fig
 
@@ -744,7 +765,9 @@ def bucket_figure(table: pd.DataFrame) -> go.Figure:
                     go.Scatter(x=b["layer"], y=b["value"], name=bucket, legendgroup=bucket, showlegend=col == 1),
                     row=1, col=col,
                 )
-    fig.update_layout(title="average indirect effect by token bucket", xaxis_title="layer")
+    fig.update_layout(title="average indirect effect by token bucket")
+    fig.update_xaxes(title_text="layer (window centre for mlp and attn)")
+    fig.update_yaxes(title_text="average indirect effect: p(answer) restored - corrupted", row=1, col=1)
     return fig
 
 
@@ -757,5 +780,6 @@ def knockout_figure(curves: pd.DataFrame) -> go.Figure:
         c = curves[curves["curve"] == which]
         if len(c):
             fig.add_trace(go.Scatter(x=c["x"], y=c["y"], name=f"last -> {which} blocked"))
-    fig.update_layout(title="attention knockout", xaxis_title="layer (window centre)", yaxis_title="relative change of p")
+    x_title, y_title = AttentionKnockoutDetector.curve_axes[KNOCKOUT_SETS[0]]
+    fig.update_layout(title="attention knockout", xaxis_title=x_title, yaxis_title=y_title)
     return fig

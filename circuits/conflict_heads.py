@@ -65,7 +65,7 @@ from circuits.conflicts import (
 from interp.errors import UserError
 from interp.interventions import Intervention, Patch
 from interp.model import LoadedModel
-from interp.registry import Detector, Param, Summary, UnitResult, register
+from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
 
 NORM_VARIANTS = ("recomputed", "frozen")
 FROZEN = (
@@ -411,7 +411,8 @@ def rates_figure(table: pd.DataFrame, title: str = "memory vs context rates") ->
     fig = go.Figure()
     for col, name in (("memory_rate", "memory"), ("context_rate", "context"), ("other_rate", "neither")):
         fig.add_bar(x=label, y=table[col], name=name)
-    fig.update_layout(barmode="group", title=title, yaxis_title="rate (top-1)", yaxis_range=[0, 1])
+    fig.update_layout(barmode="group", title=title, xaxis_title="condition" if "label" in table else "prompt format / split",
+                      yaxis_title="rate (fraction of items, top-1)", yaxis_range=[0, 1])
     return fig
 
 
@@ -428,14 +429,18 @@ class ConflictHeadsDetector(Detector):
     )
     kind = "head_scores"
     params = (
-        Param("seed", int, 0, "seed of the context answers and of the validation/test split"),
+        Param("seed", int, 0, "seed of the context answers and of the validation/test split", low=0, high=SEED_MAX),
         *DATASET_PARAMS,
         Param("norm", str, "recomputed", "final norm in path patching: recomputed or frozen", NORM_VARIANTS),
         Param("total_effect", bool, False, "also run total-effect patching (downstream recomputed)"),
-        Param("total_items", int, 4, "validation items per format for total-effect patching"),
-        Param("top", int, 10, "heads per kind listed in the metrics and used for top-k overlap"),
-        Param("batch_size", int, 16, "prompts per forward pass"),
+        Param("total_items", int, 4, "validation items per format for total-effect patching", low=1),
+        Param("top", int, 10, "heads per kind listed in the metrics and used for top-k overlap", low=1),
+        Param("batch_size", int, 16, "prompts per forward pass", low=1),
     )
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        parse_formats(params["formats"])
 
     def __init__(self) -> None:
         self._datasets: dict[tuple[Any, ...], ConflictDataset] = {}

@@ -84,8 +84,9 @@ class Fact:
 DATASET_PARAMS = (
     Param("formats", str, "restated,qa", "comma-separated prompt formats (restated, qa)"),
     Param("facts", str, "auto", "facts source: auto (circuits.facts if present) or builtin", ("auto", "builtin")),
-    Param("val_fraction", float, 0.5, "fraction of items in the validation split"),
-    Param("max_items", int, 80, "keep a seeded subset of this many known items (0 = all)"),
+    Param("val_fraction", float, 0.5, "fraction of items in the validation split", low=0, high=1,
+          low_open=True, high_open=True),
+    Param("max_items", int, 80, "keep a seeded subset of this many known items (0 = all)", low=0),
 )
 METRIC_COLUMNS = ["name", "value", "ci_low", "ci_high", "n"]
 
@@ -214,7 +215,7 @@ def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def answer_tokens(model: LoadedModel, answer: str) -> list[int]:
-    """Token ids of an answer as it follows a prompt: with a leading space, no BOS."""
+    """Token ids of an answer as it follows a prompt: with a leading space, no prompt prefix."""
     ids = list(model.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"])
     if not ids:
         raise UserError(f"answer {answer!r} tokenises to nothing")
@@ -298,7 +299,7 @@ class ConflictDataset:
 def grouped_by_length(
     model: LoadedModel, prompts: Sequence[str], batch_size: int
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Batches of prompts of equal token length (with BOS), so no padding is ever needed.
+    """Batches of prompts of equal token length (after the prompt prefix), so no padding is ever needed.
 
     Yields (indices into ``prompts``, token ids [b, p]) in a deterministic order.
     """

@@ -141,17 +141,12 @@ def combine(
 # ---------------------------------------------------------------- batching helpers
 
 
-def encode(model: LoadedModel, prompts: Sequence[str | Sequence[int]], prepend_bos: bool = True) -> list[list[int]]:
-    """Token ids per prompt: text is tokenised without special tokens, BOS added explicitly;
-    token lists are taken as they are."""
+def encode(model: LoadedModel, prompts: Sequence[str | Sequence[int]], prefix: bool = True) -> list[list[int]]:
+    """Token ids per prompt: text is tokenised after the prompt prefix (unless ``prefix`` is
+    False); token lists are taken as they are."""
     rows: list[list[int]] = []
     for p in prompts:
-        if isinstance(p, str):
-            ids = [int(i) for i in model.tokenizer(p, add_special_tokens=False)["input_ids"]]
-            if prepend_bos and model.bos_token_id is not None:
-                ids = [model.bos_token_id, *ids]
-        else:
-            ids = [int(i) for i in p]
+        ids = model.encode(p, prefix) if isinstance(p, str) else [int(i) for i in p]
         if not ids:
             raise UserError("empty prompt")
         rows.append(ids)
@@ -159,7 +154,7 @@ def encode(model: LoadedModel, prompts: Sequence[str | Sequence[int]], prepend_b
 
 
 def pad_id(model: LoadedModel) -> int:
-    for cand in (model.tokenizer.pad_token_id, model.tokenizer.eos_token_id, model.bos_token_id):
+    for cand in (model.tokenizer.pad_token_id, model.tokenizer.eos_token_id, model.tokenizer.bos_token_id):
         if isinstance(cand, int):
             return cand
     return 0
@@ -308,14 +303,14 @@ def decore_generate(
     alpha_cap: float | None = None,
     prefill: Prefill = "masked",
     stop_at_newline: bool = False,
-    prepend_bos: bool = True,
+    prefix: bool = True,
     batch_size: int = 16,
 ) -> list[Generation]:
     """DeCoRe greedy decoding of each prompt until EOS (or a newline, with ``stop_at_newline``)
     or ``max_new_tokens``. ``heads`` are (layer, head) pairs to mask; none makes it greedy."""
     settings = DecoreSettings(alpha=alpha, normalize_entropy=normalize_entropy, alpha_cap=alpha_cap,  # type: ignore[arg-type]
                               method=method, prefill=prefill)
-    return _generate(model, prompts, heads, settings, max_new_tokens, stop_at_newline, prepend_bos,
+    return _generate(model, prompts, heads, settings, max_new_tokens, stop_at_newline, prefix,
                      batch_size, contrast=True)
 
 
@@ -325,11 +320,11 @@ def greedy_generate(
     *,
     max_new_tokens: int = 32,
     stop_at_newline: bool = False,
-    prepend_bos: bool = True,
+    prefix: bool = True,
     batch_size: int = 16,
 ) -> list[Generation]:
     """Plain greedy decoding through the same batched, left-padded, cached loop."""
-    return _generate(model, prompts, [], DecoreSettings(), max_new_tokens, stop_at_newline, prepend_bos,
+    return _generate(model, prompts, [], DecoreSettings(), max_new_tokens, stop_at_newline, prefix,
                      batch_size, contrast=False)
 
 
@@ -340,7 +335,7 @@ def _generate(
     settings: DecoreSettings,
     max_new_tokens: int,
     stop_at_newline: bool,
-    prepend_bos: bool,
+    prefix: bool,
     batch_size: int,
     contrast: bool,
 ) -> list[Generation]:
@@ -349,7 +344,7 @@ def _generate(
     if not prompts:
         raise UserError("no prompts given")
     heads = check_heads(model, heads)
-    rows = encode(model, prompts, prepend_bos)
+    rows = encode(model, prompts, prefix)
     out: list[Generation] = []
     for chunk in _batches(len(rows), batch_size):
         out.extend(_decode_batch(model, [rows[i] for i in chunk], heads, settings, max_new_tokens,
@@ -372,7 +367,7 @@ def decore_score(
     alpha_cap: float | None = None,
     alpha_scope: Literal["token", "prefix"] = "token",
     post_softmax: bool = False,
-    prepend_bos: bool = True,
+    prefix: bool = True,
     batch_size: int = 16,
 ) -> pd.DataFrame:
     """Score each candidate answer of each prompt: the sum over its tokens of the combined
@@ -388,7 +383,7 @@ def decore_score(
     if len(prompts) != len(answers):
         raise UserError(f"{len(prompts)} prompts but {len(answers)} answer lists")
     heads = check_heads(model, heads)
-    prompt_rows = encode(model, prompts, prepend_bos)
+    prompt_rows = encode(model, prompts, prefix)
     pairs: list[tuple[int, int, list[int], list[int]]] = []
     for pi, (p, cands) in enumerate(zip(prompt_rows, answers, strict=True)):
         if not cands:
@@ -503,6 +498,7 @@ def decore_cli(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="length limit")] = 32,
     stop_at_newline: Annotated[bool, typer.Option("--stop-at-newline", help="stop at a newline token")] = False,
     backend: Annotated[str, typer.Option("--backend", help="hook backend (the KV cache needs bridge)")] = "bridge",
+    prefix: Annotated[str, typer.Option("--prefix", help="token prompts start with: auto, none or a token")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ) -> None:
     """DeCoRe decoding next to greedy decoding, for one or more prompts."""
@@ -510,18 +506,24 @@ def decore_cli(
 
     import interp
 
+    # Every option is checked here, before the model is loaded (only head indices and --k
+    # against the model's head count need it).
     if not prompt:
         raise UserError("give at least one --prompt")
+    if k < 0:
+        raise UserError(f"--k must be >= 1, got {k}")
     if bool(heads) == bool(k):
         raise UserError("give either --heads L.H,... or --k K (not both, not neither)")
-    if k < 0:
-        raise UserError("--k must be >= 1")
+    if heads:
+        parse_heads(heads)
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     settings = DecoreSettings(alpha=alpha, normalize_entropy=normalize_entropy,  # type: ignore[arg-type]
                               alpha_cap=alpha_cap or None, method=method, prefill=prefill)  # type: ignore[arg-type]
     if ranking_mode not in ("fast", "faithful"):
         raise UserError(f"--ranking-mode must be fast or faithful, got {ranking_mode!r}")
     sys.stderr.write(f"loading {model}...\n")
-    m = interp.load_model(model, backend=backend)
+    m = interp.load_model(model, backend=backend, prefix=prefix)
     ranking_record: dict[str, Any] | None = None
     if heads:
         masked = parse_heads(heads, m)

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -54,7 +54,7 @@ from circuits.decore import (
 from circuits.retrieval import RETRIEVAL_THRESHOLD, parse_heads
 from interp.errors import UserError
 from interp.model import LoadedModel
-from interp.registry import Detector, Param, Summary, UnitResult, register
+from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -371,20 +371,32 @@ class DecoreEvalDetector(Detector):
     name = "decore-eval"
     description = "DeCoRe vs greedy vs random-head control on NQ-Swap-style, MemoTrap-style and closed-book items"
     kind = "metrics"
+    # Curves "<task>:<split>:<method>": accuracy against k.
+    curve_axes: ClassVar[dict[str, tuple[str, str]]] = {"*:*:*": ("k (retrieval heads masked)", "accuracy (fraction of items)")}
     params = (
         Param("heads", str, "", "retrieval ranking LAYER.HEAD,... best first (empty: compute it with 'retrieval')"),
         Param("ranking_mode", str, "fast", "retrieval score used to rank heads when 'heads' is empty",
               choices=("fast", "faithful")),
         Param("ks", str, "1,3,10,30", "k values to sweep (heads masked)"),
         Param("tasks", str, ",".join(TASKS), "tasks: nqswap, memotrap, closedbook"),
-        Param("max_items", int, 0, "at most this many items per task and split (0 = all)"),
+        Param("max_items", int, 0, "at most this many items per task and split (0 = all)", low=0),
         Param("exclude_top", int, -1, "control heads are drawn outside this top of the ranking "
-              "(-1: max of ks and the heads scoring above 0.1)"),
+              "(-1: max of ks and the heads scoring above 0.1)", low=-1),
         Param("method", str, "uniform", "masking: uniform (zero the query, the reference) or zero (head output)",
               choices=("uniform", "zero")),
-        Param("seed", int, 0, "seed of the conflict substitutes, the splits and the control draws"),
-        Param("batch_size", int, 16, "prompts per batch"),
+        Param("seed", int, 0, "seed of the conflict substitutes, the splits and the control draws",
+              low=0, high=SEED_MAX),
+        Param("batch_size", int, 16, "prompts per batch", low=1),
     )
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        ks = _parse_ks(params["ks"])
+        cls._tasks(params)
+        if params["heads"]:
+            ranked = parse_heads(params["heads"])
+            if len(ranked) < max(ks):
+                raise UserError(f"'heads' lists {len(ranked)} heads, fewer than the largest k={max(ks)}")
 
     def variant(self, params: Mapping[str, Any]) -> str:
         return f"{params['method']}-mask;masked-prefill"
@@ -392,7 +404,8 @@ class DecoreEvalDetector(Detector):
     def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
         return data_hash(build_tasks(model, params["seed"], params["max_items"], self._tasks(params)))
 
-    def _tasks(self, params: Mapping[str, Any]) -> list[str]:
+    @staticmethod
+    def _tasks(params: Mapping[str, Any]) -> list[str]:
         names = [t.strip() for t in params["tasks"].split(",") if t.strip()]
         bad = [t for t in names if t not in TASKS]
         if bad or not names:
@@ -407,6 +420,17 @@ class DecoreEvalDetector(Detector):
             ranked = parse_heads(params["heads"], model)
             if len(ranked) < max(ks):
                 raise UserError(f"'heads' lists {len(ranked)} heads, fewer than the largest k={max(ks)}")
+        if params["exclude_top"] >= 0:
+            # The control draws max(ks) heads outside the top max(exclude_top, max(ks)) of the ranking
+            # (with exclude_top -1 that top depends on the ranking's scores: checked when drawn).
+            total = model.info.n_total_heads
+            n_ranked = len(parse_heads(params["heads"])) if params["heads"] else total
+            pool = total - min(self._exclude_top(params, {}), n_ranked)
+            if pool < max(ks):
+                raise UserError(
+                    f"only {pool} of the model's {total} heads lie outside the top {total - pool} of the "
+                    f"ranking (exclude_top); cannot draw k={max(ks)} control heads"
+                )
         units = [] if params["heads"] else ["ranking"]
         for task in self._tasks(params):
             units.append(f"{task}/greedy/k0")

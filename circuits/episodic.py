@@ -31,7 +31,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -44,8 +44,8 @@ from circuits.induction import INDUCTION_THRESHOLD, copy_losses, head_scores_fro
 from interp.errors import UserError
 from interp.interventions import Intervention, ablate_heads
 from interp.model import LoadedModel
-from interp.registry import Detector, Param, Summary, UnitResult, register
-from interp.tokens import bos_offset, repeated_random_tokens
+from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
+from interp.tokens import repeated_random_tokens
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -146,7 +146,7 @@ class ListPrompts:
 
 def repeated_lists(model: LoadedModel, batch: int, length: int, seed: int) -> ListPrompts:
     tokens = repeated_random_tokens(model, batch, length, seed)
-    return ListPrompts(tokens, bos_offset(model), length, torch.arange(length).expand(batch, length).clone())
+    return ListPrompts(tokens, len(model.prefix), length, torch.arange(length).expand(batch, length).clone())
 
 
 def frequent_tokens(model: LoadedModel, n: int) -> tuple[list[int], int]:
@@ -173,7 +173,7 @@ def frequent_tokens(model: LoadedModel, n: int) -> tuple[list[int], int]:
 
 def mistry_lists(model: LoadedModel, batch: int, length: int, seed: int) -> ListPrompts:
     """Mistry et al.: the ``length`` most frequent tokens in a random order, then again in
-    another random order (BOS first when the model has one)."""
+    another random order (after the prompt prefix, when the model has one)."""
     vocab, _ = frequent_tokens(model, length)
     pool = torch.tensor(vocab)
     gen = torch.Generator().manual_seed(seed)
@@ -181,12 +181,9 @@ def mistry_lists(model: LoadedModel, batch: int, length: int, seed: int) -> List
     for _ in range(batch):
         first = pool[torch.randperm(length, generator=gen)]
         order = torch.randperm(length, generator=gen)  # second-list k shows first-list order[k]
-        parts = [first, first[order]]
-        if model.bos_token_id is not None:
-            parts.insert(0, torch.tensor([model.bos_token_id]))
-        rows.append(torch.cat(parts))
+        rows.append(torch.cat([torch.tensor(model.prefix.ids, dtype=torch.long), first, first[order]]))
         matches.append(order)
-    return ListPrompts(torch.stack(rows), bos_offset(model), length, torch.stack(matches))
+    return ListPrompts(torch.stack(rows), len(model.prefix), length, torch.stack(matches))
 
 
 def lag_crp_from_pattern(
@@ -296,11 +293,12 @@ def _curve_rows(name: str, arr: np.ndarray, xs: Sequence[float] | np.ndarray) ->
 
 _LAG_PARAMS = (
     Param("variant", str, "repeated", "input lists: repeated random tokens, or Mistry et al.'s frequent tokens", ("repeated", "mistry")),
-    Param("seq_len", int, 0, "list length R (0: 50 for repeated, 500 for mistry)"),
-    Param("n_prompts", int, 0, "number of prompts (0: 20 for repeated, 2 for mistry)"),
-    Param("batch_size", int, 0, "prompts per forward pass, one stored unit each (0: 10 repeated, 1 mistry)"),
-    Param("max_lag", int, 8, "lags -max_lag..max_lag"),
-    Param("seed", int, 0, "random seed of the lists"),
+    Param("seq_len", int, 0, "list length R (0: 50 for repeated, 500 for mistry)", low=0),
+    Param("n_prompts", int, 0, "number of prompts (0: 20 for repeated, 2 for mistry)", low=0),
+    Param("batch_size", int, 0, "prompts per forward pass, one stored unit each (0: 10 repeated, 1 mistry)",
+          low=0),
+    Param("max_lag", int, 8, "lags -max_lag..max_lag", low=1),
+    Param("seed", int, 0, "random seed of the lists", low=0, high=SEED_MAX),
 )
 
 
@@ -316,13 +314,26 @@ def _lag_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
 class _LagCRPBase(Detector):
     kind = "curves"
 
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        p = _lag_defaults(params)
+        if p["seq_len"] < p["max_lag"] + 2:
+            default = "" if params["seq_len"] else f" (the {p['variant']} default)"
+            raise UserError(
+                f"need seq_len >= max_lag + 2, got seq_len={p['seq_len']}{default} and max_lag={p['max_lag']}"
+            )
+    curve_axes: ClassVar[dict[str, tuple[str, str]]] = {
+        "lag_crp": ("lag: key - matching position in the first list (tokens)", "attention weight (mean over queries)"),
+        "serial_position": ("serial position in the first list (tokens)", "attention weight (mean over queries)"),
+    }
+
     def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
         p = _lag_defaults(params)
         if p["n_prompts"] < 1 or p["batch_size"] < 1:
             raise UserError("n_prompts and batch_size must be >= 1")
         if p["max_lag"] < 1 or p["seq_len"] < p["max_lag"] + 2:
             raise UserError(f"need max_lag >= 1 and seq_len >= max_lag + 2 (got {p['max_lag']}, {p['seq_len']})")
-        model.check_length(2 * p["seq_len"] + bos_offset(model))
+        model.check_length(2 * p["seq_len"] + len(model.prefix))
         if p["variant"] == "mistry" and p["seq_len"] > model.info.vocab_size // 2:
             raise UserError(f"mistry lists of {p['seq_len']} tokens need a larger vocabulary")
         n, b = p["n_prompts"], p["batch_size"]
@@ -465,10 +476,11 @@ def _metrics_frame(metrics: Mapping[str, Any]) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 
 _GRID_PARAMS = (
-    Param("grid_sims", int, cmr_model.GridSpec().n_sims, "CMR trials per start position and grid point"),
+    Param("grid_sims", int, cmr_model.GridSpec().n_sims, "CMR trials per start position and grid point", low=1),
     Param("grid_estimator", str, cmr_model.GridSpec().estimator, "CMR CRP estimator", ("sampled", "expected")),
-    Param("grid_seed", int, 0, "seed of the CMR simulation"),
-    Param("fit_lag", int, cmr_model.FIT_LAG, "lags -fit_lag..fit_lag enter the CMR distance"),
+    Param("grid_seed", int, 0, "seed of the CMR simulation", low=0, high=SEED_MAX),
+    Param("fit_lag", int, cmr_model.FIT_LAG, "lags -fit_lag..fit_lag enter the CMR distance (at most max_lag)",
+          low=1, high=cmr_model.GridSpec().max_lag),
 )
 
 
@@ -511,11 +523,23 @@ def _by_layer(records: Sequence[Mapping[str, Any]], flag: str) -> dict[int, int]
 class CMRDetector(_LagCRPBase):
     name = "cmr"
     description = "CMR fit of every head's attention lag-CRP (Ji-An et al.): distance, fitted parameters, CMR-like labels"
+    curve_axes: ClassVar[dict[str, tuple[str, str]]] = {
+        **_LagCRPBase.curve_axes,
+        "attn_scaled": ("lag: key - matching position in the first list (tokens)", "attention weight, shifted to min 0 (CMR fit scaled to it)"),
+        "cmr_fit_scaled": ("lag: key - matching position in the first list (tokens)", "attention weight, shifted to min 0 (CMR fit scaled to it)"),
+    }
     in_default_scan = True
     params = (*_LAG_PARAMS, *_GRID_PARAMS)
 
     def variant(self, params: Mapping[str, Any]) -> str:
         return f"{params['variant']}-lists/cmr-grid-{params['grid_estimator']}-{params['grid_sims']}"
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        super().check_params(params)
+        if params["fit_lag"] > params["max_lag"]:
+            raise UserError(f"fit_lag must be <= max_lag ({params['max_lag']}), got {params['fit_lag']}")
+        grid_spec(params)
 
     def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
         if params["fit_lag"] < 1 or params["fit_lag"] > params["max_lag"] or params["fit_lag"] > cmr_model.GridSpec().max_lag:
@@ -590,9 +614,9 @@ class CopyingDetector(Detector):
     kind = "head_scores"
     in_default_scan = True
     params = (
-        Param("seq_len", int, 50, "length R of the random block for the prefix-matching score"),
-        Param("n_prompts", int, 10, "repeated-token prompts for the prefix-matching score"),
-        Param("seed", int, 0, "random seed of the token batch"),
+        Param("seq_len", int, 50, "length R of the random block for the prefix-matching score", low=2),
+        Param("n_prompts", int, 10, "repeated-token prompts for the prefix-matching score", low=1),
+        Param("seed", int, 0, "random seed of the token batch", low=0, high=SEED_MAX),
     )
 
     def variant(self, params: Mapping[str, Any]) -> str:
@@ -601,7 +625,7 @@ class CopyingDetector(Detector):
     def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
         if params["n_prompts"] < 1 or params["seq_len"] < 2:
             raise UserError("n_prompts must be >= 1 and seq_len >= 2")
-        model.check_length(2 * params["seq_len"] + bos_offset(model))
+        model.check_length(2 * params["seq_len"] + len(model.prefix))
         return ["ov", "prefix-matching"]
 
     def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
@@ -617,7 +641,7 @@ class CopyingDetector(Detector):
         with torch.no_grad():
             out = model.run(tokens, cache=["pattern.*"])
         patterns = [out.cache[f"pattern.{layer}"] for layer in range(model.info.n_layers)]
-        scores = head_scores_from_patterns(patterns, params["seq_len"], bos_offset(model))["induction"]
+        scores = head_scores_from_patterns(patterns, params["seq_len"], len(model.prefix))["induction"]
         rows = [
             ("prefix_matching", layer, head, float(scores[layer, head]))
             for layer in range(scores.shape[0])
@@ -674,17 +698,17 @@ class CopyingDetector(Detector):
 
 
 def text_chunks(model: LoadedModel, n: int, seq_len: int, path: Path = TEXT_SAMPLE) -> torch.Tensor:
-    """Non-overlapping windows of the text sample: BOS (when the model has one) + tokens."""
+    """Non-overlapping windows of the text sample: the prompt prefix (when the model has one)
+    + tokens."""
     ids = model.tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-    body = seq_len - bos_offset(model)
+    body = seq_len - len(model.prefix)
     available = len(ids) // body
     if available < 1:
         raise UserError(f"the text sample has {len(ids)} tokens: not one window of {seq_len}")
     n = min(n, available) if n > 0 else available
     rows = torch.tensor(ids[: n * body]).reshape(n, body)
-    if model.bos_token_id is not None:
-        rows = torch.cat([torch.full((n, 1), model.bos_token_id), rows], dim=1)
-    return rows
+    prefix = torch.tensor(model.prefix.ids, dtype=torch.long).expand(n, len(model.prefix))
+    return torch.cat([prefix, rows], dim=1)
 
 
 def per_token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -729,23 +753,41 @@ class EpisodicAblationDetector(Detector):
     name = "episodic-ablation"
     description = "Ablate the top-k heads by a score vs k random heads: ICL score and second-copy loss with CIs"
     kind = "intervention"
+    curve_axes: ClassVar[dict[str, tuple[str, str]]] = {
+        "icl": ("text window (index)", "ICL score: loss at token late - loss at token early (nats)"),
+        "icl_window": ("text window (index)", "windowed ICL score: mean loss difference (nats)"),
+        "second_copy_loss": ("repeated-token prompt (index)", "loss on the second copy (nats per token)"),
+    }
     params = (
         Param("score", str, "cmr", "rank heads by: CMR distance, prefix-matching or copying", ("cmr", "induction", "copying")),
-        Param("k", int, 0, "heads ablated together (0: 10% of all heads, as Ji-An et al.)"),
-        Param("n_draws", int, 3, "random sets of k heads drawn outside the top set"),
+        Param("k", int, 0, "heads ablated together (0: 10% of all heads, as Ji-An et al.)", low=0),
+        Param("n_draws", int, 3, "random sets of k heads drawn outside the top set", low=1),
         Param("method", str, "zero", "ablation of the heads' value vectors (z)", ("zero", "mean")),
-        Param("n_texts", int, 8, "512-token windows of the bundled text (0: all)"),
-        Param("seq_len", int, 512, "tokens per text window, BOS included"),
-        Param("late", int, 500, "ICL score = loss at this token index ..."),
-        Param("early", int, 50, "... minus loss at this one"),
-        Param("window", int, 25, "also report a windowed ICL score: mean loss over `window` tokens ending at each index"),
-        Param("n_single", int, 3, "single-head ablations of the top heads"),
+        Param("n_texts", int, 8, "512-token windows of the bundled text (0: all)", low=0),
+        # 0 < early < late < seq_len - 1 (check_params); the lows are what that implies alone.
+        Param("seq_len", int, 512, "tokens per text window, prompt prefix included", low=4),
+        Param("late", int, 500, "ICL score = loss at this token index ...", low=2),
+        Param("early", int, 50, "... minus loss at this one", low=1),
+        Param("window", int, 25, "also report a windowed ICL score: mean loss over `window` tokens ending at each index",
+              low=1),
+        Param("n_single", int, 3, "single-head ablations of the top heads (at most k)", low=0),
         Param("cum_sizes", str, "1,3", "cumulative ablations of the top-n heads (k is always included)"),
-        Param("rep_len", int, 50, "length R of the repeated random tokens for the second-copy loss"),
-        Param("rep_prompts", int, 8, "repeated-token prompts for the second-copy loss"),
-        Param("batch_size", int, 4, "texts per forward pass"),
-        Param("seed", int, 0, "seed of the random draws and repeated tokens"),
+        Param("rep_len", int, 50, "length R of the repeated random tokens for the second-copy loss", low=2),
+        Param("rep_prompts", int, 8, "repeated-token prompts for the second-copy loss", low=1),
+        Param("batch_size", int, 4, "texts per forward pass", low=1),
+        Param("seed", int, 0, "seed of the random draws and repeated tokens", low=0, high=SEED_MAX),
     )
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        early, late, seq_len = params["early"], params["late"], params["seq_len"]
+        if not 0 < early < late < seq_len - 1:
+            raise UserError(f"need 0 < early < late < seq_len - 1, got early={early}, late={late}, seq_len={seq_len}")
+        if params["window"] > early + 1:
+            raise UserError(f"window must be in 1..early+1 ({early + 1}), got {params['window']}")
+        if params["k"] and params["n_single"] > params["k"]:
+            raise UserError(f"n_single must be in 0..k ({params['k']}), got {params['n_single']}")
+        _parse_sizes(params["cum_sizes"])
 
     def __init__(self) -> None:
         self._ranking_cache: dict[str, list[tuple[int, int]]] = {}
@@ -774,7 +816,7 @@ class EpisodicAblationDetector(Detector):
         if params["n_single"] < 0 or params["n_single"] > k:
             raise UserError(f"n_single must be in 0..k ({k})")
         model.check_length(params["seq_len"])
-        model.check_length(2 * params["rep_len"] + bos_offset(model))
+        model.check_length(2 * params["rep_len"] + len(model.prefix))
         text_chunks(model, max(params["n_texts"], 0), params["seq_len"])
         sizes = [s for s in _parse_sizes(params["cum_sizes"]) if s < k]
         units = ["clean", "top", *(f"random-{d}" for d in range(params["n_draws"]))]
@@ -858,7 +900,7 @@ class EpisodicAblationDetector(Detector):
         rep = repeated_random_tokens(model, params["rep_prompts"], params["rep_len"], params["seed"] + 7919)
         with torch.no_grad():
             logits = model.run(rep, interventions=ivs, sources=sources).logits
-        second = [copy_losses(logits[i : i + 1], rep[i : i + 1], params["rep_len"], bos_offset(model))[1] for i in range(rep.shape[0])]
+        second = [copy_losses(logits[i : i + 1], rep[i : i + 1], params["rep_len"], len(model.prefix))[1] for i in range(rep.shape[0])]
         rows = [("icl", -1, -1, float(i), v) for i, v in enumerate(icl)]
         rows += [("icl_window", -1, -1, float(i), v) for i, v in enumerate(icl_w)]
         rows += [("second_copy_loss", -1, -1, float(i), v) for i, v in enumerate(second)]
@@ -950,6 +992,8 @@ def fig_induction_copying(heads: Sequence[Mapping[str, Any]]) -> go.Figure:
     fig = px.scatter(
         df, x="prefix_matching", y="copying", color="layer", hover_name="label",
         title="Prefix-matching vs OV copying score",
+        labels={"prefix_matching": "prefix-matching score (attention to the token after the earlier copy)",
+                "copying": "OV copying score: sum(eigenvalues) / sum(|eigenvalues|)"},
     )
     fig.add_vline(x=INDUCTION_THRESHOLD, line_dash="dot")
     fig.add_hline(y=0, line_dash="dot")
@@ -978,6 +1022,9 @@ def fig_lag_crp_fits(curves: pd.DataFrame, heads: Sequence[Mapping[str, Any]], n
                 row=r, col=c,
             )
     fig.update_layout(title="Attention lag-CRP (shifted) and CMR fit (scaled)")
+    x_title, y_title = CMRDetector.curve_axes["attn_scaled"]
+    fig.update_xaxes(title_text=x_title)
+    fig.update_yaxes(title_text=y_title, col=1)
     return fig
 
 
@@ -993,7 +1040,8 @@ def fig_cmr_layers(heads: Sequence[Mapping[str, Any]], n_layers: int) -> go.Figu
         go.Bar(x=layers, y=like.values, name=f"distance < {cmr_model.CMR_LIKE}"),
         go.Bar(x=layers, y=strict.values, name=f"distance < {cmr_model.CMR_LIKE_STRICT}"),
     ])
-    fig.update_layout(barmode="group", title="CMR-like heads by layer", xaxis_title="layer", yaxis_title="heads")
+    fig.update_layout(barmode="group", title="CMR-like heads by layer", xaxis_title="layer",
+                      yaxis_title="CMR-like heads (count)")
     return fig
 
 
@@ -1017,5 +1065,7 @@ def fig_ablation(metrics: Mapping[str, Any]) -> go.Figure:
             go.Bar(x=xs, y=ys, error_y={"type": "data", "array": hi, "arrayminus": lo}, showlegend=False),
             row=1, col=i + 1,
         )
+        fig.update_xaxes(title_text="heads ablated", row=1, col=i + 1)
+        fig.update_yaxes(title_text=f"change of {metric} vs clean (nats)", row=1, col=i + 1)
     fig.update_layout(title=f"Ablating top-{metrics['k']} ({metrics['score']}) vs random heads ({metrics['method']})")
     return fig

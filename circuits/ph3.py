@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -54,7 +55,7 @@ from circuits.conflicts import (
 from interp.errors import UserError
 from interp.interventions import Intervention, ScaleValue, ablate_heads
 from interp.model import LoadedModel
-from interp.registry import Detector, Param, Summary, UnitResult, command, register
+from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, command, register
 
 K_GRID: tuple[int, ...] = (1, 3, 5, 7, 9, 15)
 DIRECTIONS = {
@@ -123,7 +124,7 @@ def prune(model: LoadedModel, heads: Sequence[Head]) -> Iterator[LoadedModel]:
 def greedy_generate(
     model: LoadedModel, prompt: str, max_new_tokens: int = 20, interventions: Sequence[Intervention] = ()
 ) -> str:
-    """Greedy continuation of ``prompt`` (BOS prepended) until EOS or ``max_new_tokens``.
+    """Greedy continuation of ``prompt`` (after the prompt prefix) until EOS or ``max_new_tokens``.
 
     ``interventions`` must act on every position alike (ablation, scaling): on the bridge the
     prefix is computed once and each step runs one token against HF's KV cache, so a
@@ -314,7 +315,7 @@ def scaling_figure(curve: pd.DataFrame, rate: str = "context_rate") -> go.Figure
     fig.update_layout(
         title=f"value-vector scaling: {rate.replace('_', ' ')} vs factor",
         xaxis_title="value scale factor",
-        yaxis_title=rate,
+        yaxis_title=f"{rate.replace('_', ' ')} (fraction of items, top-1)",
         yaxis_range=[0, 1],
     )
     return fig
@@ -327,7 +328,20 @@ def parse_factors(text: str) -> list[float]:
         raise UserError(f"bad factors {text!r}: give comma-separated numbers, e.g. 0,0.5,1,2") from None
     if not out:
         raise UserError("no scaling factors given")
+    if not all(math.isfinite(f) for f in out):
+        raise UserError(f"bad factors {text!r}: every factor must be a finite number")
     return out
+
+
+def parse_ks(text: str) -> list[int]:
+    """'1,3,5' -> [1, 3, 5]: the candidate k of the PH3 sweep, positive integers."""
+    try:
+        ks = [int(k) for k in str(text).split(",") if k.strip()]
+    except ValueError:
+        raise UserError(f"bad ks {text!r}: give comma-separated integers") from None
+    if not ks or min(ks) < 1:
+        raise UserError(f"ks must be positive integers, got {text!r}")
+    return ks
 
 
 @register
@@ -338,14 +352,27 @@ class PH3Detector(Detector):
         "rate; k chosen on validation, rates on test; value-vector scaling curves"
     )
     kind = "intervention"
+    curve_axes: ClassVar[dict[str, tuple[str, str]]] = {
+        "validation.*.memory_rate": ("k (heads pruned)", "memory rate (fraction of validation items, top-1)"),
+        "validation.*.context_rate": ("k (heads pruned)", "context rate (fraction of validation items, top-1)"),
+        "test.scale_value.*.memory_rate": ("value scale factor", "memory rate (fraction of test items, top-1)"),
+        "test.scale_value.*.context_rate": ("value scale factor", "context rate (fraction of test items, top-1)"),
+    }
     params = (
-        Param("seed", int, 0, "seed of the context answers, the split and the random-head control"),
+        Param("seed", int, 0, "seed of the context answers, the split and the random-head control",
+              low=0, high=SEED_MAX),
         *DATASET_PARAMS,
         Param("ks", str, "1,3,5,7,9,15", "candidate k (heads pruned), chosen on validation"),
-        Param("scale_heads", int, 1, "top heads of each kind for the value-scaling curve (0 = none)"),
+        Param("scale_heads", int, 1, "top heads of each kind for the value-scaling curve (0 = none)", low=0),
         Param("factors", str, "0,0.5,1,2,4", "value-vector scale factors"),
-        Param("batch_size", int, 32, "prompts per forward pass"),
+        Param("batch_size", int, 32, "prompts per forward pass", low=1),
     )
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        parse_formats(params["formats"])
+        parse_ks(params["ks"])
+        parse_factors(params["factors"])
 
     def __init__(self) -> None:
         self._memo: dict[tuple[Any, ...], Any] = {}
@@ -384,7 +411,7 @@ class PH3Detector(Detector):
             ds = self.dataset(model, params)
             _, mem, ctx = self.heads(model, params)
             formats = parse_formats(params["formats"])
-            ks = [int(k) for k in str(params["ks"]).split(",") if k.strip()]
+            ks = parse_ks(params["ks"])
             pools = {"prune-context": ctx, "prune-memory": mem}
             self._memo[key] = {
                 d: select_k(model, ds.split("validation"), formats, pools[d], d, ks, params["batch_size"])
@@ -397,12 +424,7 @@ class PH3Detector(Detector):
 
     def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
         parse_formats(params["formats"])
-        try:
-            ks = [int(k) for k in str(params["ks"]).split(",") if k.strip()]
-        except ValueError:
-            raise UserError(f"bad ks {params['ks']!r}: give comma-separated integers") from None
-        if not ks or min(ks) < 1:
-            raise UserError("ks must be positive integers")
+        parse_ks(params["ks"])
         parse_factors(params["factors"])
         if params["max_items"] < 0 or params["scale_heads"] < 0 or params["batch_size"] < 1:
             raise UserError("max_items and scale_heads must be >= 0, batch_size >= 1")
@@ -541,10 +563,11 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo name, local HF
 @command("prune")
 def prune_command(
     heads: Annotated[str, typer.Option("--heads", help="heads to prune, LAYER.HEAD comma-separated, e.g. 20.3,25.1")],
-    prompt: Annotated[str, typer.Option("--prompt", help="prompt to continue (BOS is prepended)")],
+    prompt: Annotated[str, typer.Option("--prompt", help="prompt to continue (after the prompt prefix)")],
     model: ModelOpt = "smollm2-135m",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate")] = 20,
     backend: Annotated[str, typer.Option("--backend", help="hook backend: bridge or nnsight")] = "bridge",
+    prefix: Annotated[str, typer.Option("--prefix", help="token prompts start with: auto, none or a token")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ) -> None:
     """Generate with the given heads pruned (zeroed), next to the unpruned generation."""
@@ -557,7 +580,7 @@ def prune_command(
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     parse_heads(heads)
-    loaded = interp.load_model(model, backend=backend)
+    loaded = interp.load_model(model, backend=backend, prefix=prefix)
     hs = parse_heads(heads, loaded)
     unpruned = greedy_generate(loaded, prompt, max_new_tokens)
     with prune(loaded, hs):

@@ -52,13 +52,18 @@ from circuits.needles import (
 from interp.errors import UserError
 from interp.interventions import Intervention, ablate_heads
 from interp.model import LoadedModel
-from interp.registry import Detector, Param, Summary, UnitResult, register
+from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
 from interp.runner import run_in_memory
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 RETRIEVAL_THRESHOLD = 0.1
+# Axis titles of the curves accuracy_curves writes ("<condition>: accuracy vs ...").
+NEEDLE_CURVE_AXES: dict[str, tuple[str, str]] = {
+    "*: accuracy vs depth": ("needle depth (0 = start, 1 = end of the context)", "accuracy (fraction of samples)"),
+    "*: accuracy vs length*": ("context length (tokens)", "accuracy (fraction of samples)"),
+}
 CORRECTNESS = "rouge1_recall>0.5"
 METRIC_COLS = ["name", "value", "ci_low", "ci_high", "n"]
 
@@ -230,19 +235,36 @@ def score_sample_fast(model: LoadedModel, sample: NeedleSample) -> dict[str, Any
 
 def grid_params(n_needles: int = 3) -> tuple[Param, ...]:
     return (
-        Param("min_length", int, 200, "shortest context (filler + needle), tokens"),
-        Param("max_length", int, 800, "longest context, tokens"),
-        Param("n_lengths", int, 3, "context lengths, evenly spaced from min_length to max_length"),
-        Param("n_depths", int, 3, "needle depths, evenly spaced from 0 (start) to 1 (end)"),
-        Param("n_needles", int, n_needles, "needles used, from the start of the needles file (0 = all)"),
+        Param("min_length", int, 200, "shortest context (filler + needle), tokens", low=1),
+        Param("max_length", int, 800, "longest context, tokens (at least min_length)", low=1),
+        Param("n_lengths", int, 3, "context lengths, evenly spaced from min_length to max_length", low=1),
+        Param("n_depths", int, 3, "needle depths, evenly spaced from 0 (start) to 1 (end)", low=1),
+        Param("n_needles", int, n_needles, "needles used, from the start of the needles file (0 = all)", low=0),
         Param("needles_file", str, "", "JSONL of {sentence, question, answer} (default: shipped needles)"),
         Param("haystack_file", str, "", "filler text file (default: shipped public-domain prose)"),
-        Param("max_tokens", int, 1024, "token budget: prompt + decoded tokens stay within it"),
-        Param("max_new_tokens", int, 24, "greedy decoding steps at most (the reference uses 50)"),
+        Param("max_tokens", int, 1024, "token budget: prompt + decoded tokens stay within it", low=2),
+        Param("max_new_tokens", int, 24, "greedy decoding steps at most (the reference uses 50)", low=1),
         Param("prompt_format", str, "auto", "chat template (auto: when the tokenizer has one) or plain",
               choices=("auto", "chat", "plain")),
-        Param("seed", int, 0, "seed of the haystack windows"),
+        Param("seed", int, 0, "seed of the haystack windows", low=0, high=SEED_MAX),
     )
+
+
+def check_grid_params(params: Mapping[str, Any]) -> None:
+    """The relations between the grid parameters, and the data files, checked without a model."""
+    lo, hi = params["min_length"], params["max_length"]
+    if lo > hi:
+        raise UserError(f"min_length must be <= max_length, got min_length={lo} and max_length={hi}")
+    budget, new = params["max_tokens"], params["max_new_tokens"]
+    if hi + new > budget:
+        raise UserError(
+            f"max_length + max_new_tokens must be <= max_tokens (the prompt and its decoding fit the "
+            f"budget), got {hi} + {new} > {budget}"
+        )
+    if params["needles_file"]:
+        load_needles(params["needles_file"])
+    if params["haystack_file"]:
+        load_haystack(params["haystack_file"])
 
 
 @lru_cache(maxsize=8)
@@ -343,12 +365,17 @@ class RetrievalDetector(Detector):
     description = "Retrieval score per query head on needle-in-a-haystack prompts (Wu et al. 2024)"
     kind = "head_scores"
     in_default_scan = True
+    curve_axes = NEEDLE_CURVE_AXES
     params = (
         Param("mode", str, "faithful", "faithful: greedy decoding with a KV cache; fast: teacher-forced answer",
               choices=("faithful", "fast")),
         *grid_params(),
-        Param("min_counted", int, 5, "fewer correctly answered samples than this triggers a loud warning"),
+        Param("min_counted", int, 5, "fewer correctly answered samples than this triggers a loud warning", low=0),
     )
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        check_grid_params(params)
 
     def variant(self, params: Mapping[str, Any]) -> str:
         return "faithful" if params["mode"] == "faithful" else "fast-teacher-forced"
@@ -452,8 +479,9 @@ class RetrievalDetector(Detector):
 # ---------------------------------------------------------------- the masking experiment
 
 
-def parse_heads(text: str, model: LoadedModel) -> list[tuple[int, int]]:
-    """'L.H,L.H,...' -> [(L, H), ...], validated against the model."""
+def parse_heads(text: str, model: LoadedModel | None = None) -> list[tuple[int, int]]:
+    """'L.H,L.H,...' -> [(L, H), ...], validated against the model when given (without one,
+    only the syntax and duplicates: parameter checks before any model is loaded)."""
     out: list[tuple[int, int]] = []
     for part in text.split(","):
         part = part.strip()
@@ -464,7 +492,8 @@ def parse_heads(text: str, model: LoadedModel) -> list[tuple[int, int]]:
             layer, head = int(layer_s), int(head_s)
         except ValueError:
             raise UserError(f"heads must be a comma list of LAYER.HEAD, got {part!r}") from None
-        model.check_head(layer, head)
+        if model is not None:
+            model.check_head(layer, head)
         if (layer, head) in out:
             raise UserError(f"head {part} listed twice")
         out.append((layer, head))
@@ -490,14 +519,15 @@ class RetrievalMaskingDetector(Detector):
     name = "retrieval-masking"
     description = "Needle accuracy with the top-K retrieval heads masked vs K random heads (Wu et al. 2024)"
     kind = "intervention"
+    curve_axes = NEEDLE_CURVE_AXES
     params = (
         Param("heads", str, "", "ranking as LAYER.HEAD,... best first; empty: compute it (faithful retrieval scan)"),
-        Param("top_k", int, 10, "K: how many top retrieval heads to mask"),
+        Param("top_k", int, 10, "K: how many top retrieval heads to mask", low=1),
         Param("method", str, "uniform", "uniform: zero the query (the reference's mask); zero: zero the head output",
               choices=("uniform", "zero")),
-        Param("n_random", int, 3, "draws of K random heads"),
+        Param("n_random", int, 3, "draws of K random heads", low=1),
         Param("exclude_top", int, -1, "random heads are drawn outside the top N of the ranking "
-              "(-1: max(K, 10% of heads); the paper draws outside its top 100)"),
+              "(-1: max(K, 10% of heads); the paper draws outside its top 100)", low=-1),
         Param("ranking_mode", str, "faithful", "score used to rank heads when 'heads' is empty",
               choices=("faithful", "fast")),
         *grid_params(),
@@ -509,15 +539,39 @@ class RetrievalMaskingDetector(Detector):
     def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
         return _file_hash(params)
 
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        check_grid_params(params)
+        if params["heads"]:
+            ranked = parse_heads(params["heads"])
+            if len(ranked) < params["top_k"]:
+                raise UserError(f"'heads' lists {len(ranked)} heads, fewer than top_k={params['top_k']}")
+
+    def _n_exclude(self, model: LoadedModel, params: Mapping[str, Any]) -> int:
+        """How many top heads of the ranking the random draws avoid (at least K)."""
+        k, n_excl = params["top_k"], params["exclude_top"]
+        if n_excl < 0:
+            n_excl = max(k, int(np.ceil(0.1 * model.info.n_total_heads)))
+        return max(n_excl, k)
+
     def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
         if params["top_k"] < 1 or params["n_random"] < 1:
             raise UserError("top_k and n_random must be >= 1")
+        total = model.info.n_total_heads
+        n_ranked = total
         if params["heads"]:
             ranked = parse_heads(params["heads"], model)
             if len(ranked) < params["top_k"]:
                 raise UserError(f"'heads' lists {len(ranked)} heads, fewer than top_k={params['top_k']}")
-        if params["top_k"] >= model.info.n_total_heads:
+            n_ranked = len(ranked)
+        if params["top_k"] >= total:
             raise UserError(f"top_k={params['top_k']} leaves no heads to draw at random")
+        pool = total - min(self._n_exclude(model, params), n_ranked)
+        if pool < params["top_k"]:
+            raise UserError(
+                f"only {pool} of the model's {total} heads lie outside the top {total - pool} of the ranking "
+                f"(exclude_top); cannot draw top_k={params['top_k']} random heads"
+            )
         units = list(samples_for(model, params))
         return units if params["heads"] else ["ranking", *units]
 
@@ -548,10 +602,7 @@ class RetrievalMaskingDetector(Detector):
     def head_sets(self, model: LoadedModel, params: Mapping[str, Any]) -> dict[str, list[tuple[int, int]]]:
         ranked = self.ranking(model, params)
         k = params["top_k"]
-        n_excl = params["exclude_top"]
-        if n_excl < 0:
-            n_excl = max(k, int(np.ceil(0.1 * model.info.n_total_heads)))
-        n_excl = max(n_excl, k)
+        n_excl = self._n_exclude(model, params)
         all_heads = [(la, h) for la in range(model.info.n_layers) for h in range(model.info.n_heads)]
         sets = {"none": [], f"top{k}": ranked[:k]}
         draws = random_head_sets(all_heads, ranked[:n_excl], k, params["n_random"], params["seed"])
@@ -690,9 +741,10 @@ def accuracy_heatmaps(samples: pd.DataFrame, columns: Mapping[str, str]) -> go.F
         grid = accuracy_grid(samples, col)
         fig.add_trace(go.Heatmap(z=grid.values, x=[str(c) for c in grid.columns], y=[f"{d:.2f}" for d in grid.index],
                                  zmin=0, zmax=1, colorscale="RdYlGn", showscale=i == len(columns), name=title,
+                                 colorbar={"title": "accuracy (fraction of samples)"},
                                  hovertemplate=f"{title}<br>length %{{x}}, depth %{{y}}: %{{z:.2f}}<extra></extra>"),
                       row=1, col=i)
         fig.update_xaxes(title_text="context length (tokens)", row=1, col=i)
-    fig.update_yaxes(title_text="needle depth", row=1, col=1)
+    fig.update_yaxes(title_text="needle depth (0 = start, 1 = end of the context)", row=1, col=1)
     fig.update_layout(title="Needle accuracy by context length and depth")
     return fig

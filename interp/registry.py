@@ -9,6 +9,7 @@ the store one by one, so an interrupted run resumes without redoing finished uni
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,17 +23,55 @@ if TYPE_CHECKING:
     from interp.model import LoadedModel
 
 OutputKind = Literal["head_scores", "token_layer", "curves", "metrics", "intervention"]
+# The largest seed a parameter takes (numpy and torch generators accept it on every platform).
+SEED_MAX = 2**32 - 1
 
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter of a detector: name, type, default and help text."""
+    """One parameter of a detector: name, type, default and help text.
+
+    An int or float parameter declares its range: ``low``/``high`` bound it (inclusive unless
+    ``low_open``/``high_open``), or ``unbounded=True`` says that any value is meaningful (a
+    test checks that every numeric parameter does one or the other). :meth:`parse` enforces
+    the range, so a bad value fails before any model is loaded.
+    """
 
     name: str
     type: type
     default: Any
     help: str
     choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    unbounded: bool = False
+
+    @property
+    def bounded(self) -> bool:
+        return self.low is not None or self.high is not None
+
+    def range_text(self) -> str:
+        """The allowed range as written in errors: 'in (0, 1)', 'in [0, 10]', '>= 1', '> 0'."""
+
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else str(x)
+
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{num(self.low)}, "
+                    f"{num(self.high)}{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {num(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {num(self.high)}"
+        return "any value"
+
+    def in_range(self, value: float) -> bool:
+        # Written so that NaN is out of every declared range.
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def parse(self, raw: Any) -> Any:
         """Convert a raw (CLI string or JSON) value, with a clear error on bad input."""
@@ -44,14 +83,23 @@ class Param:
                 if low not in {"1", "0", "true", "false", "yes", "no"}:
                     raise ValueError(raw)
                 value: Any = low in {"1", "true", "yes"}
+            elif self.type is int and isinstance(raw, float):
+                # A JSON number: int() would truncate 2.5 silently.
+                if not raw.is_integer():
+                    raise ValueError(raw)
+                value = int(raw)
             else:
                 value = self.type(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise UserError(
                 f"parameter {self.name!r} expects {self.type.__name__}, got {raw!r}"
             ) from None
         if self.choices is not None and value not in self.choices:
             raise UserError(f"parameter {self.name!r} must be one of {list(self.choices)}, got {value!r}")
+        if self.type is float and not math.isfinite(value):
+            raise UserError(f"parameter {self.name!r} must be a finite number, got {raw!r}")
+        if self.type in (int, float) and not self.in_range(value):
+            raise UserError(f"parameter {self.name!r} must be {self.range_text()}, got {value!r}")
         return value
 
 
@@ -103,6 +151,10 @@ class Detector:
     params: ClassVar[tuple[Param, ...]] = ()
     # Whether ``interp scan`` runs it by default (cheap enough for a first look).
     in_default_scan: ClassVar[bool] = False
+    # (x axis, y axis) titles, with units, of each curve it writes to the ``curves`` table,
+    # keyed by curve name or by an fnmatch pattern ("*: accuracy vs depth"); the first match
+    # wins. The dashboard and interp.figures.curve_axes look them up by the run's detector.
+    curve_axes: ClassVar[dict[str, tuple[str, str]]] = {}
 
     def variant(self, params: Mapping[str, Any]) -> str:
         """The name of the method variant (faithful/fast, zero/mean/uniform ablation...)."""
@@ -127,13 +179,23 @@ class Detector:
         raise NotImplementedError
 
     @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        """Check what single ranges cannot: relations between parameters (min <= max, a list
+        parameter's items, a file parameter's file). Runs in :meth:`parse_params`, before any
+        model is loaded; raise UserError naming the parameters. Checks that need the model
+        (a layer index, a prompt against the context) stay in :meth:`units`."""
+
+    @classmethod
     def parse_params(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """Convert and validate raw parameters: types, ranges, then :meth:`check_params`."""
         known = {p.name: p for p in cls.params}
         unknown = sorted(set(raw) - set(known))
         if unknown:
             names = ", ".join(sorted(known)) or "none"
             raise UserError(f"unknown parameter {unknown[0]!r} for {cls.name!r} (known: {names})")
-        return {name: p.parse(raw.get(name)) for name, p in known.items()}
+        params = {name: p.parse(raw.get(name)) for name, p in known.items()}
+        cls.check_params(params)
+        return params
 
 
 _REGISTRY: dict[str, type[Detector]] = {}
