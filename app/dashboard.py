@@ -292,9 +292,15 @@ def _selected_points(state: Any) -> list[tuple[int, int]]:
 
 
 def show_token_layer(
-    frame: pd.DataFrame, *, key: str, marked: Callable[[Any], list[int]] | None = None, mean: bool = True
+    frame: pd.DataFrame,
+    *,
+    key: str,
+    marked: Callable[[Any], list[int]] | None = None,
+    mean: bool = True,
+    value_title: str | None = None,
 ) -> None:
-    """Heatmaps per kind; with several items, a picker (``mean`` adds the mean over items)."""
+    """Heatmaps per kind; with several items, a picker (``mean`` adds the mean over items).
+    ``value_title`` (what the values are, with units) titles the colour bars after the kind."""
     kinds = sorted(str(k) for k in frame["kind"].dropna().unique()) if "kind" in frame.columns else [""]
     items = sorted({str(i) for i in frame["item"].dropna()}) if "item" in frame.columns else []
     item: str | None = None
@@ -310,7 +316,8 @@ def show_token_layer(
         with cols[i % len(cols)]:
             try:
                 fig = figures.token_layer_heatmap(
-                    rows, None, item, marked_tokens=marked(item) if marked else (), title=kind or None
+                    rows, None, item, marked_tokens=marked(item) if marked else (), title=kind or None,
+                    value_title=f"{kind}: {value_title}" if kind and value_title else (value_title or kind or None),
                 )
             except UserError as exc:
                 st.info(f"{kind}: {exc}")
@@ -318,11 +325,27 @@ def show_token_layer(
             plot(fig, key=f"{key}-{kind}")
 
 
-def show_curves(frame: pd.DataFrame, *, key: str) -> None:
+def curve_axes_of(detector: str | None) -> dict[str, tuple[str, str]]:
+    """The axis titles a detector declares for its curves (``Detector.curve_axes``); empty for
+    a detector that is not registered (any more) or whose module does not load."""
+    if not detector:
+        return {}
+    try:
+        from interp.registry import all_detectors
+
+        cls = all_detectors().get(str(detector))
+    except Exception:  # a broken plugin module must not take the page down
+        return {}
+    return dict(getattr(cls, "curve_axes", None) or {}) if cls is not None else {}
+
+
+def show_curves(frame: pd.DataFrame, *, key: str, detector: str | None = None) -> None:
+    """One line plot per curve, its axes titled as ``detector`` (the run's) declares them."""
+    axes = curve_axes_of(detector)
     names = sorted(str(c) for c in frame["curve"].dropna().unique()) if "curve" in frame.columns else [""]
     for name in names:
         rows = frame if not name else subset(frame, frame["curve"] == name)
-        plot(figures.curves_figure(rows, None, title=name or None), key=f"{key}-{name}")
+        plot(figures.curves_figure(rows, None, title=name or None, axes=axes), key=f"{key}-{name}")
 
 
 def show_artifacts(frame: pd.DataFrame) -> None:
@@ -335,9 +358,15 @@ def show_artifacts(frame: pd.DataFrame) -> None:
 
 
 def show_tables(
-    tables: Mapping[str, pd.DataFrame], *, key: str, skip: tuple[str, ...] = (), primary: str | None = None
+    tables: Mapping[str, pd.DataFrame],
+    *,
+    key: str,
+    skip: tuple[str, ...] = (),
+    primary: str | None = None,
+    detector: str | None = None,
 ) -> None:
-    """Every stored table of a run, generically: whatever the detector."""
+    """Every stored table of a run, generically: whatever the detector (``detector``, the run's,
+    names the curves' axes)."""
     metrics = tables.get("metrics")
     if "metrics" in tables and "metrics" not in skip:
         st.subheader("metrics")
@@ -350,7 +379,7 @@ def show_tables(
         show_token_layer(tables["token_layer"], key=f"{key}-tl")
     if "curves" in tables and "curves" not in skip:
         st.subheader("curves")
-        show_curves(tables["curves"], key=f"{key}-cv")
+        show_curves(tables["curves"], key=f"{key}-cv", detector=detector)
     if "artifacts" in tables and "artifacts" not in skip:
         show_artifacts(tables["artifacts"])
 

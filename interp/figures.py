@@ -7,7 +7,8 @@ anything beyond reshaping, so a stored run plots without touching a model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
 from typing import Any, cast
 
 import numpy as np
@@ -18,6 +19,8 @@ from interp.errors import UserError
 
 HEAT_SCALE = "Viridis"
 DIVERGING_SCALE = "RdBu_r"
+# Axis titles of a curve whose detector declares none (a plugin, or a curve it does not list).
+UNDECLARED_AXES = ("x (axis not declared by the detector)", "y (axis not declared by the detector)")
 
 
 def _df(value: Any) -> pd.DataFrame:
@@ -38,6 +41,30 @@ def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise UserError(f"{what}: the table has no column {missing[0]!r}")
+
+
+def _single(frame: pd.DataFrame, column: str) -> str | None:
+    """The one value of ``column`` in the frame (a metric, kind or curve name), else None."""
+    if column not in frame.columns:
+        return None
+    values = frame[column].dropna().unique().tolist()
+    return str(values[0]) if len(values) == 1 else None
+
+
+def curve_axes(axes: Mapping[str, tuple[str, str]] | None, curve: str | None) -> tuple[str, str]:
+    """(x, y) axis titles of one curve from a detector's ``curve_axes``: its exact name first,
+    then the first matching fnmatch pattern; :data:`UNDECLARED_AXES` when none matches."""
+    if axes and curve is not None:
+        if curve in axes:
+            return axes[curve]
+        for pattern, titles in axes.items():
+            if fnmatchcase(curve, pattern):
+                return titles
+    return UNDECLARED_AXES
+
+
+def _joined(titles: Sequence[str]) -> str:
+    return " / ".join(dict.fromkeys(titles))
 
 
 def _one(frame: pd.DataFrame, column: str, value: str | None, what: str) -> pd.DataFrame:
@@ -76,9 +103,12 @@ def head_heatmap(
     threshold: float | None = None,
     title: str | None = None,
     zmid: float | None = None,
+    colorbar_title: str | None = None,
 ) -> go.Figure:
-    """Layer x head heatmap of one metric; heads at or above ``threshold`` are outlined."""
+    """Layer x head heatmap of one metric; heads at or above ``threshold`` are outlined. The
+    colour bar is titled ``colorbar_title``, else the metric (given, or the frame's only one)."""
     mat = head_matrix(frame, metric)
+    label = colorbar_title or metric or _single(frame, "metric") or title or "head score"
     z = mat.to_numpy(dtype=float)
     layers = [int(v) for v in mat.index]
     heads = [int(v) for v in mat.columns]
@@ -90,8 +120,8 @@ def head_heatmap(
             y=layers,
             colorscale=DIVERGING_SCALE if diverging else HEAT_SCALE,
             zmid=zmid,
-            colorbar={"title": metric or "score"},
-            hovertemplate="layer %{y}, head %{x}<br>" + (metric or "score") + " = %{z:.4f}<extra></extra>",
+            colorbar={"title": label},
+            hovertemplate="layer %{y}, head %{x}<br>" + label + " = %{z:.4f}<extra></extra>",
         )
     )
     if threshold is not None:
@@ -108,7 +138,7 @@ def head_heatmap(
                 )
             )
     fig.update_layout(
-        title=title or (f"{metric}" + (f" (threshold {threshold:g})" if threshold is not None else "")),
+        title=title or (f"{label}" + (f" (threshold {threshold:g})" if threshold is not None else "")),
         xaxis={"title": "head", "dtick": 1},
         yaxis={"title": "layer", "autorange": "reversed", "dtick": max(1, len(layers) // 15)},
         height=max(320, 18 * len(layers) + 140),
@@ -125,10 +155,12 @@ def token_layer_heatmap(
     *,
     marked_tokens: Sequence[int] = (),
     title: str | None = None,
+    value_title: str | None = None,
 ) -> go.Figure:
     """Token x layer heatmap of one kind (and one item; all items are averaged when None).
 
-    ``marked_tokens`` (token indices, e.g. the subject) get a '*' on the axis.
+    ``marked_tokens`` (token indices, e.g. the subject) get a '*' on the axis. The colour bar
+    is titled ``value_title`` (what the values are, with units), else the kind.
     """
     _require(frame, ("layer", "value"), "token x layer table")
     rows = _one(frame, "kind", kind, "token x layer table")
@@ -138,6 +170,7 @@ def token_layer_heatmap(
         raise UserError("token x layer table: no rows for this selection")
     index = "token_index" if "token_index" in rows.columns else "token"
     mat = rows.pivot_table(index=index, columns="layer", values="value", aggfunc="mean").sort_index()
+    label = value_title or kind or _single(rows, "kind") or title or "token x layer value"
     labels: list[str] = []
     if "token" in rows.columns and index == "token_index":
         names = {int(i): str(t) for i, t in zip(rows["token_index"], rows["token"], strict=True)}
@@ -152,23 +185,31 @@ def token_layer_heatmap(
             x=[int(v) for v in mat.columns],
             y=labels,
             colorscale=HEAT_SCALE,
-            colorbar={"title": kind or "value"},
-            hovertemplate="token %{y}<br>layer %{x}<br>value = %{z:.4f}<extra></extra>",
+            colorbar={"title": label},
+            hovertemplate="token %{y}<br>layer %{x}<br>" + label + " = %{z:.4f}<extra></extra>",
         )
     )
     fig.update_layout(
         title=title or (kind or "token x layer"),
         xaxis={"title": "layer"},
-        yaxis={"title": "token", "autorange": "reversed", "type": "category"},
+        yaxis={"title": "token [position]", "autorange": "reversed", "type": "category"},
         height=max(300, 22 * len(labels) + 140),
         margin={"l": 120, "r": 20, "t": 50, "b": 40},
     )
     return fig
 
 
-def head_curves_figures(frame: pd.DataFrame, layer: int, head: int, *, title: str | None = None) -> list[go.Figure]:
+def head_curves_figures(
+    frame: pd.DataFrame,
+    layer: int,
+    head: int,
+    *,
+    title: str | None = None,
+    axes: Mapping[str, tuple[str, str]] | None = None,
+) -> list[go.Figure]:
     """Every curve stored for one head, one line each; curves on the same x values share a
-    figure (a head's lag-CRP next to its CMR fit; its serial-position curve apart)."""
+    figure (a head's lag-CRP next to its CMR fit; its serial-position curve apart). ``axes``
+    is the detector's ``curve_axes`` (see :func:`curve_axes`)."""
     _require(frame, ("curve", "layer", "head", "x", "y"), "curves")
     rows = _df(frame[(frame["layer"] == layer) & (frame["head"] == head)])
     if rows.empty:
@@ -183,7 +224,13 @@ def head_curves_figures(frame: pd.DataFrame, layer: int, head: int, *, title: st
         for name in names:
             g = _df(_df(rows[rows["curve"] == name]).groupby("x", as_index=False)["y"].mean())
             fig.add_trace(go.Scatter(x=g["x"], y=g["y"], mode="lines+markers", name=name))
-        fig.update_layout(title=f"{title or f'L{layer}H{head}'}: {', '.join(names)}", height=320)
+        titles = [curve_axes(axes, name) for name in names]
+        fig.update_layout(
+            title=f"{title or f'L{layer}H{head}'}: {', '.join(names)}",
+            xaxis={"title": _joined([t[0] for t in titles])},
+            yaxis={"title": _joined([t[1] for t in titles])},
+            height=320,
+        )
         figs.append(fig)
     return figs
 
@@ -194,16 +241,28 @@ def curves_figure(
     *,
     heads: Sequence[tuple[int, int]] | None = None,
     title: str | None = None,
-    x_title: str = "x",
-    y_title: str = "y",
+    axes: Mapping[str, tuple[str, str]] | None = None,
+    x_title: str | None = None,
+    y_title: str | None = None,
 ) -> go.Figure:
-    """Line plot of one curve: one line per (layer, head) present, or one line overall."""
+    """Line plot of one curve: one line per (layer, head) present, or one line overall.
+
+    The axis titles come from ``axes``, the ``curve_axes`` of the detector that wrote the curve
+    (see :func:`curve_axes`); ``x_title``/``y_title`` override them.
+    """
     _require(frame, ("x", "y"), "curves")
     rows = _one(frame, "curve", curve, "curves")
     if rows.empty:
         raise UserError("curves: no rows for this selection")
+    declared = curve_axes(axes, curve or _single(rows, "curve"))
     fig = go.Figure()
-    has_heads = {"layer", "head"} <= set(rows.columns) and bool(rows[["layer", "head"]].notna().to_numpy().all())
+    # Curves of no single head (layer/head -1 or missing, e.g. accuracy vs depth, or a knockout
+    # curve whose layer is its x) are one line, not one line per row.
+    has_heads = (
+        {"layer", "head"} <= set(rows.columns)
+        and bool(rows[["layer", "head"]].notna().to_numpy().all())
+        and bool((rows["head"].to_numpy(dtype=float) >= 0).all())
+    )
     if has_heads:
         pairs = sorted({(int(a), int(b)) for a, b in zip(rows["layer"], rows["head"], strict=True)})
         for layer, head in pairs:
@@ -214,11 +273,11 @@ def curves_figure(
             fig.add_trace(go.Scatter(x=g["x"], y=g["y"], mode="lines+markers", name=f"L{layer}H{head}"))
     else:
         g = _df(rows.groupby("x", as_index=False)["y"].mean())
-        fig.add_trace(go.Scatter(x=g["x"], y=g["y"], mode="lines+markers", name=curve or "curve"))
+        fig.add_trace(go.Scatter(x=g["x"], y=g["y"], mode="lines+markers", name=curve or _single(rows, "curve") or "curve"))
     fig.update_layout(
         title=title or (curve or "curve"),
-        xaxis={"title": x_title},
-        yaxis={"title": y_title},
+        xaxis={"title": x_title or declared[0]},
+        yaxis={"title": y_title or declared[1]},
         height=380,
         margin={"l": 50, "r": 20, "t": 50, "b": 40},
     )
@@ -241,14 +300,14 @@ def attention_pattern_figure(
             colorscale=HEAT_SCALE,
             zmin=0.0,
             zmax=1.0,
-            colorbar={"title": "attention"},
+            colorbar={"title": "attention weight"},
             hovertemplate="query %{y}<br>key %{x}<br>attention = %{z:.3f}<extra></extra>",
         )
     )
     fig.update_layout(
         title=title or "attention pattern",
-        xaxis={"title": "key", "type": "category", "tickangle": -60},
-        yaxis={"title": "query", "type": "category", "autorange": "reversed"},
+        xaxis={"title": "key token [position]", "type": "category", "tickangle": -60},
+        yaxis={"title": "query token [position]", "type": "category", "autorange": "reversed"},
         height=max(420, 14 * len(labels) + 200),
         margin={"l": 120, "r": 20, "t": 50, "b": 120},
     )
@@ -264,9 +323,15 @@ def depth_normalised(frame: pd.DataFrame, n_layers: int, metric: str | None = No
 
 
 def compare_depth_figure(
-    a: pd.DataFrame, b: pd.DataFrame, *, labels: tuple[str, str] = ("A", "B"), title: str | None = None
+    a: pd.DataFrame,
+    b: pd.DataFrame,
+    *,
+    labels: tuple[str, str] = ("A", "B"),
+    title: str | None = None,
+    value_title: str = "head score",
 ) -> go.Figure:
-    """Two :func:`depth_normalised` frames: every head as a point, and each model's max per depth."""
+    """Two :func:`depth_normalised` frames: every head as a point, and each model's max per depth.
+    ``value_title`` names the score (the metric compared)."""
     fig = go.Figure()
     for frame, label, color in ((a, labels[0], "#1f77b4"), (b, labels[1], "#d62728")):
         fig.add_trace(
@@ -287,8 +352,8 @@ def compare_depth_figure(
                                  line={"color": color}))
     fig.update_layout(
         title=title or "heads by normalised depth",
-        xaxis={"title": "layer / (n_layers - 1)", "range": [-0.02, 1.02]},
-        yaxis={"title": "score"},
+        xaxis={"title": "relative depth: layer / (n_layers - 1)", "range": [-0.02, 1.02]},
+        yaxis={"title": value_title},
         height=420,
         margin={"l": 50, "r": 20, "t": 50, "b": 40},
     )
@@ -329,11 +394,16 @@ def difference_heatmap(
             f"{mb.shape[0]}x{mb.shape[1]}); compare by normalised depth instead"
         )
     diff = _long(mb - ma)
-    return head_heatmap(diff, None, title=title or "difference (B - A)", zmid=0.0)
+    name = metric or _single(a, "metric") or "head score"
+    return head_heatmap(diff, None, title=title or "difference (B - A)", zmid=0.0,
+                        colorbar_title=f"{name} difference (B - A)")
 
 
-def depth_difference_figure(diff: pd.DataFrame, *, title: str | None = None) -> go.Figure:
-    """Bar chart of :func:`depth_difference`: B - A of the max head score per depth bin."""
+def depth_difference_figure(
+    diff: pd.DataFrame, *, title: str | None = None, value_title: str = "head score"
+) -> go.Figure:
+    """Bar chart of :func:`depth_difference`: B - A of the max head score per depth bin.
+    ``value_title`` names the score (the metric compared)."""
     centers = (diff["depth_from"] + diff["depth_to"]) / 2
     fig = go.Figure(
         [
@@ -343,8 +413,8 @@ def depth_difference_figure(diff: pd.DataFrame, *, title: str | None = None) -> 
     )
     fig.update_layout(
         title=title or "difference by normalised depth (B - A)",
-        xaxis={"title": "normalised depth"},
-        yaxis={"title": "difference"},
+        xaxis={"title": "relative depth, bin centre: layer / (n_layers - 1)"},
+        yaxis={"title": f"{value_title} difference (B - A)"},
         barmode="group",
         height=360,
         margin={"l": 50, "r": 20, "t": 50, "b": 40},

@@ -55,7 +55,7 @@ dash.show_run_header(row, final)
 hs = tables.get("head_scores")
 if hs is None:
     st.info("this run has no head scores (yet)")
-    dash.show_tables(tables, key=f"hm-{row['id']}")
+    dash.show_tables(tables, key=f"hm-{row['id']}", detector=str(row["detector"]))
     st.stop()
 
 detector = str(row["detector"])
@@ -74,7 +74,7 @@ with c1:
     st.markdown(f"**top heads by {primary}**")
     st.dataframe(top.head(15), hide_index=True)
 with c2:
-    dash.show_tables(tables, key=f"hm-{row['id']}", skip=("head_scores",), primary=detector)
+    dash.show_tables(tables, key=f"hm-{row['id']}", skip=("head_scores",), primary=detector, detector=detector)
     for title, fig in dash.detector_figures(detector, tables):
         st.markdown(f"**{title}**")
         dash.plot(fig, key=f"hm-det-{row['id']}-{title}")
@@ -104,7 +104,8 @@ curves = tables.get("curves")
 if curves is not None and {"layer", "head"} <= set(curves.columns):
     mine = dash.subset(curves, (curves["layer"] == layer) & (curves["head"] == head))
     for name in sorted(str(c) for c in mine["curve"].dropna().unique()):
-        dash.plot(figures.curves_figure(dash.subset(mine, mine["curve"] == name), title=f"{name}: L{layer}H{head}"),
+        dash.plot(figures.curves_figure(dash.subset(mine, mine["curve"] == name), title=f"{name}: L{layer}H{head}",
+                                        axes=dash.curve_axes_of(detector)),
                   key=f"hd-curve-{row['id']}-{name}")
 
 others = dash.head_in_other_runs(store, runs, row, layer, head)
@@ -124,7 +125,8 @@ if others:
                 st.dataframe(other_scores[[c for c in ("metric", "value") if c in other_scores.columns]],
                              hide_index=True)
             if len(other_curves):
-                figs = figures.head_curves_figures(other_curves, layer, head, title=f"{other['detector']}: L{layer}H{head}")
+                figs = figures.head_curves_figures(other_curves, layer, head, title=f"{other['detector']}: L{layer}H{head}",
+                                                   axes=dash.curve_axes_of(str(other["detector"])))
                 for i, fig in enumerate(figs):
                     dash.plot(fig, key=f"hd-other-{row['id']}-{other['id']}-{i}")
 

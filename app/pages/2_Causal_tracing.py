@@ -77,12 +77,16 @@ else:
         per_item = units.get("token_layer") if final else None
         if per_item is not None and len(per_item):
             st.markdown("**one fact: restored p(answer), subject tokens marked with \\***")
-            dash.show_token_layer(per_item, key=f"ct-item-{row['id']}", marked=_subject_tokens, mean=False)
+            dash.show_token_layer(per_item, key=f"ct-item-{row['id']}", marked=_subject_tokens, mean=False,
+                                  value_title="restored p(answer)" if row["detector"] == "causal-trace" else None)
         if "token_layer" in tables:
             if per_item is not None and len(per_item):
                 st.markdown("**averages over the traced facts, by ROME bucket**")
-            dash.show_token_layer(tables["token_layer"], key=f"ct-{row['id']}", marked=_subject_tokens)
-        dash.show_tables(tables, key=f"ct-rest-{row['id']}", skip=("token_layer",))
+            dash.show_token_layer(tables["token_layer"], key=f"ct-{row['id']}", marked=_subject_tokens,
+                                  value_title=(("indirect effect (p restored - p corrupted)" if final
+                                                else "restored p(answer)")
+                                               if row["detector"] == "causal-trace" else None))
+        dash.show_tables(tables, key=f"ct-rest-{row['id']}", skip=("token_layer",), detector=str(row["detector"]))
         for title, fig in dash.detector_figures(str(row["detector"]), tables):
             st.markdown(f"**{title}**")
             dash.plot(fig, key=f"ct-det-{row['id']}-{title}")

@@ -82,9 +82,9 @@ def _compare(hs_a: pd.DataFrame, hs_b: pd.DataFrame) -> None:
     da = figures.depth_normalised(a, max(int(v) for v in a["layer"]) + 1)
     db = figures.depth_normalised(b, max(int(v) for v in b["layer"]) + 1)
     st.subheader("heads by normalised depth")
-    dash.plot(figures.compare_depth_figure(da, db, labels=(label_a, label_b)), key="cmp-depth")
+    dash.plot(figures.compare_depth_figure(da, db, labels=(label_a, label_b), value_title=metric), key="cmp-depth")
     diff = figures.depth_difference(da, db)
-    dash.plot(figures.depth_difference_figure(diff), key="cmp-depth-diff")
+    dash.plot(figures.depth_difference_figure(diff, value_title=metric), key="cmp-depth-diff")
     st.dataframe(diff, hide_index=True)
     st.subheader("head by head (B - A)")
     try:
@@ -93,9 +93,9 @@ def _compare(hs_a: pd.DataFrame, hs_b: pd.DataFrame) -> None:
         st.info(str(exc))
     c1, c2 = st.columns(2)
     with c1:
-        dash.plot(figures.head_heatmap(a, title=f"{label_a}: {metric}"), key="cmp-map-a")
+        dash.plot(figures.head_heatmap(a, title=f"{label_a}: {metric}", colorbar_title=metric), key="cmp-map-a")
     with c2:
-        dash.plot(figures.head_heatmap(b, title=f"{label_b}: {metric}"), key="cmp-map-b")
+        dash.plot(figures.head_heatmap(b, title=f"{label_b}: {metric}", colorbar_title=metric), key="cmp-map-b")
 
 
 dash.guarded(lambda: _compare(hs_a, hs_b) if hs_a is not None and hs_b is not None else None)

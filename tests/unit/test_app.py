@@ -376,7 +376,7 @@ def test_form_starts_the_cli_command(env: dict[str, Any], monkeypatch: pytest.Mo
     assert workspace == env["path"].resolve()
     assert argv[:4] == ["run", "induction", "--model", "smollm2-135m"]
     opts = dict(zip(argv[4::2], argv[5::2], strict=True))
-    assert opts == {"--seq-len": "12", "--n-prompts": "3", "--batch-size": "5", "--seed": "0"}
+    assert opts == {"--prefix": "auto", "--seq-len": "12", "--n-prompts": "3", "--batch-size": "5", "--seed": "0"}
     assert label == "induction on smollm2-135m"
     assert any("started: induction" in s.value for s in at.success)
 
@@ -396,6 +396,7 @@ def _wait(ws: Path, job_id: str, timeout: float = 300) -> jobs.Job:
 
 
 def test_job_runs_detached_once_and_reports_errors(tmp_path: Path) -> None:
+    Store(tmp_path).close()  # `interp runs` reads an existing store only
     ok, started = jobs.launch(tmp_path, ["runs", "--json"], "list runs")
     again, started_again = jobs.launch(tmp_path, ["runs", "--json"], "list runs")
     assert started
@@ -472,3 +473,29 @@ def test_head_heatmap_needs_one_metric() -> None:
         figures.head_heatmap(frame)
     fig = figures.head_heatmap(frame, "m2", threshold=1.5)
     assert fig.data[0].z[0][0] == 2.0  # type: ignore[index]
+
+
+def test_curve_axes_are_the_detectors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stored retrieval run's accuracy-vs-depth curve is plotted with the axis names its
+    detector declares (not x and y), as one line."""
+    from circuits.retrieval import RetrievalDetector
+
+    monkeypatch.setenv("INTERP_WORKSPACE", str(tmp_path))
+    with Store(tmp_path) as s:
+        run = s.start_run(model="toy", model_hash=None, detector="retrieval", variant="fast", params={},
+                          dataset_hash=None, seed=None, code_version=None, provenance={"source": "object"})
+        hs = pd.DataFrame({"metric": ["retrieval"] * 2, "layer": [0, 1], "head": [0, 0], "value": [0.2, 0.4]})
+        curves = pd.DataFrame({"curve": ["unmasked: accuracy vs depth"] * 2, "layer": [-1, -1], "head": [-1, -1],
+                               "x": [0.0, 1.0], "y": [1.0, 0.5]})
+        run.commit_unit("final", UnitResult({"head_scores": hs, "curves": curves}), 0.0)
+        run.finish("done")
+        rid = run.id
+    at = _app("pages/1_Head_maps.py", run=rid)
+    _ok(at)
+    line = next(c for c in _charts(at) if c["layout"]["title"]["text"] == "unmasked: accuracy vs depth")
+    want = RetrievalDetector.curve_axes["*: accuracy vs depth"]
+    assert (line["layout"]["xaxis"]["title"]["text"], line["layout"]["yaxis"]["title"]["text"]) == want
+    assert "depth" in want[0]
+    assert "accuracy" in want[1]
+    [trace] = line["data"]
+    assert trace["y"] == pytest.approx([1.0, 0.5])
