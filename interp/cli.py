@@ -17,12 +17,34 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from interp.errors import UserError
+
+# typer >= 0.2x vendors click (typer._click) and raises its own exception classes; older typer
+# raises click's. Both kinds are caught, so a bad option is a one-line error either way.
+_CLICK_ERRORS: tuple[type[Exception], ...] = ()
+_ABORTS: tuple[type[BaseException], ...] = (KeyboardInterrupt,)
+_EXITS: tuple[type[Exception], ...] = ()
+try:
+    import click
+
+    _CLICK_ERRORS += (click.exceptions.ClickException,)
+    _ABORTS += (click.exceptions.Abort,)
+    _EXITS += (click.exceptions.Exit,)
+except ImportError:
+    pass
+try:
+    from typer import exceptions as _typer_exceptions
+    from typer._click import exceptions as _typer_click
+
+    _CLICK_ERRORS += (_typer_click.ClickException,)
+    _ABORTS += (_typer_exceptions.Abort,)
+    _EXITS += (_typer_exceptions.Exit,)
+except ImportError:
+    pass
 
 app = typer.Typer(
     add_completion=False,
@@ -418,17 +440,14 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         _fail("error", str(e))
         raise SystemExit(e.exit_code) from None
-    except click.exceptions.Abort:
+    except _ABORTS:
         err.print("interrupted; rerun the same command to resume")
         raise SystemExit(130) from None
-    except KeyboardInterrupt:
-        err.print("interrupted; rerun the same command to resume")
-        raise SystemExit(130) from None
-    except click.exceptions.ClickException as e:
-        _fail("error", e.format_message())
-        raise SystemExit(e.exit_code) from None
-    except click.exceptions.Exit as e:
-        raise SystemExit(e.exit_code) from None
+    except _CLICK_ERRORS as e:
+        _fail("error", e.format_message())  # type: ignore[attr-defined]
+        raise SystemExit(e.exit_code) from None  # type: ignore[attr-defined]
+    except _EXITS as e:
+        raise SystemExit(e.exit_code) from None  # type: ignore[attr-defined]
     except Exception as e:
         if debug:
             raise

@@ -145,3 +145,20 @@ def test_library_warnings_and_logging_only_with_verbose() -> None:
 
 
 # -- 3. the scan's last word ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["runs", "--bogus"], "No such option: --bogus"),
+        (["run", "induction", "--top", "abc"], "Invalid value for '--top'"),
+        (["scan", "--detectors"], "requires an argument"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args: list[str], says: str, tmp_path: Path) -> None:
+    """typer vendors its own click: its usage errors are caught like ours (exit 2, one line)."""
+    proc = _cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and says in lines[0], lines
