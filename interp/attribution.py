@@ -26,10 +26,10 @@ import torch
 from interp.engine import (
     Metric,
     Sweep,
+    SweepForwards,
     SweepResult,
     _check_metric,
     _check_tokens,
-    _Runner,
     build_sources,
     run_sweep,
 )
@@ -69,7 +69,7 @@ def attribution_patch(
     with torch.no_grad():
         sources, _ = build_sources(model, sweep, variants, tokens, source)
     sites = sorted({str(iv.site) for v in variants for iv in v.edits})
-    runner = _Runner(model, metric, seq_len, prefix_reuse=False)
+    runner = SweepForwards(model, metric, seq_len)
     with torch.enable_grad():
         logits, cache, _ = runner.forward(tokens, cache=sites, grad=True)
         acts = [cache[s] for s in sites]

@@ -1,33 +1,37 @@
 """Hook backends: run a model with interventions applied and activations cached.
 
-Two backends implement the same contract over the same named sites:
+Every backend implements :class:`Backend` over the same named sites and states what else it
+can do in its :class:`Capabilities`; callers (the patching engine, decoding) read those flags
+and never the backend's class or internals. Two backends:
 
 - ``bridge`` (default): TransformerLens 4's ``TransformerBridge`` over the HF model; its
-  hook points give every site, attention scores included.
+  hook points give every site, attention scores included; it steps HF's KV cache, passes HF
+  forward kwargs through and can start a pass at a layer.
 - ``nnsight``: nnsight's ``LanguageModel`` over the HF modules (the route to remote
   execution). Attention scores live inside HF's attention function, so knockout and
   ``scores`` need the bridge; ``pattern`` needs eager attention.
 
-Hooks are always removed when a run ends, also when the forward pass raises.
+Backends get the HF module, tokenizer, shape and name explicitly (not the LoadedModel), so
+this module does not import :mod:`interp.model`. Hooks are always removed when a run ends,
+also when the forward pass raises.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
 
 from interp.errors import UserError
 from interp.interventions import Intervention, Sources
+from interp.layout import ModelInfo, layout_of, walk
 from interp.sites import LAYER_KINDS, Site, expand_sites, parse_site
-
-if TYPE_CHECKING:
-    from interp.model import LoadedModel
 
 
 @dataclass
@@ -37,8 +41,19 @@ class RunOutput:
     past_key_values: Any = None
 
 
-def _group(interventions: Sequence[Intervention], model: LoadedModel) -> dict[str, list[Intervention]]:
-    info = model.info
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond caching and editing the activation sites."""
+
+    kv_cache: bool  # steps HF's KV cache: ``past_key_values`` / ``use_cache`` in ``run``
+    attention_scores: bool  # the ``scores`` site (pre-softmax), cached and edited
+    attention_patterns: bool  # the ``pattern`` site can be cached
+    knockout: bool  # ``Knockout`` interventions (they edit the scores)
+    run_from_layer: bool  # ``run_from_layer``: enter a decoder layer with a given residual
+    forward_kwargs: bool  # ``forward_kwargs`` reach HF's forward (``logits_to_keep``, ``use_cache``)
+
+
+def _group(interventions: Sequence[Intervention], info: ModelInfo) -> dict[str, list[Intervention]]:
     groups: dict[str, list[Intervention]] = defaultdict(list)
     for iv in interventions:
         iv.check(info.n_layers, info.n_heads, info.n_kv_heads)
@@ -46,17 +61,29 @@ def _group(interventions: Sequence[Intervention], model: LoadedModel) -> dict[st
     return groups
 
 
-def _cache_sites(cache: Sequence[str | Site], model: LoadedModel) -> set[str]:
+def _cache_sites(cache: Sequence[str | Site], info: ModelInfo) -> set[str]:
     patterns = [str(c) for c in cache]
-    return {str(s) for s in expand_sites(patterns, model.info.n_layers)}
+    return {str(s) for s in expand_sites(patterns, info.n_layers)}
 
 
-class Backend:
-    name: str = "base"
+class Backend(ABC):
+    """The contract: ``run`` every backend implements; ``run_from_layer`` where
+    ``capabilities.run_from_layer`` says so. A capability a backend lacks is a UserError."""
 
-    def __init__(self, model: LoadedModel) -> None:
-        self.model = model
+    name: ClassVar[str] = "base"
+    capabilities: Capabilities
 
+    def __init__(self, hf: torch.nn.Module, tokenizer: Any, info: ModelInfo, label: str) -> None:
+        self.hf = hf
+        self.tokenizer = tokenizer
+        self.info = info
+        self.label = label
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @abstractmethod
     def run(
         self,
         input_ids: torch.Tensor,
@@ -69,8 +96,33 @@ class Backend:
         cache_to_cpu: bool = False,
         past_key_values: Any = None,
         use_cache: bool = False,
+        forward_kwargs: Mapping[str, Any] | None = None,
     ) -> RunOutput:
-        raise NotImplementedError
+        """Logits of ``input_ids`` with ``interventions`` applied, and the ``cache`` sites.
+
+        ``forward_kwargs`` go to HF's forward as they are (``logits_to_keep``, ``use_cache``);
+        ``past_key_values``/``use_cache`` step HF's KV cache (the ``kv_cache`` capability).
+        """
+
+    def run_from_layer(
+        self,
+        resid: torch.Tensor,
+        layer: int,
+        *,
+        interventions: Sequence[Intervention] = (),
+        cache: Sequence[str | Site] = (),
+        sources: Sources | None = None,
+        grad: bool = False,
+        cache_to_cpu: bool = False,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        forward_kwargs: Mapping[str, Any] | None = None,
+    ) -> RunOutput:
+        """The rest of a pass whose residual entering decoder layer ``layer`` is ``resid``
+        [batch, positions, d_model]: layers below it are not computed, and sites there are
+        neither cached nor edited. With ``past_key_values`` (the KV cache of earlier
+        positions), ``resid`` holds the later positions only."""
+        raise UserError(f"the {self.name} backend cannot start a pass at a layer; use backend='bridge'")
 
 
 def _bridge_label(name: str) -> str:
@@ -95,21 +147,28 @@ def _bridge_label(name: str) -> str:
 class BridgeBackend(Backend):
     name = "bridge"
 
-    def __init__(self, model: LoadedModel) -> None:
-        super().__init__(model)
+    def __init__(self, hf: torch.nn.Module, tokenizer: Any, info: ModelInfo, label: str) -> None:
+        super().__init__(hf, tokenizer, info, label)
         from transformer_lens.model_bridge import TransformerBridge
 
         # The bridge re-loads a tokenizer from its name unless told BOS handling is settled;
         # that reload would reach for the hub. We always feed it token ids, so give it a copy
         # marked as settled.
-        tok = copy.copy(model.tokenizer)
+        tok = copy.copy(tokenizer)
         tok.init_kwargs = {**tok.init_kwargs, "add_bos_token": True}
-        tok.init_kwargs.setdefault("name_or_path", model.name)
+        tok.init_kwargs.setdefault("name_or_path", label)
         with contextlib.redirect_stdout(None):
             self.bridge = TransformerBridge.boot_transformers(
-                _bridge_label(model.name), hf_model=model.hf, tokenizer=tok, device=str(model.device)
+                _bridge_label(label), hf_model=hf, tokenizer=tok, device=str(self.device)
             )
         self.bridge.eval()
+        self.capabilities = Capabilities(
+            kv_cache=True, attention_scores=True, attention_patterns=True, knockout=True,
+            run_from_layer=hasattr(self.bridge, "blocks"), forward_kwargs=True,
+        )
+        # Whether a decoder block returns a tuple: the blocks skipped by run_from_layer must
+        # return what the HF decoder loop expects. Learnt from the first full pass.
+        self._block_tuple_out: bool | None = None
 
     @contextlib.contextmanager
     def _kv_cache_alias(self, active: bool) -> Iterator[None]:
@@ -174,10 +233,64 @@ class BridgeBackend(Backend):
         use_cache: bool = False,
         forward_kwargs: Mapping[str, Any] | None = None,
     ) -> RunOutput:
-        # forward_kwargs go to the bridge's forward as they are (the patching engine passes
-        # start_at_layer, logits_to_keep); with a float residual as input_ids under start_at_layer.
-        groups = _group(interventions, self.model)
-        to_cache = _cache_sites(cache, self.model)
+        with self._learn_block_output():
+            return self._forward(
+                input_ids, interventions=interventions, cache=cache, sources=sources,
+                attention_mask=attention_mask, grad=grad, cache_to_cpu=cache_to_cpu,
+                past_key_values=past_key_values, use_cache=use_cache, forward_kwargs=forward_kwargs,
+            )
+
+    def run_from_layer(
+        self,
+        resid: torch.Tensor,
+        layer: int,
+        *,
+        interventions: Sequence[Intervention] = (),
+        cache: Sequence[str | Site] = (),
+        sources: Sources | None = None,
+        grad: bool = False,
+        cache_to_cpu: bool = False,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        forward_kwargs: Mapping[str, Any] | None = None,
+    ) -> RunOutput:
+        # The bridge's start_at_layer swaps ``resid`` in at block ``layer``; the blocks below
+        # still run unless made pass-throughs, and their result would be discarded.
+        if self._block_tuple_out is None:
+            self.run(torch.zeros((1, 1), dtype=torch.long, device=self.device))
+        with _skip_blocks(self.bridge, layer, bool(self._block_tuple_out)):
+            return self._forward(
+                resid, interventions=interventions, cache=cache, sources=sources, grad=grad,
+                cache_to_cpu=cache_to_cpu, past_key_values=past_key_values, use_cache=use_cache,
+                forward_kwargs={**(forward_kwargs or {}), "start_at_layer": layer},
+            )
+
+    def _learn_block_output(self) -> contextlib.AbstractContextManager[None]:
+        if self._block_tuple_out is not None or not self.capabilities.run_from_layer:
+            return contextlib.nullcontext()
+
+        def hook(_mod: Any, _args: Any, output: Any) -> None:
+            self._block_tuple_out = isinstance(output, tuple)
+
+        return _removing(self.bridge.blocks[0].register_forward_hook(hook))
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        interventions: Sequence[Intervention],
+        cache: Sequence[str | Site],
+        sources: Sources | None,
+        grad: bool,
+        cache_to_cpu: bool,
+        past_key_values: Any,
+        use_cache: bool,
+        forward_kwargs: Mapping[str, Any] | None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> RunOutput:
+        # A float residual stands in for input_ids under start_at_layer.
+        groups = _group(interventions, self.info)
+        to_cache = _cache_sites(cache, self.info)
         srcs: Sources = sources or {}
         store: dict[str, torch.Tensor] = {}
 
@@ -225,37 +338,55 @@ class BridgeBackend(Backend):
         return RunOutput(logits=out, cache=store)
 
 
-class _Modules:
-    """Where each site lives in an HF decoder (Llama-like and GPT-2-like layouts)."""
+@contextlib.contextmanager
+def _skip_blocks(bridge: Any, n: int, tuple_out: bool) -> Iterator[None]:
+    """Make blocks 0..n-1 return their input unchanged: their result would be discarded anyway
+    when block n swaps in the given residual."""
 
-    def __init__(self, hf: Any) -> None:
-        base = getattr(hf, "model", None) or getattr(hf, "transformer", None)
-        if base is None:
-            raise UserError(f"nnsight backend: unsupported model layout {type(hf).__name__}")
-        self.gpt2 = hasattr(base, "h")
-        self.base_name = "model" if hasattr(hf, "model") else "transformer"
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h,) if tuple_out else h
+
+    blocks = list(bridge.blocks)[:n]
+    for block in blocks:
+        # object.__setattr__: the bridge's components forward attribute writes to the wrapped
+        # HF module, which would leave the HF layer short-circuited after the run.
+        object.__setattr__(block, "forward", passthrough)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            if "forward" in block.__dict__:
+                del block.__dict__["forward"]
+
+
+class _removing(contextlib.AbstractContextManager[None]):
+    """Remove a hook handle on exit."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
 
 
 class NNsightBackend(Backend):
     name = "nnsight"
+    capabilities = Capabilities(
+        kv_cache=False, attention_scores=False, attention_patterns=True, knockout=False,
+        run_from_layer=False, forward_kwargs=False,
+    )
 
-    def __init__(self, model: LoadedModel) -> None:
-        super().__init__(model)
+    def __init__(self, hf: torch.nn.Module, tokenizer: Any, info: ModelInfo, label: str) -> None:
+        super().__init__(hf, tokenizer, info, label)
         from nnsight import LanguageModel
 
-        self.lm = LanguageModel(model.hf, tokenizer=model.tokenizer)
-        self.layout = _Modules(model.hf)
+        self.layout = layout_of(hf)
+        self.lm = LanguageModel(hf, tokenizer=tokenizer)
 
-    def _base(self) -> Any:
-        return getattr(self.lm, self.layout.base_name)
-
-    def _layer(self, i: int) -> Any:
-        base = self._base()
-        return base.h[i] if self.layout.gpt2 else base.layers[i]
-
-    def _attn(self, i: int) -> Any:
-        layer = self._layer(i)
-        return layer.attn if self.layout.gpt2 else layer.self_attn
+    def _envoy(self, role: str, layer: int | None = None) -> Any:
+        """nnsight's proxy of the module at ``role`` (the layout's path, walked on the envoys)."""
+        return walk(self.lm, self.layout.path(role, layer))
 
     # Execution order of the sites inside one decoder layer.
     _ORDER = ("resid_pre", "q", "k", "v", "z", "attn_out", "pattern", "resid_mid", "mlp_out", "resid_post")
@@ -272,13 +403,16 @@ class NNsightBackend(Backend):
         cache_to_cpu: bool = False,
         past_key_values: Any = None,
         use_cache: bool = False,
+        forward_kwargs: Mapping[str, Any] | None = None,
     ) -> RunOutput:
         import nnsight
 
         if past_key_values is not None or use_cache:
             raise UserError("the nnsight backend does not step a KV cache here; use backend='bridge'")
-        groups = _group(interventions, self.model)
-        to_cache = _cache_sites(cache, self.model)
+        if forward_kwargs:
+            raise UserError("the nnsight backend takes no forward_kwargs; use backend='bridge'")
+        groups = _group(interventions, self.info)
+        to_cache = _cache_sites(cache, self.info)
         for name in set(groups) | to_cache:
             kind = parse_site(name).kind
             if kind == "scores":
@@ -286,7 +420,6 @@ class NNsightBackend(Backend):
             if kind in ("pattern", "resid_mid") and name in groups:
                 raise UserError(f"site {kind!r} can be cached but not edited on the nnsight backend")
         srcs: Sources = sources or {}
-        info = self.model.info
         store: dict[str, torch.Tensor] = {}
 
         def process(name: str, x: torch.Tensor) -> torch.Tensor | None:
@@ -311,20 +444,20 @@ class NNsightBackend(Backend):
             kwargs["attention_mask"] = attention_mask
         with torch.set_grad_enabled(grad), self.lm.trace(input_ids, **kwargs):
             if "embed" in wanted:
-                emb = self._base().wte if self.layout.gpt2 else self._base().embed_tokens
+                emb = self._envoy("embed")
                 new = process("embed", emb.output)
                 if new is not None:
                     emb.output = new
             for layer in sorted(by_layer):
                 names = sorted(by_layer[layer], key=lambda n: self._ORDER.index(parse_site(n).kind))
-                self._run_layer(layer, names, process, info)
+                self._run_layer(layer, names, process)
             logits = nnsight.save(self.lm.output.logits)
         return RunOutput(logits=logits, cache=store)
 
-    def _run_layer(self, layer: int, names: list[str], process: Any, info: Any) -> None:
-        block = self._layer(layer)
-        attn = self._attn(layer)
-        b_h = info.n_heads
+    def _run_layer(self, layer: int, names: list[str], process: Any) -> None:
+        # nnsight reads and writes module values in execution order: keep the steps in it.
+        block = self._envoy("layer", layer)
+        attn = self._envoy("attn", layer)
         kinds = {parse_site(n).kind: n for n in names}
         resid_pre = None
         if "resid_pre" in kinds or "resid_mid" in kinds:
@@ -333,34 +466,13 @@ class NNsightBackend(Backend):
             if new is not None:
                 block.input = new
                 resid_pre = new
-        if self.layout.gpt2:
-            if any(k in kinds for k in ("q", "k", "v")):
-                qkv = attn.c_attn.output
-                d = info.d_model
-                parts = list(qkv.split(d, dim=-1))
-                for i, kind in enumerate(("q", "k", "v")):
-                    if kind in kinds:
-                        x = parts[i].reshape(*parts[i].shape[:-1], b_h, info.d_head)
-                        new = process(kinds[kind], x)
-                        if new is not None:
-                            parts[i] = new.reshape(parts[i].shape)
-                attn.c_attn.output = torch.cat(parts, dim=-1)
-            o_proj = attn.c_proj
-        else:
-            for kind, mod_name, n in (("q", "q_proj", b_h), ("k", "k_proj", info.n_kv_heads), ("v", "v_proj", info.n_kv_heads)):
-                if kind in kinds:
-                    mod = getattr(attn, mod_name)
-                    out = mod.output
-                    new = process(kinds[kind], out.reshape(*out.shape[:-1], n, info.d_head))
-                    if new is not None:
-                        mod.output = new.reshape(out.shape)
-            o_proj = attn.o_proj
+        self._qkv(layer, kinds, process)
         if "z" in kinds:
+            o_proj = self._envoy("o", layer)
             z_in = o_proj.input
-            new = process(kinds["z"], z_in.reshape(*z_in.shape[:-1], b_h, info.d_head))
+            new = process(kinds["z"], z_in.reshape(*z_in.shape[:-1], self.info.n_heads, self.info.d_head))
             if new is not None:
                 o_proj.input = new.reshape(z_in.shape)
-        attn_out = None
         if "attn_out" in kinds or "pattern" in kinds or "resid_mid" in kinds:
             out = attn.output
             attn_out = out[0]
@@ -376,9 +488,10 @@ class NNsightBackend(Backend):
             if "resid_mid" in kinds:
                 process(kinds["resid_mid"], resid_pre + attn_out)
         if "mlp_out" in kinds:
-            new = process(kinds["mlp_out"], block.mlp.output)
+            mlp = self._envoy("mlp", layer)
+            new = process(kinds["mlp_out"], mlp.output)
             if new is not None:
-                block.mlp.output = new
+                mlp.output = new
         if "resid_post" in kinds:
             out = block.output
             x = out[0] if isinstance(out, tuple) else out
@@ -386,19 +499,46 @@ class NNsightBackend(Backend):
             if new is not None:
                 block.output = (new, *out[1:]) if isinstance(out, tuple) else new
 
+    def _qkv(self, layer: int, kinds: Mapping[str, str], process: Any) -> None:
+        """The q, k and v sites, per head, from separate projections or one fused output."""
+        info = self.info
+        heads = {"q": info.n_heads, "k": info.n_kv_heads, "v": info.n_kv_heads}
+        if not any(k in kinds for k in heads):
+            return
+        if not self.layout.fused_qkv:
+            for kind, n in heads.items():
+                if kind in kinds:
+                    mod = self._envoy(kind, layer)
+                    out = mod.output
+                    new = process(kinds[kind], out.reshape(*out.shape[:-1], n, info.d_head))
+                    if new is not None:
+                        mod.output = new.reshape(out.shape)
+            return
+        fused = self._envoy("qkv", layer)
+        parts = list(fused.output.split(list(self.layout.qkv_sizes(info)), dim=-1))
+        for i, (kind, n) in enumerate(heads.items()):
+            if kind in kinds:
+                x = parts[i].reshape(*parts[i].shape[:-1], n, info.d_head)
+                new = process(kinds[kind], x)
+                if new is not None:
+                    parts[i] = new.reshape(parts[i].shape)
+        fused.output = torch.cat(parts, dim=-1)
+
 
 BACKENDS: Mapping[str, type[Backend]] = {"bridge": BridgeBackend, "nnsight": NNsightBackend}
 
 
-def make_backend(name: str, model: LoadedModel) -> Backend:
+def make_backend(name: str, hf: torch.nn.Module, tokenizer: Any, info: ModelInfo, label: str) -> Backend:
+    """The backend ``name`` over ``hf``; ``label`` names the model (the bridge records it)."""
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
-    return BACKENDS[name](model)
+    return BACKENDS[name](hf, tokenizer, info, label)
 
 
 @contextlib.contextmanager
-def no_hooks_left(model: LoadedModel) -> Iterator[None]:
-    """For tests: assert that a block leaves no forward hooks on the HF modules."""
+def no_hooks_left(model: Any) -> Iterator[None]:
+    """For tests: assert that a block leaves no forward hooks on the HF modules of ``model``
+    (a LoadedModel or anything with its HF module as ``.hf``)."""
     before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.hf.modules())
     yield
     after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.hf.modules())
@@ -406,4 +546,13 @@ def no_hooks_left(model: LoadedModel) -> Iterator[None]:
         raise AssertionError(f"{after - before} hooks left on the model")
 
 
-__all__ = ["BACKENDS", "LAYER_KINDS", "Backend", "BridgeBackend", "NNsightBackend", "RunOutput", "make_backend"]
+__all__ = [
+    "BACKENDS",
+    "LAYER_KINDS",
+    "Backend",
+    "BridgeBackend",
+    "Capabilities",
+    "NNsightBackend",
+    "RunOutput",
+    "make_backend",
+]

@@ -3,15 +3,16 @@
 A :class:`Sweep` says *what* to do: for each site (a head, a layer, a (layer, position) cell,
 or a window of layers at a position), apply one intervention kind (patch from a source run,
 zero / mean / resample ablation, attention knockout) and measure a :class:`Metric`.
-:func:`run_sweep` decides *how* (methods.md section 7):
+:func:`run_sweep` decides *how*: :func:`plan_sweep` makes a :class:`SweepPlan` (variants,
+chunks, reuse decisions, budget) before any forward pass, :func:`execute_plan` runs it:
 
 - every variant (one site's edit) becomes a block of rows (one per prompt) in the batch
   dimension, through the interventions' ``batch=`` field, so one forward pass evaluates
   many variants;
-- variants are grouped by the lowest layer they edit; a chunk starting at layer L feeds the
-  base run's cached ``resid_pre.L`` into the bridge (``start_at_layer``) and the blocks below
-  L are passed through without computing, so the shared prefix is computed once, by the base
-  run, instead of once per variant;
+- variants are grouped by the lowest layer they edit; a chunk starting at layer L hands the
+  base run's cached ``resid_pre.L`` to the backend's ``run_from_layer`` (where its
+  capabilities offer it), which does not compute the layers below L, so the shared prefix is
+  computed once, by the base run, instead of once per variant;
 - a variant that can change only positions >= p (a patch or head ablation at some positions,
   or a patch from a source whose prompts equal the base prompts up to p, as a conflict prompt
   and its consistent twin do) computes positions p.. only, attending to the base run's KV
@@ -45,6 +46,7 @@ import torch
 
 from interp.errors import UserError
 from interp.interventions import AblateHeads, Intervention, Knockout, Patch
+from interp.layout import unembedding
 from interp.model import LoadedModel
 from interp.sites import ATTN_KINDS, HEAD_KINDS, KV_KINDS, parse_site
 
@@ -306,14 +308,10 @@ class Sweep:
             if kind == "embed":
                 return [Variant({"position": p}, (edit(None, heads, (p,)),)) for p in swept]
             for layer in layers:
-                win = self._window(layer, info.n_layers) if self.over == "windows" else (layer,)
+                win = window_layers(layer, self.window, info.n_layers) if self.over == "windows" else (layer,)
                 for p in swept:
                     out.append(Variant({"layer": layer, "position": p}, tuple(edit(w, heads, (p,)) for w in win)))
         return out
-
-    def _window(self, layer: int, n_layers: int) -> tuple[int, ...]:
-        # ROME's trace_important_window: range(max(0, L - w // 2), min(n, L - (-w // 2))).
-        return tuple(range(max(0, layer - self.window // 2), min(n_layers, layer - (-self.window // 2))))
 
     def _knockout_variants(
         self, layers: Sequence[int], heads: Index, positions: Index, qpos: tuple[int, ...], seq_len: int,
@@ -335,10 +333,17 @@ class Sweep:
         swept = positions if positions is not None else tuple(range(seq_len))
         out = []
         for layer in layers:
-            win = self._window(layer, n_layers) if self.over == "windows" else (layer,)
+            win = window_layers(layer, self.window, n_layers) if self.over == "windows" else (layer,)
             for p in swept:
                 out.append(Variant({"layer": layer, "position": p}, tuple(ko(w, heads, (p,)) for w in win)))
         return out
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> tuple[int, ...]:
+    """The window of ``window`` layers around ``layer`` that causal tracing restores together:
+    [L - w//2, L + ceil(w/2)), clipped to the model (Meng et al. 2022, ROME, the
+    ``trace_important_window`` of their code)."""
+    return tuple(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
 
 
 def _norm_pos(p: int, seq_len: int) -> int:
@@ -404,9 +409,37 @@ def default_budget(model: LoadedModel) -> int:
     return free_memory_bytes(model.device) // 4
 
 
-def _d_mlp(model: LoadedModel) -> int:
-    cfg = getattr(model.hf.config, "text_config", None) or model.hf.config
-    return int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * model.info.d_model)
+def activation_bytes(
+    model: LoadedModel,
+    seq_len: int,
+    *,
+    item: int | None = None,
+    resid: int = 0,
+    mlp: int = 0,
+    scores: int = 0,
+    kv: bool = False,
+    logits: int = 0,
+    logit_positions: int = 0,
+) -> int:
+    """Estimated bytes of one batch row's activations in a forward pass over ``seq_len`` tokens.
+
+    The one memory estimator the engine and the detectors share; each says which buffers it
+    counts, per token: ``resid`` residual-sized (d_model) copies, ``mlp`` MLP-sized (d_mlp)
+    ones, ``scores`` copies of one layer's attention scores (heads x seq_len), every layer's
+    keys and values with ``kv``; and ``logits`` vocab-sized copies at each of
+    ``logit_positions``. ``item``: bytes per number (default: the model's dtype).
+    """
+    info = model.info
+    size = torch.finfo(model.dtype).bits // 8 if item is None else item
+    per_token = resid * info.d_model + mlp * info.d_mlp + scores * info.n_heads * seq_len
+    if kv:
+        per_token += 2 * info.n_layers * info.n_kv_heads * info.d_head
+    return size * (seq_len * per_token + logits * logit_positions * info.vocab_size)
+
+
+def units_within(budget_bytes: float, unit_bytes: int) -> int:
+    """How many units of ``unit_bytes`` fit in ``budget_bytes``, at least one."""
+    return max(1, int(budget_bytes // unit_bytes))
 
 
 def bytes_per_row(model: LoadedModel, seq_len: int, n_logit_positions: int, kv: bool = False) -> int:
@@ -417,12 +450,8 @@ def bytes_per_row(model: LoadedModel, seq_len: int, n_logit_positions: int, kv: 
     their softmax ~ 3 heads x seq, per token; logits and the metric's log-softmax ~ 3 vocab per
     kept position; with ``kv``, every layer's keys and values (a pass on a cached prefix).
     """
-    info = model.info
-    item = torch.finfo(model.dtype).bits // 8
-    per_token = 10 * info.d_model + 4 * _d_mlp(model) + 3 * info.n_heads * seq_len
-    if kv:
-        per_token += 2 * info.n_layers * info.n_kv_heads * info.d_head
-    return item * (seq_len * per_token + 3 * n_logit_positions * info.vocab_size)
+    return activation_bytes(model, seq_len, resid=10, mlp=4, scores=3, kv=kv, logits=3,
+                            logit_positions=n_logit_positions)
 
 
 def _prefix_kv(model: LoadedModel, pkv: Any, n_pos: int, copies: int) -> Any:
@@ -448,35 +477,6 @@ def _plain_kv(pkv: Any) -> bool:
 # --------------------------------------------------------------------------- execution
 
 
-def _bridge_backend(model: LoadedModel) -> Any:
-    from interp.backends import BridgeBackend
-
-    backend = model.backend
-    return backend if isinstance(backend, BridgeBackend) else None
-
-
-@contextlib.contextmanager
-def _skip_blocks(bridge: Any, n: int, tuple_out: bool) -> Iterator[None]:
-    """Make blocks 0..n-1 return their input unchanged: their result would be discarded anyway
-    when block n swaps in the cached residual (the bridge's start_at_layer runs them)."""
-
-    def passthrough(*args: Any, **kwargs: Any) -> Any:
-        h = args[0] if args else kwargs["hidden_states"]
-        return (h,) if tuple_out else h
-
-    blocks = list(bridge.blocks)[:n]
-    for block in blocks:
-        # object.__setattr__: the bridge's components forward attribute writes to the wrapped
-        # HF module, which would leave the HF layer short-circuited after the sweep.
-        object.__setattr__(block, "forward", passthrough)
-    try:
-        yield
-    finally:
-        for block in blocks:
-            if "forward" in block.__dict__:
-                del block.__dict__["forward"]
-
-
 @contextlib.contextmanager
 def _unembed_only(head: torch.nn.Linear | None, vocab: tuple[int, ...] | None) -> Iterator[None]:
     """Make the unembedding compute the logits of ``vocab`` alone: a metric that reads two
@@ -494,33 +494,40 @@ def _unembed_only(head: torch.nn.Linear | None, vocab: tuple[int, ...] | None) -
         del head.__dict__["forward"]
 
 
-class _Runner:
-    """Forward passes for one sweep: the base run, then chunks from a start layer.
+def _logit_positions(metric: Metric, seq_len: int) -> tuple[int, ...] | None:
+    pos = metric.positions
+    return None if pos is None else tuple(_norm_pos(p, seq_len) for p in pos)
 
-    ``metric`` is what the caller asked for; ``self.metric`` is the one to apply to this
-    runner's logits (over a few token ids when the metric says which it reads)."""
 
-    def __init__(self, model: LoadedModel, metric: Metric, seq_len: int, prefix_reuse: bool) -> None:
+class SweepForwards:
+    """The forward passes of one sweep (its base run, then its chunks), each computing only
+    the logits the metric reads, with counters of passes and token-layers.
+
+    ``metric`` is what the caller asked for; ``self.metric`` is the one to apply to these
+    passes' logits (over a few token ids when the metric says which it reads). Passes go
+    through the backend's contract only: HF forward kwargs where the backend passes them
+    (``capabilities.forward_kwargs``), ``run_from_layer`` for a pass that enters a layer."""
+
+    def __init__(self, model: LoadedModel, metric: Metric, seq_len: int) -> None:
         self.model = model
         self.metric = metric
         self.seq_len = seq_len
-        self.backend = _bridge_backend(model)
-        self.bridge = None if self.backend is None else self.backend.bridge
+        self.backend = model.backend
+        # Only where the backend hands HF's forward our kwargs do we choose which logits it
+        # computes (positions and, below, vocabulary); elsewhere logits are sliced afterwards.
+        self.direct = self.backend.capabilities.forward_kwargs
         self.head: torch.nn.Linear | None = None
         self.vocab: tuple[int, ...] | None = None
-        head = getattr(getattr(self.bridge, "unembed", None), "original_component", None)
+        head = unembedding(model.hf) if self.direct else None
         on_vocab = getattr(metric, "on_vocab", None)
         if on_vocab is not None and isinstance(head, torch.nn.Linear):
             self.head = head
             self.vocab, self.metric = on_vocab()
-        self.prefix = prefix_reuse and self.bridge is not None and hasattr(self.bridge, "blocks")
-        self.block_tuple_out = False
-        pos = metric.positions
-        self.logit_positions = None if pos is None else tuple(_norm_pos(p, seq_len) for p in pos)
+        self.logit_positions = _logit_positions(metric, seq_len)
         self.keep: int | torch.Tensor = 0
         self.slice_after: tuple[int, ...] | None = self.logit_positions
         if (
-            self.bridge is not None
+            self.direct
             and self.logit_positions is not None
             and "logits_to_keep" in inspect.signature(model.hf.forward).parameters
         ):
@@ -535,6 +542,17 @@ class _Runner:
     @property
     def n_logit_positions(self) -> int:
         return self.seq_len if self.logit_positions is None else len(self.logit_positions)
+
+    def _forward_kwargs(self, past: Any, keep_kv: bool, offset: int) -> dict[str, Any] | None:
+        if not self.direct:
+            return None
+        fkw: dict[str, Any] = {} if (past is not None or keep_kv) else {"use_cache": False}
+        keep = self.keep
+        if isinstance(keep, torch.Tensor):
+            keep = keep - offset
+        if not isinstance(keep, int) or keep:
+            fkw["logits_to_keep"] = keep
+        return fkw
 
     def forward(
         self,
@@ -560,52 +578,22 @@ class _Runner:
         self.forwards += 1
         n_pos = int(tokens.shape[1]) if resid is None else int(resid.shape[1])
         self.token_layers += tokens.shape[0] * n_pos * (self.model.info.n_layers - start)
-        pkv = None
-        if self.bridge is None:
-            out = self.model.run(tokens, interventions=interventions, sources=sources, cache=cache, grad=grad,
-                                 cache_to_cpu=offload)
-            logits = out.logits
-        else:
-            fkw: dict[str, Any] = {} if (past is not None or keep_kv) else {"use_cache": False}
-            keep = self.keep
-            if isinstance(keep, torch.Tensor):
-                keep = keep - offset
-            if not isinstance(keep, int) or keep:
-                fkw["logits_to_keep"] = keep
-            inp = tokens.to(self.model.device)
-            ctx: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        common: dict[str, Any] = {
+            "interventions": interventions, "sources": sources, "cache": cache, "grad": grad,
+            "cache_to_cpu": offload, "past_key_values": past, "use_cache": keep_kv,
+            "forward_kwargs": self._forward_kwargs(past, keep_kv, offset),
+        }
+        with _unembed_only(self.head, self.vocab), warnings.catch_warnings():
+            # transformers renames past_key_values to cache; the bridge still passes the old name.
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
             if resid is not None:
-                fkw["start_at_layer"] = start
-                inp = resid
-                ctx = _skip_blocks(self.bridge, start, self.block_tuple_out)
-            with ctx, _unembed_only(self.head, self.vocab), warnings.catch_warnings():
-                # transformers renames past_key_values to cache; the bridge still passes the old name.
-                warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-                out = self.backend.run(
-                    inp, interventions=interventions, sources=sources, cache=cache, grad=grad,
-                    cache_to_cpu=offload, forward_kwargs=fkw, past_key_values=past, use_cache=keep_kv,
-                )
-            logits, pkv = out.logits, out.past_key_values
+                out = self.backend.run_from_layer(resid, start, **common)
+            else:
+                out = self.backend.run(tokens.to(self.model.device), **common)
+        logits = out.logits
         if self.slice_after is not None:
             logits = logits[:, [p - offset for p in self.slice_after], :]
-        return logits, out.cache, pkv
-
-    def record_block_output_type(self) -> Any:
-        if self.bridge is None or not self.prefix:
-            return contextlib.nullcontext()
-
-        def hook(_mod: Any, _args: Any, output: Any) -> None:
-            self.block_tuple_out = isinstance(output, tuple)
-
-        return _Handle(self.bridge.blocks[0].register_forward_hook(hook))
-
-
-class _Handle(contextlib.AbstractContextManager[None]):
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    def __exit__(self, *exc: object) -> None:
-        self.handle.remove()
+        return logits, out.cache, out.past_key_values
 
 
 def _check_tokens(model: LoadedModel, tokens: torch.Tensor, what: str = "tokens") -> torch.Tensor:
@@ -633,6 +621,30 @@ def _reference_tokens(sweep: Sweep, tokens: torch.Tensor, source: Any) -> Any:
     return tokens
 
 
+def _reference(
+    model: LoadedModel,
+    sweep: Sweep,
+    variants: Sequence[Variant],
+    tokens: torch.Tensor,
+    source: torch.Tensor | Mapping[str, torch.Tensor] | None,
+) -> torch.Tensor | Mapping[str, torch.Tensor] | None:
+    """What the edits read from: the source run's checked token ids, a given cache, or None
+    when no edit reads a source run or a reference mean."""
+    need_src = _needed_sites(variants, SOURCE)
+    if not (need_src or _needed_sites(variants, MEAN)):
+        return None
+    ref = _reference_tokens(sweep, tokens, source)
+    if not isinstance(ref, torch.Tensor):
+        return ref
+    n_prompts, seq_len = tokens.shape
+    src_tokens = _check_tokens(model, ref, "source tokens")
+    if src_tokens.shape[1] != seq_len:
+        raise UserError(f"source prompts have {src_tokens.shape[1]} tokens, base prompts {seq_len}")
+    if src_tokens.shape[0] not in (1, n_prompts) and need_src:
+        raise UserError(f"source has {src_tokens.shape[0]} prompts; give 1 or {n_prompts}")
+    return src_tokens
+
+
 def build_sources(
     model: LoadedModel,
     sweep: Sweep,
@@ -650,15 +662,11 @@ def build_sources(
     need_src = _needed_sites(variants, SOURCE)
     need_mean = _needed_sites(variants, MEAN)
     need_zero = _needed_sites(variants, ZERO)
-    ref = _reference_tokens(sweep, tokens, source) if (need_src or need_mean) else None
+    ref = _reference(model, sweep, variants, tokens, source)
     src_tokens = None
     ref_cache: Mapping[str, torch.Tensor] = {}
     if isinstance(ref, torch.Tensor):
-        src_tokens = _check_tokens(model, ref, "source tokens")
-        if src_tokens.shape[1] != seq_len:
-            raise UserError(f"source prompts have {src_tokens.shape[1]} tokens, base prompts {seq_len}")
-        if src_tokens.shape[0] not in (1, n_prompts) and need_src:
-            raise UserError(f"source has {src_tokens.shape[0]} prompts; give 1 or {n_prompts}")
+        src_tokens = ref
         with torch.no_grad():
             ref_cache = model.run(src_tokens, cache=need_src + need_mean, cache_to_cpu=offload).cache
     elif ref is not None:
@@ -764,6 +772,287 @@ def plan_chunks(starts: Sequence[int], max_variants: int, rows_per_variant: int,
     return chunks[::-1]
 
 
+# --------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One forward pass: the variants (indices into the plan's) stacked in the batch, each a
+    block of one row per prompt, computing positions ``offset``.. and layers ``start``.."""
+
+    offset: int
+    start: int
+    variants: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """How :func:`run_sweep` executes a sweep on given prompts, decided before any forward pass.
+
+    ``starts``/``offsets``: per variant, the lowest layer and position its edits can change
+    (the pass computes from there when the reuse is on). ``resid_layers``: where the base run
+    caches ``resid_pre`` for chunks to enter at; ``from_resid``: chunks enter from the base
+    residual even at layer 0 (base edits, or a cut prefix). The base run can still turn reuse
+    off (:meth:`without_sequence_reuse`, :meth:`without_reuse`), which re-plans the chunks.
+    """
+
+    sweep: Sweep
+    variants: tuple[Variant, ...]
+    base_interventions: tuple[Intervention, ...]
+    n_prompts: int
+    seq_len: int
+    n_layers: int
+    logit_positions: tuple[int, ...] | None
+    budget_bytes: int
+    bytes_per_variant: int
+    max_per_chunk: int
+    prefix_reuse: bool
+    sequence_reuse: bool
+    from_resid: bool
+    starts: tuple[int, ...]
+    offsets: tuple[int, ...]
+    resid_layers: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def n_logit_positions(self) -> int:
+        return self.seq_len if self.logit_positions is None else len(self.logit_positions)
+
+    def __str__(self) -> str:
+        s = self.sweep
+        onoff = {True: "on", False: "off"}
+        lines = [
+            f"{len(self.variants)} variants ({s.over}, {s.intervention}) on {self.n_prompts} prompts x "
+            f"{self.seq_len} tokens, {self.n_logit_positions} logit positions",
+            f"budget {self.budget_bytes} bytes, {self.bytes_per_variant} per variant, "
+            f"at most {self.max_per_chunk} variants per chunk",
+            f"prefix reuse {onoff[self.prefix_reuse]}, sequence reuse {onoff[self.sequence_reuse]}, "
+            f"from the base residual {onoff[self.from_resid]}, base caches resid_pre at {list(self.resid_layers)}",
+            f"{len(self.chunks)} chunks (variants @ layer/position): "
+            + ", ".join(f"{len(c.variants)}@L{c.start}/p{c.offset}" for c in self.chunks),
+        ]
+        return "\n".join(lines)
+
+    def without_sequence_reuse(self) -> SweepPlan:
+        """Every pass computes every position (the base run's KV cache cannot be cut)."""
+        offsets = (0,) * len(self.variants)
+        return dataclasses.replace(self, sequence_reuse=False, offsets=offsets,
+                                   chunks=_plan_chunks(self, self.prefix_reuse, offsets))
+
+    def without_reuse(self) -> SweepPlan:
+        """Every pass is a full forward pass (re-entry disagreed with a full pass)."""
+        offsets = (0,) * len(self.variants)
+        return dataclasses.replace(self, prefix_reuse=False, sequence_reuse=False, from_resid=False,
+                                   offsets=offsets, chunks=_plan_chunks(self, False, offsets))
+
+
+def _plan_chunks(plan: SweepPlan, prefix_reuse: bool, offsets: Sequence[int]) -> tuple[Chunk, ...]:
+    """Chunks per position offset, each group split by :func:`plan_chunks`."""
+    chunks: list[Chunk] = []
+    for off in sorted(set(offsets)):
+        group = [i for i, o in enumerate(offsets) if o == off]
+        planned = plan_chunks([plan.starts[i] for i in group], plan.max_per_chunk, plan.n_prompts,
+                              plan.seq_len - off, plan.n_layers, prefix_reuse)
+        chunks.extend(Chunk(off, start, tuple(group[k] for k in idx)) for start, idx in planned)
+    return tuple(chunks)
+
+
+def _selected(variants: list[Variant], select: Sequence[int] | None) -> list[Variant]:
+    if select is not None:
+        bad = [i for i in select if not 0 <= i < len(variants)]
+        if bad:
+            raise UserError(f"variant index {bad[0]} out of range (0..{len(variants) - 1})")
+        variants = [variants[i] for i in select]
+    if not variants:
+        raise UserError("the sweep has no variants")
+    return variants
+
+
+def _budget(model: LoadedModel, n_prompts: int, seq_len: int, n_logit_positions: int, kv: bool,
+            budget_bytes: int | None, max_variants: int | None) -> tuple[int, int, int]:
+    """The chunk budget in bytes, the bytes of one variant's block of rows, and the most
+    variants per chunk."""
+    budget = default_budget(model) if budget_bytes is None else int(budget_bytes)
+    per_variant = n_prompts * bytes_per_row(model, seq_len, n_logit_positions, kv=kv)
+    if budget < per_variant:
+        raise UserError(
+            f"memory budget of {budget} bytes is smaller than one patched variant "
+            f"({per_variant} bytes for {n_prompts} prompts x {seq_len} tokens); raise budget_bytes or use fewer prompts"
+        )
+    cap = budget // per_variant
+    if max_variants is not None:
+        if max_variants < 1:
+            raise UserError(f"max_variants must be at least 1, got {max_variants}")
+        cap = min(cap, max_variants)
+    return budget, per_variant, cap
+
+
+def plan_sweep(
+    model: LoadedModel,
+    sweep: Sweep,
+    metric: Metric,
+    tokens: torch.Tensor,
+    source: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    *,
+    budget_bytes: int | None = None,
+    max_variants: int | None = None,
+    prefix_reuse: bool = True,
+    sequence_reuse: bool = True,
+    select: Sequence[int] | None = None,
+    base_interventions: Sequence[Intervention] = (),
+) -> SweepPlan:
+    """The plan :func:`run_sweep` executes (same arguments); no forward pass is run."""
+    tokens = _check_tokens(model, tokens)
+    n_prompts, seq_len = tokens.shape
+    _check_metric(metric, n_prompts)
+    variants = _selected(sweep.variants(model, seq_len), select)
+    base_ivs = tuple(base_interventions)
+    caps = model.backend.capabilities
+    # Only edits below every block are inside the cached residual a chunk starts from.
+    prefix = prefix_reuse and caps.run_from_layer and not any(iv.site.layer is not None for iv in base_ivs)
+    seq = sequence_reuse and prefix and caps.kv_cache
+    logit_positions = _logit_positions(metric, seq_len)
+    n_logit = seq_len if logit_positions is None else len(logit_positions)
+    budget, per_variant, cap = _budget(model, n_prompts, seq_len, n_logit, seq, budget_bytes, max_variants)
+    ref = _reference(model, sweep, variants, tokens, source)
+    same = _same_prefix(tokens, ref if isinstance(ref, torch.Tensor) else None)
+    first_read = 0 if logit_positions is None else min(logit_positions)
+    offsets = tuple(min(v.start_position(seq_len, same), first_read) if seq else 0 for v in variants)
+    if any(iv.site.layer is None for v in variants for iv in v.edits):
+        # An edit of the embedding needs its pass to start from the tokens.
+        seq, offsets, embed_edits = False, (0,) * len(variants), True
+    else:
+        embed_edits = False
+    starts = tuple(v.start_layer for v in variants)
+    # A chunk enters at its start layer from the base residual; with base edits or a cut
+    # prefix it does so even at layer 0, where the residual holds the edited embedding.
+    from_resid = prefix and not embed_edits and (bool(base_ivs) or any(o > 0 for o in offsets))
+    plan = SweepPlan(
+        sweep=sweep, variants=tuple(variants), base_interventions=base_ivs, n_prompts=n_prompts,
+        seq_len=seq_len, n_layers=model.info.n_layers, logit_positions=logit_positions,
+        budget_bytes=budget, bytes_per_variant=per_variant, max_per_chunk=cap, prefix_reuse=prefix,
+        sequence_reuse=seq, from_resid=from_resid, starts=starts, offsets=offsets,
+        resid_layers=tuple(sorted({s for s in starts if s > 0 or from_resid})) if prefix else (),
+        chunks=(),
+    )
+    return dataclasses.replace(plan, chunks=_plan_chunks(plan, prefix, offsets))
+
+
+# --------------------------------------------------------------------------- execution of a plan
+
+
+def _base_run(
+    plan: SweepPlan, runner: SweepForwards, tokens: torch.Tensor, sources: Mapping[str, Mapping[str, torch.Tensor]]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any, SweepPlan]:
+    """The base run: its metric, the residuals chunks enter at, its KV cache, and the plan
+    without sequence reuse when that cache cannot be cut at a position."""
+    logits, base_cache, base_kv = runner.forward(
+        tokens, plan.base_interventions, sources, cache=[f"resid_pre.{s}" for s in plan.resid_layers],
+        keep_kv=plan.sequence_reuse,
+    )
+    base = runner.metric(logits, torch.arange(plan.n_prompts, device=tokens.device))
+    if plan.sequence_reuse and not _plain_kv(base_kv):
+        plan = plan.without_sequence_reuse()
+    return base, base_cache, base_kv, plan
+
+
+def _check_reentry(
+    model: LoadedModel, plan: SweepPlan, runner: SweepForwards, tokens: torch.Tensor, base: torch.Tensor,
+    base_cache: Mapping[str, torch.Tensor], base_kv: Any,
+) -> tuple[SweepPlan, float | None]:
+    """Layer (and position) re-entry is checked once per sweep on this model: resuming the
+    base run at the highest start layer, after the largest cut, must give the base metric
+    back; otherwise the plan falls back to full passes. Returns the plan and the difference."""
+    if not plan.resid_layers:
+        return plan, None
+    top, cut = plan.resid_layers[-1], max(plan.offsets)
+    past = _prefix_kv(model, base_kv, cut, 1) if cut else None
+    again, _, _ = runner.forward(tokens, start=top, resid=base_cache[f"resid_pre.{top}"][:, cut:], past=past,
+                                 offset=cut)
+    diff = float((runner.metric(again, torch.arange(plan.n_prompts, device=tokens.device)) - base).abs().max())
+    if diff > 1e-4 * (1.0 + float(base.abs().max())):
+        # stacklevel: the caller of run_sweep.
+        warnings.warn(f"prefix reuse disagrees with a full forward on {model.name} "
+                      f"(max diff {diff:.2g}); running full forwards", stacklevel=4)
+        plan = plan.without_reuse()
+    return plan, diff
+
+
+def _run_chunks(
+    model: LoadedModel, plan: SweepPlan, runner: SweepForwards, tokens: torch.Tensor,
+    sources: Mapping[str, Mapping[str, torch.Tensor]], base_cache: Mapping[str, torch.Tensor], base_kv: Any,
+) -> torch.Tensor:
+    """Metric values [variants, prompts], one forward pass per chunk."""
+    n_prompts, seq_len = plan.n_prompts, plan.seq_len
+    prompt_index = torch.arange(n_prompts, device=tokens.device)
+    values = torch.empty(len(plan.variants), n_prompts, dtype=torch.float64)
+    cut_sources: dict[int, Mapping[str, Mapping[str, torch.Tensor]]] = {0: sources}
+    for chunk in plan.chunks:
+        off, start, idx = chunk.offset, chunk.start, list(chunk.variants)
+        if off not in cut_sources:
+            cut_sources[off] = _cut_sources(sources, off, seq_len)
+        resid = None
+        if plan.prefix_reuse and (start > 0 or plan.from_resid):
+            resid = base_cache[f"resid_pre.{start}"][:, off:].repeat(len(idx), 1, 1)
+        ivs: list[Intervention] = []
+        for slot, vi in enumerate(idx):
+            rows = tuple(range(slot * n_prompts, (slot + 1) * n_prompts))
+            if resid is None:
+                ivs.extend(_with_rows(iv, rows, sources, n_prompts) for iv in plan.base_interventions)
+            ivs.extend(_with_rows(_shifted(iv, off, seq_len), rows, sources, n_prompts)
+                       for iv in plan.variants[vi].edits)
+        batch_tokens = tokens[:, off:].repeat(len(idx), 1)
+        past = _prefix_kv(model, base_kv, off, len(idx)) if off else None
+        logits, _, _ = runner.forward(batch_tokens, ivs, cut_sources[off], start=start, resid=resid,
+                                      past=past, offset=off)
+        vals = runner.metric(logits, prompt_index.repeat(len(idx)))
+        values[idx] = vals.view(len(idx), n_prompts).double().cpu()
+    return values
+
+
+def execute_plan(
+    model: LoadedModel,
+    plan: SweepPlan,
+    metric: Metric,
+    tokens: torch.Tensor,
+    source: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    *,
+    offload: bool = False,
+) -> SweepResult:
+    """Run ``plan`` (from :func:`plan_sweep` with the same metric, tokens and source)."""
+    t0 = time.perf_counter()
+    tokens = _check_tokens(model, tokens)
+    runner = SweepForwards(model, metric, plan.seq_len)
+    with torch.no_grad():
+        sources, _ = build_sources(model, plan.sweep, plan.variants, tokens, source, offload)
+        base, base_cache, base_kv, plan = _base_run(plan, runner, tokens, sources)
+        plan, prefix_diff = _check_reentry(model, plan, runner, tokens, base, base_cache, base_kv)
+        values = _run_chunks(model, plan, runner, tokens, sources, base_cache, base_kv)
+    cache_bytes = sum(t.numel() * t.element_size() for t in base_cache.values()) + sum(
+        t.numel() * t.element_size() for c in sources.values() for t in c.values()
+    )
+    stats = {
+        "n_variants": len(plan.variants),
+        "chunks": len(plan.chunks),
+        "chunk_sizes": [len(c.variants) for c in plan.chunks],
+        "forwards": runner.forwards,
+        "token_layers": runner.token_layers,
+        "prefix_reuse": plan.prefix_reuse,
+        "sequence_reuse": plan.sequence_reuse,
+        "prefix_check_diff": prefix_diff,
+        "logits_positions": runner.n_logit_positions,
+        "budget_bytes": plan.budget_bytes,
+        "bytes_per_variant": plan.bytes_per_variant,
+        "cache_bytes": cache_bytes,
+        "seconds": time.perf_counter() - t0,
+    }
+    sweep = plan.sweep
+    return SweepResult(
+        sweep=sweep, variant=sweep.intervention, metric=metric.name, labels=[v.label for v in plan.variants],
+        values=values, base=base.double().cpu(), stats=stats,
+    )
+
+
 def run_sweep(
     model: LoadedModel,
     sweep: Sweep,
@@ -790,140 +1079,40 @@ def run_sweep(
     ``prefix_reuse``: start each chunk at its lowest edited layer from the base run's residual.
     ``sequence_reuse``: when a variant edits only positions >= p (and the metric reads no
     earlier position), compute positions p.. only, on the base run's KV cache of 0..p-1.
+    The plan (:func:`plan_sweep`) is made first, then executed (:func:`execute_plan`).
     """
     t0 = time.perf_counter()
-    tokens = _check_tokens(model, tokens)
-    n_prompts, seq_len = tokens.shape
-    _check_metric(metric, n_prompts)
-    variants = sweep.variants(model, seq_len)
-    if select is not None:
-        bad = [i for i in select if not 0 <= i < len(variants)]
-        if bad:
-            raise UserError(f"variant index {bad[0]} out of range (0..{len(variants) - 1})")
-        variants = [variants[i] for i in select]
-    if not variants:
-        raise UserError("the sweep has no variants")
-    runner = _Runner(model, metric, seq_len, prefix_reuse)
-    base_ivs = list(base_interventions)
-    if any(iv.site.layer is not None for iv in base_ivs):
-        # Only edits below every block are inside the cached residual a chunk starts from.
-        runner.prefix = False
-    seq = sequence_reuse and runner.prefix
-    budget = default_budget(model) if budget_bytes is None else int(budget_bytes)
-    per_variant = n_prompts * bytes_per_row(model, seq_len, runner.n_logit_positions, kv=seq)
-    if budget < per_variant:
-        raise UserError(
-            f"memory budget of {budget} bytes is smaller than one patched variant "
-            f"({per_variant} bytes for {n_prompts} prompts x {seq_len} tokens); raise budget_bytes or use fewer prompts"
-        )
-    cap = budget // per_variant
-    if max_variants is not None:
-        if max_variants < 1:
-            raise UserError(f"max_variants must be at least 1, got {max_variants}")
-        cap = min(cap, max_variants)
-
-    with torch.no_grad():
-        sources, src_tokens = build_sources(model, sweep, variants, tokens, source, offload)
-        starts = [v.start_layer for v in variants]
-        first_read = 0 if runner.logit_positions is None else min(runner.logit_positions)
-        same = _same_prefix(tokens, src_tokens)
-        offsets = [min(v.start_position(seq_len, same), first_read) if seq else 0 for v in variants]
-        # A chunk enters at its start layer from the base residual; with base edits or a cut
-        # prefix it does so even at layer 0, where the residual holds the edited embedding.
-        embed_edits = any(iv.site.layer is None for v in variants for iv in v.edits)
-        if embed_edits:
-            # An edit of the embedding needs its pass to start from the tokens.
-            seq, offsets = False, [0] * len(offsets)
-        from_resid = runner.prefix and not embed_edits and (bool(base_ivs) or any(o > 0 for o in offsets))
-        need_resid = sorted({s for s in starts if s > 0 or from_resid}) if runner.prefix else []
-        prompt_index = torch.arange(n_prompts, device=model.device)
-        with runner.record_block_output_type():
-            logits, base_cache, base_kv = runner.forward(
-                tokens, base_ivs, sources, cache=[f"resid_pre.{s}" for s in need_resid], keep_kv=seq
-            )
-        base = runner.metric(logits, prompt_index)
-        if seq and not _plain_kv(base_kv):
-            seq = False
-            offsets = [0] * len(offsets)
-        prefix_diff = None
-        if need_resid:
-            # Layer (and position) re-entry is checked once per sweep on this model: resuming
-            # the base run at the highest start layer, after the largest cut, must give the
-            # base metric back.
-            top, cut = need_resid[-1], max(offsets)
-            past = _prefix_kv(model, base_kv, cut, 1) if cut else None
-            again, _, _ = runner.forward(tokens, start=top, resid=base_cache[f"resid_pre.{top}"][:, cut:],
-                                         past=past, offset=cut)
-            prefix_diff = float((runner.metric(again, prompt_index) - base).abs().max())
-            if prefix_diff > 1e-4 * (1.0 + float(base.abs().max())):
-                warnings.warn(f"prefix reuse disagrees with a full forward on {model.name} "
-                              f"(max diff {prefix_diff:.2g}); running full forwards", stacklevel=2)
-                runner.prefix = seq = from_resid = False
-                offsets = [0] * len(offsets)
-        chunks: list[tuple[int, int, list[int]]] = []
-        for off in sorted(set(offsets)):
-            group = [i for i, o in enumerate(offsets) if o == off]
-            planned = plan_chunks([starts[i] for i in group], cap, n_prompts, seq_len - off,
-                                  model.info.n_layers, runner.prefix)
-            chunks.extend((off, start, [group[k] for k in idx]) for start, idx in planned)
-        values = torch.empty(len(variants), n_prompts, dtype=torch.float64)
-        cut_sources: dict[int, dict[str, dict[str, torch.Tensor]]] = {0: sources}
-        for off, start, idx in chunks:
-            if off not in cut_sources:
-                cut_sources[off] = _cut_sources(sources, off, seq_len)
-            resid = None
-            if runner.prefix and (start > 0 or from_resid):
-                resid = base_cache[f"resid_pre.{start}"][:, off:].repeat(len(idx), 1, 1)
-            ivs: list[Intervention] = []
-            for slot, vi in enumerate(idx):
-                rows = tuple(range(slot * n_prompts, (slot + 1) * n_prompts))
-                if resid is None:
-                    ivs.extend(_with_rows(iv, rows, sources, n_prompts) for iv in base_ivs)
-                ivs.extend(_with_rows(_shifted(iv, off, seq_len), rows, sources, n_prompts)
-                           for iv in variants[vi].edits)
-            batch_tokens = tokens[:, off:].repeat(len(idx), 1)
-            past = _prefix_kv(model, base_kv, off, len(idx)) if off else None
-            logits, _, _ = runner.forward(batch_tokens, ivs, cut_sources[off], start=start, resid=resid,
-                                          past=past, offset=off)
-            vals = runner.metric(logits, prompt_index.repeat(len(idx)))
-            values[idx] = vals.view(len(idx), n_prompts).double().cpu()
-    cache_bytes = sum(t.numel() * t.element_size() for t in base_cache.values()) + sum(
-        t.numel() * t.element_size() for c in sources.values() for t in c.values()
+    plan = plan_sweep(
+        model, sweep, metric, tokens, source, budget_bytes=budget_bytes, max_variants=max_variants,
+        prefix_reuse=prefix_reuse, sequence_reuse=sequence_reuse, select=select,
+        base_interventions=base_interventions,
     )
-    stats = {
-        "n_variants": len(variants),
-        "chunks": len(chunks),
-        "chunk_sizes": [len(i) for _, _, i in chunks],
-        "forwards": runner.forwards,
-        "token_layers": runner.token_layers,
-        "prefix_reuse": runner.prefix,
-        "sequence_reuse": seq,
-        "prefix_check_diff": prefix_diff,
-        "logits_positions": runner.n_logit_positions,
-        "budget_bytes": budget,
-        "bytes_per_variant": per_variant,
-        "cache_bytes": cache_bytes,
-        "seconds": time.perf_counter() - t0,
-    }
-    return SweepResult(
-        sweep=sweep, variant=sweep.intervention, metric=metric.name, labels=[v.label for v in variants],
-        values=values, base=base.double().cpu(), stats=stats,
-    )
+    result = execute_plan(model, plan, metric, tokens, source, offload=offload)
+    result.stats["seconds"] = time.perf_counter() - t0
+    return result
 
 
 __all__ = [
     "DEFAULT_SITE",
+    "Chunk",
     "LogProb",
     "LogitDiff",
     "Metric",
     "Prob",
     "Sweep",
+    "SweepForwards",
+    "SweepPlan",
     "SweepResult",
     "Variant",
+    "activation_bytes",
     "build_sources",
     "bytes_per_row",
     "default_budget",
+    "execute_plan",
     "free_memory_bytes",
     "plan_chunks",
+    "plan_sweep",
     "run_sweep",
+    "units_within",
+    "window_layers",
 ]

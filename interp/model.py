@@ -9,62 +9,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from interp.backends import Backend, RunOutput, make_backend
 from interp.errors import UserError
+from interp.layout import Layout, ModelInfo, layout_of
 from interp.prefix import PromptPrefix, choose_prefix
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from interp.backends import Backend, RunOutput
     from interp.interventions import Intervention, Sources
 
 BackendName = Literal["bridge", "nnsight"]
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """The shape of a decoder-only transformer, read from its HF config."""
-
-    architecture: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    d_model: int
-    vocab_size: int
-    max_positions: int
-
-    @property
-    def n_total_heads(self) -> int:
-        return self.n_layers * self.n_heads
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per kv head (1 without grouped-query attention)."""
-        return self.n_heads // self.n_kv_heads
-
-    @classmethod
-    def from_config(cls, config: Any) -> ModelInfo:
-        text = getattr(config, "text_config", None) or config
-        n_heads = int(getattr(text, "num_attention_heads", None) or text.n_head)
-        d_model = int(getattr(text, "hidden_size", None) or text.n_embd)
-        n_kv = int(getattr(text, "num_key_value_heads", None) or n_heads)
-        d_head = int(getattr(text, "head_dim", None) or d_model // n_heads)
-        n_layers = int(getattr(text, "num_hidden_layers", None) or text.n_layer)
-        max_pos = int(
-            getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 2048
-        )
-        archs = getattr(config, "architectures", None) or [type(config).__name__]
-        return cls(
-            architecture=str(archs[0]),
-            n_layers=n_layers,
-            n_heads=n_heads,
-            n_kv_heads=n_kv,
-            d_head=d_head,
-            d_model=d_model,
-            vocab_size=int(text.vocab_size),
-            max_positions=max_pos,
-        )
 
 
 def library_versions() -> dict[str, str]:
@@ -119,6 +74,7 @@ class LoadedModel:
         self.info = ModelInfo.from_config(hf.config)
         self.backend_name: BackendName = backend
         self._backend: Backend | None = None
+        self._layout: Layout | None = None
 
     @property
     def name(self) -> str:
@@ -135,10 +91,16 @@ class LoadedModel:
     @property
     def backend(self) -> Backend:
         if self._backend is None:
-            from interp.backends import make_backend
-
-            self._backend = make_backend(self.backend_name, self)
+            self._backend = make_backend(self.backend_name, self.hf, self.tokenizer, self.info, self.name)
         return self._backend
+
+    @property
+    def layout(self) -> Layout:
+        """Where the HF module keeps its parts (:mod:`interp.layout`); a UserError for an
+        architecture the workbench has no layout for."""
+        if self._layout is None:
+            self._layout = layout_of(self.hf)
+        return self._layout
 
     def check_head(self, layer: int, head: int) -> None:
         if not 0 <= layer < self.info.n_layers:
@@ -185,18 +147,16 @@ class LoadedModel:
 
         ``cache`` takes site names or globs (``"z.*"``); ``sources`` maps a run name to a
         cache, for patching and mean/resample ablation. Hooks never outlive the call.
-        With ``use_cache`` (or a ``past_key_values`` from an earlier output) the bridge
-        backend steps HF's KV cache, for decoding. ``last_logits_only`` returns the logits of
-        the last position alone, [batch, 1, vocab], computed only there where the model allows.
+        With ``use_cache`` (or a ``past_key_values`` from an earlier output) a backend with
+        the ``kv_cache`` capability steps HF's KV cache, for decoding. ``last_logits_only``
+        returns the logits of the last position alone, [batch, 1, vocab], computed only there
+        where the backend and the model allow.
         """
         if past_key_values is None:
             self.check_length(int(input_ids.shape[-1]))
-        kwargs: dict[str, Any] = {}
-        keep = last_logits_only and self.backend_name == "bridge" and _takes_logits_to_keep(self.hf)
-        if keep:
-            # The unembedding of every position is a fifth of a small model's forward pass.
-            kwargs["forward_kwargs"] = {"logits_to_keep": 1}
-        out = self.backend.run(
+        backend = self.backend
+        keep = last_logits_only and backend.capabilities.forward_kwargs and _takes_logits_to_keep(self.hf)
+        out = backend.run(
             input_ids.to(self.device),
             interventions=interventions,
             cache=cache,
@@ -206,7 +166,8 @@ class LoadedModel:
             cache_to_cpu=cache_to_cpu,
             past_key_values=past_key_values,
             use_cache=use_cache,
-            **kwargs,
+            # The unembedding of every position is a fifth of a small model's forward pass.
+            forward_kwargs={"logits_to_keep": 1} if keep else None,
         )
         if last_logits_only and not keep:
             out = replace(out, logits=out.logits[:, -1:])
