@@ -24,7 +24,7 @@ import torch
 
 import interp
 from circuits.decore import decore_generate, greedy_generate
-from circuits.retrieval import parse_heads
+from circuits.heads import parse_heads
 
 PROMPTS = [
     "The history of the printing press begins",

@@ -1,7 +1,7 @@
 """The context maintenance and retrieval model (CMR) and the CMR fit of attention lag-CRPs.
 
 Ji-An et al. 2024 (ref code ``corxyz/icl-cmr``, ``src/est_cmr_crp.py`` and
-``src/fit_attn_score.py``), as methods.md section 2:
+``src/fit_attn_score.py``):
 
 - Study: n one-hot items presented once, a chain transition matrix T (T[i, i+1] = 1) with an
   absorbing state appended, and M = (I - (1 - beta_enc) T)^-1 T (context-to-item), M_FT = M.

@@ -1,4 +1,4 @@
-"""Knowledge-conflict dataset (Jin et al. 2024, methods.md section 5).
+"""Knowledge-conflict dataset (Jin et al. 2024, "Cutting Off the Head Ends the Conflict", ACL Findings).
 
 A fact the model knows ("The capital of France is" -> Paris) is contradicted by a context
 sentence that states a same-type substitute ("The capital of France is Rome."), and the fact
@@ -8,7 +8,8 @@ is asked again, in one of these formats:
 - ``qa``:       "The capital of France is Rome. Q: What is the capital of France? A:"
 
 Memory answer = the model's own top-1 answer to the fact prompt without context; only facts
-where that equals the dataset's answer are kept (the model "knows" them). Context answer = the
+where that equals the dataset's answer are kept (the model "knows" them: ``known_facts`` of
+circuits/facts.py, criterion ``first``). Context answer = the
 answer of another fact of the same ``type`` (another capital, another language).
 
 Answers are compared by their FIRST token (with a leading space): an item whose memory and
@@ -27,13 +28,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import pandas as pd
 import torch
 
+from circuits.facts import FACT_SOURCES, Fact, answer_tokens, known_facts, load_facts
 from interp.errors import UserError
 from interp.interventions import Intervention
 from interp.model import LoadedModel
@@ -62,97 +64,15 @@ QUESTIONS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class Fact:
-    """One fact, with the columns of circuits/data/facts.jsonl."""
-
-    subject: str
-    prompt: str
-    answer: str
-    relation: str
-    type: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.relation}:{self.subject}"
-
-
-# A small built-in set (capitals and languages), used when circuits.facts is not available
-# and by the tests. Answers whose first token is shared with another answer of the same type
-# (New Delhi / New York) are left out on purpose: their logit difference is undefined.
 # The dataset parameters every conflict detector takes (conflict-heads, ph3), declared once.
 DATASET_PARAMS = (
     Param("formats", str, "restated,qa", "comma-separated prompt formats (restated, qa)"),
-    Param("facts", str, "auto", "facts source: auto (circuits.facts if present) or builtin", ("auto", "builtin")),
+    Param("facts", str, "auto", "facts source: auto (the shipped facts file) or builtin", FACT_SOURCES),
     Param("val_fraction", float, 0.5, "fraction of items in the validation split", low=0, high=1,
           low_open=True, high_open=True),
     Param("max_items", int, 80, "keep a seeded subset of this many known items (0 = all)", low=0),
 )
 METRIC_COLUMNS = ["name", "value", "ci_low", "ci_high", "n"]
-
-
-_CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Japan": "Tokyo", "China": "Beijing",
-    "Russia": "Moscow", "Greece": "Athens", "Portugal": "Lisbon", "Austria": "Vienna", "Poland": "Warsaw",
-    "Ireland": "Dublin", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki",
-    "Denmark": "Copenhagen", "Hungary": "Budapest", "Thailand": "Bangkok", "Kenya": "Nairobi",
-    "Peru": "Lima", "Cuba": "Havana", "Iran": "Tehran", "Canada": "Ottawa", "Australia": "Canberra",
-    "Argentina": "Buenos Aires", "Belgium": "Brussels", "the Netherlands": "Amsterdam",
-    "the Czech Republic": "Prague", "South Korea": "Seoul", "England": "London", "Scotland": "Edinburgh",
-    "the Philippines": "Manila", "Chile": "Santiago", "Spain": "Madrid", "Egypt": "Cairo",
-}
-_LANGUAGES = {
-    "France": "French", "Germany": "German", "Italy": "Italian", "Spain": "Spanish", "Japan": "Japanese",
-    "Russia": "Russian", "Brazil": "Portuguese", "Greece": "Greek", "Poland": "Polish", "Sweden": "Swedish",
-    "the Netherlands": "Dutch", "Turkey": "Turkish", "Egypt": "Arabic", "Norway": "Norwegian",
-    "Finland": "Finnish", "Hungary": "Hungarian", "Thailand": "Thai", "Vietnam": "Vietnamese",
-    "Iran": "Persian", "Israel": "Hebrew", "Denmark": "Danish", "China": "Chinese",
-}
-BUILTIN_FACTS: tuple[Fact, ...] = tuple(
-    [Fact(s, f"The capital of {s} is", a, "capital", "city") for s, a in _CAPITALS.items()]
-    + [Fact(s, f"The official language of {s} is", a, "language", "language") for s, a in _LANGUAGES.items()]
-)
-
-
-def load_facts(source: str = "auto") -> list[Fact]:
-    """Facts for the conflict dataset.
-
-    ``"builtin"``: the small set above. ``"auto"``: the shared facts dataset of circuits.facts
-    when that module is present, else the built-in set.
-    """
-    if source == "builtin":
-        return list(BUILTIN_FACTS)
-    if source != "auto":
-        raise UserError(f"unknown facts source {source!r} (auto, builtin)")
-    try:
-        from circuits import facts as shared  # type: ignore[attr-defined]
-    except ImportError:
-        return list(BUILTIN_FACTS)
-    loader = getattr(shared, "load_facts", None)
-    if loader is None:
-        return list(BUILTIN_FACTS)
-    return [_as_fact(f) for f in loader()]
-
-
-def facts_hash(source: str = "auto") -> str:
-    """A hash of the facts a source resolves to (the shared file's hash when it is used)."""
-    facts = load_facts(source)
-    text = json.dumps([asdict(f) for f in facts], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _as_fact(obj: Any) -> Fact:
-    if isinstance(obj, Fact):
-        return obj
-    get = obj.get if isinstance(obj, dict) else (lambda k: getattr(obj, k, None))
-    values = {k: get(k) for k in ("subject", "prompt", "answer", "relation", "type")}
-    # The shared fact files make relation and type optional; substitutes need a type, and the
-    # relation is the next best grouping (answers of one relation share a type).
-    values["type"] = values["type"] or values["relation"]
-    missing = [k for k, v in values.items() if not v]
-    if missing:
-        raise UserError(f"fact {obj!r} lacks {missing[0]!r} (columns: subject, prompt, answer, relation, type)")
-    return Fact(**{k: str(v) for k, v in values.items()})
 
 
 def question(fact_prompt: str, subject: str, relation: str) -> str:
@@ -212,14 +132,6 @@ def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
     for n in names:
         check_format(n)
     return tuple(dict.fromkeys(names))
-
-
-def answer_tokens(model: LoadedModel, answer: str) -> list[int]:
-    """Token ids of an answer as it follows a prompt: with a leading space, no prompt prefix."""
-    ids = list(model.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise UserError(f"answer {answer!r} tokenises to nothing")
-    return [int(i) for i in ids]
 
 
 def make_item(
@@ -340,20 +252,14 @@ def last_token_predictions(
     return top1, picked
 
 
-def known_facts(
-    model: LoadedModel, facts: Iterable[Fact], batch_size: int = 32
-) -> tuple[list[Fact], list[int]]:
-    """Facts whose first answer token is the model's top-1 prediction after the prompt."""
-    uniq: dict[str, Fact] = {}
-    for f in facts:
-        uniq.setdefault(f.key, f)
-    fs = list(uniq.values())
-    if not fs:
-        raise UserError("no facts given")
-    first = [answer_tokens(model, f.answer)[0] for f in fs]
-    top1, _ = last_token_predictions(model, [f.prompt for f in fs], [[t] for t in first], batch_size=batch_size)
-    keep = [i for i in range(len(fs)) if int(top1[i]) == first[i]]
-    return [fs[i] for i in keep], [first[i] for i in keep]
+def _typed(fact: Fact) -> Fact:
+    """A fact with a type: substitutes are drawn among answers of one type, and the relation is
+    the next best grouping (the answers of one relation share a type)."""
+    fact = fact if fact.type else replace(fact, type=fact.relation)
+    missing = [c for c in ("relation", "type") if not getattr(fact, c)]
+    if missing:
+        raise UserError(f"fact {fact.subject!r} -> {fact.answer!r} lacks {missing[0]!r}: conflict items need a relation")
+    return fact
 
 
 def build_dataset(
@@ -374,8 +280,16 @@ def build_dataset(
     """
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    facts = list(load_facts() if facts is None else facts)
-    known, _ = known_facts(model, facts, batch_size=batch_size)
+    facts = [_typed(f) for f in (load_facts() if facts is None else facts)]
+    # One fact per key (relation, subject): the first one listed.
+    uniq: dict[str, Fact] = {}
+    for f in facts:
+        uniq.setdefault(f.key, f)
+    candidates = list(uniq.values())
+    if not candidates:
+        raise UserError("no facts given")
+    table = known_facts(model, candidates, answer_mode="first", batch_size=batch_size)
+    known = [f for f, k in zip(candidates, table["known"], strict=True) if k]
     rng = random.Random(seed)
     pool: dict[str, list[str]] = {}
     for f in facts:

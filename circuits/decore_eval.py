@@ -1,4 +1,4 @@
-"""Offline evaluation of DeCoRe (methods.md section 4) on small shipped sets.
+"""Offline evaluation of DeCoRe (Gema et al. 2024) on small shipped sets.
 
 Tasks (each split into validation and test; k is chosen on validation, reported on test):
 
@@ -48,10 +48,11 @@ from circuits.decore import (
     decore_generate,
     decore_score,
     greedy_generate,
-    random_control_heads,
     retrieval_ranking,
 )
-from circuits.retrieval import RETRIEVAL_THRESHOLD, parse_heads
+from circuits.facts import answer_tokens
+from circuits.heads import all_heads, parse_heads, random_heads
+from circuits.retrieval import RETRIEVAL_THRESHOLD
 from interp.errors import UserError
 from interp.model import LoadedModel
 from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
@@ -177,7 +178,7 @@ def prefix_em(generated: str, target: str) -> bool:
 
 
 def max_answer_tokens(model: LoadedModel, items: Sequence[EvalItem]) -> int:
-    return max(len(model.tokenizer(" " + i.target.strip(), add_special_tokens=False)["input_ids"]) for i in items)
+    return max(len(answer_tokens(model, i.target)) for i in items)
 
 
 def method_settings(method: str, masking: str = "uniform") -> DecoreSettings | None:
@@ -232,7 +233,8 @@ def method_heads(
     if method == "greedy":
         return []
     if method == "control-entropy":
-        return random_control_heads(model, ranking, k, exclude_top, seed=seed * 1000 + k * 10 + draw)
+        # Never a head of the DeCoRe sets: the draw avoids the top max(k, exclude_top) of the ranking.
+        return random_heads(all_heads(model), ranking[: max(k, exclude_top)], k, random.Random(seed * 1000 + k * 10 + draw))
     return list(ranking[:k])
 
 

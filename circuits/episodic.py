@@ -1,6 +1,7 @@
 """Episodic memory in attention: copying scores, attention lag-CRPs, CMR fits and ablations.
 
-methods.md sections 1, 2 and 8:
+Olsson et al. 2022 (copying), Ji-An et al. 2024 and Mistry et al. 2025 (lag-CRP, CMR),
+McGrath et al. 2023 (single and cumulative ablation):
 
 - ``copying``: the copying score of every head, sum(lambda) / sum(|lambda|) over the eigenvalues
   of its token-to-token OV map W_E W_V W_O W_U (Olsson et al. 2022), next to its prefix-matching
@@ -40,9 +41,12 @@ import torch.nn.functional as F
 from jaxtyping import Float
 
 from circuits import cmr_model
+from circuits.heads import head_label, random_heads
 from circuits.induction import INDUCTION_THRESHOLD, copy_losses, head_scores_from_patterns
+from interp.engine import activation_bytes, units_within
 from interp.errors import UserError
 from interp.interventions import Intervention, ablate_heads
+from interp.layout import unwrap
 from interp.model import LoadedModel
 from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
 from interp.tokens import repeated_random_tokens
@@ -63,8 +67,8 @@ HEAD_COLUMNS = ["metric", "layer", "head", "value"]
 
 
 def _unwrap(module: Any) -> Any:
-    """The HF module behind a TransformerBridge wrapper (the bridge keeps it as an attribute)."""
-    return getattr(module, "_original_component", module)
+    """The HF module behind a TransformerBridge wrapper (:func:`interp.layout.unwrap`)."""
+    return unwrap(module)
 
 
 def _weight(module: Any) -> torch.Tensor:
@@ -87,30 +91,17 @@ def ov_weights(model: LoadedModel) -> OVWeights:
     """Read the OV weights of every query head from ``model.hf``, each with its kv group's W_V."""
     hf = model.hf
     info = model.info
+    layout = model.layout  # where v/o, the norms and the (un)embedding live; UserError if unknown
     dh, d, nh, group = info.d_head, info.d_model, info.n_heads, info.group_size
-    base = getattr(hf, "model", None) or getattr(hf, "transformer", None)
-    if base is None:
-        raise UserError(f"copying score: unsupported model layout {type(hf).__name__}")
     w_vs, w_os = [], []
-    if hasattr(base, "h"):  # GPT-2: fused c_attn (Conv1D, in x out), c_proj (in x out)
-        final_norm = base.ln_f
-        for block in base.h:
-            c_attn, c_proj = _weight(block.attn.c_attn), _weight(block.attn.c_proj)
-            gamma = _weight(block.ln_1)
-            w_v = c_attn[:, 2 * d : 3 * d].T.reshape(nh, dh, d) * gamma
-            w_o = c_proj.T.reshape(d, nh, dh).permute(1, 0, 2)
-            w_vs.append(w_v)
-            w_os.append(w_o)
-    else:  # Llama-like: v_proj [n_kv*dh, d], o_proj [d, n_heads*dh]
-        final_norm = base.norm
-        for layer in base.layers:
-            attn = layer.self_attn
-            gamma = _weight(layer.input_layernorm)
-            kv = _weight(attn.v_proj).reshape(info.n_kv_heads, dh, d) * gamma
-            w_vs.append(kv.repeat_interleave(group, dim=0))  # query head h uses kv head h // group
-            w_os.append(_weight(attn.o_proj).reshape(d, nh, dh).permute(1, 0, 2))
-    w_e = _weight(hf.get_input_embeddings())
-    w_u = _weight(hf.get_output_embeddings()) * _weight(final_norm)
+    for layer in range(info.n_layers):
+        gamma = _weight(layout.module(hf, "attn_norm", layer))
+        # [out, in] weights: W_V [n_kv*dh, d] (a slice of a fused qkv), W_O [d, n_heads*dh].
+        kv = layout.value_weight(hf, layer, info).reshape(info.n_kv_heads, dh, d) * gamma
+        w_vs.append(kv.repeat_interleave(group, dim=0))  # query head h uses kv head h // group
+        w_os.append(layout.weight(hf, "o", layer).reshape(d, nh, dh).permute(1, 0, 2))
+    w_e = _weight(layout.module(hf, "embed"))
+    w_u = _weight(layout.module(hf, "unembed")) * _weight(layout.module(hf, "final_norm"))
     return OVWeights(w_v=torch.stack(w_vs), w_o=torch.stack(w_os), w_e=w_e, w_u=w_u)
 
 
@@ -221,8 +212,9 @@ def primacy_recency(spc: np.ndarray, edge_frac: float = 0.1) -> tuple[np.ndarray
 
 def _layer_chunks(model: LoadedModel, batch: int, seq: int, budget_bytes: float = 4e8) -> list[list[int]]:
     """Layers whose attention patterns fit the memory budget together in one forward pass."""
-    per_layer = batch * model.info.n_heads * seq * seq * 4
-    step = max(1, int(budget_bytes // per_layer))
+    # One cached pattern per layer (heads x seq x seq per row), counted in float32 bytes.
+    per_layer = batch * activation_bytes(model, seq, item=4, scores=1)
+    step = units_within(budget_bytes, per_layer)
     layers = list(range(model.info.n_layers))
     return [layers[i : i + step] for i in range(0, len(layers), step)]
 
@@ -858,10 +850,8 @@ class EpisodicAblationDetector(Detector):
         kind, idx = unit.split("-")
         i = int(idx)
         if kind == "random":
-            rest = ranked[k:]
-            rng = np.random.default_rng([params["seed"], i])
-            pick = rng.choice(len(rest), size=k, replace=False)
-            return sorted(rest[j] for j in pick)
+            # Draw i has its own generator, so a resumed run redraws exactly the missing draws.
+            return random_heads(ranked, ranked[:k], k, np.random.default_rng([params["seed"], i]))
         if kind == "single":
             return [ranked[i]]
         return ranked[:i]
@@ -967,8 +957,8 @@ class EpisodicAblationDetector(Detector):
             }
             for i, (layer, head) in enumerate(ranked)
         ]
-        metrics["top_heads"] = [f"L{layer}H{head}" for layer, head in ranked]
-        metrics["random_heads"] = {u: [f"L{a}H{b}" for a, b in heads_of.get(u, [])] for u in draws}
+        metrics["top_heads"] = [head_label(layer, head) for layer, head in ranked]
+        metrics["random_heads"] = {u: [head_label(a, b) for a, b in heads_of.get(u, [])] for u in draws}
         return Summary(
             detector=self.name,
             variant=self.variant(params),

@@ -1,11 +1,20 @@
-"""Facts (subject, relation prompt, object) for factual-recall tracing, and the known-facts filter.
+"""Facts (subject, relation prompt, object): loading, hashing, answer tokens and the known-facts filter.
+
+The one facts module of circuits/: factual-recall tracing (causal_trace) and the
+knowledge-conflict dataset (conflicts) both take their facts from here.
 
 A fact file is JSONL (one object per line) or CSV with the columns described in
 ``circuits/data/README.md``: ``subject``, ``prompt`` (containing the subject verbatim) and
-``answer`` are required; ``relation``, ``type`` and ``id`` are optional.
+``answer`` are required; ``relation``, ``type`` and ``id`` are optional. Sources
+(:func:`load_facts`): the shipped file (``None``, ``""`` or ``"auto"``), ``"builtin"`` (a small
+set of capitals and official languages), or a path.
 
-Known-facts criterion (stated, per model, never cached): the answer is tokenised with a
-leading space (it continues the prompt) and
+Answer tokens (:func:`answer_tokens`): the answer continues the prompt, so it is tokenised as
+one leading space plus the answer stripped of surrounding whitespace; an answer whose first
+token is only whitespace (a bare space before digits, in some tokenizers) is refused, since
+that token says nothing about the answer.
+
+Known-facts criterion (stated, per model, never cached):
 
 - ``answer_mode="first"`` (default, as ROME): the model's top-1 next token after the prompt is
   the answer's FIRST token. Multi-token answers are judged on that first token only.
@@ -19,7 +28,7 @@ import csv
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +43,9 @@ REQUIRED = ("subject", "prompt", "answer")
 OPTIONAL = ("relation", "type", "id")
 AnswerMode = Literal["first", "sum"]
 ANSWER_MODES: tuple[str, ...] = ("first", "sum")
+FACT_SOURCES: tuple[str, ...] = ("auto", "builtin")
+# The columns a fact's content hash covers (facts_hash); ids are row numbers, not content.
+CONTENT = ("subject", "prompt", "answer", "relation", "type")
 
 
 @dataclass(frozen=True)
@@ -45,8 +57,38 @@ class Fact:
     type: str = ""
     id: str = ""
 
+    @property
+    def key(self) -> str:
+        return f"{self.relation}:{self.subject}"
+
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
+
+
+_CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Japan": "Tokyo", "China": "Beijing",
+    "Russia": "Moscow", "Greece": "Athens", "Portugal": "Lisbon", "Austria": "Vienna", "Poland": "Warsaw",
+    "Ireland": "Dublin", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki",
+    "Denmark": "Copenhagen", "Hungary": "Budapest", "Thailand": "Bangkok", "Kenya": "Nairobi",
+    "Peru": "Lima", "Cuba": "Havana", "Iran": "Tehran", "Canada": "Ottawa", "Australia": "Canberra",
+    "Argentina": "Buenos Aires", "Belgium": "Brussels", "the Netherlands": "Amsterdam",
+    "the Czech Republic": "Prague", "South Korea": "Seoul", "England": "London", "Scotland": "Edinburgh",
+    "the Philippines": "Manila", "Chile": "Santiago", "Spain": "Madrid", "Egypt": "Cairo",
+}
+_LANGUAGES = {
+    "France": "French", "Germany": "German", "Italy": "Italian", "Spain": "Spanish", "Japan": "Japanese",
+    "Russia": "Russian", "Brazil": "Portuguese", "Greece": "Greek", "Poland": "Polish", "Sweden": "Swedish",
+    "the Netherlands": "Dutch", "Turkey": "Turkish", "Egypt": "Arabic", "Norway": "Norwegian",
+    "Finland": "Finnish", "Hungary": "Hungarian", "Thailand": "Thai", "Vietnam": "Vietnamese",
+    "Iran": "Persian", "Israel": "Hebrew", "Denmark": "Danish", "China": "Chinese",
+}
+# A small built-in set (capitals and languages), the "builtin" source. Answers whose first
+# token is shared with another answer of the same type (New Delhi / New York) are left out on
+# purpose: a knowledge conflict between them has no defined logit difference.
+BUILTIN_FACTS: tuple[Fact, ...] = tuple(
+    [Fact(s, f"The capital of {s} is", a, "capital", "city") for s, a in _CAPITALS.items()]
+    + [Fact(s, f"The official language of {s} is", a, "language", "language") for s, a in _LANGUAGES.items()]
+)
 
 
 def _fact_from_row(row: dict[str, object], where: str) -> Fact:
@@ -69,9 +111,19 @@ def _fact_from_row(row: dict[str, object], where: str) -> Fact:
     return Fact(**values)
 
 
-def load_facts(path: str | Path | None = None) -> list[Fact]:
-    """Read a JSONL or CSV fact file (default: the shipped dataset), validating every row."""
-    p = DEFAULT_FACTS if path is None or str(path) == "" else Path(path)
+def _source_path(source: str | Path | None) -> Path | None:
+    """The file of a facts source; None for the built-in set."""
+    if source is None or str(source) in ("", "auto"):
+        return DEFAULT_FACTS
+    return None if str(source) == "builtin" else Path(source)
+
+
+def load_facts(source: str | Path | None = None) -> list[Fact]:
+    """The facts of a source (module docstring), a file's rows validated; facts without an id
+    get their row index."""
+    p = _source_path(source)
+    if p is None:
+        return [replace(f, id=str(i)) for i, f in enumerate(BUILTIN_FACTS)]
     if not p.is_file():
         raise UserError(f"fact file not found: {p}")
     suffix = p.suffix.lower()
@@ -105,19 +157,34 @@ def load_facts(path: str | Path | None = None) -> list[Fact]:
     return [f if f.id else Fact(**{**f.to_dict(), "id": str(i)}) for i, f in enumerate(facts)]
 
 
-def file_hash(path: str | Path | None = None) -> str:
-    p = DEFAULT_FACTS if path is None or str(path) == "" else Path(path)
+# Two hashes, because stored runs carry them as their dataset hash: the tracing detectors name
+# their facts by a file (its bytes), the conflict detectors by a source (the facts' content).
+
+
+def file_hash(source: str | Path | None = None) -> str:
+    """The first 16 hex digits of the sha256 of a source's file (of its content for the
+    built-in set, which has no file)."""
+    p = _source_path(source)
+    if p is None:
+        return facts_hash("builtin")
     if not p.is_file():
         raise UserError(f"fact file not found: {p}")
     return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
 
 
+def facts_hash(source: str | Path | None = "auto") -> str:
+    """A hash of the content (:data:`CONTENT` columns) of the facts a source resolves to."""
+    rows = [{c: getattr(f, c) for c in CONTENT} for f in load_facts(source)]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def answer_tokens(model: LoadedModel, answer: str) -> list[int]:
-    """The answer's token ids as a continuation of the prompt (a leading space is added)."""
-    text = answer if answer.startswith(" ") else " " + answer
-    ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-    if not answer.strip() or not ids:
+    """The answer's token ids as a continuation of the prompt (module docstring)."""
+    if not answer.strip():
         raise UserError("answer is empty")
+    ids = [int(i) for i in model.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]]
+    if not ids:
+        raise UserError(f"answer {answer!r} tokenises to nothing")
     first = str(model.tokenizer.decode([ids[0]]))
     if not first.strip():
         # A bare-space first token (e.g. before digits) says nothing about the answer.

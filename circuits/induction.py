@@ -1,6 +1,6 @@
 """Previous-token, duplicate-token and induction (prefix-matching) heads.
 
-Olsson et al. 2022, as methods.md section 1: on the prompt prefix + R random tokens repeated twice, the
+Olsson et al. 2022: on the prompt prefix + R random tokens repeated twice, the
 score of head (l, h) is its mean attention from each second-copy position t to
 - t - R + 1 (induction: the token after the previous occurrence of the current token),
 - t - R (duplicate token), and

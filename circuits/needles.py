@@ -1,4 +1,4 @@
-"""Needle-in-a-haystack prompts, generated offline and seeded (Wu et al. 2024, methods.md §3).
+"""Needle-in-a-haystack prompts, generated offline and seeded (Wu et al. 2024).
 
 A needle is a (sentence, question, answer) triple. The sentence is inserted into filler prose
 (``data/haystack.txt``, public domain, see ``data/HAYSTACK_SOURCE.md``) at a sentence

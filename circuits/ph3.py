@@ -35,7 +35,6 @@ import typer
 
 from circuits.conflict_heads import (
     head_effects,
-    head_label,
     mean_by_head,
     out_proj_module,
     ranked_heads,
@@ -46,14 +45,15 @@ from circuits.conflicts import (
     ConflictDataset,
     ConflictItem,
     build_dataset,
-    facts_hash,
-    load_facts,
     parse_formats,
     rates,
     score_items,
 )
+from circuits.decoding import greedy_decode
+from circuits.facts import facts_hash, load_facts
+from circuits.heads import all_heads, check_heads, head_label, parse_heads, random_heads
 from interp.errors import UserError
-from interp.interventions import Intervention, ScaleValue, ablate_heads
+from interp.interventions import AblateHeads, Intervention, ScaleValue, ablate_heads
 from interp.model import LoadedModel
 from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, command, register
 
@@ -66,55 +66,29 @@ DIRECTIONS = {
 Head = tuple[int, int]
 
 
-def parse_heads(text: str, model: LoadedModel | None = None) -> list[Head]:
-    """'L.H,L.H' (or 'L3H5') -> [(L, H), ...], checked against the model when given."""
-    out: list[Head] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        norm = part.upper().lstrip("L").replace("H", ".")
-        try:
-            layer_s, head_s = norm.split(".")
-            head = (int(layer_s), int(head_s))
-        except ValueError:
-            raise UserError(f"bad head {part!r}: write heads as LAYER.HEAD, e.g. 12.3") from None
-        if model is not None:
-            model.check_head(*head)
-        if head not in out:
-            out.append(head)
-    if not out:
-        raise UserError("no heads given (write them as LAYER.HEAD,LAYER.HEAD)")
-    return out
-
-
 @contextlib.contextmanager
 def prune(model: LoadedModel, heads: Sequence[Head]) -> Iterator[LoadedModel]:
     """Zero the outputs of ``heads`` (z, before W_O, every position) while the block runs.
 
-    Implemented as forward pre-hooks on each layer's output projection, so it acts on any
-    forward pass of the model (both backends, plain ``model.hf`` calls, generation). The hooks
-    are removed on exit, also when the block raises.
+    The zeroing is ``AblateHeads`` (zero), the intervention ``model.run`` applies, but installed
+    as forward pre-hooks on each layer's output projection (whose input is z, heads
+    concatenated), so it acts on every forward pass of the model: both backends, plain
+    ``model.hf`` calls, generation. The hooks are removed on exit, also when the block raises.
     """
-    info = model.info
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        model.check_head(layer, head)
-        by_layer.setdefault(layer, []).append(head)
+    ivs = [iv for iv in ablate_heads(check_heads(heads, model), "zero") if isinstance(iv, AblateHeads)]
+    shape = (model.info.n_heads, model.info.d_head)
     handles = []
 
-    def make_hook(hs: list[int]):
-        cols = torch.cat([torch.arange(h * info.d_head, (h + 1) * info.d_head) for h in hs])
-
+    def make_hook(iv: AblateHeads):
         def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            z = args[0].clone()
-            z[..., cols.to(z.device)] = 0.0
-            return (z, *args[1:])
+            z = iv.apply(args[0].unflatten(-1, shape).clone(), {})
+            return (z.flatten(-2), *args[1:])
 
         return hook
 
     try:
-        for layer, hs in sorted(by_layer.items()):
-            handles.append(out_proj_module(model, layer).register_forward_pre_hook(make_hook(sorted(hs))))
+        for iv in ivs:
+            handles.append(out_proj_module(model, iv.layer).register_forward_pre_hook(make_hook(iv)))
         yield model
     finally:
         for h in handles:
@@ -124,35 +98,17 @@ def prune(model: LoadedModel, heads: Sequence[Head]) -> Iterator[LoadedModel]:
 def greedy_generate(
     model: LoadedModel, prompt: str, max_new_tokens: int = 20, interventions: Sequence[Intervention] = ()
 ) -> str:
-    """Greedy continuation of ``prompt`` (after the prompt prefix) until EOS or ``max_new_tokens``.
+    """Greedy continuation of ``prompt`` (after the prompt prefix) until EOS (not included) or
+    ``max_new_tokens``.
 
     ``interventions`` must act on every position alike (ablation, scaling): on the bridge the
     prefix is computed once and each step runs one token against HF's KV cache, so a
     position-indexed intervention would see step-local positions. Other backends recompute the
     whole prefix each step.
     """
-    if max_new_tokens < 1:
-        raise UserError("max_new_tokens must be >= 1")
-    ids = model.to_tokens(prompt)
-    model.check_length(int(ids.shape[1]) + max_new_tokens)
-    eos = model.tokenizer.eos_token_id
-    cached = model.backend_name == "bridge"
-    new: list[int] = []
-    with torch.no_grad():
-        out = model.run(ids, interventions=interventions, use_cache=cached)
-        for _ in range(max_new_tokens):
-            nxt = int(out.logits[0, -1].argmax())
-            if eos is not None and nxt == eos:
-                break
-            new.append(nxt)
-            if len(new) == max_new_tokens:
-                break
-            step = torch.tensor([[nxt]], device=ids.device)
-            if cached:
-                out = model.run(step, interventions=interventions, past_key_values=out.past_key_values)
-            else:
-                ids = torch.cat([ids, step], dim=1)
-                out = model.run(ids, interventions=interventions)
+    decoded = greedy_decode(model, model.to_tokens(prompt), max_new_tokens, interventions=interventions,
+                            kv_cache=model.backend.capabilities.kv_cache)
+    new = decoded.tokens[0][:-1] if decoded.stops[0] == "eos" else decoded.tokens[0]
     return str(model.tokenizer.decode(new))
 
 
@@ -269,12 +225,6 @@ def select_k(
     sweep = pd.DataFrame(rows)
     best = sweep.sort_values(["target_rate", "logit_shift", "k"], ascending=[False, False, True]).iloc[0]
     return int(best["k"]), sweep
-
-
-def random_heads(model: LoadedModel, k: int, seed: int, exclude: Sequence[Head] = ()) -> list[Head]:
-    info = model.info
-    pool = [(layer, h) for layer in range(info.n_layers) for h in range(info.n_heads) if (layer, h) not in exclude]
-    return sorted(random.Random(seed).sample(pool, min(k, len(pool))))
 
 
 def scaling_curve(
@@ -465,7 +415,11 @@ class PH3Detector(Detector):
             for d, (k, _) in choices.items():
                 pool = ctx if DIRECTIONS[d][0] == "context" else mem
                 conditions[d] = pool[:k]
-                conditions[f"{d}.random-control"] = random_heads(model, len(pool[:k]), params["seed"], pool[:k])
+                # As many random heads as pruned (all that are left, on a model that small).
+                n = min(len(pool[:k]), model.info.n_total_heads - len(pool[:k]))
+                conditions[f"{d}.random-control"] = random_heads(
+                    all_heads(model), pool[:k], n, random.Random(params["seed"])
+                )
             rows = []
             for cond, heads in conditions.items():
                 for conflict in (True, False):

@@ -1,4 +1,5 @@
-"""Retrieval heads (Wu et al. 2024, methods.md §3): the retrieval score and the masking experiment.
+"""Retrieval heads (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context Factuality"):
+the retrieval score and the masking experiment.
 
 Retrieval score (``retrieval``, mode ``faithful``, the default): on needle-in-a-haystack
 prompts (``circuits/needles.py``) decode greedily with a KV cache: the prompt minus its last
@@ -39,6 +40,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from circuits.decoding import greedy_decode
+from circuits.heads import Head, all_heads, parse_heads, random_heads, ranking_from_summary
 from circuits.needles import (
     Haystack,
     NeedleSample,
@@ -49,6 +52,7 @@ from circuits.needles import (
     make_grid,
     words,
 )
+from interp.backends import RunOutput
 from interp.errors import UserError
 from interp.interventions import Intervention, ablate_heads
 from interp.model import LoadedModel
@@ -119,13 +123,7 @@ def _argmax_rows(cache: Mapping[str, torch.Tensor], n_layers: int) -> torch.Tens
 # ---------------------------------------------------------------- decoding
 
 
-def stop_token(model: LoadedModel, token: int) -> bool:
-    """End of answer: EOS, or a token holding a newline (the reference stops at newline)."""
-    eos = model.tokenizer.eos_token_id
-    return (isinstance(eos, int) and token == eos) or "\n" in str(model.tokenizer.decode([token]))
-
-
-def greedy_decode(
+def needle_decode(
     model: LoadedModel,
     input_ids: torch.Tensor,
     max_new_tokens: int,
@@ -133,44 +131,25 @@ def greedy_decode(
     interventions: Sequence[Intervention] = (),
     record_attention: bool = False,
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Greedy decoding of a batch of equal-length prompts with the KV cache.
+    """Greedy decoding of a batch of equal-length prompts as the reference does: the last
+    prompt token is fed by the first step, and an answer ends at EOS or a newline.
 
     Returns each row's generated tokens (up to and including its stop token) and, with
     ``record_attention``, one [layer, batch, head] table of argmax key positions per step, read
     from that step's attention row (decoding steps only, never the prefill).
     """
-    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
-        raise UserError("greedy_decode needs a [batch, >=2 tokens] prompt")
     n_layers = model.info.n_layers
-    bsz = int(input_ids.shape[0])
-    model.check_length(int(input_ids.shape[1]) + max_new_tokens)
-    with torch.no_grad():
-        pre = model.run(input_ids[:, :-1], interventions=interventions, use_cache=True)
-        pkv = pre.past_key_values
-        inp = input_ids[:, -1:]
-        generated: list[list[int]] = [[] for _ in range(bsz)]
-        done = [False] * bsz
-        argmaxes: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            out = model.run(
-                inp,
-                interventions=interventions,
-                cache=["pattern.*"] if record_attention else [],
-                past_key_values=pkv,
-            )
-            pkv = out.past_key_values
-            nxt = out.logits[:, -1].argmax(-1)
-            if record_attention:
-                argmaxes.append(_argmax_rows(out.cache, n_layers)[..., -1].cpu())
-            for b in range(bsz):
-                if not done[b]:
-                    tok = int(nxt[b])
-                    generated[b].append(tok)
-                    done[b] = stop_token(model, tok)
-            if all(done):
-                break
-            inp = nxt[:, None]
-    return generated, argmaxes
+    argmaxes: list[torch.Tensor] = []
+
+    def choose(out: RunOutput) -> torch.Tensor:
+        if record_attention:
+            argmaxes.append(_argmax_rows(out.cache, n_layers)[..., -1].cpu())
+        return out.logits[:, -1].argmax(-1)
+
+    decoded = greedy_decode(model, input_ids, max_new_tokens, interventions=interventions,
+                            cache=["pattern.*"] if record_attention else [], choose=choose,
+                            stop_at_newline=True, feed_last_token=True)
+    return decoded.tokens, argmaxes
 
 
 def response_text(model: LoadedModel, tokens: Sequence[int]) -> str:
@@ -182,7 +161,7 @@ def score_sample_faithful(
 ) -> dict[str, Any]:
     """Decode one sample greedily and score every head on it (the reference's procedure)."""
     ids = torch.tensor([sample.input_ids], dtype=torch.long)
-    generated, argmaxes = greedy_decode(
+    generated, argmaxes = needle_decode(
         model, ids, max_new_tokens, interventions=interventions, record_attention=True
     )
     gen = generated[0]
@@ -479,36 +458,18 @@ class RetrievalDetector(Detector):
 # ---------------------------------------------------------------- the masking experiment
 
 
-def parse_heads(text: str, model: LoadedModel | None = None) -> list[tuple[int, int]]:
-    """'L.H,L.H,...' -> [(L, H), ...], validated against the model when given (without one,
-    only the syntax and duplicates: parameter checks before any model is loaded)."""
-    out: list[tuple[int, int]] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            layer_s, head_s = part.split(".")
-            layer, head = int(layer_s), int(head_s)
-        except ValueError:
-            raise UserError(f"heads must be a comma list of LAYER.HEAD, got {part!r}") from None
-        if model is not None:
-            model.check_head(layer, head)
-        if (layer, head) in out:
-            raise UserError(f"head {part} listed twice")
-        out.append((layer, head))
-    return out
-
-
-def random_head_sets(
-    all_heads: Sequence[tuple[int, int]], exclude: Sequence[tuple[int, int]], k: int, n_draws: int, seed: int
-) -> list[list[tuple[int, int]]]:
-    """``n_draws`` sets of ``k`` heads drawn without replacement from heads not in ``exclude``."""
-    pool = sorted(set(all_heads) - set(exclude))
-    if len(pool) < k:
-        raise UserError(f"only {len(pool)} heads lie outside the excluded set; cannot draw {k}")
-    rng = random.Random(seed)
-    return [sorted(rng.sample(pool, k)) for _ in range(n_draws)]
+def rank_heads(model: LoadedModel, params: Mapping[str, Any]) -> tuple[list[Head], Summary]:
+    """Rank heads best first with the retrieval detector, run in process with ``params`` (raw
+    or parsed; defaults fill the rest). Raises when no sample was answered correctly."""
+    det = RetrievalDetector()
+    summary, _ = run_in_memory(model, det, det.parse_params(params))
+    ranking = ranking_from_summary(summary)
+    if not ranking:
+        raise UserError(
+            f"retrieval ranking ({summary.variant}) is empty: no needle sample was answered correctly; "
+            "pass heads explicitly"
+        )
+    return ranking, summary
 
 
 _RANKINGS: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
@@ -582,14 +543,7 @@ class RetrievalMaskingDetector(Detector):
                 "min_counted": 1}
 
     def _compute_ranking(self, model: LoadedModel, params: Mapping[str, Any]) -> tuple[list[tuple[int, int]], Summary]:
-        det = RetrievalDetector()
-        rp = self._ranking_params(params)
-        summary, _ = run_in_memory(model, det, rp)
-        if not summary.heads:
-            raise UserError(
-                "cannot rank heads: no ranking sample was answered correctly; pass 'heads' explicitly"
-            )
-        return [(h["layer"], h["head"]) for h in summary.heads], summary
+        return rank_heads(model, self._ranking_params(params))
 
     def ranking(self, model: LoadedModel, params: Mapping[str, Any]) -> list[tuple[int, int]]:
         if params["heads"]:
@@ -603,11 +557,11 @@ class RetrievalMaskingDetector(Detector):
         ranked = self.ranking(model, params)
         k = params["top_k"]
         n_excl = self._n_exclude(model, params)
-        all_heads = [(la, h) for la in range(model.info.n_layers) for h in range(model.info.n_heads)]
         sets = {"none": [], f"top{k}": ranked[:k]}
-        draws = random_head_sets(all_heads, ranked[:n_excl], k, params["n_random"], params["seed"])
-        for i, d in enumerate(draws):
-            sets[f"random{k}-draw{i}"] = d
+        # The draws follow each other from one generator seeded with the run's seed.
+        rng = random.Random(params["seed"])
+        for i in range(params["n_random"]):
+            sets[f"random{k}-draw{i}"] = random_heads(all_heads(model), ranked[:n_excl], k, rng)
         return sets
 
     def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
@@ -632,7 +586,7 @@ class RetrievalMaskingDetector(Detector):
             if sets[name]:
                 ivs.extend(ablate_heads(sets[name], params["method"], batch=(row,)))
         ids = torch.tensor([sample.input_ids] * len(names), dtype=torch.long)
-        generated, _ = greedy_decode(model, ids, params["max_new_tokens"], interventions=ivs)
+        generated, _ = needle_decode(model, ids, params["max_new_tokens"], interventions=ivs)
         info: dict[str, Any] = {**sample.describe()}
         rows = {}
         for name, gen in zip(names, generated, strict=True):

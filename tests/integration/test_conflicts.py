@@ -15,7 +15,8 @@ import torch
 
 from circuits import ph3
 from circuits.conflict_heads import head_effects, total_effects
-from circuits.conflicts import build_dataset, load_facts
+from circuits.conflicts import build_dataset
+from circuits.facts import load_facts
 from interp.model import LoadedModel
 
 pytestmark = pytest.mark.integration

@@ -38,7 +38,7 @@ def test_kv_decode_matches_full_forward(smol: LoadedModel) -> None:
     det = rt.RetrievalDetector()
     sample = next(iter(rt.samples_for(smol, det.parse_params(SMALL)).values()))
     ids = torch.tensor([sample.input_ids])
-    gen, argmax = rt.greedy_decode(smol, ids, 3, record_attention=True)
+    gen, argmax = rt.needle_decode(smol, ids, 3, record_attention=True)
     # Reference without any KV cache: the whole sequence in one pass, attention of the rows
     # that were the decoding steps' queries.
     full = torch.tensor([[*sample.input_ids, *gen[0][:-1]]])

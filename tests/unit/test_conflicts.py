@@ -23,16 +23,16 @@ from circuits.conflict_heads import (
 )
 from circuits.conflicts import (
     ConflictItem,
-    Fact,
     build_dataset,
     make_item,
     parse_formats,
     rates,
     score_items,
 )
+from circuits.facts import Fact
 from interp.backends import no_hooks_left
 from interp.errors import UserError
-from interp.interventions import AblateHeads
+from interp.interventions import AblateHeads, ablate_heads
 from interp.model import LoadedModel
 from tests.tiny import loaded
 
@@ -408,11 +408,20 @@ def test_prune_removes_hooks_on_exception(tiny_llama_hf: Any) -> None:
     assert _count_hooks(model) == before
 
 
-def test_parse_heads() -> None:
-    assert ph3.parse_heads("12.3, L4H1,12.3") == [(12, 3), (4, 1)]
-    for bad in ("", "12", "a.b", "1.2.3"):
-        with pytest.raises(UserError):
-            ph3.parse_heads(bad)
+@pytest.mark.parametrize("backend", ["bridge", "nnsight"])
+def test_prune_is_ablate_heads_zero(tiny_hf: Any, backend: str) -> None:
+    """prune applies AblateHeads (zero) on the output projection's input: exactly the logits
+    and the greedy text of model.run with those interventions."""
+    model = loaded(copy.deepcopy(tiny_hf), backend)
+    ids = _ids(model, "w5 w6 w7 w8 w9")
+    heads = [(0, 1), (2, 3), (2, 0)]
+    ivs = ablate_heads(heads, "zero")
+    want = model.run(ids, interventions=ivs).logits
+    with ph3.prune(model, heads):
+        got = model.run(ids).logits
+        text = ph3.greedy_generate(model, "w5 w6 w7", 6)
+    assert torch.equal(got, want)
+    assert text == ph3.greedy_generate(model, "w5 w6 w7", 6, ivs)
 
 
 def test_greedy_generate_matches_hf_argmax(tiny_llama_hf: Any) -> None:

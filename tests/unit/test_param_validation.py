@@ -114,7 +114,6 @@ RELATIONS: list[tuple[str, dict[str, str], str]] = [
 COMMANDS: list[tuple[list[str], str]] = [
     (["decore", "-p", "hi", "--k", "3", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["decore", "-p", "hi", "--k", "-1"], "--k"),
-    (["decore", "-p", "hi"], "--heads"),
     (["decore", "-p", "hi", "--heads", "1.2", "--k", "3"], "--heads"),
     (["decore", "-p", "hi", "--heads", "1-2"], "heads"),
     (["decore", "-p", "hi", "--k", "3", "--alpha", "-0.5"], "alpha"),
@@ -222,7 +221,8 @@ def test_scan_checks_every_detector_before_loading(tmp_path: Path, capsys: pytes
 
 @pytest.mark.parametrize("detector", list(DETECTORS))
 def test_defaults_pass_every_check(detector: str) -> None:
-    """What ``interp scan`` runs (the defaults) passes the ranges and the relations."""
+    """What ``interp run`` runs without parameters (the defaults) passes the ranges and the relations
+    (``interp scan``'s scan parameters: tests/unit/test_default_scan.py)."""
     params = DETECTORS[detector].parse_params({})
     assert params == {p.name: p.default for p in DETECTORS[detector].params}
 

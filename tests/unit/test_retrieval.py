@@ -184,7 +184,7 @@ def test_kv_cache_decode_matches_plain_hf(make: Any) -> None:
     ref_hf = copy.deepcopy(hf)
     model = wrap(hf)
     s = sample_for(model, length=24)
-    gen, argmax = rt.greedy_decode(model, torch.tensor([s.input_ids]), 6, record_attention=True)
+    gen, argmax = rt.needle_decode(model, torch.tensor([s.input_ids]), 6, record_attention=True)
     ref_gen, ref_tables = hf_greedy_with_argmax(ref_hf, list(s.input_ids), 6, eos=1)
     assert gen[0] == ref_gen
     assert len(argmax) == len(ref_tables)
@@ -331,14 +331,6 @@ def test_missing_files() -> None:
         nd.load_haystack("/nonexistent/hay.txt")
 
 
-def test_bad_heads_param() -> None:
-    model = wrap(tiny_llama())
-    with pytest.raises(UserError, match=r"LAYER\.HEAD"):
-        rt.parse_heads("1-2", model)
-    with pytest.raises(UserError, match="out of range"):
-        rt.parse_heads("9.0", model)
-
-
 # ------------------------------------------------------------------ detector bookkeeping
 
 
@@ -407,19 +399,6 @@ def test_fast_mode_detector_runs(files: dict[str, str]) -> None:
 # ------------------------------------------------------------------ masking
 
 
-def test_random_head_sets_avoid_top_and_are_seeded() -> None:
-    heads = [(la, h) for la in range(3) for h in range(4)]
-    top = [(1, 2), (0, 0), (2, 3)]
-    draws = rt.random_head_sets(heads, top, 3, 4, seed=5)
-    assert len(draws) == 4
-    for d in draws:
-        assert len(set(d)) == 3
-        assert not set(d) & set(top)
-    assert draws == rt.random_head_sets(heads, top, 3, 4, seed=5)
-    with pytest.raises(UserError, match="cannot draw"):
-        rt.random_head_sets(heads, top, 10, 1, seed=0)
-
-
 def test_masked_rows_match_plain_hf_with_zeroed_queries() -> None:
     hf = tiny_llama()
     ref_hf = copy.deepcopy(hf)
@@ -428,7 +407,7 @@ def test_masked_rows_match_plain_hf_with_zeroed_queries() -> None:
     top = [(1, 2), (2, 0)]
     ivs = ablate_heads(top, "uniform", batch=(1,))
     ids = torch.tensor([s.input_ids] * 2)
-    gen, _ = rt.greedy_decode(model, ids, 5, interventions=ivs)
+    gen, _ = rt.needle_decode(model, ids, 5, interventions=ivs)
     d = int(hf.config.head_dim)  # type: ignore[arg-type]
 
     def zero_q(layer: int, heads: list[int]) -> Any:
