@@ -1,4 +1,4 @@
-"""DeCoRe: decoding by contrasting retrieval heads (Gema et al. 2024, methods.md section 4).
+"""DeCoRe: decoding by contrasting retrieval heads (Gema et al. 2024, arXiv:2410.18860).
 
 Two models decode together: the base model and the same model with its top-k retrieval heads
 masked. Each step scores every token as
@@ -16,11 +16,12 @@ output is zeroed). Per query head, also under grouped-query attention.
 Batching: the base rows and the masked rows are stacked in ONE batch, [base; masked], the
 masking interventions restricted to the masked rows (``batch=``), with one KV cache for the
 stacked batch; so each step is one forward pass, not two (the reference runs the two models
-one after the other, one example at a time). Prompts are left-padded with an attention mask;
-the bridge derives position ids from the mask, so padding changes no result (tested).
+one after the other, one example at a time); the loop is circuits/decoding.py's. Prompts are
+left-padded with an attention mask; the bridge derives position ids from the mask, so padding
+changes no result (tested).
 
 Prefill (``prefill``): ``masked`` (default) gives the masked model its own cache of the prompt,
-computed with the heads masked ("two KV caches, one per model", methods.md). ``shared`` is what
+computed with the heads masked (two KV caches, one per model, as the method describes). ``shared`` is what
 the reference's ``generate`` does: the masked model starts from a copy of the BASE model's
 prompt cache and its heads are masked only from the last prompt token on.
 
@@ -36,27 +37,37 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pandas as pd
 import torch
 import typer
 
-from circuits.retrieval import RetrievalDetector, parse_heads
-from interp.errors import UserError
+from circuits.decoding import greedy_decode, left_pad, pad_id, prompt_rows
+from circuits.heads import check_heads, parse_heads, ranking_from_summary
+from circuits.retrieval import RetrievalDetector, rank_heads
+from interp.backends import RunOutput
+from interp.errors import StoreError, UserError
 from interp.interventions import Intervention, ablate_heads
 from interp.model import LoadedModel
 from interp.registry import command
-from interp.runner import run_in_memory
+from interp.runner import FINAL_UNIT, run_detector
+from interp.store import Store
 
 Alpha = float | Literal["entropy"]
 Method = Literal["uniform", "zero"]
 Prefill = Literal["masked", "shared"]
 Head = tuple[int, int]
 VANILLA_ALPHA = 0.5
+# interp.cli's --workspace option (not imported from there: `python -m interp.cli` would load
+# that module twice).
+WorkspaceOpt = Annotated[
+    Path | None, typer.Option("--workspace", "-w", help="results workspace (default: ./.interp or $INTERP_WORKSPACE)")
+]
 
 
 # ---------------------------------------------------------------- settings
@@ -141,47 +152,6 @@ def combine(
 # ---------------------------------------------------------------- batching helpers
 
 
-def encode(model: LoadedModel, prompts: Sequence[str | Sequence[int]], prefix: bool = True) -> list[list[int]]:
-    """Token ids per prompt: text is tokenised after the prompt prefix (unless ``prefix`` is
-    False); token lists are taken as they are."""
-    rows: list[list[int]] = []
-    for p in prompts:
-        ids = model.encode(p, prefix) if isinstance(p, str) else [int(i) for i in p]
-        if not ids:
-            raise UserError("empty prompt")
-        rows.append(ids)
-    return rows
-
-
-def pad_id(model: LoadedModel) -> int:
-    for cand in (model.tokenizer.pad_token_id, model.tokenizer.eos_token_id, model.tokenizer.bos_token_id):
-        if isinstance(cand, int):
-            return cand
-    return 0
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, W] ids and 0/1 attention mask, real tokens right-aligned."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
-def check_heads(model: LoadedModel, heads: Sequence[Head]) -> list[Head]:
-    out: list[Head] = []
-    for la, h in heads:
-        model.check_head(int(la), int(h))
-        if (int(la), int(h)) in out:
-            raise UserError(f"head L{la}H{h} listed twice")
-        out.append((int(la), int(h)))
-    return out
-
-
 def mask_interventions(
     heads: Sequence[Head], method: Method, rows: Sequence[int], positions: Sequence[int] | None = None
 ) -> list[Intervention]:
@@ -213,15 +183,6 @@ class Generation:
         return dataclasses.asdict(self)
 
 
-def _is_stop(model: LoadedModel, token: int, stop_at_newline: bool) -> str | None:
-    eos = model.tokenizer.eos_token_id
-    if isinstance(eos, int) and token == eos:
-        return "eos"
-    if stop_at_newline and "\n" in str(model.tokenizer.decode([token])):
-        return "newline"
-    return None
-
-
 def _decode_batch(
     model: LoadedModel,
     rows: Sequence[Sequence[int]],
@@ -234,7 +195,8 @@ def _decode_batch(
     b = len(rows)
     ids, mask = left_pad(rows, pad_id(model))
     width = int(ids.shape[1])
-    model.check_length(width + max_new_tokens)
+    first_ivs: list[Intervention] = []
+    step_ivs: list[Intervention] = []
     if contrast:
         ids, mask = torch.cat([ids, ids]), torch.cat([mask, mask])
         masked_rows = list(range(b, 2 * b))
@@ -242,46 +204,38 @@ def _decode_batch(
             heads, settings.method, masked_rows, [width - 1] if settings.prefill == "shared" else None
         )
         step_ivs = mask_interventions(heads, settings.method, masked_rows)
-    else:
-        first_ivs = step_ivs = []
-    dev = model.device
-    ids, mask = ids.to(dev), mask.to(dev)
-    gens = [Generation(prompt_tokens=list(r)) for r in rows]
-    done = [False] * b
-    with torch.no_grad():
-        out = model.run(ids, attention_mask=mask, interventions=first_ivs, use_cache=True)
-        for step in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
-            base = logits[:b]
-            lb = torch.log_softmax(base, dim=-1)
-            if contrast:
-                alpha = decore_alpha(base, settings)
-                scores = combine(base, logits[b:], alpha)
-            else:
-                alpha = torch.zeros(b, device=logits.device)
-                scores = lb
-            nxt = scores.argmax(-1)
-            for i in range(b):
-                if done[i]:
-                    continue
-                tok = int(nxt[i])
-                g = gens[i]
-                g.tokens.append(tok)
-                g.scores.append(float(scores[i, tok]))
-                g.base_logprobs.append(float(lb[i, tok]))
-                g.alphas.append(float(alpha[i]))
-                why = _is_stop(model, tok, stop_at_newline)
-                if why is not None:
-                    g.stop, done[i] = why, True
-            if all(done) or step == max_new_tokens - 1:
-                break
-            feed = torch.cat([nxt, nxt]) if contrast else nxt
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model.run(
-                feed[:, None], attention_mask=mask, interventions=step_ivs, past_key_values=out.past_key_values
-            )
-    for g in gens:
-        g.text = str(model.tokenizer.decode(g.tokens, skip_special_tokens=True))
+    # Per step, every sequence's (score, base log-prob, alpha) of its chosen token; a sequence
+    # keeps the first len(tokens) steps (it stops taking tokens once it stopped).
+    chosen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def choose(out: RunOutput) -> torch.Tensor:
+        logits = out.logits[:, -1].float()
+        base = logits[:b]
+        lb = torch.log_softmax(base, dim=-1)
+        if contrast:
+            alpha = decore_alpha(base, settings)
+            scores = combine(base, logits[b:], alpha)
+        else:
+            alpha = torch.zeros(b, device=logits.device)
+            scores = lb
+        nxt = scores.argmax(-1)
+        chosen.append((scores.gather(-1, nxt[:, None])[:, 0], lb.gather(-1, nxt[:, None])[:, 0], alpha))
+        return nxt
+
+    decoded = greedy_decode(model, ids, max_new_tokens, attention_mask=mask, interventions=step_ivs,
+                            prefill_interventions=first_ivs, choose=choose, stop_at_newline=stop_at_newline)
+    gens = []
+    for i, (row, tokens, stop) in enumerate(zip(rows, decoded.tokens, decoded.stops, strict=True)):
+        steps = chosen[: len(tokens)]
+        gens.append(Generation(
+            prompt_tokens=list(row),
+            tokens=tokens,
+            text=str(model.tokenizer.decode(tokens, skip_special_tokens=True)),
+            scores=[float(s[i]) for s, _, _ in steps],
+            base_logprobs=[float(lp[i]) for _, lp, _ in steps],
+            alphas=[float(a[i]) for _, _, a in steps],
+            stop=stop,
+        ))
     return gens
 
 
@@ -343,8 +297,8 @@ def _generate(
         raise UserError("max_new_tokens must be >= 1")
     if not prompts:
         raise UserError("no prompts given")
-    heads = check_heads(model, heads)
-    rows = encode(model, prompts, prefix)
+    heads = check_heads(heads, model)
+    rows = prompt_rows(model, prompts, prefix)
     out: list[Generation] = []
     for chunk in _batches(len(rows), batch_size):
         out.extend(_decode_batch(model, [rows[i] for i in chunk], heads, settings, max_new_tokens,
@@ -382,10 +336,10 @@ def decore_score(
         raise UserError(f"alpha_scope must be 'token' or 'prefix', got {alpha_scope!r}")
     if len(prompts) != len(answers):
         raise UserError(f"{len(prompts)} prompts but {len(answers)} answer lists")
-    heads = check_heads(model, heads)
-    prompt_rows = encode(model, prompts, prefix)
+    heads = check_heads(heads, model)
+    rows = prompt_rows(model, prompts, prefix)
     pairs: list[tuple[int, int, list[int], list[int]]] = []
-    for pi, (p, cands) in enumerate(zip(prompt_rows, answers, strict=True)):
+    for pi, (p, cands) in enumerate(zip(rows, answers, strict=True)):
         if not cands:
             raise UserError(f"prompt {pi} has no candidate answers")
         for ai, a in enumerate(cands):
@@ -436,28 +390,6 @@ def choices(scored: pd.DataFrame, column: str = "decore") -> list[int]:
 # ---------------------------------------------------------------- head sets
 
 
-def all_heads(model: LoadedModel) -> list[Head]:
-    return [(la, h) for la in range(model.info.n_layers) for h in range(model.info.n_heads)]
-
-
-def random_control_heads(
-    model: LoadedModel, ranking: Sequence[Head], k: int, exclude_top: int, seed: int
-) -> list[Head]:
-    """k heads drawn (seeded, without replacement) from the heads OUTSIDE the top
-    ``max(k, exclude_top)`` of the ranking: never a retrieval head of the DeCoRe sets.
-
-    The reference's control compares tuples with lists, so its exclusion never matches and
-    it can draw retrieval heads; here heads are normalised to (int, int) tuples first.
-    """
-    if k < 0:
-        raise UserError("k must be >= 0")
-    top = {(int(la), int(h)) for la, h in list(ranking)[: max(k, exclude_top)]}
-    pool = [hd for hd in all_heads(model) if hd not in top]
-    if len(pool) < k:
-        raise UserError(f"only {len(pool)} heads lie outside the top {len(top)}; cannot draw {k}")
-    return sorted(random.Random(seed).sample(pool, k))
-
-
 def retrieval_ranking(
     model: LoadedModel, mode: str = "fast", overrides: Mapping[str, Any] | None = None
 ) -> tuple[list[Head], dict[str, Any]]:
@@ -465,19 +397,194 @@ def retrieval_ranking(
 
     Returns the ranking (best first) and a record: mode, metrics and warnings of the run.
     """
-    det = RetrievalDetector()
-    params = det.parse_params({"mode": mode, **(overrides or {})})
-    summary, _ = run_in_memory(model, det, params)
-    if not summary.heads:
-        raise UserError(
-            f"retrieval ranking ({mode}) is empty: no needle sample was answered correctly; pass heads explicitly"
-        )
-    ranking = [(int(h["layer"]), int(h["head"])) for h in summary.heads]
-    scores = [float(h["score"]) for h in summary.heads]
+    params = RetrievalDetector.parse_params({"mode": mode, **(overrides or {})})
+    ranking, summary = rank_heads(model, params)
+    scores = [float(h["score"]) for h in summary.heads or []]
     record = {"mode": summary.variant, "params": dict(params), "warnings": summary.warnings,
               "metrics": {k: v for k, v in summary.metrics.items() if isinstance(v, int | float | str)},
               "scores": scores}
     return ranking, record
+
+
+# ---------------------------------------------------------------- how many heads to mask
+
+#: DeCoRe's number of masked retrieval heads for Llama-3-8B(-Instruct), and that model's query
+#: heads (32 layers x 32 heads): 50 / 1024 = 4.9% of the heads. See :func:`default_k`.
+DECORE_PAPER_K = 50
+DECORE_PAPER_N_HEADS = 32 * 32
+
+
+def default_k(n_total_heads: int) -> int:
+    """How many top retrieval heads DeCoRe masks by default in a model of ``n_total_heads``
+    query heads: the share of the DeCoRe paper's main setting, at least one head.
+
+    Gema et al. 2024, "DeCoRe: Decoding by Contrasting Retrieval Heads to Mitigate
+    Hallucinations" (arXiv:2410.18860; EMNLP 2025 Findings), mask the top k = 50 retrieval heads
+    of the 7-8B models (Llama-3-8B: 32 x 32 = 1024 query heads), and sweep k from 10 to 100 in
+    steps of 10 in the appendix (Tables 7 and 9: Llama3-8B-Instruct with different numbers of
+    masked retrieval heads). A model of another size gets the same share of its heads:
+    ``max(1, round(50 / 1024 * n_total_heads))`` (Python's round: halves go to the even
+    neighbour): 50 for 1024 heads, 13 for smollm2-135m's 270, 1 for a model of 30 or fewer.
+    """
+    if n_total_heads < 1:
+        raise UserError(f"a model needs at least one head, got {n_total_heads}")
+    return max(1, round(DECORE_PAPER_K / DECORE_PAPER_N_HEADS * n_total_heads))
+
+
+def default_k_reason(n_total_heads: int) -> str:
+    """Why :func:`default_k` chose its k, in one line (the CLI prints it on stderr)."""
+    share = DECORE_PAPER_K / DECORE_PAPER_N_HEADS
+    return (f"the DeCoRe paper's share of heads, {DECORE_PAPER_K} of Llama-3-8B's {DECORE_PAPER_N_HEADS} "
+            f"({share:.1%}; Gema et al. 2024), times this model's {n_total_heads} heads = "
+            f"{share * n_total_heads:.1f}, rounded, at least 1: k = {default_k(n_total_heads)} "
+            f"(--k or --heads to choose)")
+
+
+# ---------------------------------------------------------------- the ranking, from a workspace
+
+
+def _retrieval_variant(mode: str) -> str:
+    return RetrievalDetector().variant({"mode": mode})
+
+
+def _same_model(model_name: Any, model_hash: Any, model: LoadedModel) -> bool:
+    """A stored run is of ``model``: the same weights hash, or, for a model without one (a
+    model object, some local folders), the same name and no hash."""
+    want = model.provenance.file_sha256 or ""
+    stored = model_hash if isinstance(model_hash, str) else ""  # None (or NaN) when unknown
+    if want:
+        return stored == want
+    return not stored and str(model_name) == model.name
+
+
+def _same_prefix(provenance_json: Any, model: LoadedModel) -> bool:
+    try:
+        stored = json.loads(provenance_json).get("prefix") if isinstance(provenance_json, str) else None
+    except (ValueError, AttributeError):
+        return False
+    # Through JSON, as the store keeps it (tuples become lists).
+    return stored == json.loads(json.dumps(model.prefix.to_dict()))
+
+
+def parse_ranking_params(items: Sequence[str], mode: str = "fast") -> dict[str, Any]:
+    """``NAME=VALUE`` retrieval-detector parameters (``--ranking-param``), checked against the
+    detector (before any model is loaded). ``mode`` comes from --ranking-mode, not from here."""
+    raw: dict[str, str] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        name = name.strip().lstrip("-").replace("-", "_")
+        if not eq or not name:
+            raise UserError(f"--ranking-param takes NAME=VALUE, got {item!r}")
+        if name == "mode":
+            raise UserError("give the retrieval mode with --ranking-mode, not --ranking-param")
+        raw[name] = value
+    parsed = RetrievalDetector().parse_params({"mode": mode, **raw})
+    return {name: parsed[name] for name in raw}
+
+
+def stored_ranking(
+    store: Store, model: LoadedModel, mode: str = "fast", params: Mapping[str, Any] | None = None
+) -> tuple[list[Head], dict[str, Any]] | None:
+    """The head ranking of a finished retrieval run of ``model`` in ``store``, or None.
+
+    A run counts when it is 'done', of the same model (weights hash, else name) and made with
+    the same prompt prefix, its parameters agree with ``params`` (parsed values; those not given
+    are free), and its final table holds a ranking (a run with no correctly answered sample has
+    none). Of those the newest run of ``mode``'s variant is taken, else the newest of any mode.
+    The ranking is the run's final ``head_scores`` (unit "final", metric "retrieval": the mean
+    retrieval score over the counted samples), best first, ties by (layer, head) as the
+    detector orders them.
+    """
+    rows: list[dict[str, Any]] = store.runs().to_dict("records")
+    want = _retrieval_variant(mode)
+    fallback: tuple[list[Head], dict[str, Any]] | None = None
+    for row in sorted(rows, key=lambda r: -int(r["id"])):  # newest first
+        if row["detector"] != RetrievalDetector.name or row["status"] != "done":
+            continue
+        if not (_same_model(row["model"], row["model_hash"], model) and _same_prefix(row["provenance_json"], model)):
+            continue
+        run_params = json.loads(str(row["params_json"])) if row["params_json"] else {}
+        if any(run_params.get(name) != value for name, value in (params or {}).items()):
+            continue
+        final = store.run(int(row["id"])).to_frame("head_scores", FINAL_UNIT)
+        scored = sorted(
+            (-float(v), int(la), int(h))
+            for metric, la, h, v in zip(final["metric"], final["layer"], final["head"], final["value"], strict=True)
+            if metric == "retrieval"
+        )
+        if not scored:
+            continue
+        ranking = [(la, h) for _, la, h in scored]
+        record = {"source": "stored run", "run_id": int(row["id"]), "workspace": str(store.workspace),
+                  "mode": str(row["variant"]), "params": run_params, "created_at": str(row["created_at"]),
+                  "scores": [-v for v, _, _ in scored]}
+        if row["variant"] == want:
+            return ranking, record
+        if fallback is None:
+            fallback = ranking, record
+    return fallback
+
+
+def _stderr_line(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def workspace_ranking(
+    model: LoadedModel,
+    mode: str = "fast",
+    workspace: str | Path | None = None,
+    params: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[Head], dict[str, Any]]:
+    """Retrieval ranking of ``model`` through a workspace's store (``workspace``: None is
+    ./.interp or $INTERP_WORKSPACE, as for every command).
+
+    A stored run that :func:`stored_ranking` accepts is reused. Otherwise the retrieval detector
+    runs now (mode ``mode``, the detector's defaults but for ``params``) as a run of the store,
+    so the next call reuses it; where the workspace cannot be written it runs in memory
+    (:func:`retrieval_ranking`) and nothing is stored. Each step is said on ``log``. The record's
+    ``source`` is "stored run", "computed now" (with the new ``run_id``) or "in memory".
+    """
+    log = log or _stderr_line
+    try:
+        store = Store(workspace, create=True)
+    except StoreError as exc:
+        log(f"note: {exc}; ranking heads in memory instead (retrieval, {mode}), nothing stored")
+        ranking, record = retrieval_ranking(model, mode, params)
+        for w in record["warnings"]:
+            log(f"WARNING {w}")
+        return ranking, {"source": "in memory", "run_id": None, "workspace": None, **record}
+    ws = store.workspace.resolve()
+    try:
+        found = stored_ranking(store, model, mode, params)
+        if found is not None:
+            ranking, record = found
+            if record["mode"] == _retrieval_variant(mode):
+                log(f"using retrieval run {record['run_id']} ({record['mode']}) from {ws}")
+            else:
+                log(f"using retrieval run {record['run_id']} ({record['mode']}) from {ws}: the newest finished "
+                    f"one of {model.name}; none is {_retrieval_variant(mode)}")
+            return ranking, {**record, "workspace": str(ws)}
+        log(f"no finished retrieval run of {model.name} with this prompt prefix in {ws}; computing one "
+            f"({_retrieval_variant(mode)}) and storing it there")
+        result = run_detector(model, RetrievalDetector.name, {"mode": mode, **(params or {})}, store)
+        summary = result.summary
+        if not summary.heads:
+            raise UserError(f"retrieval ranking ({mode}, run {result.run_id} in {ws}) is empty: no needle "
+                            f"sample was answered correctly; pass heads explicitly")
+        for w in summary.warnings:
+            log(f"WARNING {w}")
+        log(f"stored as retrieval run {result.run_id} in {ws}")
+        ranking = ranking_from_summary(summary)
+        run_params = store.run(result.run_id).info()["params"]
+        record = {"source": "computed now", "run_id": result.run_id, "workspace": str(ws),
+                  "mode": summary.variant, "params": run_params, "warnings": summary.warnings,
+                  "metrics": {k: v for k, v in summary.metrics.items() if isinstance(v, int | float | str)},
+                  "scores": [float(h["score"]) for h in summary.heads]}
+        return ranking, record
+    finally:
+        store.close()
 
 
 # ---------------------------------------------------------------- CLI
@@ -487,9 +594,18 @@ def retrieval_ranking(
 def decore_cli(
     model: Annotated[str, typer.Option("--model", "-m", help="zoo name, local HF folder or hub id")] = "smollm2-135m",
     prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="prompt (repeat for a batch)")] = None,
-    heads: Annotated[str, typer.Option("--heads", help="heads to mask: L.H,L.H,...")] = "",
-    k: Annotated[int, typer.Option("--k", help="mask the top-k heads of a retrieval ranking computed now")] = 0,
-    ranking_mode: Annotated[str, typer.Option("--ranking-mode", help="retrieval score for --k: fast or faithful")] = "fast",
+    heads: Annotated[str, typer.Option("--heads", help="heads to mask: L.H,L.H,... (instead of a ranking)")] = "",
+    k: Annotated[int, typer.Option(
+        "--k", help="mask the top-k heads of the retrieval ranking (default: the DeCoRe paper's share of the "
+        "model's heads, 50 of Llama-3-8B's 1024 (4.9%), at least 1: 13 for smollm2-135m's 270)")] = 0,
+    workspace: WorkspaceOpt = None,
+    ranking_mode: Annotated[str, typer.Option(
+        "--ranking-mode", help="retrieval score for the ranking: fast or faithful. A finished retrieval run of "
+        "the model in the workspace is reused (this mode's, else the newest and its mode is said); without "
+        "one the ranking is computed with this mode and stored there")] = "fast",
+    ranking_param: Annotated[list[str] | None, typer.Option(
+        "--ranking-param", help="retrieval parameter NAME=VALUE for a ranking computed now (repeat; see "
+        "`interp detectors`); a stored run is reused only if it has these values")] = None,
     alpha: Annotated[str, typer.Option("--alpha", help="'entropy' (DeCoRe-entropy) or a number (DeCoRe-vanilla, 0.5)")] = "entropy",
     normalize_entropy: Annotated[bool, typer.Option("--normalize-entropy", help="divide the entropy by log|V|")] = False,
     alpha_cap: Annotated[float, typer.Option("--alpha-cap", help="cap alpha (0: no cap)")] = 0.0,
@@ -501,9 +617,10 @@ def decore_cli(
     prefix: Annotated[str, typer.Option("--prefix", help="token prompts start with: auto, none or a token")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ) -> None:
-    """DeCoRe decoding next to greedy decoding, for one or more prompts."""
-    import sys
-
+    """DeCoRe decoding next to greedy decoding; masks --heads, or the top-k retrieval heads (see --k)."""
+    # The masked heads are --heads, or the top-k of a retrieval ranking: a finished retrieval
+    # run of the model in the workspace, else one computed now and stored there (in memory where
+    # the workspace cannot be written): workspace_ranking. k is --k, else default_k.
     import interp
 
     # Every option is checked here, before the model is loaded (only head indices and --k
@@ -512,8 +629,8 @@ def decore_cli(
         raise UserError("give at least one --prompt")
     if k < 0:
         raise UserError(f"--k must be >= 1, got {k}")
-    if bool(heads) == bool(k):
-        raise UserError("give either --heads L.H,... or --k K (not both, not neither)")
+    if heads and k:
+        raise UserError("give either --heads L.H,... or --k K, not both")
     if heads:
         parse_heads(heads)
     if max_new_tokens < 1:
@@ -522,17 +639,28 @@ def decore_cli(
                               alpha_cap=alpha_cap or None, method=method, prefill=prefill)  # type: ignore[arg-type]
     if ranking_mode not in ("fast", "faithful"):
         raise UserError(f"--ranking-mode must be fast or faithful, got {ranking_mode!r}")
+    overrides = parse_ranking_params(ranking_param or [], ranking_mode)
+    if heads and overrides:
+        raise UserError("--ranking-param is for a ranking; --heads needs none")
     sys.stderr.write(f"loading {model}...\n")
     m = interp.load_model(model, backend=backend, prefix=prefix)
     ranking_record: dict[str, Any] | None = None
     if heads:
         masked = parse_heads(heads, m)
     else:
-        if k >= m.info.n_total_heads:
-            raise UserError(f"--k {k} is not below the model's {m.info.n_total_heads} heads")
-        sys.stderr.write(f"ranking heads (retrieval, {ranking_mode})...\n")
-        ranked, ranking_record = retrieval_ranking(m, ranking_mode)
+        n_total = m.info.n_total_heads
+        if k:
+            k_rule = "--k"
+        else:
+            k, k_rule = default_k(n_total), "default"
+            sys.stderr.write(f"masking the top {k} retrieval heads: {default_k_reason(n_total)}\n")
+        if k >= n_total:
+            raise UserError(f"--k {k} is not below the model's {n_total} heads")
+        ranked, ranking_record = workspace_ranking(m, ranking_mode, workspace, overrides)
+        if len(ranked) < k:
+            raise UserError(f"the retrieval ranking holds {len(ranked)} heads, fewer than k = {k}")
         masked = ranked[:k]
+        ranking_record = {**ranking_record, "k": k, "k_rule": k_rule}
     dec = _generate(m, prompt, masked, settings, max_new_tokens, stop_at_newline, True, 16, contrast=True)
     greedy = _generate(m, prompt, [], settings, max_new_tokens, stop_at_newline, True, 16, contrast=False)
     rows = [{"prompt": p, "greedy": g.text, "decore": d.text, "decore_tokens": d.tokens, "greedy_tokens": g.tokens,
@@ -553,6 +681,8 @@ def decore_cli(
 
 
 __all__ = [
+    "DECORE_PAPER_K",
+    "DECORE_PAPER_N_HEADS",
     "VANILLA_ALPHA",
     "DecoreSettings",
     "Generation",
@@ -562,7 +692,9 @@ __all__ = [
     "decore_alpha",
     "decore_generate",
     "decore_score",
+    "default_k",
     "greedy_generate",
-    "random_control_heads",
     "retrieval_ranking",
+    "stored_ranking",
+    "workspace_ranking",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -11,9 +12,11 @@ import pytest
 import torch
 
 from circuits import decore_eval as ev
-from circuits.decore import decore_generate, decore_score, greedy_generate
+from circuits.decore import decore_generate, decore_score, default_k, greedy_generate
 from interp.cli import main as cli_main
 from interp.model import LoadedModel
+from interp.runner import FINAL_UNIT
+from interp.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -95,3 +98,70 @@ def test_cli_json(smol: LoadedModel, capsys: pytest.CaptureFixture[str]) -> None
     assert len(out["results"][0]["decore_tokens"]) <= 3
     with pytest.raises(SystemExit):
         cli_main(["decore", "--prompt", "x", "--heads", "18.6", "--k", "3"])
+
+
+# One needle at one depth and length: a retrieval run of one unit (seconds, not minutes).
+SMALL_RETRIEVAL = {"n_lengths": "1", "n_depths": "1", "n_needles": "1", "max_length": "300"}
+
+
+def _decore(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[dict[str, Any], str]:
+    """`interp decore ... --json` in process: its JSON object and its stderr. Returning (no
+    SystemExit) is exit status 0."""
+    cli_main(["decore", "--prompt", PROMPTS[1], "--max-new-tokens", "3", *args, "--json"])
+    cap = capsys.readouterr()
+    return json.loads(cap.out.strip().splitlines()[-1]), cap.err
+
+
+def _stored(ws: Path) -> list[tuple[int, list[tuple[int, int]]]]:
+    """(run id, final ranking) of every retrieval run in the workspace, oldest first."""
+    with Store(ws, create=False) as store:
+        runs = store.runs()
+        out = []
+        for run_id in sorted(int(i) for i in runs.loc[runs["detector"] == "retrieval", "id"]):
+            final = store.run(run_id).to_frame("head_scores", FINAL_UNIT)
+            rows = zip(final["metric"], final["value"], final["layer"], final["head"], strict=True)
+            best_first = sorted((-float(v), int(la), int(h)) for m, v, la, h in rows if m == "retrieval")
+            out.append((run_id, [(la, h) for _, la, h in best_first]))
+        return out
+
+
+def test_cli_default_k_reuses_the_workspaces_retrieval_run(
+    smol: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ws = tmp_path / "ws"
+    cli_main(["run", "retrieval", "--mode", "fast", "-w", str(ws), "--json",
+              *(a for name, v in SMALL_RETRIEVAL.items() for a in (f"--{name.replace('_', '-')}", v))])
+    capsys.readouterr()
+    [(run_id, ranking)] = _stored(ws)
+    k = default_k(smol.info.n_total_heads)
+    assert k == 13
+    out, err = _decore(capsys, "-w", str(ws))  # no --heads, no --k
+    assert out["heads"] == [list(h) for h in ranking[:k]]
+    assert out["ranking"]["source"] == "stored run"
+    assert out["ranking"]["run_id"] == run_id
+    assert out["ranking"]["k"] == k
+    assert out["ranking"]["k_rule"] == "default"
+    assert f"masking the top {k} retrieval heads" in err
+    assert f"using retrieval run {run_id} (fast-teacher-forced) from {ws.resolve()}" in err
+    assert len(_stored(ws)) == 1  # nothing computed
+
+
+def test_cli_computes_and_stores_the_ranking_then_reuses_it(
+    smol: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ws = tmp_path / "empty"
+    small = [a for name, v in SMALL_RETRIEVAL.items() for a in ("--ranking-param", f"{name}={v}")]
+    out, err = _decore(capsys, "-w", str(ws), "--k", "4", *small)
+    assert "no finished retrieval run of smollm2-135m" in err
+    [(run_id, ranking)] = _stored(ws)
+    assert f"stored as retrieval run {run_id} in {ws.resolve()}" in err
+    assert out["ranking"]["source"] == "computed now"
+    assert out["ranking"]["run_id"] == run_id
+    assert out["ranking"]["params"]["n_needles"] == 1
+    assert out["heads"] == [list(h) for h in ranking[:4]]
+    # The next call takes it from the store.
+    out, err = _decore(capsys, "-w", str(ws), "--k", "2", *small)
+    assert f"using retrieval run {run_id} (fast-teacher-forced)" in err
+    assert out["ranking"]["source"] == "stored run"
+    assert out["heads"] == [list(h) for h in ranking[:2]]
+    assert len(_stored(ws)) == 1

@@ -12,8 +12,10 @@ import contextlib
 import copy
 import math
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import torch
 
@@ -23,12 +25,19 @@ from circuits.decore import (
     combine,
     decore_generate,
     decore_score,
+    default_k,
     greedy_generate,
     parse_alpha,
-    random_control_heads,
+    parse_ranking_params,
+    stored_ranking,
+    workspace_ranking,
 )
+from circuits.retrieval import RetrievalDetector
 from interp.errors import UserError
 from interp.model import LoadedModel
+from interp.registry import UnitResult
+from interp.runner import FINAL_UNIT
+from interp.store import Store
 from tests.tiny import loaded
 
 HEADS = [(1, 0), (2, 3)]
@@ -206,22 +215,6 @@ def test_score_equals_hand_sum(pair) -> None:
     assert alone["decore"].tolist() == pytest.approx(both["decore"].tolist(), abs=1e-4)
 
 
-def test_random_control_never_contains_a_top_head(tiny_llama_hf) -> None:
-    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")  # 3 layers x 4 heads
-    ranking = [(2, 1), (0, 3), (1, 2), (0, 0), (2, 2), (1, 1)]
-    for k in (1, 2, 3):
-        for seed in range(50):
-            drawn = random_control_heads(model, ranking, k, exclude_top=4, seed=seed)
-            assert len(drawn) == k == len(set(drawn))
-            assert not set(drawn) & set(ranking[:4])
-    # Heads given as lists (as JSON gives them) are excluded too: the reference's defect.
-    as_lists = [list(h) for h in ranking]
-    for seed in range(50):
-        assert not set(random_control_heads(model, as_lists, 3, 4, seed)) & set(ranking[:4])  # type: ignore[arg-type]
-    with pytest.raises(UserError):
-        random_control_heads(model, ranking, 9, exclude_top=4, seed=0)
-
-
 def test_entropy_and_combination_by_hand() -> None:
     two = torch.tensor([[0.0, 0.0]])
     assert float(base_entropy(two)[0]) == pytest.approx(math.log(2))
@@ -249,3 +242,98 @@ def test_settings_and_bad_input(tiny_llama_hf) -> None:
     with pytest.raises(UserError):
         decore_generate(model, [], HEADS)
     assert DecoreSettings(alpha=0.5).variant.startswith("vanilla")
+
+
+# ---------------------------------------------------------------- the default k and the stored ranking
+
+
+def test_default_k_is_the_decore_papers_share_of_heads() -> None:
+    assert default_k(1024) == 50  # Llama-3-8B, the paper's own setting
+    assert default_k(270) == 13  # smollm2-135m: 13.18
+    assert default_k(336) == 16  # qwen2.5-0.5b and -1.5b
+    assert default_k(72) == 4  # gemma3-270m: 3.52
+    assert default_k(2048) == 100
+    for small in (1, 4, 12, 30):  # a share below one head is still one head
+        assert default_k(small) == 1
+    with pytest.raises(UserError):
+        default_k(0)
+
+
+def _store_run(store: Store, model: LoadedModel, mode: str, scores: dict[tuple[int, int], float] | None,
+               status: str = "done", name: str | None = None, prefix: dict[str, Any] | None = None,
+               **params: Any) -> int:
+    """A retrieval run written the way the runner writes one: its final head_scores table holds
+    the ranking (metric "retrieval"), as RetrievalDetector.finalize makes it."""
+    det = RetrievalDetector()
+    parsed = det.parse_params({"mode": mode, **params})
+    prov = model.provenance.to_dict()
+    if prefix is not None:
+        prov["prefix"] = prefix
+    run = store.start_run(model=name or model.name, model_hash=model.provenance.file_sha256 or "",
+                          detector="retrieval", variant=det.variant(parsed), params=parsed, dataset_hash=None,
+                          seed=parsed["seed"], code_version="test", provenance=prov, resume=False)
+    rows = [("retrieval", la, h, v) for (la, h), v in (scores or {}).items()]
+    frame = pd.DataFrame(rows, columns=["metric", "layer", "head", "value"])
+    run.commit_unit(FINAL_UNIT, UnitResult(tables={"head_scores": frame} if rows else {}), 0.0)
+    if status != "running":
+        run.finish(status)
+    return run.id
+
+
+def test_stored_ranking_takes_a_finished_run_of_the_same_model_and_prefix(tiny_llama_hf, tmp_path: Path) -> None:
+    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
+    fast = {(2, 1): 0.5, (0, 3): 0.9, (1, 2): 0.5, (2, 0): 0.1}
+    faithful = {(1, 1): 0.7, (0, 0): 0.6}
+    with Store(tmp_path / "ws") as store:
+        assert stored_ranking(store, model, "fast") is None  # an empty store
+        faithful_id = _store_run(store, model, "faithful", faithful)
+        fast_id = _store_run(store, model, "fast", fast, n_needles=2)
+        # Newer runs that must all be passed over:
+        _store_run(store, model, "fast", {(0, 0): 1.0}, status="running")  # not finished
+        _store_run(store, model, "fast", {(0, 0): 1.0}, status="failed")
+        _store_run(store, model, "fast", {(0, 0): 1.0}, name="another-model")
+        _store_run(store, model, "fast", {(0, 0): 1.0}, prefix={"source": "none", "text": None, "token_id": None})
+        _store_run(store, model, "fast", None)  # no sample answered: no ranking
+        got = stored_ranking(store, model, "fast")
+        assert got is not None
+        ranking, record = got
+        # Best first, ties by (layer, head).
+        assert ranking == [(0, 3), (1, 2), (2, 1), (2, 0)]
+        assert record["run_id"] == fast_id
+        assert record["mode"] == "fast-teacher-forced"
+        assert record["source"] == "stored run"
+        assert record["params"]["n_needles"] == 2
+        # The run of the asked mode is preferred, even when older.
+        got = stored_ranking(store, model, "faithful")
+        assert got is not None
+        assert got[1]["run_id"] == faithful_id
+        assert got[0] == [(1, 1), (0, 0)]
+        # Given retrieval parameters must agree with the run's.
+        got = stored_ranking(store, model, "fast", parse_ranking_params(["n-needles=2"]))
+        assert got is not None
+        assert got[1]["run_id"] == fast_id
+        # (the faithful run has the default, 3)
+        assert stored_ranking(store, model, "fast", parse_ranking_params(["n_needles=4"])) is None
+        # Without a run of the asked mode the newest finished one is taken, and says its mode.
+        store.delete_run(fast_id)
+        got = stored_ranking(store, model, "fast")
+        assert got is not None
+        assert got[1]["run_id"] == faithful_id
+        assert got[1]["mode"] == "faithful"
+    # workspace_ranking reuses it and says which run, from where.
+    lines: list[str] = []
+    ranking, record = workspace_ranking(model, "faithful", tmp_path / "ws", log=lines.append)
+    assert ranking == [(1, 1), (0, 0)]
+    assert record["run_id"] == faithful_id
+    assert lines == [f"using retrieval run {faithful_id} (faithful) from {(tmp_path / 'ws').resolve()}"]
+    lines.clear()
+    workspace_ranking(model, "fast", tmp_path / "ws", log=lines.append)
+    assert lines[0].startswith(f"using retrieval run {faithful_id} (faithful) from ")
+    assert "none is fast-teacher-forced" in lines[0]
+
+
+def test_ranking_params_are_checked() -> None:
+    assert parse_ranking_params(["n_needles=1", "--max-length=300"]) == {"n_needles": 1, "max_length": 300}
+    for bad in (["n_needles"], ["mode=fast"], ["bogus=1"], ["n_needles=x"]):
+        with pytest.raises(UserError):
+            parse_ranking_params(bad)
