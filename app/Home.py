@@ -222,8 +222,13 @@ if mode == "single detector" and registry:
 elif mode == "scan" and registry:
     default = [n for n, d in registry.items() if d.in_default_scan]
     with st.form("start-scan"):
-        chosen = st.multiselect("detectors (default parameters)", list(registry), default=default,
+        # `interp scan` runs each detector with its scan parameters, as on the command line.
+        chosen = st.multiselect("detectors (scan parameters)", list(registry), default=default,
                                 key="scan-detectors")
+        scan_params = [f"{n}: {', '.join(f'{k} {v}' for k, v in d.scan_params.items())}"
+                       for n, d in registry.items() if d.scan_params]
+        if scan_params:
+            st.caption("scan parameters (the rest are the defaults): " + "; ".join(scan_params))
         submitted = st.form_submit_button("scan")
     if submitted:
         try:
@@ -237,6 +242,6 @@ elif mode == "scan" and registry:
 
 st.divider()
 st.caption(
-    "Pages: **Head maps** (layer x head heatmaps, head detail), **Causal tracing**, "
-    "**Conflicts and interventions**, **Compare**. Every view reads the store; nothing is recomputed."
+    "  \n".join([*dash.page_lines(registry),
+                 "Every view reads the store; nothing is recomputed except the live forms."])
 )

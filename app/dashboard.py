@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -34,6 +35,64 @@ FINAL_UNIT = "final"
 WARNINGS_UNIT = "warnings"
 TABLE_NAMES = ("head_scores", "token_layer", "curves", "metrics", "artifacts")
 PLOTLY_CONFIG = {"displaylogo": False}
+
+
+@dataclass(frozen=True)
+class Page:
+    """A page of the dashboard: what it shows, which stored runs it lists, what fills it.
+
+    ``accepts(detector, kind)`` decides whether a run of that detector is listed on the page
+    (kind is None for a detector this installation no longer knows). The pages filter their runs
+    with it, the Home page's caption and a test read it: after ``interp scan`` every page must
+    list a run of the default scan."""
+
+    title: str
+    shows: str
+    fill: str  # the command that fills it beyond the scan
+    accepts: Callable[[str, str | None], bool]
+
+    def detectors(self, kinds: Mapping[str, str]) -> list[str]:
+        """The registered detectors (name -> kind) whose runs the page lists."""
+        return [name for name, kind in kinds.items() if self.accepts(name, kind)]
+
+
+# Detector names the Conflicts page lists (substrings): conflict heads, PH3 pruning, DeCoRe...
+CONFLICT_KEYWORDS = ("conflict", "ph3", "prun", "decore", "memory", "context", "scal")
+PAGES: dict[str, Page] = {
+    "Head maps": Page(
+        "Head maps", "layer x head heatmaps of head detectors; a head's scores, curves and attention",
+        "`interp run <detector>`",
+        # Head detectors, plus any detector no longer registered (its tables decide what shows).
+        lambda name, kind: (kind or "head_scores") == "head_scores"),
+    "Causal tracing": Page(
+        "Causal tracing", "ROME token x layer maps of known facts, bucket averages, live tracing",
+        "`interp run causal-trace --limit N`",
+        lambda name, kind: kind == "token_layer" or "trac" in name),
+    "Conflicts": Page(
+        "Conflicts", "memory/context rates and memory vs context heads; PH3 and DeCoRe, stored and live",
+        "`interp run conflict-heads`, `interp run ph3`, `interp run decore-eval`",
+        lambda name, kind: any(k in name.lower() for k in CONFLICT_KEYWORDS)),
+    "Compare": Page(
+        "Compare", "one detector across two runs or models, heads placed by relative depth",
+        "the same detector on another model or with other parameters",
+        lambda name, kind: True),
+}
+
+
+def page_lines(detectors: Mapping[str, Any]) -> list[str]:
+    """One line per page for the Home page: what it shows and which command fills it, with the
+    default-scan detectors it lists and their scan parameters (``detectors``: name -> class)."""
+    kinds = {name: str(cls.kind) for name, cls in detectors.items()}
+    lines = []
+    for page in PAGES.values():
+        scanned = [n for n in page.detectors(kinds) if detectors[n].in_default_scan]
+        parts = [n + (": " + ", ".join(f"{k} {v}" for k, v in detectors[n].scan_params.items())
+                      if detectors[n].scan_params else "") for n in scanned]
+        if len(scanned) > 1 and len(scanned) == sum(bool(d.in_default_scan) for d in detectors.values()):
+            parts = ["any of its detectors"]
+        scan = f"`interp scan` ({'; '.join(parts)})" if parts else "not filled by `interp scan`"
+        lines.append(f"**{page.title}**: {page.shows} — {scan} or {page.fill}")
+    return lines
 
 
 def subset(frame: pd.DataFrame, mask: Any) -> pd.DataFrame:

@@ -1,6 +1,6 @@
 """Factual-recall sites: causal tracing (Meng et al. 2022, ROME) and attention knockout (Geva et al. 2023).
 
-methods.md section 6. Causal tracing, faithful to ROME's reference code:
+Causal tracing (Meng et al. 2022), faithful to ROME's reference code:
 
 - The batch is 1 clean row + N corrupted rows (N = ``samples``, 10). Corruption adds Gaussian
   noise to the subject tokens' embeddings only (site ``embed``), std = ``noise_factor`` (3) x the
@@ -45,7 +45,8 @@ import pandas as pd
 import torch
 
 from circuits.facts import ANSWER_MODES, Fact, answer_tokens, file_hash, known_facts, load_facts, subject_span
-from interp.engine import Prob, Sweep, bytes_per_row, run_sweep
+from interp.engine import Prob, Sweep, activation_bytes, bytes_per_row, run_sweep, units_within
+from interp.engine import window_layers as engine_window_layers
 from interp.errors import UserError
 from interp.interventions import AddNoise, Intervention, Knockout
 from interp.model import LoadedModel
@@ -99,8 +100,9 @@ def prepare_fact(model: LoadedModel, fact: Fact) -> TraceInput:
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> list[int]:
-    """ROME's window: layers [L - w//2, L + w - w//2), clipped to the model."""
-    return list(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
+    """ROME's window of layers around ``layer`` (Meng et al. 2022), as the engine's
+    :func:`interp.engine.window_layers` defines it."""
+    return list(engine_window_layers(layer, window, n_layers))
 
 
 def subject_embedding_std(model: LoadedModel, subjects: Iterable[str], batch_size: int = 64) -> float:
@@ -130,10 +132,10 @@ def _answer_probs(logits: torch.Tensor, target: int) -> torch.Tensor:
 
 def rows_per_pass(model: LoadedModel, n_tokens: int, memory_mb: float) -> int:
     """How many batch rows one forward pass may hold: a rough per-row estimate dominated by the
-    full-sequence logits (T x vocab) plus a few residual-sized buffers per layer."""
-    info = model.info
-    per_row = 4 * n_tokens * (info.vocab_size + 16 * info.d_model)
-    return max(1, int(memory_mb * 2**20 // per_row))
+    full-sequence logits (T x vocab) plus a few residual-sized buffers per layer, counted in
+    float32 bytes."""
+    per_row = activation_bytes(model, n_tokens, item=4, resid=16, logits=1, logit_positions=n_tokens)
+    return units_within(memory_mb * 2**20, per_row)
 
 
 # --------------------------------------------------------------------------- causal tracing
@@ -491,6 +493,10 @@ class CausalTraceDetector(_FactsDetector):
     name = "causal-trace"
     description = "ROME causal tracing: restore states, MLP and attention windows into subject-noised runs"
     kind = "token_layer"
+    # The default scan traces the first 2 known facts with 3 noise samples instead of ROME's 10
+    # (noisier maps, about a third of the time), so the Causal tracing page has a first look.
+    in_default_scan = True
+    scan_params: ClassVar[dict[str, Any]] = {"limit": 2, "samples": 3}
     params = (
         *_COMMON,
         # One fact is ~T x n_layers x 3 cells x N rows (about 9000 rows of ~10 tokens on

@@ -1,4 +1,4 @@
-"""Memory heads and context heads under knowledge conflicts (Jin et al. 2024; methods.md 5, 7).
+"""Memory heads and context heads under knowledge conflicts (Jin et al. 2024; path patching as in Wang et al. 2022).
 
 Metric: logit(memory) - logit(context) at the last position of the conflict prompt.
 
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -55,15 +55,16 @@ from circuits.conflicts import (
     ConflictItem,
     build_dataset,
     check_format,
-    facts_hash,
     grouped_by_length,
-    load_facts,
     parse_formats,
     rates,
     score_items,
 )
+from circuits.facts import facts_hash, load_facts
+from circuits.heads import all_heads, head_label
 from interp.errors import UserError
 from interp.interventions import Intervention, Patch
+from interp.layout import unwrap
 from interp.model import LoadedModel
 from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
 
@@ -77,26 +78,19 @@ FROZEN = (
 
 
 def _raw(module: Any) -> Any:
-    """The HF module under a TransformerBridge wrapper (the bridge keeps it as original_component)."""
-    inner = getattr(module, "original_component", None)
-    return inner if isinstance(inner, torch.nn.Module) else module
+    """The HF module under a TransformerBridge wrapper (:func:`interp.layout.unwrap`)."""
+    return unwrap(module)
 
 
 def _base(model: LoadedModel) -> Any:
-    hf = model.hf
-    for name in ("model", "transformer"):
-        base = getattr(hf, name, None)
-        if base is not None and (hasattr(base, "layers") or hasattr(base, "h")):
-            return base
-    raise UserError(f"unsupported model layout {type(hf).__name__}: no decoder layers found")
+    """The decoder stack (embedding, layers, final norm) of ``model.hf``."""
+    return model.layout.module(model.hf, "decoder")
 
 
 def out_proj_module(model: LoadedModel, layer: int) -> torch.nn.Module:
-    """The module whose input is z (heads concatenated) and output the attention output."""
-    base = _base(model)
-    if hasattr(base, "layers"):
-        return base.layers[layer].self_attn.o_proj
-    return base.h[layer].attn.c_proj
+    """The module whose input is z (heads concatenated) and output the attention output: the
+    one the forward pass calls (the bridge's wrapper on a bridged model), for hooks."""
+    return model.layout.module(model.hf, "o", layer, live=True)
 
 
 def output_weights(model: LoadedModel) -> torch.Tensor:
@@ -104,11 +98,8 @@ def output_weights(model: LoadedModel) -> torch.Tensor:
     info = model.info
     mats = []
     for layer in range(info.n_layers):
-        mod = _raw(out_proj_module(model, layer))
-        w = mod.weight.detach().float()
-        # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
-        w_in_out = w.T if isinstance(mod, torch.nn.Linear) else w
-        mats.append(w_in_out.reshape(info.n_heads, info.d_head, info.d_model))
+        w_out_in = model.layout.weight(model.hf, "o", layer).float()
+        mats.append(w_out_in.T.reshape(info.n_heads, info.d_head, info.d_model))
     return torch.stack(mats).cpu()
 
 
@@ -293,9 +284,8 @@ def total_effects(
         raise UserError("no conflict items for total-effect patching")
     if rows_per_pass < 1:
         raise UserError("rows_per_pass must be >= 1")
-    info = model.info
     if heads is None:
-        heads = [(layer, h) for layer in range(info.n_layers) for h in range(info.n_heads)]
+        heads = all_heads(model)
     for layer, h in heads:
         model.check_head(layer, h)
     heads = list(heads)
@@ -312,7 +302,7 @@ def total_effects(
         # The source is the conflict run's z with the final position taken from the no-conflict
         # run, so a Patch restricted to that position and head copies exactly the sender.
         mixed: dict[str, torch.Tensor] = {}
-        for layer in range(info.n_layers):
+        for layer in range(model.info.n_layers):
             z = conf.cache[f"z.{layer}"].clone()
             z[:, -1] = clean.cache[f"z.{layer}"][:, -1]
             mixed[f"z.{layer}"] = z
@@ -377,10 +367,6 @@ def _col(frame: pd.DataFrame, name: str) -> pd.Series:
     return pd.Series(frame[name])
 
 
-def head_label(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
-
-
 def mean_by_head(per_item: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in per_item.columns if c not in ("item", "layer", "head")]
     return pd.DataFrame(per_item.groupby(["layer", "head"], as_index=False)[cols].mean())
@@ -428,6 +414,10 @@ class ConflictHeadsDetector(Detector):
         "logits (Jin et al. 2024), per-answer direct effects, optional total-effect patching"
     )
     kind = "head_scores"
+    # The default scan patches a seeded subset of 16 known items (8 validation, 8 test) instead of
+    # 80, so the Conflicts page has memory/context rates and head maps after the first scan.
+    in_default_scan = True
+    scan_params: ClassVar[dict[str, Any]] = {"max_items": 16}
     params = (
         Param("seed", int, 0, "seed of the context answers and of the validation/test split", low=0, high=SEED_MAX),
         *DATASET_PARAMS,

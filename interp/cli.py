@@ -172,26 +172,32 @@ def _print_summary(result: Any, top: int) -> None:
     )
 
 
-def _scan_end_lines(model: str, results: dict[str, Any], workspace: Path) -> list[str]:
-    """The scan's last word: what ran, where the results are, how to look at them. Apart from
-    the model name and the paths, every line fits 80 columns."""
+def _scan_end_lines(
+    model: str, results: dict[str, Any], workspace: Path, skipped: dict[str, str] | None = None
+) -> list[str]:
+    """The scan's last word: what ran (and what was skipped, why), where the results are, how to
+    look at them. Apart from the model name, the paths and the reasons, every line fits 80 columns."""
     from interp.store import DB_NAME
 
-    width = max((len(n) for n in results), default=0)
-    lines = [f"scan of {model} done: {len(results)} detector{'' if len(results) == 1 else 's'}"]
+    skipped = skipped or {}
+    width = max((len(n) for n in [*results, *skipped]), default=0)
+    lines = [f"scan of {model} done: {len(results)} detector{'' if len(results) == 1 else 's'}"
+             + (f", {len(skipped)} skipped" if skipped else "")]
     for name, r in results.items():
         lines.append(
             f"  {name:<{width}}  run {r.run_id:<4}  {r.computed_units:>4} units computed, "
             f"{r.resumed_units:>4} resumed  {r.seconds:7.1f} s"
         )
+    for name, reason in skipped.items():
+        lines.append(f"  {name:<{width}}  skipped: {' '.join(reason.split())}")
     lines.append(f"results:   {workspace / DB_NAME}")
     lines.append(f"dashboard: interp app --workspace {shlex.quote(str(workspace))}")
     return lines
 
 
-def _print_scan_end(model: str, results: dict[str, Any], workspace: Path) -> None:
+def _print_scan_end(model: str, results: dict[str, Any], workspace: Path, skipped: dict[str, str]) -> None:
     out.print()
-    for line in _scan_end_lines(model, results, workspace):
+    for line in _scan_end_lines(model, results, workspace, skipped):
         # No markup (a path may hold brackets) and no hard wrap: the command must stay copyable.
         out.print(line, markup=False, highlight=False, soft_wrap=True)
 
@@ -240,6 +246,7 @@ def detectors(as_json: JsonOpt = False) -> None:
             "kind": d.kind,
             "description": d.description,
             "in_default_scan": d.in_default_scan,
+            "scan_params": d.scan_params,
             "params": [{"name": p.name, "type": p.type.__name__, "default": p.default, "help": p.help} for p in d.params],
         }
         for d in all_detectors().values()
@@ -249,6 +256,9 @@ def detectors(as_json: JsonOpt = False) -> None:
         return
     for r in rows:
         out.print(f"[bold]{r['name']}[/bold] ({r['kind']}): {r['description']}")
+        if r["scan_params"]:
+            scan_args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["scan_params"].items())
+            out.print(f"    in `interp scan`: {scan_args}", markup=False)
         for p in r["params"]:
             out.print(f"    --{p['name'].replace('_', '-')} ({p['type']}, default {p['default']!r}): {p['help']}")
 
@@ -266,8 +276,10 @@ def scan(
     fresh: Annotated[bool, typer.Option("--fresh", help="start new runs instead of resuming")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run several detectors on a model, storing every unit of work as it finishes."""
-    from interp.registry import all_detectors, get_detector
+    """Run several detectors on a model, storing every unit of work as it finishes.
+
+    Each runs with its scan parameters (`interp detectors` lists them), kept small for a first look."""
+    from interp.registry import all_detectors, default_scan, get_detector
     from interp.runner import run_detector
 
     registry = all_detectors()
@@ -276,23 +288,35 @@ def scan(
         for n in names:
             get_detector(n)
     else:
-        names = [n for n, d in registry.items() if d.in_default_scan]
+        names = default_scan()
     for n in names:
-        get_detector(n).parse_params({})  # every detector's parameters checked before loading anything
+        registry[n].parse_params(registry[n].scan_params)  # every detector checked before loading anything
     store = _open_store(workspace)
     loaded = _load(model, backend, prefix)
     results = {}
+    skipped: dict[str, str] = {}
     for name in names:
-        result = run_detector(loaded, name, {}, store, resume=not fresh)
+        try:
+            result = run_detector(loaded, name, registry[name].scan_params, store, resume=not fresh)
+        except UserError as exc:
+            if len(names) == 1:
+                raise
+            # What this model cannot feed (it knows none of the facts, say) must not stop the
+            # other detectors: say so, go on, and fail at the end.
+            skipped[name] = str(exc)
+            _fail("skipped", f"{name}: {exc}")
+            continue
         results[name] = result
         if not as_json:
             _print_summary(result, top)
     ws = store.workspace.resolve()
     if as_json:
         _emit({"model": loaded.name, "provenance": loaded.provenance.to_dict(), "workspace": str(ws),
-               "detectors": {n: _result_json(r) for n, r in results.items()}})
+               "detectors": {n: _result_json(r) for n, r in results.items()}, "skipped": skipped})
     else:
-        _print_scan_end(loaded.name, results, ws)
+        _print_scan_end(loaded.name, results, ws, skipped)
+    if skipped:
+        raise UserError(f"{len(skipped)} of {len(names)} detectors skipped ({', '.join(skipped)}): see above")
 
 
 def _parse_extra(args: list[str]) -> dict[str, Any]:

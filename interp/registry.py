@@ -151,6 +151,11 @@ class Detector:
     params: ClassVar[tuple[Param, ...]] = ()
     # Whether ``interp scan`` runs it by default (cheap enough for a first look).
     in_default_scan: ClassVar[bool] = False
+    # The parameters ``interp scan`` (and the dashboard's scan form) runs it with, raw as on the
+    # command line; {} = the defaults. They keep the default scan short (a few facts, a small
+    # split) while ``interp run`` keeps the full defaults; runs are keyed by their parameters, so
+    # the two are separate runs. Checked by parse_params before any model is loaded.
+    scan_params: ClassVar[dict[str, Any]] = {}
     # (x axis, y axis) titles, with units, of each curve it writes to the ``curves`` table,
     # keyed by curve name or by an fnmatch pattern ("*: accuracy vs depth"); the first match
     # wins. The dashboard and interp.figures.curve_axes look them up by the run's detector.
@@ -239,6 +244,11 @@ def _discover() -> None:
 def all_detectors() -> dict[str, type[Detector]]:
     _discover()
     return dict(sorted(_REGISTRY.items()))
+
+
+def default_scan() -> list[str]:
+    """The detectors ``interp scan`` runs when none are named, in name order."""
+    return [name for name, d in all_detectors().items() if d.in_default_scan]
 
 
 def get_detector(name: str) -> Detector:

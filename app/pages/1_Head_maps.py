@@ -40,7 +40,7 @@ def _kinds() -> dict[str, str]:
 
 kinds = _kinds()
 # Head detectors, plus any detector no longer registered (its tables decide what shows).
-head_runs = dash.subset(runs, [kinds.get(str(d), "head_scores") == "head_scores" for d in runs["detector"]])
+head_runs = dash.subset(runs, [dash.PAGES["Head maps"].accepts(str(d), kinds.get(str(d))) for d in runs["detector"]])
 if head_runs.empty:
     st.info("no head-detector runs in this workspace")
     st.stop()

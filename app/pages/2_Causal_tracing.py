@@ -45,7 +45,8 @@ def _kinds() -> dict[str, str]:
 
 runs = dash.runs(store)
 kinds = _kinds()
-trace_runs = dash.subset(runs, [kinds.get(str(d)) == "token_layer" or "trac" in str(d) for d in runs["detector"]])
+page = dash.PAGES["Causal tracing"]
+trace_runs = dash.subset(runs, [page.accepts(str(d), kinds.get(str(d))) for d in runs["detector"]])
 
 st.subheader("stored traces")
 if trace_runs.empty:

@@ -24,9 +24,9 @@ store = dash.store()
 if store is None:
     st.stop()
 
-KEYWORDS = ("conflict", "ph3", "prun", "decore", "memory", "context", "scal")
 runs = dash.runs(store)
-mine = dash.subset(runs, [any(k in str(d).lower() for k in KEYWORDS) for d in runs["detector"]])
+# The page lists runs by detector name (dash.PAGES), known to this installation or not.
+mine = dash.subset(runs, [dash.PAGES["Conflicts"].accepts(str(d), None) for d in runs["detector"]])
 
 st.subheader("stored runs")
 if mine.empty:

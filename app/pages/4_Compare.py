@@ -29,7 +29,26 @@ detectors = sorted(str(d) for d in counts.index)
 if not detectors:
     st.info("no runs stored yet: start one on the Home page")
     st.stop()
-detector = st.selectbox("detector", detectors, key="cmp-detector")
+
+
+@st.cache_data(max_entries=1, show_spinner=False)
+def _kinds() -> dict[str, str]:
+    from interp.registry import all_detectors
+
+    try:
+        return {name: cls.kind for name, cls in all_detectors().items()}
+    except Exception:
+        return {}
+
+
+# First choice: a detector with two runs to compare, else a head detector (charts, not only a
+# metrics table: after a first scan each detector has one run).
+kinds = _kinds()
+run_detectors = [str(d) for d in runs["detector"]]
+first = next((i for i, d in enumerate(detectors) if run_detectors.count(d) >= 2), None)
+if first is None:
+    first = next((i for i, d in enumerate(detectors) if kinds.get(d) == "head_scores"), 0)
+detector = st.selectbox("detector", detectors, index=first, key="cmp-detector")
 mine = dash.subset(runs, runs["detector"] == detector)
 if len(mine) < 2:
     st.info(f"{detector} has a single run here: start another (another model or other parameters) to compare")

@@ -1,7 +1,9 @@
 """The dashboard end to end in a real headless Chromium (Debian's package, driven by Playwright).
 
-`interp app` serves a workspace prepared with a small induction run on the zoo default; every
-page is opened, its charts must render and no exception text may appear; the first paint of the
+`interp app` serves a workspace prepared with a small induction run on the zoo default, plus a
+one-fact causal trace and conflict heads on a few items (the default scan's page sources, small);
+every page is opened, shows stored content, its charts must render and no exception text may
+appear; the first paint of the
 stored scan's page is measured and printed; a small detector is started from the form and
 followed to completion; bad input in the form shows a message, not a traceback.
 """
@@ -42,6 +44,24 @@ INTERP = [sys.executable, "-m", "interp.cli"]
 PAGES = {"Home": "", "Head maps": "Head_maps", "Causal tracing": "Causal_tracing",
          "Conflicts": "Conflicts", "Compare": "Compare"}
 EXCEPTION_TEXT = ("Traceback", "Error")
+# What the default scan adds for the Causal tracing and Conflicts pages, at a fraction of its
+# settings (one model load, seconds): one fact, one noise sample; four items of the built-in facts.
+SMALL_SCAN = [
+    ("causal-trace", {"limit": 1, "samples": 1, "kinds": "state"}),
+    ("conflict-heads", {"max_items": 4, "formats": "qa", "facts": "builtin"}),
+]
+SMALL_SCAN_CODE = """
+import json, sys
+import interp
+from interp.runner import run_detector
+from interp.store import Store
+model = interp.load_model("smollm2-135m")
+with Store(sys.argv[1]) as store:
+    for name, params in json.loads(sys.argv[2]):
+        run_detector(model, name, params, store, progress=False)
+"""
+# Text a page shows when it has no stored run to show.
+EMPTY_TEXT = ("no runs stored yet", "no head-detector runs", "no tracing runs", "no conflict or intervention runs")
 
 
 def _free_port() -> int:
@@ -61,6 +81,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
         capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stderr
+    small = subprocess.run([sys.executable, "-c", SMALL_SCAN_CODE, str(ws), json.dumps(SMALL_SCAN)],
+                           capture_output=True, text=True, timeout=600, check=False, cwd=REPO)
+    assert small.returncode == 0, small.stderr
     return ws, int(json.loads(proc.stdout)["run_id"])
 
 
@@ -156,9 +179,11 @@ def _no_exception(page: Any, name: str) -> str:
 
 def test_every_page_renders(server: str, workspace: tuple[Path, int], page: Any, tmp_path: Path) -> None:
     _, run_id = workspace
-    # Head maps: the heatmap of the metric picked (induction); Compare: depth scatter, depth
-    # difference, head-by-head difference and the two maps.
-    expected_charts = {"Home": 0, "Head maps": 1, "Causal tracing": 0, "Conflicts": 0, "Compare": 5}
+    # Head maps: the heatmap of the metric picked (induction); Causal tracing: the stored fact's
+    # heatmap; Conflicts: the conflict-heads map; Compare (one run per detector: a head
+    # detector's run against itself): depth scatter, depth difference, head-by-head difference
+    # and the two maps.
+    expected_charts = {"Home": 0, "Head maps": 1, "Causal tracing": 1, "Conflicts": 1, "Compare": 5}
     for name, path in PAGES.items():
         page.goto(f"{server}/{path}?run={run_id}")
         _settle(page)
@@ -168,6 +193,8 @@ def test_every_page_renders(server: str, workspace: tuple[Path, int], page: Any,
         n_charts = page.locator(".js-plotly-plot").count()
         assert n_charts >= expected_charts[name], f"{name}: {n_charts} charts"
         text = _no_exception(page, name)
+        empty = [t for t in EMPTY_TEXT if t in text]
+        assert not empty, f"{name}: says {empty}: the workspace's runs should show here"
         page.screenshot(path=str(tmp_path / f"{path or 'Home'}.png"), full_page=True)
         print(f"{name}: {n_charts} plotly charts, screenshot {tmp_path / (path or 'Home')}.png")
         if name == "Home":
@@ -203,9 +230,24 @@ def test_first_paint_of_stored_scan(server: str, workspace: tuple[Path, int], pa
 
 
 def _select(page: Any, label: str, option: str) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     box = page.get_by_test_id("stSelectbox").filter(has_text=label).first
-    box.click()
-    page.get_by_role("option", name=option, exact=True).click()
+    choice = page.get_by_role("option", name=option, exact=True)
+    for _ in range(3):
+        # A click that has to scroll the page first can land while it still moves, and the
+        # dropdown closes again: scroll, let it settle, click, and retry if no list opened.
+        box.scroll_into_view_if_needed()
+        page.wait_for_timeout(300)
+        box.click()
+        try:
+            choice.wait_for(timeout=5_000)
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
+            continue
+        choice.click()
+        return
+    raise AssertionError(f"the {label!r} selectbox did not open on {option!r}")
 
 
 def _number(page: Any, label: str, value: int) -> None:

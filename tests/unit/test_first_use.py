@@ -161,4 +161,5 @@ def test_bad_options_are_one_line_errors(args: list[str], says: str, tmp_path: P
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ") and says in lines[0], lines
+    assert lines[0].startswith("error: "), lines
+    assert says in lines[0], lines
