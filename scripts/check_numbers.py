@@ -45,7 +45,7 @@ def record(path: Path, model_name: str) -> None:
     detectors = all_detectors()
     # The default scan as `interp scan` runs it, then every detector named in SMALL (default-scan
     # ones too, for the code paths their scan parameters skip) and every other with its defaults.
-    plan = [(f"scan:{n}", n, dict(d.scan_params)) for n, d in detectors.items() if d.in_default_scan]
+    plan = [(f"scan:{n}", n, dict(getattr(d, "scan_params", {}))) for n, d in detectors.items() if d.in_default_scan]
     plan += [(n, n, SMALL.get(n, {})) for n, d in detectors.items() if n in SMALL or not d.in_default_scan]
     for label, name, raw in plan:
         det = detectors[name]()
