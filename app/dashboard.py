@@ -126,6 +126,18 @@ def store() -> Store | None:
         return None
 
 
+@st.cache_data(max_entries=1, show_spinner=False)
+def detector_kinds() -> dict[str, str]:
+    """Each registered detector's output kind ({} when the detector modules fail to load:
+    the pages then decide by the stored tables alone)."""
+    from interp.registry import all_detectors
+
+    try:
+        return {name: cls.kind for name, cls in all_detectors().items()}
+    except Exception:
+        return {}
+
+
 def runs(s: Store) -> pd.DataFrame:
     """The runs table, newest first (read fresh on every render: status changes)."""
     return s.runs()

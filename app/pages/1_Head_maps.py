@@ -28,17 +28,7 @@ if runs.empty:
     st.stop()
 
 
-@st.cache_data(max_entries=1, show_spinner=False)
-def _kinds() -> dict[str, str]:
-    from interp.registry import all_detectors
-
-    try:
-        return {name: cls.kind for name, cls in all_detectors().items()}
-    except Exception:
-        return {}
-
-
-kinds = _kinds()
+kinds = dash.detector_kinds()
 # Head detectors, plus any detector no longer registered (its tables decide what shows).
 head_runs = dash.subset(runs, [dash.PAGES["Head maps"].accepts(str(d), kinds.get(str(d))) for d in runs["detector"]])
 if head_runs.empty:

@@ -33,18 +33,8 @@ def _tracing_module() -> Any:
         return None
 
 
-@st.cache_data(max_entries=1, show_spinner=False)
-def _kinds() -> dict[str, str]:
-    from interp.registry import all_detectors
-
-    try:
-        return {name: cls.kind for name, cls in all_detectors().items()}
-    except Exception:
-        return {}
-
-
 runs = dash.runs(store)
-kinds = _kinds()
+kinds = dash.detector_kinds()
 page = dash.PAGES["Causal tracing"]
 trace_runs = dash.subset(runs, [page.accepts(str(d), kinds.get(str(d))) for d in runs["detector"]])
 

@@ -31,19 +31,9 @@ if not detectors:
     st.stop()
 
 
-@st.cache_data(max_entries=1, show_spinner=False)
-def _kinds() -> dict[str, str]:
-    from interp.registry import all_detectors
-
-    try:
-        return {name: cls.kind for name, cls in all_detectors().items()}
-    except Exception:
-        return {}
-
-
 # First choice: a detector with two runs to compare, else a head detector (charts, not only a
 # metrics table: after a first scan each detector has one run).
-kinds = _kinds()
+kinds = dash.detector_kinds()
 run_detectors = [str(d) for d in runs["detector"]]
 first = next((i for i, d in enumerate(detectors) if run_detectors.count(d) >= 2), None)
 if first is None:
