@@ -142,6 +142,10 @@ def _check_model(choice: str, folder: str) -> str:
 def _param_input(det_name: str, p: Any) -> Any:
     key = f"param-{det_name}-{p.name}"
     label = p.name
+    if p.item is not None and p.choices:
+        return st.multiselect(label, list(p.choices), default=list(p.default), help=p.help, key=key)
+    if p.item is not None:
+        return st.text_input(f"{label} (comma-separated)", value=p.format(p.default), help=p.help, key=key)
     if p.choices:
         return st.selectbox(label, list(p.choices), index=list(p.choices).index(p.default)
                             if p.default in p.choices else 0, help=p.help, key=key)
@@ -211,9 +215,10 @@ if mode == "single detector" and registry:
                                                         uploads.required_columns(name)))
             parsed = det.parse_params(raw)
             argv = ["run", det_name, "--model", model, "--prefix", prefix]
-            for k, v in parsed.items():
-                if k in raw:
-                    argv += [f"--{k.replace('_', '-')}", str(v).lower() if isinstance(v, bool) else str(v)]
+            for p in det.params:
+                if p.name in raw:
+                    v = getattr(parsed, p.name)
+                    argv += [f"--{p.name.replace('_', '-')}", str(v).lower() if isinstance(v, bool) else p.format(v)]
             if fresh:
                 argv.append("--fresh")
             _start(argv, f"{det_name} on {Path(model).name}")

@@ -9,7 +9,6 @@ plot with :mod:`interp.figures`. The model is loaded only for on-demand computat
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ import streamlit as st
 
 from interp import figures
 from interp.errors import UserError
+from interp.store import FINAL_UNIT, RESERVED_UNITS, TABLES, WARNINGS_UNIT
 
 if TYPE_CHECKING:
     import numpy as np
@@ -31,9 +31,6 @@ if TYPE_CHECKING:
 
 APP_DIR = Path(__file__).resolve().parent
 WORKSPACE_ENV = "INTERP_WORKSPACE"
-FINAL_UNIT = "final"
-WARNINGS_UNIT = "warnings"
-TABLE_NAMES = ("head_scores", "token_layer", "curves", "metrics", "artifacts")
 PLOTLY_CONFIG = {"displaylogo": False}
 
 
@@ -41,8 +38,8 @@ PLOTLY_CONFIG = {"displaylogo": False}
 class Page:
     """A page of the dashboard: what it shows, which stored runs it lists, what fills it.
 
-    ``accepts(detector, kind)`` decides whether a run of that detector is listed on the page
-    (kind is None for a detector this installation no longer knows). The pages filter their runs
+    ``accepts(detector, output)`` decides whether a run of that detector is listed on the page
+    (output is None for a detector this installation no longer knows). The pages filter their runs
     with it, the Home page's caption and a test read it: after ``interp scan`` every page must
     list a run of the default scan."""
 
@@ -51,9 +48,9 @@ class Page:
     fill: str  # the command that fills it beyond the scan
     accepts: Callable[[str, str | None], bool]
 
-    def detectors(self, kinds: Mapping[str, str]) -> list[str]:
-        """The registered detectors (name -> kind) whose runs the page lists."""
-        return [name for name, kind in kinds.items() if self.accepts(name, kind)]
+    def detectors(self, outputs: Mapping[str, str]) -> list[str]:
+        """The registered detectors (name -> output) whose runs the page lists."""
+        return [name for name, output in outputs.items() if self.accepts(name, output)]
 
 
 # Detector names the Conflicts page lists (substrings): conflict heads, PH3 pruning, DeCoRe...
@@ -63,29 +60,29 @@ PAGES: dict[str, Page] = {
         "Head maps", "layer x head heatmaps of head detectors; a head's scores, curves and attention",
         "`interp run <detector>`",
         # Head detectors, plus any detector no longer registered (its tables decide what shows).
-        lambda name, kind: (kind or "head_scores") == "head_scores"),
+        lambda name, output: (output or "head_scores") == "head_scores"),
     "Causal tracing": Page(
         "Causal tracing", "ROME token x layer maps of known facts, bucket averages, live tracing",
         "`interp run causal-trace --limit N`",
-        lambda name, kind: kind == "token_layer" or "trac" in name),
+        lambda name, output: output == "token_layer" or "trac" in name),
     "Conflicts": Page(
         "Conflicts", "memory/context rates and memory vs context heads; PH3 and DeCoRe, stored and live",
         "`interp run conflict-heads`, `interp run ph3`, `interp run decore-eval`",
-        lambda name, kind: any(k in name.lower() for k in CONFLICT_KEYWORDS)),
+        lambda name, output: any(k in name.lower() for k in CONFLICT_KEYWORDS)),
     "Compare": Page(
         "Compare", "one detector across two runs or models, heads placed by relative depth",
         "the same detector on another model or with other parameters",
-        lambda name, kind: True),
+        lambda name, output: True),
 }
 
 
 def page_lines(detectors: Mapping[str, Any]) -> list[str]:
     """One line per page for the Home page: what it shows and which command fills it, with the
     default-scan detectors it lists and their scan parameters (``detectors``: name -> class)."""
-    kinds = {name: str(cls.kind) for name, cls in detectors.items()}
+    outputs = {name: str(cls.output) for name, cls in detectors.items()}
     lines = []
     for page in PAGES.values():
-        scanned = [n for n in page.detectors(kinds) if detectors[n].in_default_scan]
+        scanned = [n for n in page.detectors(outputs) if detectors[n].in_default_scan]
         parts = [n + (": " + ", ".join(f"{k} {v}" for k, v in detectors[n].scan_params.items())
                       if detectors[n].scan_params else "") for n in scanned]
         if len(scanned) > 1 and len(scanned) == sum(bool(d.in_default_scan) for d in detectors.values()):
@@ -127,13 +124,13 @@ def store() -> Store | None:
 
 
 @st.cache_data(max_entries=1, show_spinner=False)
-def detector_kinds() -> dict[str, str]:
-    """Each registered detector's output kind ({} when the detector modules fail to load:
+def detector_outputs() -> dict[str, str]:
+    """Each registered detector's output ({} when the detector modules fail to load:
     the pages then decide by the stored tables alone)."""
     from interp.registry import all_detectors
 
     try:
-        return {name: cls.kind for name, cls in all_detectors().items()}
+        return {name: cls.output for name, cls in all_detectors().items()}
     except Exception:
         return {}
 
@@ -148,7 +145,7 @@ def _tables(ws: str, run_id: int, updated_at: str, n_units: int) -> dict[str, pd
     # updated_at and n_units are in the key so that a new commit invalidates the entry.
     s = _store(ws)
     run = s.run(run_id)
-    return {t: run.results(t) for t in TABLE_NAMES}
+    return {t: run.results(t) for t in TABLES}
 
 
 def run_tables(s: Store, row: Mapping[str, Any]) -> tuple[dict[str, pd.DataFrame], list[str], bool]:
@@ -170,20 +167,20 @@ def run_tables(s: Store, row: Mapping[str, Any]) -> tuple[dict[str, pd.DataFrame
     for name, frame in raw.items():
         if frame.empty:
             continue
-        frame = subset(frame, frame["unit"] == FINAL_UNIT) if final else subset(frame, frame["unit"] != WARNINGS_UNIT)
+        frame = subset(frame, frame["unit"] == FINAL_UNIT) if final else subset(frame, ~frame["unit"].isin(RESERVED_UNITS))
         if len(frame):
             out[name] = frame.reset_index(drop=True)
     return out, warnings, final
 
 
 def unit_tables(s: Store, row: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
-    """Every per-unit row of a run (its final summary and warnings left out): per-item detail
+    """Every per-unit row of a run (its final summary, warnings and settings left out): per-item detail
     that a finalized run's summary aggregates away, such as one traced fact's heatmaps."""
     raw = _tables(str(s.workspace), int(row["id"]), str(row["updated_at"]), int(row.get("n_units") or 0))
     out: dict[str, pd.DataFrame] = {}
     for name, frame in raw.items():
         if len(frame):
-            frame = subset(frame, ~frame["unit"].isin([FINAL_UNIT, WARNINGS_UNIT]))
+            frame = subset(frame, ~frame["unit"].isin(RESERVED_UNITS))
             if len(frame):
                 out[name] = frame.reset_index(drop=True)
     return out
@@ -455,42 +452,6 @@ def show_tables(
         show_artifacts(tables["artifacts"])
 
 
-def detector_figures(detector: str, tables: Mapping[str, pd.DataFrame]) -> list[tuple[str, Any]]:
-    """Detector-specific figures, where its module provides a builder.
-
-    The hook: ``circuits.<module>`` (or ``circuits.<module>_plots``) defines
-    ``dashboard_figures(detector_name, tables) -> list[(title, plotly Figure)]``. A builder that
-    fails is reported in the page, never raised.
-    """
-    try:
-        from interp.registry import all_detectors
-
-        cls = all_detectors().get(detector)
-    except Exception as exc:  # a broken plugin module must not take the page down
-        st.info(f"detector modules could not be loaded: {type(exc).__name__}: {exc}")
-        return []
-    if cls is None:
-        return []
-    module_name = cls.__module__
-    out: list[tuple[str, Any]] = []
-    for name in (module_name, f"{module_name}_plots"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        builder = getattr(module, "dashboard_figures", None)
-        if not callable(builder):
-            continue
-        try:
-            out.extend(cast(list[tuple[str, Any]], builder(detector, dict(tables))))
-        except Exception as exc:
-            st.info(f"{name}.dashboard_figures failed: {type(exc).__name__}: {exc}")
-    return out
-
-
-# -- on-demand computation through a loaded model -------------------------------------------------
-
-
 def model_spec(row: Mapping[str, Any]) -> tuple[str | None, str, str]:
     """(loadable name or None, dtype, device) of the model a run used."""
     try:
@@ -542,18 +503,15 @@ def attention_pattern(
 
 
 def example_ids(model: LoadedModel, detector: str, params: Mapping[str, Any], max_tokens: int) -> list[int] | None:
-    """The detector's own example input where it exposes one (``example_tokens(model, params)``
-    or ``tokens(model, params, unit)``), truncated to ``max_tokens``; else None."""
+    """The detector's typical input (:meth:`Detector.example_tokens`), truncated to
+    ``max_tokens``; None where it has none."""
     from interp.registry import get_detector
 
     try:
         det = get_detector(detector)
         full = det.parse_params({k: v for k, v in params.items() if k in {p.name for p in det.params}})
-        if hasattr(det, "example_tokens"):
-            ids = det.example_tokens(model, full)  # type: ignore[attr-defined]
-        elif hasattr(det, "tokens"):
-            ids = det.tokens(model, full, det.units(model, full)[0])  # type: ignore[attr-defined]
-        else:
+        ids = det.example_tokens(model, full)
+        if ids is None:
             return None
     except Exception:
         return None

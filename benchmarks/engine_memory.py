@@ -10,7 +10,7 @@ chunking (run_sweep's stats) and the chunking the planner would choose for the s
 layers. Prints one JSON object.
 
 Options: _common's (--model, --quick: 4 prompts instead of 16, --threads) plus --layers
-L,L,... to sweep only those layers' heads. Each chunk holds variants of one start layer
+L,L,... to sweep only those layers' heads. Each chunk holds cases of one start layer
 (n_heads of them while the budget allows that many per chunk), so the per-chunk peak does not
 depend on how many chunks run; a run over a few layers measures the same peak as the full
 sweep, up to the small caches for the other layers (reported as an estimate).
@@ -149,10 +149,10 @@ def main() -> None:
     after = snapshot()
 
     st = res.stats
-    per_variant = int(st["bytes_per_variant"])
-    cap = int(st["budget_bytes"]) // per_variant
+    per_case = int(st["bytes_per_case"])
+    cap = int(st["budget_bytes"]) // per_case
     # The chunking the planner picks for the same sweep over every layer, without running it.
-    full_starts = [v.start_layer for v in Sweep("heads", "patch").variants(model, seq_len)]
+    full_starts = [v.start_layer for v in Sweep("heads", "patch").cases(model, seq_len)]
     full_chunks = plan_chunks(full_starts, cap, n_prompts, seq_len, info.n_layers, bool(st["prefix_reuse"]))
     full_sizes = [len(i) for _, i in full_chunks]
     item = torch.finfo(model.dtype).bits // 8
@@ -175,25 +175,25 @@ def main() -> None:
         "n_prompts": n_prompts,
         "seq_len": seq_len,
         "layers": list(layers) if layers is not None else list(range(info.n_layers)),
-        "n_variants": int(st["n_variants"]),
+        "n_cases": int(st["n_cases"]),
         "load_s": load_s,
         "warmup_forward_s": warm_s,
         "sweep_s": sweep_s,
         "default_budget_bytes": budget,
         "engine": {
             "budget_bytes": st["budget_bytes"],
-            "bytes_per_variant": per_variant,
+            "bytes_per_case": per_case,
             "max_variants_per_chunk": cap,
             "chunks": st["chunks"],
             "chunk_sizes": st["chunk_sizes"],
-            "largest_chunk_estimate_bytes": max(st["chunk_sizes"]) * per_variant,
+            "largest_chunk_estimate_bytes": max(st["chunk_sizes"]) * per_case,
             "forwards": st["forwards"],
             "token_layers": st["token_layers"],
             "prefix_reuse": st["prefix_reuse"],
             "cache_bytes": st["cache_bytes"],
         },
         "full_sweep_plan": {
-            "n_variants": len(full_starts),
+            "n_cases": len(full_starts),
             "chunks": len(full_chunks),
             "chunk_sizes": sorted(set(full_sizes)),
             "cache_bytes_estimate": full_cache,
@@ -232,7 +232,7 @@ def main() -> None:
             f"sweep_peak: VmHWM after resetting it just before the sweep (peak_reset={peak_reset}); ru_maxrss "
             "after the reset may follow VmHWM down, so read peak_through_load for the lifetime peak",
             "the per-chunk peak does not depend on how many chunks run: chunks hold one start layer's "
-            "variants each; compare engine.chunk_sizes with full_sweep_plan.chunk_sizes; a full run only "
+            "cases each; compare engine.chunk_sizes with full_sweep_plan.chunk_sizes; a full run only "
             "adds full_sweep_plan.cache_bytes_estimate - engine.cache_bytes of caches",
             "default_budget is a quarter of MemAvailable when the sweep starts, so it depends on what else runs",
         ],

@@ -228,13 +228,13 @@ def model_checks(group: str, pair: Pair, tokens: torch.Tensor, src_tokens: torch
         def go() -> dict[str, Any]:
             d, c = pair.both(f)
             if d.labels != c.labels:
-                raise AssertionError("variant labels differ")
+                raise AssertionError("case labels differ")
             diff, scale = _max_diff([d.values, d.base], [c.values, c.base])
             st = d.stats
-            return {"diff": diff, "scale": scale, "n_variants": st["n_variants"], "chunks": st["chunks"],
+            return {"diff": diff, "scale": scale, "n_cases": st["n_cases"], "chunks": st["chunks"],
                     "prefix_reuse": st["prefix_reuse"], "prefix_check_diff": st["prefix_check_diff"],
                     "cpu_prefix_reuse": c.stats["prefix_reuse"],
-                    "note": f"{st['n_variants']} variants, {st['chunks']} chunks, prefix_reuse={st['prefix_reuse']} "
+                    "note": f"{st['n_cases']} cases, {st['chunks']} chunks, prefix_reuse={st['prefix_reuse']} "
                             f"(cpu {c.stats['prefix_reuse']})"}
         return go
 

@@ -80,7 +80,7 @@ def main() -> None:
     ours = res.mean().to(tl.dtype)
     diff = float((ours - tl.cpu()).abs().max())
     e, b, p = statistics.median(engine_t), statistics.median(base_t), statistics.median(plain_t)
-    n_var = res.values.shape[0]
+    n_cases = res.values.shape[0]
     emit({
         "benchmark": "patching_heads",
         "quick": args.quick,
@@ -91,14 +91,14 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "n_prompts": n_prompts,
         "seq_len": int(conflict.shape[1]),
-        "n_variants": n_var,
+        "n_cases": n_cases,
         "variant": res.variant,
         "baseline": "transformer_lens.patching on TransformerBridge (one forward per head)",
         "engine_s": e,
         "baseline_s": b,
         "ratio": b / e,
         "plain_forward_s": p,
-        "plain_fraction": (n_var / e) / (1.0 / p),
+        "plain_fraction": (n_cases / e) / (1.0 / p),
         "max_abs_diff": diff,
         "rounds": {"engine_s": engine_t, "baseline_s": base_t, "plain_forward_s": plain_t},
         "engine_stats": {k: v for k, v in res.stats.items() if k != "chunk_sizes"},

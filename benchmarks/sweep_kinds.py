@@ -215,7 +215,7 @@ def main() -> None:
             raise SystemExit(f"{name}: baseline shape {tuple(tl.shape)} vs engine {tuple(res.values.shape)}")
         diff = float((res.values - tl).abs().max())
         e, b, p = statistics.median(engine_t), statistics.median(base_t), statistics.median(plain_t)
-        n_var = res.values.shape[0]
+        n_cases = res.values.shape[0]
         same = diff <= TOLERANCE
         if not same:
             failed.append(name)
@@ -230,9 +230,9 @@ def main() -> None:
             "max_abs_effect": float((tl - res.base[None, :]).abs().max()),
             "base_vs_plain_max_abs_diff": float((res.base - plain_base).abs().max()),
             "plain_forward_s": p,
-            "engine_fraction_of_plain_forward": (n_var / e) / (1.0 / p),
-            "baseline_fraction_of_plain_forward": (n_var / b) / (1.0 / p),
-            "n_variants": n_var,
+            "engine_fraction_of_plain_forward": (n_cases / e) / (1.0 / p),
+            "baseline_fraction_of_plain_forward": (n_cases / b) / (1.0 / p),
+            "n_cases": n_cases,
             "n_prompts": n_prompts,
             "seq_len": seq_len,
             "torch_threads": torch.get_num_threads(),
@@ -254,7 +254,7 @@ def main() -> None:
         "layers": list(sel_layers),
         "metric": "logit_diff(memory - context) at the last token, compared per prompt",
         "ratio": "baseline_s / engine_s",
-        "engine_fraction_of_plain_forward": "(variants / engine_s) / (1 / plain_forward_s): one variant is one "
+        "engine_fraction_of_plain_forward": "(cases / engine_s) / (1 / plain_forward_s): one case is one "
                                             "forward's worth of token positions (n_prompts x seq_len)",
         "max_abs_effect": "largest |baseline value - unedited value|: the edits move the metric, so equal numbers "
                           "are not vacuous",

@@ -35,28 +35,30 @@ of p(answer first token) = (p_knocked - p_clean) / p_clean; averaged over facts.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 
-from circuits.facts import ANSWER_MODES, Fact, answer_tokens, file_hash, known_facts, load_facts, subject_span
+from circuits.facts import Fact, answer_tokens, file_hash, known_facts, load_facts, subject_span
+from interp import tables
+from interp.config import SEED_MAX, DetectorConfig, param
 from interp.engine import Prob, Sweep, activation_bytes, bytes_per_row, run_sweep, units_within
 from interp.engine import window_layers as engine_window_layers
 from interp.errors import UserError
 from interp.interventions import AddNoise, Intervention, Knockout
 from interp.model import LoadedModel
-from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
+from interp.registry import Detector, Summary, UnitResult, register
 from interp.runner import run_in_memory
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-KINDS = ("state", "mlp", "attn")
+Kind = Literal["state", "mlp", "attn"]
+KINDS: tuple[Kind, ...] = ("state", "mlp", "attn")
 SITE_OF = {"state": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 BUCKETS = ("first_subject", "middle_subject", "last_subject", "first_subsequent", "further", "last")
 KNOCKOUT_SETS = ("subject", "non_subject", "last")
@@ -199,11 +201,11 @@ def restored_scores(
             sweep = Sweep("positions", "patch", site=SITE_OF[kind])
         else:
             sweep = Sweep("windows", "patch", site=SITE_OF[kind], window=window)
-        # The sweep's variants run layer-major over all positions.
+        # The sweep's cases run layer-major over all positions.
         select = [cells[i].layer * n_tok + cells[i].token for i in which]
         res = run_sweep(
             model, sweep, metric, ids, dict(clean), base_interventions=[noise], select=select,
-            max_variants=max_cells, prefix_reuse=reuse, sequence_reuse=reuse,
+            max_cases=max_cells, prefix_reuse=reuse, sequence_reuse=reuse,
         )
         out[which] = res.values.mean(dim=1).numpy()
     return out
@@ -232,12 +234,12 @@ class TraceResult:
         return self.scores[kind] - self.p_corrupted
 
     def to_frame(self, item: str = "") -> pd.DataFrame:
-        rows = []
-        for kind, table in self.scores.items():
-            for t in range(table.shape[0]):
-                for layer in range(table.shape[1]):
-                    rows.append((kind, item, t, self.input.token_strs[t], layer, float(table[t, layer])))
-        return pd.DataFrame(rows, columns=["kind", "item", "token_index", "token", "layer", "value"])
+        return tables.token_layer(
+            (kind, item, t, self.input.token_strs[t], layer, float(grid[t, layer]))
+            for kind, grid in self.scores.items()
+            for t in range(grid.shape[0])
+            for layer in range(grid.shape[1])
+        )
 
 
 def trace_fact(
@@ -370,194 +372,242 @@ def knockout_effects(
 # --------------------------------------------------------------------------- detectors
 
 
-def _metrics_frame(values: Mapping[str, float], n: int = 1) -> pd.DataFrame:
-    return pd.DataFrame(
-        [(k, float(v), None, None, n) for k, v in values.items()], columns=["name", "value", "ci_low", "ci_high", "n"]
-    )
+@dataclass(frozen=True)
+class FactsConfig(DetectorConfig):
+    """Parameters shared by the fact detectors: the facts (a file, or one prompt given on the
+    command line) and the known-facts filter."""
 
-
-def _artifact(name: str, doc: Any) -> pd.DataFrame:
-    return pd.DataFrame([(name, json.dumps(doc))], columns=["name", "json"])
-
-
-_COMMON = (
-    Param("prompt", str, "", "a single prompt to trace (with --subject and --answer) instead of the dataset"),
-    Param("subject", str, "", "the subject, verbatim in the prompt"),
-    Param("answer", str, "", "the expected answer (tokenised with a leading space; first token used)"),
-    Param("facts", str, "", "fact file (JSONL or CSV: subject, prompt, answer); default: the shipped dataset"),
-    Param("scan_all", bool, False, "check every fact of the file (else stop once 'limit' known facts are found)"),
-    Param(
-        "answer_mode",
-        str,
+    prompt: str = param("", "a single prompt to trace (with --subject and --answer) instead of the dataset")
+    subject: str = param("", "the subject, verbatim in the prompt")
+    answer: str = param("", "the expected answer (tokenised with a leading space; first token used)")
+    facts: str = param("", "fact file (JSONL or CSV: subject, prompt, answer); default: the shipped dataset")
+    scan_all: bool = param(False, "check every fact of the file (else stop once 'limit' known facts are found)")
+    answer_mode: Literal["first", "sum"] = param(
         "first",
         "known-facts criterion: 'first' = top-1 is the answer's first token; 'sum' = every answer "
         "token top-1 under teacher forcing (score: summed log-probs)",
-        choices=ANSWER_MODES,
-    ),
-)
+    )
+    limit: int = param(20, "how many known facts of the file to use (in file order)", low=1)
+
+    @property
+    def single(self) -> bool:
+        """A single prompt given on the command line instead of the fact file (check() makes
+        sure prompt, subject and answer come together)."""
+        return bool(self.prompt)
+
+    def check(self) -> None:
+        super().check()
+        given = [bool(v) for v in (self.prompt, self.subject, self.answer)]
+        if any(given) and not all(given):
+            raise UserError("a single-prompt run needs all of --prompt, --subject and --answer")
+        if self.single:
+            if self.subject not in self.prompt:
+                raise UserError(f"subject {self.subject!r} not found in prompt {self.prompt!r}")
+        elif self.facts:
+            load_facts(self.facts)  # a missing or malformed file fails before the model loads
 
 
-class _FactsDetector(Detector):
+F = TypeVar("F", bound=FactsConfig)
+
+
+def _per_unit(metrics: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """The units' metrics tables as {unit: {name: value}}."""
+    return {str(u): dict(zip(g["name"], g["value"], strict=True)) for u, g in metrics.groupby("unit")}
+
+
+class _FactsDetector(Detector[F]):
     """Shared unit plan: a 'known' unit (the filter) then one unit per known fact, or a single
     'fact' unit for a prompt given on the command line."""
 
-    def __init__(self) -> None:
-        # Per-instance memo (one run), so units() and run_unit('known') filter only once.
-        self._memo: dict[tuple[Any, ...], Any] = {}
+    def dataset_hash(self, model: LoadedModel, cfg: F) -> str | None:
+        return None if cfg.single else file_hash(cfg.facts or None)
 
-    def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
-        return None if params["prompt"] else file_hash(params["facts"] or None)
+    def _facts(self, model: LoadedModel, cfg: F) -> list[Fact]:
+        return self.memo("facts", model, cfg, lambda: load_facts(cfg.facts or None))
 
-    @staticmethod
-    def _single(params: Mapping[str, Any]) -> bool:
-        given = [bool(params[k]) for k in ("prompt", "subject", "answer")]
-        if any(given) and not all(given):
-            raise UserError("a single-prompt run needs all of --prompt, --subject and --answer")
-        return all(given)
-
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
-        if cls._single(params):
-            if params["subject"] not in params["prompt"]:
-                raise UserError(f"subject {params['subject']!r} not found in prompt {params['prompt']!r}")
-        elif params["facts"]:
-            load_facts(params["facts"])  # a missing or malformed file fails before the model loads
-
-    def _facts(self, params: Mapping[str, Any]) -> list[Fact]:
-        key = ("facts", params["facts"])
-        if key not in self._memo:
-            self._memo[key] = load_facts(params["facts"] or None)
-        return self._memo[key]
-
-    def _known(self, model: LoadedModel, params: Mapping[str, Any]) -> pd.DataFrame:
+    def _known(self, model: LoadedModel, cfg: F) -> pd.DataFrame:
         """The known-facts filter over the file in order, in chunks, stopping once ``limit``
-        known facts are found (``scan_all`` filters the whole file, to count what it knows)."""
-        key = ("known", model.name, params["facts"], params["answer_mode"], params["limit"], params["scan_all"])
-        if key not in self._memo:
-            facts = self._facts(params)
+        known facts are found (``scan_all`` filters the whole file, to count what it knows).
+        Memoised: units() and the 'known' unit filter only once per run."""
+
+        def compute() -> pd.DataFrame:
+            facts = self._facts(model, cfg)
             parts: list[pd.DataFrame] = []
             n_known, step = 0, 32
             for c0 in range(0, len(facts), step):
-                part = known_facts(model, facts[c0 : c0 + step], answer_mode=params["answer_mode"])
+                part = known_facts(model, facts[c0 : c0 + step], answer_mode=cfg.answer_mode)
                 parts.append(part.assign(index=part["index"] + c0))
                 n_known += int(np.sum(part["known"].to_numpy()))
-                if n_known >= params["limit"] and not params["scan_all"]:
+                if n_known >= cfg.limit and not cfg.scan_all:
                     break
-            self._memo[key] = pd.concat(parts, ignore_index=True)
-        return self._memo[key]
+            return pd.concat(parts, ignore_index=True)
 
-    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
-        if self._single(params):
-            prepare(model, params["prompt"], params["subject"], params["answer"])
+        return self.memo("known", model, cfg, compute)
+
+    def units(self, model: LoadedModel, cfg: F) -> list[str]:
+        if cfg.single:
+            prepare(model, cfg.prompt, cfg.subject, cfg.answer)
             return ["fact"]
-        if params["limit"] < 1:
-            raise UserError("limit must be >= 1")
-        known = self._known(model, params)
-        chosen = known[known["known"]]["index"].tolist()[: params["limit"]]
+        known = self._known(model, cfg)
+        chosen = known[known["known"]]["index"].tolist()[: cfg.limit]
         if not chosen:
             raise UserError(f"{model.name} knows none of the {len(known)} facts: nothing to trace")
         return ["known", *(f"fact-{i}" for i in chosen)]
 
-    def _fact_of(self, params: Mapping[str, Any], unit: str) -> Fact:
+    def example_tokens(self, model: LoadedModel, cfg: F) -> torch.Tensor:
+        # The prompt given on the command line, else the file's first fact (every fact of a
+        # file is a prompt of the same form; picking a known one would need the filter).
+        fact = self._fact_of(model, cfg, "fact" if cfg.single else "fact-0")
+        return prepare_fact(model, fact).tokens
+
+    def _fact_of(self, model: LoadedModel, cfg: F, unit: str) -> Fact:
         if unit == "fact":
-            return Fact(params["subject"], params["prompt"], params["answer"], id="prompt")
+            return Fact(cfg.subject, cfg.prompt, cfg.answer, id="prompt")
         try:
-            return self._facts(params)[int(unit.split("-", 1)[1])]
+            return self._facts(model, cfg)[int(unit.split("-", 1)[1])]
         except (ValueError, IndexError):
             raise UserError(f"unknown unit {unit!r}") from None
 
-    def _known_unit(self, model: LoadedModel, params: Mapping[str, Any]) -> UnitResult:
-        known = self._known(model, params)
+    def _known_unit(self, model: LoadedModel, cfg: F) -> UnitResult:
+        known = self._known(model, cfg)
         n_known = int(np.sum(known["known"].to_numpy()))
+        counts = {
+            "n_facts_in_file": len(self._facts(model, cfg)),
+            "n_facts_checked": len(known),
+            "n_known": n_known,
+            "fraction_known": n_known / len(known),
+        }
         return UnitResult(
             tables={
-                "metrics": _metrics_frame(
-                    {
-                        "n_facts_in_file": len(self._facts(params)),
-                        "n_facts_checked": len(known),
-                        "n_known": n_known,
-                        "fraction_known": n_known / len(known),
-                    },
-                    n=len(known),
-                ),
-                "artifacts": _artifact("known_facts", known.to_dict(orient="records")),
+                "metrics": tables.metrics(counts, n=len(known)),
+                "artifacts": tables.artifact("known_facts", known.to_dict(orient="records")),
             }
         )
 
-    def _single_known(self, model: LoadedModel, fact: Fact, params: Mapping[str, Any]) -> bool:
-        return bool(known_facts(model, [fact], answer_mode=params["answer_mode"])["known"].iloc[0])
+    def _single_known(self, model: LoadedModel, fact: Fact, cfg: F) -> bool:
+        return bool(known_facts(model, [fact], answer_mode=cfg.answer_mode)["known"].iloc[0])
+
+
+@dataclass(frozen=True)
+class CausalTraceConfig(FactsConfig):
+    """Parameters of causal tracing (Meng et al. 2022, ROME; each field's help says what it is)."""
+
+    # One fact is ~T x n_layers x 3 cells x N rows (about 9000 rows of ~10 tokens on
+    # smollm2-135m), minutes on 2 CPU cores: the default keeps a first look short.
+    limit: int = param(2, "how many known facts of the file to trace (in file order)", low=1)
+    samples: int = param(10, "N corrupted copies per restoration (ROME: 10)", low=1)
+    noise_factor: float = param(3.0, "noise std = this x the std of subject embeddings (ROME: 3)",
+                                low=0, low_open=True)
+    noise: float = param(0.0, "absolute noise std; overrides noise_factor when > 0", low=0)
+    window: int = param(10, "layer window of the MLP and attention restorations (ROME: 10)", low=1)
+    kinds: tuple[Kind, ...] = param(KINDS, "what to restore: comma-separated subset of state, mlp, attn")
+    seed: int = param(1, "seed of the noise draw", low=0, high=SEED_MAX)
+    memory_mb: float = param(512.0, "memory budget of one forward pass (chunks the stacked restorations)",
+                             low=0, low_open=True)
+
+    def check(self) -> None:
+        super().check()
+        if not self.kinds:
+            raise UserError(f"kinds must be a comma-separated subset of {', '.join(KINDS)}, got none")
+
+
+def _fact_effects(
+    per_unit: Mapping[str, Mapping[str, float]], token_layer: pd.DataFrame, kinds: Sequence[str], n_layers: int
+) -> tuple[dict[str, list[tuple[np.ndarray, tuple[int, int]]]], list[str]]:
+    """Each traced fact's [T, L] indirect effects per kind (restored - corrupted) with its
+    subject range, and the warnings about the facts."""
+    fact_units = [u for u in per_unit if u != "known"]
+    warnings: list[str] = []
+    effects: dict[str, list[tuple[np.ndarray, tuple[int, int]]]] = {k: [] for k in kinds}
+    for u in fact_units:
+        mu = per_unit[u]
+        rng = (int(mu["subject_start"]), int(mu["subject_end"]))
+        n_tok = int(mu["n_tokens"])
+        rows = token_layer[token_layer["unit"] == u]
+        for k in kinds:
+            r = pd.DataFrame(rows[rows["kind"] == k])
+            grid = np.full((n_tok, n_layers), np.nan)
+            grid[r["token_index"].to_numpy(int), r["layer"].to_numpy(int)] = r["value"].to_numpy(float)
+            effects[k].append((grid - mu["p_corrupted"], rng))
+        if mu.get("known", 1.0) == 0.0:
+            warnings.append("the model does not predict this answer (top-1): tracing it may be meaningless")
+    n_multi = sum(per_unit[u]["n_answer_tokens"] > 1 for u in fact_units)
+    if n_multi:
+        warnings.append(f"{n_multi} of {len(fact_units)} answers are several tokens: traced on the first token")
+    return effects, warnings
+
+
+def _bucket_averages(
+    effects: Mapping[str, Sequence[tuple[np.ndarray, tuple[int, int]]]], kinds: Sequence[str], summary: dict[str, Any]
+) -> pd.DataFrame:
+    """The summary's token_layer table: per kind (``avg_indirect_<kind>``) the average indirect
+    effect of each ROME bucket per layer (item and token = the bucket, token_index = its place
+    in BUCKETS); the peak layer and value of the last-subject and last buckets go to ``summary``."""
+    rows: list[tuple[str, str, int, str, int, float]] = []
+    for k in kinds:
+        b = average_buckets(effects[k])
+        rows.extend(
+            (f"avg_indirect_{k}", bucket, BUCKETS.index(bucket), bucket, int(layer), float(value))
+            for bucket, layer, value in zip(b["bucket"], b["layer"], b["value"], strict=True)
+        )
+        for bucket in ("last_subject", "last"):
+            sub = pd.DataFrame(b[b["bucket"] == bucket])
+            if len(sub):
+                values = sub["value"].to_numpy(float)
+                best = int(np.argmax(values))
+                summary[f"peak_layer_{k}_{bucket}"] = int(sub["layer"].to_numpy()[best])
+                summary[f"peak_value_{k}_{bucket}"] = float(values[best])
+    return tables.token_layer(rows)
 
 
 @register
-class CausalTraceDetector(_FactsDetector):
+class CausalTraceDetector(_FactsDetector[CausalTraceConfig]):
     name = "causal-trace"
     description = "ROME causal tracing: restore states, MLP and attention windows into subject-noised runs"
-    kind = "token_layer"
+    output = "token_layer"
     # The default scan traces the first 2 known facts with 3 noise samples instead of ROME's 10
     # (noisier maps, about a third of the time), so the Causal tracing page has a first look.
     in_default_scan = True
     scan_params: ClassVar[dict[str, Any]] = {"limit": 2, "samples": 3}
-    params = (
-        *_COMMON,
-        # One fact is ~T x n_layers x 3 cells x N rows (about 9000 rows of ~10 tokens on
-        # smollm2-135m), minutes on 2 CPU cores: the default keeps a first look short.
-        Param("limit", int, 2, "how many known facts of the file to trace (in file order)", low=1),
-        Param("samples", int, 10, "N corrupted copies per restoration (ROME: 10)", low=1),
-        Param("noise_factor", float, 3.0, "noise std = this x the std of subject embeddings (ROME: 3)",
-              low=0, low_open=True),
-        Param("noise", float, 0.0, "absolute noise std; overrides noise_factor when > 0", low=0),
-        Param("window", int, 10, "layer window of the MLP and attention restorations (ROME: 10)", low=1),
-        Param("kinds", str, "state,mlp,attn", "what to restore: comma-separated subset of state, mlp, attn"),
-        Param("seed", int, 1, "seed of the noise draw", low=0, high=SEED_MAX),
-        Param("memory_mb", float, 512.0, "memory budget of one forward pass (chunks the stacked restorations)",
-              low=0, low_open=True),
-    )
+    Config = CausalTraceConfig
 
-    def variant(self, params: Mapping[str, Any]) -> str:
+    def variant(self, cfg: CausalTraceConfig) -> str:
         return "faithful"
 
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
-        super().check_params(params)
-        cls._kinds(params)
+    def method_text(self, cfg: CausalTraceConfig) -> str:
+        return (
+            "causal tracing as ROME's reference code (Meng et al. 2022): Gaussian noise on the subject "
+            "embeddings of N corrupted copies, each (token, layer) state or MLP/attention window restored "
+            "from the clean run; score = mean p(answer's first token) over the corrupted copies"
+        )
 
-    @staticmethod
-    def _kinds(params: Mapping[str, Any]) -> list[str]:
-        kinds = [k.strip() for k in str(params["kinds"]).split(",") if k.strip()]
-        bad = [k for k in kinds if k not in KINDS]
-        if bad or not kinds:
-            raise UserError(f"kinds must be a comma-separated subset of {', '.join(KINDS)}, got {params['kinds']!r}")
-        return kinds
-
-    def noise_std(self, model: LoadedModel, params: Mapping[str, Any]) -> tuple[float, float | None]:
+    def noise_std(self, model: LoadedModel, cfg: CausalTraceConfig) -> tuple[float, float | None]:
         """(noise std, measured subject-embedding std or None when overridden)."""
-        if params["noise"] > 0:
-            return float(params["noise"]), None
-        key = ("std", model.name, params["facts"])
-        if key not in self._memo:
-            self._memo[key] = subject_embedding_std(model, [f.subject for f in self._facts(params)])
-        std = self._memo[key]
-        return params["noise_factor"] * std, std
+        if cfg.noise > 0:
+            return float(cfg.noise), None
+        std = self.memo(
+            "std", model, cfg, lambda: subject_embedding_std(model, [f.subject for f in self._facts(model, cfg)])
+        )
+        return cfg.noise_factor * std, std
 
-    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
-        kinds = self._kinds(params)
-        noise, std = self.noise_std(model, params)
+    def run_unit(self, model: LoadedModel, cfg: CausalTraceConfig, unit: str) -> UnitResult:
+        noise, std = self.noise_std(model, cfg)
         if unit == "known":
-            res = self._known_unit(model, params)
+            res = self._known_unit(model, cfg)
             extra = {"noise_std": noise} | ({} if std is None else {"subject_embedding_std": std})
-            res.tables["metrics"] = pd.concat([res.tables["metrics"], _metrics_frame(extra)], ignore_index=True)
+            res.tables["metrics"] = pd.concat([res.tables["metrics"], tables.metrics(extra, n=1)], ignore_index=True)
             return res
-        fact = self._fact_of(params, unit)
+        fact = self._fact_of(model, cfg, unit)
         inp = prepare_fact(model, fact)
         result = trace_fact(
             model,
             inp,
             noise_std=noise,
-            samples=params["samples"],
-            window=params["window"],
-            seed=params["seed"],
-            kinds=kinds,
-            memory_mb=params["memory_mb"],
+            samples=cfg.samples,
+            window=cfg.window,
+            seed=cfg.seed,
+            kinds=cfg.kinds,
+            memory_mb=cfg.memory_mb,
         )
         metrics = {
             "p_clean": result.p_clean,
@@ -570,7 +620,7 @@ class CausalTraceDetector(_FactsDetector):
             "n_answer_tokens": inp.n_answer_tokens,
         }
         if unit == "fact":
-            metrics["known"] = float(self._single_known(model, fact, params))
+            metrics["known"] = self._single_known(model, fact, cfg)
         doc = {
             **fact.to_dict(),
             "tokens": list(inp.token_strs),
@@ -580,121 +630,83 @@ class CausalTraceDetector(_FactsDetector):
         return UnitResult(
             tables={
                 "token_layer": result.to_frame(item=fact.id),
-                "metrics": _metrics_frame(metrics),
-                "artifacts": _artifact("fact", doc),
+                "metrics": tables.metrics(metrics, n=1),
+                "artifacts": tables.artifact("fact", doc),
             }
         )
 
     def finalize(
-        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+        self, model: LoadedModel, cfg: CausalTraceConfig, results: Mapping[str, pd.DataFrame]
     ) -> Summary:
-        kinds = self._kinds(params)
-        m = results["metrics"]
-        tl = results["token_layer"]
-        per_unit = {u: dict(zip(g["name"], g["value"], strict=True)) for u, g in m.groupby("unit")}
+        per_unit = _per_unit(results["metrics"])
         fact_units = [u for u in per_unit if u != "known"]
-        warnings: list[str] = []
-        effects: dict[str, list[tuple[np.ndarray, tuple[int, int]]]] = {k: [] for k in kinds}
-        n_layers = model.info.n_layers
-        for u in fact_units:
-            mu = per_unit[u]
-            rng = (int(mu["subject_start"]), int(mu["subject_end"]))
-            n_tok = int(mu["n_tokens"])
-            rows = tl[tl["unit"] == u]
-            for k in kinds:
-                r = pd.DataFrame(rows[rows["kind"] == k])
-                grid = np.full((n_tok, n_layers), np.nan)
-                grid[r["token_index"].to_numpy(int), r["layer"].to_numpy(int)] = r["value"].to_numpy(float)
-                effects[k].append((grid - mu["p_corrupted"], rng))
-            if mu.get("known", 1.0) == 0.0:
-                warnings.append("the model does not predict this answer (top-1): tracing it may be meaningless")
-        n_multi = sum(per_unit[u]["n_answer_tokens"] > 1 for u in fact_units)
-        if n_multi:
-            warnings.append(f"{n_multi} of {len(fact_units)} answers are several tokens: traced on the first token")
-        bucket_rows = []
+        effects, warnings = _fact_effects(per_unit, results["token_layer"], cfg.kinds, model.info.n_layers)
         summary: dict[str, Any] = {"n_facts_traced": len(fact_units)}
         if "known" in per_unit:
             summary.update({k: per_unit["known"][k] for k in KNOWN_METRICS})
         for name in ("p_clean", "p_corrupted", "total_effect"):
             summary[f"mean_{name}"] = float(np.mean([per_unit[u][name] for u in fact_units]))
         summary["noise_std"] = float(per_unit[fact_units[0]]["noise_std"])
-        for k in kinds:
-            b = average_buckets(effects[k])
-            bucket_rows.append(b.assign(kind=f"avg_indirect_{k}"))
-            for bucket in ("last_subject", "last"):
-                sub = pd.DataFrame(b[b["bucket"] == bucket])
-                if len(sub):
-                    values = sub["value"].to_numpy(float)
-                    best = int(np.argmax(values))
-                    summary[f"peak_layer_{k}_{bucket}"] = int(sub["layer"].to_numpy()[best])
-                    summary[f"peak_value_{k}_{bucket}"] = float(values[best])
-        buckets = pd.concat(bucket_rows, ignore_index=True)
-        table = pd.DataFrame(
-            {
-                "kind": buckets["kind"],
-                "item": buckets["bucket"],
-                "token_index": buckets["bucket"].map(BUCKETS.index),
-                "token": buckets["bucket"],
-                "layer": buckets["layer"],
-                "value": buckets["value"],
-            }
-        )
-        summary.update(samples=params["samples"], window=params["window"], answer_mode=params["answer_mode"])
-        numeric = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        table = _bucket_averages(effects, cfg.kinds, summary)
+        summary.update(samples=cfg.samples, window=cfg.window, answer_mode=cfg.answer_mode)
         return Summary(
             detector=self.name,
-            variant=self.variant(params),
+            variant=self.variant(cfg),
             metrics=summary,
             warnings=sorted(set(warnings)),
-            tables={"token_layer": table, "metrics": _metrics_frame(numeric, n=len(fact_units))},
+            tables={"token_layer": table, "metrics": tables.metrics(summary, n=len(fact_units))},
         )
+
+
+@dataclass(frozen=True)
+class AttentionKnockoutConfig(FactsConfig):
+    """Parameters of attention knockout (Geva et al. 2023; each field's help says what it is)."""
+
+    window: int = param(9, "layers blocked around each layer L: [L - w//2, L + w - w//2)", low=1)
+    memory_mb: float = param(512.0, "memory budget of one forward pass", low=0, low_open=True)
 
 
 @register
-class AttentionKnockoutDetector(_FactsDetector):
+class AttentionKnockoutDetector(_FactsDetector[AttentionKnockoutConfig]):
     name = "attention-knockout"
     description = "Geva et al. attention knockout: block the last position's attention to subject / non-subject / itself"
-    kind = "curves"
+    output = "curves"
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = dict.fromkeys(
         KNOCKOUT_SETS, ("layer (centre of the blocked window)", "relative change of p(answer): (p - p_clean) / p_clean")
     )
-    params = (
-        *_COMMON,
-        Param("limit", int, 20, "how many known facts of the file to use (in file order)", low=1),
-        Param("window", int, 9, "layers blocked around each layer L: [L - w//2, L + w - w//2)", low=1),
-        Param("memory_mb", float, 512.0, "memory budget of one forward pass", low=0, low_open=True),
-    )
+    Config = AttentionKnockoutConfig
 
-    def variant(self, params: Mapping[str, Any]) -> str:
+    def variant(self, cfg: AttentionKnockoutConfig) -> str:
         return "faithful"
 
-    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
+    def method_text(self, cfg: AttentionKnockoutConfig) -> str:
+        return (
+            "attention knockout as Geva et al. 2023: the last position's attention edges to the subject, "
+            "the non-subject positions or itself blocked in every head of a window of layers; metric = "
+            "relative change of p(answer's first token)"
+        )
+
+    def run_unit(self, model: LoadedModel, cfg: AttentionKnockoutConfig, unit: str) -> UnitResult:
         if unit == "known":
-            return self._known_unit(model, params)
-        fact = self._fact_of(params, unit)
+            return self._known_unit(model, cfg)
+        fact = self._fact_of(model, cfg, unit)
         inp = prepare_fact(model, fact)
-        p_clean, curves = knockout_effects(model, inp, window=params["window"], memory_mb=params["memory_mb"])
+        p_clean, curves = knockout_effects(model, inp, window=cfg.window, memory_mb=cfg.memory_mb)
         rows = [
             (which, layer, -1, float(layer), float(y))
             for which, ys in curves.items()
             for layer, y in enumerate(ys)
             if not np.isnan(y)
         ]
-        metrics = {"p_clean": p_clean, "n_answer_tokens": inp.n_answer_tokens}
+        metrics: dict[str, Any] = {"p_clean": p_clean, "n_answer_tokens": inp.n_answer_tokens}
         if unit == "fact":
-            metrics["known"] = float(self._single_known(model, fact, params))
-        return UnitResult(
-            tables={
-                "curves": pd.DataFrame(rows, columns=["curve", "layer", "head", "x", "y"]),
-                "metrics": _metrics_frame(metrics),
-            }
-        )
+            metrics["known"] = self._single_known(model, fact, cfg)
+        return UnitResult(tables={"curves": tables.curves(rows), "metrics": tables.metrics(metrics, n=1)})
 
     def finalize(
-        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+        self, model: LoadedModel, cfg: AttentionKnockoutConfig, results: Mapping[str, pd.DataFrame]
     ) -> Summary:
-        m = results["metrics"]
-        per_unit = {u: dict(zip(g["name"], g["value"], strict=True)) for u, g in m.groupby("unit")}
+        per_unit = _per_unit(results["metrics"])
         fact_units = [u for u in per_unit if u != "known"]
         c = results["curves"]
         mean = c.groupby(["curve", "layer"], as_index=False).agg(y=("y", "mean"), n=("y", "size"))
@@ -711,17 +723,17 @@ class AttentionKnockoutDetector(_FactsDetector):
         n_multi = sum(per_unit[u]["n_answer_tokens"] > 1 for u in fact_units)
         if n_multi:
             warnings.append(f"{n_multi} of {len(fact_units)} answers are several tokens: p of the first token used")
-        curves = pd.DataFrame(
-            {"curve": mean["curve"], "layer": mean["layer"], "head": -1, "x": mean["layer"].astype(float), "y": mean["y"]}
+        curves = tables.curves(
+            (curve, int(layer), -1, float(layer), float(y))
+            for curve, layer, y in zip(mean["curve"], mean["layer"], mean["y"], strict=True)
         )
-        summary["window"] = params["window"]
-        numeric = {k: v for k, v in summary.items() if isinstance(v, int | float)}
+        summary["window"] = cfg.window
         return Summary(
             detector=self.name,
-            variant=self.variant(params),
+            variant=self.variant(cfg),
             metrics=summary,
             warnings=warnings,
-            tables={"curves": curves, "metrics": _metrics_frame(numeric, n=len(fact_units))},
+            tables={"curves": curves, "metrics": tables.metrics(summary, n=len(fact_units))},
         )
 
 
@@ -729,7 +741,7 @@ def run_inline(model: LoadedModel, name: str, **params: Any) -> tuple[Summary, d
     """Run a detector of this module without the store (notebooks, tests): units, then finalize.
     Returns the summary and the units' concatenated tables."""
     det = {"causal-trace": CausalTraceDetector, "attention-knockout": AttentionKnockoutDetector}[name]()
-    return run_in_memory(model, det, det.parse_params(params))
+    return run_in_memory(model, det, params)
 
 
 # --------------------------------------------------------------------------- figures

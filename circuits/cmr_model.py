@@ -33,7 +33,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,89 @@ def closed_form_crp(m: np.ndarray, s0: int, beta_rec: float, n_items: int, max_l
     return crp / crp.sum()
 
 
+@dataclass
+class _Trials:
+    """The recall trials still running, one row each, with their state; a trial leaves the batch
+    when it recalls the absorbing state (see :func:`simulate_counts`)."""
+
+    alive: torch.Tensor  # [rows] index of each trial in the caller's rows
+    t: torch.Tensor  # [rows, size] context
+    f: torch.Tensor  # [rows, size] feature drive M^T t
+    prev: torch.Tensor  # [rows] the item recalled last (the start position at first)
+    br: torch.Tensor  # [rows, 1] beta_rec
+    gm: torch.Tensor  # [rows, 1] gamma_FT
+    counts: torch.Tensor  # [rows, 2*max_lag+1] lag counts (or summed lag probabilities)
+    n_trans: torch.Tensor  # [rows] transitions so far
+
+    def select(self, rows: torch.Tensor) -> _Trials:
+        return _Trials(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+    def retire(self, mask: torch.Tensor, out_counts: torch.Tensor, out_trans: torch.Tensor) -> None:
+        """Write the counts of the trials in ``mask`` to their rows of the outputs."""
+        out_counts[self.alive[mask]] = self.counts[mask].double()
+        out_trans[self.alive[mask]] = self.n_trans[mask].double()
+
+
+def _start_trials(
+    mm: torch.Tensor, beta_rec: torch.Tensor, gamma: torch.Tensor, s0: torch.Tensor, max_lag: int
+) -> _Trials:
+    """Every trial at its start position: context e_s0, feature drive M^T e_s0, no transitions."""
+    dtype = mm.dtype
+    rows = s0.shape[0]
+    t = torch.zeros(rows, mm.shape[0], dtype=dtype)
+    t[torch.arange(rows), s0] = 1.0
+    return _Trials(
+        alive=torch.arange(rows),
+        t=t,
+        f=mm[s0].clone(),  # M^T e_s0
+        prev=s0.clone(),
+        br=beta_rec.to(dtype)[:, None],
+        gm=gamma.to(dtype)[:, None],
+        counts=torch.zeros(rows, 2 * max_lag + 1, dtype=dtype),
+        n_trans=torch.zeros(rows, dtype=dtype),
+    )
+
+
+def _sample_items(f: torch.Tensor, gen: torch.Generator, absorbing: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recalled item per trial, with probability proportional to its feature drive (one
+    uniform draw per trial), and each trial's total drive [rows, 1]."""
+    cum = torch.cumsum(f, dim=1)
+    total = cum[:, -1:]
+    u = torch.rand(f.shape[0], 1, generator=gen, dtype=f.dtype) * total
+    return torch.searchsorted(cum, u).squeeze(1).clamp_(max=absorbing), total
+
+
+def _lag_probabilities(trials: _Trials, total: torch.Tensor, lag_offsets: torch.Tensor, absorbing: int) -> torch.Tensor:
+    """The conditional distribution of the next transition's lag [rows, lags]: the sampling
+    probabilities of the items around the previous one, given that recall goes on."""
+    idx = trials.prev[:, None] + lag_offsets[None, :]
+    valid = (idx >= 0) & (idx < absorbing)
+    f = trials.f
+    return f.gather(1, idx.clamp(0, absorbing - 1)) * valid / (total - f[:, absorbing:])
+
+
+def _count_lag(trials: _Trials, item: torch.Tensor, max_lag: int) -> None:
+    """Add the one-hot lag of each trial's transition prev -> item (lags beyond max_lag count
+    as transitions but in no lag)."""
+    lag = (item - trials.prev + max_lag).clamp_(0, 2 * max_lag)
+    inside = (item - trials.prev).abs() <= max_lag
+    trials.counts.scatter_add_(1, lag[:, None], inside[:, None].to(trials.counts.dtype))
+
+
+def _update_context(trials: _Trials, item: torch.Tensor, table: torch.Tensor, col_norm2: torch.Tensor) -> None:
+    """t <- (1 - beta_rec) t + beta_rec t_IN / |t_IN|, normalised, with t_IN = (1 - gamma) e_j +
+    gamma M e_j for the recalled item j; f = M^T t follows from rows j of M and M^T M."""
+    br, gm = trials.br, trials.gm
+    norm_in = torch.sqrt((1 - gm) ** 2 + gm**2 * col_norm2[item][:, None])
+    w = br / norm_in
+    rows_j = table[item]
+    t = (1 - br) * trials.t + (w * gm) * rows_j[:, 0]
+    t[torch.arange(item.numel()), item] += (w * (1 - gm)).squeeze(1)
+    norm = torch.linalg.vector_norm(t, dim=1, keepdim=True)
+    trials.t = t / norm
+    trials.f = ((1 - br) * trials.f + w * ((1 - gm) * rows_j[:, 1] + gm * rows_j[:, 2])) / norm
+
+
 def simulate_counts(
     m: np.ndarray,
     beta_rec: torch.Tensor,
@@ -165,68 +248,35 @@ def simulate_counts(
     """
     # float32 halves the memory traffic of these bandwidth-bound steps; t is renormalised
     # from its own values every step, so rounding does not accumulate.
-    dtype = torch.float32
-    mm = torch.tensor(m, dtype=dtype)
-    size = mm.shape[0]
-    absorbing = size - 1
-    rows = s0.shape[0]
+    mm = torch.tensor(m, dtype=torch.float32)
+    absorbing = mm.shape[0] - 1
     # One gather per step: rows j of M^T (the context item j was studied in), M and M^T M.
     table = torch.stack([mm.T, mm, mm.T @ mm], dim=1)  # [size, 3, size]
     col_norm2 = (mm**2).sum(dim=0)
-    t = torch.zeros(rows, size, dtype=dtype)
-    t[torch.arange(rows), s0] = 1.0
-    f = mm[s0].clone()  # M^T e_s0
-    prev = s0.clone()
     lag_offsets = torch.arange(-max_lag, max_lag + 1)
-    out_counts = torch.zeros(rows, 2 * max_lag + 1, dtype=torch.float64)
-    out_trans = torch.zeros(rows, dtype=torch.float64)
-    counts = torch.zeros(rows, 2 * max_lag + 1, dtype=dtype)
-    n_trans = torch.zeros(rows, dtype=dtype)
-    alive = torch.arange(rows)
-    br, gm = beta_rec.to(dtype)[:, None], gamma.to(dtype)[:, None]
-
-    def retire(mask: torch.Tensor) -> None:
-        out_counts[alive[mask]] = counts[mask].double()
-        out_trans[alive[mask]] = n_trans[mask].double()
-
+    trials = _start_trials(mm, beta_rec, gamma, s0, max_lag)
+    out_counts = torch.zeros(s0.shape[0], 2 * max_lag + 1, dtype=torch.float64)
+    out_trans = torch.zeros(s0.shape[0], dtype=torch.float64)
     for _ in range(max_samples):
-        cum = torch.cumsum(f, dim=1)
-        total = cum[:, -1:]
-        u = torch.rand(alive.numel(), 1, generator=gen, dtype=dtype) * total
-        item = torch.searchsorted(cum, u).squeeze(1).clamp_(max=absorbing)
+        item, total = _sample_items(trials.f, gen, absorbing)
+        # The lag distribution is read before the finished trials leave the batch.
+        p = _lag_probabilities(trials, total, lag_offsets, absorbing) if estimator == "expected" else None
         going = item < absorbing
-        p = f[:, :0]  # filled below for the expected estimator
-        if estimator == "expected":
-            idx = prev[:, None] + lag_offsets[None, :]
-            valid = (idx >= 0) & (idx < absorbing)
-            p = f.gather(1, idx.clamp(0, absorbing - 1)) * valid / (total - f[:, absorbing:])
         if not bool(going.all()):
-            retire(~going)
+            trials.retire(~going, out_counts, out_trans)
             keep = going.nonzero().squeeze(1)
-            alive, t, f, prev, item, br, gm, counts, n_trans = (
-                x[keep] for x in (alive, t, f, prev, item, br, gm, counts, n_trans)
-            )
-            if estimator == "expected":
-                p = p[keep]
-        if alive.numel() == 0:
+            trials, item = trials.select(keep), item[keep]
+            p = p[keep] if p is not None else None
+        if trials.alive.numel() == 0:
             break
-        if estimator == "expected":
-            counts += p
+        if p is not None:
+            trials.counts += p
         else:
-            lag = (item - prev + max_lag).clamp_(0, 2 * max_lag)
-            inside = (item - prev).abs() <= max_lag
-            counts.scatter_add_(1, lag[:, None], inside[:, None].to(dtype))
-        n_trans += 1
-        prev = item
-        norm_in = torch.sqrt((1 - gm) ** 2 + gm**2 * col_norm2[item][:, None])
-        w = br / norm_in
-        rows_j = table[item]
-        t = (1 - br) * t + (w * gm) * rows_j[:, 0]
-        t[torch.arange(item.numel()), item] += (w * (1 - gm)).squeeze(1)
-        norm = torch.linalg.vector_norm(t, dim=1, keepdim=True)
-        t = t / norm
-        f = ((1 - br) * f + w * ((1 - gm) * rows_j[:, 1] + gm * rows_j[:, 2])) / norm
-    retire(torch.ones(alive.numel(), dtype=torch.bool))
+            _count_lag(trials, item, max_lag)
+        trials.n_trans += 1
+        trials.prev = item
+        _update_context(trials, item, table, col_norm2)
+    trials.retire(torch.ones(trials.alive.numel(), dtype=torch.bool), out_counts, out_trans)
     return out_counts / out_trans[:, None]
 
 

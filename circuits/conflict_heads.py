@@ -38,9 +38,10 @@ its ranking is compared with path patching by Spearman correlation and top-k ove
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from itertools import chain
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -49,42 +50,31 @@ import torch
 from scipy.stats import spearmanr
 
 from circuits.conflicts import (
-    DATASET_PARAMS,
-    METRIC_COLUMNS,
+    ConflictConfig,
     ConflictDataset,
     ConflictItem,
-    build_dataset,
     check_format,
+    conflict_dataset,
+    example_tokens,
     grouped_by_length,
-    parse_formats,
     rates,
     score_items,
 )
-from circuits.facts import facts_hash, load_facts
+from circuits.facts import facts_hash
 from circuits.heads import all_heads, head_label
+from interp import tables
+from interp.config import param
 from interp.errors import UserError
 from interp.interventions import Intervention, Patch
-from interp.layout import unwrap
 from interp.model import LoadedModel
-from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
+from interp.registry import Detector, Summary, UnitResult, register
 
-NORM_VARIANTS = ("recomputed", "frozen")
 FROZEN = (
     "path patching freezes every component except the sender at its conflict-run value: all other "
     "heads of every layer, all MLPs, and all layers after the sender; the sender's output at the final "
     "position is replaced by its no-conflict output; the receiver is the final residual stream at the "
     "final position"
 )
-
-
-def _raw(module: Any) -> Any:
-    """The HF module under a TransformerBridge wrapper (:func:`interp.layout.unwrap`)."""
-    return unwrap(module)
-
-
-def _base(model: LoadedModel) -> Any:
-    """The decoder stack (embedding, layers, final norm) of ``model.hf``."""
-    return model.layout.module(model.hf, "decoder")
 
 
 def out_proj_module(model: LoadedModel, layer: int) -> torch.nn.Module:
@@ -107,12 +97,9 @@ class FinalReadout:
     """The final norm and unembedding, applied to a residual vector at one position."""
 
     def __init__(self, model: LoadedModel) -> None:
-        base = _base(model)
-        norm = getattr(base, "norm", None) or getattr(base, "ln_f", None)
-        if norm is None:
-            raise UserError(f"unsupported model layout {type(model.hf).__name__}: no final norm")
-        self.norm = _raw(norm)
-        unembed = _raw(model.hf.get_output_embeddings())
+        # The plain HF modules (under any bridge wrapper): the norm is called directly below.
+        self.norm = model.layout.module(model.hf, "final_norm")
+        unembed = model.layout.module(model.hf, "unembed")
         self.w_u = unembed.weight.detach().float().cpu()
         bias = getattr(unembed, "bias", None)
         self.b_u = None if bias is None else bias.detach().float().cpu()
@@ -402,201 +389,247 @@ def rates_figure(table: pd.DataFrame, title: str = "memory vs context rates") ->
     return fig
 
 
-def _metric_rows(prefix: str, values: Mapping[str, float], n: int) -> list[tuple[Any, ...]]:
-    return [(f"{prefix}{k}", float(v), None, None, n) for k, v in values.items()]
+# ---------------------------------------------------------------- the detector
+
+
+@dataclass(frozen=True)
+class ConflictHeadsConfig(ConflictConfig):
+    """Parameters of conflict-heads: the conflict dataset (ConflictConfig), then the patching."""
+
+    norm: Literal["recomputed", "frozen"] = param("recomputed", "final norm in path patching: recomputed or frozen")
+    total_effect: bool = param(False, "also run total-effect patching (downstream recomputed)")
+    total_items: int = param(4, "validation items per format for total-effect patching", low=1)
+    # Not "top": `interp run --top` is the CLI's own option (rows of the printed table).
+    n_top: int = param(10, "heads per kind listed in the metrics and used for top-k overlap", low=1)
+    batch_size: int = param(16, "prompts per forward pass", low=1)
+
+
+def _rank_column(cfg: ConflictHeadsConfig) -> str:
+    return "path_delta" if cfg.norm == "recomputed" else "path_delta_frozen_norm"
+
+
+def prefixed_head_scores(scores: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """Per-head scores (one column per score) as ``head_scores`` rows, metric "<prefix>.<score>"."""
+    long = pd.DataFrame(scores.melt(id_vars=["layer", "head"], var_name="metric", value_name="value"))
+    metric = prefix + "." + long["metric"].astype(str)
+    return tables.head_scores(zip(metric, long["layer"], long["head"], long["value"], strict=True))
+
+
+def _pooled(hs: pd.DataFrame, n_items: Mapping[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the units' head scores split into format and score name, the scores pooled over formats
+    weighted by each format's number of patched items: score_name/layer/head/value rows)."""
+    hs = hs.copy()
+    parts = hs["metric"].astype(str).str.split(".", n=1)
+    hs["format"] = parts.str[0]
+    hs["score_name"] = parts.str[1]
+    hs["w"] = [n_items[f] for f in hs["format"].tolist()]
+    hs["wv"] = hs["value"] * hs["w"]
+    pooled = pd.DataFrame(hs.groupby(["score_name", "layer", "head"], as_index=False)[["wv", "w"]].sum())
+    pooled["value"] = pooled["wv"] / pooled["w"]
+    return hs, pooled
+
+
+def _ranking(pooled: pd.DataFrame, rank_col: str) -> pd.DataFrame:
+    """One row per head with every pooled score and ``memory_score`` = -rank_col, best first."""
+    wide = _wide(pooled)
+    wide["memory_score"] = -wide[rank_col]
+    return wide.sort_values("memory_score", ascending=False).reset_index(drop=True)
+
+
+def _top_head_metrics(wide: pd.DataFrame, rank_col: str, n_top: int, n_layers: int) -> dict[str, Any]:
+    """The top memory and context heads and their mean layer (Jin et al. 2024 find both late)."""
+    mem_heads, ctx_heads = ranked_heads(wide, rank_col)
+    out: dict[str, Any] = {
+        "top_memory_heads": ",".join(head_label(*h) for h in mem_heads[:n_top]),
+        "top_context_heads": ",".join(head_label(*h) for h in ctx_heads[:n_top]),
+    }
+    for kind, heads in (("memory", mem_heads[:n_top]), ("context", ctx_heads[:n_top])):
+        if heads:
+            out[f"mean_layer_top_{kind}_heads"] = float(np.mean([layer for layer, _ in heads]))
+    out["n_layers"] = n_layers
+    return out
+
+
+def _agreement_metrics(
+    hs: pd.DataFrame, wide: pd.DataFrame, rank_col: str, cfg: ConflictHeadsConfig
+) -> dict[str, Any]:
+    """Rank agreement of path patching with total-effect patching (pooled and per format, when
+    run) and of the recomputed with the frozen final norm."""
+    out: dict[str, Any] = {}
+    idx = wide.set_index(["layer", "head"])
+    if cfg.total_effect:
+        for k, v in rank_agreement(_col(idx, rank_col), _col(idx, "total_delta"), cfg.n_top).items():
+            out[f"path_vs_total.{k}"] = v
+        for f in cfg.formats:
+            sub = _wide(pd.DataFrame(hs.loc[hs["format"] == f])).set_index(["layer", "head"])
+            for k, v in rank_agreement(_col(sub, rank_col), _col(sub, "total_delta"), cfg.n_top).items():
+                out[f"{f}.path_vs_total.{k}"] = v
+    # The frozen and recomputed final norm differ only by the norm's response to the patch;
+    # their agreement shows how far the linear (DLA-like) reading can be trusted.
+    out["norm_recomputed_vs_frozen.spearman"] = rank_agreement(
+        _col(idx, "path_delta"), _col(idx, "path_delta_frozen_norm"), cfg.n_top
+    )["spearman"]
+    return out
+
+
+def _dataset_metrics(ds: ConflictDataset, seed: int, split: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The split's sizes and hash, and a warning for items scored on first tokens only."""
+    n_unequal = sum(not i.equal_token_count for i in ds.validation + ds.test)
+    metrics = {
+        "seed": seed,
+        "split_hash": split["hash"],
+        "n_validation": len(ds.validation),
+        "n_test": len(ds.test),
+        "n_facts": ds.n_facts,
+        "n_known_facts": ds.n_known,
+        "n_unequal_token_count": n_unequal,
+    }
+    warnings = []
+    if n_unequal:
+        warnings.append(
+            f"{n_unequal} items have answers of different token counts; "
+            "they are scored on the first token of each answer"
+        )
+    return metrics, warnings
+
+
+def _head_rows(wide: pd.DataFrame) -> list[dict[str, Any]]:
+    """The summary's heads, best memory head first, with every pooled score."""
+    score_cols = [str(c) for c in wide.columns if c not in ("layer", "head", "memory_score")]
+    return [
+        {
+            "layer": int(r["layer"]),
+            "head": int(r["head"]),
+            "score": float(r["memory_score"]),
+            "kind": "memory" if float(r["memory_score"]) > 0 else "context",
+            **{c: float(r[c]) for c in score_cols},
+        }
+        for r in wide.to_dict("records")
+    ]
+
+
+def _final_head_scores(hs: pd.DataFrame, pooled: pd.DataFrame, wide: pd.DataFrame) -> pd.DataFrame:
+    """Per-format scores as the units wrote them, then "pooled.<score>" and pooled.memory_score."""
+
+    def rows(metric: Any, frame: pd.DataFrame) -> Iterator[tuple[Any, ...]]:
+        return zip(metric, frame["layer"], frame["head"], frame["value"], strict=True)
+
+    mem = wide.assign(value=wide["memory_score"])
+    return tables.head_scores(
+        chain(
+            rows(hs["metric"], hs),
+            rows("pooled." + pooled["score_name"], pooled),
+            rows(["pooled.memory_score"] * len(mem), mem),
+        )
+    )
 
 
 @register
-class ConflictHeadsDetector(Detector):
+class ConflictHeadsDetector(Detector[ConflictHeadsConfig]):
     name = "conflict-heads"
     description = (
         "Memory heads vs context heads under knowledge conflicts: path patching of each head to the "
         "logits (Jin et al. 2024), per-answer direct effects, optional total-effect patching"
     )
-    kind = "head_scores"
+    output = "head_scores"
     # The default scan patches a seeded subset of 16 known items (8 validation, 8 test) instead of
     # 80, so the Conflicts page has memory/context rates and head maps after the first scan.
     in_default_scan = True
     scan_params: ClassVar[dict[str, Any]] = {"max_items": 16}
-    params = (
-        Param("seed", int, 0, "seed of the context answers and of the validation/test split", low=0, high=SEED_MAX),
-        *DATASET_PARAMS,
-        Param("norm", str, "recomputed", "final norm in path patching: recomputed or frozen", NORM_VARIANTS),
-        Param("total_effect", bool, False, "also run total-effect patching (downstream recomputed)"),
-        Param("total_items", int, 4, "validation items per format for total-effect patching", low=1),
-        Param("top", int, 10, "heads per kind listed in the metrics and used for top-k overlap", low=1),
-        Param("batch_size", int, 16, "prompts per forward pass", low=1),
-    )
+    Config = ConflictHeadsConfig
 
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
-        parse_formats(params["formats"])
+    def variant(self, cfg: ConflictHeadsConfig) -> str:
+        v = f"direct-path.{cfg.norm}-norm"
+        return v + "+total-effect" if cfg.total_effect else v
 
-    def __init__(self) -> None:
-        self._datasets: dict[tuple[Any, ...], ConflictDataset] = {}
+    def method_text(self, cfg: ConflictHeadsConfig) -> str:
+        norm = ("recomputed on the patched residual" if cfg.norm == "recomputed"
+                else "with its scale frozen at the conflict run's value (linear, DLA-like)")
+        text = (
+            "Path patching (Wang et al. 2022) of each head's output at the final position from the "
+            "no-conflict run into the conflict run along its direct path to the logits only, final "
+            f"norm {norm}; memory vs context heads ranked on the validation split (Jin et al. 2024)."
+        )
+        if cfg.total_effect:
+            text += (" Also total-effect patching of the same activation (final position) with "
+                     "everything downstream recomputed.")
+        return text
 
-    def variant(self, params: Mapping[str, Any]) -> str:
-        v = f"path-patching-direct-to-logits(norm={params['norm']}, sender=final position)"
-        return v + "+total-effect(final position)" if params["total_effect"] else v
+    def dataset(self, model: LoadedModel, cfg: ConflictHeadsConfig) -> ConflictDataset:
+        return self.memo("dataset", model, cfg, lambda: conflict_dataset(model, cfg, cfg.batch_size))
 
-    def dataset(self, model: LoadedModel, params: Mapping[str, Any]) -> ConflictDataset:
-        key = (id(model), params["seed"], params["facts"], params["val_fraction"], params["max_items"])
-        if key not in self._datasets:
-            self._datasets[key] = build_dataset(
-                model,
-                load_facts(params["facts"]),
-                seed=params["seed"],
-                val_fraction=params["val_fraction"],
-                max_items=params["max_items"],
-                batch_size=params["batch_size"],
-            )
-        return self._datasets[key]
+    def dataset_hash(self, model: LoadedModel, cfg: ConflictHeadsConfig) -> str | None:
+        return facts_hash(cfg.facts)
 
-    def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
-        return facts_hash(params["facts"])
+    def example_tokens(self, model: LoadedModel, cfg: ConflictHeadsConfig) -> torch.Tensor | None:
+        return example_tokens(model, cfg)
 
-    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
-        if params["max_items"] < 0 or params["total_items"] < 1 or params["top"] < 1 or params["batch_size"] < 1:
-            raise UserError("max_items must be >= 0; total_items, top and batch_size >= 1")
-        if not 0.0 < params["val_fraction"] < 1.0:
-            raise UserError(f"val_fraction must be in (0, 1), got {params['val_fraction']}")
-        return list(parse_formats(params["formats"]))
+    def units(self, model: LoadedModel, cfg: ConflictHeadsConfig) -> list[str]:
+        return list(cfg.formats)
 
-    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
+    def run_unit(self, model: LoadedModel, cfg: ConflictHeadsConfig, unit: str) -> UnitResult:
         fmt = unit
-        ds = self.dataset(model, params)
-        metrics: list[tuple[Any, ...]] = []
+        ds = self.dataset(model, cfg)
+        metrics: list[tuple[str, float, float | None, float | None, int | None]] = []
         for split in ("validation", "test"):
-            r = rates(score_items(model, ds.split(split), fmt, batch_size=params["batch_size"]))
+            r = rates(score_items(model, ds.split(split), fmt, batch_size=cfg.batch_size))
             n = int(r.pop("n"))
-            metrics += _metric_rows(f"{fmt}.{split}.", r, n)
+            metrics += [(f"{fmt}.{split}.{k}", float(v), None, None, n) for k, v in r.items()]
         val = ds.split("validation")
-        per_item = head_effects(model, val, fmt, params["batch_size"])
-        scores = mean_by_head(per_item)
-        if params["total_effect"]:
-            te = mean_by_head(total_effects(model, val[: params["total_items"]], fmt))
+        scores = mean_by_head(head_effects(model, val, fmt, cfg.batch_size))
+        if cfg.total_effect:
+            te = mean_by_head(total_effects(model, val[: cfg.total_items], fmt))
             scores = scores.merge(te, on=["layer", "head"])
-            metrics.append((f"{fmt}.n_total_effect_items", float(min(len(val), params["total_items"])), None, None, None))
+            metrics.append((f"{fmt}.n_total_effect_items", float(min(len(val), cfg.total_items)), None, None, None))
         metrics.append((f"{fmt}.n_patch_items", float(len(val)), None, None, len(val)))
-        long = pd.DataFrame(scores.melt(id_vars=["layer", "head"], var_name="metric", value_name="value"))
-        long["metric"] = fmt + "." + long["metric"].astype(str)
         return UnitResult(
-            tables={
-                "head_scores": pd.DataFrame(long[["metric", "layer", "head", "value"]]),
-                "metrics": pd.DataFrame(metrics, columns=METRIC_COLUMNS),
-            }
+            tables={"head_scores": prefixed_head_scores(scores, fmt), "metrics": tables.metric_rows(metrics)}
         )
 
     def finalize(
-        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+        self, model: LoadedModel, cfg: ConflictHeadsConfig, results: Mapping[str, pd.DataFrame]
     ) -> Summary:
-        hs = pd.DataFrame(results["head_scores"]).copy()
-        met = pd.DataFrame(results["metrics"])
-        formats = list(parse_formats(params["formats"]))
-        met_values = dict(zip(met["name"].astype(str).tolist(), met["value"].astype(float).tolist(), strict=True))
-        n_items = {f: met_values[f"{f}.n_patch_items"] for f in formats}
-        parts = hs["metric"].astype(str).str.split(".", n=1)
-        hs["format"] = parts.str[0]
-        hs["score_name"] = parts.str[1]
-        hs["w"] = [n_items[f] for f in hs["format"].tolist()]
-        hs["wv"] = hs["value"] * hs["w"]
-        pooled = pd.DataFrame(hs.groupby(["score_name", "layer", "head"], as_index=False)[["wv", "w"]].sum())
-        pooled["value"] = pooled["wv"] / pooled["w"]
-        wide = _wide(pooled)
-        rank_col = "path_delta" if params["norm"] == "recomputed" else "path_delta_frozen_norm"
-        wide["memory_score"] = -wide[rank_col]
-        wide = wide.sort_values("memory_score", ascending=False).reset_index(drop=True)
-        top = params["top"]
-        mem_heads, ctx_heads = ranked_heads(wide, rank_col)
-        metrics: dict[str, Any] = dict(met_values)
-        warnings: list[str] = []
-        metrics["top_memory_heads"] = ",".join(head_label(*h) for h in mem_heads[:top])
-        metrics["top_context_heads"] = ",".join(head_label(*h) for h in ctx_heads[:top])
-        for kind, heads in (("memory", mem_heads[:top]), ("context", ctx_heads[:top])):
-            if heads:
-                metrics[f"mean_layer_top_{kind}_heads"] = float(np.mean([layer for layer, _ in heads]))
-        metrics["n_layers"] = model.info.n_layers
-        idx = wide.set_index(["layer", "head"])
-        if params["total_effect"]:
-            agree = rank_agreement(_col(idx, rank_col), _col(idx, "total_delta"), top)
-            for k, v in agree.items():
-                metrics[f"path_vs_total.{k}"] = v
-            for f in formats:
-                sub = _wide(pd.DataFrame(hs.loc[hs["format"] == f])).set_index(["layer", "head"])
-                for k, v in rank_agreement(_col(sub, rank_col), _col(sub, "total_delta"), top).items():
-                    metrics[f"{f}.path_vs_total.{k}"] = v
-        # The frozen and recomputed final norm differ only by the norm's response to the patch;
-        # their agreement shows how far the linear (DLA-like) reading can be trusted.
-        metrics["norm_recomputed_vs_frozen.spearman"] = rank_agreement(
-            _col(idx, "path_delta"), _col(idx, "path_delta_frozen_norm"), top
-        )["spearman"]
-        ds = self.dataset(model, params)
+        met = results["metrics"]
+        metrics: dict[str, Any] = dict(
+            zip(met["name"].astype(str).tolist(), met["value"].astype(float).tolist(), strict=True)
+        )
+        hs, pooled = _pooled(results["head_scores"], {f: metrics[f"{f}.n_patch_items"] for f in cfg.formats})
+        rank_col = _rank_column(cfg)
+        wide = _ranking(pooled, rank_col)
+        metrics.update(_top_head_metrics(wide, rank_col, cfg.n_top, model.info.n_layers))
+        metrics.update(_agreement_metrics(hs, wide, rank_col, cfg))
+        ds = self.dataset(model, cfg)
         split = ds.split_record()
-        n_unequal = sum(not i.equal_token_count for i in ds.validation + ds.test)
-        metrics.update(
-            {
-                "seed": params["seed"],
-                "split_hash": split["hash"],
-                "n_validation": len(ds.validation),
-                "n_test": len(ds.test),
-                "n_facts": ds.n_facts,
-                "n_known_facts": ds.n_known,
-                "n_unequal_token_count": n_unequal,
-            }
+        split_metrics, warnings = _dataset_metrics(ds, cfg.seed, split)
+        metrics.update(split_metrics)
+        return Summary(
+            detector=self.name,
+            variant=self.variant(cfg),
+            heads=_head_rows(wide),
+            metrics=metrics,
+            warnings=warnings,
+            tables={
+                "head_scores": _final_head_scores(hs, pooled, wide),
+                "metrics": tables.metrics(metrics),
+                "artifacts": self._artifacts(cfg, ds, split),
+            },
         )
-        if n_unequal:
-            warnings.append(
-                f"{n_unequal} items have answers of different token counts; "
-                "they are scored on the first token of each answer"
-            )
-        score_cols = [str(c) for c in wide.columns if c not in ("layer", "head", "memory_score")]
-        heads = [
-            {
-                "layer": int(r["layer"]),
-                "head": int(r["head"]),
-                "score": float(r["memory_score"]),
-                "kind": "memory" if float(r["memory_score"]) > 0 else "context",
-                **{c: float(r[c]) for c in score_cols},
-            }
-            for r in wide.to_dict("records")
-        ]
-        pooled_long = pd.DataFrame(
-            {"metric": "pooled." + pooled["score_name"], "layer": pooled["layer"], "head": pooled["head"],
-             "value": pooled["value"]}
-        )
-        mem_long = pd.DataFrame(
-            {"metric": "pooled.memory_score", "layer": wide["layer"], "head": wide["head"], "value": wide["memory_score"]}
-        )
-        pooled_long = pd.concat(
-            [pd.DataFrame(hs[["metric", "layer", "head", "value"]]), pooled_long, mem_long], ignore_index=True
-        )
-        numeric = [(k, float(v), None, None, None) for k, v in metrics.items() if isinstance(v, int | float)]
-        settings = {
-            "variant": self.variant(params),
+
+    def _artifacts(self, cfg: ConflictHeadsConfig, ds: ConflictDataset, split: Mapping[str, Any]) -> pd.DataFrame:
+        """The split, what was patched and how (the run's settings artifact holds the
+        parameters), and every item with its split."""
+        patching = {
+            "variant": self.variant(cfg),
             "frozen": FROZEN,
-            "final_norm": params["norm"],
+            "final_norm": cfg.norm,
             "metric": "logit(memory) - logit(context) at the final position, first answer tokens",
             "sign": "path_delta = metric(patched) - metric(conflict); memory_score = -path_delta",
             "ranking_split": "validation",
-            "formats": formats,
+            "formats": list(cfg.formats),
         }
-        artifacts = pd.DataFrame(
-            {
-                "name": ["split", "settings", "items"],
-                "json": [
-                    split,
-                    settings,
-                    [dict(i.to_dict(), split="validation") for i in ds.validation]
-                    + [dict(i.to_dict(), split="test") for i in ds.test],
-                ],
-            }
-        )
-        metrics_df = pd.DataFrame(numeric, columns=METRIC_COLUMNS)
-        return Summary(
-            detector=self.name,
-            variant=self.variant(params),
-            heads=heads,
-            metrics=metrics,
-            warnings=warnings,
-            tables={"head_scores": pooled_long, "metrics": metrics_df, "artifacts": artifacts},
+        items = ([dict(i.to_dict(), split="validation") for i in ds.validation]
+                 + [dict(i.to_dict(), split="test") for i in ds.test])
+        return pd.concat(
+            [tables.artifact("split", split), tables.artifact("patching", patching), tables.artifact("items", items)],
+            ignore_index=True,
         )

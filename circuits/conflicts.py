@@ -30,18 +30,19 @@ import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import pandas as pd
 import torch
 
-from circuits.facts import FACT_SOURCES, Fact, answer_tokens, known_facts, load_facts
+from circuits.facts import Fact, answer_tokens, known_facts, load_facts
+from interp.config import SEED_MAX, DetectorConfig, param
 from interp.errors import UserError
 from interp.interventions import Intervention
 from interp.model import LoadedModel
-from interp.registry import Param
 
-FORMATS: tuple[str, ...] = ("restated", "qa")
+Format = Literal["restated", "qa"]
+FORMATS: tuple[str, ...] = get_args(Format)
 Split = Literal["validation", "test"]
 
 # Questions for the "qa" format, keyed by relation. Facts of other relations get the generic
@@ -62,17 +63,6 @@ QUESTIONS: dict[str, str] = {
     "product_maker": "Which company makes {subject}?",
     "founder": "Who founded {subject}?",
 }
-
-
-# The dataset parameters every conflict detector takes (conflict-heads, ph3), declared once.
-DATASET_PARAMS = (
-    Param("formats", str, "restated,qa", "comma-separated prompt formats (restated, qa)"),
-    Param("facts", str, "auto", "facts source: auto (the shipped facts file) or builtin", FACT_SOURCES),
-    Param("val_fraction", float, 0.5, "fraction of items in the validation split", low=0, high=1,
-          low_open=True, high_open=True),
-    Param("max_items", int, 80, "keep a seeded subset of this many known items (0 = all)", low=0),
-)
-METRIC_COLUMNS = ["name", "value", "ci_low", "ci_high", "n"]
 
 
 def question(fact_prompt: str, subject: str, relation: str) -> str:
@@ -122,16 +112,6 @@ class ConflictItem:
 def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise UserError(f"unknown conflict format {fmt!r} (known: {', '.join(FORMATS)})")
-
-
-def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
-    names = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
-    names = [n for n in names if n]
-    if not names:
-        raise UserError("no conflict format given (known: restated, qa)")
-    for n in names:
-        check_format(n)
-    return tuple(dict.fromkeys(names))
 
 
 def make_item(
@@ -395,3 +375,60 @@ def rates_table(model: LoadedModel, dataset: ConflictDataset, formats: Sequence[
             r = rates(score_items(model, dataset.split(split), fmt))
             rows.append({"format": fmt, "split": split, **r})
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- the detectors' shared parameters
+
+
+@dataclass(frozen=True)
+class ConflictConfig(DetectorConfig):
+    """The dataset parameters every conflict detector takes (conflict-heads, ph3), declared once.
+
+    ph3 redeclares ``seed`` with its own help (it also seeds the random-head control there); a
+    redeclared dataclass field keeps its place, so the options stay in this order.
+    """
+
+    seed: int = param(0, "seed of the context answers and of the validation/test split", low=0, high=SEED_MAX)
+    formats: tuple[Format, ...] = param(FORMATS, "comma-separated prompt formats (restated, qa)")
+    # circuits.facts.FACT_SOURCES spelled out: a field's choices are a Literal.
+    facts: Literal["auto", "builtin"] = param("auto", "facts source: auto (the shipped facts file) or builtin")
+    val_fraction: float = param(0.5, "fraction of items in the validation split", low=0, high=1,
+                                low_open=True, high_open=True)
+    max_items: int = param(80, "keep a seeded subset of this many known items (0 = all)", low=0)
+
+    def check(self) -> None:
+        super().check()
+        if not self.formats:
+            raise UserError("no conflict format given in formats (known: restated, qa)")
+        twice = sorted({f for f in self.formats if self.formats.count(f) > 1})
+        if twice:
+            raise UserError(f"formats lists {twice[0]!r} twice")
+
+
+def conflict_dataset(model: LoadedModel, cfg: ConflictConfig, batch_size: int) -> ConflictDataset:
+    """The dataset a conflict detector's config describes (its facts, seed, split, subset)."""
+    return build_dataset(
+        model,
+        load_facts(cfg.facts),
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        max_items=cfg.max_items,
+        batch_size=batch_size,
+    )
+
+
+def example_tokens(model: LoadedModel, cfg: ConflictConfig) -> torch.Tensor | None:
+    """Token ids of one conflict prompt in the config's first format: the first listed fact
+    that has a same-type substitute, without the known-facts filter (a typical input for the
+    dashboard's attention view, not a scored item). None when no fact has one."""
+    typed = [_typed(f) for f in load_facts(cfg.facts)]
+    for fact in typed:
+        mem = fact.answer.strip()
+        first = answer_tokens(model, mem)[0]
+        for other in typed:
+            ctx = other.answer.strip()
+            if other.type != fact.type or ctx.lower() == mem.lower():
+                continue
+            if answer_tokens(model, ctx)[0] != first:
+                return model.to_tokens(make_item(model, fact, ctx).conflict_prompt(cfg.formats[0]))
+    return None

@@ -390,6 +390,12 @@ def choices(scored: pd.DataFrame, column: str = "decore") -> list[int]:
 # ---------------------------------------------------------------- head sets
 
 
+def _record_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A ranking run's summary metrics as its record keeps them: numbers and strings (a record
+    is JSON, printed by the CLI; not a metrics table)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
+
+
 def retrieval_ranking(
     model: LoadedModel, mode: str = "fast", overrides: Mapping[str, Any] | None = None
 ) -> tuple[list[Head], dict[str, Any]]:
@@ -397,12 +403,11 @@ def retrieval_ranking(
 
     Returns the ranking (best first) and a record: mode, metrics and warnings of the run.
     """
-    params = RetrievalDetector.parse_params({"mode": mode, **(overrides or {})})
-    ranking, summary = rank_heads(model, params)
+    cfg = RetrievalDetector.parse_params({"mode": mode, **(overrides or {})})
+    ranking, summary = rank_heads(model, cfg)
     scores = [float(h["score"]) for h in summary.heads or []]
-    record = {"mode": summary.variant, "params": dict(params), "warnings": summary.warnings,
-              "metrics": {k: v for k, v in summary.metrics.items() if isinstance(v, int | float | str)},
-              "scores": scores}
+    record = {"mode": summary.variant, "params": cfg.to_dict(), "warnings": summary.warnings,
+              "metrics": _record_metrics(summary.metrics), "scores": scores}
     return ranking, record
 
 
@@ -444,7 +449,8 @@ def default_k_reason(n_total_heads: int) -> str:
 
 
 def _retrieval_variant(mode: str) -> str:
-    return RetrievalDetector().variant({"mode": mode})
+    det = RetrievalDetector()
+    return det.variant(det.parse_params({"mode": mode}))
 
 
 def _same_model(model_name: Any, model_hash: Any, model: LoadedModel) -> bool:
@@ -478,7 +484,8 @@ def parse_ranking_params(items: Sequence[str], mode: str = "fast") -> dict[str, 
         if name == "mode":
             raise UserError("give the retrieval mode with --ranking-mode, not --ranking-param")
         raw[name] = value
-    parsed = RetrievalDetector().parse_params({"mode": mode, **raw})
+    # As JSON values (lists for list parameters): what a stored run's parameters are compared with.
+    parsed = RetrievalDetector.parse_params({"mode": mode, **raw}).to_dict()
     return {name: parsed[name] for name in raw}
 
 
@@ -488,8 +495,8 @@ def stored_ranking(
     """The head ranking of a finished retrieval run of ``model`` in ``store``, or None.
 
     A run counts when it is 'done', of the same model (weights hash, else name) and made with
-    the same prompt prefix, its parameters agree with ``params`` (parsed values; those not given
-    are free), and its final table holds a ranking (a run with no correctly answered sample has
+    the same prompt prefix, its parameters agree with ``params`` (parsed values as JSON, as
+    :func:`parse_ranking_params` gives them; those not given are free), and its final table holds a ranking (a run with no correctly answered sample has
     none). Of those the newest run of ``mode``'s variant is taken, else the newest of any mode.
     The ranking is the run's final ``head_scores`` (unit "final", metric "retrieval": the mean
     retrieval score over the counted samples), best first, ties by (layer, head) as the
@@ -580,7 +587,7 @@ def workspace_ranking(
         run_params = store.run(result.run_id).info()["params"]
         record = {"source": "computed now", "run_id": result.run_id, "workspace": str(ws),
                   "mode": summary.variant, "params": run_params, "warnings": summary.warnings,
-                  "metrics": {k: v for k, v in summary.metrics.items() if isinstance(v, int | float | str)},
+                  "metrics": _record_metrics(summary.metrics),
                   "scores": [float(h["score"]) for h in summary.heads]}
         return ranking, record
     finally:
@@ -623,44 +630,18 @@ def decore_cli(
     # the workspace cannot be written): workspace_ranking. k is --k, else default_k.
     import interp
 
-    # Every option is checked here, before the model is loaded (only head indices and --k
-    # against the model's head count need it).
+    # Every option is checked before the model is loaded (only head indices and --k against
+    # the model's head count need it).
     if not prompt:
         raise UserError("give at least one --prompt")
-    if k < 0:
-        raise UserError(f"--k must be >= 1, got {k}")
-    if heads and k:
-        raise UserError("give either --heads L.H,... or --k K, not both")
-    if heads:
-        parse_heads(heads)
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     settings = DecoreSettings(alpha=alpha, normalize_entropy=normalize_entropy,  # type: ignore[arg-type]
                               alpha_cap=alpha_cap or None, method=method, prefill=prefill)  # type: ignore[arg-type]
-    if ranking_mode not in ("fast", "faithful"):
-        raise UserError(f"--ranking-mode must be fast or faithful, got {ranking_mode!r}")
-    overrides = parse_ranking_params(ranking_param or [], ranking_mode)
-    if heads and overrides:
-        raise UserError("--ranking-param is for a ranking; --heads needs none")
+    overrides = _checked_head_options(heads, k, ranking_mode, ranking_param or [])
     sys.stderr.write(f"loading {model}...\n")
     m = interp.load_model(model, backend=backend, prefix=prefix)
-    ranking_record: dict[str, Any] | None = None
-    if heads:
-        masked = parse_heads(heads, m)
-    else:
-        n_total = m.info.n_total_heads
-        if k:
-            k_rule = "--k"
-        else:
-            k, k_rule = default_k(n_total), "default"
-            sys.stderr.write(f"masking the top {k} retrieval heads: {default_k_reason(n_total)}\n")
-        if k >= n_total:
-            raise UserError(f"--k {k} is not below the model's {n_total} heads")
-        ranked, ranking_record = workspace_ranking(m, ranking_mode, workspace, overrides)
-        if len(ranked) < k:
-            raise UserError(f"the retrieval ranking holds {len(ranked)} heads, fewer than k = {k}")
-        masked = ranked[:k]
-        ranking_record = {**ranking_record, "k": k, "k_rule": k_rule}
+    masked, ranking_record = _masked_heads(m, heads, k, ranking_mode, workspace, overrides)
     dec = _generate(m, prompt, masked, settings, max_new_tokens, stop_at_newline, True, 16, contrast=True)
     greedy = _generate(m, prompt, [], settings, max_new_tokens, stop_at_newline, True, 16, contrast=False)
     rows = [{"prompt": p, "greedy": g.text, "decore": d.text, "decore_tokens": d.tokens, "greedy_tokens": g.tokens,
@@ -672,6 +653,48 @@ def decore_cli(
     if json_out:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
         return
+    _print_generations(settings, masked, rows)
+
+
+def _checked_head_options(heads: str, k: int, ranking_mode: str, ranking_param: Sequence[str]) -> dict[str, Any]:
+    """The checks of the head options that need no model (--heads syntax, --k, the ranking's
+    mode and parameters); returns the retrieval parameters of a ranking computed now."""
+    if k < 0:
+        raise UserError(f"--k must be >= 1, got {k}")
+    if heads and k:
+        raise UserError("give either --heads L.H,... or --k K, not both")
+    if heads:
+        parse_heads(heads)
+    if ranking_mode not in ("fast", "faithful"):
+        raise UserError(f"--ranking-mode must be fast or faithful, got {ranking_mode!r}")
+    overrides = parse_ranking_params(ranking_param, ranking_mode)
+    if heads and overrides:
+        raise UserError("--ranking-param is for a ranking; --heads needs none")
+    return overrides
+
+
+def _masked_heads(
+    model: LoadedModel, heads: str, k: int, ranking_mode: str, workspace: Path | None, overrides: Mapping[str, Any]
+) -> tuple[list[Head], dict[str, Any] | None]:
+    """The heads the CLI masks: --heads, else the top k (--k, else :func:`default_k`) of the
+    workspace's retrieval ranking, with the ranking's record (None for --heads)."""
+    if heads:
+        return parse_heads(heads, model), None
+    n_total = model.info.n_total_heads
+    if k:
+        k_rule = "--k"
+    else:
+        k, k_rule = default_k(n_total), "default"
+        sys.stderr.write(f"masking the top {k} retrieval heads: {default_k_reason(n_total)}\n")
+    if k >= n_total:
+        raise UserError(f"--k {k} is not below the model's {n_total} heads")
+    ranked, ranking_record = workspace_ranking(model, ranking_mode, workspace, overrides)
+    if len(ranked) < k:
+        raise UserError(f"the retrieval ranking holds {len(ranked)} heads, fewer than k = {k}")
+    return ranked[:k], {**ranking_record, "k": k, "k_rule": k_rule}
+
+
+def _print_generations(settings: DecoreSettings, masked: Sequence[Head], rows: Sequence[Mapping[str, Any]]) -> None:
     print(f"DeCoRe [{settings.variant}] masking {len(masked)} heads: "
           + ", ".join(f"L{la}H{h}" for la, h in masked))
     for r in rows:

@@ -32,9 +32,8 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -53,15 +52,18 @@ from circuits.decore import (
 from circuits.facts import answer_tokens
 from circuits.heads import all_heads, parse_heads, random_heads
 from circuits.retrieval import RETRIEVAL_THRESHOLD
+from interp import tables
+from interp.config import SEED_MAX, DetectorConfig, param
 from interp.errors import UserError
 from interp.model import LoadedModel
-from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
+from interp.registry import Detector, Summary, UnitResult, register
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 MEMOTRAP = Path(__file__).resolve().parent / "data" / "memotrap.jsonl"
-TASKS: tuple[str, ...] = ("nqswap", "memotrap", "closedbook")
+Task = Literal["nqswap", "memotrap", "closedbook"]
+TASKS: tuple[Task, ...] = ("nqswap", "memotrap", "closedbook")
 METHODS: tuple[str, ...] = ("greedy", "decore-vanilla", "decore-entropy", "control-entropy")
 NQSWAP_DEMO = "The capital of Zubrowka is the city of Lutz. Q: What is the capital of Zubrowka? A: Lutz\n"
 CLOSEDBOOK_DEMO = "Q: What is the largest planet of the solar system? A: Jupiter\n"
@@ -119,11 +121,6 @@ def _split_half(ids: Sequence[str], seed: int) -> dict[str, str]:
     return {i: ("validation" if j < n_val else "test") for j, i in enumerate(order)}
 
 
-@lru_cache(maxsize=4)
-def _conflicts(model: LoadedModel, seed: int) -> Any:
-    return build_dataset(model, seed=seed)
-
-
 def build_tasks(
     model: LoadedModel, seed: int = 0, max_items: int = 0, tasks: Sequence[str] = TASKS
 ) -> dict[str, list[EvalItem]]:
@@ -133,9 +130,11 @@ def build_tasks(
     if unknown:
         raise UserError(f"unknown task {unknown[0]!r} (known: {', '.join(TASKS)})")
     out: dict[str, list[EvalItem]] = {t: [] for t in TASKS}
-    need_conflicts = "nqswap" in tasks or "closedbook" in tasks
-    for split in ("validation", "test") if need_conflicts else ():
-        for it in _conflicts(model, seed).split(split):
+    # The conflict items (a known-facts pass over the dataset) are built only for the tasks
+    # that use them; callers that build the tasks several times cache the result themselves.
+    conflicts = build_dataset(model, seed=seed) if "nqswap" in tasks or "closedbook" in tasks else None
+    for split in ("validation", "test"):
+        for it in conflicts.split(split) if conflicts is not None else ():
             out["nqswap"].append(EvalItem(f"{it.id}", "nqswap", split, NQSWAP_DEMO + it.conflict_prompt("qa"),
                                           it.context_answer, it.memory_answer))
             out["closedbook"].append(EvalItem(f"{it.id}", "closedbook", split,
@@ -355,141 +354,133 @@ def evaluate(
 # ---------------------------------------------------------------- detector
 
 
-def _parse_ks(text: str) -> list[int]:
-    try:
-        ks = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise UserError(f"ks must be a comma list of integers, got {text!r}") from None
-    if not ks or ks[0] < 1:
-        raise UserError("ks must list integers >= 1")
-    return ks
+@dataclass(frozen=True)
+class DecoreEvalConfig(DetectorConfig):
+    """Parameters of the DeCoRe evaluation (each field's help says what it is)."""
 
+    heads: tuple[str, ...] = param(
+        (), "retrieval ranking LAYER.HEAD,... best first (empty: compute it with 'retrieval')"
+    )
+    ranking_mode: Literal["fast", "faithful"] = param("fast", "retrieval score used to rank heads when 'heads' is empty")
+    ks: tuple[int, ...] = param((1, 3, 10, 30), "k values to sweep (heads masked)", low=1)
+    tasks: tuple[Task, ...] = param(TASKS, "tasks: nqswap, memotrap, closedbook")
+    max_items: int = param(0, "at most this many items per task and split (0 = all)", low=0)
+    exclude_top: int = param(-1, "control heads are drawn outside this top of the ranking "
+                             "(-1: max of ks and the heads scoring above 0.1)", low=-1)
+    method: Literal["uniform", "zero"] = param(
+        "uniform", "masking: uniform (zero the query, the reference) or zero (head output)"
+    )
+    seed: int = param(0, "seed of the conflict substitutes, the splits and the control draws", low=0, high=SEED_MAX)
+    batch_size: int = param(16, "prompts per batch", low=1)
 
-_RANK_CACHE: dict[tuple[Any, ...], tuple[list[Head], dict[str, Any]]] = {}
+    @property
+    def k_values(self) -> list[int]:
+        """The swept k, each once, in increasing order (the unit order), whatever order --ks
+        lists them in."""
+        return sorted(set(self.ks))
+
+    def ranked_heads(self, model: LoadedModel | None = None) -> list[Head]:
+        """The given ranking as (layer, head) pairs, checked against ``model`` when given."""
+        return parse_heads(",".join(self.heads), model)
+
+    def check(self) -> None:
+        super().check()
+        if not self.ks:
+            raise UserError("ks must list at least one k (integers >= 1)")
+        if not self.tasks:
+            raise UserError(f"tasks must list at least one task (known: {', '.join(TASKS)})")
+        if self.heads:
+            ranked = self.ranked_heads()
+            if len(ranked) < max(self.ks):
+                raise UserError(f"'heads' lists {len(ranked)} heads, fewer than the largest k={max(self.ks)}")
 
 
 @register
-class DecoreEvalDetector(Detector):
+class DecoreEvalDetector(Detector[DecoreEvalConfig]):
     name = "decore-eval"
     description = "DeCoRe vs greedy vs random-head control on NQ-Swap-style, MemoTrap-style and closed-book items"
-    kind = "metrics"
+    output = "metrics"
     # Curves "<task>:<split>:<method>": accuracy against k.
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {"*:*:*": ("k (retrieval heads masked)", "accuracy (fraction of items)")}
-    params = (
-        Param("heads", str, "", "retrieval ranking LAYER.HEAD,... best first (empty: compute it with 'retrieval')"),
-        Param("ranking_mode", str, "fast", "retrieval score used to rank heads when 'heads' is empty",
-              choices=("fast", "faithful")),
-        Param("ks", str, "1,3,10,30", "k values to sweep (heads masked)"),
-        Param("tasks", str, ",".join(TASKS), "tasks: nqswap, memotrap, closedbook"),
-        Param("max_items", int, 0, "at most this many items per task and split (0 = all)", low=0),
-        Param("exclude_top", int, -1, "control heads are drawn outside this top of the ranking "
-              "(-1: max of ks and the heads scoring above 0.1)", low=-1),
-        Param("method", str, "uniform", "masking: uniform (zero the query, the reference) or zero (head output)",
-              choices=("uniform", "zero")),
-        Param("seed", int, 0, "seed of the conflict substitutes, the splits and the control draws",
-              low=0, high=SEED_MAX),
-        Param("batch_size", int, 16, "prompts per batch", low=1),
-    )
+    Config = DecoreEvalConfig
 
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
-        ks = _parse_ks(params["ks"])
-        cls._tasks(params)
-        if params["heads"]:
-            ranked = parse_heads(params["heads"])
-            if len(ranked) < max(ks):
-                raise UserError(f"'heads' lists {len(ranked)} heads, fewer than the largest k={max(ks)}")
+    def variant(self, cfg: DecoreEvalConfig) -> str:
+        return f"{cfg.method}-mask.masked-prefill"
 
-    def variant(self, params: Mapping[str, Any]) -> str:
-        return f"{params['method']}-mask;masked-prefill"
+    def method_text(self, cfg: DecoreEvalConfig) -> str:
+        how = "the head's query zeroed" if cfg.method == "uniform" else "the head's output zeroed"
+        return (
+            f"DeCoRe (Gema et al. 2024) masking the top-k retrieval heads ({how}), the masked model "
+            "prefilling its own prompt cache; greedy, DeCoRe-vanilla, DeCoRe-entropy and a random-head "
+            "control, k chosen on the validation split and reported on the test split"
+        )
 
-    def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
-        return data_hash(build_tasks(model, params["seed"], params["max_items"], self._tasks(params)))
+    def dataset_hash(self, model: LoadedModel, cfg: DecoreEvalConfig) -> str | None:
+        return data_hash(self._items(model, cfg))
 
-    @staticmethod
-    def _tasks(params: Mapping[str, Any]) -> list[str]:
-        names = [t.strip() for t in params["tasks"].split(",") if t.strip()]
-        bad = [t for t in names if t not in TASKS]
-        if bad or not names:
-            raise UserError(f"unknown task {bad[0] if bad else ''!r} (known: {', '.join(TASKS)})")
-        return names
+    def _items(self, model: LoadedModel, cfg: DecoreEvalConfig) -> dict[str, list[EvalItem]]:
+        # Built once per run: the conflict tasks run the known-facts filter over the dataset.
+        # A task's items do not depend on the other tasks asked for.
+        return self.memo("items", model, cfg, lambda: build_tasks(model, cfg.seed, cfg.max_items, cfg.tasks))
 
-    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
-        ks = _parse_ks(params["ks"])
+    def units(self, model: LoadedModel, cfg: DecoreEvalConfig) -> list[str]:
+        ks = cfg.k_values
         if max(ks) >= model.info.n_total_heads:
             raise UserError(f"k={max(ks)} is not below the model's {model.info.n_total_heads} heads")
-        if params["heads"]:
-            ranked = parse_heads(params["heads"], model)
-            if len(ranked) < max(ks):
-                raise UserError(f"'heads' lists {len(ranked)} heads, fewer than the largest k={max(ks)}")
-        if params["exclude_top"] >= 0:
+        if cfg.heads:
+            cfg.ranked_heads(model)
+        if cfg.exclude_top >= 0:
             # The control draws max(ks) heads outside the top max(exclude_top, max(ks)) of the ranking
             # (with exclude_top -1 that top depends on the ranking's scores: checked when drawn).
             total = model.info.n_total_heads
-            n_ranked = len(parse_heads(params["heads"])) if params["heads"] else total
-            pool = total - min(self._exclude_top(params, {}), n_ranked)
+            n_ranked = len(cfg.ranked_heads()) if cfg.heads else total
+            pool = total - min(self._exclude_top(cfg, {}), n_ranked)
             if pool < max(ks):
                 raise UserError(
                     f"only {pool} of the model's {total} heads lie outside the top {total - pool} of the "
                     f"ranking (exclude_top); cannot draw k={max(ks)} control heads"
                 )
-        units = [] if params["heads"] else ["ranking"]
-        for task in self._tasks(params):
+        units = [] if cfg.heads else ["ranking"]
+        for task in cfg.tasks:
             units.append(f"{task}/greedy/k0")
             units += [f"{task}/{m}/k{k}" for m in METHODS[1:] for k in ks]
         return units
 
-    def ranking(self, model: LoadedModel, params: Mapping[str, Any]) -> tuple[list[Head], dict[str, Any]]:
-        if params["heads"]:
-            return parse_heads(params["heads"], model), {"mode": "param", "scores": None}
-        key = (id(model), params["ranking_mode"])
-        if key not in _RANK_CACHE:
-            _RANK_CACHE[key] = retrieval_ranking(model, params["ranking_mode"])
-        return _RANK_CACHE[key]
+    def ranking(self, model: LoadedModel, cfg: DecoreEvalConfig) -> tuple[list[Head], dict[str, Any]]:
+        if cfg.heads:
+            return cfg.ranked_heads(model), {"mode": "param", "scores": None}
+        return self.memo("ranking", model, cfg, lambda: retrieval_ranking(model, cfg.ranking_mode))
 
-    def _exclude_top(self, params: Mapping[str, Any], record: Mapping[str, Any]) -> int:
-        if params["exclude_top"] >= 0:
-            return max(params["exclude_top"], max(_parse_ks(params["ks"])))
-        return default_exclude_top(_parse_ks(params["ks"]), record.get("scores"))
+    def _exclude_top(self, cfg: DecoreEvalConfig, record: Mapping[str, Any]) -> int:
+        if cfg.exclude_top >= 0:
+            return max(cfg.exclude_top, max(cfg.ks))
+        return default_exclude_top(cfg.k_values, record.get("scores"))
 
-    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
-        ranked, record = self.ranking(model, params)
+    def run_unit(self, model: LoadedModel, cfg: DecoreEvalConfig, unit: str) -> UnitResult:
+        ranked, record = self.ranking(model, cfg)
         if unit == "ranking":
             rec = {**{k: v for k, v in record.items() if k != "scores"}, "heads": [list(h) for h in ranked]}
-            hs = pd.DataFrame([("ranking_retrieval", la, h, s) for (la, h), s in
-                               zip(ranked, record.get("scores") or [np.nan] * len(ranked), strict=True)],
-                              columns=["metric", "layer", "head", "value"])
-            return UnitResult(tables={"head_scores": hs,
-                                      "artifacts": pd.DataFrame({"name": ["ranking"], "json": [json.dumps(rec, default=str)]})})
+            scores = record.get("scores") or [np.nan] * len(ranked)
+            hs = tables.head_scores(("ranking_retrieval", la, h, s) for (la, h), s in zip(ranked, scores, strict=True))
+            return UnitResult(tables={"head_scores": hs, "artifacts": tables.artifact("ranking", rec)})
         task, method, kname = unit.split("/")
         k = int(kname[1:])
-        items = build_tasks(model, params["seed"], params["max_items"], [task])[task]
-        heads = method_heads(method, k, ranked, self._exclude_top(params, record), model, params["seed"])
-        heads_settings = method_settings(method, params["method"])
-        rows = run_method(model, task, items, heads, heads_settings, params["batch_size"])
+        items = self._items(model, cfg)[task]
+        heads = method_heads(method, k, ranked, self._exclude_top(cfg, record), model, cfg.seed)
+        heads_settings = method_settings(method, cfg.method)
+        rows = run_method(model, task, items, heads, heads_settings, cfg.batch_size)
         metrics = []
         for split in ("validation", "test"):
             ok = [bool(r["correct"]) for r in rows if r["split"] == split]
             metrics.append((f"accuracy:{split}", float(np.mean(ok)) if ok else float("nan"), None, None, len(ok)))
         art = {"task": task, "method": method, "k": k, "heads": [list(h) for h in heads],
                "settings": None if heads_settings is None else heads_settings.to_dict(), "items": rows}
-        return UnitResult(tables={
-            "metrics": pd.DataFrame(metrics, columns=["name", "value", "ci_low", "ci_high", "n"]),
-            "artifacts": pd.DataFrame({"name": ["per_item"], "json": [json.dumps(art, default=str)]}),
-        })
+        return UnitResult(tables={"metrics": tables.metric_rows(metrics), "artifacts": tables.artifact("per_item", art)})
 
-    def finalize(self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]) -> Summary:
-        art = results["artifacts"]
-        per_rows = []
-        ranking_rec = None
-        for name, js in zip(art["name"], art["json"], strict=True):
-            obj = json.loads(js)
-            if name == "per_item":
-                for r in obj["items"]:
-                    per_rows.append({"task": obj["task"], "method": obj["method"], "k": obj["k"], **r})
-            elif name == "ranking":
-                ranking_rec = obj
-        per = pd.DataFrame(per_rows)
+    def finalize(
+        self, model: LoadedModel, cfg: DecoreEvalConfig, results: Mapping[str, pd.DataFrame]
+    ) -> Summary:
+        per, ranking_rec = _per_item_rows(results["artifacts"])
         acc = accuracy_table(per)
         table = results_table(acc)
         metrics: dict[str, Any] = {}
@@ -498,7 +489,7 @@ class DecoreEvalDetector(Detector):
             metrics[f"{r['task']}:{r['method']}:k"] = r["k"]
             metrics[f"{r['task']}:n_test"] = r["n_test"]
             metrics[f"{r['task']}:n_validation"] = r["n_validation"]
-        metrics["ranking_source"] = "param" if params["heads"] else f"retrieval ({params['ranking_mode']})"
+        metrics["ranking_source"] = "param" if cfg.heads else f"retrieval ({cfg.ranking_mode})"
         warnings = []
         if ranking_rec:
             warnings += [f"ranking: {w}" for w in ranking_rec.get("warnings", [])]
@@ -508,15 +499,33 @@ class DecoreEvalDetector(Detector):
         for task, n in sorted(n_test.items()):
             if n < 30:
                 warnings.append(f"{task}: only {n} test items; differences of a few items are noise")
-        rows = [(f"{t}:{s}:{m}:k{k}", a, None, None, n) for t, s, m, k, a, n in
-                zip(acc["task"], acc["split"], acc["method"], acc["k"], acc["accuracy"], acc["n"], strict=True)]
-        tables = {
-            "metrics": pd.DataFrame(rows, columns=["name", "value", "ci_low", "ci_high", "n"]),
-            "curves": pd.DataFrame([(f"{t}:{s}:{m}", -1, -1, float(k), float(a)) for t, s, m, k, a in
-                                    zip(acc["task"], acc["split"], acc["method"], acc["k"], acc["accuracy"], strict=True)],
-                                   columns=["curve", "layer", "head", "x", "y"]),
-            "artifacts": pd.DataFrame({"name": ["results_table"], "json": [table.to_json(orient="records")]}),
-        }
-        return Summary(detector=self.name, variant=self.variant(params), heads=None, metrics=metrics,
-                       warnings=warnings, tables=tables)
+        return Summary(detector=self.name, variant=self.variant(cfg), heads=None, metrics=metrics,
+                       warnings=warnings, tables=_summary_tables(acc, table))
 
+
+def _per_item_rows(artifacts: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any] | None]:
+    """The units' per-item results as one table (task, method, k and each item's row), and the
+    ranking unit's record (None when the heads were given)."""
+    per_rows = []
+    ranking_rec = None
+    for name, js in zip(artifacts["name"], artifacts["json"], strict=True):
+        obj = json.loads(js)
+        if name == "per_item":
+            for r in obj["items"]:
+                per_rows.append({"task": obj["task"], "method": obj["method"], "k": obj["k"], **r})
+        elif name == "ranking":
+            ranking_rec = obj
+    return pd.DataFrame(per_rows), ranking_rec
+
+
+def _summary_tables(acc: pd.DataFrame, table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The final tables: accuracy per task, split, method and k as metrics and as curves
+    against k, and the results table (test accuracy at the k chosen on validation)."""
+    cols = (acc["task"], acc["split"], acc["method"], acc["k"], acc["accuracy"])
+    return {
+        "metrics": tables.metric_rows(
+            (f"{t}:{s}:{m}:k{k}", a, None, None, n) for t, s, m, k, a, n in zip(*cols, acc["n"], strict=True)
+        ),
+        "curves": tables.curves((f"{t}:{s}:{m}", -1, -1, float(k), float(a)) for t, s, m, k, a in zip(*cols, strict=True)),
+        "artifacts": tables.artifact("results_table", table.to_dict("records")),
+    }

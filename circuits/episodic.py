@@ -26,13 +26,13 @@ the vocab x vocab map; E^T U is d_model x d_model and computed once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -43,12 +43,14 @@ from jaxtyping import Float
 from circuits import cmr_model
 from circuits.heads import head_label, random_heads
 from circuits.induction import INDUCTION_THRESHOLD, copy_losses, head_scores_from_patterns
+from interp import tables
+from interp.config import SEED_MAX, DetectorConfig, param
 from interp.engine import activation_bytes, units_within
 from interp.errors import UserError
 from interp.interventions import Intervention, ablate_heads
 from interp.layout import unwrap
 from interp.model import LoadedModel
-from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
+from interp.registry import Detector, Summary, UnitResult, register
 from interp.tokens import repeated_random_tokens
 
 if TYPE_CHECKING:
@@ -56,9 +58,6 @@ if TYPE_CHECKING:
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TEXT_SAMPLE = DATA_DIR / "public_domain_sample.txt"
-METRIC_COLUMNS = ["name", "value", "ci_low", "ci_high", "n"]
-CURVE_COLUMNS = ["curve", "layer", "head", "x", "y"]
-HEAD_COLUMNS = ["metric", "layer", "head", "value"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +162,7 @@ def frequent_tokens(model: LoadedModel, n: int) -> tuple[list[int], int]:
 
 
 def mistry_lists(model: LoadedModel, batch: int, length: int, seed: int) -> ListPrompts:
-    """Mistry et al.: the ``length`` most frequent tokens in a random order, then again in
+    """Mistry et al. 2025: the ``length`` most frequent tokens in a random order, then again in
     another random order (after the prompt prefix, when the model has one)."""
     vocab, _ = frequent_tokens(model, length)
     pool = torch.tensor(vocab)
@@ -283,68 +282,84 @@ def _curve_rows(name: str, arr: np.ndarray, xs: Sequence[float] | np.ndarray) ->
     ]
 
 
-_LAG_PARAMS = (
-    Param("variant", str, "repeated", "input lists: repeated random tokens, or Mistry et al.'s frequent tokens", ("repeated", "mistry")),
-    Param("seq_len", int, 0, "list length R (0: 50 for repeated, 500 for mistry)", low=0),
-    Param("n_prompts", int, 0, "number of prompts (0: 20 for repeated, 2 for mistry)", low=0),
-    Param("batch_size", int, 0, "prompts per forward pass, one stored unit each (0: 10 repeated, 1 mistry)",
-          low=0),
-    Param("max_lag", int, 8, "lags -max_lag..max_lag", low=1),
-    Param("seed", int, 0, "random seed of the lists", low=0, high=SEED_MAX),
-)
+
+# A list size of 0 means the lists' default: Mistry et al.'s lists of frequent tokens are
+# long (a 1001-token prompt each), so those lists run fewer prompts, one per forward pass.
+_LIST_DEFAULTS: dict[str, dict[str, int]] = {
+    "repeated": {"seq_len": 50, "n_prompts": 20, "batch_size": 10},
+    "mistry": {"seq_len": 500, "n_prompts": 2, "batch_size": 1},
+}
 
 
-def _lag_defaults(params: Mapping[str, Any]) -> dict[str, Any]:
-    p = dict(params)
-    mistry = p["variant"] == "mistry"
-    p["seq_len"] = p["seq_len"] or (500 if mistry else 50)
-    p["n_prompts"] = p["n_prompts"] or (2 if mistry else 20)
-    p["batch_size"] = p["batch_size"] or (1 if mistry else 10)
-    return p
+@dataclass(frozen=True)
+class LagListsConfig(DetectorConfig):
+    """The lists shared by ``lag-crp`` and ``cmr`` (a size of 0: the lists' default, see
+    :meth:`resolved`)."""
 
+    # Called ``variant`` before 0.2, a word the run's method variant owns.
+    renamed: ClassVar[dict[str, str]] = {"variant": "lists"}
 
-class _LagCRPBase(Detector):
-    kind = "curves"
+    lists: Literal["repeated", "mistry"] = param(
+        "repeated", "input lists: repeated random tokens, or Mistry et al.'s frequent tokens"
+    )
+    seq_len: int = param(0, "list length R (0: 50 for repeated, 500 for mistry)", low=0)
+    n_prompts: int = param(0, "number of prompts (0: 20 for repeated, 2 for mistry)", low=0)
+    batch_size: int = param(
+        0, "prompts per forward pass, one stored unit each (0: 10 repeated, 1 mistry)", low=0
+    )
+    max_lag: int = param(8, "lags -max_lag..max_lag", low=1)
+    seed: int = param(0, "random seed of the lists", low=0, high=SEED_MAX)
 
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
-        p = _lag_defaults(params)
-        if p["seq_len"] < p["max_lag"] + 2:
-            default = "" if params["seq_len"] else f" (the {p['variant']} default)"
+    def check(self) -> None:
+        super().check()
+        seq_len = self.seq_len or _LIST_DEFAULTS[self.lists]["seq_len"]
+        if seq_len < self.max_lag + 2:
+            default = "" if self.seq_len else f" (the {self.lists} default)"
             raise UserError(
-                f"need seq_len >= max_lag + 2, got seq_len={p['seq_len']}{default} and max_lag={p['max_lag']}"
+                f"need seq_len >= max_lag + 2, got seq_len={seq_len}{default} and max_lag={self.max_lag}"
             )
+
+    def resolved(self) -> Self:
+        """This config with each size of 0 replaced by the lists' default."""
+        sizes = {name: getattr(self, name) or value for name, value in _LIST_DEFAULTS[self.lists].items()}
+        return dataclasses.replace(self, **sizes)
+
+
+LagC = TypeVar("LagC", bound=LagListsConfig)
+
+
+class _LagCRPBase(Detector[LagC]):
+    output = "curves"
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {
         "lag_crp": ("lag: key - matching position in the first list (tokens)", "attention weight (mean over queries)"),
         "serial_position": ("serial position in the first list (tokens)", "attention weight (mean over queries)"),
     }
 
-    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
-        p = _lag_defaults(params)
-        if p["n_prompts"] < 1 or p["batch_size"] < 1:
-            raise UserError("n_prompts and batch_size must be >= 1")
-        if p["max_lag"] < 1 or p["seq_len"] < p["max_lag"] + 2:
-            raise UserError(f"need max_lag >= 1 and seq_len >= max_lag + 2 (got {p['max_lag']}, {p['seq_len']})")
-        model.check_length(2 * p["seq_len"] + len(model.prefix))
-        if p["variant"] == "mistry" and p["seq_len"] > model.info.vocab_size // 2:
-            raise UserError(f"mistry lists of {p['seq_len']} tokens need a larger vocabulary")
-        n, b = p["n_prompts"], p["batch_size"]
+    def units(self, model: LoadedModel, cfg: LagC) -> list[str]:
+        p = cfg.resolved()
+        model.check_length(2 * p.seq_len + len(model.prefix))
+        if p.lists == "mistry" and p.seq_len > model.info.vocab_size // 2:
+            raise UserError(f"mistry lists of {p.seq_len} tokens need a larger vocabulary")
+        n, b = p.n_prompts, p.batch_size
         return [f"batch-{i}" for i in range((n + b - 1) // b)]
 
-    def prompts(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> ListPrompts:
-        p = _lag_defaults(params)
+    def prompts(self, model: LoadedModel, cfg: LagC, unit: str) -> ListPrompts:
+        p = cfg.resolved()
         i = int(unit.split("-")[1])
-        size = min(p["batch_size"], p["n_prompts"] - i * p["batch_size"])
-        seed = p["seed"] * 100_003 + i
-        if p["variant"] == "mistry":
-            return mistry_lists(model, size, p["seq_len"], seed)
-        return repeated_lists(model, size, p["seq_len"], seed)
+        size = min(p.batch_size, p.n_prompts - i * p.batch_size)
+        seed = p.seed * 100_003 + i
+        if p.lists == "mistry":
+            return mistry_lists(model, size, p.seq_len, seed)
+        return repeated_lists(model, size, p.seq_len, seed)
 
-    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
-        p = _lag_defaults(params)
-        prompts = self.prompts(model, params, unit)
-        res = lag_crp_unit(model, prompts, p["max_lag"])
-        lags = np.arange(-p["max_lag"], p["max_lag"] + 1)
+    def example_tokens(self, model: LoadedModel, cfg: LagC) -> torch.Tensor:
+        return self.prompts(model, cfg, "batch-0").tokens
+
+    def run_unit(self, model: LoadedModel, cfg: LagC, unit: str) -> UnitResult:
+        max_lag = cfg.max_lag
+        prompts = self.prompts(model, cfg, unit)
+        res = lag_crp_unit(model, prompts, max_lag)
+        lags = np.arange(-max_lag, max_lag + 1)
         # Per-unit means; finalize re-weights by the number of queries (per-lag counts scale with it).
         crp = res["sums"] / np.maximum(res["counts"], 1)
         n_queries = prompts.tokens.shape[0] * prompts.length
@@ -352,10 +367,8 @@ class _LagCRPBase(Detector):
         rows = _curve_rows("lag_crp", crp, lags) + _curve_rows("serial_position", spc, np.arange(prompts.length))
         return UnitResult(
             tables={
-                "curves": pd.DataFrame(rows, columns=CURVE_COLUMNS),
-                "metrics": pd.DataFrame(
-                    [("n_queries", float(n_queries), None, None, int(prompts.tokens.shape[0]))], columns=METRIC_COLUMNS
-                ),
+                "curves": tables.curves(rows),
+                "metrics": tables.metrics({"n_queries": n_queries}, n=int(prompts.tokens.shape[0])),
             }
         )
 
@@ -368,8 +381,8 @@ class _LagCRPBase(Detector):
         spc_df = _weighted_curves(curves, metrics, "serial_position")
         crp, lags = curve_array(crp_df, model.info.n_layers, model.info.n_heads)
         spc, _ = curve_array(spc_df, model.info.n_layers, model.info.n_heads)
-        table = pd.concat([crp_df.assign(curve="lag_crp"), spc_df.assign(curve="serial_position")])
-        return crp, lags, spc, pd.DataFrame(table, columns=CURVE_COLUMNS)
+        table = pd.concat([crp_df.assign(curve="lag_crp"), spc_df.assign(curve="serial_position")], ignore_index=True)
+        return crp, lags, spc, table.reindex(columns=tables.columns("curves"))
 
 
 def lag_records(crp: np.ndarray, lags: np.ndarray, spc: np.ndarray) -> list[dict[str, Any]]:
@@ -397,24 +410,36 @@ def lag_records(crp: np.ndarray, lags: np.ndarray, spc: np.ndarray) -> list[dict
     return rows
 
 
+
+@dataclass(frozen=True)
+class LagCRPConfig(LagListsConfig):
+    """Parameters of ``lag-crp``: the shared lists, Mistry et al.'s by default."""
+
+    lists: Literal["mistry", "repeated"] = param(
+        "mistry", "input lists: Mistry et al.'s frequent tokens, or repeated random tokens"
+    )
+
+
 @register
-class LagCRPDetector(_LagCRPBase):
+class LagCRPDetector(_LagCRPBase[LagCRPConfig]):
     name = "lag-crp"
-    description = "Attention lag-CRP of every head on repeated lists (Mistry et al. frequent tokens by default; --variant repeated for random tokens), with primacy and recency"
+    description = "Attention lag-CRP of every head on repeated lists (Mistry et al. frequent tokens by default; --lists repeated for random tokens), with primacy and recency"
     # The repeated-random-token lag-CRP (with primacy and recency) comes with every ``cmr`` run,
     # which is in the default scan; this detector defaults to the Mistry et al. lists (two
     # 1001-token prompts, about 90 CPU-seconds on smollm2), too slow for a default scan.
-    params = (
-        Param("variant", str, "mistry", "input lists: Mistry et al.'s frequent tokens, or repeated random tokens", ("mistry", "repeated")),
-        *_LAG_PARAMS[1:],
-    )
+    Config = LagCRPConfig
 
-    def variant(self, params: Mapping[str, Any]) -> str:
-        return str(params["variant"])
+    def variant(self, cfg: LagCRPConfig) -> str:
+        return cfg.lists
 
-    def finalize(
-        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
-    ) -> Summary:
+    def method_text(self, cfg: LagCRPConfig) -> str:
+        lists = ("the most frequent tokens shown twice in two random orders (Mistry et al. 2025)"
+                 if cfg.lists == "mistry" else "random token lists repeated twice")
+        return (f"attention lag-CRP of every head (Ji-An et al. 2024) on {lists}: mean attention from each "
+                "second-list token to the first-list positions around its first occurrence, by lag, with the "
+                "serial-position curve's primacy and recency")
+
+    def finalize(self, model: LoadedModel, cfg: LagCRPConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
         crp, lags, spc, table = self.aggregate(model, results)
         records = sorted(lag_records(crp, lags, spc), key=lambda r: -r["crp_plus1"])
         heads = [_finite({**r, "score": r["crp_plus1"]}) for r in records]
@@ -436,14 +461,10 @@ class LagCRPDetector(_LagCRPBase):
         ]
         return Summary(
             detector=self.name,
-            variant=self.variant(params),
+            variant=self.variant(cfg),
             heads=heads,
             metrics=_finite(metrics),
-            tables={
-                "curves": table,
-                "head_scores": pd.DataFrame(head_rows, columns=HEAD_COLUMNS),
-                "metrics": _metrics_frame(metrics),
-            },
+            tables={"curves": table, "head_scores": tables.head_scores(head_rows), "metrics": tables.metrics(metrics)},
         )
 
 
@@ -458,26 +479,32 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _metrics_frame(metrics: Mapping[str, Any]) -> pd.DataFrame:
-    rows = [(k, float(v), None, None, None) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
-    return pd.DataFrame(rows, columns=METRIC_COLUMNS)
-
-
 # --------------------------------------------------------------------------------------------
 # CMR fit
 # --------------------------------------------------------------------------------------------
 
-_GRID_PARAMS = (
-    Param("grid_sims", int, cmr_model.GridSpec().n_sims, "CMR trials per start position and grid point", low=1),
-    Param("grid_estimator", str, cmr_model.GridSpec().estimator, "CMR CRP estimator", ("sampled", "expected")),
-    Param("grid_seed", int, 0, "seed of the CMR simulation", low=0, high=SEED_MAX),
-    Param("fit_lag", int, cmr_model.FIT_LAG, "lags -fit_lag..fit_lag enter the CMR distance (at most max_lag)",
-          low=1, high=cmr_model.GridSpec().max_lag),
-)
+
+@dataclass(frozen=True)
+class CMRConfig(LagListsConfig):
+    """Parameters of ``cmr``: the shared lists (repeated random tokens by default) and the
+    simulated CMR grid."""
+
+    grid_sims: int = param(cmr_model.GridSpec().n_sims, "CMR trials per start position and grid point", low=1)
+    grid_estimator: Literal["sampled", "expected"] = param(cmr_model.GridSpec().estimator, "CMR CRP estimator")
+    grid_seed: int = param(0, "seed of the CMR simulation", low=0, high=SEED_MAX)
+    fit_lag: int = param(
+        cmr_model.FIT_LAG, "lags -fit_lag..fit_lag enter the CMR distance (at most max_lag)",
+        low=1, high=cmr_model.GridSpec().max_lag,
+    )
+
+    def check(self) -> None:
+        super().check()
+        if self.fit_lag > self.max_lag:
+            raise UserError(f"fit_lag must be <= max_lag ({self.max_lag}), got {self.fit_lag}")
 
 
-def grid_spec(params: Mapping[str, Any]) -> cmr_model.GridSpec:
-    return cmr_model.GridSpec(n_sims=params["grid_sims"], estimator=params["grid_estimator"], seed=params["grid_seed"])
+def grid_spec(cfg: CMRConfig) -> cmr_model.GridSpec:
+    return cmr_model.GridSpec(n_sims=cfg.grid_sims, estimator=cfg.grid_estimator, seed=cfg.grid_seed)
 
 
 def cmr_records(
@@ -511,8 +538,19 @@ def _by_layer(records: Sequence[Mapping[str, Any]], flag: str) -> dict[int, int]
     return dict(sorted(out.items()))
 
 
+def _fit_curve_rows(records: Sequence[Mapping[str, Any]], fit: cmr_model.CMRFit) -> list[tuple[str, int, int, float, float]]:
+    """Each head's scaled CMR fit and shifted attention curve, as ``curves`` rows."""
+    rows = []
+    for idx, r in enumerate(records):
+        for x, y in zip(fit.lags, fit.fitted[idx], strict=True):
+            rows.append(("cmr_fit_scaled", r["layer"], r["head"], float(x), float(y)))
+        for x, y in zip(fit.lags, fit.attn_scaled[idx], strict=True):
+            rows.append(("attn_scaled", r["layer"], r["head"], float(x), float(y)))
+    return rows
+
+
 @register
-class CMRDetector(_LagCRPBase):
+class CMRDetector(_LagCRPBase[CMRConfig]):
     name = "cmr"
     description = "CMR fit of every head's attention lag-CRP (Ji-An et al.): distance, fitted parameters, CMR-like labels"
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {
@@ -521,30 +559,22 @@ class CMRDetector(_LagCRPBase):
         "cmr_fit_scaled": ("lag: key - matching position in the first list (tokens)", "attention weight, shifted to min 0 (CMR fit scaled to it)"),
     }
     in_default_scan = True
-    params = (*_LAG_PARAMS, *_GRID_PARAMS)
+    Config = CMRConfig
 
-    def variant(self, params: Mapping[str, Any]) -> str:
-        return f"{params['variant']}-lists/cmr-grid-{params['grid_estimator']}-{params['grid_sims']}"
+    def variant(self, cfg: CMRConfig) -> str:
+        # At most 40 characters while grid_sims has at most 7 digits.
+        return f"{cfg.lists}-lists/cmr-grid-{cfg.grid_estimator}-{cfg.grid_sims}"
 
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
-        super().check_params(params)
-        if params["fit_lag"] > params["max_lag"]:
-            raise UserError(f"fit_lag must be <= max_lag ({params['max_lag']}), got {params['fit_lag']}")
-        grid_spec(params)
+    def method_text(self, cfg: CMRConfig) -> str:
+        return (f"attention lag-CRP of every head on {cfg.lists} lists, fitted by the CMR model (Ji-An et al. "
+                f"2024) over a simulated parameter grid ({cfg.grid_estimator} estimator, {cfg.grid_sims} trials "
+                f"per start position): distance = mean squared error / variance of the shifted attention curve "
+                f"over lags -{cfg.fit_lag}..{cfg.fit_lag}; CMR-like below {cmr_model.CMR_LIKE}")
 
-    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
-        if params["fit_lag"] < 1 or params["fit_lag"] > params["max_lag"] or params["fit_lag"] > cmr_model.GridSpec().max_lag:
-            raise UserError(f"fit_lag must be in 1..{min(params['max_lag'], cmr_model.GridSpec().max_lag)}")
-        grid_spec(params)  # validates the grid parameters before any work
-        return super().units(model, params)
-
-    def finalize(
-        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
-    ) -> Summary:
+    def finalize(self, model: LoadedModel, cfg: CMRConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
         crp, lags, spc, table = self.aggregate(model, results)
-        grid = cmr_model.cmr_grid(grid_spec(params))
-        records, fit = cmr_records(crp, lags, grid, params["fit_lag"])
+        grid = cmr_model.cmr_grid(grid_spec(cfg))
+        records, fit = cmr_records(crp, lags, grid, cfg.fit_lag)
         for r, extra in zip(records, lag_records(crp, lags, spc), strict=True):
             r.update({k: v for k, v in extra.items() if k not in ("layer", "head")})
         dist = np.array([r["cmr_distance"] for r in records])
@@ -567,13 +597,7 @@ class CMRDetector(_LagCRPBase):
             "median_distance": float(np.nanmedian(dist)),
             **cmr_model.describe(grid),
         }
-        fitted_rows = []
-        for idx, r in enumerate(records):
-            for x, y in zip(fit.lags, fit.fitted[idx], strict=True):
-                fitted_rows.append(("cmr_fit_scaled", r["layer"], r["head"], float(x), float(y)))
-            for x, y in zip(fit.lags, fit.attn_scaled[idx], strict=True):
-                fitted_rows.append(("attn_scaled", r["layer"], r["head"], float(x), float(y)))
-        curves = pd.concat([table, pd.DataFrame(fitted_rows, columns=CURVE_COLUMNS)], ignore_index=True)
+        curves = pd.concat([table, tables.curves(_fit_curve_rows(records, fit))], ignore_index=True)
         head_rows = [
             (m, r["layer"], r["head"], float(r[m]))
             for r in ranked
@@ -581,15 +605,15 @@ class CMRDetector(_LagCRPBase):
         ]
         return Summary(
             detector=self.name,
-            variant=self.variant(params),
+            variant=self.variant(cfg),
             heads=heads,
             metrics=_finite(metrics),
             warnings=warnings,
             tables={
                 "curves": curves,
-                "head_scores": pd.DataFrame(head_rows, columns=HEAD_COLUMNS),
-                "metrics": _metrics_frame(metrics),
-                "artifacts": pd.DataFrame({"name": ["grid"], "json": [json.dumps(cmr_model.describe(grid))]}),
+                "head_scores": tables.head_scores(head_rows),
+                "metrics": tables.metrics(metrics),
+                "artifacts": tables.artifact("grid", cmr_model.describe(grid)),
             },
         )
 
@@ -599,57 +623,61 @@ class CMRDetector(_LagCRPBase):
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CopyingConfig(DetectorConfig):
+    """Parameters of ``copying``: the OV score reads the weights alone; these set the inputs of
+    the prefix-matching score."""
+
+    seq_len: int = param(50, "length R of the random block for the prefix-matching score", low=2)
+    n_prompts: int = param(10, "repeated-token prompts for the prefix-matching score", low=1)
+    seed: int = param(0, "random seed of the token batch", low=0, high=SEED_MAX)
+
+
 @register
-class CopyingDetector(Detector):
+class CopyingDetector(Detector[CopyingConfig]):
     name = "copying"
     description = "OV copying score (eigenvalues, low-rank) of every head next to its prefix-matching score"
-    kind = "head_scores"
+    output = "head_scores"
     in_default_scan = True
-    params = (
-        Param("seq_len", int, 50, "length R of the random block for the prefix-matching score", low=2),
-        Param("n_prompts", int, 10, "repeated-token prompts for the prefix-matching score", low=1),
-        Param("seed", int, 0, "random seed of the token batch", low=0, high=SEED_MAX),
-    )
+    Config = CopyingConfig
 
-    def variant(self, params: Mapping[str, Any]) -> str:
+    def variant(self, cfg: CopyingConfig) -> str:
         return "eig-lowrank/ln-weights-folded"
 
-    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
-        if params["n_prompts"] < 1 or params["seq_len"] < 2:
-            raise UserError("n_prompts must be >= 1 and seq_len >= 2")
-        model.check_length(2 * params["seq_len"] + len(model.prefix))
+    def method_text(self, cfg: CopyingConfig) -> str:
+        return ("copying score sum(lambda) / sum(|lambda|) over the eigenvalues of each head's OV token map "
+                "W_E W_V W_O W_U (Olsson et al. 2022), from its d_head x d_head low-rank form with the norm "
+                "weights folded in, next to the head's prefix-matching score on repeated random tokens")
+
+    def units(self, model: LoadedModel, cfg: CopyingConfig) -> list[str]:
+        model.check_length(2 * cfg.seq_len + len(model.prefix))
         return ["ov", "prefix-matching"]
 
-    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
+    def example_tokens(self, model: LoadedModel, cfg: CopyingConfig) -> torch.Tensor:
+        return repeated_random_tokens(model, cfg.n_prompts, cfg.seq_len, cfg.seed)
+
+    def run_unit(self, model: LoadedModel, cfg: CopyingConfig, unit: str) -> UnitResult:
         if unit == "ov":
-            scores = copying_scores(model)
-            rows = [
-                ("copying", layer, head, float(scores[layer, head]))
-                for layer in range(scores.shape[0])
-                for head in range(scores.shape[1])
-            ]
-            return UnitResult(tables={"head_scores": pd.DataFrame(rows, columns=HEAD_COLUMNS)})
-        tokens = repeated_random_tokens(model, params["n_prompts"], params["seq_len"], params["seed"])
+            return UnitResult(tables={"head_scores": tables.head_grid("copying", copying_scores(model))})
+        tokens = self.example_tokens(model, cfg)
         with torch.no_grad():
             out = model.run(tokens, cache=["pattern.*"])
         patterns = [out.cache[f"pattern.{layer}"] for layer in range(model.info.n_layers)]
-        scores = head_scores_from_patterns(patterns, params["seq_len"], len(model.prefix))["induction"]
-        rows = [
-            ("prefix_matching", layer, head, float(scores[layer, head]))
-            for layer in range(scores.shape[0])
-            for head in range(scores.shape[1])
-        ]
-        return UnitResult(tables={"head_scores": pd.DataFrame(rows, columns=HEAD_COLUMNS)})
+        scores = head_scores_from_patterns(patterns, cfg.seq_len, len(model.prefix))["induction"]
+        # float32 first: numpy has no bfloat16, and widening is exact.
+        return UnitResult(tables={"head_scores": tables.head_grid("prefix_matching", scores.float())})
 
-    def finalize(
-        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
-    ) -> Summary:
-        hs = pd.DataFrame(results["head_scores"], columns=HEAD_COLUMNS)
+    def finalize(self, model: LoadedModel, cfg: CopyingConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
+        hs = results["head_scores"]
+        rows = [
+            (str(metric), int(layer), int(head), float(value))
+            for metric, layer, head, value in zip(
+                _col(hs, "metric"), _col(hs, "layer"), _col(hs, "head"), _col(hs, "value"), strict=True
+            )
+        ]
         vals: dict[tuple[int, int], dict[str, float]] = {}
-        for metric, layer, head, value in zip(
-            _col(hs, "metric"), _col(hs, "layer"), _col(hs, "head"), _col(hs, "value"), strict=True
-        ):
-            vals.setdefault((int(layer), int(head)), {})[str(metric)] = float(value)
+        for metric, layer, head, value in rows:
+            vals.setdefault((layer, head), {})[metric] = value
         heads = [
             {
                 "layer": layer,
@@ -677,11 +705,12 @@ class CopyingDetector(Detector):
         }
         return Summary(
             detector=self.name,
-            variant=self.variant(params),
+            variant=self.variant(cfg),
             heads=heads,
             metrics=_finite(metrics),
-            tables={"head_scores": hs, "metrics": _metrics_frame(metrics)},
+            tables={"head_scores": tables.head_scores(rows), "metrics": tables.metrics(metrics)},
         )
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,119 +759,171 @@ def paired_p(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.ttest_rel(a, b).pvalue)
 
 
-def _parse_sizes(raw: str) -> list[int]:
-    try:
-        sizes = sorted({int(s) for s in raw.split(",") if s.strip()})
-    except ValueError:
-        raise UserError(f"cum_sizes must be comma-separated integers, got {raw!r}") from None
-    if any(s < 1 for s in sizes):
-        raise UserError("cum_sizes must be positive")
-    return sizes
+
+def rank_heads(model: LoadedModel, score: str, seed: int) -> list[tuple[int, int]]:
+    """All heads, best first by ``score``: copying score, attention lag-CRP at lag +1
+    (induction) or CMR distance, the last two on 20 repeated lists of 50 tokens."""
+    if score == "copying":
+        s = copying_scores(model).numpy()
+        order = np.argsort(-s.reshape(-1), kind="stable")
+    else:
+        prompts = repeated_lists(model, 20, 50, seed)
+        res = lag_crp_unit(model, prompts, 8)
+        crp = res["sums"] / np.maximum(res["counts"], 1)
+        lags = np.arange(-8, 9)
+        if score == "induction":
+            order = np.argsort(-crp[..., int(np.flatnonzero(lags == 1)[0])].reshape(-1), kind="stable")
+        else:
+            fit = cmr_model.fit_cmr(crp.reshape(-1, len(lags)), lags, cmr_model.cmr_grid(), cmr_model.FIT_LAG)
+            dist = np.nan_to_num(fit.distance, nan=np.inf)
+            order = np.argsort(dist, kind="stable")
+    n_h = model.info.n_heads
+    return [(int(i) // n_h, int(i) % n_h) for i in order]
+
+
+def mean_z(model: LoadedModel, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each layer's z averaged over the batch and the positions (mean ablation's reference)."""
+    with torch.no_grad():
+        out = model.run(tokens, cache=["z.*"])
+    return {name: z.mean(dim=(0, 1), keepdim=True) for name, z in out.cache.items()}
+
+
+def ablation_effects(
+    curves: pd.DataFrame, units: Sequence[str], draws: Sequence[str]
+) -> tuple[dict[str, Any], list[tuple[str, float, float | None, float | None, int | None]]]:
+    """Per measure: the clean value and the change under each ablation (top-k, the mean of the
+    random draws, each single and cumulative set) against clean, with t intervals and the
+    paired p-value of top-k against random; as summary metrics and ``metrics`` rows."""
+    c_unit, c_curve, c_x, c_y = (_col(curves, c) for c in ("unit", "curve", "x", "y"))
+
+    def values(unit: str, metric: str) -> np.ndarray:
+        sel = (c_unit == unit) & (c_curve == metric)
+        return c_y[sel][np.argsort(c_x[sel].astype(float))].astype(float)
+
+    metrics: dict[str, Any] = {}
+    rows: list[tuple[str, float, float | None, float | None, int | None]] = []
+    for metric in ("icl", "icl_window", "second_copy_loss"):
+        clean = values("clean", metric)
+        top = values("top", metric)
+        rand = np.mean([values(u, metric) for u in draws], axis=0)
+        metrics[f"{metric}_clean"] = float(clean.mean())
+        for name, arr in (("top", top), ("random", rand)):
+            m, lo, hi = t_interval(arr - clean)
+            metrics[f"{metric}_delta_{name}"] = m
+            metrics[f"{metric}_delta_{name}_ci"] = [lo, hi]
+            rows.append((f"{metric}_delta_{name}", m, lo, hi, len(arr)))
+        m, lo, hi = t_interval(top - rand)
+        metrics[f"{metric}_top_minus_random"] = m
+        metrics[f"{metric}_top_minus_random_ci"] = [lo, hi]
+        metrics[f"{metric}_paired_p"] = paired_p(top, rand)
+        rows.append((f"{metric}_top_minus_random", m, lo, hi, len(top)))
+        rows.append((f"{metric}_paired_p", metrics[f"{metric}_paired_p"], None, None, len(top)))
+        per_draw = [float((values(u, metric) - clean).mean()) for u in draws]
+        metrics[f"{metric}_delta_random_per_draw"] = per_draw
+        for u in units:
+            if u.startswith(("single-", "cum-")):
+                mm, lo2, hi2 = t_interval(values(u, metric) - clean)
+                metrics[f"{metric}_delta_{u}"] = mm
+                rows.append((f"{metric}_delta_{u}", mm, lo2, hi2, len(clean)))
+    return metrics, rows
+
+
+def _unit_heads(artifacts: pd.DataFrame, unit: str) -> list[tuple[int, ...]]:
+    """The heads a unit ablated (its ``heads`` artifact); none when it has no such artifact."""
+    doc = tables.read_artifact(artifacts.loc[_col(artifacts, "unit") == unit], "heads")
+    return [tuple(h) for h in doc or []]
+
+
+@dataclass(frozen=True)
+class EpisodicAblationConfig(DetectorConfig):
+    """Parameters of ``episodic-ablation`` (each field's help says what it is)."""
+
+    score: Literal["cmr", "induction", "copying"] = param(
+        "cmr", "rank heads by: CMR distance, prefix-matching or copying"
+    )
+    k: int = param(0, "heads ablated together (0: 10% of all heads, as Ji-An et al.)", low=0)
+    n_draws: int = param(3, "random sets of k heads drawn outside the top set", low=1)
+    method: Literal["zero", "mean"] = param("zero", "ablation of the heads' value vectors (z)")
+    n_texts: int = param(8, "512-token windows of the bundled text (0: all)", low=0)
+    # 0 < early < late < seq_len - 1 (check); the lows are what that implies alone.
+    seq_len: int = param(512, "tokens per text window, prompt prefix included", low=4)
+    late: int = param(500, "ICL score = loss at this token index ...", low=2)
+    early: int = param(50, "... minus loss at this one", low=1)
+    window: int = param(
+        25, "also report a windowed ICL score: mean loss over `window` tokens ending at each index", low=1
+    )
+    n_single: int = param(3, "single-head ablations of the top heads (at most k)", low=0)
+    cum_sizes: tuple[int, ...] = param((1, 3), "cumulative ablations of the top-n heads (k is always included)", low=1)
+    rep_len: int = param(50, "length R of the repeated random tokens for the second-copy loss", low=2)
+    rep_prompts: int = param(8, "repeated-token prompts for the second-copy loss", low=1)
+    batch_size: int = param(4, "texts per forward pass", low=1)
+    seed: int = param(0, "seed of the random draws and repeated tokens", low=0, high=SEED_MAX)
+
+    def check(self) -> None:
+        super().check()
+        early, late, seq_len = self.early, self.late, self.seq_len
+        if not 0 < early < late < seq_len - 1:
+            raise UserError(f"need 0 < early < late < seq_len - 1, got early={early}, late={late}, seq_len={seq_len}")
+        if self.window > early + 1:
+            raise UserError(f"window must be in 1..early+1 ({early + 1}), got {self.window}")
+        if self.k and self.n_single > self.k:
+            raise UserError(f"n_single must be in 0..k ({self.k}), got {self.n_single}")
 
 
 @register
-class EpisodicAblationDetector(Detector):
+class EpisodicAblationDetector(Detector[EpisodicAblationConfig]):
     name = "episodic-ablation"
     description = "Ablate the top-k heads by a score vs k random heads: ICL score and second-copy loss with CIs"
-    kind = "intervention"
+    output = "intervention"
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {
         "icl": ("text window (index)", "ICL score: loss at token late - loss at token early (nats)"),
         "icl_window": ("text window (index)", "windowed ICL score: mean loss difference (nats)"),
         "second_copy_loss": ("repeated-token prompt (index)", "loss on the second copy (nats per token)"),
     }
-    params = (
-        Param("score", str, "cmr", "rank heads by: CMR distance, prefix-matching or copying", ("cmr", "induction", "copying")),
-        Param("k", int, 0, "heads ablated together (0: 10% of all heads, as Ji-An et al.)", low=0),
-        Param("n_draws", int, 3, "random sets of k heads drawn outside the top set", low=1),
-        Param("method", str, "zero", "ablation of the heads' value vectors (z)", ("zero", "mean")),
-        Param("n_texts", int, 8, "512-token windows of the bundled text (0: all)", low=0),
-        # 0 < early < late < seq_len - 1 (check_params); the lows are what that implies alone.
-        Param("seq_len", int, 512, "tokens per text window, prompt prefix included", low=4),
-        Param("late", int, 500, "ICL score = loss at this token index ...", low=2),
-        Param("early", int, 50, "... minus loss at this one", low=1),
-        Param("window", int, 25, "also report a windowed ICL score: mean loss over `window` tokens ending at each index",
-              low=1),
-        Param("n_single", int, 3, "single-head ablations of the top heads (at most k)", low=0),
-        Param("cum_sizes", str, "1,3", "cumulative ablations of the top-n heads (k is always included)"),
-        Param("rep_len", int, 50, "length R of the repeated random tokens for the second-copy loss", low=2),
-        Param("rep_prompts", int, 8, "repeated-token prompts for the second-copy loss", low=1),
-        Param("batch_size", int, 4, "texts per forward pass", low=1),
-        Param("seed", int, 0, "seed of the random draws and repeated tokens", low=0, high=SEED_MAX),
-    )
+    Config = EpisodicAblationConfig
 
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
-        early, late, seq_len = params["early"], params["late"], params["seq_len"]
-        if not 0 < early < late < seq_len - 1:
-            raise UserError(f"need 0 < early < late < seq_len - 1, got early={early}, late={late}, seq_len={seq_len}")
-        if params["window"] > early + 1:
-            raise UserError(f"window must be in 1..early+1 ({early + 1}), got {params['window']}")
-        if params["k"] and params["n_single"] > params["k"]:
-            raise UserError(f"n_single must be in 0..k ({params['k']}), got {params['n_single']}")
-        _parse_sizes(params["cum_sizes"])
+    def variant(self, cfg: EpisodicAblationConfig) -> str:
+        return f"{cfg.method}-ablation/top-by-{cfg.score}"
 
-    def __init__(self) -> None:
-        self._ranking_cache: dict[str, list[tuple[int, int]]] = {}
-        self._mean_cache: dict[str, dict[str, torch.Tensor]] = {}
+    def method_text(self, cfg: EpisodicAblationConfig) -> str:
+        return (f"{cfg.method} ablation of the value vectors (z) of the top-k heads by {cfg.score} score against "
+                f"{cfg.n_draws} draws of k random heads outside the top set, single-head and cumulative "
+                "ablations (McGrath et al. 2023): change of the ICL score (loss at token late minus loss at token "
+                "early, Olsson et al. 2022) on text windows and of the second-copy loss on repeated tokens, "
+                "t intervals and a paired t-test")
 
-    def variant(self, params: Mapping[str, Any]) -> str:
-        return f"{params['method']}-ablation/top-by-{params['score']}"
-
-    def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
+    def dataset_hash(self, model: LoadedModel, cfg: EpisodicAblationConfig) -> str | None:
         return hashlib.sha256(TEXT_SAMPLE.read_bytes()).hexdigest()
 
-    def _k(self, model: LoadedModel, params: Mapping[str, Any]) -> int:
-        return params["k"] or max(1, round(0.1 * model.info.n_total_heads))
+    def _k(self, model: LoadedModel, cfg: EpisodicAblationConfig) -> int:
+        return cfg.k or max(1, round(0.1 * model.info.n_total_heads))
 
-    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
-        k = self._k(model, params)
+    def units(self, model: LoadedModel, cfg: EpisodicAblationConfig) -> list[str]:
+        k = self._k(model, cfg)
         total = model.info.n_total_heads
-        if k < 1 or 2 * k > total:
+        if 2 * k > total:
             raise UserError(f"k must be in 1..{total // 2} so that k random heads fit outside the top k")
-        if params["n_draws"] < 1:
-            raise UserError("n_draws must be >= 1")
-        if not 0 < params["early"] < params["late"] < params["seq_len"] - 1:
-            raise UserError("need 0 < early < late < seq_len - 1")
-        if params["window"] < 1 or params["window"] > params["early"] + 1:
-            raise UserError("window must be in 1..early+1")
-        if params["n_single"] < 0 or params["n_single"] > k:
+        if cfg.n_single > k:
             raise UserError(f"n_single must be in 0..k ({k})")
-        model.check_length(params["seq_len"])
-        model.check_length(2 * params["rep_len"] + len(model.prefix))
-        text_chunks(model, max(params["n_texts"], 0), params["seq_len"])
-        sizes = [s for s in _parse_sizes(params["cum_sizes"]) if s < k]
-        units = ["clean", "top", *(f"random-{d}" for d in range(params["n_draws"]))]
-        units += [f"single-{i}" for i in range(params["n_single"])]
+        model.check_length(cfg.seq_len)
+        model.check_length(2 * cfg.rep_len + len(model.prefix))
+        text_chunks(model, cfg.n_texts, cfg.seq_len)
+        sizes = [s for s in sorted(set(cfg.cum_sizes)) if s < k]
+        units = ["clean", "top", *(f"random-{d}" for d in range(cfg.n_draws))]
+        units += [f"single-{i}" for i in range(cfg.n_single)]
         units += [f"cum-{s}" for s in sizes]
         return units
 
-    def ranking(self, model: LoadedModel, params: Mapping[str, Any]) -> list[tuple[int, int]]:
-        """All heads, best first by the chosen score (computed here, deterministically)."""
-        key = json.dumps({"s": params["score"], "seed": params["seed"], "m": model.name})
-        if key in self._ranking_cache:
-            return self._ranking_cache[key]
-        if params["score"] == "copying":
-            s = copying_scores(model).numpy()
-            order = np.argsort(-s.reshape(-1), kind="stable")
-        else:
-            prompts = repeated_lists(model, 20, 50, params["seed"])
-            res = lag_crp_unit(model, prompts, 8)
-            crp = res["sums"] / np.maximum(res["counts"], 1)
-            lags = np.arange(-8, 9)
-            if params["score"] == "induction":
-                order = np.argsort(-crp[..., int(np.flatnonzero(lags == 1)[0])].reshape(-1), kind="stable")
-            else:
-                fit = cmr_model.fit_cmr(crp.reshape(-1, len(lags)), lags, cmr_model.cmr_grid(), cmr_model.FIT_LAG)
-                dist = np.nan_to_num(fit.distance, nan=np.inf)
-                order = np.argsort(dist, kind="stable")
-        n_h = model.info.n_heads
-        ranked = [(int(i) // n_h, int(i) % n_h) for i in order]
-        self._ranking_cache[key] = ranked
-        return ranked
+    def example_tokens(self, model: LoadedModel, cfg: EpisodicAblationConfig) -> torch.Tensor:
+        return text_chunks(model, cfg.n_texts, cfg.seq_len)
 
-    def heads_for(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> list[tuple[int, int]]:
-        ranked = self.ranking(model, params)
-        k = self._k(model, params)
+    def ranking(self, model: LoadedModel, cfg: EpisodicAblationConfig) -> list[tuple[int, int]]:
+        """All heads, best first by the chosen score (computed once per run, deterministically)."""
+        return self.memo("ranking", model, cfg, lambda: rank_heads(model, cfg.score, cfg.seed))
+
+    def heads_for(self, model: LoadedModel, cfg: EpisodicAblationConfig, unit: str) -> list[tuple[int, int]]:
+        ranked = self.ranking(model, cfg)
+        k = self._k(model, cfg)
         if unit == "clean":
             return []
         if unit == "top":
@@ -851,101 +932,57 @@ class EpisodicAblationDetector(Detector):
         i = int(idx)
         if kind == "random":
             # Draw i has its own generator, so a resumed run redraws exactly the missing draws.
-            return random_heads(ranked, ranked[:k], k, np.random.default_rng([params["seed"], i]))
+            return random_heads(ranked, ranked[:k], k, np.random.default_rng([cfg.seed, i]))
         if kind == "single":
             return [ranked[i]]
         return ranked[:i]
 
-    def _sources(self, model: LoadedModel, params: Mapping[str, Any], tokens: torch.Tensor) -> dict[str, Any]:
-        if params["method"] != "mean":
+    def _sources(self, model: LoadedModel, cfg: EpisodicAblationConfig, tokens: torch.Tensor) -> dict[str, Any]:
+        if cfg.method != "mean":
             return {}
-        key = f"{model.name}:{params['seq_len']}:{params['n_texts']}"
-        if key not in self._mean_cache:
-            # Mean ablation replaces z by its mean over the clean text windows (batch and positions).
-            with torch.no_grad():
-                out = model.run(tokens, cache=["z.*"])
-            self._mean_cache[key] = {name: z.mean(dim=(0, 1), keepdim=True) for name, z in out.cache.items()}
-        return {"ref": self._mean_cache[key]}
+        # Mean ablation replaces z by its mean over the clean text windows (batch and positions).
+        return {"ref": self.memo("mean-z", model, cfg, lambda: mean_z(model, tokens))}
 
-    def _interventions(self, heads: list[tuple[int, int]], params: Mapping[str, Any]) -> list[Intervention]:
+    def _interventions(self, heads: list[tuple[int, int]], cfg: EpisodicAblationConfig) -> list[Intervention]:
         if not heads:
             return []
-        method = params["method"]
-        return ablate_heads(heads, method, source="ref" if method == "mean" else None)
+        return ablate_heads(heads, cfg.method, source="ref" if cfg.method == "mean" else None)
 
-    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
-        heads = self.heads_for(model, params, unit)
-        texts = text_chunks(model, params["n_texts"], params["seq_len"])
-        sources = self._sources(model, params, texts)
-        ivs = self._interventions(heads, params)
-        late, early, w = params["late"], params["early"], params["window"]
+    def run_unit(self, model: LoadedModel, cfg: EpisodicAblationConfig, unit: str) -> UnitResult:
+        heads = self.heads_for(model, cfg, unit)
+        texts = text_chunks(model, cfg.n_texts, cfg.seq_len)
+        sources = self._sources(model, cfg, texts)
+        ivs = self._interventions(heads, cfg)
+        late, early, w = cfg.late, cfg.early, cfg.window
         icl, icl_w = [], []
-        for start in range(0, texts.shape[0], params["batch_size"]):
-            batch = texts[start : start + params["batch_size"]]
+        for start in range(0, texts.shape[0], cfg.batch_size):
+            batch = texts[start : start + cfg.batch_size]
             with torch.no_grad():
                 logits = model.run(batch, interventions=ivs, sources=sources).logits
             nll = per_token_nll(logits, batch)
             icl += (nll[:, late] - nll[:, early]).tolist()
             icl_w += (nll[:, late - w + 1 : late + 1].mean(1) - nll[:, early - w + 1 : early + 1].mean(1)).tolist()
-        rep = repeated_random_tokens(model, params["rep_prompts"], params["rep_len"], params["seed"] + 7919)
+        rep = repeated_random_tokens(model, cfg.rep_prompts, cfg.rep_len, cfg.seed + 7919)
         with torch.no_grad():
             logits = model.run(rep, interventions=ivs, sources=sources).logits
-        second = [copy_losses(logits[i : i + 1], rep[i : i + 1], params["rep_len"], len(model.prefix))[1] for i in range(rep.shape[0])]
+        second = [copy_losses(logits[i : i + 1], rep[i : i + 1], cfg.rep_len, len(model.prefix))[1] for i in range(rep.shape[0])]
         rows = [("icl", -1, -1, float(i), v) for i, v in enumerate(icl)]
         rows += [("icl_window", -1, -1, float(i), v) for i, v in enumerate(icl_w)]
         rows += [("second_copy_loss", -1, -1, float(i), v) for i, v in enumerate(second)]
         return UnitResult(
-            tables={
-                "curves": pd.DataFrame(rows, columns=CURVE_COLUMNS),
-                "artifacts": pd.DataFrame({"name": ["heads"], "json": [json.dumps([list(h) for h in heads])]}),
-            }
+            tables={"curves": tables.curves(rows), "artifacts": tables.artifact("heads", [list(h) for h in heads])}
         )
 
     def finalize(
-        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+        self, model: LoadedModel, cfg: EpisodicAblationConfig, results: Mapping[str, pd.DataFrame]
     ) -> Summary:
-        curves = results["curves"]
-        k = self._k(model, params)
-
-        c_unit, c_curve, c_x, c_y = (_col(curves, c) for c in ("unit", "curve", "x", "y"))
-
-        def values(unit: str, metric: str) -> np.ndarray:
-            sel = (c_unit == unit) & (c_curve == metric)
-            return c_y[sel][np.argsort(c_x[sel].astype(float))].astype(float)
-
-        units = self.units(model, params)
+        k = self._k(model, cfg)
+        units = self.units(model, cfg)
         draws = [u for u in units if u.startswith("random-")]
-        metrics: dict[str, Any] = {"k": k, "n_draws": len(draws), "method": params["method"], "score": params["score"]}
-        rows = []
-        for metric in ("icl", "icl_window", "second_copy_loss"):
-            clean = values("clean", metric)
-            top = values("top", metric)
-            rand = np.mean([values(u, metric) for u in draws], axis=0)
-            metrics[f"{metric}_clean"] = float(clean.mean())
-            for name, arr in (("top", top), ("random", rand)):
-                m, lo, hi = t_interval(arr - clean)
-                metrics[f"{metric}_delta_{name}"] = m
-                metrics[f"{metric}_delta_{name}_ci"] = [lo, hi]
-                rows.append((f"{metric}_delta_{name}", m, lo, hi, len(arr)))
-            m, lo, hi = t_interval(top - rand)
-            metrics[f"{metric}_top_minus_random"] = m
-            metrics[f"{metric}_top_minus_random_ci"] = [lo, hi]
-            metrics[f"{metric}_paired_p"] = paired_p(top, rand)
-            rows.append((f"{metric}_top_minus_random", m, lo, hi, len(top)))
-            rows.append((f"{metric}_paired_p", metrics[f"{metric}_paired_p"], None, None, len(top)))
-            per_draw = [float((values(u, metric) - clean).mean()) for u in draws]
-            metrics[f"{metric}_delta_random_per_draw"] = per_draw
-            for u in units:
-                if u.startswith(("single-", "cum-")):
-                    mm, lo2, hi2 = t_interval(values(u, metric) - clean)
-                    metrics[f"{metric}_delta_{u}"] = mm
-                    rows.append((f"{metric}_delta_{u}", mm, lo2, hi2, len(clean)))
-        heads_of = {}
-        arts = results["artifacts"]
-        for unit, name, blob in zip(_col(arts, "unit"), _col(arts, "name"), _col(arts, "json"), strict=True):
-            if name == "heads":
-                heads_of[str(unit)] = [tuple(h) for h in json.loads(str(blob))]
-        ranked = self.ranking(model, params)[:k]
+        metrics: dict[str, Any] = {"k": k, "n_draws": len(draws), "method": cfg.method, "score": cfg.score}
+        effects, rows = ablation_effects(results["curves"], units, draws)
+        metrics.update(effects)
+        ranked = self.ranking(model, cfg)[:k]
         heads = [
             {
                 "layer": layer,
@@ -958,14 +995,17 @@ class EpisodicAblationDetector(Detector):
             for i, (layer, head) in enumerate(ranked)
         ]
         metrics["top_heads"] = [head_label(layer, head) for layer, head in ranked]
-        metrics["random_heads"] = {u: [head_label(a, b) for a, b in heads_of.get(u, [])] for u in draws}
+        metrics["random_heads"] = {
+            u: [head_label(a, b) for a, b in _unit_heads(results["artifacts"], u)] for u in draws
+        }
         return Summary(
             detector=self.name,
-            variant=self.variant(params),
+            variant=self.variant(cfg),
             heads=heads,
             metrics=_finite(metrics),
-            tables={"metrics": pd.DataFrame(rows, columns=METRIC_COLUMNS)},
+            tables={"metrics": tables.metric_rows(rows)},
         )
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -1059,3 +1099,4 @@ def fig_ablation(metrics: Mapping[str, Any]) -> go.Figure:
         fig.update_yaxes(title_text=f"change of {metric} vs clean (nats)", row=1, col=i + 1)
     fig.update_layout(title=f"Ablating top-{metrics['k']} ({metrics['score']}) vs random heads ({metrics['method']})")
     return fig
+

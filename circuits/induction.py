@@ -12,6 +12,7 @@ averaged over the second copy only and over the batch. Prompts are processed in 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -19,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 
+from interp import tables
+from interp.config import SEED_MAX, DetectorConfig, param
 from interp.interventions import Intervention
 from interp.model import LoadedModel
-from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
+from interp.registry import Detector, Summary, UnitResult, register
 from interp.tokens import repeated_random_tokens
 
 METRICS = ("induction", "duplicate_token", "previous_token")
@@ -66,64 +69,61 @@ def second_copy_loss(
     return copy_losses(logits, tokens, seq_len, len(model.prefix))[1]
 
 
+@dataclass(frozen=True)
+class InductionConfig(DetectorConfig):
+    """Parameters of the induction scan (each field's help says what it is)."""
+
+    seq_len: int = param(50, "length R of the random block (repeated twice)", low=2)
+    n_prompts: int = param(20, "number of repeated-token prompts", low=1)
+    batch_size: int = param(5, "prompts per forward pass (one stored unit each)", low=1)
+    seed: int = param(0, "random seed of the token batch", low=0, high=SEED_MAX)
+
+
 @register
-class InductionDetector(Detector):
+class InductionDetector(Detector[InductionConfig]):
     name = "induction"
     description = "Previous-token, duplicate-token and induction (prefix-matching) scores on repeated random tokens"
-    kind = "head_scores"
+    output = "head_scores"
     in_default_scan = True
-    params = (
-        Param("seq_len", int, 50, "length R of the random block (repeated twice)", low=2),
-        Param("n_prompts", int, 20, "number of repeated-token prompts", low=1),
-        Param("batch_size", int, 5, "prompts per forward pass (one stored unit each)", low=1),
-        Param("seed", int, 0, "random seed of the token batch", low=0, high=SEED_MAX),
-    )
+    Config = InductionConfig
 
-    def variant(self, params: Mapping[str, Any]) -> str:
+    def variant(self, cfg: InductionConfig) -> str:
         return "second-copy-only"
 
-    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
-        n, b = params["n_prompts"], params["batch_size"]
-        if n < 1 or b < 1 or params["seq_len"] < 2:
-            from interp.errors import UserError
+    def method_text(self, cfg: InductionConfig) -> str:
+        return ("mean attention from each second-copy position of repeated random tokens to the "
+                "induction, duplicate and previous token (Olsson et al. 2022), averaged over prompts")
 
-            raise UserError("n_prompts and batch_size must be >= 1 and seq_len >= 2")
-        model.check_length(2 * params["seq_len"] + 1)
+    def units(self, model: LoadedModel, cfg: InductionConfig) -> list[str]:
+        model.check_length(2 * cfg.seq_len + len(model.prefix))
+        n, b = cfg.n_prompts, cfg.batch_size
         return [f"batch-{i}" for i in range((n + b - 1) // b)]
 
-    def tokens(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> torch.Tensor:
+    def tokens(self, model: LoadedModel, cfg: InductionConfig, unit: str) -> torch.Tensor:
         i = int(unit.split("-")[1])
-        n, b = params["n_prompts"], params["batch_size"]
-        size = min(b, n - i * b)
-        return repeated_random_tokens(model, size, params["seq_len"], seed=params["seed"] * 100_003 + i)
+        n, b = cfg.n_prompts, cfg.batch_size
+        return repeated_random_tokens(model, min(b, n - i * b), cfg.seq_len, seed=cfg.seed * 100_003 + i)
 
-    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
-        tokens = self.tokens(model, params, unit)
-        r = params["seq_len"]
+    def example_tokens(self, model: LoadedModel, cfg: InductionConfig) -> torch.Tensor:
+        return self.tokens(model, cfg, "batch-0")
+
+    def run_unit(self, model: LoadedModel, cfg: InductionConfig, unit: str) -> UnitResult:
+        tokens = self.tokens(model, cfg, unit)
         with torch.no_grad():
             out = model.run(tokens, cache=["pattern.*"])
         patterns = [out.cache[f"pattern.{layer}"] for layer in range(model.info.n_layers)]
-        scores = head_scores_from_patterns(patterns, r, len(model.prefix))
-        rows = []
-        for metric, table in scores.items():
-            for layer in range(table.shape[0]):
-                for head in range(table.shape[1]):
-                    rows.append((metric, layer, head, float(table[layer, head])))
-        first, second = copy_losses(out.logits, tokens, r, len(model.prefix))
-        n = int(tokens.shape[0])
+        scores = head_scores_from_patterns(patterns, cfg.seq_len, len(model.prefix))
+        first, second = copy_losses(out.logits, tokens, cfg.seq_len, len(model.prefix))
         return UnitResult(
             tables={
-                "head_scores": pd.DataFrame(rows, columns=["metric", "layer", "head", "value"]),
-                "metrics": pd.DataFrame(
-                    [("first_copy_loss", first, None, None, n), ("second_copy_loss", second, None, None, n)],
-                    columns=["name", "value", "ci_low", "ci_high", "n"],
+                "head_scores": pd.concat([tables.head_grid(m, grid) for m, grid in scores.items()], ignore_index=True),
+                "metrics": tables.metrics(
+                    {"first_copy_loss": first, "second_copy_loss": second}, n=int(tokens.shape[0])
                 ),
             }
         )
 
-    def finalize(
-        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
-    ) -> Summary:
+    def finalize(self, model: LoadedModel, cfg: InductionConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
         # Units hold prompt means; weight them by their prompt count.
         n_by_unit: dict[str, int] = {}
         loss_sums: dict[str, float] = {}
@@ -142,10 +142,7 @@ class InductionDetector(Detector):
             key = (str(metric), int(layer), int(head))
             sums[key] = sums.get(key, 0.0) + float(value) * n_by_unit[str(unit)]
         mean = {key: total / n_total for key, total in sums.items()}
-        agg = pd.DataFrame(
-            [(m, layer, head, v) for (m, layer, head), v in sorted(mean.items())],
-            columns=["metric", "layer", "head", "value"],
-        )
+        agg = tables.head_scores((m, layer, head, v) for (m, layer, head), v in sorted(mean.items()))
         pairs = sorted({(layer, head) for (_, layer, head) in mean})
         heads = sorted(
             (
@@ -169,14 +166,10 @@ class InductionDetector(Detector):
             "n_heads_above_threshold": n_above,
             "n_heads": len(heads),
         }
-        final_metrics = pd.DataFrame(
-            [(k, float(v), None, None, n_total) for k, v in summary_metrics.items()],
-            columns=["name", "value", "ci_low", "ci_high", "n"],
-        )
         return Summary(
             detector=self.name,
-            variant=self.variant(params),
+            variant=self.variant(cfg),
             heads=heads,
             metrics=summary_metrics,
-            tables={"head_scores": agg, "metrics": final_metrics},
+            tables={"head_scores": agg, "metrics": tables.metrics(summary_metrics, n=n_total)},
         )

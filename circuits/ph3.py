@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import chain
 from typing import Annotated, Any, ClassVar
 
 import pandas as pd
@@ -37,25 +38,28 @@ from circuits.conflict_heads import (
     head_effects,
     mean_by_head,
     out_proj_module,
+    prefixed_head_scores,
     ranked_heads,
 )
 from circuits.conflicts import (
-    DATASET_PARAMS,
-    METRIC_COLUMNS,
+    ConflictConfig,
     ConflictDataset,
     ConflictItem,
     build_dataset,
-    parse_formats,
+    conflict_dataset,
+    example_tokens,
     rates,
     score_items,
 )
 from circuits.decoding import greedy_decode
 from circuits.facts import facts_hash, load_facts
 from circuits.heads import all_heads, check_heads, head_label, parse_heads, random_heads
+from interp import tables
+from interp.config import SEED_MAX, param
 from interp.errors import UserError
 from interp.interventions import AblateHeads, Intervention, ScaleValue, ablate_heads
 from interp.model import LoadedModel
-from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, command, register
+from interp.registry import Detector, Summary, UnitResult, command, register
 
 K_GRID: tuple[int, ...] = (1, 3, 5, 7, 9, 15)
 DIRECTIONS = {
@@ -271,244 +275,190 @@ def scaling_figure(curve: pd.DataFrame, rate: str = "context_rate") -> go.Figure
     return fig
 
 
-def parse_factors(text: str) -> list[float]:
-    try:
-        out = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"bad factors {text!r}: give comma-separated numbers, e.g. 0,0.5,1,2") from None
-    if not out:
-        raise UserError("no scaling factors given")
-    if not all(math.isfinite(f) for f in out):
-        raise UserError(f"bad factors {text!r}: every factor must be a finite number")
-    return out
+@dataclass(frozen=True)
+class PH3Config(ConflictConfig):
+    """Parameters of ph3: the conflict dataset (ConflictConfig), then the k sweep and the scaling."""
 
+    seed: int = param(0, "seed of the context answers, the split and the random-head control",
+                      low=0, high=SEED_MAX)
+    ks: tuple[int, ...] = param(K_GRID, "candidate k (heads pruned), chosen on validation", low=1)
+    scale_heads: int = param(1, "top heads of each kind for the value-scaling curve (0 = none)", low=0)
+    factors: tuple[float, ...] = param((0.0, 0.5, 1.0, 2.0, 4.0), "value-vector scale factors", unbounded=True)
+    batch_size: int = param(32, "prompts per forward pass", low=1)
 
-def parse_ks(text: str) -> list[int]:
-    """'1,3,5' -> [1, 3, 5]: the candidate k of the PH3 sweep, positive integers."""
-    try:
-        ks = [int(k) for k in str(text).split(",") if k.strip()]
-    except ValueError:
-        raise UserError(f"bad ks {text!r}: give comma-separated integers") from None
-    if not ks or min(ks) < 1:
-        raise UserError(f"ks must be positive integers, got {text!r}")
-    return ks
+    def check(self) -> None:
+        super().check()
+        if not self.ks:
+            raise UserError("no candidate k given in ks (e.g. 1,3,5)")
+        if not self.factors:
+            raise UserError("no scale factor given in factors (e.g. 0,0.5,1,2)")
 
 
 @register
-class PH3Detector(Detector):
+class PH3Detector(Detector[PH3Config]):
     name = "ph3"
     description = (
         "PH3 (Jin et al. 2024): prune top-k context heads (memory heads) to raise the memory (context) "
         "rate; k chosen on validation, rates on test; value-vector scaling curves"
     )
-    kind = "intervention"
+    output = "intervention"
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {
         "validation.*.memory_rate": ("k (heads pruned)", "memory rate (fraction of validation items, top-1)"),
         "validation.*.context_rate": ("k (heads pruned)", "context rate (fraction of validation items, top-1)"),
         "test.scale_value.*.memory_rate": ("value scale factor", "memory rate (fraction of test items, top-1)"),
         "test.scale_value.*.context_rate": ("value scale factor", "context rate (fraction of test items, top-1)"),
     }
-    params = (
-        Param("seed", int, 0, "seed of the context answers, the split and the random-head control",
-              low=0, high=SEED_MAX),
-        *DATASET_PARAMS,
-        Param("ks", str, "1,3,5,7,9,15", "candidate k (heads pruned), chosen on validation"),
-        Param("scale_heads", int, 1, "top heads of each kind for the value-scaling curve (0 = none)", low=0),
-        Param("factors", str, "0,0.5,1,2,4", "value-vector scale factors"),
-        Param("batch_size", int, 32, "prompts per forward pass", low=1),
-    )
+    Config = PH3Config
 
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
-        parse_formats(params["formats"])
-        parse_ks(params["ks"])
-        parse_factors(params["factors"])
+    def variant(self, cfg: PH3Config) -> str:
+        return "zero-ablation.direct-path-ranking"
 
-    def __init__(self) -> None:
-        self._memo: dict[tuple[Any, ...], Any] = {}
+    def method_text(self, cfg: PH3Config) -> str:
+        return (
+            "Zero ablation of each pruned head's z at all positions (PH3, Jin et al. 2024); heads ranked by "
+            "direct-path patching to the logits on the validation split, k chosen there, rates on the test split."
+        )
 
-    def variant(self, params: Mapping[str, Any]) -> str:
-        return "zero-ablation(z, all positions); heads ranked by direct-path patching on validation"
+    def dataset(self, model: LoadedModel, cfg: PH3Config) -> ConflictDataset:
+        return self.memo("dataset", model, cfg, lambda: conflict_dataset(model, cfg, cfg.batch_size))
 
-    def _key(self, model: LoadedModel, params: Mapping[str, Any], what: str) -> tuple[Any, ...]:
-        return (what, id(model), json.dumps(dict(params), sort_keys=True))
+    def heads(self, model: LoadedModel, cfg: PH3Config) -> tuple[pd.DataFrame, list[Head], list[Head]]:
+        """(per-head scores on validation, memory heads, context heads), best first."""
 
-    def dataset(self, model: LoadedModel, params: Mapping[str, Any]) -> ConflictDataset:
-        key = self._key(model, params, "dataset")
-        if key not in self._memo:
-            self._memo[key] = build_dataset(
-                model,
-                load_facts(params["facts"]),
-                seed=params["seed"],
-                val_fraction=params["val_fraction"],
-                max_items=params["max_items"],
-                batch_size=params["batch_size"],
-            )
-        return self._memo[key]
-
-    def heads(self, model: LoadedModel, params: Mapping[str, Any]) -> tuple[pd.DataFrame, list[Head], list[Head]]:
-        key = self._key(model, params, "heads")
-        if key not in self._memo:
-            ds = self.dataset(model, params)
-            scores = ranking(model, ds.split("validation"), parse_formats(params["formats"]), params["batch_size"])
+        def compute() -> tuple[pd.DataFrame, list[Head], list[Head]]:
+            ds = self.dataset(model, cfg)
+            scores = ranking(model, ds.split("validation"), cfg.formats, cfg.batch_size)
             mem, ctx = ranked_heads(scores, "path_delta")
-            self._memo[key] = (scores, mem, ctx)
-        return self._memo[key]
+            return scores, mem, ctx
 
-    def choices(self, model: LoadedModel, params: Mapping[str, Any]) -> dict[str, tuple[int, pd.DataFrame]]:
-        key = self._key(model, params, "k")
-        if key not in self._memo:
-            ds = self.dataset(model, params)
-            _, mem, ctx = self.heads(model, params)
-            formats = parse_formats(params["formats"])
-            ks = parse_ks(params["ks"])
+        return self.memo("heads", model, cfg, compute)
+
+    def choices(self, model: LoadedModel, cfg: PH3Config) -> dict[str, tuple[int, pd.DataFrame]]:
+        """Per direction: (the k chosen on validation, the sweep over ks)."""
+
+        def compute() -> dict[str, tuple[int, pd.DataFrame]]:
+            ds = self.dataset(model, cfg)
+            _, mem, ctx = self.heads(model, cfg)
             pools = {"prune-context": ctx, "prune-memory": mem}
-            self._memo[key] = {
-                d: select_k(model, ds.split("validation"), formats, pools[d], d, ks, params["batch_size"])
+            return {
+                d: select_k(model, ds.split("validation"), cfg.formats, pools[d], d, cfg.ks, cfg.batch_size)
                 for d in DIRECTIONS
             }
-        return self._memo[key]
 
-    def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
-        return facts_hash(params["facts"])
+        return self.memo("k", model, cfg, compute)
 
-    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
-        parse_formats(params["formats"])
-        parse_ks(params["ks"])
-        parse_factors(params["factors"])
-        if params["max_items"] < 0 or params["scale_heads"] < 0 or params["batch_size"] < 1:
-            raise UserError("max_items and scale_heads must be >= 0, batch_size >= 1")
+    def dataset_hash(self, model: LoadedModel, cfg: PH3Config) -> str | None:
+        return facts_hash(cfg.facts)
+
+    def example_tokens(self, model: LoadedModel, cfg: PH3Config) -> torch.Tensor | None:
+        return example_tokens(model, cfg)
+
+    def units(self, model: LoadedModel, cfg: PH3Config) -> list[str]:
         units = ["select-k", "test"]
-        return [*units, "scaling"] if params["scale_heads"] > 0 else units
+        return [*units, "scaling"] if cfg.scale_heads > 0 else units
 
-    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
-        formats = parse_formats(params["formats"])
-        ds = self.dataset(model, params)
-        scores, mem, ctx = self.heads(model, params)
-        bs = params["batch_size"]
+    def run_unit(self, model: LoadedModel, cfg: PH3Config, unit: str) -> UnitResult:
+        ds = self.dataset(model, cfg)
+        scores, mem, ctx = self.heads(model, cfg)
         if unit == "select-k":
-            choices = self.choices(model, params)
-            sweep = pd.concat([s for _, s in choices.values()], ignore_index=True)
-            curves = pd.DataFrame(
-                {
-                    "curve": "validation." + sweep["direction"] + "." + sweep["target"],
-                    "layer": None,
-                    "head": None,
-                    "x": sweep["k"].astype(float),
-                    "y": sweep["target_rate"],
-                }
-            )
-            metrics = [(f"{d}.k", float(k), None, None, len(ds.validation)) for d, (k, _) in choices.items()]
-            long = pd.DataFrame(scores.melt(id_vars=["layer", "head"], var_name="metric", value_name="value"))
-            long["metric"] = "validation." + long["metric"].astype(str)
-            return UnitResult(
-                tables={
-                    "curves": curves,
-                    "metrics": pd.DataFrame(metrics, columns=METRIC_COLUMNS),
-                    "head_scores": pd.DataFrame(long[["metric", "layer", "head", "value"]]),
-                }
-            )
+            return self._select_k_unit(model, cfg, ds, scores)
         if unit == "test":
-            choices = self.choices(model, params)
-            test = ds.split("test")
-            conditions: dict[str, list[Head]] = {"unpruned": []}
-            for d, (k, _) in choices.items():
-                pool = ctx if DIRECTIONS[d][0] == "context" else mem
-                conditions[d] = pool[:k]
-                # As many random heads as pruned (all that are left, on a model that small).
-                n = min(len(pool[:k]), model.info.n_total_heads - len(pool[:k]))
-                conditions[f"{d}.random-control"] = random_heads(
-                    all_heads(model), pool[:k], n, random.Random(params["seed"])
-                )
-            rows = []
-            for cond, heads in conditions.items():
-                for conflict in (True, False):
-                    res = evaluate(model, test, formats, heads, conflict=conflict, batch_size=bs)
-                    setting = "conflict" if conflict else "no-conflict"
-                    for f, r in res.items():
-                        n = int(r["n"])
-                        for name, v in r.items():
-                            if name != "n":
-                                rows.append((f"test.{cond}.{setting}.{f}.{name}", float(v), None, None, n))
-            art = {c: [head_label(*h) for h in hs] for c, hs in conditions.items()}
-            return UnitResult(
-                tables={
-                    "metrics": pd.DataFrame(rows, columns=METRIC_COLUMNS),
-                    "artifacts": pd.DataFrame({"name": ["pruned_heads"], "json": [art]}),
-                }
-            )
+            return self._test_unit(model, cfg, ds.split("test"), mem, ctx)
         if unit == "scaling":
-            top = params["scale_heads"]
-            heads = list(dict.fromkeys(mem[:top] + ctx[:top]))
-            curve = scaling_curve(model, ds.split("test"), formats, heads, parse_factors(params["factors"]), bs)
-            frames = []
-            for rate in ("context_rate", "memory_rate"):
-                frames.append(
-                    pd.DataFrame(
-                        {
-                            "curve": "test.scale_value." + curve["format"] + "." + rate,
-                            "layer": curve["layer"],
-                            "head": curve["head"],
-                            "x": curve["factor"],
-                            "y": curve[rate],
-                        }
-                    )
-                )
-            return UnitResult(tables={"curves": pd.concat(frames, ignore_index=True)})
+            heads = list(dict.fromkeys(mem[: cfg.scale_heads] + ctx[: cfg.scale_heads]))
+            curve = scaling_curve(model, ds.split("test"), cfg.formats, heads, cfg.factors, cfg.batch_size)
+            rows = (
+                zip("test.scale_value." + curve["format"] + "." + rate, curve["layer"], curve["head"],
+                    curve["factor"], curve[rate], strict=True)
+                for rate in ("context_rate", "memory_rate")
+            )
+            return UnitResult(tables={"curves": tables.curves(chain.from_iterable(rows))})
         raise UserError(f"unknown unit {unit!r}")
 
-    def finalize(
-        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
-    ) -> Summary:
-        met = pd.DataFrame(results["metrics"])
+    def _select_k_unit(self, model: LoadedModel, cfg: PH3Config, ds: ConflictDataset, scores: pd.DataFrame) -> UnitResult:
+        """The k sweep of each direction on validation (curves), the chosen k, the ranking."""
+        choices = self.choices(model, cfg)
+        sweep = pd.concat([s for _, s in choices.values()], ignore_index=True)
+        curve = "validation." + sweep["direction"] + "." + sweep["target"]
+        n = len(curve)
+        return UnitResult(
+            tables={
+                "curves": tables.curves(
+                    zip(curve, [None] * n, [None] * n, sweep["k"].astype(float), sweep["target_rate"], strict=True)
+                ),
+                "metrics": tables.metric_rows(
+                    (f"{d}.k", float(k), None, None, len(ds.validation)) for d, (k, _) in choices.items()
+                ),
+                "head_scores": prefixed_head_scores(scores, "validation"),
+            }
+        )
+
+    def _test_unit(
+        self, model: LoadedModel, cfg: PH3Config, test: Sequence[ConflictItem], mem: list[Head], ctx: list[Head]
+    ) -> UnitResult:
+        """Test-split rates unpruned, pruned with the chosen k, and with as many random heads,
+        on conflict and on no-conflict prompts."""
+        conditions: dict[str, list[Head]] = {"unpruned": []}
+        for d, (k, _) in self.choices(model, cfg).items():
+            pool = ctx if DIRECTIONS[d][0] == "context" else mem
+            conditions[d] = pool[:k]
+            # As many random heads as pruned (all that are left, on a model that small).
+            n = min(len(pool[:k]), model.info.n_total_heads - len(pool[:k]))
+            conditions[f"{d}.random-control"] = random_heads(all_heads(model), pool[:k], n, random.Random(cfg.seed))
+        rows = []
+        for cond, heads in conditions.items():
+            for conflict in (True, False):
+                res = evaluate(model, test, cfg.formats, heads, conflict=conflict, batch_size=cfg.batch_size)
+                setting = "conflict" if conflict else "no-conflict"
+                for f, r in res.items():
+                    n = int(r["n"])
+                    for name, v in r.items():
+                        if name != "n":
+                            rows.append((f"test.{cond}.{setting}.{f}.{name}", float(v), None, None, n))
+        art = {c: [head_label(*h) for h in hs] for c, hs in conditions.items()}
+        return UnitResult(tables={"metrics": tables.metric_rows(rows), "artifacts": tables.artifact("pruned_heads", art)})
+
+    def finalize(self, model: LoadedModel, cfg: PH3Config, results: Mapping[str, pd.DataFrame]) -> Summary:
+        met = results["metrics"]
         metrics: dict[str, Any] = dict(
             zip(met["name"].astype(str).tolist(), met["value"].astype(float).tolist(), strict=True)
         )
         for d in DIRECTIONS:
             metrics[f"{d}.k"] = int(metrics[f"{d}.k"])
-        formats = parse_formats(params["formats"])
         # The headline numbers: target rate before and after, per format, on the test split.
         for d, (_, target, _) in DIRECTIONS.items():
-            for f in formats:
+            for f in cfg.formats:
                 before = metrics[f"test.unpruned.conflict.{f}.{target}"]
                 after = metrics[f"test.{d}.conflict.{f}.{target}"]
                 metrics[f"test.{d}.{f}.{target}_change"] = after - before
-        ds = self.dataset(model, params)
+        ds = self.dataset(model, cfg)
         split = ds.split_record()
-        art = pd.DataFrame(results.get("artifacts", pd.DataFrame(columns=["name", "json"])))
-        pruned: dict[str, list[str]] = {}
-        cells = [c for n, c in zip(art["name"].tolist(), art["json"].tolist(), strict=True) if n == "pruned_heads"]
-        if cells:
-            pruned = json.loads(cells[0]) if isinstance(cells[0], str) else cells[0]
+        art = results.get("artifacts")
+        pruned: dict[str, list[str]] = (tables.read_artifact(art, "pruned_heads") if art is not None else None) or {}
         for cond, hs in pruned.items():
             metrics[f"heads.{cond}"] = ",".join(hs)
         metrics.update(
-            {
-                "seed": params["seed"],
-                "split_hash": split["hash"],
-                "n_validation": len(ds.validation),
-                "n_test": len(ds.test),
-            }
+            {"seed": cfg.seed, "split_hash": split["hash"], "n_validation": len(ds.validation), "n_test": len(ds.test)}
         )
-        numeric = [(k, float(v), None, None, None) for k, v in metrics.items() if isinstance(v, int | float)]
-        settings = {
-            "variant": self.variant(params),
-            "k_grid": params["ks"],
+        selection = {
+            "variant": self.variant(cfg),
+            "k_grid": list(cfg.ks),
             "selection": "max validation target rate averaged over formats; ties: logit shift, then smaller k",
             "chosen_k": {d: metrics[f"{d}.k"] for d in DIRECTIONS},
             "pruned_heads": pruned,
         }
-        curves = results.get("curves", pd.DataFrame())
-        hs = results.get("head_scores", pd.DataFrame())
-        tables: dict[str, pd.DataFrame] = {
-            "metrics": pd.DataFrame(numeric, columns=METRIC_COLUMNS),
-            "artifacts": pd.DataFrame({"name": ["split", "settings"], "json": [split, settings]}),
+        out: dict[str, pd.DataFrame] = {
+            "metrics": tables.metrics(metrics),
+            "artifacts": pd.concat(
+                [tables.artifact("split", split), tables.artifact("selection", selection)], ignore_index=True
+            ),
         }
-        if len(curves):
-            tables["curves"] = curves.drop(columns=["unit"], errors="ignore")
-        if len(hs):
-            tables["head_scores"] = hs.drop(columns=["unit"], errors="ignore")
-        return Summary(detector=self.name, variant=self.variant(params), metrics=metrics, tables=tables)
+        # The units' curves and ranking, carried into the final tables as they are.
+        for table in ("curves", "head_scores"):
+            frame = results.get(table)
+            if frame is not None and len(frame):
+                out[table] = pd.DataFrame(frame[tables.columns(table)])
+        return Summary(detector=self.name, variant=self.variant(cfg), metrics=metrics, tables=out)
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo name, local HF folder or hub id")]

@@ -29,12 +29,14 @@ their row.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -52,11 +54,13 @@ from circuits.needles import (
     make_grid,
     words,
 )
+from interp import tables
 from interp.backends import RunOutput
+from interp.config import SEED_MAX, DetectorConfig, param
 from interp.errors import UserError
 from interp.interventions import Intervention, ablate_heads
 from interp.model import LoadedModel
-from interp.registry import SEED_MAX, Detector, Param, Summary, UnitResult, register
+from interp.registry import Detector, Summary, UnitResult, register
 from interp.runner import run_in_memory
 
 if TYPE_CHECKING:
@@ -69,7 +73,6 @@ NEEDLE_CURVE_AXES: dict[str, tuple[str, str]] = {
     "*: accuracy vs length*": ("context length (tokens)", "accuracy (fraction of samples)"),
 }
 CORRECTNESS = "rouge1_recall>0.5"
-METRIC_COLS = ["name", "value", "ci_low", "ci_high", "n"]
 
 
 # ---------------------------------------------------------------- correctness
@@ -167,8 +170,8 @@ def score_sample_faithful(
     gen = generated[0]
     # The sequence the step-t query can see: prompt + tokens generated before step t.
     seq = list(sample.input_ids) + gen
-    tables = [a[:, 0] for a in argmaxes[: len(gen)]]
-    scores = retrieval_scores(tables, seq, sample.needle_span, gen)
+    steps = [a[:, 0] for a in argmaxes[: len(gen)]]
+    scores = retrieval_scores(steps, seq, sample.needle_span, gen)
     response = response_text(model, gen)
     recall = rouge1_recall(sample.needle.answer, response)
     return {
@@ -178,7 +181,7 @@ def score_sample_faithful(
         "rouge1_recall": recall,
         "correct": recall > 0.5,
         "steps": len(gen),
-        "argmax": tables,
+        "argmax": steps,
     }
 
 
@@ -194,9 +197,9 @@ def score_sample_fast(model: LoadedModel, sample: NeedleSample) -> dict[str, Any
         out = model.run(chunk, cache=["pattern.*"], past_key_values=pre.past_key_values)
     # Query j of the chunk sits at position len(prompt) - 1 + j and predicts answer[j].
     am = _argmax_rows(out.cache, n_layers)[:, 0]  # [layer, head, query]
-    tables = [am[..., j].cpu() for j in range(len(answer))]
+    steps = [am[..., j].cpu() for j in range(len(answer))]
     seq = prompt + answer
-    scores = retrieval_scores(tables, seq, sample.needle_span, answer)
+    scores = retrieval_scores(steps, seq, sample.needle_span, answer)
     pred = out.logits[0].argmax(-1).tolist()
     acc = float(np.mean([p == t for p, t in zip(pred, answer, strict=True)]))
     return {
@@ -209,75 +212,68 @@ def score_sample_fast(model: LoadedModel, sample: NeedleSample) -> dict[str, Any
     }
 
 
-# ---------------------------------------------------------------- grid and params
+# ---------------------------------------------------------------- the needle grid
 
 
-def grid_params(n_needles: int = 3) -> tuple[Param, ...]:
-    return (
-        Param("min_length", int, 200, "shortest context (filler + needle), tokens", low=1),
-        Param("max_length", int, 800, "longest context, tokens (at least min_length)", low=1),
-        Param("n_lengths", int, 3, "context lengths, evenly spaced from min_length to max_length", low=1),
-        Param("n_depths", int, 3, "needle depths, evenly spaced from 0 (start) to 1 (end)", low=1),
-        Param("n_needles", int, n_needles, "needles used, from the start of the needles file (0 = all)", low=0),
-        Param("needles_file", str, "", "JSONL of {sentence, question, answer} (default: shipped needles)"),
-        Param("haystack_file", str, "", "filler text file (default: shipped public-domain prose)"),
-        Param("max_tokens", int, 1024, "token budget: prompt + decoded tokens stay within it", low=2),
-        Param("max_new_tokens", int, 24, "greedy decoding steps at most (the reference uses 50)", low=1),
-        Param("prompt_format", str, "auto", "chat template (auto: when the tokenizer has one) or plain",
-              choices=("auto", "chat", "plain")),
-        Param("seed", int, 0, "seed of the haystack windows", low=0, high=SEED_MAX),
+@dataclass(frozen=True)
+class NeedleGridConfig(DetectorConfig):
+    """The needle-in-a-haystack grid both retrieval detectors run on: context lengths x needle
+    depths x needles, each prompt within a token budget."""
+
+    min_length: int = param(200, "shortest context (filler + needle), tokens", low=1)
+    max_length: int = param(800, "longest context, tokens (at least min_length)", low=1)
+    n_lengths: int = param(3, "context lengths, evenly spaced from min_length to max_length", low=1)
+    n_depths: int = param(3, "needle depths, evenly spaced from 0 (start) to 1 (end)", low=1)
+    n_needles: int = param(3, "needles used, from the start of the needles file (0 = all)", low=0)
+    needles_file: str = param("", "JSONL of {sentence, question, answer} (default: shipped needles)")
+    haystack_file: str = param("", "filler text file (default: shipped public-domain prose)")
+    max_tokens: int = param(1024, "token budget: prompt + decoded tokens stay within it", low=2)
+    max_new_tokens: int = param(24, "greedy decoding steps at most (the reference uses 50)", low=1)
+    # needles.PromptFormat, written out: ruff (RUF009) takes a type alias for a mutable default.
+    prompt_format: Literal["auto", "chat", "plain"] = param(
+        "auto", "chat template (auto: when the tokenizer has one) or plain"
     )
+    seed: int = param(0, "seed of the haystack windows", low=0, high=SEED_MAX)
+
+    def check(self) -> None:
+        """The relations between the grid parameters, and the data files, checked without a model."""
+        super().check()
+        lo, hi = self.min_length, self.max_length
+        if lo > hi:
+            raise UserError(f"min_length must be <= max_length, got min_length={lo} and max_length={hi}")
+        budget, new = self.max_tokens, self.max_new_tokens
+        if hi + new > budget:
+            raise UserError(
+                f"max_length + max_new_tokens must be <= max_tokens (the prompt and its decoding fit the "
+                f"budget), got {hi} + {new} > {budget}"
+            )
+        if self.needles_file:
+            load_needles(self.needles_file)
+        if self.haystack_file:
+            load_haystack(self.haystack_file)
 
 
-def check_grid_params(params: Mapping[str, Any]) -> None:
-    """The relations between the grid parameters, and the data files, checked without a model."""
-    lo, hi = params["min_length"], params["max_length"]
-    if lo > hi:
-        raise UserError(f"min_length must be <= max_length, got min_length={lo} and max_length={hi}")
-    budget, new = params["max_tokens"], params["max_new_tokens"]
-    if hi + new > budget:
-        raise UserError(
-            f"max_length + max_new_tokens must be <= max_tokens (the prompt and its decoding fit the "
-            f"budget), got {hi} + {new} > {budget}"
-        )
-    if params["needles_file"]:
-        load_needles(params["needles_file"])
-    if params["haystack_file"]:
-        load_haystack(params["haystack_file"])
-
-
-@lru_cache(maxsize=8)
-def _haystack(model: LoadedModel, path: str) -> Haystack:
-    return Haystack(model, load_haystack(path or None))
-
-
-def samples_for(model: LoadedModel, params: Mapping[str, Any], seed: int | None = None) -> dict[str, NeedleSample]:
+def samples_for(model: LoadedModel, cfg: NeedleGridConfig) -> dict[str, NeedleSample]:
     """The grid of samples, keyed by unit name, in a fixed order."""
-    needles = load_needles(params["needles_file"] or None)
-    if params["n_needles"] < 0:
-        raise UserError("n_needles must be >= 0 (0 = all)")
-    if params["n_needles"]:
-        needles = needles[: params["n_needles"]]
-    if params["max_new_tokens"] < 1:
-        raise UserError("max_new_tokens must be >= 1")
+    needles = load_needles(cfg.needles_file or None)
+    if cfg.n_needles:
+        needles = needles[: cfg.n_needles]
     grid = make_grid(
         model,
         needles,
-        _haystack(model, params["haystack_file"]),
-        grid_lengths(params["min_length"], params["max_length"], params["n_lengths"]),
-        grid_depths(params["n_depths"]),
-        budget=params["max_tokens"],
-        max_new_tokens=params["max_new_tokens"],
-        seed=params["seed"] if seed is None else seed,
-        prompt_format=params["prompt_format"],
+        Haystack(model, load_haystack(cfg.haystack_file or None)),
+        grid_lengths(cfg.min_length, cfg.max_length, cfg.n_lengths),
+        grid_depths(cfg.n_depths),
+        budget=cfg.max_tokens,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed,
+        prompt_format=cfg.prompt_format,
     )
     return {f"len{s.length}-depth{s.depth:.2f}-needle{s.needle_index}": s for s in grid}
 
 
-def _file_hash(params: Mapping[str, Any]) -> str | None:
-    import hashlib
-
-    paths = [params[k] for k in ("needles_file", "haystack_file") if params[k]]
+def _file_hash(cfg: NeedleGridConfig) -> str | None:
+    paths = [p for p in (cfg.needles_file, cfg.haystack_file) if p]
     if not paths:
         return None
     h = hashlib.sha256()
@@ -290,22 +286,28 @@ def _file_hash(params: Mapping[str, Any]) -> str | None:
     return h.hexdigest()[:16]
 
 
-def _metrics_frame(items: Mapping[str, float], n: int) -> pd.DataFrame:
-    return pd.DataFrame([(k, float(v), None, None, n) for k, v in items.items()], columns=METRIC_COLS)
+G = TypeVar("G", bound=NeedleGridConfig)
 
 
-def _head_frame(metric: str, scores: torch.Tensor) -> pd.DataFrame:
-    n_layers, n_heads = scores.shape
-    rows = [(metric, la, h, float(scores[la, h])) for la in range(n_layers) for h in range(n_heads)]
-    return pd.DataFrame(rows, columns=["metric", "layer", "head", "value"])
+class _NeedleDetector(Detector[G]):
+    """What both retrieval detectors share: the grid of needle prompts, one sample per unit."""
 
+    curve_axes = NEEDLE_CURVE_AXES
 
-def _artifact(name: str, obj: Any) -> pd.DataFrame:
-    return pd.DataFrame({"name": [name], "json": [json.dumps(obj)]})
+    def dataset_hash(self, model: LoadedModel, cfg: G) -> str | None:
+        return _file_hash(cfg)
+
+    def samples(self, model: LoadedModel, cfg: G) -> dict[str, NeedleSample]:
+        """The grid (:func:`samples_for`), built once per run: units() and every unit read it."""
+        return self.memo("samples", model, cfg, lambda: samples_for(model, cfg))
+
+    def example_tokens(self, model: LoadedModel, cfg: G) -> torch.Tensor:
+        first = next(iter(self.samples(model, cfg).values()))
+        return torch.tensor([first.input_ids], dtype=torch.long)
 
 
 def _artifacts(results: Mapping[str, pd.DataFrame], name: str) -> list[dict[str, Any]]:
-    """The JSON artifacts of a name, each with the unit that wrote it (when known)."""
+    """Every JSON artifact of a name (one per unit), each with the unit that wrote it (when known)."""
     art = results.get("artifacts")
     if art is None or art.empty:
         return []
@@ -332,43 +334,61 @@ def accuracy_curves(samples: pd.DataFrame, column: str, condition: str) -> pd.Da
         rows.append((f"{condition}: accuracy vs depth", -1, -1, d, _mean(value[depth == d])))
     for n in sorted(set(length)):
         rows.append((f"{condition}: accuracy vs length", -1, -1, n, _mean(value[length == n])))
-    return pd.DataFrame(rows, columns=["curve", "layer", "head", "x", "y"])
+    return tables.curves(rows)
 
 
 # ---------------------------------------------------------------- the retrieval score
 
 
+@dataclass(frozen=True)
+class RetrievalConfig(NeedleGridConfig):
+    """Parameters of the retrieval score: the grid, the mode and the counted-samples floor."""
+
+    mode: Literal["faithful", "fast"] = param(
+        "faithful", "faithful: greedy decoding with a KV cache; fast: teacher-forced answer"
+    )
+    min_counted: int = param(5, "fewer correctly answered samples than this triggers a loud warning", low=0)
+
+
+def _mean_over_counted(head_scores: pd.DataFrame, units: set[str], n_counted: int) -> dict[tuple[int, int], float]:
+    """Each head's per-sample retrieval score averaged over the counted samples' units."""
+    per_sample = head_scores[head_scores["metric"] == "retrieval_sample"]
+    sums: dict[tuple[int, int], float] = {}
+    for u, la, h, v in zip(per_sample["unit"], per_sample["layer"], per_sample["head"],
+                           per_sample["value"], strict=True):
+        if u in units:
+            sums[(int(la), int(h))] = sums.get((int(la), int(h)), 0.0) + float(v)
+    # Mean over the counted samples (each counted sample scores every head).
+    return {key: total / n_counted for key, total in sums.items()}
+
+
 @register
-class RetrievalDetector(Detector):
+class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
     name = "retrieval"
     description = "Retrieval score per query head on needle-in-a-haystack prompts (Wu et al. 2024)"
-    kind = "head_scores"
+    output = "head_scores"
     in_default_scan = True
-    curve_axes = NEEDLE_CURVE_AXES
-    params = (
-        Param("mode", str, "faithful", "faithful: greedy decoding with a KV cache; fast: teacher-forced answer",
-              choices=("faithful", "fast")),
-        *grid_params(),
-        Param("min_counted", int, 5, "fewer correctly answered samples than this triggers a loud warning", low=0),
-    )
+    Config = RetrievalConfig
 
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
-        check_grid_params(params)
+    def variant(self, cfg: RetrievalConfig) -> str:
+        return "faithful" if cfg.mode == "faithful" else "fast-teacher-forced"
 
-    def variant(self, params: Mapping[str, Any]) -> str:
-        return "faithful" if params["mode"] == "faithful" else "fast-teacher-forced"
+    def method_text(self, cfg: RetrievalConfig) -> str:
+        if cfg.mode == "faithful":
+            return ("retrieval score (Wu et al. 2024): greedy decoding with a KV cache; a head counts at a step "
+                    "when its argmax key lies in the needle span on the token generated, 1/span per step; "
+                    f"mean over the samples answered correctly ({CORRECTNESS})")
+        return ("teacher-forced retrieval score: the needle's answer tokens after the prompt, scored in one "
+                "pass with the argmax/copy count of Wu et al. 2024; mean over the samples whose teacher-forced "
+                "top-1 accuracy is > 0.5")
 
-    def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
-        return _file_hash(params)
+    def units(self, model: LoadedModel, cfg: RetrievalConfig) -> list[str]:
+        return list(self.samples(model, cfg))
 
-    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
-        return list(samples_for(model, params))
-
-    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
-        sample = samples_for(model, params)[unit]
-        if params["mode"] == "faithful":
-            r = score_sample_faithful(model, sample, params["max_new_tokens"])
+    def run_unit(self, model: LoadedModel, cfg: RetrievalConfig, unit: str) -> UnitResult:
+        sample = self.samples(model, cfg)[unit]
+        if cfg.mode == "faithful":
+            r = score_sample_faithful(model, sample, cfg.max_new_tokens)
             quality = ("rouge1_recall", r["rouge1_recall"])
         else:
             r = score_sample_fast(model, sample)
@@ -377,41 +397,36 @@ class RetrievalDetector(Detector):
                 "correct": bool(r["correct"]), quality[0]: quality[1], "steps": r["steps"]}
         return UnitResult(
             tables={
-                "head_scores": _head_frame("retrieval_sample", r["scores"]),
-                "metrics": _metrics_frame(
+                "head_scores": tables.head_grid("retrieval_sample", r["scores"]),
+                "metrics": tables.metrics(
                     {"correct": float(r["correct"]), quality[0]: quality[1], "steps": r["steps"],
                      "length": sample.length, "depth": sample.depth, "n_tokens": sample.n_tokens,
                      "needle": sample.needle_index},
-                    1,
+                    n=1,
                 ),
-                "artifacts": _artifact("sample", info),
+                "artifacts": tables.artifact("sample", info),
             }
         )
 
-    def finalize(
-        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
-    ) -> Summary:
+    def finalize(self, model: LoadedModel, cfg: RetrievalConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
         samples = pd.DataFrame(_artifacts(results, "sample"))
         n = len(samples)
         counted = samples[samples["correct"]] if n else samples
         n_counted = len(counted)
-        hs = results["head_scores"]
-        per_sample = hs[hs["metric"] == "retrieval_sample"]
         warnings: list[str] = []
-        mode = self.variant(params)
-        rule = CORRECTNESS if params["mode"] == "faithful" else "teacher_accuracy>0.5"
+        rule = CORRECTNESS if cfg.mode == "faithful" else "teacher_accuracy>0.5"
         n_heads = model.info.n_total_heads
         metrics: dict[str, Any] = {
             "n_samples": n,
             "n_counted": n_counted,
             "share_counted": n_counted / n if n else 0.0,
             "accuracy": _mean(samples["correct"]) if n else 0.0,
-            "min_counted": params["min_counted"],
-            "too_few_counted": int(n_counted < params["min_counted"]),
+            "min_counted": cfg.min_counted,
+            "too_few_counted": int(n_counted < cfg.min_counted),
             "threshold": RETRIEVAL_THRESHOLD,
             "n_heads": n_heads,
         }
-        tables: dict[str, pd.DataFrame] = {}
+        out: dict[str, pd.DataFrame] = {}
         heads: list[dict[str, Any]] = []
         if n_counted == 0:
             warnings.append(
@@ -420,49 +435,41 @@ class RetrievalDetector(Detector):
                 f"contexts (min_length/max_length), other needles, or a larger model."
             )
         else:
-            if n_counted < params["min_counted"]:
+            if n_counted < cfg.min_counted:
                 warnings.append(
                     f"TOO FEW SAMPLES COUNTED: only {n_counted} of {n} samples were answered correctly "
-                    f"({rule}), fewer than min_counted={params['min_counted']}; these retrieval scores "
+                    f"({rule}), fewer than min_counted={cfg.min_counted}; these retrieval scores "
                     f"are noisy and may not rank heads reliably."
                 )
-            units = set(counted["unit"])
-            sums: dict[tuple[int, int], float] = {}
-            for u, la, h, v in zip(per_sample["unit"], per_sample["layer"], per_sample["head"],
-                                   per_sample["value"], strict=True):
-                if u in units:
-                    sums[(int(la), int(h))] = sums.get((int(la), int(h)), 0.0) + float(v)
-            # Mean over the counted samples (each counted sample scores every head).
-            mean = {key: total / n_counted for key, total in sums.items()}
+            mean = _mean_over_counted(results["head_scores"], set(counted["unit"]), n_counted)
             order = sorted(mean, key=lambda key: (-mean[key], key))
             heads = [{"layer": la, "head": h, "score": mean[(la, h)]} for la, h in order]
             above = sum(v > RETRIEVAL_THRESHOLD for v in mean.values())
             metrics["n_heads_above_threshold"] = above
             metrics["share_heads_above_threshold"] = above / n_heads
             metrics["max_score"] = max(mean.values())
-            tables["head_scores"] = pd.DataFrame(
-                [("retrieval", la, h, mean[(la, h)]) for la, h in order], columns=["metric", "layer", "head", "value"]
-            )
+            out["head_scores"] = tables.head_scores(("retrieval", la, h, mean[(la, h)]) for la, h in order)
         if n:
-            tables["curves"] = accuracy_curves(samples, "correct", "unmasked")
-        tables["metrics"] = _metrics_frame(metrics, n)
-        tables["artifacts"] = _artifact(
-            "settings", {"mode": mode, "correctness": rule, "counted_units": sorted(counted["unit"]) if n_counted else []}
+            out["curves"] = accuracy_curves(samples, "correct", "unmasked")
+        out["metrics"] = tables.metrics(metrics, n=n)
+        out["artifacts"] = tables.artifact(
+            "counting", {"mode": self.variant(cfg), "correctness": rule,
+                         "counted_units": sorted(counted["unit"]) if n_counted else []}
         )
         metrics["correctness"] = rule
         return Summary(
-            detector=self.name, variant=mode, heads=heads, metrics=metrics, warnings=warnings, tables=tables
+            detector=self.name, variant=self.variant(cfg), heads=heads, metrics=metrics, warnings=warnings, tables=out
         )
 
 
 # ---------------------------------------------------------------- the masking experiment
 
 
-def rank_heads(model: LoadedModel, params: Mapping[str, Any]) -> tuple[list[Head], Summary]:
-    """Rank heads best first with the retrieval detector, run in process with ``params`` (raw
-    or parsed; defaults fill the rest). Raises when no sample was answered correctly."""
+def rank_heads(model: LoadedModel, cfg: RetrievalConfig | Mapping[str, Any]) -> tuple[list[Head], Summary]:
+    """Rank heads best first with the retrieval detector, run in process with ``cfg`` (a config,
+    or raw values; defaults fill the rest). Raises when no sample was answered correctly."""
     det = RetrievalDetector()
-    summary, _ = run_in_memory(model, det, det.parse_params(params))
+    summary, _ = run_in_memory(model, det, det.parse_params(cfg))
     ranking = ranking_from_summary(summary)
     if not ranking:
         raise UserError(
@@ -472,175 +479,180 @@ def rank_heads(model: LoadedModel, params: Mapping[str, Any]) -> tuple[list[Head
     return ranking, summary
 
 
-_RANKINGS: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+@dataclass(frozen=True)
+class RetrievalMaskingConfig(NeedleGridConfig):
+    """Parameters of the masking experiment: which heads, how masked, the random controls."""
+
+    heads: tuple[str, ...] = param(
+        (), "ranking as LAYER.HEAD,... best first; empty: compute it (faithful retrieval scan)"
+    )
+    top_k: int = param(10, "K: how many top retrieval heads to mask", low=1)
+    method: Literal["uniform", "zero"] = param(
+        "uniform", "uniform: zero the query (the reference's mask); zero: zero the head output"
+    )
+    n_random: int = param(3, "draws of K random heads", low=1)
+    exclude_top: int = param(-1, "random heads are drawn outside the top N of the ranking "
+                             "(-1: max(K, 10% of heads); the paper draws outside its top 100)", low=-1)
+    ranking_mode: Literal["faithful", "fast"] = param("faithful", "score used to rank heads when 'heads' is empty")
+
+    def check(self) -> None:
+        super().check()
+        if self.heads:
+            ranked = parse_heads(",".join(self.heads))
+            if len(ranked) < self.top_k:
+                raise UserError(f"'heads' lists {len(ranked)} heads, fewer than top_k={self.top_k}")
+
+    def ranking_config(self) -> RetrievalConfig:
+        """The retrieval scan that ranks the heads when ``heads`` is empty: this grid, scored in
+        ``ranking_mode``, every correctly answered sample counted."""
+        grid = {f.name: getattr(self, f.name) for f in dataclasses.fields(NeedleGridConfig)}
+        # The ranking is computed on other haystack windows than the ones it is tested on.
+        return RetrievalConfig(**{**grid, "seed": self.seed + 1, "mode": self.ranking_mode, "min_counted": 1})
 
 
 @register
-class RetrievalMaskingDetector(Detector):
+class RetrievalMaskingDetector(_NeedleDetector[RetrievalMaskingConfig]):
     name = "retrieval-masking"
     description = "Needle accuracy with the top-K retrieval heads masked vs K random heads (Wu et al. 2024)"
-    kind = "intervention"
-    curve_axes = NEEDLE_CURVE_AXES
-    params = (
-        Param("heads", str, "", "ranking as LAYER.HEAD,... best first; empty: compute it (faithful retrieval scan)"),
-        Param("top_k", int, 10, "K: how many top retrieval heads to mask", low=1),
-        Param("method", str, "uniform", "uniform: zero the query (the reference's mask); zero: zero the head output",
-              choices=("uniform", "zero")),
-        Param("n_random", int, 3, "draws of K random heads", low=1),
-        Param("exclude_top", int, -1, "random heads are drawn outside the top N of the ranking "
-              "(-1: max(K, 10% of heads); the paper draws outside its top 100)", low=-1),
-        Param("ranking_mode", str, "faithful", "score used to rank heads when 'heads' is empty",
-              choices=("faithful", "fast")),
-        *grid_params(),
-    )
+    output = "intervention"
+    Config = RetrievalMaskingConfig
 
-    def variant(self, params: Mapping[str, Any]) -> str:
-        return f"{params['method']}-mask"
+    def variant(self, cfg: RetrievalMaskingConfig) -> str:
+        return f"{cfg.method}-mask"
 
-    def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
-        return _file_hash(params)
+    def method_text(self, cfg: RetrievalMaskingConfig) -> str:
+        how = ("the query zeroed (uniform attention, as Wu et al. 2024 mask a head)" if cfg.method == "uniform"
+               else "the head's output zeroed")
+        source = "given" if cfg.heads else f"a {cfg.ranking_mode} retrieval scan on the seed+1 haystack windows"
+        return (f"greedy needle answers with the top {cfg.top_k} retrieval heads masked ({how}) against "
+                f"{cfg.n_random} draws of {cfg.top_k} random heads outside the top of the ranking ({source}); "
+                f"accuracy is {CORRECTNESS}")
 
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
-        check_grid_params(params)
-        if params["heads"]:
-            ranked = parse_heads(params["heads"])
-            if len(ranked) < params["top_k"]:
-                raise UserError(f"'heads' lists {len(ranked)} heads, fewer than top_k={params['top_k']}")
-
-    def _n_exclude(self, model: LoadedModel, params: Mapping[str, Any]) -> int:
+    def _n_exclude(self, model: LoadedModel, cfg: RetrievalMaskingConfig) -> int:
         """How many top heads of the ranking the random draws avoid (at least K)."""
-        k, n_excl = params["top_k"], params["exclude_top"]
+        k, n_excl = cfg.top_k, cfg.exclude_top
         if n_excl < 0:
             n_excl = max(k, int(np.ceil(0.1 * model.info.n_total_heads)))
         return max(n_excl, k)
 
-    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
-        if params["top_k"] < 1 or params["n_random"] < 1:
-            raise UserError("top_k and n_random must be >= 1")
+    def units(self, model: LoadedModel, cfg: RetrievalMaskingConfig) -> list[str]:
         total = model.info.n_total_heads
-        n_ranked = total
-        if params["heads"]:
-            ranked = parse_heads(params["heads"], model)
-            if len(ranked) < params["top_k"]:
-                raise UserError(f"'heads' lists {len(ranked)} heads, fewer than top_k={params['top_k']}")
-            n_ranked = len(ranked)
-        if params["top_k"] >= total:
-            raise UserError(f"top_k={params['top_k']} leaves no heads to draw at random")
-        pool = total - min(self._n_exclude(model, params), n_ranked)
-        if pool < params["top_k"]:
+        # The config checked the list against top_k; the model checks each index.
+        n_ranked = len(parse_heads(",".join(cfg.heads), model)) if cfg.heads else total
+        if cfg.top_k >= total:
+            raise UserError(f"top_k={cfg.top_k} leaves no heads to draw at random")
+        pool = total - min(self._n_exclude(model, cfg), n_ranked)
+        if pool < cfg.top_k:
             raise UserError(
                 f"only {pool} of the model's {total} heads lie outside the top {total - pool} of the ranking "
-                f"(exclude_top); cannot draw top_k={params['top_k']} random heads"
+                f"(exclude_top); cannot draw top_k={cfg.top_k} random heads"
             )
-        units = list(samples_for(model, params))
-        return units if params["heads"] else ["ranking", *units]
+        units = list(self.samples(model, cfg))
+        return units if cfg.heads else ["ranking", *units]
 
-    def _ranking_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        keys = {p.name for p in grid_params()}
-        # The ranking is computed on other haystack windows than the ones it is tested on.
-        return {**{k: params[k] for k in keys}, "seed": params["seed"] + 1, "mode": params["ranking_mode"],
-                "min_counted": 1}
+    def _ranked(self, model: LoadedModel, cfg: RetrievalMaskingConfig) -> tuple[list[Head], Summary]:
+        """The computed ranking and the summary of the retrieval scan behind it."""
+        return self.memo("ranked", model, cfg, lambda: rank_heads(model, cfg.ranking_config()))
 
-    def _compute_ranking(self, model: LoadedModel, params: Mapping[str, Any]) -> tuple[list[tuple[int, int]], Summary]:
-        return rank_heads(model, self._ranking_params(params))
+    def ranking(self, model: LoadedModel, cfg: RetrievalMaskingConfig) -> list[Head]:
+        """The heads best first: ``heads`` as given, else the ranking unit's (or a stored one)."""
+        if cfg.heads:
+            return parse_heads(",".join(cfg.heads), model)
+        return self.memo("ranking", model, cfg, lambda: self._ranked(model, cfg)[0])
 
-    def ranking(self, model: LoadedModel, params: Mapping[str, Any]) -> list[tuple[int, int]]:
-        if params["heads"]:
-            return parse_heads(params["heads"], model)
-        key = (id(model), json.dumps(dict(params), sort_keys=True))
-        if key not in _RANKINGS:
-            _RANKINGS[key] = self._compute_ranking(model, params)[0]
-        return _RANKINGS[key]
-
-    def head_sets(self, model: LoadedModel, params: Mapping[str, Any]) -> dict[str, list[tuple[int, int]]]:
-        ranked = self.ranking(model, params)
-        k = params["top_k"]
-        n_excl = self._n_exclude(model, params)
+    def head_sets(self, model: LoadedModel, cfg: RetrievalMaskingConfig) -> dict[str, list[Head]]:
+        ranked = self.ranking(model, cfg)
+        k = cfg.top_k
+        n_excl = self._n_exclude(model, cfg)
         sets = {"none": [], f"top{k}": ranked[:k]}
         # The draws follow each other from one generator seeded with the run's seed.
-        rng = random.Random(params["seed"])
-        for i in range(params["n_random"]):
+        rng = random.Random(cfg.seed)
+        for i in range(cfg.n_random):
             sets[f"random{k}-draw{i}"] = random_heads(all_heads(model), ranked[:n_excl], k, rng)
         return sets
 
-    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
+    def _ranking_unit(self, model: LoadedModel, cfg: RetrievalMaskingConfig) -> UnitResult:
+        ranked, summary = self._ranked(model, cfg)
+        self.memo("ranking", model, cfg, lambda: ranked)
+        scores = summary.tables["head_scores"].assign(metric="ranking_retrieval")
+        return UnitResult(tables={
+            "head_scores": scores,
+            "metrics": tables.metrics({f"ranking_{k}": v for k, v in summary.metrics.items()},
+                                      n=int(summary.metrics["n_samples"])),
+            "artifacts": tables.artifact("ranking", {"variant": summary.variant, "warnings": summary.warnings,
+                                                     "heads": [list(h) for h in ranked]}),
+        })
+
+    def run_unit(self, model: LoadedModel, cfg: RetrievalMaskingConfig, unit: str) -> UnitResult:
         if unit == "ranking":
-            key = (id(model), json.dumps(dict(params), sort_keys=True))
-            ranked, summary = self._compute_ranking(model, params)
-            _RANKINGS[key] = ranked
-            scores = summary.tables["head_scores"].rename(columns={})
-            scores = scores.assign(metric="ranking_retrieval")
-            return UnitResult(tables={
-                "head_scores": scores,
-                "metrics": _metrics_frame({f"ranking_{k}": v for k, v in summary.metrics.items()
-                                           if isinstance(v, (int, float))}, int(summary.metrics["n_samples"])),
-                "artifacts": _artifact("ranking", {"variant": summary.variant, "warnings": summary.warnings,
-                                                   "heads": [list(h) for h in ranked]}),
-            })
-        sample = samples_for(model, params)[unit]
-        sets = self.head_sets(model, params)
+            return self._ranking_unit(model, cfg)
+        sample = self.samples(model, cfg)[unit]
+        sets = self.head_sets(model, cfg)
         names = list(sets)
         ivs: list[Intervention] = []
         for row, name in enumerate(names):
             if sets[name]:
-                ivs.extend(ablate_heads(sets[name], params["method"], batch=(row,)))
+                ivs.extend(ablate_heads(sets[name], cfg.method, batch=(row,)))
         ids = torch.tensor([sample.input_ids] * len(names), dtype=torch.long)
-        generated, _ = needle_decode(model, ids, params["max_new_tokens"], interventions=ivs)
+        generated, _ = needle_decode(model, ids, cfg.max_new_tokens, interventions=ivs)
         info: dict[str, Any] = {**sample.describe()}
-        rows = {}
+        correct = {}
         for name, gen in zip(names, generated, strict=True):
             resp = response_text(model, gen)
             ok = is_correct(sample.needle.answer, resp)
             info[f"response:{name}"] = resp
             info[f"correct:{name}"] = bool(ok)
-            rows[f"correct:{name}"] = float(ok)
-        return UnitResult(tables={"metrics": _metrics_frame(rows, 1), "artifacts": _artifact("masked_sample", info)})
+            correct[f"correct:{name}"] = float(ok)
+        return UnitResult(tables={"metrics": tables.metrics(correct, n=1),
+                                  "artifacts": tables.artifact("masked_sample", info)})
 
     def finalize(
-        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
+        self, model: LoadedModel, cfg: RetrievalMaskingConfig, results: Mapping[str, pd.DataFrame]
     ) -> Summary:
         samples = pd.DataFrame(_artifacts(results, "masked_sample"))
         ranking = _artifacts(results, "ranking")
-        if ranking and not params["heads"]:
+        if ranking and not cfg.heads:
             # The stored ranking, so a resumed run never recomputes it here.
-            key = (id(model), json.dumps(dict(params), sort_keys=True))
-            _RANKINGS.setdefault(key, [(int(la), int(h)) for la, h in ranking[0]["heads"]])
-        sets = self.head_sets(model, params)
-        k = params["top_k"]
-        warnings: list[str] = []
-        metrics: dict[str, Any] = {"n_samples": len(samples), "top_k": k, "method": params["method"],
-                                   "n_random": params["n_random"], "correctness": CORRECTNESS,
-                                   "ranking_source": "param" if params["heads"] else f"computed ({params['ranking_mode']}, seed+1)"}
-        curves = []
-        for name in sets:
-            col = f"correct:{name}"
-            metrics[f"accuracy:{name}"] = _mean(samples[col])
+            stored = [(int(la), int(h)) for la, h in ranking[0]["heads"]]
+            self.memo("ranking", model, cfg, lambda: stored)
+        sets = self.head_sets(model, cfg)
+        k = cfg.top_k
+        metrics: dict[str, Any] = {"n_samples": len(samples), "top_k": k, "method": cfg.method,
+                                   "n_random": cfg.n_random, "correctness": CORRECTNESS,
+                                   "ranking_source": "param" if cfg.heads else f"computed ({cfg.ranking_mode}, seed+1)"}
         rand_cols = [f"correct:{n}" for n in sets if n.startswith("random")]
         samples["correct:random-mean"] = samples[rand_cols].mean(axis=1)
-        metrics["accuracy:random-mean"] = _mean(samples["correct:random-mean"])
-        metrics["accuracy:random-min"] = min(_mean(samples[c]) for c in rand_cols)
-        metrics["accuracy:random-max"] = max(_mean(samples[c]) for c in rand_cols)
-        base = metrics["accuracy:none"]
-        metrics["drop:top"] = base - metrics[f"accuracy:top{k}"]
-        metrics["drop:random-mean"] = base - metrics["accuracy:random-mean"]
-        for name in ["none", f"top{k}", "random-mean"]:
-            curves.append(accuracy_curves(samples, f"correct:{name}", name))
-        if base == 0:
+        metrics.update(masking_accuracies(samples, list(sets), rand_cols, k))
+        curves = [accuracy_curves(samples, f"correct:{name}", name) for name in ["none", f"top{k}", "random-mean"]]
+        warnings: list[str] = []
+        if metrics["accuracy:none"] == 0:
             warnings.append(
                 f"the unmasked model answered none of the {len(samples)} samples ({CORRECTNESS}): "
                 "masking cannot show a drop"
             )
         if ranking:
             warnings.extend(f"ranking: {w}" for w in ranking[0].get("warnings", []))
-        metric_rows = {k2: v for k2, v in metrics.items() if isinstance(v, (int, float))}
-        tables = {
-            "metrics": _metrics_frame(metric_rows, len(samples)),
+        out = {
+            "metrics": tables.metrics(metrics, n=len(samples)),
             "curves": pd.concat(curves, ignore_index=True),
-            "artifacts": _artifact("head_sets", {n: [list(h) for h in hs] for n, hs in sets.items()}),
+            "artifacts": tables.artifact("head_sets", {n: [list(h) for h in hs] for n, hs in sets.items()}),
         }
-        return Summary(detector=self.name, variant=self.variant(params), heads=None, metrics=metrics,
-                       warnings=warnings, tables=tables)
+        return Summary(detector=self.name, variant=self.variant(cfg), heads=None, metrics=metrics,
+                       warnings=warnings, tables=out)
+
+
+def masking_accuracies(samples: pd.DataFrame, conditions: Sequence[str], random_columns: Sequence[str],
+                       k: int) -> dict[str, float]:
+    """Needle accuracy of each condition (head set), of the random draws (mean of the per-sample
+    mean ``correct:random-mean``, worst and best draw), and the drops from the unmasked model."""
+    acc = {f"accuracy:{name}": _mean(samples[f"correct:{name}"]) for name in conditions}
+    acc["accuracy:random-mean"] = _mean(samples["correct:random-mean"])
+    acc["accuracy:random-min"] = min(_mean(samples[c]) for c in random_columns)
+    acc["accuracy:random-max"] = max(_mean(samples[c]) for c in random_columns)
+    base = acc["accuracy:none"]
+    acc["drop:top"] = base - acc[f"accuracy:top{k}"]
+    acc["drop:random-mean"] = base - acc["accuracy:random-mean"]
+    return acc
 
 
 # ---------------------------------------------------------------- comparison and figures

@@ -1,12 +1,12 @@
 """Attribution patching (Nanda 2023) and "estimate then confirm" with the patching engine.
 
-The first-order estimate of a variant's effect on the metric is
+The first-order estimate of a case's effect on the metric is
 
     delta_metric ~= sum over edited sites of (a_edited - a_base) . d metric / d a |base
 
-for every variant of a :class:`~interp.engine.Sweep` at once, from one forward pass of the
+for every case of a :class:`~interp.engine.Sweep` at once, from one forward pass of the
 base run with gradients, one forward pass of the source run and one backward pass.
-``a_edited`` is what the variant's own intervention template writes (the source run's
+``a_edited`` is what the case's own intervention template writes (the source run's
 activation for patching, zero, the reference mean, the resampled row), so the estimate and
 the exact engine run describe the same edit. It is a linearisation: it misses effects through
 saturated attention softmaxes and other strong non-linearities (AtP*, Kramar et al. 2024);
@@ -43,7 +43,7 @@ class AttributionResult:
     variant: str
     metric: str
     labels: list[dict[str, int]]
-    estimates: torch.Tensor  # [n_variants, n_prompts]: estimated (edited - base) metric
+    estimates: torch.Tensor  # [n_cases, n_prompts]: estimated (edited - base) metric
     base: torch.Tensor  # [n_prompts]
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -58,17 +58,17 @@ def attribution_patch(
     tokens: torch.Tensor,
     source: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
 ) -> AttributionResult:
-    """First-order estimates of every variant's effect, from 2 forward passes and 1 backward."""
+    """First-order estimates of every case's effect, from 2 forward passes and 1 backward."""
     t0 = time.perf_counter()
     if sweep.intervention == "knockout":
         raise UserError("attribution patching does not cover knockout: -inf scores have no first-order estimate")
     tokens = _check_tokens(model, tokens)
     n_prompts, seq_len = tokens.shape
     _check_metric(metric, n_prompts)
-    variants = sweep.variants(model, seq_len)
+    cases = sweep.cases(model, seq_len)
     with torch.no_grad():
-        sources, _ = build_sources(model, sweep, variants, tokens, source)
-    sites = sorted({str(iv.site) for v in variants for iv in v.edits})
+        sources, _ = build_sources(model, sweep, cases, tokens, source)
+    sites = sorted({str(iv.site) for v in cases for iv in v.edits})
     runner = SweepForwards(model, metric, seq_len)
     with torch.enable_grad():
         logits, cache, _ = runner.forward(tokens, cache=sites, grad=True)
@@ -80,9 +80,9 @@ def attribution_patch(
         grads = torch.autograd.grad(base.sum(), acts)
     grad_of = {s: g.detach() for s, g in zip(sites, grads, strict=True)}
     act_of = {s: a.detach() for s, a in zip(sites, acts, strict=True)}
-    est = torch.zeros(len(variants), n_prompts, dtype=torch.float64)
+    est = torch.zeros(len(cases), n_prompts, dtype=torch.float64)
     with torch.no_grad():
-        for i, v in enumerate(variants):
+        for i, v in enumerate(cases):
             total = torch.zeros(n_prompts, device=model.device)
             for iv in v.edits:
                 name = str(iv.site)
@@ -92,8 +92,8 @@ def attribution_patch(
             est[i] = total.double().cpu()
     return AttributionResult(
         sweep=sweep, variant=f"attribution-{sweep.intervention}", metric=metric.name,
-        labels=[v.label for v in variants], estimates=est, base=base.detach().double().cpu(),
-        stats={"n_variants": len(variants), "sites": len(sites), "seconds": time.perf_counter() - t0},
+        labels=[v.label for v in cases], estimates=est, base=base.detach().double().cpu(),
+        stats={"n_cases": len(cases), "sites": len(sites), "seconds": time.perf_counter() - t0},
     )
 
 
@@ -116,13 +116,13 @@ def top_k_overlap(x: torch.Tensor, y: torch.Tensor, k: int) -> float:
 @dataclass
 class Confirmation:
     attribution: AttributionResult
-    exact: SweepResult  # the confirmed variants only, in the order of ``confirmed``
-    confirmed: list[int]  # variant indices run exactly
-    spearman_confirmed: float  # estimate vs exact effect over the confirmed variants
-    spearman_all: float | None  # over every variant (confirm="all")
+    exact: SweepResult  # the confirmed cases only, in the order of ``confirmed``
+    confirmed: list[int]  # case indices run exactly
+    spearman_confirmed: float  # estimate vs exact effect over the confirmed cases
+    spearman_all: float | None  # over every case (confirm="all")
     top_k: int
     top_k_overlap: float | None  # top-k by |estimate| vs top-k by |exact| (confirm="all")
-    sign_agreement: float  # over the confirmed variants with a non-zero exact effect
+    sign_agreement: float  # over the confirmed cases with a non-zero exact effect
 
     def table(self) -> Any:
         import pandas as pd
@@ -148,7 +148,7 @@ def estimate_then_confirm(
     confirm: Literal["top", "all"] = "top",
     **engine_kwargs: Any,
 ) -> Confirmation:
-    """Attribution estimates for every variant, then exact patching of the ``top_k`` by
+    """Attribution estimates for every case, then exact patching of the ``top_k`` by
     |estimate| (or of all, which also gives the rank correlation over all and top-k overlap)."""
     if top_k < 1:
         raise UserError(f"top_k must be at least 1, got {top_k}")

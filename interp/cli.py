@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -129,7 +130,7 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
-def _open_store(workspace: Path | None, *, create: bool = True) -> Any:
+def open_store(workspace: Path | None, *, create: bool = True) -> Any:
     """The workspace's store. Only commands that write results create one (``create``); readers
     get a one-line error for a workspace with no store, and create nothing."""
     from interp.store import Store
@@ -243,24 +244,39 @@ def detectors(as_json: JsonOpt = False) -> None:
     rows = [
         {
             "name": d.name,
-            "kind": d.kind,
+            "output": d.output,
             "description": d.description,
             "in_default_scan": d.in_default_scan,
             "scan_params": d.scan_params,
-            "params": [{"name": p.name, "type": p.type.__name__, "default": p.default, "help": p.help} for p in d.params],
+            "params": [
+                {"name": p.name, "type": p.type_name, "default": p.default, "help": p.help,
+                 **({"choices": list(p.choices)} if p.choices else {}),
+                 **({"range": p.range_text()} if p.bounded else {})}
+                for p in d.params
+            ],
         }
         for d in all_detectors().values()
     ]
     if as_json:
         _emit({"detectors": rows})
         return
+    d_params = {d.name: d.params for d in all_detectors().values()}
     for r in rows:
-        out.print(f"[bold]{r['name']}[/bold] ({r['kind']}): {r['description']}")
+        out.print(f"[bold]{r['name']}[/bold] ({r['output']})")
+        for line in textwrap.wrap(r["description"], width=78):
+            out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
         if r["scan_params"]:
             scan_args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["scan_params"].items())
-            out.print(f"    in `interp scan`: {scan_args}", markup=False)
-        for p in r["params"]:
-            out.print(f"    --{p['name'].replace('_', '-')} ({p['type']}, default {p['default']!r}): {p['help']}")
+            out.print(f"  in `interp scan`: {scan_args}", markup=False, highlight=False)
+        for p in d_params[r["name"]]:
+            kind = "|".join(map(str, p.choices)) if p.choices else p.type_name
+            kind += f" {p.range_text()}" if p.bounded else ""
+            kind += " (comma-separated)" if p.item is not None else ""
+            default = p.format(p.default) if p.item is not None else repr(p.default)
+            out.print(f"  --{p.name.replace('_', '-')} {kind}, default {default}", markup=False,
+                      highlight=False, soft_wrap=True)
+            for line in textwrap.wrap(p.help, width=74):
+                out.print(f"      {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -291,7 +307,7 @@ def scan(
         names = default_scan()
     for n in names:
         registry[n].parse_params(registry[n].scan_params)  # every detector checked before loading anything
-    store = _open_store(workspace)
+    store = open_store(workspace)
     loaded = _load(model, backend, prefix)
     results = {}
     skipped: dict[str, str] = {}
@@ -359,7 +375,7 @@ def run(
     det = get_detector(detector)
     params = _parse_extra(list(ctx.args))
     det.parse_params(params)  # fail on bad parameters before loading anything
-    store = _open_store(workspace)
+    store = open_store(workspace)
     loaded = _load(model, backend, prefix)
     result = run_detector(loaded, detector, params, store, resume=not fresh)
     if as_json:
@@ -371,7 +387,7 @@ def run(
 @app.command()
 def runs(workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
     """List the runs stored in a workspace."""
-    store = _open_store(workspace, create=False)
+    store = open_store(workspace, create=False)
     df = store.runs()
     if as_json:
         _emit({"runs": json.loads(df.to_json(orient="records"))})
@@ -400,49 +416,13 @@ def export(
     from interp.store import check_export_format
 
     check_export_format(fmt)  # bad arguments first, then a missing store
-    store = _open_store(workspace, create=False)
+    store = open_store(workspace, create=False)
     files = store.export(run_id, out_dir, fmt=fmt)
     if as_json:
         _emit({"files": [str(f) for f in files]})
     else:
         for f in files:
             out.print(str(f))
-
-
-@app.command("app")
-def dashboard(
-    workspace: WorkspaceOpt = None,
-    port: Annotated[int, typer.Option("--port", help="port to serve on")] = 8501,
-    host: Annotated[
-        str, typer.Option("--host", help="address to bind (default: this machine only)")
-    ] = "127.0.0.1",
-) -> None:
-    """Start the dashboard (Streamlit, headless) on a workspace; open the printed address."""
-    entry = Path(__file__).resolve().parent.parent / "app" / "Home.py"
-    if not entry.is_file():
-        raise UserError(f"the dashboard is not installed: {entry} is missing (run from a source checkout)")
-    if not 1 <= port <= 65535:
-        raise UserError(f"--port must be in 1..65535, got {port}")
-    # Fails here, in one line, on a workspace with no store (nothing to show: run a scan first).
-    store = _open_store(workspace, create=False)
-    ws = store.workspace.resolve()
-    store.close()
-    cmd = [
-        sys.executable, "-m", "streamlit", "run", str(entry),
-        "--server.headless", "true",
-        "--server.address", host,
-        "--server.port", str(port),
-        "--server.fileWatcherType", "none",
-        # Uploads are dataset files; the app validates them again (size, schema).
-        "--server.maxUploadSize", "5",
-        "--browser.gatherUsageStats", "false",
-        "--client.toolbarMode", "viewer",
-    ]
-    err.print(f"dashboard on http://{host}:{port} (workspace {ws})")
-    sys.stderr.flush()
-    sys.stdout.flush()
-    # exec, not a child: signals (Ctrl-C, a test's terminate) reach the server itself.
-    os.execve(sys.executable, cmd, {**os.environ, "INTERP_WORKSPACE": str(ws)})
 
 
 def _add_plugin_commands() -> None:
@@ -460,7 +440,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _add_plugin_commands()
         command = typer.main.get_command(app)
-        command.main(args=argv, prog_name="interp", standalone_mode=False)
+        rc = command.main(args=argv, prog_name="interp", standalone_mode=False)
+        # typer's vendored click returns 130 for Ctrl-C instead of raising it.
+        if rc == 130:
+            raise KeyboardInterrupt
     except UserError as e:
         _fail("error", str(e))
         raise SystemExit(e.exit_code) from None

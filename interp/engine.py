@@ -1,30 +1,30 @@
 """A batched patching engine: sweeps as data, executed as few large forward passes.
 
 A :class:`Sweep` says *what* to do: for each site (a head, a layer, a (layer, position) cell,
-or a window of layers at a position), apply one intervention kind (patch from a source run,
+or a window of layers at a position), apply one intervention (patch from a source run,
 zero / mean / resample ablation, attention knockout) and measure a :class:`Metric`.
-:func:`run_sweep` decides *how*: :func:`plan_sweep` makes a :class:`SweepPlan` (variants,
+:func:`run_sweep` decides *how*: :func:`plan_sweep` makes a :class:`SweepPlan` (cases,
 chunks, reuse decisions, budget) before any forward pass, :func:`execute_plan` runs it:
 
-- every variant (one site's edit) becomes a block of rows (one per prompt) in the batch
+- every case (one site's edit) becomes a block of rows (one per prompt) in the batch
   dimension, through the interventions' ``batch=`` field, so one forward pass evaluates
-  many variants;
-- variants are grouped by the lowest layer they edit; a chunk starting at layer L hands the
+  many cases;
+- cases are grouped by the lowest layer they edit; a chunk starting at layer L hands the
   base run's cached ``resid_pre.L`` to the backend's ``run_from_layer`` (where its
   capabilities offer it), which does not compute the layers below L, so the shared prefix is
-  computed once, by the base run, instead of once per variant;
-- a variant that can change only positions >= p (a patch or head ablation at some positions,
+  computed once, by the base run, instead of once per case;
+- a case that can change only positions >= p (a patch or head ablation at some positions,
   or a patch from a source whose prompts equal the base prompts up to p, as a conflict prompt
   and its consistent twin do) computes positions p.. only, attending to the base run's KV
   cache of 0..p-1; the layer and position re-entry is checked once per sweep against a full
   pass, with a fallback to full passes;
-- ``base_interventions`` belong to the base run (ROME's embedding noise) and so to every variant;
+- ``base_interventions`` belong to the base run (ROME's embedding noise) and so to every case;
 - chunks are sized to a memory budget in bytes (default: a quarter of the free memory);
 - logits are computed only at the positions the metric reads (HF's ``logits_to_keep``) and,
   for a logit difference, only for its tokens; the metric is evaluated on the device and read
   back once per chunk.
 
-Variant names stored with every result: ``patch`` (activation patching from ``source``),
+Case names stored with every result: ``patch`` (activation patching from ``source``),
 ``zero``, ``mean`` (mean over batch and positions of the reference run, like
 ``AblateHeads(method="mean")``), ``resample`` (the same positions of the reference run, prompt
 i taking reference row i; the default reference is the base prompts rolled by one), and
@@ -176,7 +176,7 @@ def _tup(x: Sequence[int] | int | None) -> Index:
 
 
 @dataclass
-class Variant:
+class Case:
     """One swept site: its label and the edit templates (no batch rows yet)."""
 
     label: dict[str, int]
@@ -207,14 +207,14 @@ class Variant:
 
 @dataclass(frozen=True)
 class Sweep:
-    """For each site, apply one intervention kind; see the module docstring for the kinds.
+    """For each site, apply one intervention; see the module docstring for the interventions.
 
-    - ``over="heads"``: one variant per (layer, head) at a per-head site (z by default), at
+    - ``over="heads"``: one case per (layer, head) at a per-head site (z by default), at
       ``positions`` (None: all).
-    - ``over="layers"``: one variant per layer at a whole-stream site (resid_pre by default),
+    - ``over="layers"``: one case per layer at a whole-stream site (resid_pre by default),
       at ``positions``; with ``heads`` on a head site, those heads together.
-    - ``over="positions"``: one variant per (layer, position) (causal tracing's grid).
-    - ``over="windows"``: one variant per (layer, position), editing layers
+    - ``over="positions"``: one case per (layer, position) (causal tracing's grid).
+    - ``over="windows"``: one case per (layer, position), editing layers
       [L - window//2, L + ceil(window/2)) clipped to the model (ROME's windows; mlp_out default).
     - ``intervention="knockout"``: attention edges from ``query_positions`` to the key
       positions (``positions``; swept one by one under positions/windows) are blocked.
@@ -268,7 +268,7 @@ class Sweep:
         kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**kw)
 
-    def variants(self, model: LoadedModel, seq_len: int) -> list[Variant]:
+    def cases(self, model: LoadedModel, seq_len: int) -> list[Case]:
         info = model.info
         kind = self.site_kind
         layers = self.layers if self.layers is not None else tuple(range(info.n_layers))
@@ -286,7 +286,7 @@ class Sweep:
         qpos = tuple(_norm_pos(p, seq_len) for p in self.query_positions)
 
         if self.intervention == "knockout":
-            return self._knockout_variants(layers, heads, positions, qpos, seq_len, info.n_layers, n_heads)
+            return self._knockout_cases(layers, heads, positions, qpos, seq_len, info.n_layers, n_heads)
 
         def edit(layer: int | None, hs: Index, pos: Index) -> Intervention:
             name = kind if layer is None else f"{kind}.{layer}"
@@ -295,28 +295,28 @@ class Sweep:
             src = {"patch": SOURCE, "resample": SOURCE, "mean": MEAN, "zero": ZERO}[self.intervention]
             return Patch(site_name=name, source=src, heads=hs, positions=pos)
 
-        out: list[Variant] = []
+        out: list[Case] = []
         if self.over == "heads":
             for layer in layers:
                 for h in heads if heads is not None else range(n_heads):
-                    out.append(Variant({"layer": layer, "head": h}, (edit(layer, (h,), positions),)))
+                    out.append(Case({"layer": layer, "head": h}, (edit(layer, (h,), positions),)))
         elif self.over == "layers":
             for layer in layers:
-                out.append(Variant({"layer": layer}, (edit(layer, heads, positions),)))
+                out.append(Case({"layer": layer}, (edit(layer, heads, positions),)))
         else:
             swept = positions if positions is not None else tuple(range(seq_len))
             if kind == "embed":
-                return [Variant({"position": p}, (edit(None, heads, (p,)),)) for p in swept]
+                return [Case({"position": p}, (edit(None, heads, (p,)),)) for p in swept]
             for layer in layers:
                 win = window_layers(layer, self.window, info.n_layers) if self.over == "windows" else (layer,)
                 for p in swept:
-                    out.append(Variant({"layer": layer, "position": p}, tuple(edit(w, heads, (p,)) for w in win)))
+                    out.append(Case({"layer": layer, "position": p}, tuple(edit(w, heads, (p,)) for w in win)))
         return out
 
-    def _knockout_variants(
+    def _knockout_cases(
         self, layers: Sequence[int], heads: Index, positions: Index, qpos: tuple[int, ...], seq_len: int,
         n_layers: int, n_heads: int,
-    ) -> list[Variant]:
+    ) -> list[Case]:
         def ko(layer: int, hs: Index, keys: tuple[int, ...]) -> Intervention:
             return Knockout(layer=layer, query_positions=qpos, key_positions=keys, heads=hs)
 
@@ -325,17 +325,17 @@ class Sweep:
                 raise UserError("a knockout over heads or layers needs the key positions to block (positions=...)")
             if self.over == "heads":
                 return [
-                    Variant({"layer": layer, "head": h}, (ko(layer, (h,), positions),))
+                    Case({"layer": layer, "head": h}, (ko(layer, (h,), positions),))
                     for layer in layers
                     for h in (heads if heads is not None else range(n_heads))
                 ]
-            return [Variant({"layer": layer}, (ko(layer, heads, positions),)) for layer in layers]
+            return [Case({"layer": layer}, (ko(layer, heads, positions),)) for layer in layers]
         swept = positions if positions is not None else tuple(range(seq_len))
         out = []
         for layer in layers:
             win = window_layers(layer, self.window, n_layers) if self.over == "windows" else (layer,)
             for p in swept:
-                out.append(Variant({"layer": layer, "position": p}, tuple(ko(w, heads, (p,)) for w in win)))
+                out.append(Case({"layer": layer, "position": p}, tuple(ko(w, heads, (p,)) for w in win)))
         return out
 
 
@@ -357,13 +357,13 @@ def _norm_pos(p: int, seq_len: int) -> int:
 
 @dataclass
 class SweepResult:
-    """Metric values per variant and prompt, with the base run's and the execution record."""
+    """Metric values per case and prompt, with the base run's and the execution record."""
 
     sweep: Sweep
     variant: str
     metric: str
     labels: list[dict[str, int]]
-    values: torch.Tensor  # [n_variants, n_prompts]: the metric with the variant's edit
+    values: torch.Tensor  # [n_cases, n_prompts]: the metric with the case's edit
     base: torch.Tensor  # [n_prompts]: the metric of the unedited base run
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -371,7 +371,7 @@ class SweepResult:
         return self.values.mean(dim=1)
 
     def effect(self) -> torch.Tensor:
-        """Per variant: mean over prompts of (edited - base)."""
+        """Per case: mean over prompts of (edited - base)."""
         return (self.values - self.base[None, :]).mean(dim=1)
 
     def to_frame(self) -> Any:
@@ -605,8 +605,8 @@ def _check_tokens(model: LoadedModel, tokens: torch.Tensor, what: str = "tokens"
     return tokens.to(model.device)
 
 
-def _needed_sites(variants: Sequence[Variant], source_name: str) -> list[str]:
-    return sorted({str(iv.site) for v in variants for iv in v.edits if getattr(iv, "source", None) == source_name})
+def _needed_sites(cases: Sequence[Case], source_name: str) -> list[str]:
+    return sorted({str(iv.site) for v in cases for iv in v.edits if getattr(iv, "source", None) == source_name})
 
 
 def _reference_tokens(sweep: Sweep, tokens: torch.Tensor, source: Any) -> Any:
@@ -624,14 +624,14 @@ def _reference_tokens(sweep: Sweep, tokens: torch.Tensor, source: Any) -> Any:
 def _reference(
     model: LoadedModel,
     sweep: Sweep,
-    variants: Sequence[Variant],
+    cases: Sequence[Case],
     tokens: torch.Tensor,
     source: torch.Tensor | Mapping[str, torch.Tensor] | None,
 ) -> torch.Tensor | Mapping[str, torch.Tensor] | None:
     """What the edits read from: the source run's checked token ids, a given cache, or None
     when no edit reads a source run or a reference mean."""
-    need_src = _needed_sites(variants, SOURCE)
-    if not (need_src or _needed_sites(variants, MEAN)):
+    need_src = _needed_sites(cases, SOURCE)
+    if not (need_src or _needed_sites(cases, MEAN)):
         return None
     ref = _reference_tokens(sweep, tokens, source)
     if not isinstance(ref, torch.Tensor):
@@ -648,7 +648,7 @@ def _reference(
 def build_sources(
     model: LoadedModel,
     sweep: Sweep,
-    variants: Sequence[Variant],
+    cases: Sequence[Case],
     tokens: torch.Tensor,
     source: torch.Tensor | Mapping[str, torch.Tensor] | None,
     offload: bool = False,
@@ -659,10 +659,10 @@ def build_sources(
     """
     n_prompts, seq_len = tokens.shape
     sources: dict[str, dict[str, torch.Tensor]] = {}
-    need_src = _needed_sites(variants, SOURCE)
-    need_mean = _needed_sites(variants, MEAN)
-    need_zero = _needed_sites(variants, ZERO)
-    ref = _reference(model, sweep, variants, tokens, source)
+    need_src = _needed_sites(cases, SOURCE)
+    need_mean = _needed_sites(cases, MEAN)
+    need_zero = _needed_sites(cases, ZERO)
+    ref = _reference(model, sweep, cases, tokens, source)
     src_tokens = None
     ref_cache: Mapping[str, torch.Tensor] = {}
     if isinstance(ref, torch.Tensor):
@@ -735,7 +735,7 @@ def _with_rows(iv: Intervention, rows: tuple[int, ...], sources: Mapping[str, Ma
                n_prompts: int) -> Intervention:
     own = getattr(iv, "batch", None)
     if own is not None:
-        # A base edit on some prompts: the same prompts of this variant's block.
+        # A base edit on some prompts: the same prompts of this case's block.
         rows = tuple(rows[b] for b in own)
     if isinstance(iv, Patch):
         src = sources[iv.source][iv.site_name]
@@ -743,23 +743,23 @@ def _with_rows(iv: Intervention, rows: tuple[int, ...], sources: Mapping[str, Ma
     return dataclasses.replace(iv, batch=rows)  # type: ignore[call-arg]
 
 
-def plan_chunks(starts: Sequence[int], max_variants: int, rows_per_variant: int, seq_len: int,
+def plan_chunks(starts: Sequence[int], max_cases: int, rows_per_case: int, seq_len: int,
                 n_layers: int, prefix_reuse: bool) -> list[tuple[int, list[int]]]:
-    """Group variant indices into (start layer, indices) chunks of at most ``max_variants``.
+    """Group case indices into (start layer, indices) chunks of at most ``max_cases``.
 
     Minimises the estimated cost: token-layers computed (rows x tokens x layers from the
-    chunk's lowest start) plus a per-forward overhead, over contiguous runs of variants
+    chunk's lowest start) plus a per-forward overhead, over contiguous runs of cases
     sorted by start layer (a small dynamic programme).
     """
     order = sorted(range(len(starts)), key=lambda i: (starts[i] if prefix_reuse else 0, i))
     eff = [starts[i] if prefix_reuse else 0 for i in order]
     n = len(order)
-    tok = rows_per_variant * seq_len
+    tok = rows_per_case * seq_len
     overhead = _OVERHEAD_TOKENS_PER_LAYER * n_layers
     best = [0.0] + [float("inf")] * n
     cut = [0] * (n + 1)
     for i in range(1, n + 1):
-        for j in range(max(0, i - max_variants), i):
+        for j in range(max(0, i - max_cases), i):
             cost = best[j] + (i - j) * tok * (n_layers - eff[j]) + overhead
             if cost < best[i]:
                 best[i], cut[i] = cost, j
@@ -777,19 +777,19 @@ def plan_chunks(starts: Sequence[int], max_variants: int, rows_per_variant: int,
 
 @dataclass(frozen=True)
 class Chunk:
-    """One forward pass: the variants (indices into the plan's) stacked in the batch, each a
+    """One forward pass: the cases (indices into the plan's) stacked in the batch, each a
     block of one row per prompt, computing positions ``offset``.. and layers ``start``.."""
 
     offset: int
     start: int
-    variants: tuple[int, ...]
+    cases: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class SweepPlan:
     """How :func:`run_sweep` executes a sweep on given prompts, decided before any forward pass.
 
-    ``starts``/``offsets``: per variant, the lowest layer and position its edits can change
+    ``starts``/``offsets``: per case, the lowest layer and position its edits can change
     (the pass computes from there when the reuse is on). ``resid_layers``: where the base run
     caches ``resid_pre`` for chunks to enter at; ``from_resid``: chunks enter from the base
     residual even at layer 0 (base edits, or a cut prefix). The base run can still turn reuse
@@ -797,14 +797,14 @@ class SweepPlan:
     """
 
     sweep: Sweep
-    variants: tuple[Variant, ...]
+    cases: tuple[Case, ...]
     base_interventions: tuple[Intervention, ...]
     n_prompts: int
     seq_len: int
     n_layers: int
     logit_positions: tuple[int, ...] | None
     budget_bytes: int
-    bytes_per_variant: int
+    bytes_per_case: int
     max_per_chunk: int
     prefix_reuse: bool
     sequence_reuse: bool
@@ -822,26 +822,26 @@ class SweepPlan:
         s = self.sweep
         onoff = {True: "on", False: "off"}
         lines = [
-            f"{len(self.variants)} variants ({s.over}, {s.intervention}) on {self.n_prompts} prompts x "
+            f"{len(self.cases)} cases ({s.over}, {s.intervention}) on {self.n_prompts} prompts x "
             f"{self.seq_len} tokens, {self.n_logit_positions} logit positions",
-            f"budget {self.budget_bytes} bytes, {self.bytes_per_variant} per variant, "
-            f"at most {self.max_per_chunk} variants per chunk",
+            f"budget {self.budget_bytes} bytes, {self.bytes_per_case} per case, "
+            f"at most {self.max_per_chunk} cases per chunk",
             f"prefix reuse {onoff[self.prefix_reuse]}, sequence reuse {onoff[self.sequence_reuse]}, "
             f"from the base residual {onoff[self.from_resid]}, base caches resid_pre at {list(self.resid_layers)}",
-            f"{len(self.chunks)} chunks (variants @ layer/position): "
-            + ", ".join(f"{len(c.variants)}@L{c.start}/p{c.offset}" for c in self.chunks),
+            f"{len(self.chunks)} chunks (cases @ layer/position): "
+            + ", ".join(f"{len(c.cases)}@L{c.start}/p{c.offset}" for c in self.chunks),
         ]
         return "\n".join(lines)
 
     def without_sequence_reuse(self) -> SweepPlan:
         """Every pass computes every position (the base run's KV cache cannot be cut)."""
-        offsets = (0,) * len(self.variants)
+        offsets = (0,) * len(self.cases)
         return dataclasses.replace(self, sequence_reuse=False, offsets=offsets,
                                    chunks=_plan_chunks(self, self.prefix_reuse, offsets))
 
     def without_reuse(self) -> SweepPlan:
         """Every pass is a full forward pass (re-entry disagreed with a full pass)."""
-        offsets = (0,) * len(self.variants)
+        offsets = (0,) * len(self.cases)
         return dataclasses.replace(self, prefix_reuse=False, sequence_reuse=False, from_resid=False,
                                    offsets=offsets, chunks=_plan_chunks(self, False, offsets))
 
@@ -857,34 +857,34 @@ def _plan_chunks(plan: SweepPlan, prefix_reuse: bool, offsets: Sequence[int]) ->
     return tuple(chunks)
 
 
-def _selected(variants: list[Variant], select: Sequence[int] | None) -> list[Variant]:
+def _selected(cases: list[Case], select: Sequence[int] | None) -> list[Case]:
     if select is not None:
-        bad = [i for i in select if not 0 <= i < len(variants)]
+        bad = [i for i in select if not 0 <= i < len(cases)]
         if bad:
-            raise UserError(f"variant index {bad[0]} out of range (0..{len(variants) - 1})")
-        variants = [variants[i] for i in select]
-    if not variants:
-        raise UserError("the sweep has no variants")
-    return variants
+            raise UserError(f"case index {bad[0]} out of range (0..{len(cases) - 1})")
+        cases = [cases[i] for i in select]
+    if not cases:
+        raise UserError("the sweep has no cases")
+    return cases
 
 
 def _budget(model: LoadedModel, n_prompts: int, seq_len: int, n_logit_positions: int, kv: bool,
-            budget_bytes: int | None, max_variants: int | None) -> tuple[int, int, int]:
-    """The chunk budget in bytes, the bytes of one variant's block of rows, and the most
-    variants per chunk."""
+            budget_bytes: int | None, max_cases: int | None) -> tuple[int, int, int]:
+    """The chunk budget in bytes, the bytes of one case's block of rows, and the most
+    cases per chunk."""
     budget = default_budget(model) if budget_bytes is None else int(budget_bytes)
-    per_variant = n_prompts * bytes_per_row(model, seq_len, n_logit_positions, kv=kv)
-    if budget < per_variant:
+    per_case = n_prompts * bytes_per_row(model, seq_len, n_logit_positions, kv=kv)
+    if budget < per_case:
         raise UserError(
-            f"memory budget of {budget} bytes is smaller than one patched variant "
-            f"({per_variant} bytes for {n_prompts} prompts x {seq_len} tokens); raise budget_bytes or use fewer prompts"
+            f"memory budget of {budget} bytes is smaller than one patched case "
+            f"({per_case} bytes for {n_prompts} prompts x {seq_len} tokens); raise budget_bytes or use fewer prompts"
         )
-    cap = budget // per_variant
-    if max_variants is not None:
-        if max_variants < 1:
-            raise UserError(f"max_variants must be at least 1, got {max_variants}")
-        cap = min(cap, max_variants)
-    return budget, per_variant, cap
+    cap = budget // per_case
+    if max_cases is not None:
+        if max_cases < 1:
+            raise UserError(f"max_cases must be at least 1, got {max_cases}")
+        cap = min(cap, max_cases)
+    return budget, per_case, cap
 
 
 def plan_sweep(
@@ -895,7 +895,7 @@ def plan_sweep(
     source: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     *,
     budget_bytes: int | None = None,
-    max_variants: int | None = None,
+    max_cases: int | None = None,
     prefix_reuse: bool = True,
     sequence_reuse: bool = True,
     select: Sequence[int] | None = None,
@@ -905,7 +905,7 @@ def plan_sweep(
     tokens = _check_tokens(model, tokens)
     n_prompts, seq_len = tokens.shape
     _check_metric(metric, n_prompts)
-    variants = _selected(sweep.variants(model, seq_len), select)
+    cases = _selected(sweep.cases(model, seq_len), select)
     base_ivs = tuple(base_interventions)
     caps = model.backend.capabilities
     # Only edits below every block are inside the cached residual a chunk starts from.
@@ -913,24 +913,24 @@ def plan_sweep(
     seq = sequence_reuse and prefix and caps.kv_cache
     logit_positions = _logit_positions(metric, seq_len)
     n_logit = seq_len if logit_positions is None else len(logit_positions)
-    budget, per_variant, cap = _budget(model, n_prompts, seq_len, n_logit, seq, budget_bytes, max_variants)
-    ref = _reference(model, sweep, variants, tokens, source)
+    budget, per_case, cap = _budget(model, n_prompts, seq_len, n_logit, seq, budget_bytes, max_cases)
+    ref = _reference(model, sweep, cases, tokens, source)
     same = _same_prefix(tokens, ref if isinstance(ref, torch.Tensor) else None)
     first_read = 0 if logit_positions is None else min(logit_positions)
-    offsets = tuple(min(v.start_position(seq_len, same), first_read) if seq else 0 for v in variants)
-    if any(iv.site.layer is None for v in variants for iv in v.edits):
+    offsets = tuple(min(v.start_position(seq_len, same), first_read) if seq else 0 for v in cases)
+    if any(iv.site.layer is None for v in cases for iv in v.edits):
         # An edit of the embedding needs its pass to start from the tokens.
-        seq, offsets, embed_edits = False, (0,) * len(variants), True
+        seq, offsets, embed_edits = False, (0,) * len(cases), True
     else:
         embed_edits = False
-    starts = tuple(v.start_layer for v in variants)
+    starts = tuple(v.start_layer for v in cases)
     # A chunk enters at its start layer from the base residual; with base edits or a cut
     # prefix it does so even at layer 0, where the residual holds the edited embedding.
     from_resid = prefix and not embed_edits and (bool(base_ivs) or any(o > 0 for o in offsets))
     plan = SweepPlan(
-        sweep=sweep, variants=tuple(variants), base_interventions=base_ivs, n_prompts=n_prompts,
+        sweep=sweep, cases=tuple(cases), base_interventions=base_ivs, n_prompts=n_prompts,
         seq_len=seq_len, n_layers=model.info.n_layers, logit_positions=logit_positions,
-        budget_bytes=budget, bytes_per_variant=per_variant, max_per_chunk=cap, prefix_reuse=prefix,
+        budget_bytes=budget, bytes_per_case=per_case, max_per_chunk=cap, prefix_reuse=prefix,
         sequence_reuse=seq, from_resid=from_resid, starts=starts, offsets=offsets,
         resid_layers=tuple(sorted({s for s in starts if s > 0 or from_resid})) if prefix else (),
         chunks=(),
@@ -982,13 +982,13 @@ def _run_chunks(
     model: LoadedModel, plan: SweepPlan, runner: SweepForwards, tokens: torch.Tensor,
     sources: Mapping[str, Mapping[str, torch.Tensor]], base_cache: Mapping[str, torch.Tensor], base_kv: Any,
 ) -> torch.Tensor:
-    """Metric values [variants, prompts], one forward pass per chunk."""
+    """Metric values [cases, prompts], one forward pass per chunk."""
     n_prompts, seq_len = plan.n_prompts, plan.seq_len
     prompt_index = torch.arange(n_prompts, device=tokens.device)
-    values = torch.empty(len(plan.variants), n_prompts, dtype=torch.float64)
+    values = torch.empty(len(plan.cases), n_prompts, dtype=torch.float64)
     cut_sources: dict[int, Mapping[str, Mapping[str, torch.Tensor]]] = {0: sources}
     for chunk in plan.chunks:
-        off, start, idx = chunk.offset, chunk.start, list(chunk.variants)
+        off, start, idx = chunk.offset, chunk.start, list(chunk.cases)
         if off not in cut_sources:
             cut_sources[off] = _cut_sources(sources, off, seq_len)
         resid = None
@@ -1000,7 +1000,7 @@ def _run_chunks(
             if resid is None:
                 ivs.extend(_with_rows(iv, rows, sources, n_prompts) for iv in plan.base_interventions)
             ivs.extend(_with_rows(_shifted(iv, off, seq_len), rows, sources, n_prompts)
-                       for iv in plan.variants[vi].edits)
+                       for iv in plan.cases[vi].edits)
         batch_tokens = tokens[:, off:].repeat(len(idx), 1)
         past = _prefix_kv(model, base_kv, off, len(idx)) if off else None
         logits, _, _ = runner.forward(batch_tokens, ivs, cut_sources[off], start=start, resid=resid,
@@ -1024,7 +1024,7 @@ def execute_plan(
     tokens = _check_tokens(model, tokens)
     runner = SweepForwards(model, metric, plan.seq_len)
     with torch.no_grad():
-        sources, _ = build_sources(model, plan.sweep, plan.variants, tokens, source, offload)
+        sources, _ = build_sources(model, plan.sweep, plan.cases, tokens, source, offload)
         base, base_cache, base_kv, plan = _base_run(plan, runner, tokens, sources)
         plan, prefix_diff = _check_reentry(model, plan, runner, tokens, base, base_cache, base_kv)
         values = _run_chunks(model, plan, runner, tokens, sources, base_cache, base_kv)
@@ -1032,9 +1032,9 @@ def execute_plan(
         t.numel() * t.element_size() for c in sources.values() for t in c.values()
     )
     stats = {
-        "n_variants": len(plan.variants),
+        "n_cases": len(plan.cases),
         "chunks": len(plan.chunks),
-        "chunk_sizes": [len(c.variants) for c in plan.chunks],
+        "chunk_sizes": [len(c.cases) for c in plan.chunks],
         "forwards": runner.forwards,
         "token_layers": runner.token_layers,
         "prefix_reuse": plan.prefix_reuse,
@@ -1042,13 +1042,13 @@ def execute_plan(
         "prefix_check_diff": prefix_diff,
         "logits_positions": runner.n_logit_positions,
         "budget_bytes": plan.budget_bytes,
-        "bytes_per_variant": plan.bytes_per_variant,
+        "bytes_per_case": plan.bytes_per_case,
         "cache_bytes": cache_bytes,
         "seconds": time.perf_counter() - t0,
     }
     sweep = plan.sweep
     return SweepResult(
-        sweep=sweep, variant=sweep.intervention, metric=metric.name, labels=[v.label for v in plan.variants],
+        sweep=sweep, variant=sweep.intervention, metric=metric.name, labels=[v.label for v in plan.cases],
         values=values, base=base.double().cpu(), stats=stats,
     )
 
@@ -1061,29 +1061,29 @@ def run_sweep(
     source: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     *,
     budget_bytes: int | None = None,
-    max_variants: int | None = None,
+    max_cases: int | None = None,
     prefix_reuse: bool = True,
     sequence_reuse: bool = True,
     offload: bool = False,
     select: Sequence[int] | None = None,
     base_interventions: Sequence[Intervention] = (),
 ) -> SweepResult:
-    """Run every variant of ``sweep`` on ``tokens`` (the base run) and measure ``metric``.
+    """Run every case of ``sweep`` on ``tokens`` (the base run) and measure ``metric``.
 
     ``source``: the source run for patching, or the reference for mean/resample ablation,
     as token ids ([prompts or 1, positions]) or as a cache {site: tensor}. ``budget_bytes``:
     memory for one chunk's activations (default a quarter of the free memory);
-    ``max_variants`` caps variants per chunk; ``select`` runs only those variant indices.
+    ``max_cases`` caps cases per chunk; ``select`` runs only those case indices.
     ``base_interventions`` are part of the base run itself (ROME's embedding noise): every
-    variant sees them, each prompt row with its own row's edit.
+    case sees them, each prompt row with its own row's edit.
     ``prefix_reuse``: start each chunk at its lowest edited layer from the base run's residual.
-    ``sequence_reuse``: when a variant edits only positions >= p (and the metric reads no
+    ``sequence_reuse``: when a case edits only positions >= p (and the metric reads no
     earlier position), compute positions p.. only, on the base run's KV cache of 0..p-1.
     The plan (:func:`plan_sweep`) is made first, then executed (:func:`execute_plan`).
     """
     t0 = time.perf_counter()
     plan = plan_sweep(
-        model, sweep, metric, tokens, source, budget_bytes=budget_bytes, max_variants=max_variants,
+        model, sweep, metric, tokens, source, budget_bytes=budget_bytes, max_cases=max_cases,
         prefix_reuse=prefix_reuse, sequence_reuse=sequence_reuse, select=select,
         base_interventions=base_interventions,
     )
@@ -1094,6 +1094,7 @@ def run_sweep(
 
 __all__ = [
     "DEFAULT_SITE",
+    "Case",
     "Chunk",
     "LogProb",
     "LogitDiff",
@@ -1103,7 +1104,6 @@ __all__ = [
     "SweepForwards",
     "SweepPlan",
     "SweepResult",
-    "Variant",
     "activation_bytes",
     "build_sources",
     "bytes_per_row",

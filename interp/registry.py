@@ -1,106 +1,38 @@
 """Registry of detectors and interventions.
 
-Each module of ``circuits/`` defines a :class:`Detector` subclass and decorates it with
-:func:`register`; the CLI, ``interp scan``, the store and the dashboard discover it here.
+A detector is a :class:`Detector` subclass decorated with :func:`register`. Packages of
+detectors (``circuits`` in this one) are found through the ``interp.plugins`` entry-point group,
+so the core never names them; the CLI, ``interp scan``, the store and the dashboard discover
+every registered detector here.
 A detector's work is split into named *units* (batches, facts, samples) that are committed to
 the store one by one, so an interrupted run resumes without redoing finished units.
 """
 
 from __future__ import annotations
 
-import importlib
-import math
-import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 import pandas as pd
 
+from interp.config import SEED_MAX, DetectorConfig, NoParams, Param
 from interp.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
+
     from interp.model import LoadedModel
 
+__all__ = ["SEED_MAX", "Detector", "DetectorConfig", "Param", "Summary", "UnitResult", "register"]
+# The entry-point group through which packages add detectors and commands: each entry names a
+# module whose import registers them (``circuits = "circuits"`` in this package's pyproject).
+PLUGIN_GROUP = "interp.plugins"
+
 OutputKind = Literal["head_scores", "token_layer", "curves", "metrics", "intervention"]
-# The largest seed a parameter takes (numpy and torch generators accept it on every platform).
-SEED_MAX = 2**32 - 1
-
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter of a detector: name, type, default and help text.
-
-    An int or float parameter declares its range: ``low``/``high`` bound it (inclusive unless
-    ``low_open``/``high_open``), or ``unbounded=True`` says that any value is meaningful (a
-    test checks that every numeric parameter does one or the other). :meth:`parse` enforces
-    the range, so a bad value fails before any model is loaded.
-    """
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    choices: tuple[Any, ...] | None = None
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    unbounded: bool = False
-
-    @property
-    def bounded(self) -> bool:
-        return self.low is not None or self.high is not None
-
-    def range_text(self) -> str:
-        """The allowed range as written in errors: 'in (0, 1)', 'in [0, 10]', '>= 1', '> 0'."""
-
-        def num(x: float) -> str:
-            return str(int(x)) if float(x).is_integer() else str(x)
-
-        if self.low is not None and self.high is not None:
-            return (f"in {'(' if self.low_open else '['}{num(self.low)}, "
-                    f"{num(self.high)}{')' if self.high_open else ']'}")
-        if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {num(self.low)}"
-        if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {num(self.high)}"
-        return "any value"
-
-    def in_range(self, value: float) -> bool:
-        # Written so that NaN is out of every declared range.
-        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
-    def parse(self, raw: Any) -> Any:
-        """Convert a raw (CLI string or JSON) value, with a clear error on bad input."""
-        if raw is None:
-            return self.default
-        try:
-            if self.type is bool and isinstance(raw, str):
-                low = raw.lower()
-                if low not in {"1", "0", "true", "false", "yes", "no"}:
-                    raise ValueError(raw)
-                value: Any = low in {"1", "true", "yes"}
-            elif self.type is int and isinstance(raw, float):
-                # A JSON number: int() would truncate 2.5 silently.
-                if not raw.is_integer():
-                    raise ValueError(raw)
-                value = int(raw)
-            else:
-                value = self.type(raw)
-        except (TypeError, ValueError, OverflowError):
-            raise UserError(
-                f"parameter {self.name!r} expects {self.type.__name__}, got {raw!r}"
-            ) from None
-        if self.choices is not None and value not in self.choices:
-            raise UserError(f"parameter {self.name!r} must be one of {list(self.choices)}, got {value!r}")
-        if self.type is float and not math.isfinite(value):
-            raise UserError(f"parameter {self.name!r} must be a finite number, got {raw!r}")
-        if self.type in (int, float) and not self.in_range(value):
-            raise UserError(f"parameter {self.name!r} must be {self.range_text()}, got {value!r}")
-        return value
+C = TypeVar("C", bound=DetectorConfig)
+T = TypeVar("T")
 
 
 @dataclass
@@ -142,12 +74,17 @@ class Summary:
         return out
 
 
-class Detector:
-    """Base class. Subclasses set the class attributes and implement the three methods."""
+class Detector(Generic[C]):
+    """Base class. A subclass sets the class attributes, declares its parameters as a frozen
+    :class:`~interp.config.DetectorConfig` (``Config``), and implements ``units``, ``run_unit``
+    and ``finalize``; each receives the parsed config."""
 
     name: ClassVar[str]
     description: ClassVar[str]
-    kind: ClassVar[OutputKind]
+    # What the detector writes: the dashboard picks its page by this.
+    output: ClassVar[OutputKind]
+    Config: ClassVar[type[DetectorConfig]] = NoParams
+    # Derived from Config when the subclass is created: the CLI and the dashboard's form read it.
     params: ClassVar[tuple[Param, ...]] = ()
     # Whether ``interp scan`` runs it by default (cheap enough for a first look).
     in_default_scan: ClassVar[bool] = False
@@ -161,46 +98,61 @@ class Detector:
     # wins. The dashboard and interp.figures.curve_axes look them up by the run's detector.
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {}
 
-    def variant(self, params: Mapping[str, Any]) -> str:
-        """The name of the method variant (faithful/fast, zero/mean/uniform ablation...)."""
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.params = cls.Config.specs()
+
+    def variant(self, cfg: C) -> str:
+        """The method variant as a short, stable slug (``faithful``, ``zero-ablation``...): it
+        is part of the run key, so rewording it would stop old runs from resuming. The prose
+        goes in :meth:`method_text`."""
         return "default"
 
-    def dataset_hash(self, model: LoadedModel, params: Mapping[str, Any]) -> str | None:
+    def method_text(self, cfg: C) -> str:
+        """One or two sentences on what exactly this run computes (stored as the run's
+        ``settings`` artifact, not in the key)."""
+        return self.description
+
+    def dataset_hash(self, model: LoadedModel, cfg: C) -> str | None:
         """A hash of the input data when it comes from a file; None for generated inputs."""
         return None
 
-    def units(self, model: LoadedModel, params: Mapping[str, Any]) -> list[str]:
-        """Names of the units of work, in order. Each is committed to the store when done."""
+    def units(self, model: LoadedModel, cfg: C) -> list[str]:
+        """Names of the units of work, in order. Each is committed to the store when done.
+        Checks that need the model (a layer index, a prompt against the context) go here."""
         raise NotImplementedError
 
-    def run_unit(self, model: LoadedModel, params: Mapping[str, Any], unit: str) -> UnitResult:
-        """Compute one unit. Must be deterministic given params (seed included) and unit."""
+    def run_unit(self, model: LoadedModel, cfg: C, unit: str) -> UnitResult:
+        """Compute one unit. Must be deterministic given the config (seed included) and unit."""
         raise NotImplementedError
 
-    def finalize(
-        self, model: LoadedModel, params: Mapping[str, Any], results: Mapping[str, pd.DataFrame]
-    ) -> Summary:
+    def finalize(self, model: LoadedModel, cfg: C, results: Mapping[str, pd.DataFrame]) -> Summary:
         """Aggregate all units' tables (concatenated, with a ``unit`` column) into a Summary."""
         raise NotImplementedError
 
-    @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
-        """Check what single ranges cannot: relations between parameters (min <= max, a list
-        parameter's items, a file parameter's file). Runs in :meth:`parse_params`, before any
-        model is loaded; raise UserError naming the parameters. Checks that need the model
-        (a layer index, a prompt against the context) stay in :meth:`units`."""
+    def memo(self, what: str, model: LoadedModel, cfg: C, compute: Callable[[], T]) -> T:
+        """The one cache of a detector: ``compute()`` once per (what, model, config), shared by
+        the units of a run. The runner makes a detector per run, so nothing cached outlives
+        it (no module globals, no keys on object ids); configs are frozen, hence hashable."""
+        cache: dict[tuple[str, str, DetectorConfig], Any] = self.__dict__.setdefault("_memo", {})
+        key = (what, model.name, cfg)
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
+
+    def example_tokens(self, model: LoadedModel, cfg: C) -> torch.Tensor | None:
+        """A typical input (token ids, batch first) for the dashboard's attention view; None
+        when the detector has no single representative input."""
+        return None
 
     @classmethod
-    def parse_params(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
-        """Convert and validate raw parameters: types, ranges, then :meth:`check_params`."""
-        known = {p.name: p for p in cls.params}
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            names = ", ".join(sorted(known)) or "none"
-            raise UserError(f"unknown parameter {unknown[0]!r} for {cls.name!r} (known: {names})")
-        params = {name: p.parse(raw.get(name)) for name, p in known.items()}
-        cls.check_params(params)
-        return params
+    def parse_params(cls, raw: Mapping[str, Any] | DetectorConfig) -> Any:
+        """The config from raw values (CLI strings, JSON): types, ranges, then relations."""
+        if isinstance(raw, cls.Config):
+            return raw
+        if isinstance(raw, DetectorConfig):
+            raw = raw.to_dict()
+        return cls.Config.parse(raw, cls.name)
 
 
 _REGISTRY: dict[str, type[Detector]] = {}
@@ -234,11 +186,13 @@ def all_commands() -> dict[str, Callable[..., Any]]:
 
 
 def _discover() -> None:
-    import circuits
-
-    for info in pkgutil.iter_modules(circuits.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"circuits.{info.name}")
+    """Import every installed plug-in module (entry-point group ``interp.plugins``); each
+    registers its detectors with :func:`register` when imported. Importing twice is free."""
+    for ep in metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()
+        except ImportError as exc:
+            raise UserError(f"cannot load detector plug-in {ep.name!r} ({ep.value}): {exc}") from exc
 
 
 def all_detectors() -> dict[str, type[Detector]]:

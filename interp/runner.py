@@ -16,12 +16,12 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from interp import tables
+from interp.config import DetectorConfig
+from interp.errors import UserError
 from interp.model import LoadedModel
 from interp.registry import Detector, Summary, UnitResult, get_detector
-from interp.store import Run, Store, code_version
-
-FINAL_UNIT = "final"
-TABLES = ("head_scores", "token_layer", "curves", "metrics", "artifacts")
+from interp.store import FINAL_UNIT, SETTINGS_UNIT, TABLES, WARNINGS_UNIT, Run, Store, code_version
 
 
 @dataclass
@@ -44,26 +44,29 @@ def run_detector(
 ) -> RunResult:
     """Validate parameters, open (or resume) a run, compute missing units, finalize."""
     detector = get_detector(detector_name)
-    params = detector.parse_params(raw_params)
+    cfg = detector.parse_params(raw_params)
     # Validation (units() raises UserError on bad parameters) happens before the store is
     # touched, so bad input never leaves a half-written run behind.
-    units = detector.units(model, params)
+    units = detector.units(model, cfg)
     run: Run = store.start_run(
         model=model.name,
         model_hash=model.provenance.file_sha256 or "",
         detector=detector.name,
-        variant=detector.variant(params),
-        params=params,
-        dataset_hash=detector.dataset_hash(model, params),
-        seed=params.get("seed"),
+        variant=detector.variant(cfg),
+        params=cfg.to_dict(),
+        dataset_hash=detector.dataset_hash(model, cfg),
+        seed=cfg.get("seed"),
         code_version=code_version(),
         provenance=model.provenance.to_dict(),
         resume=resume,
+        identity=lambda stored: _identity(detector, stored),
     )
     started = time.perf_counter()
     with run.guard():
-        done = run.done_units() - {FINAL_UNIT}
+        done = run.done_units() - {FINAL_UNIT, SETTINGS_UNIT}
         todo = [u for u in units if u not in done]
+        if SETTINGS_UNIT not in run.done_units():
+            run.commit_unit(SETTINGS_UNIT, settings(detector, cfg), 0.0)
         bar = tqdm(
             total=len(units),
             initial=len(units) - len(todo),
@@ -75,19 +78,15 @@ def run_detector(
         with bar:
             for unit in todo:
                 t0 = time.perf_counter()
-                result = detector.run_unit(model, params, unit)
+                result = detector.run_unit(model, cfg, unit)
                 run.commit_unit(unit, result, time.perf_counter() - t0)
                 bar.update(1)
-        results = {
-            table: _without_final(run.results(table)) for table in TABLES
-        }
-        summary = detector.finalize(model, params, results)
+        results = {table: _unit_rows(run.results(table)) for table in TABLES}
+        summary = detector.finalize(model, cfg, results)
         run.commit_unit(FINAL_UNIT, UnitResult(tables=summary.tables), 0.0)
         if summary.warnings:
             run.commit_unit(
-                "warnings",
-                UnitResult(tables={"artifacts": pd.DataFrame({"name": ["warnings"], "json": [_json(summary.warnings)]})}),
-                0.0,
+                WARNINGS_UNIT, UnitResult(tables={"artifacts": tables.artifact("warnings", summary.warnings)}), 0.0
             )
         run.finish("done")
     return RunResult(
@@ -100,27 +99,41 @@ def run_detector(
 
 
 def run_in_memory(
-    model: LoadedModel, detector: Detector, params: Mapping[str, Any]
+    model: LoadedModel, detector: Detector[Any], params: Mapping[str, Any] | DetectorConfig
 ) -> tuple[Summary, dict[str, pd.DataFrame]]:
     """Run a detector's units and finalize without a store (notebooks, tests, one detector
-    feeding another). ``params`` are already parsed. Returns the summary and the units'
-    concatenated tables, each row tagged with its unit."""
+    feeding another). ``params`` is its config, or raw values to parse. Returns the summary and
+    the units' concatenated tables, each row tagged with its unit."""
+    cfg = detector.parse_params(params)
     parts: dict[str, list[pd.DataFrame]] = {}
-    for unit in detector.units(model, params):
-        for table, frame in detector.run_unit(model, params, unit).tables.items():
+    for unit in detector.units(model, cfg):
+        for table, frame in detector.run_unit(model, cfg, unit).tables.items():
             parts.setdefault(table, []).append(frame.assign(unit=unit))
     results = {t: pd.concat(frames, ignore_index=True) for t, frames in parts.items()}
-    return detector.finalize(model, params, results), results
+    return detector.finalize(model, cfg, results), results
 
 
-def _without_final(df: pd.DataFrame) -> pd.DataFrame:
+def settings(detector: Detector[Any], cfg: DetectorConfig) -> UnitResult:
+    """The ``settings`` artifact of a run: its variant slug, what that means in words, and
+    the parameters as typed values."""
+    doc = {"variant": detector.variant(cfg), "method": detector.method_text(cfg), "params": cfg.to_dict()}
+    return UnitResult(tables={"artifacts": tables.artifact("settings", doc)})
+
+
+def _identity(detector: Detector[Any], stored_params: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(variant, params) of a run stored by an older version, as this version writes them; None
+    when today's config no longer accepts its parameters (it cannot be resumed then)."""
+    try:
+        cfg = detector.parse_params(stored_params)
+    except UserError:
+        return None
+    return detector.variant(cfg), cfg.to_dict()
+
+
+def _unit_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """A table's rows written by the detector's units (not the final, warnings and settings
+    rows the runner adds)."""
     if "unit" not in df.columns:
         return df
-    keep = ~df["unit"].isin([FINAL_UNIT, "warnings"])
+    keep = ~df["unit"].isin([FINAL_UNIT, WARNINGS_UNIT, SETTINGS_UNIT])
     return pd.DataFrame(df.loc[keep]).reset_index(drop=True)
-
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj)

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -44,6 +44,13 @@ PACKAGE_NAME = "interp-workbench"
 RunStatus = Literal["running", "done", "failed", "interrupted"]
 FinalStatus = Literal["done", "failed", "interrupted"]
 ExportFormat = Literal["csv", "parquet"]
+
+# Units the runner writes besides the detector's own: the aggregated tables, the warnings, and
+# how the run was computed (variant, its prose, the parameters).
+FINAL_UNIT = "final"
+WARNINGS_UNIT = "warnings"
+SETTINGS_UNIT = "settings"
+RESERVED_UNITS = (FINAL_UNIT, WARNINGS_UNIT, SETTINGS_UNIT)
 
 RUN_STATUSES: tuple[str, ...] = ("running", "done", "failed", "interrupted")
 EXPORT_FORMATS: tuple[str, ...] = ("csv", "parquet")
@@ -453,11 +460,17 @@ class Store:
         code_version: str | None,
         provenance: Mapping[str, Any],
         resume: bool = True,
+        identity: Callable[[Mapping[str, Any]], tuple[str, Mapping[str, Any]] | None] | None = None,
     ) -> Run:
         """Start a run, or resume the newest unfinished run with the same key.
 
         A finished ('done') run is never resumed: asking again means a rerun, which gets a new
         id. Use :meth:`find_run` first to reuse a finished run's results instead.
+
+        ``identity`` maps a stored run's parameters to (variant, parameters) as the caller's
+        version writes them. An unfinished run of the same model and detector stored by an
+        older version (parameters written another way, a reworded variant) whose key under
+        today's rules matches is re-keyed and resumed, so upgrading never orphans a run.
         """
         key = run_key(
             model=model,
@@ -473,6 +486,8 @@ class Store:
         provenance_json = _canonical_json(dict(provenance), "provenance")
         now = _now()
         with self._write() as con:
+            if resume and identity is not None:
+                self._rekey_older(con, key, detector, variant, params_json, identity)
             # Looked up inside the write transaction so two processes cannot both create the run.
             row = (
                 con.execute(
@@ -490,29 +505,49 @@ class Store:
                 )
                 resumed = True
             else:
-                cur = con.execute(
-                    "INSERT INTO runs (key, model, model_hash, detector, variant, params_json, dataset_hash, "
-                    "seed, code_version, provenance_json, status, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
-                    (
-                        key,
-                        model,
-                        model_hash,
-                        detector,
-                        variant,
-                        params_json,
-                        dataset_hash,
-                        seed,
-                        code_version,
-                        provenance_json,
-                        now,
-                        now,
-                    ),
-                )
-                assert cur.lastrowid is not None
-                run_id = cur.lastrowid
-                resumed = False
+                values = (key, model, model_hash, detector, variant, params_json, dataset_hash, seed,
+                          code_version, provenance_json, now, now)
+                run_id, resumed = self._insert_run(con, values), False
         return Run(self, run_id, key, resumed=resumed, started=True)
+
+    @staticmethod
+    def _insert_run(con: sqlite3.Connection, values: tuple[Any, ...]) -> int:
+        cur = con.execute(
+            "INSERT INTO runs (key, model, model_hash, detector, variant, params_json, dataset_hash, "
+            "seed, code_version, provenance_json, status, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+            values,
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    @staticmethod
+    def _rekey_older(
+        con: sqlite3.Connection,
+        key: str,
+        detector: str,
+        variant: str,
+        params_json: str,
+        identity: Callable[[Mapping[str, Any]], tuple[str, Mapping[str, Any]] | None],
+    ) -> None:
+        rows = con.execute(
+            "SELECT id, model, model_hash, variant, params_json, dataset_hash, seed, provenance_json "
+            "FROM runs WHERE detector = ? AND status != 'done' AND key != ?",
+            (detector, key),
+        ).fetchall()
+        for run_id, model, model_hash, _, stored_json, dataset_hash, seed, provenance_json in rows:
+            now = identity(json.loads(stored_json))
+            if now is None:
+                continue
+            now_key = run_key(
+                model=model, model_hash=model_hash, detector=detector, variant=now[0], params=now[1],
+                dataset_hash=dataset_hash, seed=seed, prefix=_prefix_of(provenance_json),
+            )
+            if now_key == key:
+                con.execute(
+                    "UPDATE runs SET key = ?, variant = ?, params_json = ? WHERE id = ?",
+                    (key, variant, params_json, run_id),
+                )
 
     def find_run(self, key: str, status: RunStatus | None = None) -> Run | None:
         """The newest run with this key (and status, if given), or None."""

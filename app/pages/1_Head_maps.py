@@ -28,9 +28,9 @@ if runs.empty:
     st.stop()
 
 
-kinds = dash.detector_kinds()
+outputs = dash.detector_outputs()
 # Head detectors, plus any detector no longer registered (its tables decide what shows).
-head_runs = dash.subset(runs, [dash.PAGES["Head maps"].accepts(str(d), kinds.get(str(d))) for d in runs["detector"]])
+head_runs = dash.subset(runs, [dash.PAGES["Head maps"].accepts(str(d), outputs.get(str(d))) for d in runs["detector"]])
 if head_runs.empty:
     st.info("no head-detector runs in this workspace")
     st.stop()
@@ -65,9 +65,6 @@ with c1:
     st.dataframe(top.head(15), hide_index=True)
 with c2:
     dash.show_tables(tables, key=f"hm-{row['id']}", skip=("head_scores",), primary=detector, detector=detector)
-    for title, fig in dash.detector_figures(detector, tables):
-        st.markdown(f"**{title}**")
-        dash.plot(fig, key=f"hm-det-{row['id']}-{title}")
 
 # -- head detail ---------------------------------------------------------------------------------
 

@@ -34,9 +34,9 @@ def _tracing_module() -> Any:
 
 
 runs = dash.runs(store)
-kinds = dash.detector_kinds()
+outputs = dash.detector_outputs()
 page = dash.PAGES["Causal tracing"]
-trace_runs = dash.subset(runs, [page.accepts(str(d), kinds.get(str(d))) for d in runs["detector"]])
+trace_runs = dash.subset(runs, [page.accepts(str(d), outputs.get(str(d))) for d in runs["detector"]])
 
 st.subheader("stored traces")
 if trace_runs.empty:
@@ -78,9 +78,6 @@ else:
                                                 else "restored p(answer)")
                                                if row["detector"] == "causal-trace" else None))
         dash.show_tables(tables, key=f"ct-rest-{row['id']}", skip=("token_layer",), detector=str(row["detector"]))
-        for title, fig in dash.detector_figures(str(row["detector"]), tables):
-            st.markdown(f"**{title}**")
-            dash.plot(fig, key=f"ct-det-{row['id']}-{title}")
 
 st.divider()
 st.subheader("trace a prompt live")

@@ -44,9 +44,6 @@ else:
                 st.markdown("**memory / context rates**")
                 dash.show_metrics(rates)
         dash.show_tables(tables, key=f"cf-{row['id']}", primary=str(row["detector"]), detector=str(row["detector"]))
-        for title, fig in dash.detector_figures(str(row["detector"]), tables):
-            st.markdown(f"**{title}**")
-            dash.plot(fig, key=f"cf-det-{row['id']}-{title}")
 
 st.divider()
 st.subheader("interventions, live")

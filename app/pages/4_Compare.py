@@ -33,11 +33,11 @@ if not detectors:
 
 # First choice: a detector with two runs to compare, else a head detector (charts, not only a
 # metrics table: after a first scan each detector has one run).
-kinds = dash.detector_kinds()
+outputs = dash.detector_outputs()
 run_detectors = [str(d) for d in runs["detector"]]
 first = next((i for i, d in enumerate(detectors) if run_detectors.count(d) >= 2), None)
 if first is None:
-    first = next((i for i, d in enumerate(detectors) if kinds.get(d) == "head_scores"), 0)
+    first = next((i for i, d in enumerate(detectors) if outputs.get(d) == "head_scores"), 0)
 detector = st.selectbox("detector", detectors, index=first, key="cmp-detector")
 mine = dash.subset(runs, runs["detector"] == detector)
 if len(mine) < 2:

@@ -17,6 +17,7 @@ from circuits import ph3
 from circuits.conflict_heads import head_effects, total_effects
 from circuits.conflicts import build_dataset
 from circuits.facts import load_facts
+from interp import tables
 from interp.model import LoadedModel
 
 pytestmark = pytest.mark.integration
@@ -134,7 +135,7 @@ def test_detectors_end_to_end_reproducible(smol: LoadedModel, tmp_path: Any) -> 
     for fmt in ("restated", "qa"):
         total = sum(s1.metrics[f"{fmt}.test.{k}"] for k in ("memory_rate", "context_rate", "other_rate"))
         assert total == pytest.approx(1.0)
-    split = s1.tables["artifacts"].set_index("name").loc["split", "json"]
+    split = tables.read_artifact(s1.tables["artifacts"], "split")
     assert len(split["validation"]) == 6
     assert not set(split["validation"]) & set(split["test"])
 
@@ -154,7 +155,7 @@ def test_ph3_detector_stores_k_and_split(smol: LoadedModel, tmp_path: Any) -> No
     assert "test.unpruned.no-conflict.restated.memory_rate" in m
     # Every kept item is known, so unpruned plain recall on the no-conflict prompt is perfect.
     assert m["test.unpruned.no-conflict.restated.memory_rate"] == 1.0
-    settings = res.summary.tables["artifacts"].set_index("name").loc["settings", "json"]
+    settings = tables.read_artifact(res.summary.tables["artifacts"], "selection")
     assert settings["chosen_k"]["prune-context"] == m["prune-context.k"]
     assert len(res.summary.tables["curves"]) > 0
 

@@ -23,8 +23,8 @@ def test_quick_heads_benchmark() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=900, check=True,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("engine_s", "baseline_s", "ratio", "plain_forward_s", "plain_fraction", "max_abs_diff", "n_variants"):
+    for key in ("engine_s", "baseline_s", "ratio", "plain_forward_s", "plain_fraction", "max_abs_diff", "n_cases"):
         assert key in result
-    assert result["n_variants"] == 18
+    assert result["n_cases"] == 18
     assert result["max_abs_diff"] < 1e-5
     assert result["engine_stats"]["prefix_reuse"]

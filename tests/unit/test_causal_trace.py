@@ -435,3 +435,28 @@ def test_knockout_detector(tiny_model: LoadedModel) -> None:
     assert len(curves) == 3 * tiny_model.info.n_layers
     assert all(math.isfinite(v) for v in curves["y"])
     assert summary.metrics["n_facts"] == 1
+
+
+def test_configs_parse_lists_and_check_relations() -> None:
+    trace, knock = ct.CausalTraceDetector, ct.AttentionKnockoutDetector
+    cfg = trace.parse_params({"kinds": "state,mlp", "samples": "3"})
+    assert cfg.kinds == ("state", "mlp")
+    assert cfg.samples == 3
+    assert cfg.to_dict()["kinds"] == ["state", "mlp"]
+    assert trace.parse_params({}).kinds == ct.KINDS
+    # The shared fields come first, in the order of the command line; each detector its own limit.
+    assert [p.name for p in knock.params] == [
+        "prompt", "subject", "answer", "facts", "scan_all", "answer_mode", "limit", "window", "memory_mb"
+    ]
+    assert [p.name for p in trace.params][:7] == [p.name for p in knock.params][:7]
+    assert (trace.parse_params({}).limit, knock.parse_params({}).limit) == (2, 20)
+    for det in (trace, knock):
+        assert det().variant(det.parse_params({})) == "faithful"
+    with pytest.raises(UserError, match="kinds"):
+        trace.parse_params({"kinds": ","})
+    with pytest.raises(UserError, match="kinds"):
+        trace.parse_params({"kinds": "state,heads"})
+    with pytest.raises(UserError, match="needs all of"):
+        knock.parse_params({"prompt": PROMPT, "subject": SUBJECT})
+    with pytest.raises(UserError, match="answer_mode"):
+        knock.parse_params({"answer_mode": "all"})

@@ -7,13 +7,14 @@ models, with raw torch hooks written out here.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pandas as pd
 import pytest
 import torch
 
-from circuits import ph3
+from circuits import conflicts, ph3
 from circuits.conflict_heads import (
     ConflictHeadsDetector,
     head_effects,
@@ -25,15 +26,16 @@ from circuits.conflicts import (
     ConflictItem,
     build_dataset,
     make_item,
-    parse_formats,
     rates,
     score_items,
 )
-from circuits.facts import Fact
+from circuits.facts import FACT_SOURCES, Fact
+from interp import tables
 from interp.backends import no_hooks_left
 from interp.errors import UserError
 from interp.interventions import AblateHeads, ablate_heads
 from interp.model import LoadedModel
+from interp.runner import run_in_memory
 from tests.tiny import loaded
 
 # ---------------------------------------------------------------- helpers
@@ -159,8 +161,8 @@ def test_prompt_formats_and_alignment() -> None:
     assert other.plain_prompt("qa") == "Q: The mascot of x is what? A:"
     with pytest.raises(UserError, match="unknown conflict format"):
         item.conflict_prompt("cloze")
-    with pytest.raises(UserError, match="unknown conflict format"):
-        parse_formats("restated,nope")
+    with pytest.raises(UserError, match=r"parameter 'formats\[1\]' must be one of"):
+        ConflictHeadsDetector.parse_params({"formats": "restated,nope"})
 
 
 def _own_answer_facts(model: LoadedModel, n: int) -> list[Fact]:
@@ -354,11 +356,136 @@ def test_rank_agreement_and_ranking_hand_worked() -> None:
 def test_detector_on_model_that_knows_nothing_is_a_clear_error(tiny_llama_hf: Any) -> None:
     model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
     det = ConflictHeadsDetector()
-    params = det.parse_params({"facts": "builtin"})
+    cfg = det.parse_params({"facts": "builtin"})
     with pytest.raises(UserError, match="known conflict items"):
-        det.run_unit(model, params, "restated")
+        det.run_unit(model, cfg, "restated")
     with pytest.raises(UserError, match="must be one of"):
         det.parse_params({"norm": "sideways"})
+
+
+# The run key's variant: a short lowercase slug.
+SLUG = re.compile(r"^[a-z0-9]+([-./+=][a-z0-9]+)*$")
+
+
+def test_configs_keep_the_parameters_typed_and_checked() -> None:
+    assert [p.name for p in ConflictHeadsDetector.params] == [
+        "seed", "formats", "facts", "val_fraction", "max_items", "norm", "total_effect", "total_items", "n_top",
+        "batch_size",
+    ]
+    cfg = ConflictHeadsDetector.parse_params({})
+    assert (cfg.formats, cfg.facts, cfg.val_fraction, cfg.max_items) == (("restated", "qa"), "auto", 0.5, 80)
+    assert (cfg.norm, cfg.total_effect, cfg.total_items, cfg.n_top, cfg.batch_size) == ("recomputed", False, 4, 10, 16)
+    facts = next(p for p in ConflictHeadsDetector.params if p.name == "facts")
+    assert facts.choices == FACT_SOURCES
+    # `interp run --top` is the CLI's own option (table rows): the parameter is n_top.
+    with pytest.raises(UserError, match="unknown parameter 'top'"):
+        ConflictHeadsDetector.parse_params({"top": "3"})
+    assert [p.name for p in ph3.PH3Detector.params] == [
+        "seed", "formats", "facts", "val_fraction", "max_items", "ks", "scale_heads", "factors", "batch_size",
+    ]
+    seed = next(p for p in ph3.PH3Detector.params if p.name == "seed")
+    assert seed.help == "seed of the context answers, the split and the random-head control"
+    d = ph3.PH3Detector.parse_params({})
+    assert (d.ks, d.factors, d.scale_heads, d.batch_size) == ((1, 3, 5, 7, 9, 15), (0.0, 0.5, 1.0, 2.0, 4.0), 1, 32)
+    p = ph3.PH3Detector.parse_params({"ks": "1,3", "factors": "0,2.5", "formats": "qa"})
+    assert (p.ks, p.factors, p.formats) == ((1, 3), (0.0, 2.5), ("qa",))
+    for raw, text in [
+        ({"formats": ","}, "no conflict format"),
+        ({"formats": "qa,qa"}, "'qa' twice"),
+        ({"ks": "0,3"}, r"parameter 'ks\[0\]' must be >= 1"),
+        ({"ks": "1,three"}, r"parameter 'ks\[1\]' expects int"),
+        ({"ks": ","}, "no candidate k given in ks"),
+        ({"factors": "0,nan"}, r"parameter 'factors\[1\]' must be a finite number"),
+        ({"factors": ""}, "no scale factor given in factors"),
+        ({"val_fraction": "1"}, r"parameter 'val_fraction' must be in \(0, 1\)"),
+    ]:
+        with pytest.raises(UserError, match=text):
+            ph3.PH3Detector.parse_params(raw)
+
+
+def test_variants_are_slugs_that_name_the_method() -> None:
+    det = ConflictHeadsDetector()
+    seen = set()
+    for norm in ("recomputed", "frozen"):
+        for total in (False, True):
+            cfg = det.parse_params({"norm": norm, "total_effect": total})
+            v = det.variant(cfg)
+            assert SLUG.match(v), v
+            assert len(v) <= 40, v
+            assert norm in v
+            assert ("total-effect" in v) == total
+            assert norm in det.method_text(cfg)
+            assert ("total-effect" in det.method_text(cfg)) == total
+            seen.add(v)
+    assert len(seen) == 4
+    v = ph3.PH3Detector().variant(ph3.PH3Detector.parse_params({}))
+    assert SLUG.match(v), v
+    assert len(v) <= 40, v
+
+
+@pytest.fixture
+def knowing(tiny_llama_hf: Any, monkeypatch: pytest.MonkeyPatch) -> LoadedModel:
+    """The tiny Llama, with the conflict detectors' facts replaced by facts it knows."""
+    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
+    facts = _own_answer_facts(model, 24)
+    monkeypatch.setattr(conflicts, "load_facts", lambda source=None: list(facts))
+    return model
+
+
+def test_conflict_heads_detector_runs_and_stores_its_tables(knowing: LoadedModel) -> None:
+    det = ConflictHeadsDetector()
+    cfg = det.parse_params({"max_items": 8, "formats": "restated", "total_effect": True, "total_items": 2,
+                            "n_top": 2})
+    assert det.dataset(knowing, cfg) is det.dataset(knowing, cfg)  # one dataset per run
+    summary, results = run_in_memory(knowing, det, cfg)
+    m = summary.metrics
+    assert summary.variant == "direct-path.recomputed-norm+total-effect"
+    assert m["n_validation"] + m["n_test"] == 8
+    assert summary.heads is not None
+    assert len(summary.heads) == knowing.info.n_total_heads
+    assert [h["score"] for h in summary.heads] == sorted((h["score"] for h in summary.heads), reverse=True)
+    assert len(str(m["top_memory_heads"]).split(",")) <= 2
+    assert "path_vs_total.spearman" in m
+    assert "restated.path_vs_total.spearman" in m
+    assert sum(m[f"restated.test.{k}"] for k in ("memory_rate", "context_rate", "other_rate")) == pytest.approx(1.0)
+    assert list(results["metrics"].columns[:5]) == tables.columns("metrics")
+    numeric = {k: float(v) for k, v in m.items() if not isinstance(v, str)}
+    assert dict(zip(summary.tables["metrics"]["name"], summary.tables["metrics"]["value"], strict=True)) == numeric
+    split = tables.read_artifact(summary.tables["artifacts"], "split")
+    assert split["hash"] == m["split_hash"]
+    assert len(split["validation"]) == m["n_validation"]
+    assert tables.read_artifact(summary.tables["artifacts"], "patching")["final_norm"] == "recomputed"
+    hs = summary.tables["head_scores"]
+    assert list(hs.columns) == tables.columns("head_scores")
+    pooled = hs[hs["metric"] == "pooled.memory_score"].set_index(["layer", "head"])["value"]
+    for h in summary.heads:
+        assert pooled[(h["layer"], h["head"])] == h["score"]
+    ids = det.example_tokens(knowing, cfg)
+    assert ids is not None
+    assert knowing.tokenizer.decode(ids[0, len(knowing.prefix):].tolist()).endswith(" w20 w60 w90")
+
+
+def test_ph3_detector_runs_and_stores_k_and_split(knowing: LoadedModel) -> None:
+    det = ph3.PH3Detector()
+    cfg = det.parse_params({"max_items": 8, "formats": "restated", "ks": "1", "factors": "0,2"})
+    summary, results = run_in_memory(knowing, det, cfg)
+    m = summary.metrics
+    assert summary.variant == "zero-ablation.direct-path-ranking"
+    assert (m["prune-context.k"], m["prune-memory.k"]) == (1, 1)
+    # Every kept item is known, so unpruned plain recall on the no-conflict prompt is perfect.
+    assert m["test.unpruned.no-conflict.restated.memory_rate"] == 1.0
+    selection = tables.read_artifact(summary.tables["artifacts"], "selection")
+    assert selection["chosen_k"] == {"prune-context": 1, "prune-memory": 1}
+    assert selection["k_grid"] == [1]
+    assert tables.read_artifact(summary.tables["artifacts"], "split")["hash"] == m["split_hash"]
+    assert selection["pruned_heads"] == tables.read_artifact(results["artifacts"], "pruned_heads")
+    curves = summary.tables["curves"]
+    assert list(curves.columns) == tables.columns("curves")
+    assert set(curves["curve"]) == {
+        "validation.prune-context.memory_rate", "validation.prune-memory.context_rate",
+        "test.scale_value.restated.context_rate", "test.scale_value.restated.memory_rate",
+    }
+    assert sorted(set(curves.loc[curves["curve"].str.startswith("test."), "x"])) == [0.0, 2.0]
 
 
 # ---------------------------------------------------------------- pruning

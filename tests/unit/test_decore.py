@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pytest
 import torch
 
+from circuits import decore_eval as ev
 from circuits.decore import (
     DecoreSettings,
     base_entropy,
@@ -33,10 +35,11 @@ from circuits.decore import (
     workspace_ranking,
 )
 from circuits.retrieval import RetrievalDetector
+from interp import tables
 from interp.errors import UserError
 from interp.model import LoadedModel
 from interp.registry import UnitResult
-from interp.runner import FINAL_UNIT
+from interp.runner import FINAL_UNIT, run_in_memory
 from interp.store import Store
 from tests.tiny import loaded
 
@@ -270,10 +273,10 @@ def _store_run(store: Store, model: LoadedModel, mode: str, scores: dict[tuple[i
     if prefix is not None:
         prov["prefix"] = prefix
     run = store.start_run(model=name or model.name, model_hash=model.provenance.file_sha256 or "",
-                          detector="retrieval", variant=det.variant(parsed), params=parsed, dataset_hash=None,
-                          seed=parsed["seed"], code_version="test", provenance=prov, resume=False)
+                          detector="retrieval", variant=det.variant(parsed), params=parsed.to_dict(), dataset_hash=None,
+                          seed=parsed.seed, code_version="test", provenance=prov, resume=False)
     rows = [("retrieval", la, h, v) for (la, h), v in (scores or {}).items()]
-    frame = pd.DataFrame(rows, columns=["metric", "layer", "head", "value"])
+    frame = tables.head_scores(rows)
     run.commit_unit(FINAL_UNIT, UnitResult(tables={"head_scores": frame} if rows else {}), 0.0)
     if status != "running":
         run.finish(status)
@@ -337,3 +340,77 @@ def test_ranking_params_are_checked() -> None:
     for bad in (["n_needles"], ["mode=fast"], ["bogus=1"], ["n_needles=x"]):
         with pytest.raises(UserError):
             parse_ranking_params(bad)
+
+
+# ---------------------------------------------------------------- the decore-eval detector
+
+
+def test_decore_eval_config_checks_and_unit_plan(tiny_llama_hf) -> None:
+    det = ev.DecoreEvalDetector()
+    cfg = det.parse_params({"heads": "0.1,1.2,2.3", "ks": "3,1", "tasks": "memotrap,closedbook", "method": "zero"})
+    assert cfg.ks == (3, 1)
+    assert cfg.tasks == ("memotrap", "closedbook")
+    assert cfg.to_dict()["heads"] == ["0.1", "1.2", "2.3"]
+    assert det.variant(cfg) == "zero-mask.masked-prefill"
+    assert det.variant(det.parse_params({})) == "uniform-mask.masked-prefill"
+    assert re.fullmatch(r"[a-z0-9]+([-./+=][a-z0-9]+)*", det.variant(cfg))
+    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
+    # Given heads: no ranking unit; the ks run in increasing order whatever order they are listed in.
+    assert det.units(model, cfg) == [
+        f"{task}/{m}/k{k}" for task in ("memotrap", "closedbook")
+        for m, k in [("greedy", 0)] + [(m, k) for m in ev.METHODS[1:] for k in (1, 3)]
+    ]
+    assert det.units(model, det.parse_params({"ks": "1", "tasks": "memotrap"}))[0] == "ranking"
+    for raw, match in [
+        ({"ks": ""}, "ks"),
+        ({"ks": "0,1"}, "ks"),
+        ({"tasks": ","}, "task"),
+        ({"tasks": "nqswap,trivia"}, "task"),
+        ({"heads": "0.1", "ks": "2"}, "heads"),
+        ({"heads": "0.1,0.1", "ks": "1"}, "listed twice"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            det.parse_params(raw)
+    with pytest.raises(UserError, match="not below"):
+        det.units(model, det.parse_params({"ks": "12"}))
+    with pytest.raises(UserError, match="control heads"):
+        det.units(model, det.parse_params({"ks": "2", "exclude_top": "11"}))
+
+
+def test_decore_eval_detector_tables_agree_with_its_items(tiny_llama_hf) -> None:
+    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
+    det = ev.DecoreEvalDetector()
+    raw = {"heads": "1.0,2.3", "ks": "2,1", "tasks": "memotrap", "max_items": 2}
+    cfg = det.parse_params(raw)
+    assert det.dataset_hash(model, cfg) == ev.data_hash(ev.build_tasks(model, 0, 2, ["memotrap"]))
+    summary, units = run_in_memory(model, det, raw)
+    assert summary.variant == "uniform-mask.masked-prefill"
+    per_item = [json.loads(js) for name, js in zip(units["artifacts"]["name"], units["artifacts"]["json"], strict=True)
+                if name == "per_item"]
+    assert sorted((a["method"], a["k"]) for a in per_item) == sorted(
+        [("greedy", 0)] + [(m, k) for m in ev.METHODS[1:] for k in (1, 2)]
+    )
+    # Each unit's accuracy is the mean correctness of its items, per split.
+    um = units["metrics"]
+    for a in per_item:
+        unit = f"memotrap/{a['method']}/k{a['k']}"
+        if a["method"] in ("decore-vanilla", "decore-entropy"):
+            assert [tuple(h) for h in a["heads"]] == [(1, 0), (2, 3)][: a["k"]]
+        for split in ("validation", "test"):
+            ok = [r["correct"] for r in a["items"] if r["split"] == split]
+            row = um[(um["unit"] == unit) & (um["name"] == f"accuracy:{split}")].iloc[0]
+            assert row["value"] == pytest.approx(sum(ok) / len(ok))
+            assert row["n"] == len(ok) == 2
+    # The control never draws a masked retrieval head (it avoids the top max(k, exclude_top)).
+    for a in per_item:
+        if a["method"] == "control-entropy":
+            assert not {tuple(h) for h in a["heads"]} & {(1, 0), (2, 3)}
+    final = summary.tables
+    assert set(final["curves"]["curve"]) == {f"memotrap:{s}:{m}" for s in ("validation", "test") for m in ev.METHODS}
+    results = tables.read_artifact(final["artifacts"], "results_table")
+    assert {r["method"] for r in results} == set(ev.METHODS)
+    for r in results:
+        assert summary.metrics[f"memotrap:{r['method']}:k"] == r["k"]
+        name = f"memotrap:test:{r['method']}:k{r['k']}"
+        fm = final["metrics"]
+        assert fm[fm["name"] == name]["value"].iloc[0] == pytest.approx(r["test_accuracy"])

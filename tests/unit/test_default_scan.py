@@ -37,7 +37,7 @@ PAGE_FILES = {
 
 
 def _kinds() -> dict[str, str]:
-    return {name: str(cls.kind) for name, cls in all_detectors().items()}
+    return {name: str(cls.output) for name, cls in all_detectors().items()}
 
 
 def test_every_page_lists_a_detector_of_the_default_scan() -> None:
@@ -52,10 +52,10 @@ def test_the_default_scan_traces_facts_and_finds_conflict_heads_on_small_setting
     dets = all_detectors()
     assert {"causal-trace", "conflict-heads"} <= set(default_scan())
     trace = dets["causal-trace"].parse_params(dets["causal-trace"].scan_params)
-    assert trace["limit"] <= 3
-    assert trace["samples"] < dets["causal-trace"].parse_params({})["samples"]
+    assert trace.limit <= 3
+    assert trace.samples < dets["causal-trace"].parse_params({}).samples
     heads = dets["conflict-heads"].parse_params(dets["conflict-heads"].scan_params)
-    assert 0 < heads["max_items"] < dets["conflict-heads"].parse_params({})["max_items"]
+    assert 0 < heads.max_items < dets["conflict-heads"].parse_params({}).max_items
 
 
 @pytest.mark.parametrize("name", sorted(all_detectors()))
@@ -63,7 +63,7 @@ def test_scan_params_pass_validation(name: str) -> None:
     cls = all_detectors()[name]
     params = cls.parse_params(cls.scan_params)  # unknown names, ranges and relations
     for key, raw in cls.scan_params.items():
-        assert params[key] == next(p for p in cls.params if p.name == key).parse(raw)
+        assert getattr(params, key) == next(p for p in cls.params if p.name == key).parse(raw)
 
 
 class _Probe(InductionDetector):
@@ -173,7 +173,7 @@ def scanned_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for name in default_scan():
             cls = all_detectors()[name]
             run = s.start_run(model="toy", model_hash=None, detector=name, variant="v",
-                              params=cls.parse_params(cls.scan_params), dataset_hash=None, seed=None,
+                              params=cls.parse_params(cls.scan_params).to_dict(), dataset_hash=None, seed=None,
                               code_version=None, provenance={"source": "object"})
             metrics = pd.DataFrame({"name": ["n"], "value": [1.0], "ci_low": [None], "ci_high": [None], "n": [1]})
             run.commit_unit("final", UnitResult({"metrics": metrics}), 0.0)

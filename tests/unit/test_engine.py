@@ -114,7 +114,7 @@ def test_engine_equals_naive_loop(tiny_model: LoadedModel, data: dict[str, torch
     want = torch.stack([v for _, v in expected])
     # Prefix reuse with chunks that split start-layer groups unevenly, and plain full forwards
     # in one chunk: both must give the loop's numbers.
-    runs: list[dict[str, Any]] = [{"prefix_reuse": True, "max_variants": 5}, {"prefix_reuse": False}]
+    runs: list[dict[str, Any]] = [{"prefix_reuse": True, "max_cases": 5}, {"prefix_reuse": False}]
     for kwargs in runs:
         res = run_sweep(tiny_model, sweep, metric, tokens, ref, **kwargs)
         assert res.labels == [lab for lab, _ in expected]
@@ -129,8 +129,8 @@ def test_prefix_reuse_skips_layers_and_leaves_the_model_clean(tiny_model: Loaded
     tokens, ref = data["tokens"], data["source"]
     before = tiny_model.run(tokens).logits
     metric = LogitDiff(CORRECT, WRONG)
-    fast = run_sweep(tiny_model, Sweep("heads"), metric, tokens, ref, max_variants=3)
-    slow = run_sweep(tiny_model, Sweep("heads"), metric, tokens, ref, prefix_reuse=False, max_variants=3)
+    fast = run_sweep(tiny_model, Sweep("heads"), metric, tokens, ref, max_cases=3)
+    slow = run_sweep(tiny_model, Sweep("heads"), metric, tokens, ref, prefix_reuse=False, max_cases=3)
     assert fast.stats["prefix_reuse"]
     assert fast.stats["prefix_check_diff"] == pytest.approx(0.0, abs=1e-5)
     assert fast.stats["token_layers"] < slow.stats["token_layers"]
@@ -145,8 +145,8 @@ def test_sequence_reuse_computes_only_the_edited_suffix(tiny_model: LoadedModel,
     tokens, ref = data["tokens"], data["source"]
     metric = LogitDiff(CORRECT, WRONG)
     sweep = Sweep("positions", "patch", site="resid_post", positions=(2, 3, 6))
-    fast = run_sweep(tiny_model, sweep, metric, tokens, ref, max_variants=2)
-    no_cut = run_sweep(tiny_model, sweep, metric, tokens, ref, max_variants=2, sequence_reuse=False)
+    fast = run_sweep(tiny_model, sweep, metric, tokens, ref, max_cases=2)
+    no_cut = run_sweep(tiny_model, sweep, metric, tokens, ref, max_cases=2, sequence_reuse=False)
     assert fast.stats["sequence_reuse"]
     assert not no_cut.stats["sequence_reuse"]
     assert fast.stats["token_layers"] < no_cut.stats["token_layers"]
@@ -164,8 +164,8 @@ def test_shared_token_prefix_is_not_recomputed(tiny_model: LoadedModel, data: di
     metric = LogitDiff(CORRECT, WRONG)
     for sweep in (Sweep("heads", "patch"), Sweep("layers", "patch", site="resid_post")):
         expected = torch.stack([v for _, v in reference_loop(tiny_model, sweep, tokens, ref)])
-        fast = run_sweep(tiny_model, sweep, metric, tokens, ref, max_variants=4)
-        slow = run_sweep(tiny_model, sweep, metric, tokens, ref, max_variants=4, sequence_reuse=False)
+        fast = run_sweep(tiny_model, sweep, metric, tokens, ref, max_cases=4)
+        slow = run_sweep(tiny_model, sweep, metric, tokens, ref, max_cases=4, sequence_reuse=False)
         assert fast.stats["sequence_reuse"]
         assert fast.stats["token_layers"] < slow.stats["token_layers"]
         torch.testing.assert_close(fast.values, expected, atol=1e-5, rtol=1e-5)
@@ -199,7 +199,7 @@ def test_base_interventions_are_in_every_variant(tiny_model: LoadedModel, data: 
     clean_tokens = data["source"]
     site = sweep.site or "z"
     clean = tiny_model.run(clean_tokens, cache=[f"{site}.*" if site != "embed" else "embed"]).cache
-    want, edits = [], sweep.variants(tiny_model, SEQ)
+    want, edits = [], sweep.cases(tiny_model, SEQ)
     for v in edits:
         hand = [NOISE] + [
             AblateHeads(iv.layer, heads=iv.heads, method="zero", positions=iv.positions) if isinstance(iv, AblateHeads)
@@ -210,7 +210,7 @@ def test_base_interventions_are_in_every_variant(tiny_model: LoadedModel, data: 
     expected = torch.stack(want)
     noised_base = naive(tiny_model, tokens, [NOISE], {})
     metric = LogitDiff(CORRECT, WRONG)
-    for kwargs in ({"max_variants": 4}, {"prefix_reuse": False, "max_variants": 3}):
+    for kwargs in ({"max_cases": 4}, {"prefix_reuse": False, "max_cases": 3}):
         res = run_sweep(tiny_model, sweep, metric, tokens, clean, base_interventions=[NOISE], **kwargs)
         torch.testing.assert_close(res.values, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(res.base, noised_base, atol=1e-5, rtol=1e-5)
@@ -229,8 +229,8 @@ def test_prob_metric_is_the_softmax(tiny_model: LoadedModel, data: dict[str, tor
 def test_uneven_budget_split(tiny_model: LoadedModel, data: dict[str, torch.Tensor]) -> None:
     tokens, ref = data["tokens"], data["source"]
     metric = LogitDiff(CORRECT, WRONG)
-    per_variant = N_PROMPTS * bytes_per_row(tiny_model, SEQ, 1)
-    res = run_sweep(tiny_model, Sweep("positions"), metric, tokens, ref, budget_bytes=4 * per_variant + 7,
+    per_case = N_PROMPTS * bytes_per_row(tiny_model, SEQ, 1)
+    res = run_sweep(tiny_model, Sweep("positions"), metric, tokens, ref, budget_bytes=4 * per_case + 7,
                     prefix_reuse=False)
     assert max(res.stats["chunk_sizes"]) == 4
     assert sum(res.stats["chunk_sizes"]) == SEQ * tiny_model.info.n_layers
@@ -240,10 +240,10 @@ def test_uneven_budget_split(tiny_model: LoadedModel, data: dict[str, torch.Tens
 
 
 def test_budget_smaller_than_one_variant(tiny_model: LoadedModel, data: dict[str, torch.Tensor]) -> None:
-    per_variant = N_PROMPTS * bytes_per_row(tiny_model, SEQ, 1)
-    with pytest.raises(UserError, match="smaller than one patched variant"):
+    per_case = N_PROMPTS * bytes_per_row(tiny_model, SEQ, 1)
+    with pytest.raises(UserError, match="smaller than one patched case"):
         run_sweep(tiny_model, Sweep("heads"), LogitDiff(CORRECT, WRONG), data["tokens"], data["source"],
-                  budget_bytes=per_variant - 1)
+                  budget_bytes=per_case - 1)
 
 
 def test_bad_input(tiny_model: LoadedModel, data: dict[str, torch.Tensor]) -> None:
@@ -277,7 +277,7 @@ def test_sweep_round_trips() -> None:
 
 def test_plan_chunks_prefers_one_start_layer_per_chunk() -> None:
     starts = [0] * 4 + [1] * 4 + [2] * 4
-    chunks = plan_chunks(starts, max_variants=8, rows_per_variant=16, seq_len=13, n_layers=3, prefix_reuse=True)
+    chunks = plan_chunks(starts, max_cases=8, rows_per_case=16, seq_len=13, n_layers=3, prefix_reuse=True)
     assert [(s, len(i)) for s, i in chunks] == [(0, 4), (1, 4), (2, 4)]
     assert sorted(i for _, idx in chunks for i in idx) == list(range(12))
 

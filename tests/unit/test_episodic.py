@@ -8,6 +8,8 @@ recall loop ported line by line, and small cases worked by hand.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from circuits import cmr_model, episodic
+from interp.config import DetectorConfig
 from interp.errors import UserError
 from interp.model import LoadedModel
 from interp.registry import Summary, get_detector
@@ -24,16 +27,16 @@ from tests.tiny import loaded
 TABLES = ("head_scores", "token_layer", "curves", "metrics", "artifacts")
 
 
-def run_local(model: LoadedModel, name: str, raw: dict) -> Summary:
+def run_local(model: LoadedModel, name: str, raw: dict | DetectorConfig) -> Summary:
     """Drive a detector as the runner does (units, then finalize), without the store."""
     det = get_detector(name)
-    params = det.parse_params(raw)
+    cfg = det.parse_params(raw)
     per: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
-    for unit in det.units(model, params):
-        for table, df in det.run_unit(model, params, unit).tables.items():
+    for unit in det.units(model, cfg):
+        for table, df in det.run_unit(model, cfg, unit).tables.items():
             per[table].append(df.assign(unit=unit))
     results = {t: pd.concat(v, ignore_index=True) if v else pd.DataFrame(columns=["unit"]) for t, v in per.items()}
-    return det.finalize(model, params, results)
+    return det.finalize(model, cfg, results)
 
 
 # ---------------------------------------------------------------- copying score
@@ -137,14 +140,14 @@ def _plain_lag_crp(hf: Any, prompts: episodic.ListPrompts, max_lag: int) -> np.n
 def test_lag_crp_matches_hf_output_attentions(
     tiny_model: LoadedModel, tiny_hf: torch.nn.Module, variant: str
 ) -> None:
-    params = {"variant": variant, "seq_len": 12, "n_prompts": 3, "batch_size": 2, "max_lag": 4, "seed": 3}
-    summary = run_local(tiny_model, "lag-crp", params)
+    raw = {"lists": variant, "seq_len": 12, "n_prompts": 3, "batch_size": 2, "max_lag": 4, "seed": 3}
+    summary = run_local(tiny_model, "lag-crp", raw)
     curves = summary.tables["curves"]
     c_curve, c_layer, c_head, c_x, c_y = (np.asarray(curves[c].to_numpy()) for c in ("curve", "layer", "head", "x", "y"))
     det = get_detector("lag-crp")
-    parsed = det.parse_params(params)
-    units = det.units(tiny_model, parsed)
-    prompt_sets = [det.prompts(tiny_model, parsed, u) for u in units]  # type: ignore[attr-defined]
+    cfg = det.parse_params(raw)
+    units = det.units(tiny_model, cfg)
+    prompt_sets = [det.prompts(tiny_model, cfg, u) for u in units]  # type: ignore[attr-defined]
     hf = copy.deepcopy(tiny_hf)
     for pr in prompt_sets:
         # The second list must show the first list's tokens at the claimed positions.
@@ -346,33 +349,33 @@ def test_fit_matches_naive_distance_and_recovers_parameters() -> None:
 
 
 def test_detectors_are_deterministic(tiny_model: LoadedModel) -> None:
-    for name, params in [
+    for name, raw in [
         ("copying", {"seq_len": 10, "n_prompts": 3}),
         ("lag-crp", {"seq_len": 12, "n_prompts": 4, "batch_size": 2, "max_lag": 4}),
     ]:
-        a, b = run_local(tiny_model, name, params), run_local(tiny_model, name, params)
+        a, b = run_local(tiny_model, name, raw), run_local(tiny_model, name, raw)
         assert a.to_json() == b.to_json()
-    params = {"seq_len": 12, "n_prompts": 4, "batch_size": 2, "max_lag": 4, "seed": 1}
-    other = run_local(tiny_model, "lag-crp", params)
-    assert other.to_json() != run_local(tiny_model, "lag-crp", {**params, "seed": 0}).to_json()
+    raw = {"seq_len": 12, "n_prompts": 4, "batch_size": 2, "max_lag": 4, "seed": 1}
+    other = run_local(tiny_model, "lag-crp", raw)
+    assert other.to_json() != run_local(tiny_model, "lag-crp", {**raw, "seed": 0}).to_json()
 
 
 def test_ablation_units_and_draws(tiny_model: LoadedModel) -> None:
-    params = {
+    raw = {
         "score": "induction", "k": 2, "n_draws": 3, "seq_len": 64, "late": 50, "early": 10, "window": 5,
-        "n_single": 1, "cum_sizes": "1", "rep_len": 10, "rep_prompts": 3, "n_texts": 2,
+        "n_single": 1, "cum_sizes": (1,), "rep_len": 10, "rep_prompts": 3, "n_texts": 2,
     }
     det = get_detector("episodic-ablation")
-    parsed = det.parse_params(params)
-    units = det.units(tiny_model, parsed)
+    cfg = det.parse_params(raw)
+    units = det.units(tiny_model, cfg)
     assert units == ["clean", "top", "random-0", "random-1", "random-2", "single-0", "cum-1"]
-    top = set(det.heads_for(tiny_model, parsed, "top"))  # type: ignore[attr-defined]
-    draws = [det.heads_for(tiny_model, parsed, f"random-{i}") for i in range(3)]  # type: ignore[attr-defined]
+    top = set(det.heads_for(tiny_model, cfg, "top"))  # type: ignore[attr-defined]
+    draws = [det.heads_for(tiny_model, cfg, f"random-{i}") for i in range(3)]  # type: ignore[attr-defined]
     for d in draws:
         assert len(d) == 2
         assert not top & set(d)
-    s = run_local(tiny_model, "episodic-ablation", params)
-    s2 = run_local(tiny_model, "episodic-ablation", params)
+    s = run_local(tiny_model, "episodic-ablation", raw)
+    s2 = run_local(tiny_model, "episodic-ablation", raw)
     assert s.to_json() == s2.to_json()
     m = s.metrics
     assert m["k"] == 2
@@ -383,14 +386,14 @@ def test_ablation_units_and_draws(tiny_model: LoadedModel) -> None:
 def test_ablation_effect_matches_plain_hook(tiny_model: LoadedModel, tiny_hf: torch.nn.Module) -> None:
     """The ICL score under ablation equals one computed with a raw hook zeroing the head's
     slice of the output projection's input on a plain HF copy."""
-    params = {
+    raw = {
         "score": "induction", "k": 1, "n_draws": 1, "seq_len": 64, "late": 50, "early": 10, "window": 5,
-        "n_single": 0, "cum_sizes": "", "rep_len": 10, "rep_prompts": 2, "n_texts": 1,
+        "n_single": 0, "cum_sizes": (), "rep_len": 10, "rep_prompts": 2, "n_texts": 1,
     }
     det = get_detector("episodic-ablation")
-    parsed = det.parse_params(params)
-    [(layer, head)] = det.heads_for(tiny_model, parsed, "top")  # type: ignore[attr-defined]
-    res = det.run_unit(tiny_model, parsed, "top").tables["curves"]
+    cfg = det.parse_params(raw)
+    [(layer, head)] = det.heads_for(tiny_model, cfg, "top")  # type: ignore[attr-defined]
+    res = det.run_unit(tiny_model, cfg, "top").tables["curves"]
     got = np.asarray(res["y"].to_numpy())[np.asarray(res["curve"].to_numpy()) == "icl"]
     tokens = episodic.text_chunks(tiny_model, 1, 64)
     hf: Any = copy.deepcopy(tiny_hf)
@@ -422,3 +425,92 @@ def test_bad_input_is_a_user_error(tiny_model: LoadedModel) -> None:
         run_local(tiny_model, "episodic-ablation", {"k": 7, "seq_len": 64, "late": 50, "early": 10})
     with pytest.raises(UserError):
         get_detector("cmr").parse_params({"grid_estimator": "nope"})
+
+
+# ---------------------------------------------------------------- typed configs
+
+
+SLUG = re.compile(r"^[a-z0-9]+([-./+=][a-z0-9]+)*$")
+
+
+def test_configs_parse_command_line_values() -> None:
+    cfg = episodic.EpisodicAblationConfig.parse({"cum_sizes": "3,1", "k": "4", "method": "mean"})
+    assert cfg.cum_sizes == (3, 1)
+    assert cfg.k == 4
+    assert cfg.method == "mean"
+    assert episodic.EpisodicAblationConfig().cum_sizes == (1, 3)
+    assert episodic.EpisodicAblationConfig(cum_sizes=()).cum_sizes == ()
+    for bad in ("0,2", "1,x"):
+        with pytest.raises(UserError, match="cum_sizes"):
+            episodic.EpisodicAblationConfig.parse({"cum_sizes": bad})
+    with pytest.raises(UserError, match="n_single"):
+        episodic.EpisodicAblationConfig(k=2, n_single=3)
+    with pytest.raises(UserError, match="fit_lag"):
+        episodic.CMRConfig(max_lag=4, fit_lag=5)
+    # A list size of 0 is the variant's default; the check reads the default.
+    assert episodic.LagCRPConfig().lists == "mistry"
+    assert episodic.CMRConfig().lists == "repeated"
+    mistry = episodic.LagCRPConfig().resolved()
+    assert (mistry.seq_len, mistry.n_prompts, mistry.batch_size) == (500, 2, 1)
+    repeated = episodic.CMRConfig(n_prompts=3).resolved()
+    assert (repeated.seq_len, repeated.n_prompts, repeated.batch_size) == (50, 3, 10)
+    assert isinstance(repeated, episodic.CMRConfig)
+    with pytest.raises(UserError, match="repeated default"):
+        episodic.CMRConfig(max_lag=49)
+
+
+def test_variants_are_the_old_slugs() -> None:
+    """The slugs stay those of earlier runs (they are part of the run key)."""
+    cases = [
+        ("copying", {}, "eig-lowrank/ln-weights-folded"),
+        ("lag-crp", {}, "mistry"),
+        ("lag-crp", {"lists": "repeated"}, "repeated"),
+        ("cmr", {}, "repeated-lists/cmr-grid-expected-1"),
+        ("cmr", {"lists": "mistry", "grid_estimator": "sampled", "grid_sims": 1000}, "mistry-lists/cmr-grid-sampled-1000"),
+        ("episodic-ablation", {}, "zero-ablation/top-by-cmr"),
+        ("episodic-ablation", {"method": "mean", "score": "induction"}, "mean-ablation/top-by-induction"),
+    ]
+    for name, raw, slug in cases:
+        det = get_detector(name)
+        cfg = det.parse_params(raw)
+        assert det.variant(cfg) == slug
+        assert SLUG.match(slug)
+        assert len(slug) <= 40
+        assert det.method_text(cfg)
+    longest = get_detector("cmr").parse_params({"lists": "repeated", "grid_sims": 9_999_999})
+    assert len(get_detector("cmr").variant(longest)) <= 40
+
+
+def test_example_tokens_are_the_first_unit_inputs(tiny_model: LoadedModel) -> None:
+    lag = get_detector("lag-crp")
+    cfg = lag.parse_params({"lists": "repeated", "seq_len": 12, "n_prompts": 3, "batch_size": 2, "max_lag": 4})
+    tokens = lag.example_tokens(tiny_model, cfg)
+    assert tokens is not None
+    assert torch.equal(tokens, lag.prompts(tiny_model, cfg, "batch-0").tokens)  # type: ignore[attr-defined]
+    assert tokens.shape == (2, 1 + 2 * 12)
+    cp = get_detector("copying")
+    cp_tokens = cp.example_tokens(tiny_model, cp.parse_params({"seq_len": 10, "n_prompts": 3}))
+    assert cp_tokens is not None
+    assert cp_tokens.shape == (3, 1 + 2 * 10)
+    abl = get_detector("episodic-ablation")
+    abl_tokens = abl.example_tokens(tiny_model, abl.parse_params({"seq_len": 64, "late": 50, "early": 10, "window": 5, "n_texts": 2}))
+    assert torch.equal(abl_tokens, episodic.text_chunks(tiny_model, 2, 64))  # type: ignore[arg-type]
+
+
+def test_ranking_is_computed_once_per_detector(tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    rank = episodic.rank_heads
+
+    def counted(model: LoadedModel, score: str, seed: int) -> list[tuple[int, int]]:
+        calls.append(score)
+        return rank(model, score, seed)
+
+    monkeypatch.setattr(episodic, "rank_heads", counted)
+    det = episodic.EpisodicAblationDetector()
+    cfg = det.parse_params({"score": "induction", "k": 1, "n_single": 0, "seq_len": 64, "late": 50, "early": 10, "window": 5})
+    first = det.ranking(tiny_model, cfg)
+    assert det.ranking(tiny_model, cfg) is first
+    assert det.ranking(tiny_model, dataclasses.replace(cfg, score="copying")) is not first
+    assert calls == ["induction", "copying"]
+    assert episodic.EpisodicAblationDetector().ranking(tiny_model, cfg) == first
+    assert len(first) == tiny_model.info.n_total_heads

@@ -18,7 +18,7 @@ import pytest
 from circuits import conflicts, decore_eval, ph3
 from circuits import episodic as ep
 from circuits.cmr_model import GridSpec
-from interp import figures
+from interp import figures, tables
 from interp.registry import all_detectors, get_detector
 from interp.runner import run_in_memory
 from tests.tiny import loaded, tiny_llama
@@ -200,7 +200,7 @@ def _helper_cases() -> dict[str, Callable[[], go.Figure]]:
         "causal_trace.bucket_figure": lambda: ct.bucket_figure(buckets),
         "causal_trace.knockout_figure": lambda: ct.knockout_figure(knock),
         "episodic.fig_induction_copying": lambda: ep.fig_induction_copying(heads),
-        "episodic.fig_lag_crp_fits": lambda: ep.fig_lag_crp_fits(pd.DataFrame(lag, columns=ep.CURVE_COLUMNS), heads, n=2),
+        "episodic.fig_lag_crp_fits": lambda: ep.fig_lag_crp_fits(tables.curves(lag), heads, n=2),
         "episodic.fig_cmr_layers": lambda: ep.fig_cmr_layers(heads, 3),
         "episodic.fig_ablation": lambda: ep.fig_ablation(ablation),
         "decore_eval.sweep_figure": lambda: decore_eval.sweep_figure(acc),
@@ -224,8 +224,8 @@ def _emitted(det: Any, model: Any, raw: dict[str, Any]) -> set[str]:
     """Curve names a real run writes: its units' tables and its final summary."""
     summary, results = run_in_memory(model, det, det.parse_params(raw))
     out: set[str] = set()
-    for tables in (summary.tables, results):
-        frame = tables.get("curves")
+    for found in (summary.tables, results):
+        frame = found.get("curves")
         if frame is not None:
             out |= {str(c) for c in frame["curve"]}
     return out
@@ -252,7 +252,7 @@ LAG = {"seq_len": 12, "n_prompts": 2, "batch_size": 2, "max_lag": 4}
 
 
 def _lag_crp(tmp: Path, mp: pytest.MonkeyPatch) -> set[str]:
-    return _emitted(get_detector("lag-crp"), loaded(tiny_llama()), {**LAG, "variant": "repeated"})
+    return _emitted(get_detector("lag-crp"), loaded(tiny_llama()), {**LAG, "lists": "repeated"})
 
 
 def _cmr(tmp: Path, mp: pytest.MonkeyPatch) -> set[str]:
@@ -260,7 +260,7 @@ def _cmr(tmp: Path, mp: pytest.MonkeyPatch) -> set[str]:
     mp.setenv("INTERP_CACHE_DIR", str(tmp))
     small = GridSpec(beta_enc=(0.5,), beta_rec=(0.0, 0.5), gamma_ft=(0.0, 0.5), n_items=20, n_starts=2)
     mp.setattr(ep, "grid_spec", lambda params: small)
-    return _emitted(get_detector("cmr"), loaded(tiny_llama()), {**LAG, "variant": "repeated", "fit_lag": 2})
+    return _emitted(get_detector("cmr"), loaded(tiny_llama()), {**LAG, "lists": "repeated", "fit_lag": 2})
 
 
 def _episodic_ablation(tmp: Path, mp: pytest.MonkeyPatch) -> set[str]:

@@ -10,18 +10,20 @@ and the second would create the workspace (the store is opened before the model 
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from interp.config import DetectorConfig, Param, param
 from interp.errors import UserError
-from interp.registry import Detector, Param, all_detectors
+from interp.registry import Detector, all_detectors
 
 NO_MODEL = "/nonexistent/model"
 DETECTORS = all_detectors()
-# Options of ``interp run`` itself: a detector parameter of the same name (conflict-heads' top)
-# cannot be given on the command line, so its range is checked through parse_params alone.
+# Options of ``interp run`` itself: a detector parameter of the same name could not be given on
+# the command line (test_no_parameter_is_shadowed_by_a_run_option keeps it so).
 RUN_OPTIONS = {"model", "workspace", "backend", "top", "fresh", "json", "prefix", "verbose"}
 
 
@@ -46,19 +48,21 @@ def _num(x: float, kind: type) -> str:
 
 
 def out_of_range(p: Param) -> list[str]:
-    """Raw CLI values just outside the declared range of p, plus values of the wrong kind."""
+    """Raw CLI values just outside the declared range of p (of one item, for a list), plus
+    values of the wrong kind."""
+    kind = p.item or p.type
     bad: list[str] = []
     if p.low is not None:
-        if p.type is int:
+        if kind is int:
             bad.append(_num(p.low if p.low_open else p.low - 1, int))
         else:
             bad.append(_num(p.low if p.low_open else math.nextafter(p.low, -math.inf), float))
     if p.high is not None:
-        if p.type is int:
+        if kind is int:
             bad.append(_num(p.high if p.high_open else p.high + 1, int))
         else:
             bad.append(_num(p.high if p.high_open else math.nextafter(p.high, math.inf), float))
-    bad += ["1.5", "ten"] if p.type is int else ["nan", "inf", "ten"]
+    bad += ["1.5", "ten"] if kind is int else ["nan", "inf", "ten"]
     return bad
 
 
@@ -66,7 +70,7 @@ SWEEP = [
     pytest.param(name, p.name, raw, id=f"{name}-{p.name}={raw}")
     for name, det in DETECTORS.items()
     for p in det.params
-    if p.type in (int, float)
+    if p.numeric
     for raw in out_of_range(p)
 ]
 
@@ -82,7 +86,8 @@ RELATIONS: list[tuple[str, dict[str, str], str]] = [
     ("cmr", {"max_lag": "8", "seq_len": "9"}, "seq_len"),
     ("cmr", {"max_lag": "4", "fit_lag": "5"}, "fit_lag"),
     ("lag-crp", {"max_lag": "8", "seq_len": "9"}, "seq_len"),
-    ("lag-crp", {"variant": "repeated", "max_lag": "49"}, "seq_len"),
+    ("lag-crp", {"lists": "repeated", "max_lag": "49"}, "seq_len"),
+    ("lag-crp", {"variant": "repeated", "lists": "mistry"}, "former name"),
     ("episodic-ablation", {"early": "60", "late": "50"}, "early"),
     ("episodic-ablation", {"late": "511", "seq_len": "512"}, "late"),
     ("episodic-ablation", {"window": "52", "early": "50"}, "window"),
@@ -156,13 +161,16 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_out_of_range_value_fails_before_loading(
     detector: str, name: str, raw: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if name in RUN_OPTIONS:
-        with pytest.raises(UserError, match=f"parameter {name!r}"):
-            DETECTORS[detector].parse_params({name: raw})
-        return
     ws = tmp_path / "ws"
     code, err = _cli(capsys, ["run", detector, f"{_flag(name)}={raw}", "-m", NO_MODEL, "-w", str(ws)])
-    _assert_rejected(code, err, repr(name), ws)
+    _assert_rejected(code, err, f"parameter '{name}", ws)
+
+
+def test_no_parameter_is_shadowed_by_a_run_option() -> None:
+    """``interp run DET --top 5`` is the table option: a detector parameter called ``top`` could
+    never be set from the command line."""
+    shadowed = [f"{n}.{p.name}" for n, det in DETECTORS.items() for p in det.params if p.name in RUN_OPTIONS]
+    assert not shadowed, f"rename these parameters: {shadowed}"
 
 
 @pytest.mark.parametrize(("detector", "raw", "names"), RELATIONS, ids=lambda v: str(v) if isinstance(v, str) else None)
@@ -223,8 +231,8 @@ def test_scan_checks_every_detector_before_loading(tmp_path: Path, capsys: pytes
 def test_defaults_pass_every_check(detector: str) -> None:
     """What ``interp run`` runs without parameters (the defaults) passes the ranges and the relations
     (``interp scan``'s scan parameters: tests/unit/test_default_scan.py)."""
-    params = DETECTORS[detector].parse_params({})
-    assert params == {p.name: p.default for p in DETECTORS[detector].params}
+    cfg = DETECTORS[detector].parse_params({})
+    assert cfg.to_dict() == {p.name: list(p.default) if p.item else p.default for p in DETECTORS[detector].params}
 
 
 def test_every_numeric_parameter_declares_its_range() -> None:
@@ -233,14 +241,15 @@ def test_every_numeric_parameter_declares_its_range() -> None:
         f"{name}.{p.name}"
         for name, det in DETECTORS.items()
         for p in det.params
-        if p.type in (int, float) and not p.bounded and not p.unbounded
+        if p.numeric and not p.bounded and not p.unbounded
     ]
     assert not undeclared, f"declare low/high or unbounded=True on: {', '.join(undeclared)}"
     for name, det in DETECTORS.items():
         for p in det.params:
             if p.bounded:
-                assert p.type in (int, float), f"{name}.{p.name}: a range on a {p.type.__name__} parameter"
-                assert p.in_range(p.default), f"{name}.{p.name}: default {p.default!r} outside {p.range_text()}"
+                assert p.numeric, f"{name}.{p.name}: a range on a {p.type_name} parameter"
+                defaults = p.default if p.item else (p.default,)
+                assert all(p.in_range(d) for d in defaults), f"{name}.{p.name}: default {p.default!r} outside {p.range_text()}"
 
 
 def test_range_edges_are_accepted_and_messages_name_the_range() -> None:
@@ -260,20 +269,65 @@ def test_range_edges_are_accepted_and_messages_name_the_range() -> None:
     assert Param("f", float, 1.0, "", low=0, low_open=True).range_text() == "> 0"
 
 
-class _Relation(Detector):
-    name = "relation-test"
-    params = (Param("lo", int, 1, "", low=0), Param("hi", int, 2, "", low=0))
+@dataclass(frozen=True)
+class _RelationConfig(DetectorConfig):
+    lo: int = param(1, "", low=0)
+    hi: int = param(2, "", low=0)
+    ks: tuple[int, ...] = param((1, 3), "", low=1)
 
-    @classmethod
-    def check_params(cls, params: Any) -> None:
-        if params["lo"] > params["hi"]:
+    def check(self) -> None:
+        if self.lo > self.hi:
             raise UserError("lo must be <= hi")
 
 
-def test_parse_params_runs_check_params() -> None:
-    assert _Relation.parse_params({"lo": "2", "hi": "3"}) == {"lo": 2, "hi": 3}
+class _Relation(Detector[_RelationConfig]):
+    name = "relation-test"
+    Config = _RelationConfig
+
+
+def test_parse_params_runs_the_config_check() -> None:
+    cfg = _Relation.parse_params({"lo": "2", "hi": "3", "ks": "2, 5"})
+    assert (cfg.lo, cfg.hi, cfg.ks) == (2, 3, (2, 5))
+    assert cfg.to_dict() == {"lo": 2, "hi": 3, "ks": [2, 5]}
+    assert _Relation.parse_params(cfg) is cfg
+    assert _Relation.parse_params({"ks": [4]}).ks == (4,)  # a JSON list, as stored
     with pytest.raises(UserError, match="lo must be <= hi"):
         _Relation.parse_params({"lo": "3"})
+    with pytest.raises(UserError, match=r"parameter 'ks\[1\]' must be >= 1, got 0"):
+        _Relation.parse_params({"ks": "2,0"})
+    with pytest.raises(UserError, match=r"unknown parameter 'k' for 'relation-test'"):
+        _Relation.parse_params({"k": "2"})
+    with pytest.raises(Exception, match="cannot assign"):
+        cfg.lo = 5  # type: ignore[misc]  # frozen: a run's config cannot drift after its key is made
+
+
+SLUG = re.compile(r"^[a-z0-9]+([-./+=][a-z0-9]+)*$")
+
+
+@pytest.mark.parametrize("detector", list(DETECTORS))
+def test_the_variant_is_a_short_slug_and_its_prose_is_apart(detector: str) -> None:
+    """The variant is part of the run key: a short slug that rewording cannot change; the
+    sentence that explains it is method_text, stored as the run's settings artifact."""
+    det = DETECTORS[detector]()
+    for raw in ({}, DETECTORS[detector].scan_params):
+        cfg = det.parse_params(raw)
+        slug = det.variant(cfg)
+        assert SLUG.match(slug), slug
+        assert len(slug) <= 40, slug
+        assert len(det.method_text(cfg)) > len(slug)
+
+
+def test_a_renamed_parameter_is_read_under_its_former_name() -> None:
+    """lag-crp's ``lists`` was ``variant`` (runs stored then still parse, and resume)."""
+    lag = DETECTORS["lag-crp"]
+    assert lag.parse_params({"variant": "repeated"}) == lag.parse_params({"lists": "repeated"})
+    assert "variant" not in {p.name for p in lag.params}
+
+
+def test_the_form_and_the_cli_come_from_the_config_fields() -> None:
+    assert [(p.name, p.type_name, p.default) for p in _Relation.params] == [
+        ("lo", "int", 1), ("hi", "int", 2), ("ks", "list of int", (1, 3))]
+    assert _Relation.params[2].format((1, 3)) == "1,3"
 
 
 def test_dashboard_form_rejects_a_bad_value_without_starting_a_job(

@@ -42,24 +42,24 @@ def source() -> torch.Tensor:
 
 
 def _covers_each_variant_once(plan: SweepPlan) -> None:
-    seen = sorted(i for c in plan.chunks for i in c.variants)
-    assert seen == list(range(len(plan.variants)))
+    seen = sorted(i for c in plan.chunks for i in c.cases)
+    assert seen == list(range(len(plan.cases)))
     for c in plan.chunks:
-        assert len(c.variants) <= plan.max_per_chunk
-        assert all(plan.offsets[i] == c.offset for i in c.variants)
-        # A chunk starts at the lowest layer any of its variants edits (or 0 without reuse).
-        want = min(plan.starts[i] for i in c.variants) if plan.prefix_reuse else 0
+        assert len(c.cases) <= plan.max_per_chunk
+        assert all(plan.offsets[i] == c.offset for i in c.cases)
+        # A chunk starts at the lowest layer any of its cases edits (or 0 without reuse).
+        want = min(plan.starts[i] for i in c.cases) if plan.prefix_reuse else 0
         assert c.start == want
 
 
 def test_heads_plan_chunks_by_start_layer(tiny_model: LoadedModel, tokens: torch.Tensor, source: torch.Tensor) -> None:
     info = tiny_model.info
-    plan = plan_sweep(tiny_model, Sweep("heads"), METRIC, tokens, source, max_variants=3)
-    assert len(plan.variants) == info.n_layers * info.n_heads
+    plan = plan_sweep(tiny_model, Sweep("heads"), METRIC, tokens, source, max_cases=3)
+    assert len(plan.cases) == info.n_layers * info.n_heads
     assert plan.starts == tuple(layer for layer in range(info.n_layers) for _ in range(info.n_heads))
     assert plan.prefix_reuse
     assert plan.sequence_reuse
-    # z at every position: no variant can skip a position.
+    # z at every position: no case can skip a position.
     assert set(plan.offsets) == {0}
     assert not plan.from_resid
     assert plan.resid_layers == tuple(range(1, info.n_layers))
@@ -67,20 +67,20 @@ def test_heads_plan_chunks_by_start_layer(tiny_model: LoadedModel, tokens: torch
     assert plan.logit_positions == (SEQ - 1,)
     _covers_each_variant_once(plan)
     # 12 heads, at most 3 a chunk: on so small a model a forward pass's overhead outweighs the
-    # layers a chunk on one start layer would save, so 4 chunks in variant order.
-    assert [c.variants for c in plan.chunks] == [(0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11)]
+    # layers a chunk on one start layer would save, so 4 chunks in case order.
+    assert [c.cases for c in plan.chunks] == [(0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11)]
     assert [c.start for c in plan.chunks] == [0, 0, 1, 2]
     assert "4 chunks" in str(plan)
 
     result = execute_plan(tiny_model, plan, METRIC, tokens, source)
-    assert result.stats["chunk_sizes"] == [len(c.variants) for c in plan.chunks]
-    again = run_sweep(tiny_model, Sweep("heads"), METRIC, tokens, source, max_variants=3)
+    assert result.stats["chunk_sizes"] == [len(c.cases) for c in plan.chunks]
+    again = run_sweep(tiny_model, Sweep("heads"), METRIC, tokens, source, max_cases=3)
     torch.testing.assert_close(result.values, again.values, rtol=0, atol=0)
 
 
 def test_positions_plan_cuts_the_sequence(tiny_model: LoadedModel, tokens: torch.Tensor, source: torch.Tensor) -> None:
     sweep = Sweep("positions", "patch", site="resid_post", positions=(2, 3, 6))
-    plan = plan_sweep(tiny_model, sweep, METRIC, tokens, source, max_variants=2)
+    plan = plan_sweep(tiny_model, sweep, METRIC, tokens, source, max_cases=2)
     assert plan.offsets == (2, 3, 6) * tiny_model.info.n_layers
     assert plan.sequence_reuse
     assert plan.from_resid
@@ -98,7 +98,7 @@ def test_positions_plan_cuts_the_sequence(tiny_model: LoadedModel, tokens: torch
     assert {c.start for c in full.chunks} == {0}
     _covers_each_variant_once(full)
 
-    no_seq = plan_sweep(tiny_model, sweep, METRIC, tokens, source, max_variants=2, sequence_reuse=False)
+    no_seq = plan_sweep(tiny_model, sweep, METRIC, tokens, source, max_cases=2, sequence_reuse=False)
     assert set(no_seq.offsets) == {0}
     assert no_seq.prefix_reuse
 
@@ -139,13 +139,13 @@ def test_reuse_decisions_follow_edits_and_backend(tiny_hf: torch.nn.Module, toke
 
 
 def test_plan_budget(tiny_model: LoadedModel, tokens: torch.Tensor, source: torch.Tensor) -> None:
-    per_variant = N_PROMPTS * bytes_per_row(tiny_model, SEQ, 1, kv=True)
-    plan = plan_sweep(tiny_model, Sweep("heads"), METRIC, tokens, source, budget_bytes=5 * per_variant)
-    assert plan.bytes_per_variant == per_variant
+    per_case = N_PROMPTS * bytes_per_row(tiny_model, SEQ, 1, kv=True)
+    plan = plan_sweep(tiny_model, Sweep("heads"), METRIC, tokens, source, budget_bytes=5 * per_case)
+    assert plan.bytes_per_case == per_case
     assert plan.max_per_chunk == 5
-    assert plan.budget_bytes == 5 * per_variant
-    with pytest.raises(UserError, match="smaller than one patched variant"):
-        plan_sweep(tiny_model, Sweep("heads"), METRIC, tokens, source, budget_bytes=per_variant - 1)
+    assert plan.budget_bytes == 5 * per_case
+    with pytest.raises(UserError, match="smaller than one patched case"):
+        plan_sweep(tiny_model, Sweep("heads"), METRIC, tokens, source, budget_bytes=per_case - 1)
 
 
 # --------------------------------------------------------------------------- shared estimates

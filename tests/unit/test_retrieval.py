@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -290,10 +292,10 @@ def test_needle_longer_than_budget(tmp_path: Path) -> None:
     p = tmp_path / "n.jsonl"
     p.write_text(json.dumps(long) + "\n")
     det = rt.RetrievalDetector()
-    params = det.parse_params({"needles_file": str(p), "min_length": 20, "max_length": 40, "max_tokens": 64,
-                               "max_new_tokens": 4, "prompt_format": "plain"})
+    cfg = det.parse_params({"needles_file": str(p), "min_length": 20, "max_length": 40, "max_tokens": 64,
+                            "max_new_tokens": 4, "prompt_format": "plain"})
     with pytest.raises(UserError, match="needle 0 needs"):
-        det.units(model, params)
+        det.units(model, cfg)
     hay = nd.Haystack(model, nd.split_sentences(HAYSTACK_TEXT))
     with pytest.raises(UserError, match="longer than the context length"):
         nd.make_sample(model, hay, nd.Needle(**long), 30, 0.5, prompt_format="plain")
@@ -334,13 +336,13 @@ def test_missing_files() -> None:
 # ------------------------------------------------------------------ detector bookkeeping
 
 
-def run_units(det: Any, model: LoadedModel, params: dict[str, Any]) -> Any:
+def run_units(det: Any, model: LoadedModel, cfg: Any) -> Any:
     parts: dict[str, list[pd.DataFrame]] = {}
-    for u in det.units(model, params):
-        for table, df in det.run_unit(model, params, u).tables.items():
+    for u in det.units(model, cfg):
+        for table, df in det.run_unit(model, cfg, u).tables.items():
             parts.setdefault(table, []).append(df.assign(unit=u))
     results = {t: pd.concat(v, ignore_index=True) for t, v in parts.items()}
-    return det.finalize(model, params, results), results
+    return det.finalize(model, cfg, results), results
 
 
 GRID = {"min_length": 16, "max_length": 24, "n_lengths": 2, "n_depths": 2, "max_tokens": 128,
@@ -350,8 +352,8 @@ GRID = {"min_length": 16, "max_length": 24, "n_lengths": 2, "n_depths": 2, "max_
 def test_detector_counts_only_correct_samples(files: dict[str, str]) -> None:
     model = wrap(force_output(tiny_llama()))  # always says W50 = the answer: every sample counts
     det = rt.RetrievalDetector()
-    params = det.parse_params({**files, **GRID, "min_counted": 2})
-    summary, results = run_units(det, model, params)
+    cfg = det.parse_params({**files, **GRID, "min_counted": 2})
+    summary, results = run_units(det, model, cfg)
     assert summary.metrics["n_samples"] == 4
     assert summary.metrics["n_counted"] == 4
     assert summary.metrics["too_few_counted"] == 0
@@ -367,8 +369,8 @@ def test_detector_counts_only_correct_samples(files: dict[str, str]) -> None:
 def test_detector_warns_loudly_when_nothing_counts(files: dict[str, str]) -> None:
     model = wrap(force_output(tiny_llama(), token=99))  # never says the answer
     det = rt.RetrievalDetector()
-    params = det.parse_params({**files, **GRID})
-    summary, _ = run_units(det, model, params)
+    cfg = det.parse_params({**files, **GRID})
+    summary, _ = run_units(det, model, cfg)
     assert summary.metrics["n_counted"] == 0
     assert summary.metrics["too_few_counted"] == 1
     assert summary.heads == []
@@ -379,8 +381,8 @@ def test_detector_warns_loudly_when_nothing_counts(files: dict[str, str]) -> Non
 def test_detector_warns_when_too_few_count(files: dict[str, str]) -> None:
     model = wrap(force_output(tiny_llama()))
     det = rt.RetrievalDetector()
-    params = det.parse_params({**files, **GRID, "min_counted": 10})
-    summary, _ = run_units(det, model, params)
+    cfg = det.parse_params({**files, **GRID, "min_counted": 10})
+    summary, _ = run_units(det, model, cfg)
     assert summary.metrics["n_counted"] == 4
     assert summary.metrics["too_few_counted"] == 1
     assert any("TOO FEW SAMPLES COUNTED" in w for w in summary.warnings)
@@ -390,8 +392,8 @@ def test_detector_warns_when_too_few_count(files: dict[str, str]) -> None:
 def test_fast_mode_detector_runs(files: dict[str, str]) -> None:
     model = wrap(force_output(tiny_llama()))
     det = rt.RetrievalDetector()
-    params = det.parse_params({**files, **GRID, "mode": "fast"})
-    summary, _ = run_units(det, model, params)
+    cfg = det.parse_params({**files, **GRID, "mode": "fast"})
+    summary, _ = run_units(det, model, cfg)
     assert summary.variant == "fast-teacher-forced"
     assert summary.metrics["n_counted"] == 4  # the forced token is the one-token answer
 
@@ -433,11 +435,12 @@ def test_masked_rows_match_plain_hf_with_zeroed_queries() -> None:
 
 def test_masking_detector_on_tiny(files: dict[str, str]) -> None:
     model = wrap(force_output(tiny_llama()))
-    det: Any = rt.RetrievalMaskingDetector()
-    params = det.parse_params({**files, **GRID, "heads": "1.2,0.1,2.3,0.0", "top_k": 2, "n_random": 2,
-                               "exclude_top": 4})
-    summary, _ = run_units(det, model, params)
-    sets = det.head_sets(model, params)
+    det = rt.RetrievalMaskingDetector()
+    cfg = det.parse_params({**files, **GRID, "heads": "1.2,0.1,2.3,0.0", "top_k": 2, "n_random": 2,
+                            "exclude_top": 4})
+    assert cfg.heads == ("1.2", "0.1", "2.3", "0.0")  # the command-line form, as a typed list
+    summary, _ = run_units(det, model, cfg)
+    sets = det.head_sets(model, cfg)
     assert sets["top2"] == [(1, 2), (0, 1)]
     for name, hs in sets.items():
         if name.startswith("random"):
@@ -449,21 +452,108 @@ def test_masking_detector_on_tiny(files: dict[str, str]) -> None:
     assert summary.variant == "uniform-mask"
     with pytest.raises(UserError, match="fewer than top_k"):
         det.units(model, det.parse_params({**files, **GRID, "heads": "1.2", "top_k": 2}))
+    # The config checks the syntax; units() checks each head against the model.
+    out_of_range = det.parse_params({**files, **GRID, "heads": ("1.2", "7.0"), "top_k": 2})
+    with pytest.raises(UserError, match="layer 7 out of range"):
+        det.units(model, out_of_range)
 
 
-def test_masking_detector_computes_its_ranking(files: dict[str, str]) -> None:
+def test_masking_detector_computes_its_ranking(files: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     model = wrap(force_output(tiny_llama()))
-    det: Any = rt.RetrievalMaskingDetector()
-    params = det.parse_params({**files, **GRID, "top_k": 2, "n_random": 1, "ranking_mode": "fast"})
-    units = det.units(model, params)
+    det = rt.RetrievalMaskingDetector()
+    cfg = det.parse_params({**files, **GRID, "top_k": 2, "n_random": 1, "ranking_mode": "fast"})
+    units = det.units(model, cfg)
     assert units[0] == "ranking"
-    summary, results = run_units(det, model, params)
+    summary, results = run_units(det, model, cfg)
     # The ranking is the fast retrieval scan on the seed+1 haystack windows, best first.
-    ref: Any = rt.RetrievalDetector()
+    ref = rt.RetrievalDetector()
     rp = ref.parse_params({**files, **GRID, "mode": "fast", "seed": 1, "min_counted": 1})
+    assert cfg.ranking_config() == rp
     ref_summary, _ = run_units(ref, model, rp)
     expected = [(h["layer"], h["head"]) for h in ref_summary.heads]
-    assert det.head_sets(model, params)["top2"] == expected[:2]
+    assert det.head_sets(model, cfg)["top2"] == expected[:2]
     stored = json.loads(results["artifacts"].query("name == 'ranking'")["json"].iloc[0])
     assert [tuple(h) for h in stored["heads"]] == expected
     assert summary.metrics["ranking_source"].startswith("computed")
+    # A resumed run (a fresh detector: nothing cached) finalizes from the stored ranking unit
+    # and never ranks the heads again.
+    resumed = rt.RetrievalMaskingDetector()
+
+    def no_ranking(*_: Any) -> Any:
+        raise AssertionError("the ranking was recomputed")
+
+    monkeypatch.setattr(rt, "rank_heads", no_ranking)
+    again = resumed.finalize(model, cfg, results)
+    assert resumed.head_sets(model, cfg)["top2"] == expected[:2]
+    assert again.metrics == summary.metrics
+    assert again.warnings == summary.warnings
+
+
+# ------------------------------------------------------------------ configs
+
+
+SLUG = re.compile(r"^[a-z0-9]+([-./+=][a-z0-9]+)*$")
+
+
+def test_configs_are_typed_and_keep_the_old_parameters(files: dict[str, str]) -> None:
+    det = rt.RetrievalDetector()
+    cfg = det.parse_params({**files, **GRID, "min_length": "16", "n_needles": "0"})
+    assert isinstance(cfg, rt.RetrievalConfig)
+    assert (cfg.min_length, cfg.n_needles, cfg.mode, cfg.prompt_format) == (16, 0, "faithful", "plain")
+    assert det.parse_params(cfg) is cfg
+    defaults = {p.name: p.default for p in rt.RetrievalDetector.params}
+    assert defaults == {"mode": "faithful", "min_length": 200, "max_length": 800, "n_lengths": 3, "n_depths": 3,
+                        "n_needles": 3, "needles_file": "", "haystack_file": "", "max_tokens": 1024,
+                        "max_new_tokens": 24, "prompt_format": "auto", "seed": 0, "min_counted": 5}
+    masking = {p.name: p.default for p in rt.RetrievalMaskingDetector.params}
+    assert masking == {**{k: v for k, v in defaults.items() if k not in ("mode", "min_counted")}, "heads": (),
+                       "top_k": 10, "method": "uniform", "n_random": 3, "exclude_top": -1,
+                       "ranking_mode": "faithful"}
+    choices = {p.name: p.choices for p in rt.RetrievalMaskingDetector.params if p.choices}
+    assert choices == {"prompt_format": ("auto", "chat", "plain"), "method": ("uniform", "zero"),
+                       "ranking_mode": ("faithful", "fast")}
+    with pytest.raises(UserError, match="mode"):
+        det.parse_params({"mode": "slow"})
+    with pytest.raises(UserError, match="min_length must be <= max_length"):
+        dataclasses.replace(cfg, min_length=30)
+    with pytest.raises(UserError, match="bad head"):
+        rt.RetrievalMaskingDetector.parse_params({"heads": "0-1"})
+
+
+def test_variants_are_slugs_and_the_prose_is_method_text() -> None:
+    det, masking = rt.RetrievalDetector(), rt.RetrievalMaskingDetector()
+    variants = {
+        det.variant(rt.RetrievalConfig()): "faithful",
+        det.variant(rt.RetrievalConfig(mode="fast")): "fast-teacher-forced",
+        masking.variant(rt.RetrievalMaskingConfig()): "uniform-mask",
+        masking.variant(rt.RetrievalMaskingConfig(method="zero")): "zero-mask",
+    }
+    for got, want in variants.items():
+        assert got == want
+        assert SLUG.match(got)
+        assert len(got) <= 40
+    assert "Wu et al. 2024" in det.method_text(rt.RetrievalConfig())
+    assert "teacher-forced" in det.method_text(rt.RetrievalConfig(mode="fast"))
+    assert "random heads" in masking.method_text(rt.RetrievalMaskingConfig())
+
+
+def test_grid_is_built_once_per_run(files: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    model = wrap(tiny_llama())
+    det = rt.RetrievalDetector()
+    cfg = det.parse_params({**files, **GRID})
+    built: list[int] = []
+    real = rt.samples_for
+
+    def counting(m: LoadedModel, c: Any) -> Any:
+        built.append(1)
+        return real(m, c)
+
+    monkeypatch.setattr(rt, "samples_for", counting)
+    units = det.units(model, cfg)
+    assert units == list(real(model, cfg))
+    tokens = det.example_tokens(model, cfg)
+    assert tokens.tolist() == [list(det.samples(model, cfg)[units[0]].input_ids)]
+    assert len(built) == 1
+    # Another detector (another run) builds its own.
+    rt.RetrievalDetector().units(model, cfg)
+    assert len(built) == 2
