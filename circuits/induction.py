@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import torch
@@ -84,6 +84,7 @@ class InductionDetector(Detector[InductionConfig]):
     name = "induction"
     description = "Previous-token, duplicate-token and induction (prefix-matching) scores on repeated random tokens"
     output = "head_scores"
+    head_columns: ClassVar[dict[str, str]] = {"previous_token": "prev-token", "duplicate_token": "dup-token"}
     in_default_scan = True
     Config = InductionConfig
 

@@ -145,22 +145,54 @@ def _load(model: str, backend: str, prefix: str = "auto") -> Any:
     return interp.load_model(model, backend=backend, prefix=prefix)
 
 
-def _heads_table(title: str, heads: list[dict[str, Any]], top: int) -> Table:
+TERMINAL_COLUMNS = 80
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _column_width(column: tuple[str, list[str]]) -> int:
+    """Characters a column takes: its widest cell, plus 3 of border and padding."""
+    title, cells = column
+    return max(len(title), *map(len, cells)) + 3 if cells else len(title) + 3
+
+
+def _heads_table(title: str, heads: list[dict[str, Any]], top: int, columns: dict[str, str]) -> Table:
+    """The top heads with the detector's chosen columns (``Detector.head_columns``, most
+    important first), as many as fit an 80-column terminal; the rest stay in --json, the
+    store and the export."""
+    shown = heads[:top]
+    fixed = [("rank", [str(i) for i in range(1, len(shown) + 1)]),
+             ("head", [f"L{h['layer']}H{h['head']}" for h in shown]),
+             ("score", [_cell(h["score"]) for h in shown])]
+    extra = [(label, [_cell(h.get(key, "")) for h in shown]) for key, label in columns.items()
+             if shown and key in shown[0]]
+    width = 1 + sum(_column_width(c) for c in fixed)
+    chosen = list(fixed)
+    for column in extra:
+        if width + _column_width(column) > TERMINAL_COLUMNS:
+            break
+        width += _column_width(column)
+        chosen.append(column)
     table = Table(title=title)
-    extra = [k for k in heads[0] if k not in ("layer", "head", "score")] if heads else []
-    for col in ["rank", "head", "score", *extra]:
-        table.add_column(col, justify="right")
-    for i, h in enumerate(heads[:top], 1):
-        cells = [str(i), f"L{h['layer']}H{h['head']}", f"{h['score']:.3f}"]
-        cells += [f"{h[k]:.3f}" if isinstance(h[k], float) else str(h[k]) for k in extra]
-        table.add_row(*cells)
+    for name, _ in chosen:
+        table.add_column(name, justify="right", no_wrap=True)
+    for row in zip(*(cells for _, cells in chosen), strict=True):
+        table.add_row(*row)
     return table
 
 
 def _print_summary(result: Any, top: int) -> None:
+    from interp.registry import all_detectors
+
     s = result.summary
     if s.heads:
-        out.print(_heads_table(f"{s.detector} ({s.variant}): top heads", s.heads, top))
+        det = all_detectors().get(s.detector)
+        columns = det.head_columns if det is not None else {}
+        out.print(_heads_table(f"{s.detector} ({s.variant}): top heads", s.heads, top, columns))
     if s.metrics:
         scalars = {k: v for k, v in s.metrics.items() if isinstance(v, int | float | str | bool)}
         if scalars:

@@ -97,6 +97,9 @@ class Detector(Generic[C]):
     # keyed by curve name or by an fnmatch pattern ("*: accuracy vs depth"); the first match
     # wins. The dashboard and interp.figures.curve_axes look them up by the run's detector.
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {}
+    # The fields of Summary.heads worth a column in the CLI's head table (field -> short title),
+    # most important first: the table keeps those that fit 80 columns.
+    head_columns: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

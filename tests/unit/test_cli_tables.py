@@ -1,0 +1,47 @@
+"""The CLI's head tables fit an 80-column terminal, with each detector's chosen columns."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from interp.cli import TERMINAL_COLUMNS, _heads_table  # pyright: ignore[reportPrivateUsage]
+from interp.registry import all_detectors
+
+DETECTORS = all_detectors()
+
+
+def _render(table: object) -> list[str]:
+    # A console far wider than the table: rich would squeeze an over-wide table into 80
+    # columns by truncating cells ("L…"), which is what the table must never need.
+    buf = io.StringIO()
+    Console(file=buf, width=300, color_system=None).print(table)
+    return [line.rstrip() for line in buf.getvalue().splitlines()]
+
+
+def _heads(columns: dict[str, str], n: int) -> list[dict[str, object]]:
+    # Wide values: a 3-digit layer and head, negative two-digit floats.
+    return [{"layer": 100 + i, "head": 100 + i, "score": -10.5 - i, **dict.fromkeys(columns, -12.345)} for i in range(n)]
+
+
+@pytest.mark.parametrize("name", [n for n, d in DETECTORS.items() if d.head_columns])
+def test_every_head_table_fits_80_columns_and_keeps_its_first_columns(name: str) -> None:
+    columns = DETECTORS[name].head_columns
+    lines = _render(_heads_table(f"{name} (some-variant-slug): top heads", _heads(columns, 15), 15, columns))
+    widths = [len(line) for line in lines]
+    assert max(widths) <= TERMINAL_COLUMNS, "\n".join(lines)
+    header = next(line for line in lines if "rank" in line)
+    assert "…" not in "".join(lines)
+    assert next(iter(columns.values())) in header  # the most important column always fits
+
+
+def test_columns_that_do_not_fit_are_dropped_from_the_end() -> None:
+    columns = {f"metric_{i}": f"metric number {i}" for i in range(8)}
+    lines = _render(_heads_table("t", _heads(columns, 3), 3, columns))
+    header = next(line for line in lines if "rank" in line)
+    kept = [i for i in range(8) if f"metric number {i}" in header]
+    assert kept == list(range(len(kept)))
+    assert 0 < len(kept) < 8
+    assert max(map(len, lines)) <= TERMINAL_COLUMNS
