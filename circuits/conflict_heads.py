@@ -93,6 +93,19 @@ def output_weights(model: LoadedModel) -> torch.Tensor:
     return torch.stack(mats).cpu()
 
 
+def check_direct_path(model: LoadedModel) -> None:
+    """A UserError unless each head's output joins the residual as it is. Direct-path patching
+    and DLA read a head's share of the final residual as z_h W_O; a norm between the attention
+    output and the residual (Gemma's post-attention norm) rescales the heads' sum by its RMS,
+    so per-head shares would be wrong numbers, not approximations with a known error."""
+    if not model.layout.attn_out_direct:
+        raise UserError(
+            f"{model.name}: the {model.layout.family} layout normalises the attention output "
+            f"({model.layout.attn_post_norm}) before the residual, so a head's output is not an "
+            "additive share of it; direct-path patching and DLA do not support this architecture"
+        )
+
+
 class FinalReadout:
     """The final norm and unembedding, applied to a residual vector at one position."""
 
@@ -221,6 +234,7 @@ def head_effects(
     logit attribution of the conflict-run output. One row per (item, layer, head)."""
     if not items:
         raise UserError("no conflict items for head attribution")
+    check_direct_path(model)
     info = model.info
     runs = _runs(model, items, fmt, batch_size)
     readout = FinalReadout(model)
@@ -532,6 +546,8 @@ class ConflictHeadsDetector(Detector[ConflictHeadsConfig]):
         "logits (Jin et al. 2024), per-answer direct effects, optional total-effect patching"
     )
     output = "head_scores"
+    head_columns: ClassVar[dict[str, str]] = {"kind": "kind", "path_delta": "path", "dla_diff": "dla", "total_delta": "total",
+                    "path_delta_memory_logit": "mem logit", "path_delta_context_logit": "ctx logit"}
     # The default scan patches a seeded subset of 16 known items (8 validation, 8 test) instead of
     # 80, so the Conflicts page has memory/context rates and head maps after the first scan.
     in_default_scan = True
@@ -565,6 +581,7 @@ class ConflictHeadsDetector(Detector[ConflictHeadsConfig]):
         return example_tokens(model, cfg)
 
     def units(self, model: LoadedModel, cfg: ConflictHeadsConfig) -> list[str]:
+        check_direct_path(model)  # before the run is opened
         return list(cfg.formats)
 
     def run_unit(self, model: LoadedModel, cfg: ConflictHeadsConfig, unit: str) -> UnitResult:

@@ -94,13 +94,18 @@ def ov_weights(model: LoadedModel) -> OVWeights:
     dh, d, nh, group = info.d_head, info.d_model, info.n_heads, info.group_size
     w_vs, w_os = [], []
     for layer in range(info.n_layers):
-        gamma = _weight(layout.module(hf, "attn_norm", layer))
+        # The norms' elementwise factors (w, or Gemma's 1 + w); their per-token 1/rms is a
+        # positive scale of the whole map and leaves sum(lambda) / sum(|lambda|) unchanged.
+        gamma = layout.norm_scale(hf, "attn_norm", layer)
         # [out, in] weights: W_V [n_kv*dh, d] (a slice of a fused qkv), W_O [d, n_heads*dh].
         kv = layout.value_weight(hf, layer, info).reshape(info.n_kv_heads, dh, d) * gamma
         w_vs.append(kv.repeat_interleave(group, dim=0))  # query head h uses kv head h // group
-        w_os.append(layout.weight(hf, "o", layer).reshape(d, nh, dh).permute(1, 0, 2))
-    w_e = _weight(layout.module(hf, "embed"))
-    w_u = _weight(layout.module(hf, "unembed")) * _weight(layout.module(hf, "final_norm"))
+        w_o = layout.weight(hf, "o", layer)
+        if not layout.attn_out_direct:  # a post-attention norm scales the output before the residual
+            w_o = layout.norm_scale(hf, "attn_post_norm", layer)[:, None] * w_o
+        w_os.append(w_o.reshape(d, nh, dh).permute(1, 0, 2))
+    w_e = layout.embedding(hf)
+    w_u = _weight(layout.module(hf, "unembed")) * layout.norm_scale(hf, "final_norm")
     return OVWeights(w_v=torch.stack(w_vs), w_o=torch.stack(w_os), w_e=w_e, w_u=w_u)
 
 
@@ -428,6 +433,8 @@ class LagCRPDetector(_LagCRPBase[LagCRPConfig]):
     # which is in the default scan; this detector defaults to the Mistry et al. lists (two
     # 1001-token prompts, about 90 CPU-seconds on smollm2), too slow for a default scan.
     Config = LagCRPConfig
+    head_columns: ClassVar[dict[str, str]] = {
+        "crp_minus1": "crp-1", "asymmetry": "asym", "peak_lag": "peak lag", "recency": "recency", "primacy": "primacy"}
 
     def variant(self, cfg: LagCRPConfig) -> str:
         return cfg.lists
@@ -553,6 +560,9 @@ def _fit_curve_rows(records: Sequence[Mapping[str, Any]], fit: cmr_model.CMRFit)
 class CMRDetector(_LagCRPBase[CMRConfig]):
     name = "cmr"
     description = "CMR fit of every head's attention lag-CRP (Ji-An et al.): distance, fitted parameters, CMR-like labels"
+    head_columns: ClassVar[dict[str, str]] = {
+        "cmr_distance": "distance", "cmr_like": "cmr-like", "crp_plus1": "crp+1", "asymmetry": "asym",
+        "beta_enc": "b_enc", "beta_rec": "b_rec", "gamma_ft": "g_ft"}
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {
         **_LagCRPBase.curve_axes,
         "attn_scaled": ("lag: key - matching position in the first list (tokens)", "attention weight, shifted to min 0 (CMR fit scaled to it)"),
@@ -638,6 +648,7 @@ class CopyingDetector(Detector[CopyingConfig]):
     name = "copying"
     description = "OV copying score (eigenvalues, low-rank) of every head next to its prefix-matching score"
     output = "head_scores"
+    head_columns: ClassVar[dict[str, str]] = {"copying": "copying", "induction_head": "induction head"}
     in_default_scan = True
     Config = CopyingConfig
 
@@ -875,6 +886,7 @@ class EpisodicAblationDetector(Detector[EpisodicAblationConfig]):
     name = "episodic-ablation"
     description = "Ablate the top-k heads by a score vs k random heads: ICL score and second-copy loss with CIs"
     output = "intervention"
+    head_columns: ClassVar[dict[str, str]] = {"single_delta_icl": "alone: icl", "single_delta_second_copy_loss": "alone: 2nd loss"}
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {
         "icl": ("text window (index)", "ICL score: loss at token late - loss at token early (nats)"),
         "icl_window": ("text window (index)", "windowed ICL score: mean loss difference (nats)"),

@@ -144,6 +144,26 @@ def _bridge_label(name: str) -> str:
     return f"interp:{name}" if is_alias else name
 
 
+@contextlib.contextmanager
+def _architectures_recorded(hf: torch.nn.Module) -> Iterator[None]:
+    """Let TransformerLens pick its adapter for a model built in-process.
+
+    TransformerLens picks its adapter by ``config.architectures``, which only a saved checkpoint
+    carries (``save_pretrained`` writes the class name there); for a model built from a config
+    it falls back to a table of model types that lacks some (``gemma3_text``). Record the class
+    name for the boot only, so the model's own config is left as it came.
+    """
+    config = getattr(hf, "config", None)
+    if config is None or getattr(config, "architectures", None):
+        yield
+        return
+    config.architectures = [type(hf).__name__]
+    try:
+        yield
+    finally:
+        config.architectures = None
+
+
 class BridgeBackend(Backend):
     name = "bridge"
 
@@ -157,7 +177,7 @@ class BridgeBackend(Backend):
         tok = copy.copy(tokenizer)
         tok.init_kwargs = {**tok.init_kwargs, "add_bos_token": True}
         tok.init_kwargs.setdefault("name_or_path", label)
-        with contextlib.redirect_stdout(None):
+        with contextlib.redirect_stdout(None), _architectures_recorded(hf):
             self.bridge = TransformerBridge.boot_transformers(
                 _bridge_label(label), hf_model=hf, tokenizer=tok, device=str(self.device)
             )
@@ -457,7 +477,6 @@ class NNsightBackend(Backend):
     def _run_layer(self, layer: int, names: list[str], process: Any) -> None:
         # nnsight reads and writes module values in execution order: keep the steps in it.
         block = self._envoy("layer", layer)
-        attn = self._envoy("attn", layer)
         kinds = {parse_site(n).kind: n for n in names}
         resid_pre = None
         if "resid_pre" in kinds or "resid_mid" in kinds:
@@ -474,21 +493,10 @@ class NNsightBackend(Backend):
             if new is not None:
                 o_proj.input = new.reshape(z_in.shape)
         if "attn_out" in kinds or "pattern" in kinds or "resid_mid" in kinds:
-            out = attn.output
-            attn_out = out[0]
-            if "attn_out" in kinds:
-                new = process(kinds["attn_out"], attn_out)
-                if new is not None:
-                    attn.output = (new, *out[1:])
-                    attn_out = new
-            if "pattern" in kinds:
-                if out[1] is None:
-                    raise UserError("caching attention patterns on nnsight needs eager attention")
-                process(kinds["pattern"], out[1])
-            if "resid_mid" in kinds:
-                process(kinds["resid_mid"], resid_pre + attn_out)
+            self._attn_out(layer, kinds, process, resid_pre)
         if "mlp_out" in kinds:
-            mlp = self._envoy("mlp", layer)
+            # What the MLP adds to the residual: after its post-norm where the family has one.
+            mlp = self._envoy(self.layout.out_role("mlp"), layer)
             new = process(kinds["mlp_out"], mlp.output)
             if new is not None:
                 mlp.output = new
@@ -498,6 +506,32 @@ class NNsightBackend(Backend):
             new = process(kinds["resid_post"], x)
             if new is not None:
                 block.output = (new, *out[1:]) if isinstance(out, tuple) else new
+
+    def _attn_out(self, layer: int, kinds: Mapping[str, str], process: Any, resid_pre: Any) -> None:
+        """The pattern, attn_out and resid_mid sites. attn_out is what attention adds to the
+        residual: the attention module's output, or its post-norm's where the family has one
+        (Gemma), as TransformerLens places hook_attn_out; so resid_mid = resid_pre + attn_out."""
+        attn = self._envoy("attn", layer)
+        out = attn.output  # read first: the post-norm runs after the attention module
+        if "pattern" in kinds:
+            if out[1] is None:
+                raise UserError("caching attention patterns on nnsight needs eager attention")
+            process(kinds["pattern"], out[1])
+        if "attn_out" not in kinds and "resid_mid" not in kinds:
+            return
+        direct = self.layout.attn_out_direct
+        post = None if direct else self._envoy("attn_post_norm", layer)
+        attn_out = out[0] if post is None else post.output
+        if "attn_out" in kinds:
+            new = process(kinds["attn_out"], attn_out)
+            if new is not None:
+                if post is None:
+                    attn.output = (new, *out[1:])
+                else:
+                    post.output = new
+                attn_out = new
+        if "resid_mid" in kinds:
+            process(kinds["resid_mid"], resid_pre + attn_out)
 
     def _qkv(self, layer: int, kinds: Mapping[str, str], process: Any) -> None:
         """The q, k and v sites, per head, from separate projections or one fused output."""

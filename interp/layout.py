@@ -73,8 +73,10 @@ class ModelInfo:
 
 # Roles by where their path starts: the whole model, one decoder layer, its attention module.
 MODEL_ROLES = ("decoder", "layers", "embed", "final_norm", "unembed")
-LAYER_ROLES = ("layer", "attn", "attn_norm", "mlp")
+LAYER_ROLES = ("layer", "attn", "attn_norm", "mlp", "attn_post_norm", "mlp_post_norm")
 ATTN_ROLES = ("q", "k", "v", "qkv", "o")
+# Roles a family may lack (None in its Layout): a fused qkv, or no norm after a sublayer.
+OPTIONAL_ROLES = ("q", "k", "v", "qkv", "attn_post_norm", "mlp_post_norm")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,12 @@ class Layout:
     Model-level paths start at the ``...ForCausalLM`` module; ``attn``, ``attn_norm`` and
     ``mlp`` at a decoder layer; the projections at the attention module. A family has either
     separate ``q``/``k``/``v`` projections or one fused ``qkv`` whose output is [q | k | v].
+
+    Gemma 2/3 differ from Llama in facts a reader of the weights must know (Gemma Team 2024,
+    "Gemma 2", sec. 2; Gemma Team 2025, "Gemma 3 Technical Report", sec. 2): a norm on each
+    sublayer's output before it joins the residual (``attn_post_norm``, ``mlp_post_norm``),
+    RMSNorm scaling by (1 + w) (``norm_offset``), and embeddings multiplied by sqrt(d_model)
+    inside the embedding module (``embed_scale``: the module attribute holding the factor).
     """
 
     family: str
@@ -102,10 +110,41 @@ class Layout:
     qkv: str | None = None
     # GPT-2's Conv1D stores its weight [in, out]; nn.Linear stores [out, in].
     weight_in_out: bool = False
+    attn_post_norm: str | None = None  # a norm between the attention output and the residual
+    mlp_post_norm: str | None = None  # likewise after the MLP
+    norm_offset: float = 0.0  # a norm scales by (norm_offset + w)
+    embed_scale: str | None = None  # attribute of the embedding module that scales its output
 
     @property
     def fused_qkv(self) -> bool:
         return self.qkv is not None
+
+    @property
+    def attn_out_direct(self) -> bool:
+        """Whether the attention output joins the residual as it is, so a head's output
+        z_h W_O is its exact additive share there (false under a post-attention norm)."""
+        return self.attn_post_norm is None
+
+    def out_role(self, sublayer: str) -> str:
+        """The role whose output a sublayer (``attn`` or ``mlp``) adds to the residual: its
+        post-norm where the family has one, else the sublayer itself."""
+        post = self.attn_post_norm if sublayer == "attn" else self.mlp_post_norm
+        return f"{sublayer}_post_norm" if post is not None else sublayer
+
+    def norm_scale(self, hf: torch.nn.Module, role: str, layer: int | None = None) -> torch.Tensor:
+        """The elementwise factor of the norm at ``role`` (its weight, plus the family's
+        offset: Gemma's RMSNorm computes x / rms(x) * (1 + w)), detached."""
+        w = self.module(hf, role, layer).weight.detach()
+        return w + self.norm_offset if self.norm_offset else w
+
+    def embedding(self, hf: torch.nn.Module) -> torch.Tensor:
+        """[vocab, d_model]: each token's embedding as the embedding module outputs it (Gemma
+        scales the weight by sqrt(d_model) in its forward), detached."""
+        mod = self.module(hf, "embed")
+        w = mod.weight.detach()
+        if self.embed_scale is None:
+            return w
+        return w * torch.as_tensor(getattr(mod, self.embed_scale), dtype=w.dtype, device=w.device)
 
     def path(self, role: str, layer: int | None = None) -> str:
         """The dotted path of ``role`` (of decoder layer ``layer`` for per-layer roles)."""
@@ -118,12 +157,14 @@ class Layout:
         at = f"{self.layers}.{layer}"
         if role == "layer":
             return at
-        if role in LAYER_ROLES:
-            return f"{at}.{getattr(self, role)}"
         name = getattr(self, role)
-        if name is None:
+        if name is None and role in ATTN_ROLES:
             fused = "fused into " + str(self.qkv) if self.fused_qkv else "absent"
             raise UserError(f"the {self.family} layout has no separate {role} projection ({fused})")
+        if name is None:
+            raise UserError(f"the {self.family} layout has no {role}")
+        if role in LAYER_ROLES:
+            return f"{at}.{name}"
         return f"{at}.{self.attn}.{name}"
 
     def module(self, hf: torch.nn.Module, role: str, layer: int | None = None, *, live: bool = False) -> Any:
@@ -151,14 +192,17 @@ class Layout:
     def first_missing(self, hf: torch.nn.Module) -> str | None:
         """The first path of this layout that ``hf`` lacks (checked on layer 0), with its role,
         or None."""
-        roles = [(r, None) for r in MODEL_ROLES] + [(r, 0) for r in LAYER_ROLES]
-        roles += [(r, 0) for r in ATTN_ROLES if getattr(self, r) is not None]
+        roles = [(r, None) for r in MODEL_ROLES] + [(r, 0) for r in LAYER_ROLES + ATTN_ROLES]
         for role, layer in roles:
+            if role in OPTIONAL_ROLES and getattr(self, role) is None:
+                continue
             path = self.path(role, layer)
             try:
-                resolve(hf, path)
+                mod = resolve(hf, path)
             except (AttributeError, IndexError, KeyError, TypeError):
                 return f"{path} ({role})"
+            if role == "embed" and self.embed_scale is not None and not hasattr(mod, self.embed_scale):
+                return f"{path}.{self.embed_scale} (embedding scale)"
         return None
 
 
@@ -193,15 +237,39 @@ GPT2_LIKE = Layout(
     weight_in_out=True,
 )
 
+GEMMA_LIKE = Layout(
+    family="gemma-like",
+    decoder="model",
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    unembed="lm_head",
+    attn="self_attn",
+    attn_norm="input_layernorm",
+    mlp="mlp",
+    q="q_proj",
+    k="k_proj",
+    v="v_proj",
+    o="o_proj",
+    # Gemma's post_attention_layernorm normalises the attention output (Llama's module of that
+    # name is the MLP's input norm; Gemma's is pre_feedforward_layernorm).
+    attn_post_norm="post_attention_layernorm",
+    mlp_post_norm="post_feedforward_layernorm",
+    norm_offset=1.0,
+    embed_scale="embed_scale",
+)
+
 # The config's model_type -> its family. Gemma 3 counts in its text-only form (Gemma3ForCausalLM).
+# Qwen2 is Llama's layout: its q/k/v biases live inside the projections.
 MODEL_TYPES: dict[str, Layout] = {
     "llama": LLAMA_LIKE,
     "mistral": LLAMA_LIKE,
     "qwen2": LLAMA_LIKE,
-    "gemma3_text": LLAMA_LIKE,
+    "gemma3_text": GEMMA_LIKE,
     "gpt2": GPT2_LIKE,
 }
-FAMILIES: tuple[Layout, ...] = (LLAMA_LIKE, GPT2_LIKE)
+# Gemma first: a Gemma port has every Llama path too, and the Llama layout would ignore its norms.
+FAMILIES: tuple[Layout, ...] = (GEMMA_LIKE, LLAMA_LIKE, GPT2_LIKE)
 
 
 def layout_of(hf: torch.nn.Module) -> Layout:
@@ -213,7 +281,9 @@ def layout_of(hf: torch.nn.Module) -> Layout:
     """
     config = getattr(hf, "config", None)
     model_type = str(getattr(config, "model_type", "") or "")
-    arch = ModelInfo.from_config(config).architecture if config is not None else type(hf).__name__
+    # The class name, not ModelInfo: a config without attention heads (a state-space model)
+    # has no ModelInfo, and this error must still name it.
+    arch = str((getattr(config, "architectures", None) or [type(hf).__name__])[0])
     known = MODEL_TYPES.get(model_type)
     gaps: dict[str, str] = {}
     for layout in [known] if known is not None else FAMILIES:
@@ -269,6 +339,7 @@ def unembedding(hf: Any) -> Any:
 
 __all__ = [
     "FAMILIES",
+    "GEMMA_LIKE",
     "GPT2_LIKE",
     "LLAMA_LIKE",
     "MODEL_TYPES",

@@ -67,6 +67,9 @@ class LoadedModel:
         prefix: PromptPrefix | None = None,
     ) -> None:
         hf.eval()
+        # The layout first: an architecture the workbench cannot hook (an encoder, a
+        # state-space model) is a UserError naming what it lacks, before any run can start.
+        self._layout: Layout | None = layout_of(hf)
         self.hf = hf
         self.tokenizer = tokenizer
         self.prefix = prefix if prefix is not None else choose_prefix(tokenizer, hf.config)
@@ -74,7 +77,6 @@ class LoadedModel:
         self.info = ModelInfo.from_config(hf.config)
         self.backend_name: BackendName = backend
         self._backend: Backend | None = None
-        self._layout: Layout | None = None
 
     @property
     def name(self) -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from interp.model import LoadedModel
-from tests.tiny import loaded, tiny_gpt2, tiny_llama
+from tests.tiny import loaded, tiny_gemma3, tiny_gpt2, tiny_llama, tiny_qwen2
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -30,9 +30,25 @@ def tiny_gpt2_hf() -> torch.nn.Module:
     return tiny_gpt2()
 
 
-@pytest.fixture(params=["llama", "gpt2"])
-def tiny_hf(request: pytest.FixtureRequest, tiny_llama_hf: torch.nn.Module, tiny_gpt2_hf: torch.nn.Module) -> torch.nn.Module:
-    return tiny_llama_hf if request.param == "llama" else tiny_gpt2_hf
+@pytest.fixture(scope="session")
+def tiny_gemma3_hf() -> torch.nn.Module:
+    """Gemma 3: sliding and global layers, one kv head, QK-norm, (1 + w) norms, post norms."""
+    return tiny_gemma3()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_hf() -> torch.nn.Module:
+    """Qwen2: 4 query heads on 2 kv heads, non-zero q/k/v biases."""
+    return tiny_qwen2()
+
+
+TINY_FAMILIES = ("llama", "gpt2", "gemma3", "qwen2")
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def tiny_hf(request: pytest.FixtureRequest) -> torch.nn.Module:
+    """Each tiny family in turn (the session fixture of that name)."""
+    return request.getfixturevalue(f"tiny_{request.param}_hf")
 
 
 @pytest.fixture

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from interp.model import LoadedModel, Provenance
 
@@ -78,6 +88,69 @@ def tiny_gpt2(seed: int = 0, n_layers: int = 3) -> GPT2LMHeadModel:
         for name, p in model.named_parameters():
             if "c_attn" in name or "c_proj" in name:
                 p.mul_(3.0)
+    return model.eval()
+
+
+def tiny_gemma3(seed: int = 0, n_layers: int = 4) -> Gemma3ForCausalLM:
+    """Gemma 3 in miniature: sliding-window layers (window 4) and a global one every second
+    layer, one kv head, QK-norm, embeddings scaled by sqrt(d_model), RMSNorm as x * (1 + w) and
+    the extra post-attention / pre- and post-feedforward norms."""
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=256,
+        sliding_window=4,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" in name:
+                p.mul_(3.0)
+            elif "norm" in name:
+                # Gemma initialises its norms at w = 0, where x * w and x * (1 + w) differ
+                # only by the identity; random w makes a missing offset show.
+                p.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def tiny_qwen2(seed: int = 0, n_layers: int = 3) -> Qwen2ForCausalLM:
+    """Qwen2 in miniature: 4 query heads on 2 kv heads, with q/k/v biases (non-zero)."""
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj.weight" in name:
+                p.mul_(3.0)
+            elif "proj.bias" in name:
+                # HF initialises biases at zero; a bias that is zero cannot be dropped visibly.
+                p.normal_(0.0, 0.5)
     return model.eval()
 
 

@@ -42,39 +42,54 @@ def run_local(model: LoadedModel, name: str, raw: dict | DetectorConfig) -> Summ
 # ---------------------------------------------------------------- copying score
 
 
+def _unnormed(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """An RMS norm module called on x [n, d], its 1/rms(x) undone by hand: x times the norm's
+    elementwise factor, whatever form it takes (w for Llama, 1 + w for Gemma)."""
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    return norm(x) * torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def _full_vocab_copying(hf: Any) -> np.ndarray:
     """Copying score from the vocab x vocab OV map, built by calling the HF modules on the
-    (norm-weight scaled) embeddings of every token, then eigenvalues of the full map."""
+    (norm-weight scaled) embeddings of every token, then eigenvalues of the full map. Biases
+    are left out (the OV circuit is the linear map); Gemma's post-attention norm is applied to
+    the head's output as its forward pass does."""
     cfg = hf.config
     gpt2 = hasattr(hf, "transformer")
     base = hf.transformer if gpt2 else hf.model
     blocks = base.h if gpt2 else base.layers
     n_heads = cfg.n_head if gpt2 else cfg.num_attention_heads
     d = cfg.n_embd if gpt2 else cfg.hidden_size
-    dh = d // n_heads if gpt2 else cfg.head_dim
+    dh = getattr(cfg, "head_dim", None) or d // n_heads
     n_kv = n_heads if gpt2 else cfg.num_key_value_heads
-    emb = hf.get_input_embeddings().weight.detach().double()
-    final_w = (base.ln_f if gpt2 else base.norm).weight.detach().double()
-    lm = hf.get_output_embeddings().double()
+    hf = hf.double()
+    vocab = torch.arange(cfg.vocab_size)
+    with torch.no_grad():
+        emb = hf.get_input_embeddings()(vocab)  # Gemma's module scales by sqrt(d_model)
+    final = base.ln_f if gpt2 else base.norm
+    lm = hf.get_output_embeddings()
     out = np.zeros((len(blocks), n_heads))
     with torch.no_grad():
         for li, block in enumerate(blocks):
             attn = block.attn if gpt2 else block.self_attn
-            ln_w = (block.ln_1 if gpt2 else block.input_layernorm).weight.detach().double()
-            x = emb * ln_w
+            zero = torch.zeros(1, d, dtype=torch.float64)
             if gpt2:
-                c_attn, c_proj = attn.c_attn.double(), attn.c_proj.double()
-                v = c_attn(x)[:, 2 * d :] - c_attn(torch.zeros(1, d, dtype=torch.float64))[:, 2 * d :]
-                proj = lambda z, c=c_proj: c(z) - c(torch.zeros_like(z))  # noqa: E731
+                x = emb * block.ln_1.weight.detach()
+                v = attn.c_attn(x)[:, 2 * d :] - attn.c_attn(zero)[:, 2 * d :]
+                proj = lambda z, c=attn.c_proj: c(z) - c(torch.zeros_like(z))  # noqa: E731
+                readout = lambda r: lm(r * final.weight)  # noqa: E731
             else:
-                v = attn.v_proj.double()(x)
-                proj = attn.o_proj.double()
+                x = _unnormed(block.input_layernorm, emb)
+                v = attn.v_proj(x) - attn.v_proj(zero)
+                gemma = hasattr(block, "pre_feedforward_layernorm")  # its post_attention_layernorm is on the output
+                proj = lambda z, o=attn.o_proj, b=block, g=gemma: (  # noqa: E731
+                    _unnormed(b.post_attention_layernorm, o(z)) if g else o(z))
+                readout = lambda r: lm(_unnormed(final, r))  # noqa: E731
             for h in range(n_heads):
                 kv = h // (n_heads // n_kv)
                 z = torch.zeros(emb.shape[0], n_heads * dh, dtype=torch.float64)
                 z[:, h * dh : (h + 1) * dh] = v[:, kv * dh : (kv + 1) * dh]
-                resid = proj(z)
-                full = lm(resid * final_w)  # [vocab_in, vocab_out]
+                full = readout(proj(z))  # [vocab_in, vocab_out]
                 eig = np.linalg.eigvals(full.numpy())
                 out[li, h] = eig.sum().real / np.abs(eig).sum()
     return out
@@ -400,7 +415,8 @@ def test_ablation_effect_matches_plain_hook(tiny_model: LoadedModel, tiny_hf: to
     gpt2 = hasattr(hf, "transformer")
     attn = hf.transformer.h[layer].attn if gpt2 else hf.model.layers[layer].self_attn
     proj = attn.c_proj if gpt2 else attn.o_proj
-    dh = hf.config.n_embd // hf.config.n_head if gpt2 else hf.config.head_dim
+    dh = hf.config.n_embd // hf.config.n_head if gpt2 else (
+        getattr(hf.config, "head_dim", None) or hf.config.hidden_size // hf.config.num_attention_heads)
 
     def zero_head(_mod: torch.nn.Module, args: tuple) -> tuple:
         x = args[0].clone()

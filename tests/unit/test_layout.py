@@ -11,7 +11,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from interp.backends import Backend, BridgeBackend, Capabilities, NNsightBackend, no_hooks_left
 from interp.errors import UserError
-from interp.layout import GPT2_LIKE, LLAMA_LIKE, MODEL_TYPES, layout_of, resolve, unembedding, unwrap
+from interp.layout import (
+    GEMMA_LIKE,
+    GPT2_LIKE,
+    LLAMA_LIKE,
+    MODEL_TYPES,
+    layout_of,
+    resolve,
+    unembedding,
+    unwrap,
+)
 from tests.tiny import loaded
 
 
@@ -22,15 +31,26 @@ def _hand(hf: Any) -> dict[str, Any]:
         return {"o": t.h[1].attn.c_proj, "qkv": t.h[1].attn.c_attn, "attn_norm": t.h[1].ln_1,
                 "final_norm": t.ln_f, "embed": t.wte, "mlp": t.h[1].mlp}
     m = hf.model
-    return {"o": m.layers[1].self_attn.o_proj, "v": m.layers[1].self_attn.v_proj, "attn_norm": m.layers[1].input_layernorm,
+    hand = {"o": m.layers[1].self_attn.o_proj, "v": m.layers[1].self_attn.v_proj, "attn_norm": m.layers[1].input_layernorm,
             "final_norm": m.norm, "embed": m.embed_tokens, "mlp": m.layers[1].mlp}
+    if hf.config.model_type == "gemma3_text":  # norms on the sublayer outputs
+        hand |= {"attn_post_norm": m.layers[1].post_attention_layernorm,
+                 "mlp_post_norm": m.layers[1].post_feedforward_layernorm}
+    return hand
+
+
+def _family(hf: Any) -> Any:
+    """The layout each tiny family must get, by hand."""
+    if hasattr(hf, "transformer"):
+        return GPT2_LIKE
+    return GEMMA_LIKE if hf.config.model_type == "gemma3_text" else LLAMA_LIKE
 
 
 def test_layout_finds_the_same_modules_plain_and_bridged(tiny_hf: torch.nn.Module) -> None:
     hf = copy.deepcopy(tiny_hf)
     hand = _hand(hf)
     layout = layout_of(hf)
-    assert layout is (GPT2_LIKE if hasattr(hf, "transformer") else LLAMA_LIKE)
+    assert layout is _family(hf)
     model = loaded(hf, "bridge")
     _ = model.backend  # the bridge rewires hf's module tree in place
     assert model.layout is layout

@@ -66,11 +66,15 @@ def test_heads_plan_chunks_by_start_layer(tiny_model: LoadedModel, tokens: torch
     assert plan.max_per_chunk == 3
     assert plan.logit_positions == (SEQ - 1,)
     _covers_each_variant_once(plan)
-    # 12 heads, at most 3 a chunk: on so small a model a forward pass's overhead outweighs the
-    # layers a chunk on one start layer would save, so 4 chunks in case order.
-    assert [c.cases for c in plan.chunks] == [(0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11)]
-    assert [c.start for c in plan.chunks] == [0, 0, 1, 2]
-    assert "4 chunks" in str(plan)
+    if (info.n_layers, info.n_heads) == (3, 4):
+        # 12 heads, at most 3 a chunk: on so small a model a forward pass's overhead outweighs the
+        # layers a chunk on one start layer would save, so 4 chunks in case order. (The split is
+        # worked out for this shape; other shapes are held to covering each case once.)
+        assert [c.cases for c in plan.chunks] == [(0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11)]
+        assert [c.start for c in plan.chunks] == [0, 0, 1, 2]
+        assert "4 chunks" in str(plan)
+    assert all(len(c.cases) <= 3 for c in plan.chunks)
+    assert all(c.start == min(plan.starts[i] for i in c.cases) for c in plan.chunks)
 
     result = execute_plan(tiny_model, plan, METRIC, tokens, source)
     assert result.stats["chunk_sizes"] == [len(c.cases) for c in plan.chunks]
