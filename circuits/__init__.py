@@ -5,6 +5,7 @@ entry point in pyproject.toml names it, so the core never imports it by name).
 """
 
 from circuits import (
+    atlas,
     causal_trace,
     conflict_heads,
     decore,
@@ -15,4 +16,4 @@ from circuits import (
     retrieval,
 )
 
-__all__ = ["causal_trace", "conflict_heads", "decore", "decore_eval", "episodic", "induction", "ph3", "retrieval"]
+__all__ = ["atlas", "causal_trace", "conflict_heads", "decore", "decore_eval", "episodic", "induction", "ph3", "retrieval"]

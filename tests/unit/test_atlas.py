@@ -1,0 +1,263 @@
+"""``interp atlas``: several models x detectors in one store, the summary and its claims.
+
+The CLI tests run on two tiny random models (Llama and Qwen2 layouts) with induction, copying
+and retrieval: the first two run in seconds, and retrieval cannot feed a 256-token model (its
+haystack is longer), so it exercises the "not measurable" path. The summary is checked on
+hand-made Summary objects against hand-computed numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from circuits.atlas import (
+    FAILS,
+    HOLDS,
+    NM,
+    ModelResults,
+    jaccard,
+    summarize,
+    top_sets,
+)
+from interp.registry import Summary
+from interp.store import Store
+
+DETS = "induction,copying,retrieval"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from tests.tiny import tiny_llama, tiny_qwen2, tiny_tokenizer
+
+    out = []
+    for name, make in (("tiny-llama", tiny_llama), ("tiny-qwen2", tiny_qwen2)):
+        folder = tmp_path_factory.mktemp(name)
+        make().save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+        out.append(folder)
+    return out
+
+
+def _cli(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str, str]:
+    from interp.cli import main
+
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _atlas(folders: list[Path], ws: Path, *extra: str) -> list[str]:
+    return ["atlas", "--models", ",".join(map(str, folders)), "-d", DETS, "-w", str(ws), "--top", "3", *extra]
+
+
+@pytest.fixture(scope="module")
+def first_run(folders: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """One atlas run with --json, shared by the CLI tests (each run costs seconds)."""
+    from interp.cli import main
+
+    ws = tmp_path_factory.mktemp("atlas-ws")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(_atlas(folders, ws, "--json"))
+    return ws, json.loads(buf.getvalue())
+
+
+def test_atlas_stores_one_run_per_model_and_detector(first_run: tuple[Path, dict[str, Any]], folders: list[Path]) -> None:
+    ws, doc = first_run
+    with Store(ws) as s:
+        runs = s.runs()
+    done = runs[runs["status"] == "done"]
+    assert sorted(done["detector"]) == ["copying", "copying", "induction", "induction"]
+    assert len(set(done["model"])) == 2
+    # retrieval refuses the tiny models before a run is opened: not measurable, the atlas goes on.
+    assert "retrieval" not in set(runs["detector"])
+    for m in map(str, folders):
+        assert doc["runs"][m]["induction"]["units_computed"] > 0
+        assert doc["runs"][m]["retrieval"]["not_measurable"]
+
+
+def test_atlas_json_has_heads_overlaps_and_claims(first_run: tuple[Path, dict[str, Any]], folders: list[Path]) -> None:
+    _, doc = first_run
+    models = [str(f) for f in folders]
+    assert list(doc["models"]) == models
+    assert doc["top"] == 3
+    for m in models:
+        info = doc["models"][m]
+        assert info["n_layers"] == 3
+        assert info["n_heads"] > 0
+        assert info["label"]
+        heads = doc["detectors"]["induction"][m]["heads"]
+        assert len(heads) == 3
+        assert [h["score"] for h in heads] == sorted((h["score"] for h in heads), reverse=True)
+        for h in heads:
+            assert h["label"] == f"L{h['layer']}H{h['head']}"
+            assert h["relative_depth"] == pytest.approx(h["layer"] / 3)
+        assert "not_measurable" in doc["detectors"]["retrieval"][m]
+        assert doc["overlap"][m] == []  # only induction among the overlap sets ran
+    claims = {c["id"]: c for c in doc["claims"]}
+    assert set(claims) == {"retrieval-sparse", "memory-context-late", "cmr-mid-late", "induction-exists",
+                           "induction-retrieval-overlap"}
+    for m in models:
+        assert claims["retrieval-sparse"]["models"][m]["verdict"] == NM
+        assert claims["memory-context-late"]["models"][m]["verdict"] == NM  # conflict-heads not asked
+        ind = claims["induction-exists"]["models"][m]
+        # Random weights: no head reaches the 0.4 threshold (Olsson et al. 2022's diagnostic).
+        assert ind["verdict"] == FAILS
+        assert ind["value"] == pytest.approx(doc["detectors"]["induction"][m]["heads"][0]["score"])
+
+
+def test_atlas_rerun_computes_nothing_and_tables_fit_80_columns(
+    first_run: tuple[Path, dict[str, Any]], folders: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    ws, _ = first_run
+    with Store(ws) as s:
+        before = len(s.runs())
+    code, out, err = _cli(capsys, _atlas(folders, ws))
+    assert code == 0, err
+    with Store(ws) as s:
+        assert len(s.runs()) == before  # finished runs reused, not rerun
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 80, max(lines, key=len)
+    assert any("induction exists" in ln and ln.count(" no ") == 2 for ln in lines), out
+    assert any("retrieval sparse" in ln and ln.count("n.m.") == 2 for ln in lines), out
+    code, out, err = _cli(capsys, [*_atlas(folders, ws), "--json"])
+    assert code == 0, err
+    runs = json.loads(out)["runs"]
+    for m in map(str, folders):
+        for det in ("induction", "copying"):
+            assert runs[m][det]["units_computed"] == 0
+            assert runs[m][det]["units_resumed"] > 0
+
+
+@pytest.mark.parametrize(
+    ("models", "dets", "needle"),
+    [
+        ("no-such-model", "induction", "unknown model 'no-such-model' (zoo: smollm2-135m"),
+        ("/nonexistent/model-folder", "induction", "no such folder '/nonexistent/model-folder'"),
+        ("smollm2-135m", "induction,nope", "unknown detector 'nope' (available: "),
+    ],
+)
+def test_atlas_bad_input_is_one_line_and_creates_nothing(
+    models: str, dets: str, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ws = tmp_path / "ws"
+    code, out, err = _cli(capsys, ["atlas", "--models", models, "-d", dets, "-w", str(ws)])
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code != 0
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    assert needle in lines[0], err
+    assert not ws.exists()
+    assert out == ""
+
+
+# -- the summary on hand-made summaries ---------------------------------------------------------
+
+
+def _heads(*rows: tuple[int, int, float], **extra: Any) -> list[dict[str, Any]]:
+    return [{"layer": la, "head": h, "score": s, **extra} for la, h, s in rows]
+
+
+def _model() -> ModelResults:
+    """4 layers x 2 heads = 8 heads."""
+    induction = Summary("induction", "v", heads=_heads((3, 0, 0.9), (2, 1, 0.5), (1, 0, 0.1)),
+                        metrics={"threshold": 0.4, "n_heads_above_threshold": 2})
+    retrieval = Summary("retrieval", "v", heads=_heads((2, 1, 0.3), (0, 0, 0.2), (3, 1, 0.05)),
+                        metrics={"share_heads_above_threshold": 2 / 8, "n_heads_above_threshold": 2,
+                                 "n_heads": 8, "threshold": 0.1, "too_few_counted": 0})
+    cmr = Summary("cmr", "v", heads=[
+        {"layer": 3, "head": 1, "score": -0.1, "cmr_like": True},
+        {"layer": 2, "head": 0, "score": -0.3, "cmr_like": True},
+        {"layer": 0, "head": 1, "score": -0.7, "cmr_like": False},
+        {"layer": 1, "head": 1, "score": None, "cmr_like": False},  # flat lag-CRP: no distance
+    ])
+    conflict = Summary("conflict-heads", "v", heads=[
+        {"layer": 3, "head": 0, "score": 0.8, "kind": "memory"},
+        {"layer": 1, "head": 1, "score": 0.2, "kind": "memory"},
+        {"layer": 0, "head": 0, "score": -0.1, "kind": "context"},
+        {"layer": 2, "head": 0, "score": -0.6, "kind": "context"},
+    ])
+    return ModelResults(n_layers=4, n_heads=8, summaries={
+        "induction": induction, "retrieval": retrieval, "cmr": cmr, "conflict-heads": conflict})
+
+
+def test_top_sets_rank_context_heads_by_the_most_negative_memory_score() -> None:
+    sets = top_sets(_model(), 2)
+    labels = {k: [(h["layer"], h["head"]) for h in v] for k, v in sets.items()}
+    assert labels == {"induction": [(3, 0), (2, 1)], "retrieval": [(2, 1), (0, 0)], "cmr": [(3, 1), (2, 0)],
+                      "memory": [(3, 0), (1, 1)], "context": [(2, 0), (0, 0)]}
+
+
+def test_summary_relative_depth_jaccard_and_claims_by_hand() -> None:
+    atlas = summarize({"m": _model()}, ["induction", "retrieval", "cmr", "conflict-heads", "copying"], 2)
+    heads = atlas["detectors"]["induction"]["m"]["heads"]
+    assert [(h["label"], h["relative_depth"], h["score"]) for h in heads] == [("L3H0", 0.75, 0.9), ("L2H1", 0.5, 0.5)]
+    assert atlas["detectors"]["copying"]["m"] == {"not_measurable": "not run"}
+    overlap = {(p["a"], p["b"]): p["jaccard"] for p in atlas["overlap"]["m"]}
+    # induction {L3H0, L2H1} vs retrieval {L2H1, L0H0}: 1 shared of 3.
+    assert overlap[("induction", "retrieval")] == pytest.approx(1 / 3)
+    assert overlap[("induction", "cmr")] == 0.0          # {L3H1, L2H0}
+    assert overlap[("induction", "memory")] == pytest.approx(1 / 3)  # {L3H0, L1H1}
+    assert overlap[("retrieval", "context")] == pytest.approx(1 / 3)  # {L2H0, L0H0}
+    assert len(overlap) == 10  # 5 sets, every pair once
+    claims = {c["id"]: c["models"]["m"] for c in atlas["claims"]}
+    # 2 of 8 heads above 0.1 = 25 %, not below 5 %.
+    assert (claims["retrieval-sparse"]["verdict"], claims["retrieval-sparse"]["value"]) == (FAILS, 0.25)
+    # memory L3, L1 and context L2, L0: mean layer 1.5 of 4 = 0.375.
+    assert claims["memory-context-late"]["verdict"] == FAILS
+    assert claims["memory-context-late"]["value"] == pytest.approx(0.375)
+    # CMR-like: L3 and L2 -> (3 + 2) / 2 / 4 = 0.625; share 2 of 4 heads.
+    assert claims["cmr-mid-late"]["verdict"] == HOLDS
+    assert claims["cmr-mid-late"]["value"] == pytest.approx(0.625)
+    assert claims["cmr-mid-late"]["share"] == 0.5
+    assert (claims["induction-exists"]["verdict"], claims["induction-exists"]["value"]) == (HOLDS, 0.9)
+    assert claims["induction-retrieval-overlap"]["verdict"] == HOLDS
+    assert claims["induction-retrieval-overlap"]["value"] == pytest.approx(1 / 3)
+    json.dumps(atlas)  # one JSON object
+
+
+def test_missing_detectors_make_claims_not_measurable() -> None:
+    res = ModelResults(n_layers=4, n_heads=8,
+                       summaries={"induction": Summary("induction", "v", heads=_heads((0, 0, 0.2)),
+                                                       metrics={"threshold": 0.4})},
+                       not_measurable={"conflict-heads": "cannot patch Gemma's layout"})
+    claims = {c["id"]: c["models"]["m"] for c in summarize({"m": res}, ["induction"], 10)["claims"]}
+    assert claims["induction-exists"]["verdict"] == FAILS
+    assert claims["memory-context-late"]["verdict"] == NM
+    assert "cannot patch Gemma's layout" in claims["memory-context-late"]["detail"]
+    for cid in ("retrieval-sparse", "cmr-mid-late", "induction-retrieval-overlap"):
+        assert claims[cid]["verdict"] == NM
+        assert claims[cid]["value"] is None
+    # A retrieval run with no correctly answered sample has no share: not measurable either.
+    res2 = ModelResults(4, 8, {"retrieval": Summary("retrieval", "v", heads=[], metrics={"n_heads": 8})})
+    c = {c["id"]: c["models"]["m"] for c in summarize({"m": res2}, ["retrieval"], 10)["claims"]}
+    assert c["retrieval-sparse"]["verdict"] == NM
+
+
+def test_jaccard_of_empty_sets_is_undefined() -> None:
+    assert jaccard([], []) is None
+    assert jaccard(_heads((0, 0, 1.0)), _heads((0, 1, 1.0))) == 0.0
+
+
+def test_many_models_split_the_claims_table_to_fit_80_columns(capsys: pytest.CaptureFixture[str]) -> None:
+    from circuits.atlas import print_atlas
+
+    names = [f"some-long-model-name-{i}" for i in range(6)]
+    atlas = summarize(dict.fromkeys(names, _model()), ["induction", "conflict-heads"], 10)
+    capsys.readouterr()
+    print_atlas(atlas, {n: n for n in names})
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 80, max(lines, key=len)
+    assert sum(ln.startswith("│ induction exists") for ln in lines) >= 2  # columns split over tables
+    assert all(any(n in ln for ln in lines) for n in names)
