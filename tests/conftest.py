@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from interp.model import LoadedModel
-from tests.tiny import loaded, tiny_gemma3, tiny_gpt2, tiny_llama, tiny_qwen2
+from tests.tiny import loaded, save_folder, tiny_gemma3, tiny_gpt2, tiny_llama, tiny_qwen2
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -55,6 +56,12 @@ def tiny_hf(request: pytest.FixtureRequest) -> torch.nn.Module:
 def tiny_model(tiny_hf: torch.nn.Module) -> LoadedModel:
     """A fresh bridge-backed LoadedModel over a copy of each tiny model."""
     return loaded(copy.deepcopy(tiny_hf), "bridge")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama saved as a local HF folder: a model the CLI loads in a second."""
+    return save_folder(tiny_llama(), tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="session")

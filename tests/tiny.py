@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -157,3 +160,24 @@ def tiny_qwen2(seed: int = 0, n_layers: int = 3) -> Qwen2ForCausalLM:
 def loaded(hf: torch.nn.Module, backend: str = "bridge") -> LoadedModel:
     prov = Provenance(model_id=f"tiny-{type(hf).__name__}", source="object", file_sha256=None, dtype="float32", device="cpu")
     return LoadedModel(hf, tiny_tokenizer(), prov, backend=backend)  # type: ignore[arg-type]
+
+
+def save_folder(hf: torch.nn.Module, folder: Path) -> Path:
+    """Save a tiny model with the tiny tokenizer as a local HF folder (what ``--model`` takes)."""
+    hf.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str, str]:
+    """``interp`` in-process: (exit code, stdout, stderr) of one command."""
+    from interp.cli import main
+
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -27,34 +27,17 @@ from circuits.atlas import (
 )
 from interp.registry import Summary
 from interp.store import Store
+from tests.tiny import run_cli
 
 DETS = "induction,copying,retrieval"
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from tests.tiny import tiny_llama, tiny_qwen2, tiny_tokenizer
+    from tests.tiny import save_folder, tiny_llama, tiny_qwen2
 
-    out = []
-    for name, make in (("tiny-llama", tiny_llama), ("tiny-qwen2", tiny_qwen2)):
-        folder = tmp_path_factory.mktemp(name)
-        make().save_pretrained(folder)
-        tiny_tokenizer().save_pretrained(folder)
-        out.append(folder)
-    return out
-
-
-def _cli(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str, str]:
-    from interp.cli import main
-
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return [save_folder(make(), tmp_path_factory.mktemp(name))
+            for name, make in (("tiny-llama", tiny_llama), ("tiny-qwen2", tiny_qwen2))]
 
 
 def _atlas(folders: list[Path], ws: Path, *extra: str) -> list[str]:
@@ -123,7 +106,7 @@ def test_atlas_rerun_computes_nothing_and_tables_fit_80_columns(
     ws, _ = first_run
     with Store(ws) as s:
         before = len(s.runs())
-    code, out, err = _cli(capsys, _atlas(folders, ws))
+    code, out, err = run_cli(capsys, _atlas(folders, ws))
     assert code == 0, err
     with Store(ws) as s:
         assert len(s.runs()) == before  # finished runs reused, not rerun
@@ -131,7 +114,7 @@ def test_atlas_rerun_computes_nothing_and_tables_fit_80_columns(
     assert max(map(len, lines)) <= 80, max(lines, key=len)
     assert any("induction exists" in ln and ln.count(" no ") == 2 for ln in lines), out
     assert any("retrieval sparse" in ln and ln.count("n.m.") == 2 for ln in lines), out
-    code, out, err = _cli(capsys, [*_atlas(folders, ws), "--json"])
+    code, out, err = run_cli(capsys, [*_atlas(folders, ws), "--json"])
     assert code == 0, err
     runs = json.loads(out)["runs"]
     for m in map(str, folders):
@@ -152,7 +135,7 @@ def test_atlas_bad_input_is_one_line_and_creates_nothing(
     models: str, dets: str, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ws = tmp_path / "ws"
-    code, out, err = _cli(capsys, ["atlas", "--models", models, "-d", dets, "-w", str(ws)])
+    code, out, err = run_cli(capsys, ["atlas", "--models", models, "-d", dets, "-w", str(ws)])
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code != 0
     assert len(lines) == 1, err

@@ -20,6 +20,7 @@ from circuits.induction import InductionDetector
 from interp import registry
 from interp.registry import UnitResult, all_detectors, default_scan
 from interp.store import Store
+from tests.tiny import run_cli
 
 APP = Path(__file__).resolve().parents[2] / "app"
 sys.path.insert(0, str(APP))
@@ -86,37 +87,14 @@ def probes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(registry._REGISTRY, _BadProbe.name, _BadProbe)  # pyright: ignore[reportPrivateUsage]
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.tiny import tiny_llama, tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def _cli(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str, str]:
-    from interp.cli import main
-
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_scan_runs_with_scan_params_and_run_keeps_the_defaults(
     probes: None, tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ws = tmp_path / "ws"
-    code, out, err = _cli(capsys, ["scan", "-d", _Probe.name, "-m", str(tiny_folder), "-w", str(ws), "--json"])
+    code, out, err = run_cli(capsys, ["scan", "-d", _Probe.name, "-m", str(tiny_folder), "-w", str(ws), "--json"])
     assert code == 0, err
     assert _Probe.name in json.loads(out)["detectors"]
-    code, _, err = _cli(capsys, ["run", _Probe.name, "--n-prompts", "1", "--batch-size", "1",
+    code, _, err = run_cli(capsys, ["run", _Probe.name, "--n-prompts", "1", "--batch-size", "1",
                                  "-m", str(tiny_folder), "-w", str(ws), "--json"])
     assert code == 0, err
     with Store(ws) as s:
@@ -131,7 +109,7 @@ def test_scan_checks_scan_params_before_loading(
     probes: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ws = tmp_path / "ws"
-    code, _, err = _cli(capsys, ["scan", "-d", f"{_Probe.name},{_BadProbe.name}", "-m", NO_MODEL, "-w", str(ws)])
+    code, _, err = run_cli(capsys, ["scan", "-d", f"{_Probe.name},{_BadProbe.name}", "-m", NO_MODEL, "-w", str(ws)])
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code != 0
     assert len(lines) == 1, err  # one line: no "loading ..." before it
@@ -147,7 +125,7 @@ def test_a_detector_the_model_cannot_feed_is_skipped_and_the_scan_goes_on(
     """The tiny random model knows none of the shipped facts: the scan's causal trace cannot run
     on it, and the detectors after it must still run."""
     ws = tmp_path / "ws"
-    code, out, err = _cli(capsys, ["scan", "-d", f"causal-trace,{_Probe.name}", "-m", str(tiny_folder),
+    code, out, err = run_cli(capsys, ["scan", "-d", f"causal-trace,{_Probe.name}", "-m", str(tiny_folder),
                                    "-w", str(ws)])
     assert code != 0, err
     assert err.splitlines()[-1] == "error: 1 of 2 detectors skipped (causal-trace): see above", err

@@ -19,24 +19,13 @@ import pytest
 from interp.config import DetectorConfig, Param, param
 from interp.errors import UserError
 from interp.registry import Detector, all_detectors
+from tests.tiny import run_cli
 
 NO_MODEL = "/nonexistent/model"
 DETECTORS = all_detectors()
 # Options of ``interp run`` itself: a detector parameter of the same name could not be given on
 # the command line (test_no_parameter_is_shadowed_by_a_run_option keeps it so).
 RUN_OPTIONS = {"model", "workspace", "backend", "top", "fresh", "json", "prefix", "verbose"}
-
-
-def _cli(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str]:
-    from interp.cli import main
-
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
 
 
 def _flag(name: str) -> str:
@@ -146,23 +135,12 @@ def _assert_rejected(code: int, stderr: str, names: str, workspace: Path | None)
         assert not workspace.exists(), "the store was opened before the parameters were checked"
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama saved as a local HF folder: a model that loads in a second."""
-    from tests.tiny import tiny_llama, tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize(("detector", "name", "raw"), SWEEP)
 def test_out_of_range_value_fails_before_loading(
     detector: str, name: str, raw: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ws = tmp_path / "ws"
-    code, err = _cli(capsys, ["run", detector, f"{_flag(name)}={raw}", "-m", NO_MODEL, "-w", str(ws)])
+    code, _, err = run_cli(capsys, ["run", detector, f"{_flag(name)}={raw}", "-m", NO_MODEL, "-w", str(ws)])
     _assert_rejected(code, err, f"parameter '{name}", ws)
 
 
@@ -179,7 +157,7 @@ def test_violated_relation_fails_before_loading(
 ) -> None:
     ws = tmp_path / "ws"
     args = [f"{_flag(k)}={v}" for k, v in raw.items()]
-    code, err = _cli(capsys, ["run", detector, *args, "-m", NO_MODEL, "-w", str(ws)])
+    code, _, err = run_cli(capsys, ["run", detector, *args, "-m", NO_MODEL, "-w", str(ws)])
     _assert_rejected(code, err, names, ws)
 
 
@@ -187,7 +165,7 @@ def test_violated_relation_fails_before_loading(
 def test_plugin_command_options_fail_before_loading(
     argv: list[str], names: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, err = _cli(capsys, [*argv, "-m", NO_MODEL])
+    code, _, err = run_cli(capsys, [*argv, "-m", NO_MODEL])
     _assert_rejected(code, err, names, None)
 
 
@@ -205,14 +183,14 @@ def test_a_model_that_loads_is_not_loaded(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     ws = tmp_path / "ws"
-    code, err = _cli(capsys, ["run", detector, flag, raw, "-m", str(tiny_folder), "-w", str(ws)])
+    code, _, err = run_cli(capsys, ["run", detector, flag, raw, "-m", str(tiny_folder), "-w", str(ws)])
     _assert_rejected(code, err, names, ws)
 
 
 def test_the_tiny_folder_does_load_and_run(tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The control for the test above: with valid parameters the same folder loads and a run is stored."""
     ws = tmp_path / "ws"
-    code, err = _cli(
+    code, _, err = run_cli(
         capsys,
         ["run", "induction", "--seq-len", "4", "--n-prompts", "1", "--batch-size", "1",
          "-m", str(tiny_folder), "-w", str(ws), "--json"],
@@ -223,7 +201,7 @@ def test_the_tiny_folder_does_load_and_run(tiny_folder: Path, tmp_path: Path, ca
 
 def test_scan_checks_every_detector_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ws = tmp_path / "ws"
-    code, err = _cli(capsys, ["scan", "-d", "induction,no-such-detector", "-m", NO_MODEL, "-w", str(ws)])
+    code, _, err = run_cli(capsys, ["scan", "-d", "induction,no-such-detector", "-m", NO_MODEL, "-w", str(ws)])
     _assert_rejected(code, err, "no-such-detector", ws)
 
 

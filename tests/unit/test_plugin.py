@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 import interp
 from interp import registry
 from interp.store import Store
+from tests.tiny import run_cli
 
 MODULE = "tests.plugins.attention_sink"
 APP = Path(__file__).resolve().parents[2] / "app"
@@ -38,34 +39,11 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     sys.modules.pop(MODULE, None)
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.tiny import tiny_llama, tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def _cli(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str, str]:
-    from interp.cli import main
-
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_a_plugin_detector_registers_runs_stores_resumes_and_shows(
     plugin: None, tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    code, out, err = _cli(capsys, ["detectors", "--json"])
+    code, out, err = run_cli(capsys, ["detectors", "--json"])
     assert code == 0, err
     [listed] = [d for d in json.loads(out)["detectors"] if d["name"] == "attention-sink"]
     assert [p["name"] for p in listed["params"]] == ["seq_len", "n_prompts", "seed"]
@@ -82,10 +60,10 @@ def test_a_plugin_detector_registers_runs_stores_resumes_and_shows(
         return real(self, model, cfg, unit)
 
     monkeypatch.setattr(cls, "run_unit", interrupted)
-    code, _, err = _cli(capsys, args)
+    code, _, err = run_cli(capsys, args)
     assert code == 130, err
     monkeypatch.setattr(cls, "run_unit", real)
-    code, out, err = _cli(capsys, [*args, "--json"])
+    code, out, err = run_cli(capsys, [*args, "--json"])
     assert code == 0, err
     result = json.loads(out)
     assert (result["units_resumed"], result["units_computed"]) == (2, 1)
