@@ -13,7 +13,7 @@ paths work on a bridged model and on a plain one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -237,20 +237,10 @@ GPT2_LIKE = Layout(
     weight_in_out=True,
 )
 
-GEMMA_LIKE = Layout(
+# Gemma keeps Llama's module paths; what differs is what a reader of the weights must know.
+GEMMA_LIKE = replace(
+    LLAMA_LIKE,
     family="gemma-like",
-    decoder="model",
-    layers="model.layers",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-    attn="self_attn",
-    attn_norm="input_layernorm",
-    mlp="mlp",
-    q="q_proj",
-    k="k_proj",
-    v="v_proj",
-    o="o_proj",
     # Gemma's post_attention_layernorm normalises the attention output (Llama's module of that
     # name is the MLP's input norm; Gemma's is pre_feedforward_layernorm).
     attn_post_norm="post_attention_layernorm",
