@@ -93,17 +93,65 @@ def output_weights(model: LoadedModel) -> torch.Tensor:
     return torch.stack(mats).cpu()
 
 
-def check_direct_path(model: LoadedModel) -> None:
-    """A UserError unless each head's output joins the residual as it is. Direct-path patching
-    and DLA read a head's share of the final residual as z_h W_O; a norm between the attention
-    output and the residual (Gemma's post-attention norm) rescales the heads' sum by its RMS,
-    so per-head shares would be wrong numbers, not approximations with a known error."""
-    if not model.layout.attn_out_direct:
-        raise UserError(
-            f"{model.name}: the {model.layout.family} layout normalises the attention output "
-            f"({model.layout.attn_post_norm}) before the residual, so a head's output is not an "
-            "additive share of it; direct-path patching and DLA do not support this architecture"
-        )
+class AttnPostNorm:
+    """The norm some families (Gemma) put between the attention output and the residual.
+
+    A head's output z_h W_O is then no additive share of the residual: the layer adds
+    P(S) = S / rms(S) * g, where S is the sum of its heads' outputs. The direct path of a head
+    goes through P recomputed on S with that head's output changed (exact); the frozen-norm
+    variant and DLA freeze P's scale at the conflict run's S, so a layer's DLA still sums to P(S).
+    """
+
+    def __init__(self, model: LoadedModel) -> None:
+        hf, layout = model.hf, model.layout
+        n = model.info.n_layers
+        self.norms = [layout.module(hf, "attn_post_norm", layer) for layer in range(n)]
+        self.gain = torch.stack([layout.norm_scale(hf, "attn_post_norm", layer).float().cpu() for layer in range(n)])
+        biases = [getattr(layout.module(hf, "o", layer), "bias", None) for layer in range(n)]
+        self.o_bias = torch.stack([torch.zeros(model.info.d_model) if b is None else b.detach().float().cpu()
+                                   for b in biases])
+        eps = [getattr(m, "eps", getattr(m, "variance_epsilon", None)) for m in self.norms]
+        if any(e is None or isinstance(m, torch.nn.LayerNorm) for e, m in zip(eps, self.norms, strict=True)):
+            raise UserError(f"{model.name}: post-attention norm {type(self.norms[0]).__name__} is not an "
+                            "RMS norm with an eps; direct-path patching does not support it")
+        self.eps = torch.tensor([float(e) for e in eps])  # type: ignore[arg-type]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Each layer's norm on x [L, ..., d] (the attention output, bias included), as the model runs it."""
+        out = []
+        with torch.no_grad():
+            for layer, norm in enumerate(self.norms):
+                p = next(norm.parameters())
+                out.append(norm(x[layer].to(p.device, p.dtype)).float().cpu())
+        return torch.stack(out)
+
+    def frozen(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x [L, H, d] through each layer's norm with its scale frozen at s [L, d]."""
+        rms = (s.pow(2).mean(-1, keepdim=True) + self.eps[:, None]).sqrt()  # [L, 1]
+        return x * (self.gain / rms)[:, None, :]
+
+    def check(self, model: LoadedModel, s: torch.Tensor) -> None:
+        """The frozen map must reproduce the norm at the point it was frozen at."""
+        exact = self.apply(s)
+        frozen = self.frozen(s[:, None], s)[:, 0]
+        err = float((frozen - exact).abs().max() / max(1.0, float(exact.abs().max())))
+        if err > 1e-4:
+            raise UserError(f"{model.name}: post-attention norm {type(self.norms[0]).__name__} is not a plain "
+                            f"RMS norm (frozen-scale error {err:.3g}); direct-path patching does not support it")
+
+
+def _through_post_norm(
+    post: AttnPostNorm | None, out_c: torch.Tensor, delta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per head [L, H, d]: (the exact residual change of patching it, the frozen-norm one, its
+    conflict-run output as the residual receives it). Without a post-attention norm all three
+    are the head's own outputs."""
+    if post is None:
+        return delta, delta, out_c
+    s = out_c.sum(1) + post.o_bias  # [L, d]: the attention output entering the norm
+    base = post.apply(s)[:, None]
+    exact = post.apply(s[:, None] + delta) - base
+    return exact, post.frozen(delta, s), post.frozen(out_c, s)
 
 
 class FinalReadout:
@@ -234,24 +282,27 @@ def head_effects(
     logit attribution of the conflict-run output. One row per (item, layer, head)."""
     if not items:
         raise UserError("no conflict items for head attribution")
-    check_direct_path(model)
     info = model.info
     runs = _runs(model, items, fmt, batch_size)
     readout = FinalReadout(model)
     check_readout(model, readout, runs, items)
     w_o = output_weights(model)
+    post = None if model.layout.attn_out_direct else AttnPostNorm(model)
     frames = []
     layer_idx = torch.arange(info.n_layers).repeat_interleave(info.n_heads)
     head_idx = torch.arange(info.n_heads).repeat(info.n_layers)
     for n, item in enumerate(items):
         toks = torch.tensor([item.memory_token, item.context_token])
         r = runs.resid[n]
-        out_c = torch.einsum("lhe,lhed->lhd", runs.z_conflict[n], w_o).reshape(-1, info.d_model)
-        delta = torch.einsum("lhe,lhed->lhd", runs.z_clean[n] - runs.z_conflict[n], w_o).reshape(-1, info.d_model)
+        out_c = torch.einsum("lhe,lhed->lhd", runs.z_conflict[n], w_o)
+        delta = torch.einsum("lhe,lhed->lhd", runs.z_clean[n] - runs.z_conflict[n], w_o)
+        if post is not None and n == 0:
+            post.check(model, out_c.sum(1) + post.o_bias)
+        exact, lin, share = (x.reshape(-1, info.d_model) for x in _through_post_norm(post, out_c, delta))
         base = readout.logits(readout.normed(r[None]), toks)[0]
-        patched = readout.logits(readout.normed(r[None] + delta), toks) - base  # [LH, 2]
-        linear = readout.project(readout.frozen(delta, r[None]), toks)
-        dla = readout.project(readout.frozen(out_c, r[None]), toks)
+        patched = readout.logits(readout.normed(r[None] + exact), toks) - base  # [LH, 2]
+        linear = readout.project(readout.frozen(lin, r[None]), toks)
+        dla = readout.project(readout.frozen(share, r[None]), toks)
         frames.append(
             pd.DataFrame(
                 {
@@ -581,7 +632,6 @@ class ConflictHeadsDetector(Detector[ConflictHeadsConfig]):
         return example_tokens(model, cfg)
 
     def units(self, model: LoadedModel, cfg: ConflictHeadsConfig) -> list[str]:
-        check_direct_path(model)  # before the run is opened
         return list(cfg.formats)
 
     def run_unit(self, model: LoadedModel, cfg: ConflictHeadsConfig, unit: str) -> UnitResult:

@@ -35,7 +35,6 @@ import torch
 import typer
 
 from circuits.conflict_heads import (
-    check_direct_path,
     head_effects,
     mean_by_head,
     out_proj_module,
@@ -355,7 +354,6 @@ class PH3Detector(Detector[PH3Config]):
         return example_tokens(model, cfg)
 
     def units(self, model: LoadedModel, cfg: PH3Config) -> list[str]:
-        check_direct_path(model)  # its head ranking is direct-path patching; before the run opens
         units = ["select-k", "test"]
         return [*units, "scaling"] if cfg.scale_heads > 0 else units
 

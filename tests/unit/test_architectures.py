@@ -281,17 +281,40 @@ def test_prefix_reuse_equals_full_passes_on_qwen2(request: pytest.FixtureRequest
 # ------------------------------------------------------------------ what a family cannot do
 
 
-def test_direct_path_patching_refuses_a_post_attention_norm(request: pytest.FixtureRequest) -> None:
-    """Gemma's post-attention norm makes a head's output no additive share of the residual:
-    conflict-heads says so instead of giving wrong numbers."""
-    model = loaded(_hf(request, "gemma3"))
-    with pytest.raises(UserError, match=r"post_attention_layernorm.*do not support"):
-        head_effects(model, [object()], "qa")  # type: ignore[list-item]
-    # The detectors built on it refuse while listing their units, before a run is opened.
+def test_direct_attribution_through_a_post_attention_norm(request: pytest.FixtureRequest) -> None:
+    """Gemma's post-attention norm makes a head's output no additive share of the residual. The
+    DLA freezes that norm's scale at the conflict run, so a layer's heads must sum to what the
+    layer adds to the residual, P(S), read here by hooks on plain HF: each layer's
+    post_attention_layernorm output at the final position, through the final norm frozen at
+    the final residual, onto W_U."""
+    from circuits.conflicts import Fact, make_item
+
+    hf = _hf(request, "gemma3")
+    model = loaded(copy.deepcopy(hf))
+    item = make_item(model, Fact("w5", "w5 w6 w7", "w10", "r", "t"), "w11")
+    got = head_effects(model, [item], "restated")
+    ids = torch.tensor([[0, *model.tokenizer(item.conflict_prompt("restated"), add_special_tokens=False)["input_ids"]]])
+    added: dict[int, torch.Tensor] = {}
+    captured: dict[str, torch.Tensor] = {}
+    handles = [block.post_attention_layernorm.register_forward_hook(
+        lambda m, a, out, i=i: added.__setitem__(i, out[0, -1].detach().clone()))
+        for i, block in enumerate(hf.model.layers)]
+    handles.append(hf.model.norm.register_forward_pre_hook(lambda m, a: captured.__setitem__("r", a[0][0, -1].clone())))
+    with torch.no_grad():
+        hf(ids)
+    for h in handles:
+        h.remove()
+    r, norm = captured["r"], hf.model.norm
+    w_u = hf.lm_head.weight.detach()
+    for layer, out in added.items():
+        normed = out / torch.sqrt(r.pow(2).mean() + norm.eps) * (1 + norm.weight.detach())
+        rows = got[got["layer"] == layer]
+        assert float(rows["dla_memory"].sum()) == pytest.approx(float(w_u[item.memory_token] @ normed), abs=1e-4)
+        assert float(rows["dla_context"].sum()) == pytest.approx(float(w_u[item.context_token] @ normed), abs=1e-4)
+    # The detectors built on it list their units on this family (they refused before).
     for name in ("conflict-heads", "ph3"):
         detector = get_detector(name)
-        with pytest.raises(UserError, match="do not support"):
-            detector.units(model, detector.parse_params({}))
+        assert detector.units(model, detector.parse_params({}))
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,8 @@ def test_atlas_json_has_heads_overlaps_and_claims(first_run: tuple[Path, dict[st
         assert "not_measurable" in doc["detectors"]["retrieval"][m]
         assert doc["overlap"][m] == []  # only induction among the overlap sets ran
     claims = {c["id"]: c for c in doc["claims"]}
-    assert set(claims) == {"retrieval-sparse", "memory-context-late", "cmr-mid-late", "induction-exists",
+    assert set(claims) == {"retrieval-sparse", "retrieval-masking", "memory-context-late", "ph3-beats-random",
+                           "decore-beats-greedy", "mlp-peak-early", "cmr-mid-late", "induction-exists",
                            "induction-retrieval-overlap"}
     for m in models:
         assert claims["retrieval-sparse"]["models"][m]["verdict"] == NM

@@ -247,15 +247,11 @@ def test_path_patching_equals_hand_written_frozen_downstream(tiny_hf: Any, fmt: 
     """Independent check: patch head (l, h) at the final position from the no-conflict run,
     freeze every other component (other heads of layer l, all MLPs from l on, all later
     attention layers) at conflict-run values by raw hooks on a plain HF copy, and read the
-    logits through HF's own final norm (recomputed) and lm_head. Gemma's post-attention norm
-    makes a head's output no additive share of the residual: there it must refuse."""
+    logits through HF's own final norm (recomputed) and lm_head. Under Gemma's post-attention
+    norm the hooks change the attention output before that norm, which HF recomputes."""
     model = loaded(copy.deepcopy(tiny_hf), "bridge")
     ref = copy.deepcopy(tiny_hf)
     item = _tiny_item(model)
-    if ref.config.model_type == "gemma3_text":
-        with pytest.raises(UserError, match="post_attention_layernorm"):
-            head_effects(model, [item], fmt)
-        return
     conflict = _ids(model, item.conflict_prompt(fmt))
     plain = _ids(model, item.plain_prompt(fmt))
     d_head = model.info.d_head
@@ -287,11 +283,23 @@ def test_path_patching_equals_hand_written_frozen_downstream(tiny_hf: Any, fmt: 
         assert row["path_delta_context_logit"] == pytest.approx(float(d_logit[1]), abs=2e-4)
         assert row["path_delta"] == pytest.approx(float(d_logit[0] - d_logit[1]), abs=3e-4)
         # Frozen-norm variant, by hand: the residual change divided by the conflict run's RMS
-        # (LayerNorm: centred and divided by its std), times the norm weight, onto W_U.
+        # (LayerNorm: centred and divided by its std), times the norm weight, onto W_U; under a
+        # post-attention norm the head's output change first goes through that norm frozen at
+        # the conflict run's attention output.
         norm = _final_norm(ref)
         dr = r_new - r_conf
+        block = _layers(ref)[layer]
+        # Llama's post_attention_layernorm is the MLP's input norm; Gemma's normalises the attention output.
+        post = block.post_attention_layernorm if hasattr(block, "pre_feedforward_layernorm") else None
+        if post is not None:
+            w_o = _o_proj(block).weight[:, cols]
+            d_out = w_o @ (clean_rec["z"][layer][0, -1, cols] - conf_rec["z"][layer][0, -1, cols])
+            s = conf_rec["attn"][layer][0, -1]
+            dr = (d_out / torch.sqrt(s.pow(2).mean() + post.eps) * (1 + post.weight)).detach()
         if isinstance(norm, torch.nn.LayerNorm):
             dn = (dr - dr.mean()) / torch.sqrt(r_conf.var(unbiased=False) + norm.eps) * norm.weight
+        elif post is not None:
+            dn = dr / torch.sqrt(r_conf.pow(2).mean() + norm.eps) * (1 + norm.weight)
         else:
             dn = dr / torch.sqrt(r_conf.pow(2).mean() + norm.variance_epsilon) * norm.weight
         w_u = ref.get_output_embeddings().weight
