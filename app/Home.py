@@ -248,5 +248,7 @@ elif mode == "scan" and registry:
 st.divider()
 st.caption(
     "  \n".join([*dash.page_lines(registry),
+                 "**Atlas**: the papers' claims x models and every model's top heads by relative depth "
+                 "— `interp atlas`",
                  "Every view reads the store; nothing is recomputed except the live forms."])
 )

@@ -92,6 +92,15 @@ def page_lines(detectors: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def run_url(detector: str, output: str | None, run_id: int) -> str:
+    """The relative URL of the page that shows a run of ``detector`` (the first page listing it,
+    Compare aside; the Home page's run details otherwise), with the run preselected."""
+    for page in PAGES.values():
+        if page.title != "Compare" and page.accepts(detector, output):
+            return f"./{page.title.replace(' ', '_')}?run={run_id}"
+    return f"./?run={run_id}"
+
+
 def subset(frame: pd.DataFrame, mask: Any) -> pd.DataFrame:
     """The rows of ``frame`` where ``mask`` holds (a boolean Series or list), as a DataFrame."""
     return cast(pd.DataFrame, frame.loc[list(mask) if isinstance(mask, list) else mask]).reset_index(drop=True)

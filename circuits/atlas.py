@@ -49,16 +49,22 @@ DEFAULT_DETECTORS = (
 # long for four models on a 2-core CPU. Each override is a documented variant or a smaller
 # sample, never a changed method, and is stored with the run like any parameter:
 # - retrieval ranks by the teacher-forced answer ("fast": one forward pass per sample instead of
-#   greedy decoding with attention read at every step; 9x faster on smollm2-135m);
-# - retrieval-masking and decore-eval rank their heads with that fast scan too;
-# - ph3 and decore-eval evaluate fewer items and fewer k; attention-knockout uses 5 facts.
+#   greedy decoding with attention read at every step) on 12 haystacks instead of 27;
+# - retrieval-masking decodes 8 haystacks of up to 600 tokens against 2 random draws;
+# - ph3 and decore-eval evaluate fewer items and fewer k (decore-eval: NQ-Swap only);
+# - attention-knockout traces 5 facts.
 ATLAS_PARAMS: dict[str, dict[str, Any]] = {
-    "retrieval": {"mode": "fast"},
-    "retrieval-masking": {"ranking_mode": "fast"},
+    "retrieval": {"mode": "fast", "n_lengths": 2, "n_depths": 2, "n_needles": 3},
+    "retrieval-masking": {"n_lengths": 2, "n_depths": 2, "n_needles": 2, "max_length": 600, "n_random": 2,
+                          "seed": 1},
     "ph3": {"max_items": 40, "ks": "1,3,5", "scale_heads": 0},
-    "decore-eval": {"max_items": 20, "ks": "1,3,10", "tasks": "nqswap", "ranking_mode": "fast"},
+    "decore-eval": {"max_items": 20, "ks": "1,3,10", "tasks": "nqswap"},
     "attention-knockout": {"limit": 5},
 }
+# Detectors that rank heads by retrieval score get the atlas's retrieval ranking of the same
+# model (its "heads" parameter) instead of computing the same scan again. retrieval-masking then
+# tests on other haystack windows (seed 1) than the ranking saw (seed 0), as it does on its own.
+RANKED_BY_RETRIEVAL = ("retrieval-masking", "decore-eval")
 # The head sets whose overlap is measured, in this order: (set name, detector it comes from).
 SETS = (("induction", "induction"), ("retrieval", "retrieval"), ("cmr", "cmr"),
         ("memory", "conflict-heads"), ("context", "conflict-heads"))
@@ -255,40 +261,44 @@ def claim_mlp_peak_early(res: ModelResults, top: int) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Claim:
+    """A paper's qualitative claim: its id, its row title in the 80-column table, its text with
+    the paper, how it is checked, and the detectors whose runs hold the numbers behind it."""
+
     id: str
-    short: str  # the row title of the 80-column table
+    short: str
     text: str
     check: Callable[[ModelResults, int], dict[str, Any]]
+    detectors: tuple[str, ...]
 
 
 CLAIMS = (
     Claim("retrieval-sparse", "retrieval sparse",
           f"retrieval heads are sparse: share of heads with retrieval score > 0.1 below "
-          f"{SPARSE_SHARE:.0%} (Wu et al. 2024)", claim_retrieval_sparse),
+          f"{SPARSE_SHARE:.0%} (Wu et al. 2024)", claim_retrieval_sparse, ("retrieval",)),
     Claim("retrieval-masking", "retr. masking",
           "masking the top-K retrieval heads lowers needle accuracy more than masking K random heads "
-          "(Wu et al. 2024, Sec. 4); value: random-masked minus top-masked accuracy", claim_retrieval_masking),
+          "(Wu et al. 2024, Sec. 4); value: random-masked minus top-masked accuracy", claim_retrieval_masking, ("retrieval-masking",)),
     Claim("memory-context-late", "mem/ctx late",
           f"memory/context heads sit in later layers: mean relative depth of the top memory and "
-          f"context heads > {LATE_DEPTH} (Jin et al. 2024)", claim_memory_context_late),
+          f"context heads > {LATE_DEPTH} (Jin et al. 2024)", claim_memory_context_late, ("conflict-heads",)),
     Claim("ph3-beats-random", "PH3 vs random",
           "pruning the top memory heads raises the context rate more than pruning as many random heads "
-          "(PH3, Jin et al. 2024); value: the difference in test context rate", claim_ph3_beats_random),
+          "(PH3, Jin et al. 2024); value: the difference in test context rate", claim_ph3_beats_random, ("ph3",)),
     Claim("decore-beats-greedy", "DeCoRe vs greedy",
           "DeCoRe-entropy answers NQ-Swap-style conflicts from the context more often than greedy decoding "
-          "(Gema et al. 2024); value: accuracy difference on the test split", claim_decore_beats_greedy),
+          "(Gema et al. 2024); value: accuracy difference on the test split", claim_decore_beats_greedy, ("decore-eval",)),
     Claim("mlp-peak-early", "MLP peak early",
           f"the MLP effect at the last subject token peaks in early-to-middle layers: relative depth of "
-          f"the peak <= {LATE_DEPTH} (Meng et al. 2022, Sec. 2)", claim_mlp_peak_early),
+          f"the peak <= {LATE_DEPTH} (Meng et al. 2022, Sec. 2)", claim_mlp_peak_early, ("causal-trace",)),
     Claim("cmr-mid-late", "CMR-like mid-late",
           f"CMR-like heads in middle-to-late layers: mean relative depth of the CMR-like heads "
-          f"(distance < 0.5) > {LATE_DEPTH}, with their share (Ji-An et al. 2024)", claim_cmr_mid_late),
+          f"(distance < 0.5) > {LATE_DEPTH}, with their share (Ji-An et al. 2024)", claim_cmr_mid_late, ("cmr",)),
     Claim("induction-exists", "induction exists",
           "induction heads exist: some head above the induction threshold (Olsson et al. 2022)",
-          claim_induction_exists),
+          claim_induction_exists, ("induction",)),
     Claim("induction-retrieval-overlap", "ind/retr overlap",
           "induction top set overlaps retrieval top set: Jaccard > 0 (Wu et al. 2024 report "
-          "retrieval heads distinct from induction heads)", claim_induction_retrieval_overlap),
+          "retrieval heads distinct from induction heads)", claim_induction_retrieval_overlap, ("induction", "retrieval")),
 )
 
 
@@ -319,7 +329,7 @@ def summarize(models: Mapping[str, ModelResults], detectors: Sequence[str], top:
         "models": {name: {"n_layers": r.n_layers, "n_heads": r.n_heads} for name, r in models.items()},
         "detectors": by_detector,
         "overlap": {name: _overlaps(res, top) for name, res in models.items()},
-        "claims": [{"id": c.id, "short": c.short, "claim": c.text,
+        "claims": [{"id": c.id, "short": c.short, "claim": c.text, "detectors": list(c.detectors),
                     "models": {name: c.check(res, top) for name, res in models.items()}} for c in CLAIMS],
     }
 
@@ -345,15 +355,23 @@ def resolve_detectors(raw: str | None) -> list[str]:
     return names
 
 
-def atlas_params(name: str) -> dict[str, Any]:
-    """The parameters the atlas runs a detector with: its scan parameters and the atlas's overrides."""
+def atlas_params(name: str, summaries: Mapping[str, Summary] | None = None) -> dict[str, Any]:
+    """The parameters the atlas runs a detector with: its scan parameters, the atlas's overrides
+    and, for a detector ranked by retrieval score, the ranking of the retrieval run in
+    ``summaries`` when there is one."""
     from interp.registry import get_detector
 
-    return {**type(get_detector(name)).scan_params, **ATLAS_PARAMS.get(name, {})}
+    params = {**type(get_detector(name)).scan_params, **ATLAS_PARAMS.get(name, {})}
+    retrieval = (summaries or {}).get("retrieval")
+    if name in RANKED_BY_RETRIEVAL and retrieval is not None and retrieval.heads:
+        ranked = sorted(_scored(retrieval.heads), key=lambda h: -float(h["score"]))
+        params["heads"] = ",".join(f"{int(h['layer'])}.{int(h['head'])}" for h in ranked)
+    return params
 
 
 def resolve_models(raw: str | None) -> list[str]:
-    """Zoo names and existing local folders; anything else is a one-line error."""
+    """Zoo names and local folders of a supported architecture; anything else is a one-line error."""
+    from interp.loading import check_architecture
     from interp.zoo import ZOO
 
     names = _split(raw) if raw is not None else list(ZOO)
@@ -363,10 +381,13 @@ def resolve_models(raw: str | None) -> list[str]:
         if n in ZOO:
             continue
         path = Path(n).expanduser()
-        if path.is_dir():
-            continue
-        what = "no such folder" if path.exists() or "/" in n or n.startswith(".") else "unknown model"
-        raise UserError(f"{what} {n!r} (zoo: {', '.join(ZOO)}; or an existing local model folder)")
+        if not path.is_dir():
+            what = "no such folder" if path.exists() or "/" in n or n.startswith(".") else "unknown model"
+            raise UserError(f"{what} {n!r} (zoo: {', '.join(ZOO)}; or an existing local model folder)")
+    # A folder the workbench cannot hook is refused now, not after the models before it ran.
+    for n in names:
+        if n not in ZOO:
+            check_architecture(Path(n).expanduser())
     return names
 
 
@@ -390,7 +411,7 @@ def _unit_rows(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(df.loc[keep]).reset_index(drop=True)
 
 
-def reuse_finished(model: Any, name: str, store: Any) -> Any:
+def reuse_finished(model: Any, name: str, params: Mapping[str, Any], store: Any) -> Any:
     """The RunResult of a finished run of this detector with its scan parameters on this model,
     re-finalized from the stored units (no unit recomputed), or None. The runner never resumes a
     finished run (asking again means a rerun), so the atlas looks it up by its key first."""
@@ -399,7 +420,7 @@ def reuse_finished(model: Any, name: str, store: Any) -> Any:
     from interp.store import TABLES, run_key
 
     det = get_detector(name)
-    cfg = det.parse_params(atlas_params(name))
+    cfg = det.parse_params(params)
     key = run_key(model=model.name, model_hash=model.provenance.file_sha256 or "", detector=det.name,
                   variant=det.variant(cfg), params=cfg.to_dict(), dataset_hash=det.dataset_hash(model, cfg),
                   seed=cfg.get("seed"), prefix=model.provenance.to_dict().get("prefix"))
@@ -425,18 +446,24 @@ def _run_model(model: Any, detectors: Sequence[str], store: Any, fresh: bool, ba
     for name in detectors:
         bar.set_description(f"{name} on {model.name}")
         try:
-            result = None if fresh else reuse_finished(model, name, store)
+            params = atlas_params(name, summaries)
+            result = None if fresh else reuse_finished(model, name, params, store)
             if result is None:
-                result = run_detector(model, name, atlas_params(name), store, resume=not fresh, progress=False)
+                result = run_detector(model, name, params, store, resume=not fresh, progress=False)
         except UserError as exc:
             missing[name] = " ".join(str(exc).split())
             runs[name] = {"not_measurable": missing[name]}
+        except Exception as exc:  # one detector's bug must not lose the other runs
+            # The run is stored as failed (rerunning resumes it); the atlas goes on and exits non-zero.
+            missing[name] = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())}"
+            runs[name] = {"failed": missing[name]}
         else:
             summaries[name] = result.summary
             compute = store.run(result.run_id).info().get("duration_s")
             runs[name] = {"run_id": result.run_id, "units_computed": result.computed_units,
                           "units_resumed": result.resumed_units, "seconds": round(result.seconds, 3),
-                          "compute_s": None if compute is None else round(float(compute), 3)}
+                          "compute_s": None if compute is None else round(float(compute), 3),
+                          "ranked_by_retrieval": "heads" in params}
         bar.update(1)
     res = ModelResults(n_layers=model.info.n_layers, n_heads=model.info.n_total_heads,
                        summaries=summaries, not_measurable=missing)
@@ -643,8 +670,11 @@ def atlas(
     if as_json:
         sys.stdout.write(json.dumps(doc, default=_plain) + "\n")
         sys.stdout.flush()
-        return
-    print_atlas(summary, labels)
-    _print_overlaps(summary, labels)
-    _print_costs(summary, labels)
-    err.print(f"[dim]results: {ws}; atlas: {path} (dashboard: interp app -w {ws})[/dim]", highlight=False)
+    if not as_json:
+        print_atlas(summary, labels)
+        _print_overlaps(summary, labels)
+        _print_costs(summary, labels)
+        err.print(f"[dim]results: {ws}; atlas: {path} (dashboard: interp app -w {ws})[/dim]", highlight=False)
+    failed = [f"{det} on {labels[m]}" for m, per in runs.items() for det, r in per.items() if "failed" in r]
+    if failed:
+        raise UserError(f"{len(failed)} run(s) failed ({', '.join(failed)}); rerun the same command to resume them")

@@ -420,3 +420,32 @@ def depth_difference_figure(
         margin={"l": 50, "r": 20, "t": 50, "b": 40},
     )
     return fig
+
+
+def depth_strip_figure(frame: pd.DataFrame, *, title: str, value_title: str = "score") -> go.Figure:
+    """Heads of several models on one relative-depth axis (layer / n_layers): a row per model,
+    a point per head, its size and colour the score. ``frame``: model, label, relative_depth, score."""
+    _require(frame, ["model", "label", "relative_depth", "score"], "depth strip")
+    models = list(dict.fromkeys(frame["model"]))
+    scores = frame["score"].astype(float).abs()
+    top = float(np.max(scores.to_numpy())) if len(frame) else 1.0
+    fig = go.Figure(
+        go.Scatter(
+            x=frame["relative_depth"],
+            y=frame["model"],
+            mode="markers",
+            marker={"size": 8 + 22 * scores / (top or 1.0), "color": frame["score"],
+                    "colorscale": "Viridis", "showscale": True, "colorbar": {"title": value_title},
+                    "line": {"width": 0.5, "color": "#333"}},
+            text=frame["label"],
+            hovertemplate="%{text} · %{y}<br>relative depth %{x:.2f}<br>" + value_title + " %{marker.color:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis={"title": "relative depth: layer / n_layers", "range": [-0.03, 1.0]},
+        yaxis={"title": None, "categoryorder": "array", "categoryarray": models[::-1]},
+        height=120 + 45 * len(models),
+        margin={"l": 110, "r": 20, "t": 50, "b": 40},
+    )
+    return fig

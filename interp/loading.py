@@ -114,6 +114,28 @@ def _from_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tupl
     return _finish(model, device, dtype), tok
 
 
+def check_architecture(folder: str | os.PathLike[str]) -> None:
+    """A one-line UserError when the model saved in ``folder`` cannot be hooked (a state-space
+    model, an encoder, a family without the paths the workbench reads), decided from its config
+    alone: the model is built on the meta device, so no weights are read. Commands that run
+    several models call it for each before the first one runs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from interp.layout import layout_of
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot read a model config in {folder}: {str(exc).splitlines()[0]}") from None
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"{folder}: model_type {config.model_type!r} is not a causal language model "
+                        f"({str(exc).splitlines()[0]})") from None
+    layout_of(skeleton)
+
+
 # --------------------------------------------------------------------------- hub
 
 

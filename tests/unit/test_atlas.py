@@ -245,3 +245,158 @@ def test_many_models_split_the_claims_table_to_fit_80_columns(capsys: pytest.Cap
     assert max(map(len, lines)) <= 80, max(lines, key=len)
     assert sum(ln.startswith("│ induction exists") for ln in lines) >= 2  # columns split over tables
     assert all(any(n in ln for ln in lines) for n in names)
+
+
+def test_new_claims_by_hand() -> None:
+    """Retrieval masking, PH3, DeCoRe and the MLP peak, each from hand-made metrics."""
+    masking = Summary("retrieval-masking", "v", metrics={
+        "top_k": 3, "n_random": 2, "n_samples": 8, "accuracy:none": 0.75, "accuracy:top3": 0.25,
+        "accuracy:random-mean": 0.625})
+    ph3 = Summary("ph3", "v", metrics={
+        "prune-memory.k": 3,
+        "test.unpruned.conflict.qa.context_rate": 0.2, "test.unpruned.conflict.restated.context_rate": 0.4,
+        "test.prune-memory.conflict.qa.context_rate": 0.5, "test.prune-memory.conflict.restated.context_rate": 0.4,
+        "test.prune-memory.random-control.conflict.qa.context_rate": 0.3,
+        "test.prune-memory.random-control.conflict.restated.context_rate": 0.5})
+    decore = Summary("decore-eval", "v", metrics={
+        "nqswap:greedy:test_accuracy": 0.6, "nqswap:decore-entropy:test_accuracy": 0.5,
+        "nqswap:decore-entropy:k": 3, "nqswap:n_test": 10})
+    trace = Summary("causal-trace", "v", metrics={
+        "peak_layer_mlp_last_subject": 1, "peak_value_mlp_last_subject": 0.3, "n_facts_traced": 2})
+    res = ModelResults(n_layers=4, n_heads=8, summaries={
+        "retrieval-masking": masking, "ph3": ph3, "decore-eval": decore, "causal-trace": trace})
+    claims = {c["id"]: c for c in summarize({"m": res}, ["ph3"], 10)["claims"]}
+    got = {k: (c["models"]["m"]["verdict"], c["models"]["m"]["value"]) for k, c in claims.items()}
+    # top-3 masked 0.25 vs random 0.625: the top heads cost 0.375 more.
+    assert got["retrieval-masking"] == (HOLDS, pytest.approx(0.375))
+    # (0.5 - 0.3 + 0.4 - 0.5) / 2 formats = 0.05 more context answers than random pruning.
+    assert got["ph3-beats-random"] == (HOLDS, pytest.approx(0.05))
+    assert got["decore-beats-greedy"] == (FAILS, pytest.approx(-0.1))
+    assert got["mlp-peak-early"] == (HOLDS, 0.25)  # layer 1 of 4
+    assert claims["ph3-beats-random"]["detectors"] == ["ph3"]
+    # An unmasked model that answers nothing cannot show a drop.
+    res.summaries["retrieval-masking"].metrics["accuracy:none"] = 0.0  # type: ignore[index]
+    c = {c["id"]: c["models"]["m"] for c in summarize({"m": res}, ["ph3"], 10)["claims"]}
+    assert c["retrieval-masking"]["verdict"] == NM
+
+
+def test_retrieval_ranked_detectors_get_the_retrieval_ranking() -> None:
+    from circuits.atlas import atlas_params
+
+    retrieval = Summary("retrieval", "v", heads=_heads((0, 1, 0.1), (2, 0, 0.5), (1, 1, 0.3)))
+    params = atlas_params("decore-eval", {"retrieval": retrieval})
+    assert params["heads"] == "2.0,1.1,0.1"
+    assert "heads" not in atlas_params("decore-eval", {})
+    assert "heads" not in atlas_params("retrieval", {"retrieval": retrieval})
+
+
+def test_unsupported_architecture_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], folders: list[Path]
+) -> None:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    mamba = tmp_path / "mamba"
+    MambaForCausalLM(MambaConfig(vocab_size=128, hidden_size=16, state_size=4, num_hidden_layers=2)).save_pretrained(mamba)
+    ws = tmp_path / "ws"
+    # The supported model comes first: it must not run either.
+    code, _out, err = run_cli(capsys, ["atlas", "--models", f"{folders[0]},{mamba}", "-d", "induction", "-w", str(ws)])
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code != 0
+    assert len(lines) == 1, err
+    assert "unsupported architecture MambaForCausalLM" in lines[0], err
+    assert not ws.exists()
+
+
+def test_a_failing_detector_does_not_stop_the_atlas_and_an_interrupted_one_resumes(
+    folders: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Faults injected into the induction detector's units: an exception at its third unit (the
+    atlas goes on with copying and exits 2), then Ctrl-C at its fourth (exit 130); each rerun
+    resumes the stored units instead of recomputing them."""
+    from circuits.induction import InductionDetector
+
+    ws = tmp_path / "ws"
+    args = ["atlas", "--models", str(folders[0]), "-d", "induction,copying", "-w", str(ws), "--json"]
+    real = InductionDetector.run_unit
+    calls: list[str] = []
+
+    def faulty(fault: type[BaseException], at: int) -> Any:
+        def run_unit(self: Any, model: Any, cfg: Any, unit: str) -> Any:
+            calls.append(unit)
+            if len(calls) == at:
+                raise fault("injected")
+            return real(self, model, cfg, unit)
+        return run_unit
+
+    monkeypatch.setattr(InductionDetector, "run_unit", faulty(RuntimeError, 3))
+    code, out, err = run_cli(capsys, args)
+    assert code == 2  # the CLI's exit code for errors the user can act on
+    assert "1 run(s) failed (induction on tiny-llama" in err, err
+    doc = json.loads(out)
+    assert doc["runs"][str(folders[0])]["copying"]["units_computed"] > 0
+    assert "failed: RuntimeError: injected" in doc["runs"][str(folders[0])]["induction"]["failed"]
+    with Store(ws) as s:
+        runs = s.runs().set_index("detector")
+        assert runs.loc["induction", "status"] == "failed"
+        assert s.run(int(runs.loc["induction", "id"])).done_units() == {"settings", "batch-0", "batch-1"}
+
+    calls.clear()
+    monkeypatch.setattr(InductionDetector, "run_unit", faulty(KeyboardInterrupt, 2))
+    code, _, err = run_cli(capsys, args)
+    assert code == 130, err
+
+    monkeypatch.setattr(InductionDetector, "run_unit", real)
+    code, out, err = run_cli(capsys, args)
+    assert code == 0, err
+    run = json.loads(out)["runs"][str(folders[0])]["induction"]
+    # 2 units before the failure, 1 more before the interrupt: 3 resumed, the rest computed.
+    assert run["units_resumed"] == 3
+    assert run["units_computed"] > 0
+    assert json.loads(out)["runs"][str(folders[0])]["copying"]["units_computed"] == 0
+    with Store(ws) as s:
+        assert list(s.runs()["status"]) == ["done", "done"]
+
+
+def test_dashboard_atlas_page_links_claims_to_runs_and_places_heads_by_depth(
+    first_run: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    page = str(Path(__file__).resolve().parents[2] / "app" / "pages" / "5_Atlas.py")
+    monkeypatch.setenv("INTERP_WORKSPACE", str(tmp_path / "empty"))
+    at = AppTest.from_file(page, default_timeout=120).run()
+    assert not at.exception
+    assert any("no atlas in this workspace" in i.value for i in at.info)
+
+    ws, doc = first_run
+    monkeypatch.setenv("INTERP_WORKSPACE", str(ws))
+    at = AppTest.from_file(page, default_timeout=120).run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = next(m.value for m in at.markdown if m.value.startswith("| claim |"))
+    rows = {ln.split("|")[1].strip(): ln for ln in table.splitlines()[2:]}
+    assert len(rows) == len(doc["claims"])
+    for m in doc["models"]:
+        run_id = doc["runs"][m]["induction"]["run_id"]
+        # induction is a head detector: its cell opens the Head maps page on that run.
+        assert f"(./Head_maps?run={run_id})" in rows["induction exists"]
+    assert "n.m." in rows["retrieval sparse"]
+    assert "?run=" not in rows["retrieval sparse"]
+    # One depth strip per detector with heads: each model's top heads at layer / n_layers.
+    figs = {json.loads(c.proto.spec)["layout"]["title"]["text"]: json.loads(c.proto.spec)
+            for c in at.get("plotly_chart")}
+    fig = figs["induction: top-3 heads"]
+    expected = [(doc["models"][m]["label"], h["relative_depth"])
+                for m in doc["models"] for h in doc["detectors"]["induction"][m]["heads"]]
+    assert len(expected) == 6
+    assert list(zip(_values(fig["data"][0]["y"]), _values(fig["data"][0]["x"]), strict=True)) == expected
+
+
+def _values(v: Any) -> list[Any]:
+    """A plotly array as a list (numpy arrays are serialised as base64 "bdata")."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(v, dict) and "bdata" in v:
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"])).tolist()
+    return list(v)

@@ -1,0 +1,96 @@
+"""Atlas: what ``interp atlas`` found across models. The papers' claims x models, each cell a
+link to the run behind it, and each detector's top heads of every model on one relative-depth
+axis. It reads the workspace's ``atlas.json`` (written by the last ``interp atlas``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dashboard as dash
+
+from interp import figures
+
+VERDICT_WORD = {"holds": "yes", "does not hold": "no", "not measurable": "n.m."}
+
+dash.setup("atlas")
+st.title("Atlas")
+path = dash.workspace() / "atlas.json"
+if not path.is_file():
+    st.info(f"no atlas in this workspace yet: run `interp atlas -w {dash.workspace()}` (see `interp atlas --help`)")
+    st.stop()
+try:
+    atlas: dict[str, Any] = json.loads(path.read_text())
+except (OSError, json.JSONDecodeError) as exc:
+    st.error(f"cannot read {path}: {exc}")
+    st.stop()
+
+models = list(atlas["models"])
+labels = {m: str(atlas["models"][m].get("label") or Path(m).name) for m in models}
+outputs = dash.detector_outputs()
+st.caption(f"{len(models)} models · top-{atlas['top']} head sets · written by `interp atlas` to {path}")
+
+
+def cell(claim: dict[str, Any], model: str) -> str:
+    """The verdict and its number, linked to the run of the claim's first detector on this model."""
+    result = claim["models"][model]
+    value = result.get("value")
+    text = str(VERDICT_WORD.get(result["verdict"], result["verdict"]))
+    if isinstance(value, int | float):
+        text += f" {value:.3g}"
+    run = atlas.get("runs", {}).get(model, {}).get(claim.get("detectors", [None])[0] or "", {})
+    if "run_id" not in run:
+        return text
+    det = claim["detectors"][0]
+    return f"[{text}]({dash.run_url(det, outputs.get(det), int(run['run_id']))})"
+
+
+def md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+st.subheader("Claims")
+header = "| claim | " + " | ".join(md(labels[m]) for m in models) + " |"
+lines = [header, "|" + "---|" * (len(models) + 1)]
+for c in atlas["claims"]:
+    lines.append(f"| {md(c['short'])} | " + " | ".join(cell(c, m) for m in models) + " |")
+st.markdown("\n".join(lines))
+st.caption("yes / no / n.m. (not measurable), with the number behind it; each cell opens the run it comes from.")
+with st.expander("the claims, and the numbers behind each cell"):
+    for c in atlas["claims"]:
+        st.markdown(f"**{c['short']}**: {c['claim']}")
+        rows = [{"model": labels[m], "verdict": c["models"][m]["verdict"], "value": c["models"][m].get("value"),
+                 "detail": c["models"][m].get("detail", "")} for m in models]
+        st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+st.subheader("Heads by relative depth")
+for det, per_model in atlas["detectors"].items():
+    rows = [{"model": labels[m], **h} for m in models for h in per_model.get(m, {}).get("heads", [])]
+    missing = [f"{labels[m]}: {e.get('not_measurable')}" for m, e in per_model.items() if "not_measurable" in e]
+    if rows:
+        frame = pd.DataFrame(rows)
+        dash.plot(figures.depth_strip_figure(frame, title=f"{det}: top-{atlas['top']} heads"), key=f"atlas-{det}")
+    for line in missing:
+        st.caption(f"{det} not measurable on {line}")
+
+overlap = [{"model": labels[m], "sets": f"{p['a']}/{p['b']}", "jaccard": p["jaccard"]}
+           for m in models for p in atlas["overlap"].get(m, [])]
+if overlap:
+    st.subheader(f"Overlap of the top-{atlas['top']} head sets (Jaccard)")
+    table = pd.DataFrame(overlap).pivot(index="sets", columns="model", values="jaccard")
+    st.dataframe(table[[labels[m] for m in models if labels[m] in table.columns]])
+
+costs = [{"model": labels[m], **atlas["models"][m]["cost"]} for m in models if "cost" in atlas["models"][m]]
+if costs:
+    st.subheader("Cost per model")
+    st.dataframe(pd.DataFrame(costs), hide_index=True)
+    st.caption("compute_s: the runs' stored compute time (over every session); wall_s and peak_rss_mb: "
+               "the last `interp atlas` call (peak sampled every 0.1 s)")
