@@ -189,6 +189,24 @@ prefix = st.text_input(
          "chat-turn marker), none, or a token such as <|endoftext|>",
 ).strip() or "auto"
 
+c3, c4, c5 = st.columns(3)
+device = c3.selectbox("device", ["auto", "cpu", "cuda", "mps"], key="start-device",
+                      help="auto: CUDA when present, else the CPU")
+dtype = c4.selectbox("dtype", ["float32", "bfloat16", "float16"], key="start-dtype",
+                     help="stored with each run; bfloat16 and float32 results never resume into each other")
+n_workers = int(c5.number_input("Dask workers (0: this process)", min_value=0, max_value=64, value=0, step=1,
+                                key="start-workers", help="units computed on a local Dask cluster of N processes"))
+
+
+def _placement_args() -> list[str]:
+    """--device/--dtype/--workers of the job, checked here first (a device this machine lacks, a
+    dtype it cannot run) so that a bad choice is an error on the page, not a failed job."""
+    from interp.loading import Placement
+
+    Placement.parse(device, dtype)
+    return ["--device", device, "--dtype", dtype, *(["--workers", str(n_workers)] if n_workers else [])]
+
+
 if mode == "single detector" and registry:
     det_name = st.selectbox("detector", list(registry), key="start-detector")
     det = registry[det_name]
@@ -214,7 +232,7 @@ if mode == "single detector" and registry:
                     raw[name] = str(uploads.save_upload(ws, upload.name, upload.getvalue(),
                                                         uploads.required_columns(name)))
             parsed = det.parse_params(raw)
-            argv = ["run", det_name, "--model", model, "--prefix", prefix]
+            argv = ["run", det_name, "--model", model, "--prefix", prefix, *_placement_args()]
             for p in det.params:
                 if p.name in raw:
                     v = getattr(parsed, p.name)
@@ -240,7 +258,7 @@ elif mode == "scan" and registry:
             model = _check_model(model_choice, folder)
             if not chosen:
                 raise UserError("choose at least one detector")
-            _start(["scan", "--model", model, "--prefix", prefix, "--detectors", ",".join(chosen)],
+            _start(["scan", "--model", model, "--prefix", prefix, "--detectors", ",".join(chosen), *_placement_args()],
                    f"scan ({', '.join(chosen)}) on {Path(model).name}")
         except UserError as exc:
             st.error(str(exc))

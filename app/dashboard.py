@@ -469,6 +469,14 @@ def model_spec(row: Mapping[str, Any]) -> tuple[str | None, str, str]:
         prov = {}
     dtype = str(prov.get("dtype", "float32")).removeprefix("torch.")
     device = str(prov.get("device", "cpu"))
+    try:
+        from interp.loading import parse_device
+
+        parse_device(device)
+    except UserError:
+        # A device map ("map(cuda:0 x12, cpu x12)") or a device this machine lacks (a run made on
+        # a GPU machine, viewed on a laptop): the views load the model where it fits here.
+        device = "auto"
     name = None if prov.get("source") == "object" else str(prov.get("model_id") or row["model"])
     return name, dtype, device
 

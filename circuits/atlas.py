@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-import pandas as pd
 import typer
 from rich.table import Table
 
 from circuits.heads import head_label
-from interp.cli import JsonOpt, PrefixOpt, WorkspaceOpt, err, open_store, out
+from interp.cli import JsonOpt, PrefixOpt, WorkspaceOpt, err, executor_for, model_spec, open_store, out
 from interp.errors import UserError
+from interp.options import DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, SchedulerOpt, WorkersOpt
 from interp.registry import Summary, all_detectors, command
 
 DEFAULT_DETECTORS = (
@@ -401,40 +401,30 @@ def _labels(models: Sequence[str]) -> dict[str, str]:
 # ------------------------------------------------------------------------------ running
 
 
-def _unit_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """A stored table's rows written by the detector's units (as the runner finalizes them)."""
-    from interp.store import FINAL_UNIT, SETTINGS_UNIT, WARNINGS_UNIT
-
-    if "unit" not in df.columns:
-        return df
-    keep = ~df["unit"].isin([FINAL_UNIT, WARNINGS_UNIT, SETTINGS_UNIT])
-    return pd.DataFrame(df.loc[keep]).reset_index(drop=True)
-
-
 def reuse_finished(model: Any, name: str, params: Mapping[str, Any], store: Any) -> Any:
     """The RunResult of a finished run of this detector with its scan parameters on this model,
     re-finalized from the stored units (no unit recomputed), or None. The runner never resumes a
     finished run (asking again means a rerun), so the atlas looks it up by its key first."""
     from interp.registry import get_detector
-    from interp.runner import RunResult
-    from interp.store import TABLES, run_key
+    from interp.runner import RunResult, unit_rows
+    from interp.store import TABLES, key_context, run_key
 
     det = get_detector(name)
     cfg = det.parse_params(params)
     key = run_key(model=model.name, model_hash=model.provenance.file_sha256 or "", detector=det.name,
                   variant=det.variant(cfg), params=cfg.to_dict(), dataset_hash=det.dataset_hash(model, cfg),
-                  seed=cfg.get("seed"), prefix=model.provenance.to_dict().get("prefix"))
+                  seed=cfg.get("seed"), **key_context(model.provenance.to_dict()))
     run = store.find_run(key, "done")
     if run is None:
         return None
     t0 = time.perf_counter()
-    n_units = len(det.units(model, cfg))
-    summary = det.finalize(model, cfg, {t: _unit_rows(run.results(t)) for t in TABLES})
-    return RunResult(run_id=run.id, summary=summary, resumed_units=n_units, computed_units=0,
+    units = det.units(model, cfg)
+    summary = det.finalize(model, cfg, {t: unit_rows(run.results(t), units) for t in TABLES})
+    return RunResult(run_id=run.id, summary=summary, resumed_units=len(units), computed_units=0,
                      seconds=time.perf_counter() - t0)
 
 
-def _run_model(model: Any, detectors: Sequence[str], store: Any, fresh: bool, bar: Any
+def _run_model(model: Any, detectors: Sequence[str], store: Any, fresh: bool, bar: Any, executor: Any = None
                ) -> tuple[ModelResults, dict[str, dict[str, Any]]]:
     """Every detector on one loaded model; a detector the model cannot feed (UserError) is
     recorded as not measurable and the atlas goes on."""
@@ -449,7 +439,8 @@ def _run_model(model: Any, detectors: Sequence[str], store: Any, fresh: bool, ba
             params = atlas_params(name, summaries)
             result = None if fresh else reuse_finished(model, name, params, store)
             if result is None:
-                result = run_detector(model, name, params, store, resume=not fresh, progress=False)
+                result = run_detector(model, name, params, store, resume=not fresh, progress=False,
+                                      executor=executor)
         except UserError as exc:
             missing[name] = " ".join(str(exc).split())
             runs[name] = {"not_measurable": missing[name]}
@@ -630,18 +621,25 @@ def atlas(
     top: Annotated[int, typer.Option("--top", help="k of the top-k head sets")] = 10,
     fresh: Annotated[bool, typer.Option("--fresh", help="start new runs instead of reusing finished ones")] = False,
     as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Run detectors on several models (scan parameters) and compare their memory heads and the
     papers' claims: relative depth, top-k overlap, verdicts per model."""
     from tqdm.auto import tqdm
 
-    import interp
-
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
     # Everything is checked before the store is created or a model loaded.
     dets = resolve_detectors(detectors)
     names = resolve_models(models)
+    specs = {n: model_spec(n, "bridge", prefix, device, dtype, device_map, max_memory) for n in names}
     store = open_store(workspace)
     results: dict[str, ModelResults] = {}
     runs: dict[str, dict[str, Any]] = {}
@@ -650,10 +648,11 @@ def atlas(
         for name in names:
             bar.set_description(f"loading {name}")
             t0 = time.perf_counter()
-            with PeakRSS() as peak:
-                loaded = interp.load_model(name, backend="bridge", prefix=prefix)
+            # The workers (--workers, --scheduler) load this model; one model at a time.
+            with PeakRSS() as peak, executor_for(specs[name], workers, scheduler) as executor:
+                loaded = specs[name].load()
                 load_s = time.perf_counter() - t0
-                results[name], runs[name] = _run_model(loaded, dets, store, fresh, bar)
+                results[name], runs[name] = _run_model(loaded, dets, store, fresh, bar, executor)
                 info[name] = {"name": loaded.name, "provenance": loaded.provenance.to_dict(),
                               "n_params": sum(p.numel() for p in loaded.hf.parameters())}
                 del loaded  # one model in memory at a time

@@ -54,6 +54,7 @@ from interp.backends import RunOutput
 from interp.errors import StoreError, UserError
 from interp.interventions import Intervention, ablate_heads
 from interp.model import LoadedModel
+from interp.options import DeviceOpt, DtypeOpt
 from interp.registry import command
 from interp.runner import FINAL_UNIT, run_detector
 from interp.store import Store
@@ -623,6 +624,8 @@ def decore_cli(
     backend: Annotated[str, typer.Option("--backend", help="hook backend (the KV cache needs bridge)")] = "bridge",
     prefix: Annotated[str, typer.Option("--prefix", help="token prompts start with: auto, none or a token")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """DeCoRe decoding next to greedy decoding; masks --heads, or the top-k retrieval heads (see --k)."""
     # The masked heads are --heads, or the top-k of a retrieval ranking: a finished retrieval
@@ -640,7 +643,7 @@ def decore_cli(
                               alpha_cap=alpha_cap or None, method=method, prefill=prefill)  # type: ignore[arg-type]
     overrides = _checked_head_options(heads, k, ranking_mode, ranking_param or [])
     sys.stderr.write(f"loading {model}...\n")
-    m = interp.load_model(model, backend=backend, prefix=prefix)
+    m = interp.load_model(model, backend=backend, prefix=prefix, device=device, dtype=dtype)
     masked, ranking_record = _masked_heads(m, heads, k, ranking_mode, workspace, overrides)
     dec = _generate(m, prompt, masked, settings, max_new_tokens, stop_at_newline, True, 16, contrast=True)
     greedy = _generate(m, prompt, [], settings, max_new_tokens, stop_at_newline, True, 16, contrast=False)

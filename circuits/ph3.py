@@ -59,6 +59,7 @@ from interp.config import SEED_MAX, param
 from interp.errors import UserError
 from interp.interventions import AblateHeads, Intervention, ScaleValue, ablate_heads
 from interp.model import LoadedModel
+from interp.options import DeviceOpt, DtypeOpt
 from interp.registry import Detector, Summary, UnitResult, command, register
 
 K_GRID: tuple[int, ...] = (1, 3, 5, 7, 9, 15)
@@ -473,6 +474,8 @@ def prune_command(
     backend: Annotated[str, typer.Option("--backend", help="hook backend: bridge or nnsight")] = "bridge",
     prefix: Annotated[str, typer.Option("--prefix", help="token prompts start with: auto, none or a token")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Generate with the given heads pruned (zeroed), next to the unpruned generation."""
     import sys
@@ -484,7 +487,7 @@ def prune_command(
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     parse_heads(heads)
-    loaded = interp.load_model(model, backend=backend, prefix=prefix)
+    loaded = interp.load_model(model, backend=backend, prefix=prefix, device=device, dtype=dtype)
     hs = parse_heads(heads, loaded)
     unpruned = greedy_generate(loaded, prompt, max_new_tokens)
     with prune(loaded, hs):

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from interp.errors import UserError
+from interp.options import DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, SchedulerOpt, WorkersOpt
 
 # typer >= 0.2x vendors click (typer._click) and raises its own exception classes; older typer
 # raises click's. Both kinds are caught, so a bad option is a one-line error either way.
@@ -70,6 +71,27 @@ PrefixOpt = Annotated[
         "chat-turn marker), none, or a token such as '<|endoftext|>'",
     ),
 ]
+
+
+def model_spec(model: str, backend: str, prefix: str, device: str, dtype: str, device_map: str | None,
+               max_memory: str | None) -> Any:
+    """The model the options name, its placement checked before anything is created or loaded."""
+    from interp.executors import ModelSpec
+    from interp.loading import Placement
+
+    Placement.parse(device, dtype, device_map, max_memory)
+    return ModelSpec(name=model, backend=backend, prefix=prefix, device=device, dtype=dtype,
+                     device_map=device_map, max_memory=max_memory)
+
+
+def executor_for(spec: Any, workers: int | None, scheduler: str | None) -> Any:
+    """The executor of --workers / --scheduler (serial without them), its cluster announced."""
+    from interp.executors import make_executor
+
+    executor = make_executor(workers, scheduler, spec)
+    if executor.name != "serial":
+        err.print(f"[dim]units computed on {executor.describe()}[/dim]", highlight=False)
+    return executor
 
 
 # What _quiet_libraries changed, undone by _restore_libraries (--verbose; end of main()).
@@ -138,11 +160,10 @@ def open_store(workspace: Path | None, *, create: bool = True) -> Any:
     return Store(workspace, create=create)
 
 
-def _load(model: str, backend: str, prefix: str = "auto") -> Any:
-    import interp
-
-    err.print(f"[dim]loading {model} ({backend} backend)...[/dim]")
-    return interp.load_model(model, backend=backend, prefix=prefix)
+def _load(spec: Any) -> Any:
+    where = spec.device if spec.device_map is None else f"device map {spec.device_map}"
+    err.print(f"[dim]loading {spec.name} ({spec.backend} backend, {spec.dtype}, {where})...[/dim]")
+    return spec.load()
 
 
 TERMINAL_COLUMNS = 80
@@ -311,6 +332,33 @@ def detectors(as_json: JsonOpt = False) -> None:
                 out.print(f"      {line}", markup=False, highlight=False, soft_wrap=True)
 
 
+def _scan_runs(loaded: Any, names: list[str], store: Any, fresh: bool, executor: Any, as_json: bool, top: int
+               ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each detector of the scan with its scan parameters: (results, why each skipped one was)."""
+    from interp.registry import all_detectors
+    from interp.runner import run_detector
+
+    registry = all_detectors()
+    results: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        try:
+            result = run_detector(loaded, name, registry[name].scan_params, store, resume=not fresh,
+                                  executor=executor)
+        except UserError as exc:
+            if len(names) == 1:
+                raise
+            # What this model cannot feed (it knows none of the facts, say) must not stop the
+            # other detectors: say so, go on, and fail at the end.
+            skipped[name] = str(exc)
+            _fail("skipped", f"{name}: {exc}")
+            continue
+        results[name] = result
+        if not as_json:
+            _print_summary(result, top)
+    return results, skipped
+
+
 @app.command()
 def scan(
     model: ModelOpt = "smollm2-135m",
@@ -323,12 +371,17 @@ def scan(
     top: Annotated[int, typer.Option(help="rows of each head table")] = 10,
     fresh: Annotated[bool, typer.Option("--fresh", help="start new runs instead of resuming")] = False,
     as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Run several detectors on a model, storing every unit of work as it finishes.
 
     Each runs with its scan parameters (`interp detectors` lists them), kept small for a first look."""
     from interp.registry import all_detectors, default_scan, get_detector
-    from interp.runner import run_detector
 
     registry = all_detectors()
     if detectors:
@@ -339,24 +392,11 @@ def scan(
         names = default_scan()
     for n in names:
         registry[n].parse_params(registry[n].scan_params)  # every detector checked before loading anything
-    store = open_store(workspace)
-    loaded = _load(model, backend, prefix)
-    results = {}
-    skipped: dict[str, str] = {}
-    for name in names:
-        try:
-            result = run_detector(loaded, name, registry[name].scan_params, store, resume=not fresh)
-        except UserError as exc:
-            if len(names) == 1:
-                raise
-            # What this model cannot feed (it knows none of the facts, say) must not stop the
-            # other detectors: say so, go on, and fail at the end.
-            skipped[name] = str(exc)
-            _fail("skipped", f"{name}: {exc}")
-            continue
-        results[name] = result
-        if not as_json:
-            _print_summary(result, top)
+    spec = model_spec(model, backend, prefix, device, dtype, device_map, max_memory)
+    with executor_for(spec, workers, scheduler) as executor:
+        store = open_store(workspace)
+        loaded = _load(spec)
+        results, skipped = _scan_runs(loaded, names, store, fresh, executor, as_json, top)
     ws = store.workspace.resolve()
     if as_json:
         _emit({"model": loaded.name, "provenance": loaded.provenance.to_dict(), "workspace": str(ws),
@@ -399,6 +439,12 @@ def run(
     top: Annotated[int, typer.Option(help="rows of the head table")] = 15,
     fresh: Annotated[bool, typer.Option("--fresh", help="start a new run instead of resuming")] = False,
     as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Run one detector; its parameters are given as --name value (see `interp detectors`)."""
     from interp.registry import get_detector
@@ -407,9 +453,11 @@ def run(
     det = get_detector(detector)
     params = _parse_extra(list(ctx.args))
     det.parse_params(params)  # fail on bad parameters before loading anything
-    store = open_store(workspace)
-    loaded = _load(model, backend, prefix)
-    result = run_detector(loaded, detector, params, store, resume=not fresh)
+    spec = model_spec(model, backend, prefix, device, dtype, device_map, max_memory)
+    with executor_for(spec, workers, scheduler) as executor:
+        store = open_store(workspace)
+        loaded = _load(spec)
+        result = run_detector(loaded, detector, params, store, resume=not fresh, executor=executor)
     if as_json:
         _emit({"model": loaded.name, **_result_json(result)})
     else:

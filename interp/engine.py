@@ -406,7 +406,10 @@ def free_memory_bytes(device: torch.device) -> int:
 
 
 def default_budget(model: LoadedModel) -> int:
-    return free_memory_bytes(model.device) // 4
+    """A quarter of the free memory of the tightest device holding the model (a model spread by a
+    device map has activations on each of its devices)."""
+    devices = {p.device for p in model.hf.parameters()}
+    return min(free_memory_bytes(d) for d in devices) // 4
 
 
 def activation_bytes(

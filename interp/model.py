@@ -17,6 +17,7 @@ from interp.prefix import PromptPrefix, choose_prefix
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from interp.executors import ModelSpec
     from interp.interventions import Intervention, Sources
 
 BackendName = Literal["bridge", "nnsight"]
@@ -77,6 +78,9 @@ class LoadedModel:
         self.info = ModelInfo.from_config(hf.config)
         self.backend_name: BackendName = backend
         self._backend: Backend | None = None
+        # How to load this model again in another process (set by interp.load_model for a model
+        # loaded by name; None for a model passed as an object).
+        self.spec: ModelSpec | None = None
 
     @property
     def name(self) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from interp import tables
 from interp.config import DetectorConfig
 from interp.errors import UserError
+from interp.executors import Executor, SerialExecutor
 from interp.model import LoadedModel
 from interp.registry import Detector, Summary, UnitResult, get_detector
 from interp.store import FINAL_UNIT, SETTINGS_UNIT, TABLES, WARNINGS_UNIT, Run, Store, code_version
@@ -41,8 +42,12 @@ def run_detector(
     *,
     resume: bool = True,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> RunResult:
-    """Validate parameters, open (or resume) a run, compute missing units, finalize."""
+    """Validate parameters, open (or resume) a run, compute missing units, finalize.
+
+    ``executor`` computes the units (default: serially in this process); whatever computes
+    them, this process alone commits each result to the store as it arrives."""
     detector = get_detector(detector_name)
     cfg = detector.parse_params(raw_params)
     # Validation (units() raises UserError on bad parameters) happens before the store is
@@ -76,12 +81,17 @@ def run_detector(
             disable=not progress,
         )
         with bar:
-            for unit in todo:
-                t0 = time.perf_counter()
-                result = detector.run_unit(model, cfg, unit)
-                run.commit_unit(unit, result, time.perf_counter() - t0)
+            committed: set[str] = set()
+            for unit, result, seconds in (executor or SerialExecutor()).run_units(model, detector, cfg, todo):
+                if unit in committed:  # an executor must not yield a unit twice; never store it twice
+                    continue
+                run.commit_unit(unit, result, seconds)
+                committed.add(unit)
                 bar.update(1)
-        results = {table: _unit_rows(run.results(table)) for table in TABLES}
+            missing = [u for u in todo if u not in committed]
+            if missing:
+                raise RuntimeError(f"the executor returned without units {missing[:5]}")
+        results = {table: unit_rows(run.results(table), units) for table in TABLES}
         summary = detector.finalize(model, cfg, results)
         run.commit_unit(FINAL_UNIT, UnitResult(tables=summary.tables), 0.0)
         if summary.warnings:
@@ -130,10 +140,13 @@ def _identity(detector: Detector[Any], stored_params: Mapping[str, Any]) -> tupl
     return detector.variant(cfg), cfg.to_dict()
 
 
-def _unit_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """A table's rows written by the detector's units (not the final, warnings and settings
-    rows the runner adds)."""
+def unit_rows(df: pd.DataFrame, units: Sequence[str]) -> pd.DataFrame:
+    """A table's rows written by the detector's units (not the final, warnings and settings rows
+    the runner adds), in the order of ``units``: a cluster commits units as they finish, and a
+    finalize that sums in row order must see the same order as after a serial run."""
     if "unit" not in df.columns:
         return df
-    keep = ~df["unit"].isin([FINAL_UNIT, WARNINGS_UNIT, SETTINGS_UNIT])
-    return pd.DataFrame(df.loc[keep]).reset_index(drop=True)
+    keep = pd.DataFrame(df.loc[~df["unit"].isin([FINAL_UNIT, WARNINGS_UNIT, SETTINGS_UNIT])])
+    position = {u: i for i, u in enumerate(units)}
+    order = keep["unit"].map(lambda u: position.get(u, len(position)))
+    return pd.DataFrame(keep.iloc[order.argsort(kind="stable")]).reset_index(drop=True)

@@ -190,16 +190,27 @@ def run_key(
     dataset_hash: str | None,
     seed: int | None,
     prefix: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
 ) -> str:
     """The identity of a run: sha256 of the canonical JSON of what determines its results.
 
     The model hash is preferred to the name so that a renamed or re-downloaded copy of the same
     weights maps to the same key, and changed weights under the same name do not. ``prefix``
     is the prompt prefix (:class:`interp.prefix.PromptPrefix` as a dict): it changes every
-    raw-text input, so runs made with different prefixes never resume into each other.
+    raw-text input, so runs made with different prefixes never resume into each other. ``dtype``
+    separates bfloat16 or float16 results from float32 ones; float32 (and None) add nothing, so
+    the keys of runs stored before dtypes were keyed stay as they were.
     """
-    identity = [model_hash or model, detector, variant, dict(params), dataset_hash, seed, prefix]
+    identity: list[Any] = [model_hash or model, detector, variant, dict(params), dataset_hash, seed, prefix]
+    precision = str(dtype or "float32").removeprefix("torch.")
+    if precision != "float32":
+        identity.append(precision)
     return hashlib.sha256(_canonical_json(identity, "params").encode()).hexdigest()
+
+
+def key_context(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a model's provenance enters a run's key: the prompt prefix and the dtype."""
+    return {"prefix": provenance.get("prefix"), "dtype": provenance.get("dtype")}
 
 
 def _package_version() -> str:
@@ -259,11 +270,16 @@ def _ensure_writable(path: Path) -> None:
         raise StoreError(f"workspace {path} is not writable: {reason}") from None
 
 
-def _prefix_of(provenance_json: str | None) -> Any:
+def _provenance_of(provenance_json: str | None) -> dict[str, Any]:
     try:
-        return json.loads(provenance_json).get("prefix") if provenance_json else None
-    except (ValueError, AttributeError):
-        return None
+        stored = json.loads(provenance_json) if provenance_json else {}
+    except ValueError:
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _prefix_of(provenance_json: str | None) -> Any:
+    return _provenance_of(provenance_json).get("prefix")
 
 
 def check_export_format(fmt: str) -> None:
@@ -480,7 +496,7 @@ class Store:
             params=params,
             dataset_hash=dataset_hash,
             seed=seed,
-            prefix=provenance.get("prefix"),
+            **key_context(provenance),
         )
         params_json = _canonical_json(dict(params), "params")
         provenance_json = _canonical_json(dict(provenance), "provenance")
@@ -541,7 +557,7 @@ class Store:
                 continue
             now_key = run_key(
                 model=model, model_hash=model_hash, detector=detector, variant=now[0], params=now[1],
-                dataset_hash=dataset_hash, seed=seed, prefix=_prefix_of(provenance_json),
+                dataset_hash=dataset_hash, seed=seed, **key_context(_provenance_of(provenance_json)),
             )
             if now_key == key:
                 con.execute(

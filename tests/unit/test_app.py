@@ -376,9 +376,24 @@ def test_form_starts_the_cli_command(env: dict[str, Any], monkeypatch: pytest.Mo
     assert workspace == env["path"].resolve()
     assert argv[:4] == ["run", "induction", "--model", "smollm2-135m"]
     opts = dict(zip(argv[4::2], argv[5::2], strict=True))
-    assert opts == {"--prefix": "auto", "--seq-len": "12", "--n-prompts": "3", "--batch-size": "5", "--seed": "0"}
+    assert opts == {"--prefix": "auto", "--device": "auto", "--dtype": "float32", "--seq-len": "12",
+                    "--n-prompts": "3", "--batch-size": "5", "--seed": "0"}
     assert label == "induction on smollm2-135m"
     assert any("started: induction" in s.value for s in at.success)
+
+    # Device, dtype and Dask workers travel as the CLI's options.
+    at.selectbox(key="start-dtype").set_value("bfloat16")
+    at.number_input(key="start-workers").set_value(2).run()
+    at.button[-1].click().run()
+    _ok(at)
+    opts = dict(zip(calls[-1][1][4::2], calls[-1][1][5::2], strict=True))
+    assert (opts["--dtype"], opts["--workers"]) == ("bfloat16", "2")
+    # A device this machine lacks is an error on the page; nothing is started.
+    if not torch.cuda.is_available():
+        at.selectbox(key="start-device").set_value("cuda").run()
+        at.button[-1].click().run()
+        assert len(calls) == 2
+        assert any("CUDA is not available" in e.value for e in at.error), [e.value for e in at.error]
 
 
 # -- jobs ---------------------------------------------------------------------------------------

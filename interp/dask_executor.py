@@ -1,0 +1,282 @@
+"""Units on a Dask cluster: a local one started here (``--workers N``) or one already running
+(``--scheduler ADDR``).
+
+Each worker process loads the model once, from the driver's :class:`~interp.executors.ModelSpec`,
+in a worker plugin, and computes the units sent to it on that copy; the driver only submits one
+task per unit and yields the results as they finish, for the runner to commit. A worker that
+dies mid-unit is survived: the scheduler sends its units to another worker (up to
+``distributed.scheduler.allowed-failures`` deaths per unit), and each unit's future completes,
+hence is yielded, once.
+
+Results equal a serial run's exactly when the workers compute like the driver: same weights
+(checked, by their hash), dtype, prompt prefix and backend (checked), device and torch thread
+count (not checked: float reductions may round differently on another device or thread count).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from distributed import Client, Future, LocalCluster, WorkerPlugin, as_completed, get_worker
+
+from interp.errors import UserError
+from interp.executors import Executor, ModelSpec
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+    from interp.config import DetectorConfig
+    from interp.model import LoadedModel
+    from interp.registry import Detector, UnitResult
+
+# How long to wait for an existing scheduler to answer, then for it to have a worker.
+CONNECT_TIMEOUT_S = 5
+WORKERS_TIMEOUT_S = 10
+# Detector instances (with their memos) a worker keeps: the current run's, and the previous
+# one's in case its last units are still arriving. A driver runs one run at a time.
+_DETECTORS_KEPT = 2
+
+
+def model_identity(model: LoadedModel) -> dict[str, Any]:
+    """What must match between the driver's model and a worker's for the worker's results to
+    be the driver's: the weights' hash, the dtype, the prompt prefix and the hook backend."""
+    return {
+        "file_sha256": model.provenance.file_sha256,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "prefix": model.provenance.prefix,
+        "backend": model.backend_name,
+    }
+
+
+class ModelPlugin(WorkerPlugin):
+    """Holds one worker's copy of the model and the detector instances of the runs it serves.
+
+    The model is loaded in :meth:`setup` (so registering the plugin fails early, in the driver,
+    when a worker cannot load it), or on the first unit where setup failed on a worker that
+    joined later. Units run one at a time per worker, even on a worker with several threads:
+    the hook backends and the detectors' memos are not thread-safe.
+    """
+
+    def __init__(self, spec: ModelSpec, torch_threads: int | None = None) -> None:
+        self.spec = spec
+        self.torch_threads = torch_threads
+        self._model: LoadedModel | None = None
+        self._detectors: OrderedDict[tuple[str, DetectorConfig], Detector[Any]] = OrderedDict()
+        self._load_lock = threading.Lock()
+        self.run_lock = threading.Lock()
+
+    # Locks do not pickle: the plugin travels as its spec and thread count.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec, "torch_threads": self.torch_threads}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["spec"], state["torch_threads"])
+
+    async def setup(self, worker: Worker) -> None:
+        self.apply_threads()
+        # Off the worker's event loop: loading a large model must not stall its heartbeats.
+        await asyncio.get_running_loop().run_in_executor(None, self.model)
+
+    def teardown(self, worker: Worker) -> None:
+        with self._load_lock:
+            self._model = None
+            self._detectors.clear()
+
+    def apply_threads(self) -> None:
+        if self.torch_threads is not None:
+            import torch
+
+            if torch.get_num_threads() != self.torch_threads:
+                torch.set_num_threads(self.torch_threads)
+
+    def model(self) -> LoadedModel:
+        with self._load_lock:
+            if self._model is None:
+                self._model = self.spec.load()
+            return self._model
+
+    def detector(self, name: str, params: Mapping[str, Any]) -> tuple[Detector[Any], DetectorConfig]:
+        """The worker's one instance of detector ``name`` for this config (its memo is shared
+        by the units of the run), and the parsed config."""
+        from interp.registry import get_detector
+
+        fresh = get_detector(name)
+        cfg = fresh.parse_params(params)
+        key = (name, cfg)
+        with self._load_lock:
+            detector = self._detectors.get(key)
+            if detector is None:
+                detector = self._detectors[key] = fresh
+                while len(self._detectors) > _DETECTORS_KEPT:
+                    self._detectors.popitem(last=False)
+            else:
+                self._detectors.move_to_end(key)
+        return detector, cfg
+
+
+def _compute_unit(
+    plugin_name: str, detector_name: str, params: Mapping[str, Any], unit: str, expected: Mapping[str, Any]
+) -> tuple[str, UnitResult, float]:
+    """One unit on a worker (a Dask task): (unit, result, seconds of compute)."""
+    worker = get_worker()
+    plugin = worker.plugins.get(plugin_name)
+    if not isinstance(plugin, ModelPlugin):
+        raise RuntimeError(f"Dask worker {worker.address} has no interp model plugin {plugin_name!r}")
+    model = plugin.model()
+    mine = model_identity(model)
+    differ = [k for k, v in expected.items() if mine.get(k) != v]
+    if differ:
+        detail = ", ".join(f"{k} {mine.get(k)!r} here, {expected[k]!r} on the driver" for k in differ)
+        raise UserError(f"the model on Dask worker {worker.address} is not the driver's ({detail})")
+    detector, cfg = plugin.detector(detector_name, params)
+    with plugin.run_lock:
+        plugin.apply_threads()
+        t0 = time.perf_counter()
+        result = detector.run_unit(model, cfg, unit)
+        seconds = time.perf_counter() - t0
+    return unit, result, seconds
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class DaskExecutor(Executor):
+    """Units on Dask workers, each holding its own copy of the model.
+
+    ``workers=N`` starts a local cluster of N single-threaded worker processes (each with
+    ``cpu_count // N`` torch threads) and closes it in :meth:`close`; ``scheduler=ADDR`` joins
+    a running cluster (its workers must be able to load ``spec``: the same folder or zoo model
+    and the same package versions). ``retries`` reruns a unit whose task raised; a worker that
+    died is covered without it, by the scheduler's ``allowed-failures``.
+    """
+
+    name = "dask"
+
+    def __init__(
+        self, spec: ModelSpec, *, workers: int | None = None, scheduler: str | None = None, retries: int = 0
+    ) -> None:
+        if (workers is None) == (scheduler is None):
+            raise UserError("give the Dask executor workers (a local cluster) or a scheduler address (an existing one)")
+        if workers is not None and workers < 1:
+            raise UserError(f"--workers must be >= 1, got {workers}")
+        self.spec = spec
+        self.retries = retries
+        self.cluster: LocalCluster | None = None
+        self.client: Client | None = None
+        self._closed = False
+        self._plugin_name = f"interp-model-{uuid.uuid4().hex[:12]}"
+        try:
+            if workers is not None:
+                threads = max(1, (os.cpu_count() or 1) // workers)
+                self.cluster = LocalCluster(
+                    n_workers=workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address="127.0.0.1:0",
+                    silence_logs=logging.ERROR,
+                    # The memory of a worker is its model, which Dask cannot spill: its
+                    # pause threshold would stall the run instead of failing it.
+                    memory_limit=0,
+                )
+                self.client = Client(self.cluster, set_as_default=False)
+            else:
+                assert scheduler is not None
+                threads = None
+                self.client = _connect(scheduler)
+            self.client.register_plugin(ModelPlugin(spec, threads), name=self._plugin_name)
+        except BaseException:
+            self.close()
+            raise
+
+    def describe(self) -> str:
+        client = self._client()
+        n = len(cast(dict[str, int], client.nthreads()))
+        try:
+            link = client.dashboard_link
+        except (KeyError, AttributeError):
+            link = None
+        where = f"dashboard {link}" if link else "no dashboard"
+        if link and self.cluster is not None and importlib.util.find_spec("bokeh") is None:
+            where += " (a stub: the dashboard needs bokeh)"
+        return f"dask: {n} worker{'s' if n != 1 else ''}, {where}"
+
+    def run_units(
+        self, model: LoadedModel, detector: Detector[Any], cfg: DetectorConfig, units: Sequence[str]
+    ) -> Iterator[tuple[str, UnitResult, float]]:
+        client = self._client()
+        params = cfg.to_dict()
+        expected = model_identity(model)
+        cfg_hash = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        token = uuid.uuid4().hex[:12]
+        pending: dict[Future, str] = {}
+        try:
+            for unit in units:
+                future = client.submit(
+                    _compute_unit, self._plugin_name, detector.name, params, unit, expected,
+                    key=f"{detector.name}-{cfg_hash}-{unit}-{token}", pure=False, retries=self.retries,
+                )
+                pending[future] = unit
+            for future in as_completed(list(pending), loop=client.loop):
+                unit = pending.pop(future)
+                try:
+                    done_unit, result, seconds = future.result()
+                except Exception as exc:
+                    exc.add_note(f"(unit {unit!r} of {detector.name}, on a Dask worker)")
+                    raise
+                future.release()
+                yield done_unit, result, seconds
+        finally:
+            # An error, Ctrl-C or a consumer that stopped: nothing of this run may go on.
+            if pending:
+                client.cancel(list(pending), force=True)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        client, cluster = self.client, self.cluster
+        self.client = self.cluster = None
+        if client is not None:
+            if cluster is None:
+                # A cluster that outlives us: free the model memory on its workers.
+                with contextlib.suppress(Exception):  # best effort: the workers may be gone
+                    client.unregister_worker_plugin(self._plugin_name)
+            client.close()
+        if cluster is not None:
+            cluster.close()
+
+    def _client(self) -> Client:
+        if self.client is None:
+            raise RuntimeError("the Dask executor is closed")
+        return self.client
+
+
+def _connect(address: str) -> Client:
+    """A client of the scheduler at ``address`` that has at least one worker; UserError (one
+    line) within seconds otherwise."""
+    try:
+        client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:
+        raise UserError(f"cannot reach the Dask scheduler at {address}: {_one_line(exc)}") from None
+    try:
+        client.wait_for_workers(1, timeout=WORKERS_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        client.close()
+        raise UserError(
+            f"the Dask scheduler at {address} has no workers after {WORKERS_TIMEOUT_S} s ({_one_line(exc)})"
+        ) from None
+    return client

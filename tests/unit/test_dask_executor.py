@@ -1,0 +1,311 @@
+"""The Dask executor on real local clusters (no mocks): its runs store what a serial run stores,
+it survives a worker killed mid-unit, an interrupted driver resumes, and bad input fails fast.
+
+Every result is compared with an independent serial run in the test process, never with the
+Dask run's own output.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import signal
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import pandas as pd
+import pytest
+import torch
+from distributed import LocalCluster
+
+import interp
+from interp import dask_executor
+from interp.config import DetectorConfig
+from interp.dask_executor import DaskExecutor
+from interp.errors import UserError
+from interp.executors import Executor, make_executor
+from interp.model import LoadedModel
+from interp.registry import Detector, UnitResult, get_detector
+from interp.runner import run_detector
+from interp.store import SETTINGS_UNIT, TABLES, Store
+
+pytestmark = pytest.mark.timeout(300)
+
+N_WORKERS = 2
+# What DaskExecutor(workers=N_WORKERS) gives each worker process (1 on this 2-core machine).
+WORKER_THREADS = max(1, (os.cpu_count() or 1) // N_WORKERS)
+INDUCTION = {"seq_len": 8, "n_prompts": 8, "batch_size": 2}  # 4 units
+COPYING = {"seq_len": 8, "n_prompts": 4}  # 2 units
+
+
+@pytest.fixture(scope="module")
+def model(tiny_folder: Path) -> LoadedModel:
+    """The driver's model, loaded by name so that it has a spec the workers load again."""
+    return interp.load_model(str(tiny_folder))
+
+
+@pytest.fixture(scope="module")
+def dask2(model: LoadedModel) -> Iterator[DaskExecutor]:
+    """One local cluster of two worker processes for the module (it takes seconds to start)."""
+    assert model.spec is not None
+    with DaskExecutor(model.spec, workers=N_WORKERS) as ex:
+        assert isinstance(ex, DaskExecutor)
+        yield ex
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def serial_run(model: LoadedModel, name: str, params: dict[str, Any], workspace: Path) -> tuple[Store, int]:
+    """The reference: the same run computed serially in this process, in its own store."""
+    store = Store(workspace)
+    # Float reductions can round differently with another number of torch threads; compute
+    # with the workers' count so that results can be compared bit for bit.
+    with torch_threads(WORKER_THREADS):
+        res = run_detector(model, name, params, store, progress=False)
+    return store, res.run_id
+
+
+def stored_tables(store: Store, run_id: int) -> dict[str, pd.DataFrame]:
+    """Every table of a run, its rows grouped by unit (a cluster commits units in the order they
+    finish), each unit's rows in the order they were written. The rows the runner writes from
+    finalize are compared as written: the runner hands finalize the units' rows in the order of
+    detector.units(), whatever order they were committed in."""
+    return {table: store.to_frame(run_id, table).sort_values("unit", kind="stable").reset_index(drop=True)
+            for table in TABLES}
+
+
+def assert_same_results(store: Store, run_id: int, ref: Store, ref_id: int) -> None:
+    got, want = stored_tables(store, run_id), stored_tables(ref, ref_id)
+    assert sum(len(df) for df in want.values()) > 0
+    for table in TABLES:
+        pd.testing.assert_frame_equal(got[table], want[table], check_exact=True, obj=table)
+
+
+def unit_rows(store: Store, run_id: int) -> dict[str, int]:
+    """How many rows the units table holds for each unit of a run."""
+    with sqlite3.connect(store.path) as con:
+        rows = con.execute("SELECT unit, COUNT(*) FROM units WHERE run_id = ? GROUP BY unit", (run_id,)).fetchall()
+    return {str(u): int(n) for u, n in rows}
+
+
+def live_tasks(ex: DaskExecutor) -> list[str]:
+    """Keys the scheduler still computes or holds, except erred ones (an exception being
+    handled keeps its future alive)."""
+    assert ex.client is not None
+
+    def keys(dask_scheduler: Any) -> list[str]:
+        return sorted(str(k) for k, ts in dask_scheduler.tasks.items() if ts.state != "erred")
+
+    return cast(list[str], ex.client.run_on_scheduler(keys))
+
+
+def wait_until(what: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = what()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+class Wrapped(Executor):
+    """Passes the Dask executor's units through, calling ``hook(i)`` before yielding the i-th."""
+
+    name = "wrapped"
+
+    def __init__(self, inner: Executor, hook: Callable[[int], None]) -> None:
+        self.inner, self.hook = inner, hook
+
+    def run_units(
+        self, model: LoadedModel, detector: Detector[Any], cfg: DetectorConfig, units: Sequence[str]
+    ) -> Iterator[tuple[str, UnitResult, float]]:
+        # A plain loop, like the runner's: stopping it must cancel the inner run's tasks.
+        for i, item in enumerate(self.inner.run_units(model, detector, cfg, units)):
+            self.hook(i)
+            yield item
+
+
+@pytest.mark.parametrize(("name", "params"), [("induction", INDUCTION), ("copying", COPYING)])
+def test_dask_run_stores_what_a_serial_run_stores(
+    dask2: DaskExecutor, model: LoadedModel, tmp_path: Path, name: str, params: dict[str, Any]
+) -> None:
+    assert dask2.describe().startswith(f"dask: {N_WORKERS} workers, dashboard http://127.0.0.1:")
+    ref, ref_id = serial_run(model, name, params, tmp_path / "serial")
+    store = Store(tmp_path / "dask")
+    res = run_detector(model, name, params, store, progress=False, executor=dask2)
+    assert res.computed_units == len(get_detector(name).units(model, get_detector(name).parse_params(params)))
+    assert store.run(res.run_id).status == "done"
+    assert_same_results(store, res.run_id, ref, ref_id)
+    assert live_tasks(dask2) == []
+
+
+def test_error_in_a_unit_propagates_and_cancels_the_rest(dask2: DaskExecutor, model: LoadedModel) -> None:
+    det = get_detector("induction")
+    cfg = det.parse_params(INDUCTION)
+    # "batch-x" is no unit of induction: its run_unit raises ValueError on the worker.
+    units = ["batch-x", *(f"batch-{i}" for i in range(4))]
+    with pytest.raises(ValueError, match="invalid literal") as info:
+        list(dask2.run_units(model, det, cfg, units))
+    assert any("batch-x" in note for note in getattr(info.value, "__notes__", []))
+    assert wait_until(lambda: live_tasks(dask2) == [], 10)
+
+
+def test_worker_with_other_weights_is_refused(dask2: DaskExecutor, model: LoadedModel) -> None:
+    other = copy.copy(model)
+    other.provenance = dataclasses.replace(model.provenance, file_sha256="0" * 64)
+    det = get_detector("induction")
+    cfg = det.parse_params(INDUCTION)
+    with pytest.raises(UserError, match="is not the driver's"):
+        list(dask2.run_units(other, det, cfg, det.units(model, cfg)))
+
+
+def test_interrupted_driver_resumes(dask2: DaskExecutor, model: LoadedModel, tmp_path: Path) -> None:
+    params = {"seq_len": 8, "n_prompts": 12, "batch_size": 2}  # 6 units
+    ref, ref_id = serial_run(model, "induction", params, tmp_path / "serial")
+
+    def interrupt(i: int) -> None:
+        if i == 2:  # after the runner has committed two units
+            raise KeyboardInterrupt
+
+    store = Store(tmp_path / "dask")
+    with pytest.raises(KeyboardInterrupt):
+        run_detector(model, "induction", params, store, progress=False, executor=Wrapped(dask2, interrupt))
+    runs = store.runs()
+    assert len(runs) == 1
+    assert runs.loc[0, "status"] == "interrupted"
+    run_id = int(runs.loc[0, "id"])
+    assert len(store.run(run_id).done_units() - {SETTINGS_UNIT}) == 2
+    # Nothing of the stopped run goes on computing on the cluster.
+    assert wait_until(lambda: live_tasks(dask2) == [], 10)
+
+    res = run_detector(model, "induction", params, store, progress=False, executor=dask2)
+    assert res.run_id == run_id
+    assert (res.resumed_units, res.computed_units) == (2, 4)
+    assert store.run(run_id).status == "done"
+    assert_same_results(store, run_id, ref, ref_id)
+
+
+def test_worker_killed_mid_unit_is_survived(dask2: DaskExecutor, model: LoadedModel, tmp_path: Path) -> None:
+    # Units of about a tenth of a second, many of them: some are always in flight.
+    params = {"seq_len": 120, "n_prompts": 192, "batch_size": 16, "seed": 3}
+    det = get_detector("induction")
+    units = det.units(model, det.parse_params(params))
+    ref, ref_id = serial_run(model, "induction", params, tmp_path / "serial")
+    client = dask2.client
+    assert client is not None
+    rescheduled: list[str] = []
+
+    def kill_if_busy(dask_worker: Any) -> bool:
+        # Runs in the worker's event loop: a unit executing now cannot report back first.
+        if dask_worker.state.executing:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return False
+
+    def suspicious(dask_scheduler: Any) -> list[str]:
+        return sorted(str(k) for k, ts in dask_scheduler.tasks.items() if ts.suspicious)
+
+    def kill_one(i: int) -> None:
+        if i != 0:
+            return
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for addr in list(client.scheduler_info()["workers"]):
+                out = cast(dict[str, Any], client.run(kill_if_busy, workers=[addr], on_error="return"))
+                if out.get(addr) is not False:  # the call died with the worker
+                    rescheduled.extend(wait_until(lambda: client.run_on_scheduler(suspicious)))
+                    return
+        pytest.fail("no worker was ever busy")
+
+    store = Store(tmp_path / "dask")
+    res = run_detector(model, "induction", params, store, progress=False, executor=Wrapped(dask2, kill_one))
+    # The killed worker's unit went to another worker (the scheduler counts the death against it).
+    assert rescheduled
+    assert store.run(res.run_id).status == "done"
+    assert res.computed_units == len(units)
+    stored = unit_rows(store, res.run_id)
+    assert set(units) <= set(stored)
+    assert stored == unit_rows(ref, ref_id)
+    assert set(stored.values()) == {1}
+    assert_same_results(store, res.run_id, ref, ref_id)
+    # The nanny restarts the killed worker process (it loads the model again).
+    client.wait_for_workers(N_WORKERS, timeout=60)
+
+
+def test_joining_a_running_scheduler(dask2: DaskExecutor, model: LoadedModel, tmp_path: Path) -> None:
+    assert dask2.cluster is not None
+    assert dask2.client is not None
+    assert model.spec is not None
+    ref, ref_id = serial_run(model, "induction", INDUCTION, tmp_path / "serial")
+
+    def plugins(dask_worker: Any) -> list[str]:
+        return sorted(dask_worker.plugins)
+
+    before = dask2.client.run(plugins)
+    with DaskExecutor(model.spec, scheduler=dask2.cluster.scheduler_address) as joined:
+        assert joined.describe().startswith(f"dask: {N_WORKERS} workers, dashboard http://127.0.0.1:")
+        store = Store(tmp_path / "dask")
+        res = run_detector(model, "induction", INDUCTION, store, progress=False, executor=joined)
+    assert_same_results(store, res.run_id, ref, ref_id)
+    # Leaving a cluster it did not start frees the model it loaded there, and nothing else.
+    assert dask2.client.run(plugins) == before
+    assert dask2.client.submit(sum, [1, 2], pure=False).result() == 3
+
+
+def test_scheduler_without_workers(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert model.spec is not None
+    monkeypatch.setattr(dask_executor, "WORKERS_TIMEOUT_S", 1)
+    empty = LocalCluster(n_workers=0, processes=False, dashboard_address="127.0.0.1:0")
+    try:
+        with pytest.raises(UserError, match=r"^the Dask scheduler at .* has no workers after 1 s") as info:
+            DaskExecutor(model.spec, scheduler=empty.scheduler_address)
+    finally:
+        empty.close()
+    assert "\n" not in str(info.value)
+
+
+def test_bad_input_fails_fast(model: LoadedModel) -> None:
+    assert model.spec is not None
+    with pytest.raises(UserError, match="--workers must be >= 1"):
+        make_executor(workers=0, spec=model.spec)
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as info:
+        DaskExecutor(model.spec, scheduler="tcp://127.0.0.1:1")
+    assert time.monotonic() - t0 < 15
+    msg = str(info.value)
+    assert msg.startswith("cannot reach the Dask scheduler at tcp://127.0.0.1:1: ")
+    assert "\n" not in msg
+
+
+def test_cli_scan_with_workers_stores_what_a_serial_scan_stores(
+    tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`interp scan --workers 2` end to end: it starts its own local cluster, prints where the
+    units run, and its stored tables equal those of the same scan without --workers."""
+    from tests.tiny import run_cli
+
+    args = ["scan", "-m", str(tiny_folder), "-d", "induction,copying", "--json", "--device", "cpu"]
+    with torch_threads(WORKER_THREADS):
+        code, _, err = run_cli(capsys, [*args, "-w", str(tmp_path / "serial")])
+    assert code == 0, err
+    code, out, err = run_cli(capsys, [*args, "-w", str(tmp_path / "dask"), "--workers", "2"])
+    assert code == 0, err
+    assert "units computed on dask: 2 workers, dashboard http://127.0.0.1:" in err, err
+    with Store(tmp_path / "serial") as a, Store(tmp_path / "dask") as b:
+        ra, rb = a.runs().sort_values("id"), b.runs().sort_values("id")
+        assert list(ra["detector"]) == list(rb["detector"]) == ["induction", "copying"]
+        assert list(rb["status"]) == ["done", "done"]
+        for ida, idb in zip(ra["id"], rb["id"], strict=True):
+            assert_same_results(b, int(idb), a, int(ida))
