@@ -300,7 +300,7 @@ def test_cli_scan_with_workers_stores_what_a_serial_scan_stores(
     with torch_threads(WORKER_THREADS):
         code, _, err = run_cli(capsys, [*args, "-w", str(tmp_path / "serial")])
     assert code == 0, err
-    code, out, err = run_cli(capsys, [*args, "-w", str(tmp_path / "dask"), "--workers", "2"])
+    code, _, err = run_cli(capsys, [*args, "-w", str(tmp_path / "dask"), "--workers", "2"])
     assert code == 0, err
     assert "units computed on dask: 2 workers, dashboard http://127.0.0.1:" in err, err
     with Store(tmp_path / "serial") as a, Store(tmp_path / "dask") as b:
