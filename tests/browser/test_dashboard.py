@@ -301,3 +301,48 @@ def test_run_a_detector_from_the_form(server: str, workspace: tuple[Path, int], 
     with Store(ws) as s:
         assert len(s.runs()) == len(runs)
     shutil.rmtree(ws / "jobs", ignore_errors=True)
+
+
+def test_atlas_cell_opens_the_run_behind_it(server: str, workspace: tuple[Path, int], page: Any) -> None:
+    """The Atlas page in a browser: an atlas.json whose induction claim points at the workspace's
+    induction run (its summary the stored run's own, re-finalized); clicking that cell opens the
+    Head maps page on that run."""
+    import interp
+    from circuits.atlas import ModelResults, summarize, write_atlas
+    from interp.registry import get_detector
+    from interp.runner import unit_rows
+    from interp.store import TABLES, Store
+
+    ws, run_id = workspace
+    model = interp.load_model("smollm2-135m")
+    det = get_detector("induction")
+    with Store(ws) as store:
+        run = store.run(run_id)
+        cfg = det.parse_params(run.info()["params"])
+        tables = {t: unit_rows(run.results(t), det.units(model, cfg)) for t in TABLES}
+    summary = det.finalize(model, cfg, tables)
+    res = ModelResults(n_layers=model.info.n_layers, n_heads=model.info.n_total_heads,
+                       summaries={"induction": summary})
+    doc = {**summarize({"smollm2-135m": res}, ["induction"], 5),
+           "runs": {"smollm2-135m": {"induction": {"run_id": run_id}}}}
+    doc["models"]["smollm2-135m"]["label"] = "smollm2-135m"
+    path = write_atlas(ws, doc)
+    try:
+        page.goto(f"{server}/Atlas")
+        _settle(page)
+        page.wait_for_selector(".js-plotly-plot .main-svg")  # the induction heads by relative depth
+        _no_exception(page, "Atlas")
+        # Two claims come from the induction run: "induction exists" and the induction/retrieval overlap.
+        link = page.locator(f'a[href$="Head_maps?run={run_id}"]')
+        assert link.count() == 2
+        # Streamlit opens markdown links in a new tab.
+        with page.context.expect_page() as opened:
+            link.first.click()
+        run_page = opened.value
+        run_page.wait_for_url(f"**/Head_maps?run={run_id}*")
+        _settle(run_page)
+        run_page.wait_for_selector(".js-plotly-plot .main-svg")
+        assert "top heads by induction" in _no_exception(run_page, "Head maps from the atlas")
+        run_page.close()
+    finally:
+        path.unlink()
