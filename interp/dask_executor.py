@@ -104,7 +104,9 @@ class ModelPlugin(WorkerPlugin):
     def model(self) -> LoadedModel:
         with self._load_lock:
             if self._model is None:
-                self._model = self.spec.load()
+                model = self.spec.load()
+                _ = model.backend  # its hooks are set up once here (seconds), not in the first unit
+                self._model = model
             return self._model
 
     def detector(self, name: str, params: Mapping[str, Any]) -> tuple[Detector[Any], DetectorConfig]:
