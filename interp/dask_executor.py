@@ -22,8 +22,10 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import threading
 import time
+import types
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -183,17 +185,18 @@ class DaskExecutor(Executor):
         try:
             if workers is not None:
                 threads = max(1, (os.cpu_count() or 1) // workers)
-                self.cluster = LocalCluster(
-                    n_workers=workers,
-                    threads_per_worker=1,
-                    processes=True,
-                    host="127.0.0.1",
-                    dashboard_address="127.0.0.1:0",
-                    silence_logs=logging.ERROR,
-                    # The memory of a worker is its model, which Dask cannot spill: its
-                    # pause threshold would stall the run instead of failing it.
-                    memory_limit=0,
-                )
+                with _bare_main():
+                    self.cluster = LocalCluster(
+                        n_workers=workers,
+                        threads_per_worker=1,
+                        processes=True,
+                        host="127.0.0.1",
+                        dashboard_address="127.0.0.1:0",
+                        silence_logs=logging.ERROR,
+                        # The memory of a worker is its model, which Dask cannot spill: its
+                        # pause threshold would stall the run instead of failing it.
+                        memory_limit=0,
+                    )
                 self.client = Client(self.cluster, set_as_default=False)
             else:
                 assert scheduler is not None
@@ -265,6 +268,23 @@ class DaskExecutor(Executor):
         if self.client is None:
             raise RuntimeError("the Dask executor is closed")
         return self.client
+
+
+@contextlib.contextmanager
+def _bare_main() -> Iterator[None]:
+    """Worker processes are spawned, and spawning re-runs the parent's ``__main__`` file in each
+    new process. A host that installed a script of its own as ``__main__`` (Streamlit runs every
+    page as ``__main__``, and its test harness leaves it there) would have that script run in every
+    worker. The tasks need only importable modules, so the workers start from a bare one."""
+    main = sys.modules.get("__main__")
+    if main is None or getattr(main, "__spec__", None) is not None or not getattr(main, "__file__", None):
+        yield  # run by module name (python -m, the interp script's entry point) or interactive
+        return
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _connect(address: str) -> Client:

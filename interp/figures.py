@@ -444,7 +444,7 @@ def depth_strip_figure(frame: pd.DataFrame, *, title: str, value_title: str = "s
     fig.update_layout(
         title=title,
         xaxis={"title": "relative depth: layer / n_layers", "range": [-0.03, 1.0]},
-        yaxis={"title": None, "categoryorder": "array", "categoryarray": models[::-1]},
+        yaxis={"title": "model", "categoryorder": "array", "categoryarray": models[::-1]},
         height=120 + 45 * len(models),
         margin={"l": 110, "r": 20, "t": 50, "b": 40},
     )

@@ -309,3 +309,24 @@ def test_cli_scan_with_workers_stores_what_a_serial_scan_stores(
         assert list(rb["status"]) == ["done", "done"]
         for ida, idb in zip(ra["id"], rb["id"], strict=True):
             assert_same_results(b, int(idb), a, int(ida))
+
+
+def test_workers_do_not_rerun_a_script_installed_as_main(
+    model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streamlit installs each page as ``__main__`` (its test harness leaves it there), and
+    spawned processes re-run ``__main__``'s file: a cluster started from such a process must not
+    run that script in its workers."""
+    import sys
+    import types
+
+    script = tmp_path / "page.py"
+    script.write_text("raise SystemExit('this page ran inside a Dask worker')\n")
+    fake = types.ModuleType("__main__")
+    fake.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    assert model.spec is not None
+    with DaskExecutor(model.spec, workers=1) as ex, Store(tmp_path / "ws") as store:
+        result = run_detector(model, "copying", COPYING, store, progress=False, executor=ex)
+        assert store.run(result.run_id).status == "done"
+    assert sys.modules["__main__"] is fake  # put back

@@ -88,6 +88,9 @@ def _builder_cases() -> dict[str, Callable[[], go.Figure | list[go.Figure]]]:
         "compare_depth_figure": lambda: figures.compare_depth_figure(da, db),
         "difference_heatmap": lambda: figures.difference_heatmap(hs, other),
         "depth_difference_figure": lambda: figures.depth_difference_figure(figures.depth_difference(da, db)),
+        "depth_strip_figure": lambda: figures.depth_strip_figure(
+            pd.DataFrame({"model": ["a", "b"], "label": ["L0H1", "L2H0"], "relative_depth": [0.0, 0.5],
+                          "score": [0.3, 0.9]}), title="induction: top heads"),
     }
 
 
