@@ -275,7 +275,9 @@ def _bare_main() -> Iterator[None]:
     """Worker processes are spawned, and spawning re-runs the parent's ``__main__`` file in each
     new process. A host that installed a script of its own as ``__main__`` (Streamlit runs every
     page as ``__main__``, and its test harness leaves it there) would have that script run in every
-    worker. The tasks need only importable modules, so the workers start from a bare one."""
+    worker. The tasks need only importable modules, so the workers start from a bare one. (A
+    worker the nanny respawns later, after a crash, is spawned under the host's ``__main__`` of
+    that moment: start clusters from a process whose ``__main__`` is importable, as the CLI is.)"""
     main = sys.modules.get("__main__")
     if main is None or getattr(main, "__spec__", None) is not None or not getattr(main, "__file__", None):
         yield  # run by module name (python -m, the interp script's entry point) or interactive

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,17 @@ def tiny_gemma3_hf() -> torch.nn.Module:
 def tiny_qwen2_hf() -> torch.nn.Module:
     """Qwen2: 4 query heads on 2 kv heads, non-zero q/k/v biases."""
     return tiny_qwen2()
+
+
+@pytest.fixture(autouse=True)
+def _real_main() -> Iterator[None]:
+    """Streamlit's AppTest installs each page it runs as ``__main__`` and leaves it there. A later
+    test that spawns processes (a Dask cluster, whose nanny also respawns a killed worker) would
+    re-run that page in each of them: put the real ``__main__`` back after every test."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
 
 
 TINY_FAMILIES = ("llama", "gpt2", "gemma3", "qwen2")
