@@ -38,6 +38,7 @@ from rich.table import Table
 from circuits.heads import head_label
 from interp.cli import JsonOpt, PrefixOpt, WorkspaceOpt, err, executor_for, model_spec, open_store, out
 from interp.errors import UserError
+from interp.executors import check_cluster_options
 from interp.options import DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, SchedulerOpt, WorkersOpt
 from interp.registry import Summary, all_detectors, command
 
@@ -637,8 +638,7 @@ def atlas(
 
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
+    check_cluster_options(workers, scheduler)
     # Everything is checked before the store is created or a model loaded.
     dets = resolve_detectors(detectors)
     names = resolve_models(models)

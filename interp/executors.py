@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from interp.errors import UserError
@@ -52,9 +52,6 @@ class ModelSpec:
 
         return interp.load_model(self.name, backend=self.backend, prefix=self.prefix, device=self.device,
                                  dtype=self.dtype, device_map=self.device_map, max_memory=self.max_memory)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Executor(ABC):
@@ -97,17 +94,23 @@ class SerialExecutor(Executor):
             yield unit, result, time.perf_counter() - t0
 
 
+def check_cluster_options(workers: int | None, scheduler: str | None) -> None:
+    """--workers / --scheduler checked without starting anything (a command that makes one
+    executor per model checks them before its first model)."""
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    if workers is not None and scheduler is not None:
+        raise UserError("give --workers (a local cluster) or --scheduler (an existing one), not both")
+
+
 def make_executor(workers: int | None = None, scheduler: str | None = None, spec: ModelSpec | None = None,
                   ) -> Executor:
     """The executor the CLI options ask for: serial without ``workers`` and ``scheduler``; else a
     Dask cluster, started here with ``workers`` local worker processes or joined at ``scheduler``.
     ``spec`` is how the workers load the model."""
+    check_cluster_options(workers, scheduler)
     if workers is None and scheduler is None:
         return SerialExecutor()
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
-    if workers is not None and scheduler is not None:
-        raise UserError("give --workers (a local cluster) or --scheduler (an existing one), not both")
     if spec is None:
         raise UserError("units on workers need a model loadable by name (a zoo name, a folder or a hub id)")
     from interp.dask_executor import DaskExecutor
