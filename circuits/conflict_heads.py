@@ -66,6 +66,7 @@ from interp import tables
 from interp.config import param
 from interp.errors import UserError
 from interp.interventions import Intervention, Patch
+from interp.layout import tensor_of
 from interp.model import LoadedModel
 from interp.registry import Detector, Summary, UnitResult, register
 
@@ -88,9 +89,9 @@ def output_weights(model: LoadedModel) -> torch.Tensor:
     info = model.info
     mats = []
     for layer in range(info.n_layers):
-        w_out_in = model.layout.weight(model.hf, "o", layer).float()
+        w_out_in = model.layout.weight(model.hf, "o", layer).float().cpu()  # a device map spreads the layers
         mats.append(w_out_in.T.reshape(info.n_heads, info.d_head, info.d_model))
-    return torch.stack(mats).cpu()
+    return torch.stack(mats)
 
 
 class AttnPostNorm:
@@ -107,9 +108,9 @@ class AttnPostNorm:
         n = model.info.n_layers
         self.norms = [layout.module(hf, "attn_post_norm", layer) for layer in range(n)]
         self.gain = torch.stack([layout.norm_scale(hf, "attn_post_norm", layer).float().cpu() for layer in range(n)])
-        biases = [getattr(layout.module(hf, "o", layer), "bias", None) for layer in range(n)]
-        self.o_bias = torch.stack([torch.zeros(model.info.d_model) if b is None else b.detach().float().cpu()
-                                   for b in biases])
+        outs = [layout.module(hf, "o", layer) for layer in range(n)]
+        self.o_bias = torch.stack([torch.zeros(model.info.d_model) if getattr(o, "bias", None) is None
+                                   else tensor_of(o, "bias").float().cpu() for o in outs])
         eps = [getattr(m, "eps", getattr(m, "variance_epsilon", None)) for m in self.norms]
         if any(e is None or isinstance(m, torch.nn.LayerNorm) for e, m in zip(eps, self.norms, strict=True)):
             raise UserError(f"{model.name}: post-attention norm {type(self.norms[0]).__name__} is not an "
@@ -161,9 +162,8 @@ class FinalReadout:
         # The plain HF modules (under any bridge wrapper): the norm is called directly below.
         self.norm = model.layout.module(model.hf, "final_norm")
         unembed = model.layout.module(model.hf, "unembed")
-        self.w_u = unembed.weight.detach().float().cpu()
-        bias = getattr(unembed, "bias", None)
-        self.b_u = None if bias is None else bias.detach().float().cpu()
+        self.w_u = tensor_of(unembed).float().cpu()
+        self.b_u = None if getattr(unembed, "bias", None) is None else tensor_of(unembed, "bias").float().cpu()
         self.layernorm = isinstance(self.norm, torch.nn.LayerNorm)
         eps = getattr(self.norm, "variance_epsilon", None)
         if eps is None:
@@ -174,8 +174,8 @@ class FinalReadout:
         d = model.info.d_model
         with torch.no_grad():
             if self.layernorm:
-                self.weight = self.norm.weight.detach().float().cpu()
-                self.bias = self.norm.bias.detach().float().cpu() if self.norm.bias is not None else None
+                self.weight = tensor_of(self.norm).float().cpu()
+                self.bias = tensor_of(self.norm, "bias").float().cpu() if self.norm.bias is not None else None
             else:
                 # RMS norms differ in how they apply their weight (Gemma uses 1 + w); reading the
                 # effective weight off a probe of known RMS covers them all.

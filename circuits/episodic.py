@@ -48,7 +48,7 @@ from interp.config import SEED_MAX, DetectorConfig, param
 from interp.engine import activation_bytes, units_within
 from interp.errors import UserError
 from interp.interventions import Intervention, ablate_heads
-from interp.layout import unwrap
+from interp.layout import tensor_of, unwrap
 from interp.model import LoadedModel
 from interp.registry import Detector, Summary, UnitResult, register
 from interp.tokens import repeated_random_tokens
@@ -71,7 +71,7 @@ def _unwrap(module: Any) -> Any:
 
 
 def _weight(module: Any) -> torch.Tensor:
-    return _unwrap(module).weight.detach()
+    return tensor_of(_unwrap(module))
 
 
 @dataclass
@@ -99,13 +99,15 @@ def ov_weights(model: LoadedModel) -> OVWeights:
         gamma = layout.norm_scale(hf, "attn_norm", layer)
         # [out, in] weights: W_V [n_kv*dh, d] (a slice of a fused qkv), W_O [d, n_heads*dh].
         kv = layout.value_weight(hf, layer, info).reshape(info.n_kv_heads, dh, d) * gamma
-        w_vs.append(kv.repeat_interleave(group, dim=0))  # query head h uses kv head h // group
+        # On one device: a device map spreads the layers (query head h uses kv head h // group).
+        w_vs.append(kv.repeat_interleave(group, dim=0).to(model.device))
         w_o = layout.weight(hf, "o", layer)
         if not layout.attn_out_direct:  # a post-attention norm scales the output before the residual
             w_o = layout.norm_scale(hf, "attn_post_norm", layer)[:, None] * w_o
-        w_os.append(w_o.reshape(d, nh, dh).permute(1, 0, 2))
-    w_e = layout.embedding(hf)
-    w_u = _weight(layout.module(hf, "unembed")) * layout.norm_scale(hf, "final_norm")
+        w_os.append(w_o.reshape(d, nh, dh).permute(1, 0, 2).to(model.device))
+    w_e = layout.embedding(hf).to(model.device)
+    final = layout.norm_scale(hf, "final_norm")
+    w_u = (_weight(layout.module(hf, "unembed")).to(final.device) * final).to(model.device)
     return OVWeights(w_v=torch.stack(w_vs), w_o=torch.stack(w_os), w_e=w_e, w_u=w_u)
 
 
@@ -187,8 +189,8 @@ def lag_crp_from_pattern(
     """Per head: summed attention by lag [heads, 2*max_lag+1] and the count of (query, lag)
     pairs with the key inside the first list [2*max_lag+1]."""
     off, r = prompts.offset, prompts.length
-    lags = torch.arange(-max_lag, max_lag + 1)
-    first_idx = prompts.match[:, :, None] + lags  # [b, R, lags]
+    lags = torch.arange(-max_lag, max_lag + 1, device=pattern.device)
+    first_idx = prompts.match.to(pattern.device)[:, :, None] + lags  # [b, R, lags]
     valid = (first_idx >= 0) & (first_idx < r)
     keys = off + first_idx.clamp(0, r - 1)
     q = off + r + torch.arange(r)
@@ -746,7 +748,7 @@ def text_chunks(model: LoadedModel, n: int, seq_len: int, path: Path = TEXT_SAMP
 def per_token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """nll[:, i] = loss of predicting token i+1 (TransformerLens's per-token convention)."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -logp.gather(-1, tokens[:, 1:, None])[..., 0]
+    return -logp.gather(-1, tokens[:, 1:, None].to(logp.device))[..., 0]
 
 
 def t_interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
@@ -775,7 +777,7 @@ def rank_heads(model: LoadedModel, score: str, seed: int) -> list[tuple[int, int
     """All heads, best first by ``score``: copying score, attention lag-CRP at lag +1
     (induction) or CMR distance, the last two on 20 repeated lists of 50 tokens."""
     if score == "copying":
-        s = copying_scores(model).numpy()
+        s = copying_scores(model).cpu().numpy()
         order = np.argsort(-s.reshape(-1), kind="stable")
     else:
         prompts = repeated_lists(model, 20, 50, seed)

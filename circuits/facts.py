@@ -260,7 +260,7 @@ def known_facts(
             steps = len(ans) if answer_mode == "sum" else 1
             pos = torch.arange(n_prompt - 1, n_prompt - 1 + steps)
             lp = logp[j, pos]
-            target = torch.tensor(ans[:steps])
+            target = torch.tensor(ans[:steps], device=lp.device)
             top = lp.argmax(dim=-1)
             fact = facts[i]
             out.append(

@@ -53,7 +53,7 @@ def copy_losses(
 ) -> tuple[float, float]:
     """Mean next-token loss over the first copy and over the second copy (predicted positions)."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, tokens[:, 1:, None])[..., 0]
+    nll = -logp.gather(-1, tokens[:, 1:, None].to(logp.device))[..., 0]
     # Row t of nll predicts token t+1. First-copy targets: offset+1 .. offset+R-1.
     first = nll[:, offset : offset + seq_len - 1].mean().item()
     second = nll[:, offset + seq_len : offset + 2 * seq_len - 1].mean().item()

@@ -46,7 +46,7 @@ import torch
 
 from interp.errors import UserError
 from interp.interventions import AblateHeads, Intervention, Knockout, Patch
-from interp.layout import unembedding
+from interp.layout import tensor_of, unembedding
 from interp.model import LoadedModel
 from interp.sites import ATTN_KINDS, HEAD_KINDS, KV_KINDS, parse_site
 
@@ -487,9 +487,10 @@ def _unembed_only(head: torch.nn.Linear | None, vocab: tuple[int, ...] | None) -
     if head is None or vocab is None:
         yield
         return
-    idx = torch.tensor(vocab, device=head.weight.device)
-    w = head.weight[idx]
-    b = None if head.bias is None else head.bias[idx]
+    weight = tensor_of(head)
+    idx = torch.tensor(vocab, device=weight.device)
+    w = weight[idx]
+    b = None if head.bias is None else tensor_of(head, "bias")[idx]
     object.__setattr__(head, "forward", lambda h: torch.nn.functional.linear(h, w, b))
     try:
         yield

@@ -134,14 +134,14 @@ class Layout:
     def norm_scale(self, hf: torch.nn.Module, role: str, layer: int | None = None) -> torch.Tensor:
         """The elementwise factor of the norm at ``role`` (its weight, plus the family's
         offset: Gemma's RMSNorm computes x / rms(x) * (1 + w)), detached."""
-        w = self.module(hf, role, layer).weight.detach()
+        w = tensor_of(self.module(hf, role, layer))
         return w + self.norm_offset if self.norm_offset else w
 
     def embedding(self, hf: torch.nn.Module) -> torch.Tensor:
         """[vocab, d_model]: each token's embedding as the embedding module outputs it (Gemma
         scales the weight by sqrt(d_model) in its forward), detached."""
         mod = self.module(hf, "embed")
-        w = mod.weight.detach()
+        w = tensor_of(mod)
         if self.embed_scale is None:
             return w
         return w * torch.as_tensor(getattr(mod, self.embed_scale), dtype=w.dtype, device=w.device)
@@ -174,7 +174,7 @@ class Layout:
 
     def weight(self, hf: torch.nn.Module, role: str, layer: int) -> torch.Tensor:
         """A projection's weight as [out, in] (detached; a transposed view for Conv1D)."""
-        w = self.module(hf, role, layer).weight.detach()
+        w = tensor_of(self.module(hf, role, layer))
         return w.T if self.weight_in_out else w
 
     def value_weight(self, hf: torch.nn.Module, layer: int, info: ModelInfo) -> torch.Tensor:
@@ -287,6 +287,22 @@ def layout_of(hf: torch.nn.Module) -> Layout:
     tried = "; ".join(f"{family}: no {gap}" for family, gap in gaps.items())
     raise UserError(f"unsupported architecture {arch} (model_type {model_type!r}): {tried}. "
                     f"Known model types: {', '.join(MODEL_TYPES)}")
+
+
+def tensor_of(module: Any, name: str = "weight") -> torch.Tensor:
+    """A module's parameter ``name``, detached, with its values also where a device map
+    offloaded it: accelerate then keeps the parameter on the meta device and its hook loads it
+    into place for each forward pass, so it is read from the hook's weights map and put on the
+    hook's execution device, where that forward would use it."""
+    value = getattr(module, name)
+    if value.device.type != "meta":
+        return value.detach()
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        weights = getattr(h, "weights_map", None)
+        if weights is not None and name in weights:
+            return weights[name].detach().to(h.execution_device)
+    raise UserError(f"the {name} of {type(module).__name__} has no values (meta device, no offload hook holds it)")
 
 
 def unwrap(module: Any) -> Any:

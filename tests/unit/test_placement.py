@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -105,3 +106,54 @@ def test_a_device_map_on_this_machine_gives_the_same_scores(tiny_folder: Path) -
     assert mapped_model.spec.device_map == "auto"
     mapped = run_in_memory(mapped_model, get_detector("induction"), params)[0]
     assert [h["score"] for h in mapped.heads or []] == [h["score"] for h in plain.heads or []]
+
+
+def test_local_gpu_workers_get_one_gpu_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which GPU each local Dask worker loads its copy on, and the refusals of shared GPUs. The
+    CUDA queries are stood in for (this machine has no GPU); what runs on a real one is
+    tests/gpu and benchmarks/scaling.py --device cuda on the GPU machine."""
+    from interp.dask_executor import local_gpu_devices
+    from interp.executors import ModelSpec
+
+    assert local_gpu_devices(ModelSpec("m", device="cpu"), 4) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert local_gpu_devices(ModelSpec("m", device="cuda"), 3) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert local_gpu_devices(ModelSpec("m", device="auto"), 2) == ["cuda:0", "cuda:1"]
+    assert local_gpu_devices(ModelSpec("m", device="cuda:2"), 1) == ["cuda:2"]
+    assert local_gpu_devices(ModelSpec("m", device="cuda", device_map="auto"), 1) is None
+    for spec, workers, needle in [
+        (ModelSpec("m", device="cuda"), 5, "needs a GPU per worker; this machine has 4"),
+        (ModelSpec("m", device="cuda:1"), 2, "puts every worker on that one GPU"),
+        (ModelSpec("m", device="cuda", device_map="auto"), 2, "start one local worker"),
+    ]:
+        with pytest.raises(UserError, match=needle):
+            local_gpu_devices(spec, workers)
+
+
+def test_detectors_read_weights_that_a_device_map_offloaded(tiny_llama_hf: torch.nn.Module) -> None:
+    """A device map's CPU part is offloaded: accelerate keeps those parameters on the meta device
+    and loads them at each forward. Detectors that read weights (copying's OV circuit, the
+    engine's two-token unembedding) must read the offloaded values; on the GPU machine the
+    copying detector failed on them ("Tensor on device cpu is not on the expected device meta").
+    Offloading the later layers and the unembedding here gives the same scores as the plain model."""
+    import copy
+
+    import accelerate
+
+    from interp.registry import get_detector
+    from interp.runner import run_in_memory
+    from tests.tiny import loaded
+
+    offloaded = copy.deepcopy(tiny_llama_hf)
+    for module in [*offloaded.model.layers[1:], offloaded.lm_head]:
+        accelerate.cpu_offload(module, execution_device=torch.device("cpu"))
+    assert any(p.device.type == "meta" for p in offloaded.parameters())
+    plain, split = loaded(copy.deepcopy(tiny_llama_hf), "nnsight"), loaded(offloaded, "nnsight")
+    fact = {"prompt": "w5 w9 w17 w23 w40 w41 w7 w8", "subject": "w17 w23 w40", "answer": "w11", "samples": 2,
+            "kinds": "state", "window": 2}
+    for name, raw in [("copying", {"seq_len": 10, "n_prompts": 2}),
+                      ("induction", {"seq_len": 8, "n_prompts": 4, "batch_size": 2}), ("causal-trace", fact)]:
+        a, b = run_in_memory(plain, get_detector(name), raw), run_in_memory(split, get_detector(name), raw)
+        for table, frame in a[1].items():
+            pd.testing.assert_frame_equal(b[1][table], frame, obj=f"{name} {table}")
