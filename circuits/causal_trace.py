@@ -259,18 +259,63 @@ def trace_fact(
         raise UserError(f"unknown trace kind {bad[0] if bad else ''!r} (known: {', '.join(KINDS)})")
     if samples < 1 or window < 1 or noise_std <= 0:
         raise UserError("samples and window must be >= 1 and the noise std > 0")
-    n_layers, n_tok = model.info.n_layers, inp.n_tokens
-    p_clean, p_corr, clean = clean_and_corrupted(
-        model, inp, noise_std=noise_std, samples=samples, seed=seed, kinds=kinds
-    )
-    start = inp.subject_range[0]
-    cells = [Cell(k, t, layer) for k in kinds for t in range(start, n_tok) for layer in range(n_layers)]
-    values = restored_scores(
-        model, inp, cells, clean, noise_std=noise_std, samples=samples, seed=seed, window=window, memory_mb=memory_mb
-    )
-    scores = {k: np.full((n_tok, n_layers), p_corr) for k in kinds}
-    for cell, v in zip(cells, values, strict=True):
-        scores[cell.kind][cell.token, cell.layer] = v
+    part = trace_part(model, inp, noise_std=noise_std, samples=samples, window=window, seed=seed, kinds=kinds,
+                      memory_mb=memory_mb)
+    return joined_trace(model, inp, [part], noise_std=noise_std, samples=samples, window=window, seed=seed,
+                        kinds=kinds)
+
+
+def trace_cells(model: LoadedModel, inp: TraceInput, kinds: Sequence[str]) -> list[Cell]:
+    """The cells of one fact's trace: each kind, each token from the subject's first, each layer."""
+    start, n_tok = inp.subject_range[0], inp.n_tokens
+    return [Cell(k, t, layer) for k in kinds for t in range(start, n_tok) for layer in range(model.info.n_layers)]
+
+
+def trace_part(
+    model: LoadedModel,
+    inp: TraceInput,
+    *,
+    noise_std: float,
+    samples: int,
+    window: int,
+    seed: int,
+    kinds: Sequence[str],
+    memory_mb: float = 512.0,
+    part: int = 0,
+    n_parts: int = 1,
+) -> dict[str, Any]:
+    """Part ``part`` of ``n_parts`` of a trace: the base run (each part recomputes it: one forward
+    pass) and the restored scores of its contiguous share of :func:`trace_cells`."""
+    p_clean, p_corr, clean = clean_and_corrupted(model, inp, noise_std=noise_std, samples=samples, seed=seed,
+                                                 kinds=kinds)
+    cells = trace_cells(model, inp, kinds)
+    index = np.array_split(np.arange(len(cells)), n_parts)[part]
+    values = restored_scores(model, inp, [cells[i] for i in index], clean, noise_std=noise_std, samples=samples,
+                             seed=seed, window=window, memory_mb=memory_mb)
+    return {"p_clean": p_clean, "p_corrupted": p_corr, "index": index.tolist(), "values": values.tolist()}
+
+
+def joined_trace(
+    model: LoadedModel,
+    inp: TraceInput,
+    parts: Sequence[Mapping[str, Any]],
+    *,
+    noise_std: float,
+    samples: int,
+    window: int,
+    seed: int,
+    kinds: Sequence[str],
+) -> TraceResult:
+    """The trace of :func:`trace_part`'s parts (every cell once); the base scores of the first."""
+    cells = trace_cells(model, inp, kinds)
+    p_clean, p_corr = parts[0]["p_clean"], parts[0]["p_corrupted"]
+    scores = {k: np.full((inp.n_tokens, model.info.n_layers), p_corr) for k in kinds}
+    seen = [i for p in parts for i in p["index"]]
+    if sorted(seen) != list(range(len(cells))):
+        raise ValueError(f"the parts of a trace cover {len(set(seen))} of its {len(cells)} cells, some twice or none")
+    for p in parts:
+        for i, v in zip(p["index"], p["values"], strict=True):
+            scores[cells[i].kind][cells[i].token, cells[i].layer] = v
     return TraceResult(inp, p_clean, p_corr, scores, noise_std, samples, window, seed)
 
 
@@ -591,24 +636,34 @@ class CausalTraceDetector(_FactsDetector[CausalTraceConfig]):
         return cfg.noise_factor * std, std
 
     def run_unit(self, model: LoadedModel, cfg: CausalTraceConfig, unit: str) -> UnitResult:
-        noise, std = self.noise_std(model, cfg)
         if unit == "known":
+            noise, std = self.noise_std(model, cfg)
             res = self._known_unit(model, cfg)
             extra = {"noise_std": noise} | ({} if std is None else {"subject_embedding_std": std})
             res.tables["metrics"] = pd.concat([res.tables["metrics"], tables.metrics(extra, n=1)], ignore_index=True)
             return res
+        return self.join_parts(model, cfg, unit, [self.run_part(model, cfg, unit, "cells-0-of-1")])
+
+    # A fact's trace splits by cells: each part recomputes the base run (one forward pass) and
+    # restores its share of the (kind, token, layer) cells; the driver joins them.
+    def split_unit(self, model: LoadedModel, cfg: CausalTraceConfig, unit: str, n: int) -> list[str]:
+        return [] if unit == "known" or n < 2 else [f"cells-{i}-of-{n}" for i in range(n)]
+
+    def run_part(self, model: LoadedModel, cfg: CausalTraceConfig, unit: str, part: str) -> dict[str, Any]:
+        _, i, _, n = part.split("-")
+        inp = prepare_fact(model, self._fact_of(model, cfg, unit))
+        return trace_part(model, inp, noise_std=self.noise_std(model, cfg)[0], samples=cfg.samples,
+                          window=cfg.window, seed=cfg.seed, kinds=cfg.kinds, memory_mb=cfg.memory_mb,
+                          part=int(i), n_parts=int(n))
+
+    def join_parts(
+        self, model: LoadedModel, cfg: CausalTraceConfig, unit: str, parts: Sequence[Any]
+    ) -> UnitResult:
+        noise, _ = self.noise_std(model, cfg)
         fact = self._fact_of(model, cfg, unit)
         inp = prepare_fact(model, fact)
-        result = trace_fact(
-            model,
-            inp,
-            noise_std=noise,
-            samples=cfg.samples,
-            window=cfg.window,
-            seed=cfg.seed,
-            kinds=cfg.kinds,
-            memory_mb=cfg.memory_mb,
-        )
+        result = joined_trace(model, inp, parts, noise_std=noise, samples=cfg.samples, window=cfg.window,
+                              seed=cfg.seed, kinds=cfg.kinds)
         metrics = {
             "p_clean": result.p_clean,
             "p_corrupted": result.p_corrupted,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -71,25 +72,29 @@ class ModelPlugin(WorkerPlugin):
     the hook backends and the detectors' memos are not thread-safe.
     """
 
-    def __init__(self, spec: ModelSpec, torch_threads: int | None = None) -> None:
+    def __init__(self, spec: ModelSpec, torch_threads: int | None = None,
+                 devices: Mapping[str, str] | None = None) -> None:
         self.spec = spec
         self.torch_threads = torch_threads
+        # Worker name -> the device its copy goes on (a local cluster's GPU workers, one GPU
+        # each); a worker not named here loads on spec.device.
+        self.devices = dict(devices or {})
         self._model: LoadedModel | None = None
         self._detectors: OrderedDict[tuple[str, DetectorConfig], Detector[Any]] = OrderedDict()
         self._load_lock = threading.Lock()
         self.run_lock = threading.Lock()
 
-    # Locks do not pickle: the plugin travels as its spec and thread count.
+    # Locks do not pickle: the plugin travels as its spec, thread count and devices.
     def __getstate__(self) -> dict[str, Any]:
-        return {"spec": self.spec, "torch_threads": self.torch_threads}
+        return {"spec": self.spec, "torch_threads": self.torch_threads, "devices": self.devices}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["spec"], state["torch_threads"])
+        self.__init__(state["spec"], state["torch_threads"], state["devices"])
 
     async def setup(self, worker: Worker) -> None:
         self.apply_threads()
         # Off the worker's event loop: loading a large model must not stall its heartbeats.
-        await asyncio.get_running_loop().run_in_executor(None, self.model)
+        await asyncio.get_running_loop().run_in_executor(None, self.model, str(worker.name))
 
     def teardown(self, worker: Worker) -> None:
         with self._load_lock:
@@ -103,10 +108,13 @@ class ModelPlugin(WorkerPlugin):
             if torch.get_num_threads() != self.torch_threads:
                 torch.set_num_threads(self.torch_threads)
 
-    def model(self) -> LoadedModel:
+    def model(self, worker_name: str) -> LoadedModel:
         with self._load_lock:
             if self._model is None:
-                model = self.spec.load()
+                spec = self.spec
+                if worker_name in self.devices:
+                    spec = dataclasses.replace(spec, device=self.devices[worker_name])
+                model = spec.load()
                 _ = model.backend  # its hooks are set up once here (seconds), not in the first unit
                 self._model = model
             return self._model
@@ -131,14 +139,16 @@ class ModelPlugin(WorkerPlugin):
 
 
 def _compute_unit(
-    plugin_name: str, detector_name: str, params: Mapping[str, Any], unit: str, expected: Mapping[str, Any]
-) -> tuple[str, UnitResult, float]:
-    """One unit on a worker (a Dask task): (unit, result, seconds of compute)."""
+    plugin_name: str, detector_name: str, params: Mapping[str, Any], unit: str, expected: Mapping[str, Any],
+    part: str | None = None,
+) -> tuple[str, Any, float]:
+    """One unit on a worker (a Dask task), or one ``part`` of it: (unit, its UnitResult or the
+    part's value, seconds of compute)."""
     worker = get_worker()
     plugin = worker.plugins.get(plugin_name)
     if not isinstance(plugin, ModelPlugin):
         raise RuntimeError(f"Dask worker {worker.address} has no interp model plugin {plugin_name!r}")
-    model = plugin.model()
+    model = plugin.model(str(worker.name))
     mine = model_identity(model)
     differ = [k for k, v in expected.items() if mine.get(k) != v]
     if differ:
@@ -148,7 +158,7 @@ def _compute_unit(
     with plugin.run_lock:
         plugin.apply_threads()
         t0 = time.perf_counter()
-        result = detector.run_unit(model, cfg, unit)
+        result = detector.run_unit(model, cfg, unit) if part is None else detector.run_part(model, cfg, unit, part)
         seconds = time.perf_counter() - t0
     return unit, result, seconds
 
@@ -161,10 +171,13 @@ class DaskExecutor(Executor):
     """Units on Dask workers, each holding its own copy of the model.
 
     ``workers=N`` starts a local cluster of N single-threaded worker processes (each with
-    ``cpu_count // N`` torch threads) and closes it in :meth:`close`; ``scheduler=ADDR`` joins
-    a running cluster (its workers must be able to load ``spec``: the same folder or zoo model
-    and the same package versions). ``retries`` reruns a unit whose task raised; a worker that
-    died is covered without it, by the scheduler's ``allowed-failures``.
+    ``cpu_count // N`` torch threads; for a model on CUDA, one GPU each, as the workers' ``GPU``
+    resource) and closes it in :meth:`close`; ``scheduler=ADDR`` joins a running cluster (its
+    workers must be able to load ``spec``: the same folder or zoo model and the same package
+    versions). ``retries`` reruns a unit whose task raised; a worker that died is covered
+    without it, by the scheduler's ``allowed-failures``. A run with fewer units than workers
+    sends each unit the detector can split (:meth:`Detector.split_unit`) in parts, and joins
+    them here; ``split_units`` counts the units so computed.
     """
 
     name = "dask"
@@ -178,10 +191,15 @@ class DaskExecutor(Executor):
             raise UserError(f"--workers must be >= 1, got {workers}")
         self.spec = spec
         self.retries = retries
+        self.split_units = 0  # units computed in parts on several workers (Detector.split_unit)
         self.cluster: LocalCluster | None = None
         self.client: Client | None = None
         self._closed = False
         self._plugin_name = f"interp-model-{uuid.uuid4().hex[:12]}"
+        devices = local_gpu_devices(spec, workers) if workers is not None else None
+        # Tasks ask for a GPU only on a cluster started here, whose workers declare theirs; the
+        # workers of a joined cluster need declare nothing.
+        self._resources = {"GPU": 1} if devices else None
         try:
             if workers is not None:
                 threads = max(1, (os.cpu_count() or 1) // workers)
@@ -196,13 +214,16 @@ class DaskExecutor(Executor):
                         # The memory of a worker is its model, which Dask cannot spill: its
                         # pause threshold would stall the run instead of failing it.
                         memory_limit=0,
+                        resources=self._resources,
                     )
                 self.client = Client(self.cluster, set_as_default=False)
+                names = [str(name) for name in self.cluster.workers]  # 0 .. N-1, kept by a respawn
+                plugin = ModelPlugin(spec, threads, dict(zip(names, devices, strict=True)) if devices else None)
             else:
                 assert scheduler is not None
-                threads = None
                 self.client = _connect(scheduler)
-            self.client.register_plugin(ModelPlugin(spec, threads), name=self._plugin_name)
+                plugin = ModelPlugin(spec)
+            self.client.register_plugin(plugin, name=self._plugin_name)
         except BaseException:
             self.close()
             raise
@@ -227,23 +248,39 @@ class DaskExecutor(Executor):
         expected = model_identity(model)
         cfg_hash = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
         token = uuid.uuid4().hex[:12]
-        pending: dict[Future, str] = {}
+        # Fewer units than workers: a unit the detector can split goes out in parts, as many as
+        # leave no worker idle, and is joined here when its last part arrives.
+        n_workers = len(cast(dict[str, int], client.nthreads()))
+        share = n_workers // len(units) if 0 < len(units) < n_workers else 1
+        parts = {unit: detector.split_unit(model, cfg, unit, share) if share > 1 else [] for unit in units}
+        pending: dict[Future, tuple[str, str | None]] = {}
+        done_parts: dict[str, dict[str, tuple[Any, float]]] = {}
         try:
             for unit in units:
-                future = client.submit(
-                    _compute_unit, self._plugin_name, detector.name, params, unit, expected,
-                    key=f"{detector.name}-{cfg_hash}-{unit}-{token}", pure=False, retries=self.retries,
-                )
-                pending[future] = unit
+                for part in parts[unit] or [None]:
+                    future = client.submit(
+                        _compute_unit, self._plugin_name, detector.name, params, unit, expected, part,
+                        key=f"{detector.name}-{cfg_hash}-{unit}-{part or 'whole'}-{token}", pure=False,
+                        retries=self.retries, resources=self._resources,
+                    )
+                    pending[future] = (unit, part)
             for future in as_completed(list(pending), loop=client.loop):
-                unit = pending.pop(future)
+                unit, part = pending.pop(future)
                 try:
-                    done_unit, result, seconds = future.result()
+                    _, value, seconds = future.result()
                 except Exception as exc:
-                    exc.add_note(f"(unit {unit!r} of {detector.name}, on a Dask worker)")
+                    exc.add_note(f"(unit {unit!r}{f' part {part}' if part else ''} of {detector.name}, on a Dask worker)")
                     raise
                 future.release()
-                yield done_unit, result, seconds
+                if part is None:
+                    yield unit, value, seconds
+                    continue
+                done_parts.setdefault(unit, {})[part] = (value, seconds)
+                if len(done_parts[unit]) == len(parts[unit]):
+                    got = done_parts.pop(unit)
+                    self.split_units += 1
+                    joined = detector.join_parts(model, cfg, unit, [got[p][0] for p in parts[unit]])
+                    yield unit, joined, sum(s for _, s in got.values())
         finally:
             # An error, Ctrl-C or a consumer that stopped: nothing of this run may go on.
             if pending:
@@ -268,6 +305,34 @@ class DaskExecutor(Executor):
         if self.client is None:
             raise RuntimeError("the Dask executor is closed")
         return self.client
+
+
+def local_gpu_devices(spec: ModelSpec, workers: int) -> list[str] | None:
+    """The device of each worker of a local cluster for a model on CUDA: one GPU per worker
+    (``cuda:0`` ... ``cuda:N-1``), as the workers' ``GPU`` resource; None off CUDA. UserError
+    when the workers would have to share GPUs: more workers than GPUs, every worker pinned to
+    one ``cuda:K``, or several workers each spreading the model over all GPUs (a device map)."""
+    from interp.loading import parse_device
+
+    device = parse_device(spec.device)
+    if device.type != "cuda":
+        return None
+    import torch
+
+    count = torch.cuda.device_count()
+    if spec.device_map is not None:
+        if workers > 1:
+            raise UserError(f"--device-map spreads each worker's model over all {count} GPUs of this machine: "
+                            "start one local worker (--workers 1), or join a cluster of one worker per node")
+        return None
+    if device.index is not None and workers > 1:
+        raise UserError(f"--device {spec.device} puts every worker on that one GPU; use --device cuda to give "
+                        f"each of the {workers} workers its own")
+    if workers > count:
+        raise UserError(f"--workers {workers} on CUDA needs a GPU per worker; this machine has {count}")
+    if device.index is not None:
+        return [str(device)]
+    return [f"cuda:{i}" for i in range(workers)]
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ the store one by one, so an interrupted run resumes without redoing finished uni
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
@@ -127,6 +127,21 @@ class Detector(Generic[C]):
 
     def run_unit(self, model: LoadedModel, cfg: C, unit: str) -> UnitResult:
         """Compute one unit. Must be deterministic given the config (seed included) and unit."""
+        raise NotImplementedError
+
+    def split_unit(self, model: LoadedModel, cfg: C, unit: str, n: int) -> list[str]:
+        """Up to ``n`` parts of one large unit that can be computed apart (on several workers),
+        by :meth:`run_part` each, then joined by :meth:`join_parts` into what :meth:`run_unit`
+        returns. Empty (the default): the unit is not split."""
+        return []
+
+    def run_part(self, model: LoadedModel, cfg: C, unit: str, part: str) -> Any:
+        """Compute one part of :meth:`split_unit` (a picklable value, sent back to the driver)."""
+        raise NotImplementedError
+
+    def join_parts(self, model: LoadedModel, cfg: C, unit: str, parts: Sequence[Any]) -> UnitResult:
+        """The unit's result from its parts' values, in :meth:`split_unit` order: equal to
+        :meth:`run_unit`'s up to float rounding."""
         raise NotImplementedError
 
     def finalize(self, model: LoadedModel, cfg: C, results: Mapping[str, pd.DataFrame]) -> Summary:

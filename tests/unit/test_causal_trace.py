@@ -460,3 +460,30 @@ def test_configs_parse_lists_and_check_relations() -> None:
         knock.parse_params({"prompt": PROMPT, "subject": SUBJECT})
     with pytest.raises(UserError, match="answer_mode"):
         knock.parse_params({"answer_mode": "all"})
+
+
+def test_a_trace_split_in_parts_joins_to_the_whole(tiny_llama_hf: Any) -> None:
+    """Split a fact's trace by cells (as the Dask executor does when a run has fewer units than
+    workers): each part recomputes the base run and restores its share of the cells; joined,
+    they give run_unit's tables. A missing or doubled part is refused."""
+    from circuits.causal_trace import CausalTraceDetector
+    from interp.runner import run_in_memory
+
+    model = loaded(copy.deepcopy(tiny_llama_hf))
+    det = CausalTraceDetector()
+    cfg = det.parse_params({"prompt": "w5 w9 w17 w23 w40 w41 w7 w8", "subject": "w17 w23 w40", "answer": "w11",
+                            "samples": 2, "kinds": "state,mlp,attn", "window": 2})
+    assert det.split_unit(model, cfg, "fact", 1) == []
+    assert det.split_unit(model, cfg, "known", 3) == []
+    names = det.split_unit(model, cfg, "fact", 3)
+    parts = [det.run_part(model, cfg, "fact", p) for p in names]
+    assert sorted(i for p in parts for i in p["index"]) == list(range(sum(len(p["index"]) for p in parts)))
+    whole = run_in_memory(model, det, cfg)[1]
+    joined = det.join_parts(model, cfg, "fact", parts).tables
+    for table in ("token_layer", "metrics", "artifacts"):
+        pd.testing.assert_frame_equal(joined[table], whole[table].drop(columns="unit"), check_exact=False,
+                                      rtol=1e-6, atol=1e-7, obj=table)
+    with pytest.raises(ValueError, match="cover"):
+        det.join_parts(model, cfg, "fact", parts[:2])
+    with pytest.raises(ValueError, match="cover"):
+        det.join_parts(model, cfg, "fact", [*parts, parts[0]])

@@ -41,6 +41,9 @@ N_WORKERS = 2
 WORKER_THREADS = max(1, (os.cpu_count() or 1) // N_WORKERS)
 INDUCTION = {"seq_len": 8, "n_prompts": 8, "batch_size": 2}  # 4 units
 COPYING = {"seq_len": 8, "n_prompts": 4}  # 2 units
+# One unit (the fact), which the causal-trace detector can split by cells.
+TRACE = {"prompt": "w5 w9 w17 w23 w40 w41 w7 w8", "subject": "w17 w23 w40", "answer": "w11", "samples": 2,
+         "kinds": "state,mlp", "window": 2}
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +152,25 @@ def test_dask_run_stores_what_a_serial_run_stores(
     assert res.computed_units == len(get_detector(name).units(model, get_detector(name).parse_params(params)))
     assert store.run(res.run_id).status == "done"
     assert_same_results(store, res.run_id, ref, ref_id)
+    assert live_tasks(dask2) == []
+
+
+def test_one_unit_is_split_over_the_workers(dask2: DaskExecutor, model: LoadedModel, tmp_path: Path) -> None:
+    """A run of one unit on two workers: the fact's trace goes out in two parts, each restoring
+    half of the cells after recomputing the base run, joined on the driver. Its stored numbers
+    equal a serial run's; not bit for bit, since each part batches its cells into other
+    forward passes (float rounding)."""
+    ref, ref_id = serial_run(model, "causal-trace", TRACE, tmp_path / "serial")
+    store = Store(tmp_path / "dask")
+    before = dask2.split_units
+    res = run_detector(model, "causal-trace", TRACE, store, progress=False, executor=dask2)
+    assert dask2.split_units == before + 1
+    assert store.run(res.run_id).status == "done"
+    assert unit_rows(store, res.run_id).keys() == unit_rows(ref, ref_id).keys()
+    got, want = stored_tables(store, res.run_id), stored_tables(ref, ref_id)
+    assert len(want["token_layer"]) > 0
+    for table in TABLES:
+        pd.testing.assert_frame_equal(got[table], want[table], check_exact=False, rtol=1e-6, atol=1e-7, obj=table)
     assert live_tasks(dask2) == []
 
 
