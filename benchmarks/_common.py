@@ -66,6 +66,19 @@ def random_init_model(name: str, seed: int = 0, device: str | None = None) -> An
     return interp.load_model(hf, tokenizer=tok, device=dev)
 
 
+def random_init_folder(name: str, seed: int = 0) -> Path:
+    """A temporary model folder (safetensors, config and tokenizer) holding the random weights of
+    :func:`random_init_model`, so that other processes (Dask workers, a device map) can load the
+    same model by its path. The caller removes it (``shutil.rmtree``) when done."""
+    import tempfile
+
+    source = random_init_model(name, seed=seed, device="cpu")
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}-random-seed{seed}-"))
+    source.hf.save_pretrained(folder)
+    source.tokenizer.save_pretrained(folder)
+    return folder
+
+
 def load(name: str, random_init: bool = False) -> tuple[Any, torch.nn.Module]:
     """The LoadedModel (bridge) and an independent plain HF copy for the un-hooked baseline.
 

@@ -14,14 +14,13 @@ that refusal is reported, not hidden. Prints one JSON object; exit 1 when scores
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks._common import emit, random_init_model
+from benchmarks._common import emit, random_init_folder
 
 
 def _scores(model: Any, detector: str) -> dict[tuple[int, int], float]:
@@ -42,11 +41,8 @@ def main() -> None:
     import interp
     from interp.errors import UserError
 
-    source = random_init_model(args.model, device="cpu")
-    folder = Path(tempfile.mkdtemp(prefix="device-map-check-"))
-    source.hf.save_pretrained(folder)
-    source.tokenizer.save_pretrained(folder)
-    weights_mib = sum(t.numel() * t.element_size() for t in source.hf.parameters()) / 2**20
+    folder = random_init_folder(args.model)
+    weights_mib = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
     limit = f"0={max(1, int(weights_mib / 2))}MiB,cpu=64GiB"
     report: dict[str, Any] = {"model": args.model, "weights_mib": round(weights_mib), "max_memory": limit}
     ok = True
@@ -58,7 +54,10 @@ def main() -> None:
         except UserError as exc:
             report[backend] = {"refused": str(exc)}
             continue
-        entry: dict[str, Any] = {"placement": split.provenance.device}
+        devices = sorted({str(d) for d in getattr(split.hf, "hf_device_map", {}).values()})
+        mixed = any(d not in ("cpu", "disk") for d in devices) and "cpu" in devices
+        entry: dict[str, Any] = {"placement": split.provenance.device, "devices": devices, "mixed": mixed}
+        ok &= mixed
         for detector in ("induction", "copying"):
             a, b = _scores(whole, detector), _scores(split, detector)
             diff = max(abs(a[k] - b[k]) for k in a) if a.keys() == b.keys() else float("inf")
@@ -66,6 +65,7 @@ def main() -> None:
             ok &= diff <= 1e-4
         report[backend] = entry
     report["ok"] = ok
+    shutil.rmtree(folder, ignore_errors=True)
     emit(report)
     sys.exit(0 if ok else 1)
 

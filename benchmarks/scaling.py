@@ -12,7 +12,7 @@ the workers are timed apart from the units: the units-per-second numbers are the
 Expect little gain on a 2-core machine: one torch process already uses both cores for one unit,
 so N workers split the same cores (each gets cores // N torch threads); what they gain is only
 what one unit leaves idle. Real gains need more cores (or GPUs) than one process can use.
-Prints one JSON object.
+Prints a JSON line per executor as it ends, then the whole report.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from benchmarks._common import emit
+from benchmarks._common import emit, random_init_folder
 
 
 def _args() -> argparse.Namespace:
@@ -39,6 +40,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--workers", default="1,2", help="worker counts to time, comma-separated")
     p.add_argument("--device", default="cpu", help="device of the driver and the workers (cpu, cuda, auto)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--random-init", action="store_true",
+                   help="random weights from .gpu/<model>/config.json, saved to a temporary folder the workers "
+                   "load (for machines without the weights)")
     return p.parse_args()
 
 
@@ -67,11 +71,13 @@ def main() -> None:
 
     params = dict(kv.split("=", 1) for kv in args.params.split(",") if kv)
     counts = [int(n) for n in args.workers.split(",")]
-    model = interp.load_model(args.model, device=args.device, dtype=args.dtype)
+    folder = random_init_folder(args.model) if args.random_init else None
+    model = interp.load_model(str(folder or args.model), device=args.device, dtype=args.dtype)
     assert model.spec is not None
     serial_s, n_units, reference = _timed_run(model, args.detector, params, SerialExecutor())
     rows: dict[str, Any] = {"serial": {"seconds": round(serial_s, 2), "units_per_s": round(n_units / serial_s, 3),
                                        "torch_threads": torch.get_num_threads()}}
+    emit({"serial": rows["serial"]})  # a line per executor as it ends: a time limit leaves the first
     for n in counts:
         t0 = time.perf_counter()
         with DaskExecutor(model.spec, workers=n) as ex:
@@ -82,6 +88,7 @@ def main() -> None:
         rows[f"dask-{n}"] = {"workers": n, "torch_threads_per_worker": max(1, (os.cpu_count() or 1) // n),
                              "startup_s": round(startup, 2), "seconds": round(seconds, 2),
                              "units_per_s": round(units / seconds, 3)}
+        emit({f"dask-{n}": rows[f"dask-{n}"]})
     one = rows.get("dask-1", {}).get("units_per_s")
     for n in counts:
         r = rows[f"dask-{n}"]
@@ -89,7 +96,9 @@ def main() -> None:
             r["ratio_to_1_worker"] = round(r["units_per_s"] / one, 3)
             r["parallel_efficiency"] = round(r["units_per_s"] / one / n, 3)
         r["ratio_to_serial"] = round(r["units_per_s"] / rows["serial"]["units_per_s"], 3)
-    emit({"benchmark": "scaling", "model": args.model, "detector": args.detector, "params": params,
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+    emit({"benchmark": "scaling", "model": args.model, "random_init": args.random_init, "detector": args.detector, "params": params,
           "units": n_units, "device": args.device, "dtype": args.dtype, "cpu_count": os.cpu_count(),
           "machine": platform.machine(), "results_equal": True, "runs": rows})
 
