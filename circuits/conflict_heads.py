@@ -635,20 +635,46 @@ class ConflictHeadsDetector(Detector[ConflictHeadsConfig]):
         return list(cfg.formats)
 
     def run_unit(self, model: LoadedModel, cfg: ConflictHeadsConfig, unit: str) -> UnitResult:
-        fmt = unit
+        return self.join_parts(model, cfg, unit, [self.run_part(model, cfg, unit, "items-0-of-1")])
+
+    # A format's unit splits by validation items: each part path-patches its share of the items;
+    # the first also scores the answer rates and the total effects. The driver averages them.
+    def split_unit(self, model: LoadedModel, cfg: ConflictHeadsConfig, unit: str, n: int) -> list[str]:
+        n = min(n, len(self.dataset(model, cfg).split("validation")))
+        return [] if n < 2 else [f"items-{i}-of-{n}" for i in range(n)]
+
+    def run_part(self, model: LoadedModel, cfg: ConflictHeadsConfig, unit: str, part: str) -> dict[str, Any]:
+        fmt, (_, i, _, n) = unit, part.split("-")
         ds = self.dataset(model, cfg)
-        metrics: list[tuple[str, float, float | None, float | None, int | None]] = []
-        for split in ("validation", "test"):
-            r = rates(score_items(model, ds.split(split), fmt, batch_size=cfg.batch_size))
-            n = int(r.pop("n"))
-            metrics += [(f"{fmt}.{split}.{k}", float(v), None, None, n) for k, v in r.items()]
         val = ds.split("validation")
-        scores = mean_by_head(head_effects(model, val, fmt, cfg.batch_size))
+        share = np.array_split(np.arange(len(val)), int(n))[int(i)]
+        out: dict[str, Any] = {"effects": head_effects(model, [val[j] for j in share], fmt, cfg.batch_size)}
+        if int(i) == 0:
+            metrics: list[tuple[str, float, float | None, float | None, int | None]] = []
+            for split in ("validation", "test"):
+                r = rates(score_items(model, ds.split(split), fmt, batch_size=cfg.batch_size))
+                count = int(r.pop("n"))
+                metrics += [(f"{fmt}.{split}.{k}", float(v), None, None, count) for k, v in r.items()]
+            out["metrics"] = metrics
+            if cfg.total_effect:
+                out["total"] = total_effects(model, val[: cfg.total_items], fmt)
+        return out
+
+    def join_parts(self, model: LoadedModel, cfg: ConflictHeadsConfig, unit: str, parts: Sequence[Any]) -> UnitResult:
+        fmt, first = unit, parts[0]
+        n_val = len(self.dataset(model, cfg).split("validation"))
+        effects = pd.concat([p["effects"] for p in parts], ignore_index=True)
+        per_item = effects.groupby("item").size()
+        n_heads = model.info.n_layers * model.info.n_heads
+        if len(per_item) != n_val or bool((per_item != n_heads).any()):
+            raise ValueError(f"the parts of {fmt} cover {len(per_item)} of its {n_val} validation items, "
+                             "some twice or none")
+        scores = mean_by_head(effects)
+        metrics = list(first["metrics"])
         if cfg.total_effect:
-            te = mean_by_head(total_effects(model, val[: cfg.total_items], fmt))
-            scores = scores.merge(te, on=["layer", "head"])
-            metrics.append((f"{fmt}.n_total_effect_items", float(min(len(val), cfg.total_items)), None, None, None))
-        metrics.append((f"{fmt}.n_patch_items", float(len(val)), None, None, len(val)))
+            scores = scores.merge(mean_by_head(first["total"]), on=["layer", "head"])
+            metrics.append((f"{fmt}.n_total_effect_items", float(min(n_val, cfg.total_items)), None, None, None))
+        metrics.append((f"{fmt}.n_patch_items", float(n_val), None, None, n_val))
         return UnitResult(
             tables={"head_scores": prefixed_head_scores(scores, fmt), "metrics": tables.metric_rows(metrics)}
         )

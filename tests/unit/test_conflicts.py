@@ -630,3 +630,24 @@ def test_select_k_prefers_best_validation_rate_then_smaller_k(monkeypatch: pytes
         ph3.select_k(None, [], ["restated"], [], "prune-memory")  # type: ignore[arg-type]
     with pytest.raises(UserError, match="unknown PH3 direction"):
         ph3.select_k(None, [], ["restated"], heads, "prune-both")  # type: ignore[arg-type]
+
+
+def test_conflict_heads_unit_split_by_items_joins_to_the_whole(knowing: LoadedModel) -> None:
+    """A format's unit split by validation items (as the Dask executor does when a run has fewer
+    units than workers): the parts' path patching joined equals run_unit's; a part missing or
+    repeated is refused."""
+    det = ConflictHeadsDetector()
+    cfg = det.parse_params({"max_items": 8, "formats": "restated", "total_effect": True, "total_items": 2,
+                            "n_top": 2})
+    names = det.split_unit(knowing, cfg, "restated", 3)
+    assert len(names) == 3
+    parts = [det.run_part(knowing, cfg, "restated", p) for p in names]
+    whole = det.run_unit(knowing, cfg, "restated").tables
+    joined = det.join_parts(knowing, cfg, "restated", parts).tables
+    for table in ("head_scores", "metrics"):
+        pd.testing.assert_frame_equal(joined[table], whole[table], check_exact=False, rtol=1e-5, atol=1e-6,
+                                      obj=table)
+    with pytest.raises(ValueError, match="cover"):
+        det.join_parts(knowing, cfg, "restated", parts[:2])
+    with pytest.raises(ValueError, match="cover"):
+        det.join_parts(knowing, cfg, "restated", [*parts, parts[1]])
