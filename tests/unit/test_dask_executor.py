@@ -174,6 +174,22 @@ def test_one_unit_is_split_over_the_workers(dask2: DaskExecutor, model: LoadedMo
     assert live_tasks(dask2) == []
 
 
+def test_the_printed_dashboard_link_serves_the_dashboard(dask2: DaskExecutor) -> None:
+    """The link the CLI prints opens Dask's live dashboard (bokeh comes with the install), not
+    the stub page distributed serves without it."""
+    import re
+    import urllib.request
+
+    line = dask2.describe()
+    assert "stub" not in line
+    found = re.search(r"dashboard (http://127\.0\.0\.1:\d+/status)", line)
+    assert found, line
+    with urllib.request.urlopen(found.group(1), timeout=30) as page:
+        assert page.status == 200
+        html = page.read().decode()
+    assert "Bokeh" in html and "task-stream" in html.lower().replace("_", "-")
+
+
 def test_error_in_a_unit_propagates_and_cancels_the_rest(dask2: DaskExecutor, model: LoadedModel) -> None:
     det = get_detector("induction")
     cfg = det.parse_params(INDUCTION)
