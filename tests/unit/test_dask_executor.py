@@ -187,7 +187,8 @@ def test_the_printed_dashboard_link_serves_the_dashboard(dask2: DaskExecutor) ->
     with urllib.request.urlopen(found.group(1), timeout=30) as page:
         assert page.status == 200
         html = page.read().decode()
-    assert "Bokeh" in html and "task-stream" in html.lower().replace("_", "-")
+    assert "Bokeh" in html
+    assert "task-stream" in html.lower().replace("_", "-")
 
 
 def test_error_in_a_unit_propagates_and_cancels_the_rest(dask2: DaskExecutor, model: LoadedModel) -> None:
