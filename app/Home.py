@@ -113,13 +113,13 @@ else:
 
 
 def _detectors() -> dict[str, Any]:
-    from interp.registry import all_detectors
+    from interp.runs.registry import all_detectors
 
     return all_detectors()
 
 
 def _zoo_names() -> list[str]:
-    from interp.zoo import ZOO
+    from interp.model.zoo import ZOO
 
     return list(ZOO)
 
@@ -201,7 +201,7 @@ n_workers = int(c5.number_input("Dask workers (0: this process)", min_value=0, m
 def _placement_args() -> list[str]:
     """--device/--dtype/--workers of the job, checked here first (a device this machine lacks, a
     dtype it cannot run) so that a bad choice is an error on the page, not a failed job."""
-    from interp.loading import Placement
+    from interp.model.loading import Placement
 
     Placement.parse(device, dtype)
     return ["--device", device, "--dtype", dtype, *(["--workers", str(n_workers)] if n_workers else [])]

@@ -21,13 +21,13 @@ import streamlit as st
 
 from interp import figures
 from interp.errors import UserError
-from interp.store import FINAL_UNIT, RESERVED_UNITS, TABLES, WARNINGS_UNIT
+from interp.runs.store import FINAL_UNIT, RESERVED_UNITS, TABLES, WARNINGS_UNIT
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from interp.model import LoadedModel
-    from interp.store import Store
+    from interp.model.loaded import LoadedModel
+    from interp.runs.store import Store
 
 APP_DIR = Path(__file__).resolve().parent
 WORKSPACE_ENV = "INTERP_WORKSPACE"
@@ -117,7 +117,7 @@ def workspace() -> Path:
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def _store(path: str) -> Store:
-    from interp.store import Store
+    from interp.runs.store import Store
 
     # One connection per workspace and server process; the Store serialises its own use.
     return Store(path)
@@ -136,7 +136,7 @@ def store() -> Store | None:
 def detector_outputs() -> dict[str, str]:
     """Each registered detector's output ({} when the detector modules fail to load:
     the pages then decide by the stored tables alone)."""
-    from interp.registry import all_detectors
+    from interp.runs.registry import all_detectors
 
     try:
         return {name: cls.output for name, cls in all_detectors().items()}
@@ -408,7 +408,7 @@ def curve_axes_of(detector: str | None) -> dict[str, tuple[str, str]]:
     if not detector:
         return {}
     try:
-        from interp.registry import all_detectors
+        from interp.runs.registry import all_detectors
 
         cls = all_detectors().get(str(detector))
     except Exception:  # a broken plugin module must not take the page down
@@ -470,7 +470,7 @@ def model_spec(row: Mapping[str, Any]) -> tuple[str | None, str, str]:
     dtype = str(prov.get("dtype", "float32")).removeprefix("torch.")
     device = str(prov.get("device", "cpu"))
     try:
-        from interp.loading import parse_device
+        from interp.model.loading import parse_device
 
         parse_device(device)
     except UserError:
@@ -522,7 +522,7 @@ def attention_pattern(
 def example_ids(model: LoadedModel, detector: str, params: Mapping[str, Any], max_tokens: int) -> list[int] | None:
     """The detector's typical input (:meth:`Detector.example_tokens`), truncated to
     ``max_tokens``; None where it has none."""
-    from interp.registry import get_detector
+    from interp.runs.registry import get_detector
 
     try:
         det = get_detector(detector)

@@ -12,7 +12,7 @@ import typer
 
 from interp.cli import WorkspaceOpt, err, open_store
 from interp.errors import UserError
-from interp.registry import command
+from interp.runs.registry import command
 
 HOME = Path(__file__).resolve().parent / "Home.py"
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 import interp
-from circuits import causal_trace as ct
+from circuits.data.facts import load_facts
+from circuits.methods import tracing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,16 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     model = interp.load_model(args.model)
-    inp = ct.prepare(model, args.prompt, args.subject, args.answer)
-    noise = 3 * ct.subject_embedding_std(model, [f.subject for f in ct.load_facts()])
+    inp = tracing.prepare(model, args.prompt, args.subject, args.answer)
+    noise = 3 * tracing.subject_embedding_std(model, [f.subject for f in load_facts()])
     kw = {"noise_std": noise, "samples": args.samples, "seed": 1, "window": args.window}
-    _, _, clean = ct.clean_and_corrupted(model, inp, noise_std=noise, samples=args.samples, seed=1, kinds=ct.KINDS)
+    _, _, clean = tracing.clean_and_corrupted(model, inp, noise_std=noise, samples=args.samples, seed=1, kinds=tracing.KINDS)
     # Cells spread over kinds, subject-and-after tokens and layers.
     grid = [
-        ct.Cell(k, t, layer)
+        tracing.Cell(k, t, layer)
         for t in range(inp.subject_range[0], inp.n_tokens)
         for layer in range(model.info.n_layers)
-        for k in ct.KINDS
+        for k in tracing.KINDS
     ]
     step = max(1, len(grid) // args.cells) if args.cells else 1
     cells = grid[::step][: args.cells or None]
@@ -60,14 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         values = fn()
         return time.perf_counter() - t0, values
 
-    ct.restored_scores(model, inp, cells[:3], clean, memory_mb=args.memory_mb, **kw)  # warm-up
-    t_engine, engine = timed(lambda: ct.restored_scores(model, inp, cells, clean, memory_mb=args.memory_mb, **kw))
+    tracing.restored_scores(model, inp, cells[:3], clean, memory_mb=args.memory_mb, **kw)  # warm-up
+    t_engine, engine = timed(lambda: tracing.restored_scores(model, inp, cells, clean, memory_mb=args.memory_mb, **kw))
     t_stacked, stacked = timed(
-        lambda: ct.restored_scores(model, inp, cells, clean, memory_mb=args.memory_mb, reuse=False, **kw)
+        lambda: tracing.restored_scores(model, inp, cells, clean, memory_mb=args.memory_mb, reuse=False, **kw)
     )
     # One full forward pass per cell: room for a single cell per pass, nothing reused.
     t_loop, loop = timed(lambda: np.concatenate(
-        [ct.restored_scores(model, inp, [c], clean, memory_mb=0.0, reuse=False, **kw) for c in cells]
+        [tracing.restored_scores(model, inp, [c], clean, memory_mb=0.0, reuse=False, **kw) for c in cells]
     ))
     diff = float(max(np.abs(engine - loop).max(), np.abs(stacked - loop).max()))
     out = {

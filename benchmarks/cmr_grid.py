@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from circuits import cmr_model
+from circuits.methods import cmr_model
 
 
 def main() -> None:

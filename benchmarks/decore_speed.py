@@ -23,8 +23,8 @@ import time
 import torch
 
 import interp
-from circuits.decore import decore_generate, greedy_generate
-from circuits.heads import parse_heads
+from circuits.methods.decore import decore_generate, greedy_generate
+from circuits.methods.heads import parse_heads
 
 PROMPTS = [
     "The history of the printing press begins",

@@ -24,8 +24,8 @@ from benchmarks._common import emit, random_init_folder
 
 
 def _scores(model: Any, detector: str) -> dict[tuple[int, int], float]:
-    from interp.registry import get_detector
-    from interp.runner import run_in_memory
+    from interp.runs.registry import get_detector
+    from interp.runs.runner import run_in_memory
 
     det = get_detector(detector)
     summary, _ = run_in_memory(model, det, type(det).scan_params)

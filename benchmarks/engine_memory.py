@@ -1,6 +1,6 @@
 """Benchmark: peak memory of an all-heads patching sweep (z at all positions, patched from the
 consistent prompts into the conflict prompts, metric = logit diff at the last token) under the
-engine's default memory budget (interp.engine.default_budget: a quarter of the free memory).
+engine's default memory budget (interp.patching.execution.default_budget: a quarter of the free memory).
 
 Measures the process's resident memory before loading the model, after loading it (bridge
 booted) and after the sweep: current RSS (psutil), the lifetime peak (getrusage ru_maxrss),
@@ -30,7 +30,11 @@ import time
 import torch
 
 from benchmarks._common import conflict_prompts, emit, parse_args, timed
-from interp.engine import LogitDiff, Sweep, default_budget, plan_chunks, run_sweep
+from interp.patching.execution import run_sweep
+from interp.patching.memory import default_budget
+from interp.patching.metrics import LogitDiff
+from interp.patching.planning import plan_chunks
+from interp.patching.sweeps import Sweep
 
 MiB = 2**20
 

@@ -8,9 +8,9 @@ LoadedModel with the bridge backend, and compares:
 - forward: plain logits (and the bridge against the plain HF module on the device);
 - ablate: AblateHeads zero (all rows, and a row/position subset) and mean ablation;
 - patch: Patch from a cached source run (cache on the device, and offloaded to the CPU);
-- sweep: interp.engine.run_sweep heads x patch (also with offload), heads x zero, heads x mean,
+- sweep: interp.patching.execution.run_sweep heads x patch (also with offload), heads x zero, heads x mean,
   positions x patch (resid_pre), and the engine's value for one head against a direct Patch run;
-- decode: circuits.decore greedy_generate and decore_generate (KV-cached, left-padded batch),
+- decode: circuits.methods.decore greedy_generate and decore_generate (KV-cached, left-padded batch),
   and greedy decoding against a step-by-step recompute without the KV cache on the device.
 
 With ``--smollm``, the same forward / sweep / decode checks run on smollm2-135m with random
@@ -139,9 +139,11 @@ def _on_device(x: torch.Tensor, model: Any) -> torch.Tensor:
 def model_checks(group: str, pair: Pair, tokens: torch.Tensor, src_tokens: torch.Tensor,
                  heads: Sequence[tuple[int, int]], prompts: Sequence[Sequence[int]], new_tokens: int,
                  sweep_layers: tuple[int, ...] | None = None, full: bool = True) -> None:
-    from circuits.decore import decore_generate, greedy_generate
-    from interp.engine import LogitDiff, Sweep, run_sweep
-    from interp.interventions import AblateHeads, Patch
+    from circuits.methods.decore import decore_generate, greedy_generate
+    from interp.model.interventions import AblateHeads, Patch
+    from interp.patching.execution import run_sweep
+    from interp.patching.metrics import LogitDiff
+    from interp.patching.sweeps import Sweep
 
     info = pair.cpu.info
     la, lb = heads[0][0], heads[-1][0]
@@ -360,7 +362,7 @@ def main() -> int:
             tok = base.tokenizer
 
             def wrap(m: torch.nn.Module) -> Any:
-                from interp.model import LoadedModel, Provenance
+                from interp.model.loaded import LoadedModel, Provenance
 
                 prov = Provenance(model_id="smollm2-135m-random-seed0", source="object", file_sha256=None,
                                   dtype="float32", device=str(next(m.parameters()).device))

@@ -58,7 +58,7 @@ for dist in ("torch", "transformers", "transformer-lens", "huggingface-hub", "da
         print(f"  {dist:16} ABSENT")
 for mod in ("transformers", "transformer_lens", "interp"):
     print(f"  {mod} from {importlib.import_module(mod).__file__}")
-for mod in ("interp.engine", "interp.backends", "circuits.decore", "transformer_lens.model_bridge",
+for mod in ("interp.patching.execution", "interp.model.backends", "circuits.methods.decore", "transformer_lens.model_bridge",
             "transformer_lens.patching", "benchmarks.patching_heads", "tests.tiny"):
     importlib.import_module(mod)
 print("cuda available:", torch.cuda.is_available(), "| torch.version.cuda:", torch.version.cuda)

@@ -21,7 +21,7 @@ done
 # This package as a wheel: its entry points register the detectors (a bare PYTHONPATH would not).
 rm -f .whl/interp_workbench-*.whl
 .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w .whl .
-src=$(.venv/bin/python -c "from interp.zoo import model_dir; print(model_dir('smollm2-135m'))")
+src=$(.venv/bin/python -c "from interp.model.zoo import model_dir; print(model_dir('smollm2-135m'))")
 for f in config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja; do
   [ -f "$src/$f" ] && cp "$src/$f" .gpu/smollm2-135m/
 done

@@ -52,8 +52,8 @@ step() {  # step NAME SECONDS COMMAND...
 step env 45 "$PY" - <<'EOF'
 import importlib.metadata as md, json, os, platform
 import torch
-from interp.registry import all_detectors, default_scan
-import interp.dask_executor, nnsight, transformer_lens  # noqa: F401
+from interp.runs.registry import all_detectors, default_scan
+import interp.runs.dask_executor, nnsight, transformer_lens  # noqa: F401
 print(json.dumps({
     "python": platform.python_version(), "cpus": os.cpu_count(),
     "versions": {d: md.version(d) for d in ("torch", "transformers", "accelerate", "dask", "distributed",

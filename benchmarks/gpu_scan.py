@@ -40,8 +40,8 @@ def _args() -> argparse.Namespace:
 def _run(model: Any, name: str, store: Any) -> dict[str, Any]:
     """One detector's scan run on ``model``: its time and stored numbers, or why it was skipped."""
     from interp.errors import UserError
-    from interp.registry import get_detector
-    from interp.runner import run_detector
+    from interp.runs.registry import get_detector
+    from interp.runs.runner import run_detector
 
     params = type(get_detector(name)).scan_params
     t0 = time.perf_counter()
@@ -56,7 +56,7 @@ def _run(model: Any, name: str, store: Any) -> dict[str, Any]:
 
 def _values(store: Any, run_id: int) -> dict[str, Any]:
     """Each stored table's numbers (``value``, or ``y`` of curves), rows sorted by the others."""
-    from interp.store import TABLES
+    from interp.runs.store import TABLES
 
     out = {}
     for table in TABLES:
@@ -86,7 +86,7 @@ def _top(scores: dict[tuple[int, int], float], k: int = 10) -> list[tuple[int, i
 
 def main() -> None:
     args = _args()
-    from interp.registry import default_scan
+    from interp.runs.registry import default_scan
 
     devices = [d for d in args.devices.split(",") if d]
     if any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
@@ -95,7 +95,7 @@ def main() -> None:
     folder = random_init_folder(args.model) if args.random_init else None
     name = str(folder or args.model)
     import interp
-    from interp.store import Store
+    from interp.runs.store import Store
 
     report: dict[str, Any] = {"benchmark": "gpu_scan", "model": args.model, "random_init": args.random_init,
                               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -1,7 +1,7 @@
 """Benchmark: patch every head's output (z, all positions) from the consistent prompts into the
 conflict prompts, metric = mean logit diff (memory answer - context answer) at the last token.
 
-Engine (interp.engine.run_sweep) vs (a) TransformerLens's per-index idiom on the bridge
+Engine (interp.patching.execution.run_sweep) vs (a) TransformerLens's per-index idiom on the bridge
 (patching.get_act_patch_attn_head_out_all_pos; with --quick, generic_activation_patch over
 the same subset of heads) and (b) the plain un-hooked HF forward of the same batch. Engine and
 baseline are timed in the same process, interleaved; both results are compared first.
@@ -26,7 +26,9 @@ from benchmarks._common import (
     parse_args,
     plain_forward_seconds,
 )
-from interp.engine import LogitDiff, Sweep, SweepResult, run_sweep
+from interp.patching.execution import run_sweep
+from interp.patching.metrics import LogitDiff
+from interp.patching.sweeps import Sweep, SweepResult
 
 
 def main() -> None:

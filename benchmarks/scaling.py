@@ -47,14 +47,14 @@ def _args() -> argparse.Namespace:
 
 
 def _tables(store: Any, run_id: int) -> dict[str, pd.DataFrame]:
-    from interp.store import TABLES
+    from interp.runs.store import TABLES
 
     return {t: store.to_frame(run_id, t).sort_values("unit", kind="stable").reset_index(drop=True) for t in TABLES}
 
 
 def _timed_run(model: Any, detector: str, params: dict[str, Any], executor: Any) -> tuple[float, int, dict]:
-    from interp.runner import run_detector
-    from interp.store import Store
+    from interp.runs.runner import run_detector
+    from interp.runs.store import Store
 
     with tempfile.TemporaryDirectory() as ws, Store(Path(ws)) as store:
         t0 = time.perf_counter()
@@ -66,8 +66,8 @@ def _timed_run(model: Any, detector: str, params: dict[str, Any], executor: Any)
 def main() -> None:
     args = _args()
     import interp
-    from interp.dask_executor import DaskExecutor
-    from interp.executors import SerialExecutor
+    from interp.runs.dask_executor import DaskExecutor
+    from interp.runs.executors import SerialExecutor
 
     params = dict(kv.split("=", 1) for kv in args.params.split(",") if kv)
     counts = [int(n) for n in args.workers.split(",")]

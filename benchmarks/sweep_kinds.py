@@ -17,7 +17,7 @@ Kinds (--kinds, comma-separated, default all):
   heads' attention scores from the last token to that key set to -inf; baseline one
   run_with_hooks per cell on hook_attn_scores.
 
-Engine (interp.engine.run_sweep) vs (a) the TransformerLens idiom on model.backend.bridge
+Engine (interp.patching.execution.run_sweep) vs (a) the TransformerLens idiom on model.backend.bridge
 (its time includes the run that caches what it patches in, as the engine's does) and (b) the
 plain un-hooked HF forward of the same batch. Both results are compared first (per prompt,
 max abs difference); engine and baseline are timed in the same process, interleaved. Prints
@@ -45,7 +45,9 @@ from benchmarks._common import (
     parse_args,
     plain_forward_seconds,
 )
-from interp.engine import LogitDiff, Sweep, SweepResult, run_sweep
+from interp.patching.execution import run_sweep
+from interp.patching.metrics import LogitDiff
+from interp.patching.sweeps import Sweep, SweepResult
 
 KINDS = ("positions_patch", "windows_patch", "heads_zero", "heads_mean", "positions_knockout")
 TOLERANCE = 1e-4

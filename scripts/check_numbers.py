@@ -38,8 +38,8 @@ SMALL: dict[str, dict[str, Any]] = {
 
 def record(path: Path, model_name: str, only: set[str] | None = None) -> None:
     import interp
-    from interp.registry import all_detectors
-    from interp.runner import run_in_memory
+    from interp.runs.registry import all_detectors
+    from interp.runs.runner import run_in_memory
 
     model = interp.load_model(model_name)
     out: dict[str, Any] = {"model": model.name, "prefix": model.prefix.to_dict(), "runs": {}}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from interp.model import LoadedModel
+from interp.model.loaded import LoadedModel
 from tests.tiny import loaded, save_folder, tiny_gemma3, tiny_gpt2, tiny_llama, tiny_qwen2
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -19,7 +19,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from interp.model import LoadedModel, Provenance
+from interp.model.loaded import LoadedModel, Provenance
 
 VOCAB = 128
 

@@ -28,7 +28,7 @@ if store is None:
 
 def _tracing_module() -> Any:
     try:
-        return importlib.import_module("circuits.causal_trace")
+        return importlib.import_module("circuits.methods.tracing")
     except ImportError:
         return None
 
@@ -84,7 +84,7 @@ st.subheader("trace a prompt live")
 module = _tracing_module()
 needed = ("prepare", "trace_fact", "heatmap_figure")
 if module is None or not all(hasattr(module, n) for n in needed):
-    st.info("live tracing needs circuits.causal_trace (prepare, trace_fact, heatmap_figure); it is not available here")
+    st.info("live tracing needs circuits.methods.tracing (prepare, trace_fact, heatmap_figure); it is not available here")
 else:
     with st.form("ct-live"):
         model_name = st.text_input("model", value="smollm2-135m", key="ct-model")
@@ -107,7 +107,7 @@ else:
             model = dash.loaded_model(model_name.strip())
             if model is not None:
                 try:
-                    from interp.registry import get_detector
+                    from interp.runs.registry import get_detector
 
                     det = get_detector("causal-trace")
                     # Noise as the stored runs: noise_factor x the std of the default facts' subjects.

@@ -1,6 +1,6 @@
 """Conflicts and interventions: memory vs context rates of stored runs and their head maps, and
 live interventions on a prompt: PH3 pruning or head scaling next to the unmodified model, DeCoRe
-next to greedy. Computation lives in circuits.ph3 and circuits.decore."""
+next to greedy. Computation lives in circuits.detectors.ph3 and circuits.methods.decore."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 
 import dashboard as dash
 
-from circuits import decore, ph3
-from circuits.conflict_heads import rates_figure
+from circuits.detectors import ph3
+from circuits.detectors.conflict_heads import rates_figure
+from circuits.methods import decore
+from circuits.methods.heads import parse_heads
 from interp.errors import UserError
 
 dash.setup("conflicts and interventions")
@@ -69,7 +71,7 @@ if ph3_go:
     model = dash.loaded_model(ph3_model.strip())
     if model is not None:
         try:
-            heads = ph3.parse_heads(ph3_heads, model)
+            heads = parse_heads(ph3_heads, model)
             if not ph3_prompt.strip():
                 raise UserError("give a prompt")
             with st.spinner("generating with and without the heads..."):
@@ -106,7 +108,7 @@ if dc_go:
     model = dash.loaded_model(dc_model.strip())
     if model is not None:
         try:
-            heads = ph3.parse_heads(dc_heads, model)
+            heads = parse_heads(dc_heads, model)
             if not dc_prompt.strip():
                 raise UserError("give a prompt")
             alpha = decore.parse_alpha(dc_alpha.strip())

@@ -53,8 +53,8 @@ SMALL_SCAN = [
 SMALL_SCAN_CODE = """
 import json, sys
 import interp
-from interp.runner import run_detector
-from interp.store import Store
+from interp.runs.runner import run_detector
+from interp.runs.store import Store
 model = interp.load_model("smollm2-135m")
 with Store(sys.argv[1]) as store:
     for name, params in json.loads(sys.argv[2]):
@@ -272,7 +272,7 @@ def test_bad_model_folder_shows_an_error(server: str, page: Any) -> None:
 
 def test_run_a_detector_from_the_form(server: str, workspace: tuple[Path, int], page: Any) -> None:
     ws, _ = workspace
-    from interp.store import Store
+    from interp.runs.store import Store
 
     with Store(ws) as s:
         before = set(s.runs()["id"])
@@ -308,10 +308,11 @@ def test_atlas_cell_opens_the_run_behind_it(server: str, workspace: tuple[Path, 
     induction run (its summary the stored run's own, re-finalized); clicking that cell opens the
     Head maps page on that run."""
     import interp
-    from circuits.atlas import ModelResults, summarize, write_atlas
-    from interp.registry import get_detector
-    from interp.runner import unit_rows
-    from interp.store import TABLES, Store
+    from circuits.atlas.claims import ModelResults, summarize
+    from circuits.atlas.workflow import write_atlas
+    from interp.runs.registry import get_detector
+    from interp.runs.runner import unit_rows
+    from interp.runs.store import TABLES, Store
 
     ws, run_id = workspace
     model = interp.load_model("smollm2-135m")

@@ -9,9 +9,9 @@ Run against that commit's tree, not this one:
 import sys
 from pathlib import Path
 
-from circuits.decore_eval import DecoreEvalDetector
-from interp.runner import run_detector
-from interp.store import Store
+from circuits.detectors.decore_eval import DecoreEvalDetector
+from interp.runs.runner import run_detector
+from interp.runs.store import Store
 from tests.tiny import loaded, tiny_llama
 
 # Also imported by tests/unit/test_run_key_migration.py: the same command, run again today.

@@ -22,12 +22,12 @@ import pandas as pd
 import pytest
 import torch
 
-from circuits import conflicts
-from circuits import episodic as ep
-from circuits.cmr_model import GridSpec
-from interp.model import LoadedModel
-from interp.registry import all_detectors, get_detector
-from interp.runner import run_in_memory
+from circuits.data import conflicts
+from circuits.detectors import cmr
+from circuits.methods.cmr_model import GridSpec
+from interp.model.loaded import LoadedModel
+from interp.runs.registry import all_detectors, get_detector
+from interp.runs.runner import run_in_memory
 from tests.tiny import loaded, tiny_llama
 from tests.unit.test_conflicts import _own_answer_facts
 from tests.unit.test_retrieval import GRID, HAYSTACK_TEXT, NEEDLE, force_output, wrap
@@ -62,7 +62,7 @@ def _knowing(mp: pytest.MonkeyPatch) -> None:
 
 def _small_cmr_grid(mp: pytest.MonkeyPatch) -> None:
     small = GridSpec(beta_enc=(0.5,), beta_rec=(0.0, 0.5), gamma_ft=(0.0, 0.5), n_items=20, n_starts=2)
-    mp.setattr(ep, "grid_spec", lambda params: small)
+    mp.setattr(cmr, "grid_spec", lambda params: small)
 
 
 def _case(name: str, tmp: Path, mp: pytest.MonkeyPatch) -> tuple[Build, dict[str, Any]]:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits import causal_trace as ct
-from circuits.facts import Fact, known_facts
+from circuits.data.facts import Fact, known_facts, load_facts
+from circuits.detectors import causal_trace as ct
+from circuits.detectors import knockout
+from circuits.methods import tracing
 from interp.errors import UserError
-from interp.loading import load_hf
-from interp.model import LoadedModel
+from interp.model.loaded import LoadedModel
+from interp.model.loading import load_hf
 
 pytestmark = pytest.mark.integration
 
@@ -34,25 +36,25 @@ def _reference(plain, inp, noise_std, samples, seed, cell, window):
 
 
 def test_batched_restoration_equals_hooked_loop_on_smol(smol: LoadedModel, plain_smol) -> None:
-    inp = ct.prepare(smol, PROMPT, SUBJECT, ANSWER)
+    inp = tracing.prepare(smol, PROMPT, SUBJECT, ANSWER)
     s, e = inp.subject_range
-    noise = 3 * ct.subject_embedding_std(smol, [f.subject for f in ct.load_facts()])
+    noise = 3 * tracing.subject_embedding_std(smol, [f.subject for f in load_facts()])
     samples, seed, window = 10, 1, 10
-    p_clean, p_corr, clean = ct.clean_and_corrupted(
-        smol, inp, noise_std=noise, samples=samples, seed=seed, kinds=ct.KINDS
+    p_clean, p_corr, clean = tracing.clean_and_corrupted(
+        smol, inp, noise_std=noise, samples=samples, seed=seed, kinds=tracing.KINDS
     )
     ref_clean, ref_corr = _reference(plain_smol, inp, noise, samples, seed, None, window)
     assert p_clean == pytest.approx(ref_clean, abs=1e-5)
     assert p_corr == pytest.approx(ref_corr, abs=1e-5)
     last = inp.n_tokens - 1
     cells = [
-        ct.Cell("state", e - 1, 8),
-        ct.Cell("state", s, 2),
-        ct.Cell("mlp", e - 1, 10),
-        ct.Cell("mlp", last, 25),
-        ct.Cell("attn", last, 20),
+        tracing.Cell("state", e - 1, 8),
+        tracing.Cell("state", s, 2),
+        tracing.Cell("mlp", e - 1, 10),
+        tracing.Cell("mlp", last, 25),
+        tracing.Cell("attn", last, 20),
     ]
-    got = ct.restored_scores(
+    got = tracing.restored_scores(
         smol, inp, cells, clean, noise_std=noise, samples=samples, seed=seed, window=window, memory_mb=64
     )
     moved = 0.0
@@ -64,7 +66,7 @@ def test_batched_restoration_equals_hooked_loop_on_smol(smol: LoadedModel, plain
 
 
 def test_known_filter_matches_plain_forward_on_smol(smol: LoadedModel, plain_smol) -> None:
-    facts = ct.load_facts()[:12]
+    facts = load_facts()[:12]
     df = known_facts(smol, facts)
     for fact, known in zip(facts, df["known"], strict=True):
         ids = torch.tensor([smol.encode(fact.prompt)])
@@ -75,22 +77,22 @@ def test_known_filter_matches_plain_forward_on_smol(smol: LoadedModel, plain_smo
 
 
 def test_knockout_runs_on_smol(smol: LoadedModel) -> None:
-    inp = ct.prepare(smol, PROMPT, SUBJECT, ANSWER)
-    p_clean, curves = ct.knockout_effects(smol, inp, window=9)
+    inp = tracing.prepare(smol, PROMPT, SUBJECT, ANSWER)
+    p_clean, curves = knockout.knockout_effects(smol, inp, window=9)
     assert 0 < p_clean <= 1
-    for which in ct.KNOCKOUT_SETS:
+    for which in knockout.KNOCKOUT_SETS:
         assert curves[which].shape == (smol.info.n_layers,)
         assert (curves[which] >= -1).all()
 
 
 def test_bad_input_on_smol(smol: LoadedModel) -> None:
     with pytest.raises(UserError, match="not found in prompt"):
-        ct.prepare(smol, PROMPT, "Big Ben", ANSWER)
+        tracing.prepare(smol, PROMPT, "Big Ben", ANSWER)
     with pytest.raises(UserError, match="longer than"):
-        ct.prepare(smol, "word " * (smol.info.max_positions + 10) + "Paris", "Paris", "France")
+        tracing.prepare(smol, "word " * (smol.info.max_positions + 10) + "Paris", "Paris", "France")
     with pytest.raises(UserError, match="needs all of"):
         ct.run_inline(smol, "causal-trace", prompt=PROMPT, subject=SUBJECT)
     # A split answer is traced on its first token, and the summary says so.
-    inp = ct.prepare(smol, PROMPT, SUBJECT, "Parisian Gardens")
+    inp = tracing.prepare(smol, PROMPT, SUBJECT, "Parisian Gardens")
     assert inp.n_answer_tokens > 1
     assert known_facts(smol, [Fact(SUBJECT, PROMPT, "Parisian Gardens")])["n_answer_tokens"].iloc[0] > 1

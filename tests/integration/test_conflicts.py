@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import torch
 
-from circuits import ph3
-from circuits.conflict_heads import head_effects, total_effects
-from circuits.conflicts import build_dataset
-from circuits.facts import load_facts
-from interp import tables
-from interp.model import LoadedModel
+from circuits.data.conflicts import build_dataset
+from circuits.data.facts import load_facts
+from circuits.detectors import ph3
+from circuits.methods.direct_path import head_effects, total_effects
+from interp.model.loaded import LoadedModel
+from interp.runs import tables
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def plain_hf(smol: LoadedModel) -> Any:
     """An independent, never-bridged HF copy of the zoo default."""
     from transformers import AutoModelForCausalLM
 
-    from interp.zoo import model_dir
+    from interp.model.zoo import model_dir
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir("smollm2-135m")), attn_implementation="eager").eval()
 
@@ -118,8 +118,8 @@ def test_path_and_total_patching_match_plain_hf(smol: LoadedModel, plain_hf: Any
 
 
 def test_detectors_end_to_end_reproducible(smol: LoadedModel, tmp_path: Any) -> None:
-    from interp.runner import run_detector
-    from interp.store import Store
+    from interp.runs.runner import run_detector
+    from interp.runs.store import Store
 
     params = {"max_items": "12", "formats": "restated,qa", "facts": "builtin"}
     with Store(tmp_path / "a") as a, Store(tmp_path / "b") as b:
@@ -141,8 +141,8 @@ def test_detectors_end_to_end_reproducible(smol: LoadedModel, tmp_path: Any) -> 
 
 
 def test_ph3_detector_stores_k_and_split(smol: LoadedModel, tmp_path: Any) -> None:
-    from interp.runner import run_detector
-    from interp.store import Store
+    from interp.runs.runner import run_detector
+    from interp.runs.store import Store
 
     params = {"max_items": "12", "formats": "restated", "ks": "1,3", "scale_heads": "1", "factors": "0,2", "facts": "builtin"}
     with Store(tmp_path / "ph3") as store:

@@ -11,12 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from circuits import decore_eval as ev
-from circuits.decore import decore_generate, decore_score, default_k, greedy_generate
+from circuits.detectors import decore_eval as ev
+from circuits.methods.decore import decore_generate, decore_score, default_k, greedy_generate
 from interp.cli import main as cli_main
-from interp.model import LoadedModel
-from interp.runner import FINAL_UNIT
-from interp.store import Store
+from interp.model.loaded import LoadedModel
+from interp.runs.store import FINAL_UNIT, Store
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from circuits import cmr_model
-from interp.model import LoadedModel
+from circuits.methods import cmr_model
+from interp.model.loaded import LoadedModel
 from tests.unit.test_episodic import run_local
 
 pytestmark = pytest.mark.integration

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from circuits.induction import second_copy_loss
-from interp.interventions import ablate_heads
-from interp.model import LoadedModel
-from interp.tokens import repeated_random_tokens
+from circuits.detectors.induction import second_copy_loss
+from interp.model.interventions import ablate_heads
+from interp.model.loaded import LoadedModel
+from interp.model.tokens import repeated_random_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,7 @@ def plain_hf(smol: LoadedModel) -> torch.nn.Module:
     """An independent plain-HF copy (eager attention), loaded from the converted folder."""
     from transformers import AutoModelForCausalLM
 
-    from interp.zoo import ensure_converted
+    from interp.model.zoo import ensure_converted
 
     folder, _ = ensure_converted("smollm2-135m")
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
@@ -38,7 +38,7 @@ def test_bridge_and_nnsight_logits_equal_hf(smol: LoadedModel, plain_hf: torch.n
 
 
 def test_zero_ablating_top_induction_heads_beats_random(smol: LoadedModel) -> None:
-    from interp.registry import get_detector
+    from interp.runs.registry import get_detector
 
     det = get_detector("induction")
     params = det.parse_params({"n_prompts": 10, "batch_size": 5})

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from interp.loading import load_hf
-from interp.model import LoadedModel
-from interp.prefix import PromptPrefix, turn_markers
+from interp.model.loaded import LoadedModel
+from interp.model.loading import load_hf
+from interp.model.prefix import PromptPrefix, turn_markers
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from circuits import retrieval as rt
-from interp.model import LoadedModel
+from circuits.detectors import retrieval as rt
+from circuits.detectors import retrieval_masking
+from interp.model.loaded import LoadedModel
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +81,7 @@ def test_fast_and_faithful_agreement_is_computable(scans: dict[str, Any]) -> Non
 def test_masking_runs_with_given_ranking(scans: dict[str, Any], smol: LoadedModel) -> None:
     heads = scans["faithful"].heads or scans["fast"].heads
     ranking = ",".join(f"{h['layer']}.{h['head']}" for h in heads[:30])
-    det: Any = rt.RetrievalMaskingDetector()
+    det: Any = retrieval_masking.RetrievalMaskingDetector()
     params = det.parse_params(
         {**SMALL, "n_lengths": 1, "n_needles": 1, "heads": ranking, "top_k": 5, "n_random": 1, "seed": 1}
     )

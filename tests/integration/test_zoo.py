@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from interp import zoo
-from interp.loading import load_hf
+from interp.model import zoo
+from interp.model.loading import load_hf
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import interp
-from interp import zoo
+from interp.model import zoo
 
 pytestmark = pytest.mark.integration
 

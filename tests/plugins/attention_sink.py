@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from interp import tables
-from interp.config import SEED_MAX, DetectorConfig, param
-from interp.model import LoadedModel
-from interp.registry import Detector, Summary, UnitResult, register
-from interp.tokens import repeated_random_tokens
+from interp.model.loaded import LoadedModel
+from interp.model.tokens import repeated_random_tokens
+from interp.runs import tables
+from interp.runs.config import SEED_MAX, DetectorConfig, param
+from interp.runs.registry import Detector, Summary, UnitResult, register
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import torch
 
-from interp.registry import UnitResult
-from interp.runner import run_detector
-from interp.store import Store
+from interp.runs.registry import UnitResult
+from interp.runs.runner import run_detector
+from interp.runs.store import Store
 from tests.tiny import loaded, tiny_llama, tiny_tokenizer
 
 APP = Path(__file__).resolve().parents[2] / "app"
@@ -252,7 +252,7 @@ def test_stored_trace_shows_one_fact_with_its_subject_marked(
 def test_live_trace_subject_not_in_prompt(env: dict[str, Any]) -> None:
     at = _app("pages/2_Causal_tracing.py")
     if not any(t.key == "ct-prompt" for t in at.text_input):
-        pytest.skip("circuits.causal_trace is not installed")
+        pytest.skip("circuits.methods.tracing is not installed")
     at.text_input(key="ct-prompt").input("The Louvre is in")
     at.text_input(key="ct-subject").input("Eiffel Tower")
     at.button[-1].click().run()
@@ -493,7 +493,7 @@ def test_head_heatmap_needs_one_metric() -> None:
 def test_curve_axes_are_the_detectors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stored retrieval run's accuracy-vs-depth curve is plotted with the axis names its
     detector declares (not x and y), as one line."""
-    from circuits.retrieval import RetrievalDetector
+    from circuits.detectors.retrieval import RetrievalDetector
 
     monkeypatch.setenv("INTERP_WORKSPACE", str(tmp_path))
     with Store(tmp_path) as s:

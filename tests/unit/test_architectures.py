@@ -16,11 +16,13 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, MambaConfig, MambaForCausalLM
 
-from circuits.conflict_heads import head_effects
-from interp.engine import LogitDiff, Sweep, run_sweep
+from circuits.methods.direct_path import head_effects
 from interp.errors import UserError
-from interp.interventions import Knockout, UniformAttention
-from interp.registry import get_detector
+from interp.model.interventions import Knockout, UniformAttention
+from interp.patching.execution import run_sweep
+from interp.patching.metrics import LogitDiff
+from interp.patching.sweeps import Sweep
+from interp.runs.registry import get_detector
 from tests.conftest import TINY_FAMILIES
 from tests.tiny import VOCAB, loaded
 
@@ -41,7 +43,7 @@ def _hf(request: pytest.FixtureRequest, family: str) -> Any:
 
 
 class Hand:
-    """The parts of one plain HF model, named by hand per family (not via interp.layout)."""
+    """The parts of one plain HF model, named by hand per family (not via interp.model.layout)."""
 
     def __init__(self, hf: Any) -> None:
         self.hf = hf
@@ -287,7 +289,8 @@ def test_direct_attribution_through_a_post_attention_norm(request: pytest.Fixtur
     layer adds to the residual, P(S), read here by hooks on plain HF: each layer's
     post_attention_layernorm output at the final position, through the final norm frozen at
     the final residual, onto W_U."""
-    from circuits.conflicts import Fact, make_item
+    from circuits.data.conflicts import make_item
+    from circuits.data.facts import Fact
 
     hf = _hf(request, "gemma3")
     model = loaded(copy.deepcopy(hf))

@@ -16,17 +16,9 @@ from typing import Any
 
 import pytest
 
-from circuits.atlas import (
-    FAILS,
-    HOLDS,
-    NM,
-    ModelResults,
-    jaccard,
-    summarize,
-    top_sets,
-)
-from interp.registry import Summary
-from interp.store import Store
+from circuits.atlas.claims import FAILS, HOLDS, NM, ModelResults, jaccard, summarize, top_sets
+from interp.runs.registry import Summary
+from interp.runs.store import Store
 from tests.tiny import run_cli
 
 DETS = "induction,copying,retrieval"
@@ -235,7 +227,7 @@ def test_jaccard_of_empty_sets_is_undefined() -> None:
 
 
 def test_many_models_split_the_claims_table_to_fit_80_columns(capsys: pytest.CaptureFixture[str]) -> None:
-    from circuits.atlas import print_atlas
+    from circuits.atlas.workflow import print_atlas
 
     names = [f"some-long-model-name-{i}" for i in range(6)]
     atlas = summarize(dict.fromkeys(names, _model()), ["induction", "conflict-heads"], 10)
@@ -281,7 +273,7 @@ def test_new_claims_by_hand() -> None:
 
 
 def test_retrieval_ranked_detectors_get_the_retrieval_ranking() -> None:
-    from circuits.atlas import atlas_params
+    from circuits.atlas.workflow import atlas_params
 
     retrieval = Summary("retrieval", "v", heads=_heads((0, 1, 0.1), (2, 0, 0.5), (1, 1, 0.3)))
     params = atlas_params("decore-eval", {"retrieval": retrieval})
@@ -313,7 +305,7 @@ def test_a_failing_detector_does_not_stop_the_atlas_and_an_interrupted_one_resum
     """Faults injected into the induction detector's units: an exception at its third unit (the
     atlas goes on with copying and exits 2), then Ctrl-C at its fourth (exit 130); each rerun
     resumes the stored units instead of recomputing them."""
-    from circuits.induction import InductionDetector
+    from circuits.detectors.induction import InductionDetector
 
     ws = tmp_path / "ws"
     args = ["atlas", "--models", str(folders[0]), "-d", "induction,copying", "-w", str(ws), "--json"]

@@ -15,11 +15,13 @@ import pandas as pd
 import pytest
 import torch
 
-from circuits import causal_trace as ct
-from circuits.facts import DEFAULT_FACTS, Fact, answer_tokens, known_facts, load_facts, subject_span
+from circuits.data.facts import DEFAULT_FACTS, Fact, answer_tokens, known_facts, load_facts, subject_span
+from circuits.detectors import causal_trace as ct
+from circuits.detectors import knockout
+from circuits.methods import tracing
 from interp.errors import UserError
-from interp.model import LoadedModel
-from interp.registry import all_detectors
+from interp.model.loaded import LoadedModel
+from interp.runs.registry import all_detectors
 from tests.tiny import loaded
 
 PROMPT = "w5 w9 w17 w23 w40 w41 w7 w8"
@@ -44,7 +46,7 @@ def reference_cell(
     noise_std: float,
     samples: int,
     seed: int,
-    cell: ct.Cell | None,
+    cell: tracing.Cell | None,
     window: int,
 ) -> tuple[float, float]:
     """ROME's trace_with_patch, one cell per forward pass: row 0 clean, rows 1..N noised on the
@@ -105,25 +107,25 @@ def _top1_answer(model: LoadedModel, prompt: str) -> str:
 def test_batched_restoration_equals_one_cell_at_a_time_hooks(pair) -> None:
     model, plain = pair
     answer = _top1_answer(model, PROMPT)
-    inp = ct.prepare(model, PROMPT, SUBJECT, answer)
+    inp = tracing.prepare(model, PROMPT, SUBJECT, answer)
     assert inp.subject_range == (3, 6)
-    std = 3 * ct.subject_embedding_std(model, ["w17 w23 w40", "w60 w61"])
+    std = 3 * tracing.subject_embedding_std(model, ["w17 w23 w40", "w60 w61"])
     # A small memory budget forces several chunks per kind.
-    res = ct.trace_fact(model, inp, noise_std=std, samples=4, window=2, seed=7, memory_mb=0.2)
-    assert ct.rows_per_pass(model, inp.n_tokens, 0.2) < 3 * inp.n_tokens * model.info.n_layers * 4
+    res = tracing.trace_fact(model, inp, noise_std=std, samples=4, window=2, seed=7, memory_mb=0.2)
+    assert tracing.rows_per_pass(model, inp.n_tokens, 0.2) < 3 * inp.n_tokens * model.info.n_layers * 4
     p_clean, p_corr = reference_cell(
         plain, inp.tokens, inp.subject_range, inp.target, noise_std=std, samples=4, seed=7, cell=None, window=2
     )
     assert res.p_clean == pytest.approx(p_clean, abs=1e-5)
     assert res.p_corrupted == pytest.approx(p_corr, abs=1e-5)
     cells = [
-        ct.Cell("state", 1, 0),  # before the subject: filled with the corrupted score, not run
-        ct.Cell("state", 5, 1),
-        ct.Cell("state", 3, 2),
-        ct.Cell("mlp", 5, 1),
-        ct.Cell("mlp", 4, 0),
-        ct.Cell("attn", 8, 2),
-        ct.Cell("attn", 5, 0),
+        tracing.Cell("state", 1, 0),  # before the subject: filled with the corrupted score, not run
+        tracing.Cell("state", 5, 1),
+        tracing.Cell("state", 3, 2),
+        tracing.Cell("mlp", 5, 1),
+        tracing.Cell("mlp", 4, 0),
+        tracing.Cell("attn", 8, 2),
+        tracing.Cell("attn", 5, 0),
     ]
     moved = 0.0
     for cell in cells:
@@ -140,12 +142,12 @@ def test_batched_restoration_equals_one_cell_at_a_time_hooks(pair) -> None:
 
 
 def test_restored_scores_independent_of_chunking(tiny_model: LoadedModel) -> None:
-    inp = ct.prepare(tiny_model, PROMPT, SUBJECT, "w11")
-    _, _, clean = ct.clean_and_corrupted(tiny_model, inp, noise_std=1.0, samples=3, seed=0, kinds=ct.KINDS)
-    cells = [ct.Cell(k, t, layer) for k in ct.KINDS for t in (3, 5, 8) for layer in range(3)]
+    inp = tracing.prepare(tiny_model, PROMPT, SUBJECT, "w11")
+    _, _, clean = tracing.clean_and_corrupted(tiny_model, inp, noise_std=1.0, samples=3, seed=0, kinds=tracing.KINDS)
+    cells = [tracing.Cell(k, t, layer) for k in tracing.KINDS for t in (3, 5, 8) for layer in range(3)]
     kw = {"noise_std": 1.0, "samples": 3, "seed": 0, "window": 3}
-    a = ct.restored_scores(tiny_model, inp, cells, clean, memory_mb=1e-6, **kw)
-    b = ct.restored_scores(tiny_model, inp, cells, clean, memory_mb=1e4, **kw)
+    a = tracing.restored_scores(tiny_model, inp, cells, clean, memory_mb=1e-6, **kw)
+    b = tracing.restored_scores(tiny_model, inp, cells, clean, memory_mb=1e4, **kw)
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -192,16 +194,16 @@ def test_knockout_equals_hand_written_masked_attention(tiny_llama_hf) -> None:
     hf = tiny_llama_hf
     model = loaded(copy.deepcopy(hf), "bridge")
     answer = _top1_answer(model, PROMPT)
-    inp = ct.prepare(model, PROMPT, SUBJECT, answer)
+    inp = tracing.prepare(model, PROMPT, SUBJECT, answer)
     with torch.no_grad():
         p_plain = float(torch.softmax(hf(inp.tokens).logits[0, -1], dim=-1)[inp.target])
     # The hand-written attention with nothing blocked is the model itself.
     assert _knocked_p(hf, inp.tokens, inp.target, [], ()) == pytest.approx(p_plain, abs=1e-6)
-    p_clean, curves = ct.knockout_effects(model, inp, window=2, memory_mb=0.05)
+    p_clean, curves = knockout.knockout_effects(model, inp, window=2, memory_mb=0.05)
     assert p_clean == pytest.approx(p_plain, abs=1e-6)
     n = model.info.n_layers
-    for which in ct.KNOCKOUT_SETS:
-        keys = ct.knockout_keys(inp, which)
+    for which in knockout.KNOCKOUT_SETS:
+        keys = knockout.knockout_keys(inp, which)
         for layer in range(n):
             lo, hi = max(0, layer - 1), min(n, layer + 1)
             ref = _knocked_p(hf, inp.tokens, inp.target, list(range(lo, hi)), keys)
@@ -210,44 +212,44 @@ def test_knockout_equals_hand_written_masked_attention(tiny_llama_hf) -> None:
 
 
 def test_knockout_keys_partition_the_context(tiny_model: LoadedModel) -> None:
-    inp = ct.prepare(tiny_model, PROMPT, SUBJECT, "w11")
-    sets = {w: set(ct.knockout_keys(inp, w)) for w in ct.KNOCKOUT_SETS}
+    inp = tracing.prepare(tiny_model, PROMPT, SUBJECT, "w11")
+    sets = {w: set(knockout.knockout_keys(inp, w)) for w in knockout.KNOCKOUT_SETS}
     assert sets["subject"] == {3, 4, 5}
     assert sets["last"] == {8}
     assert sets["non_subject"] == {0, 1, 2, 6, 7}
     with pytest.raises(UserError, match="knockout set"):
-        ct.knockout_keys(inp, "bos")
+        knockout.knockout_keys(inp, "bos")
 
 
 # --------------------------------------------------------------------------- pieces
 
 
 def test_window_layers_matches_rome_convention() -> None:
-    assert ct.window_layers(0, 10, 30) == [0, 1, 2, 3, 4]
-    assert ct.window_layers(12, 10, 30) == list(range(7, 17))
-    assert ct.window_layers(29, 10, 30) == list(range(24, 30))
-    assert ct.window_layers(4, 1, 30) == [4]
-    assert ct.window_layers(4, 9, 30) == list(range(9))
+    assert tracing.window_layers(0, 10, 30) == [0, 1, 2, 3, 4]
+    assert tracing.window_layers(12, 10, 30) == list(range(7, 17))
+    assert tracing.window_layers(29, 10, 30) == list(range(24, 30))
+    assert tracing.window_layers(4, 1, 30) == [4]
+    assert tracing.window_layers(4, 9, 30) == list(range(9))
 
 
 def test_buckets_hand_worked() -> None:
     # BOS, 'The', s0, s1, s2, s3, after0, after1, after2, last
     rng = (2, 6)
-    assert ct.token_buckets(0, rng, 10) == []
-    assert ct.token_buckets(2, rng, 10) == ["first_subject"]
-    assert ct.token_buckets(3, rng, 10) == ["middle_subject"]
-    assert ct.token_buckets(5, rng, 10) == ["last_subject"]
-    assert ct.token_buckets(6, rng, 10) == ["first_subsequent"]
-    assert ct.token_buckets(8, rng, 10) == ["further"]
-    assert ct.token_buckets(9, rng, 10) == ["last"]
+    assert tracing.token_buckets(0, rng, 10) == []
+    assert tracing.token_buckets(2, rng, 10) == ["first_subject"]
+    assert tracing.token_buckets(3, rng, 10) == ["middle_subject"]
+    assert tracing.token_buckets(5, rng, 10) == ["last_subject"]
+    assert tracing.token_buckets(6, rng, 10) == ["first_subsequent"]
+    assert tracing.token_buckets(8, rng, 10) == ["further"]
+    assert tracing.token_buckets(9, rng, 10) == ["last"]
     # one-token subject right before the last token
-    assert ct.token_buckets(1, (1, 2), 3) == ["first_subject", "last_subject"]
-    assert ct.token_buckets(2, (1, 2), 3) == ["last"]
+    assert tracing.token_buckets(1, (1, 2), 3) == ["first_subject", "last_subject"]
+    assert tracing.token_buckets(2, (1, 2), 3) == ["last"]
     effects = np.arange(20, dtype=float).reshape(10, 2)
-    means = ct.bucket_means(effects, rng)
+    means = tracing.bucket_means(effects, rng)
     np.testing.assert_allclose(means["middle_subject"], [7.0, 8.0])  # rows 3 and 4
     np.testing.assert_allclose(means["further"], [15.0, 16.0])  # rows 7 and 8
-    avg = ct.average_buckets([(effects, rng), (effects + 2, (1, 2))])
+    avg = tracing.average_buckets([(effects, rng), (effects + 2, (1, 2))])
     row = avg[(avg["bucket"] == "middle_subject") & (avg["layer"] == 0)].iloc[0]
     assert (row["value"], row["n"]) == (7.0, 1)  # the second fact has no middle subject token
     row = avg[(avg["bucket"] == "last") & (avg["layer"] == 1)].iloc[0]
@@ -260,25 +262,25 @@ def test_subject_embedding_std_matches_embedding_matrix(tiny_llama_hf) -> None:
     ids = [17, 23, 40, 60, 61, 17]
     # 'w17 w23 w40' then 'w60 w61' then a repeated subject (counted once, as a unique subject)
     expected = float(w[ids[:5]].std())
-    got = ct.subject_embedding_std(model, ["w17 w23 w40", "w60 w61", "w17 w23 w40"])
+    got = tracing.subject_embedding_std(model, ["w17 w23 w40", "w60 w61", "w17 w23 w40"])
     assert got == pytest.approx(expected, rel=1e-6)
 
 
 def test_bad_inputs_are_user_errors(tiny_model: LoadedModel) -> None:
     with pytest.raises(UserError, match="not found in prompt"):
-        ct.prepare(tiny_model, PROMPT, "w99", "w11")
+        tracing.prepare(tiny_model, PROMPT, "w99", "w11")
     with pytest.raises(UserError, match="longer than"):
-        ct.prepare(tiny_model, " ".join(["w5"] * 300) + " w6", "w6", "w11")
+        tracing.prepare(tiny_model, " ".join(["w5"] * 300) + " w6", "w6", "w11")
     with pytest.raises(UserError, match="empty"):
-        ct.prepare(tiny_model, PROMPT, SUBJECT, " ")
+        tracing.prepare(tiny_model, PROMPT, SUBJECT, " ")
     with pytest.raises(UserError, match="noise"):
-        ct.trace_fact(tiny_model, ct.prepare(tiny_model, PROMPT, SUBJECT, "w11"), noise_std=0.0)
+        tracing.trace_fact(tiny_model, tracing.prepare(tiny_model, PROMPT, SUBJECT, "w11"), noise_std=0.0)
     with pytest.raises(UserError, match="trace kind"):
-        ct.trace_fact(tiny_model, ct.prepare(tiny_model, PROMPT, SUBJECT, "w11"), noise_std=1.0, kinds=("mlp", "x"))
+        tracing.trace_fact(tiny_model, tracing.prepare(tiny_model, PROMPT, SUBJECT, "w11"), noise_std=1.0, kinds=("mlp", "x"))
 
 
 def test_multi_token_answer_uses_first_token(tiny_model: LoadedModel) -> None:
-    inp = ct.prepare(tiny_model, PROMPT, SUBJECT, "w11 w12")
+    inp = tracing.prepare(tiny_model, PROMPT, SUBJECT, "w11 w12")
     assert inp.n_answer_tokens == 2
     assert tiny_model.tokenizer.decode([inp.target]) == "w11"
 
@@ -398,7 +400,7 @@ def test_causal_trace_detector_on_a_fact_file(tiny_model: LoadedModel, tmp_path:
     assert known["n_known"] >= 2
     assert summary.metrics["noise_std"] == pytest.approx(known["noise_std"])
     final = summary.tables["token_layer"]
-    assert set(final["kind"]) == {f"avg_indirect_{k}" for k in ct.KINDS}
+    assert set(final["kind"]) == {f"avg_indirect_{k}" for k in tracing.KINDS}
     # the bucket average recomputed from the per-fact rows
     tl: Any = tables["token_layer"]
     m: Any = tables["metrics"]
@@ -431,19 +433,19 @@ def test_knockout_detector(tiny_model: LoadedModel) -> None:
     answer = _top1_answer(tiny_model, PROMPT)
     summary, _tables = ct.run_inline(tiny_model, "attention-knockout", prompt=PROMPT, subject=SUBJECT, answer=answer)
     curves = summary.tables["curves"]
-    assert set(curves["curve"]) == set(ct.KNOCKOUT_SETS)
+    assert set(curves["curve"]) == set(knockout.KNOCKOUT_SETS)
     assert len(curves) == 3 * tiny_model.info.n_layers
     assert all(math.isfinite(v) for v in curves["y"])
     assert summary.metrics["n_facts"] == 1
 
 
 def test_configs_parse_lists_and_check_relations() -> None:
-    trace, knock = ct.CausalTraceDetector, ct.AttentionKnockoutDetector
+    trace, knock = ct.CausalTraceDetector, knockout.AttentionKnockoutDetector
     cfg = trace.parse_params({"kinds": "state,mlp", "samples": "3"})
     assert cfg.kinds == ("state", "mlp")
     assert cfg.samples == 3
     assert cfg.to_dict()["kinds"] == ["state", "mlp"]
-    assert trace.parse_params({}).kinds == ct.KINDS
+    assert trace.parse_params({}).kinds == tracing.KINDS
     # The shared fields come first, in the order of the command line; each detector its own limit.
     assert [p.name for p in knock.params] == [
         "prompt", "subject", "answer", "facts", "scan_all", "answer_mode", "limit", "window", "memory_mb"
@@ -466,8 +468,8 @@ def test_a_trace_split_in_parts_joins_to_the_whole(tiny_llama_hf: Any) -> None:
     """Split a fact's trace by cells (as the Dask executor does when a run has fewer units than
     workers): each part recomputes the base run and restores its share of the cells; joined,
     they give run_unit's tables. A missing or doubled part is refused."""
-    from circuits.causal_trace import CausalTraceDetector
-    from interp.runner import run_in_memory
+    from circuits.detectors.causal_trace import CausalTraceDetector
+    from interp.runs.runner import run_in_memory
 
     model = loaded(copy.deepcopy(tiny_llama_hf))
     det = CausalTraceDetector()

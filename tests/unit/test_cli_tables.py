@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from interp.cli import TERMINAL_COLUMNS, _heads_table  # pyright: ignore[reportPrivateUsage]
-from interp.registry import all_detectors
+from interp.runs.registry import all_detectors
 
 DETECTORS = all_detectors()
 

@@ -14,28 +14,18 @@ import pandas as pd
 import pytest
 import torch
 
-from circuits import conflicts, ph3
-from circuits.conflict_heads import (
-    ConflictHeadsDetector,
-    head_effects,
-    rank_agreement,
-    ranked_heads,
-    total_effects,
-)
-from circuits.conflicts import (
-    ConflictItem,
-    build_dataset,
-    make_item,
-    rates,
-    score_items,
-)
-from circuits.facts import FACT_SOURCES, Fact
-from interp import tables
-from interp.backends import no_hooks_left
+from circuits.data import conflicts
+from circuits.data.conflicts import ConflictItem, build_dataset, make_item, rates, score_items
+from circuits.data.facts import FACT_SOURCES, Fact
+from circuits.detectors import ph3
+from circuits.detectors.conflict_heads import ConflictHeadsDetector, rank_agreement, ranked_heads
+from circuits.methods.direct_path import head_effects, total_effects
 from interp.errors import UserError
-from interp.interventions import AblateHeads, ablate_heads
-from interp.model import LoadedModel
-from interp.runner import run_in_memory
+from interp.model.backends import no_hooks_left
+from interp.model.interventions import AblateHeads, ablate_heads
+from interp.model.loaded import LoadedModel
+from interp.runs import tables
+from interp.runs.runner import run_in_memory
 from tests.tiny import loaded
 
 # ---------------------------------------------------------------- helpers

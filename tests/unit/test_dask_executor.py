@@ -24,15 +24,15 @@ import torch
 from distributed import LocalCluster
 
 import interp
-from interp import dask_executor
-from interp.config import DetectorConfig
-from interp.dask_executor import DaskExecutor
 from interp.errors import UserError
-from interp.executors import Executor, make_executor
-from interp.model import LoadedModel
-from interp.registry import Detector, UnitResult, get_detector
-from interp.runner import run_detector
-from interp.store import SETTINGS_UNIT, TABLES, Store
+from interp.model.loaded import LoadedModel
+from interp.runs import dask_executor
+from interp.runs.config import DetectorConfig
+from interp.runs.dask_executor import DaskExecutor
+from interp.runs.executors import Executor, make_executor
+from interp.runs.registry import Detector, UnitResult, get_detector
+from interp.runs.runner import run_detector
+from interp.runs.store import SETTINGS_UNIT, TABLES, Store
 
 pytestmark = pytest.mark.timeout(300)
 

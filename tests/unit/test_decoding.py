@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from circuits.decoding import Decoded, greedy_decode, left_pad, pad_id, prompt_rows, stop_reason
-from interp.backends import RunOutput
+from circuits.methods.decoding import Decoded, greedy_decode, left_pad, pad_id, prompt_rows, stop_reason
 from interp.errors import UserError
-from interp.interventions import ablate_heads
+from interp.model.backends import RunOutput
+from interp.model.interventions import ablate_heads
 from tests.tiny import loaded
 
 EOS = 1

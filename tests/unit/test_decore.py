@@ -20,8 +20,10 @@ from typing import Any
 import pytest
 import torch
 
-from circuits import decore_eval as ev
-from circuits.decore import (
+from circuits.commands.decore import parse_ranking_params, stored_ranking, workspace_ranking
+from circuits.detectors import decore_eval as ev
+from circuits.detectors.retrieval import RetrievalDetector
+from circuits.methods.decore import (
     DecoreSettings,
     base_entropy,
     combine,
@@ -30,17 +32,13 @@ from circuits.decore import (
     default_k,
     greedy_generate,
     parse_alpha,
-    parse_ranking_params,
-    stored_ranking,
-    workspace_ranking,
 )
-from circuits.retrieval import RetrievalDetector
-from interp import tables
 from interp.errors import UserError
-from interp.model import LoadedModel
-from interp.registry import UnitResult
-from interp.runner import FINAL_UNIT, run_in_memory
-from interp.store import Store
+from interp.model.loaded import LoadedModel
+from interp.runs import tables
+from interp.runs.registry import UnitResult
+from interp.runs.runner import run_in_memory
+from interp.runs.store import FINAL_UNIT, Store
 from tests.tiny import loaded
 
 HEADS = [(1, 0), (2, 3)]

@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 import pandas as pd
 import pytest
 
-from circuits.induction import InductionDetector
-from interp import registry
-from interp.registry import UnitResult, all_detectors, default_scan
-from interp.store import Store
+from circuits.detectors.induction import InductionDetector
+from interp.runs import registry
+from interp.runs.registry import UnitResult, all_detectors, default_scan
+from interp.runs.store import Store
 from tests.tiny import run_cli
 
 APP = Path(__file__).resolve().parents[2] / "app"

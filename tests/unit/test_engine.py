@@ -11,11 +11,15 @@ from typing import Any
 import pytest
 import torch
 
-from interp.attribution import attribution_patch, estimate_then_confirm, spearman, top_k_overlap
-from interp.engine import LogitDiff, Prob, Sweep, bytes_per_row, plan_chunks, run_sweep
 from interp.errors import UserError
-from interp.interventions import AblateHeads, AddNoise, Intervention, Knockout, Patch
-from interp.model import LoadedModel
+from interp.model.interventions import AblateHeads, AddNoise, Intervention, Knockout, Patch
+from interp.model.loaded import LoadedModel
+from interp.patching.attribution import attribution_patch, estimate_then_confirm, spearman, top_k_overlap
+from interp.patching.execution import run_sweep
+from interp.patching.memory import bytes_per_row
+from interp.patching.metrics import LogitDiff, Prob
+from interp.patching.planning import plan_chunks
+from interp.patching.sweeps import Sweep
 from tests.tiny import loaded
 
 N_PROMPTS, SEQ = 3, 7

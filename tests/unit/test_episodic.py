@@ -17,11 +17,14 @@ import pandas as pd
 import pytest
 import torch
 
-from circuits import cmr_model, episodic
-from interp.config import DetectorConfig
+from circuits.data.texts import text_chunks
+from circuits.detectors import cmr, copying, episodic_ablation
+from circuits.detectors import lag_crp as episodic
+from circuits.methods import cmr_model, lists
 from interp.errors import UserError
-from interp.model import LoadedModel
-from interp.registry import Summary, get_detector
+from interp.model.loaded import LoadedModel
+from interp.runs.config import DetectorConfig
+from interp.runs.registry import Summary, get_detector
 from tests.tiny import loaded
 
 TABLES = ("head_scores", "token_layer", "curves", "metrics", "artifacts")
@@ -97,7 +100,7 @@ def _full_vocab_copying(hf: Any) -> np.ndarray:
 
 def test_copying_equals_full_vocab_eigenvalues(tiny_model: LoadedModel, tiny_hf: torch.nn.Module) -> None:
     reference = _full_vocab_copying(copy.deepcopy(tiny_hf))
-    got = episodic.copying_scores(tiny_model).numpy()
+    got = copying.copying_scores(tiny_model).numpy()
     np.testing.assert_allclose(got, reference, atol=1e-5)
     # The heads must differ, else a score that ignores the head index would pass.
     assert np.ptp(reference) > 0.05
@@ -124,7 +127,7 @@ def test_copying_score_of_a_pure_copying_head() -> None:
         layer.self_attn.o_proj.weight.zero_()
         layer.self_attn.o_proj.weight[:, :dh] = q[:dh].T  # query head 0 writes it back
         layer.self_attn.o_proj.weight[:, dh : 2 * dh] = -q[:dh].T  # query head 1 (same kv) negates
-    scores = episodic.copying_scores(loaded(hf))
+    scores = copying.copying_scores(loaded(hf))
     assert scores[0, 0].item() == pytest.approx(1.0, abs=1e-5)
     assert scores[0, 1].item() == pytest.approx(-1.0, abs=1e-5)
 
@@ -132,7 +135,7 @@ def test_copying_score_of_a_pure_copying_head() -> None:
 # ---------------------------------------------------------------- lag-CRP
 
 
-def _plain_lag_crp(hf: Any, prompts: episodic.ListPrompts, max_lag: int) -> np.ndarray:
+def _plain_lag_crp(hf: Any, prompts: lists.ListPrompts, max_lag: int) -> np.ndarray:
     with torch.no_grad():
         att = hf(prompts.tokens, output_attentions=True).attentions
     n_l, n_h = len(att), att[0].shape[1]
@@ -170,7 +173,7 @@ def test_lag_crp_matches_hf_output_attentions(
         second = pr.tokens[:, pr.offset + pr.length :]
         assert torch.equal(first.gather(1, pr.match), second)
     tokens = torch.cat([p.tokens for p in prompt_sets])
-    merged = episodic.ListPrompts(tokens, prompt_sets[0].offset, 12, torch.cat([p.match for p in prompt_sets]))
+    merged = lists.ListPrompts(tokens, prompt_sets[0].offset, 12, torch.cat([p.match for p in prompt_sets]))
     reference = _plain_lag_crp(hf, merged, 4)
     for layer, head in [(0, 0), (1, 2), (2, 3), (2, 1)]:
         sel = (c_curve == "lag_crp") & (c_layer == layer) & (c_head == head)
@@ -187,7 +190,7 @@ def test_primacy_recency_by_hand() -> None:
 
 
 def test_mistry_lists_use_frequent_tokens(tiny_model: LoadedModel) -> None:
-    pr = episodic.mistry_lists(tiny_model, 2, 20, seed=1)
+    pr = lists.mistry_lists(tiny_model, 2, 20, seed=1)
     assert pr.tokens.shape == (2, 41)
     for b in range(2):
         first = pr.tokens[b, 1:21]
@@ -410,7 +413,7 @@ def test_ablation_effect_matches_plain_hook(tiny_model: LoadedModel, tiny_hf: to
     [(layer, head)] = det.heads_for(tiny_model, cfg, "top")  # type: ignore[attr-defined]
     res = det.run_unit(tiny_model, cfg, "top").tables["curves"]
     got = np.asarray(res["y"].to_numpy())[np.asarray(res["curve"].to_numpy()) == "icl"]
-    tokens = episodic.text_chunks(tiny_model, 1, 64)
+    tokens = text_chunks(tiny_model, 1, 64)
     hf: Any = copy.deepcopy(tiny_hf)
     gpt2 = hasattr(hf, "transformer")
     attn = hf.transformer.h[layer].attn if gpt2 else hf.model.layers[layer].self_attn
@@ -450,29 +453,29 @@ SLUG = re.compile(r"^[a-z0-9]+([-./+=][a-z0-9]+)*$")
 
 
 def test_configs_parse_command_line_values() -> None:
-    cfg = episodic.EpisodicAblationConfig.parse({"cum_sizes": "3,1", "k": "4", "method": "mean"})
+    cfg = episodic_ablation.EpisodicAblationConfig.parse({"cum_sizes": "3,1", "k": "4", "method": "mean"})
     assert cfg.cum_sizes == (3, 1)
     assert cfg.k == 4
     assert cfg.method == "mean"
-    assert episodic.EpisodicAblationConfig().cum_sizes == (1, 3)
-    assert episodic.EpisodicAblationConfig(cum_sizes=()).cum_sizes == ()
+    assert episodic_ablation.EpisodicAblationConfig().cum_sizes == (1, 3)
+    assert episodic_ablation.EpisodicAblationConfig(cum_sizes=()).cum_sizes == ()
     for bad in ("0,2", "1,x"):
         with pytest.raises(UserError, match="cum_sizes"):
-            episodic.EpisodicAblationConfig.parse({"cum_sizes": bad})
+            episodic_ablation.EpisodicAblationConfig.parse({"cum_sizes": bad})
     with pytest.raises(UserError, match="n_single"):
-        episodic.EpisodicAblationConfig(k=2, n_single=3)
+        episodic_ablation.EpisodicAblationConfig(k=2, n_single=3)
     with pytest.raises(UserError, match="fit_lag"):
-        episodic.CMRConfig(max_lag=4, fit_lag=5)
+        cmr.CMRConfig(max_lag=4, fit_lag=5)
     # A list size of 0 is the variant's default; the check reads the default.
     assert episodic.LagCRPConfig().lists == "mistry"
-    assert episodic.CMRConfig().lists == "repeated"
+    assert cmr.CMRConfig().lists == "repeated"
     mistry = episodic.LagCRPConfig().resolved()
     assert (mistry.seq_len, mistry.n_prompts, mistry.batch_size) == (500, 2, 1)
-    repeated = episodic.CMRConfig(n_prompts=3).resolved()
+    repeated = cmr.CMRConfig(n_prompts=3).resolved()
     assert (repeated.seq_len, repeated.n_prompts, repeated.batch_size) == (50, 3, 10)
-    assert isinstance(repeated, episodic.CMRConfig)
+    assert isinstance(repeated, cmr.CMRConfig)
     with pytest.raises(UserError, match="repeated default"):
-        episodic.CMRConfig(max_lag=49)
+        cmr.CMRConfig(max_lag=49)
 
 
 def test_variants_are_the_old_slugs() -> None:
@@ -510,23 +513,23 @@ def test_example_tokens_are_the_first_unit_inputs(tiny_model: LoadedModel) -> No
     assert cp_tokens.shape == (3, 1 + 2 * 10)
     abl = get_detector("episodic-ablation")
     abl_tokens = abl.example_tokens(tiny_model, abl.parse_params({"seq_len": 64, "late": 50, "early": 10, "window": 5, "n_texts": 2}))
-    assert torch.equal(abl_tokens, episodic.text_chunks(tiny_model, 2, 64))  # type: ignore[arg-type]
+    assert torch.equal(abl_tokens, text_chunks(tiny_model, 2, 64))  # type: ignore[arg-type]
 
 
 def test_ranking_is_computed_once_per_detector(tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    rank = episodic.rank_heads
+    rank = episodic_ablation.rank_heads
 
     def counted(model: LoadedModel, score: str, seed: int) -> list[tuple[int, int]]:
         calls.append(score)
         return rank(model, score, seed)
 
-    monkeypatch.setattr(episodic, "rank_heads", counted)
-    det = episodic.EpisodicAblationDetector()
+    monkeypatch.setattr(episodic_ablation, "rank_heads", counted)
+    det = episodic_ablation.EpisodicAblationDetector()
     cfg = det.parse_params({"score": "induction", "k": 1, "n_single": 0, "seq_len": 64, "late": 50, "early": 10, "window": 5})
     first = det.ranking(tiny_model, cfg)
     assert det.ranking(tiny_model, cfg) is first
     assert det.ranking(tiny_model, dataclasses.replace(cfg, score="copying")) is not first
     assert calls == ["induction", "copying"]
-    assert episodic.EpisodicAblationDetector().ranking(tiny_model, cfg) == first
+    assert episodic_ablation.EpisodicAblationDetector().ranking(tiny_model, cfg) == first
     assert len(first) == tiny_model.info.n_total_heads

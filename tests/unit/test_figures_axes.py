@@ -15,12 +15,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from circuits import conflicts, decore_eval, ph3
-from circuits import episodic as ep
-from circuits.cmr_model import GridSpec
-from interp import figures, tables
-from interp.registry import all_detectors, get_detector
-from interp.runner import run_in_memory
+from circuits.data import conflicts
+from circuits.detectors import cmr, copying, decore_eval, episodic_ablation, knockout, ph3, retrieval_masking
+from circuits.methods import tracing
+from circuits.methods.cmr_model import GridSpec
+from interp import figures
+from interp.runs import tables
+from interp.runs.registry import all_detectors, get_detector
+from interp.runs.runner import run_in_memory
 from tests.tiny import loaded, tiny_llama
 from tests.unit.test_retrieval import GRID, HAYSTACK_TEXT, NEEDLE, force_output, wrap
 
@@ -170,16 +172,15 @@ def _check_helper_axes(fig: go.Figure, what: str) -> None:
 def _helper_cases() -> dict[str, Callable[[], go.Figure]]:
     import torch
 
-    from circuits import causal_trace as ct
-    from circuits import conflict_heads as ch
-    from circuits import retrieval as rt
+    from circuits.detectors import conflict_heads as ch
+    from circuits.detectors import retrieval as rt
 
     heads = [{"layer": la, "head": h, "score": 0.1 * (la + h), "prefix_matching": 0.2 * la, "copying": 0.1 * h - 0.1,
               "cmr_distance": 0.3, "cmr_like": la > 0, "cmr_like_strict": la > 1} for la in range(3) for h in range(2)]
     lag = [("attn_scaled", 1, 0, float(x), abs(x) * 0.1) for x in (-1, 0, 1)]
     lag += [("cmr_fit_scaled", 1, 0, float(x), abs(x) * 0.2) for x in (-1, 0, 1)]
-    inp = ct.TraceInput("p", "s", "a", torch.zeros(1, 3, dtype=torch.long), (1, 2), 5, 1, ("<s>", "w1", "w2"))
-    trace = ct.TraceResult(inp, 0.5, 0.1, {"mlp": np.full((3, 2), 0.3)}, 0.1, 2, 2, 0)
+    inp = tracing.TraceInput("p", "s", "a", torch.zeros(1, 3, dtype=torch.long), (1, 2), 5, 1, ("<s>", "w1", "w2"))
+    trace = tracing.TraceResult(inp, 0.5, 0.1, {"mlp": np.full((3, 2), 0.3)}, 0.1, 2, 2, 0)
     ablation: dict[str, Any] = {"k": 2, "score": "cmr", "method": "zero"}
     for metric in ("icl", "icl_window", "second_copy_loss"):
         for group in ("top", "random"):
@@ -198,20 +199,20 @@ def _helper_cases() -> dict[str, Callable[[], go.Figure]]:
     knock = pd.DataFrame({"curve": ["subject"] * 2, "layer": [0, 1], "head": [-1, -1], "x": [0.0, 1.0],
                           "y": [-0.2, -0.6]})
     return {
-        "causal_trace.heatmap_figure": lambda: ct.heatmap_figure(trace, "mlp"),
-        "causal_trace.heatmap_figure(indirect)": lambda: ct.heatmap_figure(trace, "mlp", indirect=True),
-        "causal_trace.bucket_figure": lambda: ct.bucket_figure(buckets),
-        "causal_trace.knockout_figure": lambda: ct.knockout_figure(knock),
-        "episodic.fig_induction_copying": lambda: ep.fig_induction_copying(heads),
-        "episodic.fig_lag_crp_fits": lambda: ep.fig_lag_crp_fits(tables.curves(lag), heads, n=2),
-        "episodic.fig_cmr_layers": lambda: ep.fig_cmr_layers(heads, 3),
-        "episodic.fig_ablation": lambda: ep.fig_ablation(ablation),
+        "causal_trace.heatmap_figure": lambda: tracing.heatmap_figure(trace, "mlp"),
+        "causal_trace.heatmap_figure(indirect)": lambda: tracing.heatmap_figure(trace, "mlp", indirect=True),
+        "causal_trace.bucket_figure": lambda: tracing.bucket_figure(buckets),
+        "causal_trace.knockout_figure": lambda: knockout.knockout_figure(knock),
+        "episodic.fig_induction_copying": lambda: copying.fig_induction_copying(heads),
+        "episodic.fig_lag_crp_fits": lambda: cmr.fig_lag_crp_fits(tables.curves(lag), heads, n=2),
+        "episodic.fig_cmr_layers": lambda: cmr.fig_cmr_layers(heads, 3),
+        "episodic.fig_ablation": lambda: episodic_ablation.fig_ablation(ablation),
         "decore_eval.sweep_figure": lambda: decore_eval.sweep_figure(acc),
         "ph3.scaling_figure": lambda: ph3.scaling_figure(scaling),
         "conflict_heads.head_map_figure": lambda: ch.head_map_figure(scores, "effect", "memory heads"),
         "conflict_heads.rates_figure": lambda: ch.rates_figure(rates),
         "retrieval.score_heatmap": lambda: rt.score_heatmap(heads, 3, 2),
-        "retrieval.accuracy_heatmaps": lambda: rt.accuracy_heatmaps(samples, {"unmasked": "correct"}),
+        "retrieval.accuracy_heatmaps": lambda: retrieval_masking.accuracy_heatmaps(samples, {"unmasked": "correct"}),
     }
 
 
@@ -262,7 +263,7 @@ def _cmr(tmp: Path, mp: pytest.MonkeyPatch) -> set[str]:
     # A small CMR grid (the default one takes minutes to simulate), cached under tmp.
     mp.setenv("INTERP_CACHE_DIR", str(tmp))
     small = GridSpec(beta_enc=(0.5,), beta_rec=(0.0, 0.5), gamma_ft=(0.0, 0.5), n_items=20, n_starts=2)
-    mp.setattr(ep, "grid_spec", lambda params: small)
+    mp.setattr(cmr, "grid_spec", lambda params: small)
     return _emitted(get_detector("cmr"), loaded(tiny_llama()), {**LAG, "lists": "repeated", "fit_lag": 2})
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from interp.errors import StoreError
-from interp.model import LoadedModel
-from interp.store import Store
+from interp.model.loaded import LoadedModel
+from interp.runs.store import Store
 from tests.tiny import loaded
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from circuits import decore_eval
-from circuits.heads import (
+from circuits.detectors import decore_eval
+from circuits.methods.heads import (
     all_heads,
     check_heads,
     head_label,
@@ -19,7 +19,7 @@ from circuits.heads import (
     ranking_from_summary,
 )
 from interp.errors import UserError
-from interp.registry import Summary
+from interp.runs.registry import Summary
 from tests.tiny import loaded
 
 

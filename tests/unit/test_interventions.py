@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from interp.errors import UserError
-from interp.interventions import (
+from interp.model.interventions import (
     AblateHeads,
     AddNoise,
     Knockout,
@@ -19,7 +19,7 @@ from interp.interventions import (
     ablate_heads,
     from_dict,
 )
-from interp.model import LoadedModel
+from interp.model.loaded import LoadedModel
 from tests.tiny import VOCAB, loaded
 
 BACKENDS = ["bridge", "nnsight"]

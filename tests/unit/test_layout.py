@@ -1,4 +1,4 @@
-"""One architecture layout (interp.layout) and the backend contract (interp.backends)."""
+"""One architecture layout (interp.model.layout) and the backend contract (interp.model.backends)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from interp.backends import Backend, BridgeBackend, Capabilities, NNsightBackend, no_hooks_left
 from interp.errors import UserError
-from interp.layout import (
+from interp.model.backends import Backend, BridgeBackend, Capabilities, NNsightBackend, no_hooks_left
+from interp.model.layout import (
     GEMMA_LIKE,
     GPT2_LIKE,
     LLAMA_LIKE,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from interp import zoo
 from interp.errors import ModelNotAvailableError, UserError
-from interp.loading import load_hf, parse_dtype, weights_sha256
+from interp.model import zoo
+from interp.model.loading import load_hf, parse_dtype, weights_sha256
 
 
 @pytest.fixture(autouse=True)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from interp.config import DetectorConfig, Param, param
 from interp.errors import UserError
-from interp.registry import Detector, all_detectors
+from interp.runs.config import DetectorConfig, Param, param
+from interp.runs.registry import Detector, all_detectors
 from tests.tiny import run_cli
 
 NO_MODEL = "/nonexistent/model"

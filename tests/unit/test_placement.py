@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from interp.errors import UserError
-from interp.loading import Placement, parse_device, parse_max_memory
-from interp.store import Store, run_key
+from interp.model.loading import Placement, parse_device, parse_max_memory
+from interp.runs.store import Store, run_key
 from tests.tiny import run_cli
 
 RUN = ["run", "induction", "--seq-len", "8", "--n-prompts", "4", "--batch-size", "2", "--json"]
@@ -96,8 +96,8 @@ def test_a_device_map_on_this_machine_gives_the_same_scores(tiny_folder: Path) -
     loading path: the scores must equal a plain load's (the split over several devices needs a
     GPU machine: benchmarks/gpu_check.sh)."""
     import interp
-    from interp.registry import get_detector
-    from interp.runner import run_in_memory
+    from interp.runs.registry import get_detector
+    from interp.runs.runner import run_in_memory
 
     params = {"seq_len": 8, "n_prompts": 4, "batch_size": 2}
     plain = run_in_memory(interp.load_model(str(tiny_folder), device="cpu"), get_detector("induction"), params)[0]
@@ -112,8 +112,8 @@ def test_local_gpu_workers_get_one_gpu_each(monkeypatch: pytest.MonkeyPatch) -> 
     """Which GPU each local Dask worker loads its copy on, and the refusals of shared GPUs. The
     CUDA queries are stood in for (this machine has no GPU); what runs on a real one is
     tests/gpu and benchmarks/scaling.py --device cuda on the GPU machine."""
-    from interp.dask_executor import local_gpu_devices
-    from interp.executors import ModelSpec
+    from interp.model.spec import ModelSpec
+    from interp.runs.dask_executor import local_gpu_devices
 
     assert local_gpu_devices(ModelSpec("m", device="cpu"), 4) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -141,8 +141,8 @@ def test_detectors_read_weights_that_a_device_map_offloaded(tiny_llama_hf: torch
 
     import accelerate
 
-    from interp.registry import get_detector
-    from interp.runner import run_in_memory
+    from interp.runs.registry import get_detector
+    from interp.runs.runner import run_in_memory
     from tests.tiny import loaded
 
     offloaded = copy.deepcopy(tiny_llama_hf)

@@ -9,22 +9,16 @@ import math
 import pytest
 import torch
 
-from circuits import causal_trace as ct
-from circuits import episodic
-from interp.engine import (
-    LogitDiff,
-    Sweep,
-    SweepPlan,
-    activation_bytes,
-    bytes_per_row,
-    execute_plan,
-    plan_sweep,
-    run_sweep,
-    window_layers,
-)
+from circuits.detectors import lag_crp as episodic
+from circuits.methods import tracing
 from interp.errors import UserError
-from interp.interventions import AddNoise, Patch
-from interp.model import LoadedModel
+from interp.model.interventions import AddNoise, Patch
+from interp.model.loaded import LoadedModel
+from interp.patching.execution import execute_plan, run_sweep
+from interp.patching.memory import activation_bytes, bytes_per_row
+from interp.patching.metrics import LogitDiff
+from interp.patching.planning import SweepPlan, plan_sweep
+from interp.patching.sweeps import Sweep, window_layers
 from tests.tiny import loaded
 
 N_PROMPTS, SEQ = 3, 7
@@ -186,7 +180,7 @@ def test_one_estimator_gives_the_old_estimates(tiny_model: LoadedModel) -> None:
             for kv in (False, True):
                 assert bytes_per_row(m, seq, n_logit, kv) == _old_bytes_per_row(m, seq, n_logit, kv)
         for mb in (0.01, 0.2, 512.0):
-            assert ct.rows_per_pass(m, seq, mb) == _old_rows_per_pass(m, seq, mb)
+            assert tracing.rows_per_pass(m, seq, mb) == _old_rows_per_pass(m, seq, mb)
         for batch in (1, 10):
             for budget in (1e3, 4e5, 4e8):
                 assert episodic._layer_chunks(m, batch, seq, budget) == _old_layer_chunks(m, batch, seq, budget)
@@ -207,4 +201,4 @@ def test_one_rome_window() -> None:
             for layer in range(n_layers):
                 want = tuple(range(max(0, layer - window // 2), min(n_layers, layer + math.ceil(window / 2))))
                 assert window_layers(layer, window, n_layers) == want
-                assert ct.window_layers(layer, window, n_layers) == list(want)
+                assert tracing.window_layers(layer, window, n_layers) == list(want)

@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import interp
-from interp import registry
-from interp.store import Store
+from interp.runs import registry
+from interp.runs.store import Store
 from tests.tiny import run_cli
 
 MODULE = "tests.plugins.attention_sink"

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from interp.errors import UserError
-from interp.model import LoadedModel, Provenance
-from interp.prefix import DOCUMENT_SEPARATOR, PromptPrefix, choose_prefix, turn_markers
-from interp.registry import UnitResult
-from interp.store import Store
-from interp.tokens import repeated_random_tokens
-from interp.zoo import ZOO
+from interp.model.loaded import LoadedModel, Provenance
+from interp.model.prefix import DOCUMENT_SEPARATOR, PromptPrefix, choose_prefix, turn_markers
+from interp.model.tokens import repeated_random_tokens
+from interp.model.zoo import ZOO
+from interp.runs.registry import UnitResult
+from interp.runs.store import Store
 from tests.tiny import tiny_tokenizer
 
 TEMPLATES = json.loads((Path(__file__).parent.parent / "data" / "zoo_chat_templates.json").read_text())

@@ -16,12 +16,13 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from circuits import needles as nd
-from circuits import retrieval as rt
+from circuits.data import needles as nd
+from circuits.detectors import retrieval as rt
+from circuits.detectors import retrieval_masking
 from interp.errors import UserError
-from interp.interventions import Intervention, Sources, ablate_heads
-from interp.model import LoadedModel, Provenance
-from interp.sites import Site
+from interp.model.interventions import Intervention, Sources, ablate_heads
+from interp.model.loaded import LoadedModel, Provenance
+from interp.model.sites import Site
 from tests.tiny import VOCAB, tiny_gpt2, tiny_llama
 
 FORCED = 50  # the token the forced-output model always emits ("W50")
@@ -435,7 +436,7 @@ def test_masked_rows_match_plain_hf_with_zeroed_queries() -> None:
 
 def test_masking_detector_on_tiny(files: dict[str, str]) -> None:
     model = wrap(force_output(tiny_llama()))
-    det = rt.RetrievalMaskingDetector()
+    det = retrieval_masking.RetrievalMaskingDetector()
     cfg = det.parse_params({**files, **GRID, "heads": "1.2,0.1,2.3,0.0", "top_k": 2, "n_random": 2,
                             "exclude_top": 4})
     assert cfg.heads == ("1.2", "0.1", "2.3", "0.0")  # the command-line form, as a typed list
@@ -460,7 +461,7 @@ def test_masking_detector_on_tiny(files: dict[str, str]) -> None:
 
 def test_masking_detector_computes_its_ranking(files: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     model = wrap(force_output(tiny_llama()))
-    det = rt.RetrievalMaskingDetector()
+    det = retrieval_masking.RetrievalMaskingDetector()
     cfg = det.parse_params({**files, **GRID, "top_k": 2, "n_random": 1, "ranking_mode": "fast"})
     units = det.units(model, cfg)
     assert units[0] == "ranking"
@@ -477,12 +478,12 @@ def test_masking_detector_computes_its_ranking(files: dict[str, str], monkeypatc
     assert summary.metrics["ranking_source"].startswith("computed")
     # A resumed run (a fresh detector: nothing cached) finalizes from the stored ranking unit
     # and never ranks the heads again.
-    resumed = rt.RetrievalMaskingDetector()
+    resumed = retrieval_masking.RetrievalMaskingDetector()
 
     def no_ranking(*_: Any) -> Any:
         raise AssertionError("the ranking was recomputed")
 
-    monkeypatch.setattr(rt, "rank_heads", no_ranking)
+    monkeypatch.setattr(retrieval_masking, "rank_heads", no_ranking)
     again = resumed.finalize(model, cfg, results)
     assert resumed.head_sets(model, cfg)["top2"] == expected[:2]
     assert again.metrics == summary.metrics
@@ -505,11 +506,11 @@ def test_configs_are_typed_and_keep_the_old_parameters(files: dict[str, str]) ->
     assert defaults == {"mode": "faithful", "min_length": 200, "max_length": 800, "n_lengths": 3, "n_depths": 3,
                         "n_needles": 3, "needles_file": "", "haystack_file": "", "max_tokens": 1024,
                         "max_new_tokens": 24, "prompt_format": "auto", "seed": 0, "min_counted": 5}
-    masking = {p.name: p.default for p in rt.RetrievalMaskingDetector.params}
+    masking = {p.name: p.default for p in retrieval_masking.RetrievalMaskingDetector.params}
     assert masking == {**{k: v for k, v in defaults.items() if k not in ("mode", "min_counted")}, "heads": (),
                        "top_k": 10, "method": "uniform", "n_random": 3, "exclude_top": -1,
                        "ranking_mode": "faithful"}
-    choices = {p.name: p.choices for p in rt.RetrievalMaskingDetector.params if p.choices}
+    choices = {p.name: p.choices for p in retrieval_masking.RetrievalMaskingDetector.params if p.choices}
     assert choices == {"prompt_format": ("auto", "chat", "plain"), "method": ("uniform", "zero"),
                        "ranking_mode": ("faithful", "fast")}
     with pytest.raises(UserError, match="mode"):
@@ -517,16 +518,16 @@ def test_configs_are_typed_and_keep_the_old_parameters(files: dict[str, str]) ->
     with pytest.raises(UserError, match="min_length must be <= max_length"):
         dataclasses.replace(cfg, min_length=30)
     with pytest.raises(UserError, match="bad head"):
-        rt.RetrievalMaskingDetector.parse_params({"heads": "0-1"})
+        retrieval_masking.RetrievalMaskingDetector.parse_params({"heads": "0-1"})
 
 
 def test_variants_are_slugs_and_the_prose_is_method_text() -> None:
-    det, masking = rt.RetrievalDetector(), rt.RetrievalMaskingDetector()
+    det, masking = rt.RetrievalDetector(), retrieval_masking.RetrievalMaskingDetector()
     variants = {
         det.variant(rt.RetrievalConfig()): "faithful",
         det.variant(rt.RetrievalConfig(mode="fast")): "fast-teacher-forced",
-        masking.variant(rt.RetrievalMaskingConfig()): "uniform-mask",
-        masking.variant(rt.RetrievalMaskingConfig(method="zero")): "zero-mask",
+        masking.variant(retrieval_masking.RetrievalMaskingConfig()): "uniform-mask",
+        masking.variant(retrieval_masking.RetrievalMaskingConfig(method="zero")): "zero-mask",
     }
     for got, want in variants.items():
         assert got == want
@@ -534,7 +535,7 @@ def test_variants_are_slugs_and_the_prose_is_method_text() -> None:
         assert len(got) <= 40
     assert "Wu et al. 2024" in det.method_text(rt.RetrievalConfig())
     assert "teacher-forced" in det.method_text(rt.RetrievalConfig(mode="fast"))
-    assert "random heads" in masking.method_text(rt.RetrievalMaskingConfig())
+    assert "random heads" in masking.method_text(retrieval_masking.RetrievalMaskingConfig())
 
 
 def test_grid_is_built_once_per_run(files: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from interp.runner import run_detector
-from interp.store import Store
+from interp.runs.runner import run_detector
+from interp.runs.store import Store
 from tests.tiny import loaded, tiny_llama
 
 OLD = Path(__file__).resolve().parents[1] / "data" / "store_v0_1"

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 
 from interp.errors import StoreError, UserError
-from interp.registry import UnitResult
-from interp.store import TABLES, Run, Store, code_version, run_key
+from interp.runs.registry import UnitResult
+from interp.runs.store import TABLES, Run, Store, code_version, run_key
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -365,8 +365,8 @@ CHILD = textwrap.dedent(
     """
     import sys
     import pandas as pd
-    from interp.registry import UnitResult
-    from interp.store import Store
+    from interp.runs.registry import UnitResult
+    from interp.runs.store import Store
 
     ROWS = 5000
     store = Store(sys.argv[1])

@@ -1,0 +1,9 @@
+"""The atlas: detectors over several models in one workspace, and the papers' claims per model.
+
+``claims`` computes the verdicts from finished runs; ``workflow`` runs the detectors and registers
+``interp atlas``. May import ``interp``, the detectors and the methods.
+"""
+
+from circuits.atlas import workflow
+
+__all__ = ["workflow"]

@@ -1,0 +1,281 @@
+"""The papers' claims checked per model from its finished runs, and the atlas summary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from circuits.methods.heads import head_label
+from interp.runs.registry import Summary
+
+SETS = (("induction", "induction"), ("retrieval", "retrieval"), ("cmr", "cmr"),
+        ("memory", "conflict-heads"), ("context", "conflict-heads"))
+HOLDS, FAILS, NM = "holds", "does not hold", "not measurable"
+
+
+# Stated with the claims, never fitted: "sparse" as Wu et al. 2024 put it (under 5 % of heads),
+# "later" / "middle-to-late" as a mean relative depth past the middle of the stack, "early-to-
+# middle" as a relative depth up to it.
+SPARSE_SHARE = 0.05
+
+
+LATE_DEPTH = 0.5
+
+
+@dataclass(frozen=True)
+class ModelResults:
+    """What the atlas knows about one model: its shape and each detector's summary or the reason
+    it could not be measured."""
+
+    n_layers: int
+    n_heads: int
+    summaries: Mapping[str, Summary] = field(default_factory=dict)
+    not_measurable: Mapping[str, str] = field(default_factory=dict)
+
+
+def _scored(heads: Sequence[Mapping[str, Any]] | None) -> list[Mapping[str, Any]]:
+    """Heads with a numeric score (CMR leaves heads with a flat lag-CRP without one)."""
+    return [h for h in heads or [] if isinstance(h.get("score"), int | float)]
+
+
+def top_sets(res: ModelResults, top: int) -> dict[str, list[Mapping[str, Any]]]:
+    """The top-k heads of each head set the model has, best first."""
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    for set_name, det in SETS:
+        s = res.summaries.get(det)
+        if s is None or not s.heads:
+            continue
+        heads = _scored(s.heads)
+        if set_name in ("memory", "context"):
+            heads = [h for h in heads if h.get("kind") == set_name]
+        # Memory heads have the largest memory score, context heads the most negative one.
+        heads = sorted(heads, key=lambda h: h["score"], reverse=set_name != "context")
+        if heads:
+            out[set_name] = heads[:top]
+    return out
+
+
+def jaccard(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> float | None:
+    sa = {(int(h["layer"]), int(h["head"])) for h in a}
+    sb = {(int(h["layer"]), int(h["head"])) for h in b}
+    union = sa | sb
+    return len(sa & sb) / len(union) if union else None
+
+
+def _head_rows(heads: Sequence[Mapping[str, Any]], n_layers: int) -> list[dict[str, Any]]:
+    return [{"label": head_label(int(h["layer"]), int(h["head"])), "layer": int(h["layer"]),
+             "head": int(h["head"]), "relative_depth": int(h["layer"]) / n_layers, "score": float(h["score"])}
+            for h in heads]
+
+
+def _mean_depth(heads: Sequence[Mapping[str, Any]], n_layers: int) -> float | None:
+    return sum(int(h["layer"]) for h in heads) / len(heads) / n_layers if heads else None
+
+
+def _verdict(ok: bool | None, value: Any, detail: str, **extra: Any) -> dict[str, Any]:
+    verdict = NM if ok is None else HOLDS if ok else FAILS
+    return {"verdict": verdict, "value": value, "detail": detail, **extra}
+
+
+def _why_missing(res: ModelResults, det: str) -> str:
+    if det in res.not_measurable:
+        return f"{det}: {res.not_measurable[det]}"
+    return f"{det} not run" if det not in res.summaries else f"{det} has no head scores"
+
+
+def claim_retrieval_sparse(res: ModelResults, top: int) -> dict[str, Any]:
+    s = res.summaries.get("retrieval")
+    share = s.metrics.get("share_heads_above_threshold") if s is not None else None
+    if s is None or share is None:
+        return _verdict(None, None, _why_missing(res, "retrieval"))
+    detail = f"{s.metrics.get('n_heads_above_threshold')} of {s.metrics.get('n_heads')} heads > " \
+             f"{s.metrics.get('threshold')}"
+    if s.metrics.get("too_few_counted"):
+        detail += f" (noisy: only {s.metrics.get('n_counted')} samples counted)"
+    return _verdict(share < SPARSE_SHARE, share, detail)
+
+
+def claim_memory_context_late(res: ModelResults, top: int) -> dict[str, Any]:
+    sets = top_sets(res, top)
+    heads = [*sets.get("memory", []), *sets.get("context", [])]
+    depth = _mean_depth(heads, res.n_layers)
+    if depth is None:
+        return _verdict(None, None, _why_missing(res, "conflict-heads"))
+    n_mem, n_ctx = len(sets.get("memory", [])), len(sets.get("context", []))
+    return _verdict(depth > LATE_DEPTH, depth, f"mean relative depth of {n_mem} memory + {n_ctx} context heads")
+
+
+def claim_cmr_mid_late(res: ModelResults, top: int) -> dict[str, Any]:
+    s = res.summaries.get("cmr")
+    if s is None or not s.heads:
+        return _verdict(None, None, _why_missing(res, "cmr"))
+    like = [h for h in s.heads if h.get("cmr_like")]
+    share = len(like) / len(s.heads)
+    depth = _mean_depth(like, res.n_layers)
+    if depth is None:
+        # The claim places CMR-like heads; a model without any does not show it.
+        return _verdict(False, None, f"no CMR-like heads (share {share:.3f})", share=share)
+    return _verdict(depth > LATE_DEPTH, depth,
+                    f"mean relative depth of {len(like)} CMR-like heads, share {share:.3f}", share=share)
+
+
+def claim_induction_exists(res: ModelResults, top: int) -> dict[str, Any]:
+    s = res.summaries.get("induction")
+    heads = _scored(s.heads if s is not None else None)
+    if s is None or not heads or "threshold" not in s.metrics:
+        return _verdict(None, None, _why_missing(res, "induction"))
+    best = max(float(h["score"]) for h in heads)
+    threshold = float(s.metrics["threshold"])
+    n_above = sum(float(h["score"]) > threshold for h in heads)
+    return _verdict(best > threshold, best, f"max induction score; {n_above} heads > {threshold}")
+
+
+def claim_induction_retrieval_overlap(res: ModelResults, top: int) -> dict[str, Any]:
+    sets = top_sets(res, top)
+    missing = [d for d in ("induction", "retrieval") if d not in sets]
+    if missing:
+        return _verdict(None, None, "; ".join(_why_missing(res, d) for d in missing))
+    j = jaccard(sets["induction"], sets["retrieval"])
+    return _verdict(j is not None and j > 0, j, f"Jaccard of the top-{top} sets")
+
+
+def claim_retrieval_masking(res: ModelResults, top: int) -> dict[str, Any]:
+    s = res.summaries.get("retrieval-masking")
+    if s is None:
+        return _verdict(None, None, _why_missing(res, "retrieval-masking"))
+    m = s.metrics
+    k = m.get("top_k")
+    none, masked, rand = m.get("accuracy:none"), m.get(f"accuracy:top{k}"), m.get("accuracy:random-mean")
+    if none is None or masked is None or rand is None:
+        return _verdict(None, None, "retrieval-masking has no accuracies")
+    detail = (f"needle accuracy {none:.2f} unmasked, {masked:.2f} top-{k} masked, {rand:.2f} {k} random "
+              f"(mean of {m.get('n_random')} draws), {m.get('n_samples')} samples")
+    if none == 0:
+        return _verdict(None, None, detail + ": nothing to drop")
+    # The value is how much more the top heads cost than random ones.
+    # Rounded: rates are fractions of few items, and 0.45 - 0.45 must read 0, not -6.9e-18.
+    return _verdict(masked < rand, round(rand - masked, 9), detail)
+
+
+def claim_ph3_beats_random(res: ModelResults, top: int) -> dict[str, Any]:
+    s = res.summaries.get("ph3")
+    if s is None:
+        return _verdict(None, None, _why_missing(res, "ph3"))
+    m = s.metrics
+    formats = sorted({k.split(".")[3] for k in m if k.startswith("test.unpruned.conflict.")})
+    gains = []
+    for f in formats:
+        after = m.get(f"test.prune-memory.conflict.{f}.context_rate")
+        rand = m.get(f"test.prune-memory.random-control.conflict.{f}.context_rate")
+        if after is not None and rand is not None:
+            gains.append(after - rand)
+    if not gains:
+        return _verdict(None, None, "ph3 has no test rates")
+    gain = round(sum(gains) / len(gains), 9)
+    detail = (f"context rate after pruning the top {m.get('prune-memory.k')} memory heads minus after as "
+              f"many random heads, mean over {len(gains)} formats")
+    return _verdict(gain > 0, gain, detail)
+
+
+def claim_decore_beats_greedy(res: ModelResults, top: int) -> dict[str, Any]:
+    s = res.summaries.get("decore-eval")
+    if s is None:
+        return _verdict(None, None, _why_missing(res, "decore-eval"))
+    m = s.metrics
+    greedy, decore = m.get("nqswap:greedy:test_accuracy"), m.get("nqswap:decore-entropy:test_accuracy")
+    if greedy is None or decore is None:
+        return _verdict(None, None, "decore-eval did not run the nqswap task")
+    detail = (f"NQ-Swap-style test accuracy {decore:.2f} DeCoRe-entropy (k={m.get('nqswap:decore-entropy:k')}) "
+              f"vs {greedy:.2f} greedy, {m.get('nqswap:n_test')} items")
+    return _verdict(decore > greedy, round(decore - greedy, 9), detail)
+
+
+def claim_mlp_peak_early(res: ModelResults, top: int) -> dict[str, Any]:
+    s = res.summaries.get("causal-trace")
+    layer = s.metrics.get("peak_layer_mlp_last_subject") if s is not None else None
+    if s is None or layer is None:
+        return _verdict(None, None, _why_missing(res, "causal-trace"))
+    depth = int(layer) / res.n_layers
+    detail = (f"MLP restoration at the last subject token peaks at layer {int(layer)} of {res.n_layers} "
+              f"(effect {float(s.metrics.get('peak_value_mlp_last_subject', float('nan'))):.3f}, "
+              f"{s.metrics.get('n_facts_traced')} facts)")
+    return _verdict(depth <= LATE_DEPTH, depth, detail)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A paper's qualitative claim: its id, its row title in the 80-column table, its text with
+    the paper, how it is checked, and the detectors whose runs hold the numbers behind it."""
+
+    id: str
+    short: str
+    text: str
+    check: Callable[[ModelResults, int], dict[str, Any]]
+    detectors: tuple[str, ...]
+
+
+CLAIMS = (
+    Claim("retrieval-sparse", "retrieval sparse",
+          f"retrieval heads are sparse: share of heads with retrieval score > 0.1 below "
+          f"{SPARSE_SHARE:.0%} (Wu et al. 2024)", claim_retrieval_sparse, ("retrieval",)),
+    Claim("retrieval-masking", "retr. masking",
+          "masking the top-K retrieval heads lowers needle accuracy more than masking K random heads "
+          "(Wu et al. 2024, Sec. 4); value: random-masked minus top-masked accuracy", claim_retrieval_masking, ("retrieval-masking",)),
+    Claim("memory-context-late", "mem/ctx late",
+          f"memory/context heads sit in later layers: mean relative depth of the top memory and "
+          f"context heads > {LATE_DEPTH} (Jin et al. 2024)", claim_memory_context_late, ("conflict-heads",)),
+    Claim("ph3-beats-random", "PH3 vs random",
+          "pruning the top memory heads raises the context rate more than pruning as many random heads "
+          "(PH3, Jin et al. 2024); value: the difference in test context rate", claim_ph3_beats_random, ("ph3",)),
+    Claim("decore-beats-greedy", "DeCoRe vs greedy",
+          "DeCoRe-entropy answers NQ-Swap-style conflicts from the context more often than greedy decoding "
+          "(Gema et al. 2024); value: accuracy difference on the test split", claim_decore_beats_greedy, ("decore-eval",)),
+    Claim("mlp-peak-early", "MLP peak early",
+          f"the MLP effect at the last subject token peaks in early-to-middle layers: relative depth of "
+          f"the peak <= {LATE_DEPTH} (Meng et al. 2022, Sec. 2)", claim_mlp_peak_early, ("causal-trace",)),
+    Claim("cmr-mid-late", "CMR-like mid-late",
+          f"CMR-like heads in middle-to-late layers: mean relative depth of the CMR-like heads "
+          f"(distance < 0.5) > {LATE_DEPTH}, with their share (Ji-An et al. 2024)", claim_cmr_mid_late, ("cmr",)),
+    Claim("induction-exists", "induction exists",
+          "induction heads exist: some head above the induction threshold (Olsson et al. 2022)",
+          claim_induction_exists, ("induction",)),
+    Claim("induction-retrieval-overlap", "ind/retr overlap",
+          "induction top set overlaps retrieval top set: Jaccard > 0 (Wu et al. 2024 report "
+          "retrieval heads distinct from induction heads)", claim_induction_retrieval_overlap, ("induction", "retrieval")),
+)
+
+
+def _overlaps(res: ModelResults, top: int) -> list[dict[str, Any]]:
+    sets = top_sets(res, top)
+    names = [n for n, _ in SETS if n in sets and n != "context"] + (["context"] if "context" in sets else [])
+    return [{"a": a, "b": b, "jaccard": jaccard(sets[a], sets[b])}
+            for i, a in enumerate(names) for b in names[i + 1:]]
+
+
+def summarize(models: Mapping[str, ModelResults], detectors: Sequence[str], top: int) -> dict[str, Any]:
+    """The atlas as one JSON-able dict: per detector and model the top-k heads (label, relative
+    depth, score) or why it is not measurable; per model the Jaccard overlaps of the top-k head
+    sets; per claim and model a verdict with the number behind it."""
+    by_detector: dict[str, dict[str, Any]] = {}
+    for det in detectors:
+        by_detector[det] = {}
+        for name, res in models.items():
+            s = res.summaries.get(det)
+            if s is None:
+                by_detector[det][name] = {"not_measurable": res.not_measurable.get(det, "not run")}
+                continue
+            heads = _head_rows(_scored(s.heads)[:top], res.n_layers) if s.heads else []
+            scalars = {k: v for k, v in s.metrics.items() if isinstance(v, int | float | str | bool)}
+            by_detector[det][name] = {"heads": heads, "metrics": scalars, "warnings": list(s.warnings)}
+    return {
+        "top": top,
+        "models": {name: {"n_layers": r.n_layers, "n_heads": r.n_heads} for name, r in models.items()},
+        "detectors": by_detector,
+        "overlap": {name: _overlaps(res, top) for name, res in models.items()},
+        "claims": [{"id": c.id, "short": c.short, "claim": c.text, "detectors": list(c.detectors),
+                    "models": {name: c.check(res, top) for name, res in models.items()}} for c in CLAIMS],
+    }
+
+
+# The head sets whose overlap is measured, in this order: (set name, detector it comes from).

@@ -1,0 +1,53 @@
+"""``interp prune``: a generation with heads pruned next to the unpruned one (PH3, Jin et al. 2024)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from circuits.detectors.ph3 import greedy_generate, prune
+from circuits.methods.heads import head_label, parse_heads
+from interp.cli import ModelOpt
+from interp.errors import UserError
+from interp.options import DeviceOpt, DtypeOpt
+from interp.runs.registry import command
+
+
+@command("prune")
+def prune_command(
+    heads: Annotated[str, typer.Option("--heads", help="heads to prune, LAYER.HEAD comma-separated, e.g. 20.3,25.1")],
+    prompt: Annotated[str, typer.Option("--prompt", help="prompt to continue (after the prompt prefix)")],
+    model: ModelOpt = "smollm2-135m",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate")] = 20,
+    backend: Annotated[str, typer.Option("--backend", help="hook backend: bridge or nnsight")] = "bridge",
+    prefix: Annotated[str, typer.Option("--prefix", help="token prompts start with: auto, none or a token")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Generate with the given heads pruned (zeroed), next to the unpruned generation."""
+    import sys
+
+    import interp
+
+    if not prompt.strip():
+        raise UserError("empty prompt")
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    parse_heads(heads)
+    loaded = interp.load_model(model, backend=backend, prefix=prefix, device=device, dtype=dtype)
+    hs = parse_heads(heads, loaded)
+    unpruned = greedy_generate(loaded, prompt, max_new_tokens)
+    with prune(loaded, hs):
+        pruned = greedy_generate(loaded, prompt, max_new_tokens)
+    labels = [head_label(*h) for h in hs]
+    if as_json:
+        out = {"model": loaded.name, "prompt": prompt, "heads": labels, "unpruned": unpruned, "pruned": pruned,
+               "ablation": "zero"}
+        sys.stdout.write(json.dumps(out) + "\n")
+        return
+    typer.echo(f"prompt:   {prompt!r}")
+    typer.echo(f"unpruned: {unpruned!r}")
+    typer.echo(f"pruned ({', '.join(labels)}; zero ablation): {pruned!r}")

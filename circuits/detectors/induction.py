@@ -1,0 +1,176 @@
+"""Previous-token, duplicate-token and induction (prefix-matching) heads.
+
+Olsson et al. 2022: on the prompt prefix + R random tokens repeated twice, the
+score of head (l, h) is its mean attention from each second-copy position t to
+- t - R + 1 (induction: the token after the previous occurrence of the current token),
+- t - R (duplicate token), and
+- t - 1 (previous token),
+averaged over the second copy only and over the batch. Prompts are processed in batches
+(units), each committed to the store when done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+
+from interp.model.interventions import Intervention
+from interp.model.loaded import LoadedModel
+from interp.model.tokens import repeated_random_tokens
+from interp.runs import tables
+from interp.runs.config import SEED_MAX, DetectorConfig, param
+from interp.runs.registry import Detector, Summary, UnitResult, register
+
+METRICS = ("induction", "duplicate_token", "previous_token")
+INDUCTION_THRESHOLD = 0.4
+
+
+def head_scores_from_patterns(
+    patterns: Sequence[Float[torch.Tensor, "batch head q k"]], seq_len: int, offset: int
+) -> dict[str, Float[torch.Tensor, "layer head"]]:
+    """Per-head scores from each layer's attention pattern on repeated tokens.
+
+    ``offset`` is 1 when a prefix token precedes the first copy. Second-copy query positions are
+    offset + R .. offset + 2R - 1; the first copy starts at ``offset``.
+    """
+    r = seq_len
+    q = torch.arange(offset + r, offset + 2 * r)
+    targets = {"induction": q - r + 1, "duplicate_token": q - r, "previous_token": q - 1}
+    out: dict[str, torch.Tensor] = {}
+    for metric, k in targets.items():
+        out[metric] = torch.stack([p[:, :, q, k].mean(dim=(0, 2)) for p in patterns])
+    return out
+
+
+def copy_losses(
+    logits: Float[torch.Tensor, "batch seq vocab"], tokens: torch.Tensor, seq_len: int, offset: int
+) -> tuple[float, float]:
+    """Mean next-token loss over the first copy and over the second copy (predicted positions)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, tokens[:, 1:, None].to(logp.device))[..., 0]
+    # Row t of nll predicts token t+1. First-copy targets: offset+1 .. offset+R-1.
+    first = nll[:, offset : offset + seq_len - 1].mean().item()
+    second = nll[:, offset + seq_len : offset + 2 * seq_len - 1].mean().item()
+    return first, second
+
+
+def second_copy_loss(
+    model: LoadedModel, tokens: torch.Tensor, seq_len: int, interventions: Sequence[Intervention] = ()
+) -> float:
+    """Loss on the second copy of repeated tokens, with interventions applied."""
+    with torch.no_grad():
+        logits = model.run(tokens, interventions=interventions).logits
+    return copy_losses(logits, tokens, seq_len, len(model.prefix))[1]
+
+
+@dataclass(frozen=True)
+class InductionConfig(DetectorConfig):
+    """Parameters of the induction scan (each field's help says what it is)."""
+
+    seq_len: int = param(50, "length R of the random block (repeated twice)", low=2)
+    n_prompts: int = param(20, "number of repeated-token prompts", low=1)
+    batch_size: int = param(5, "prompts per forward pass (one stored unit each)", low=1)
+    seed: int = param(0, "random seed of the token batch", low=0, high=SEED_MAX)
+
+
+@register
+class InductionDetector(Detector[InductionConfig]):
+    name = "induction"
+    description = "Previous-token, duplicate-token and induction (prefix-matching) scores on repeated random tokens"
+    output = "head_scores"
+    head_columns: ClassVar[dict[str, str]] = {"previous_token": "prev-token", "duplicate_token": "dup-token"}
+    in_default_scan = True
+    Config = InductionConfig
+
+    def variant(self, cfg: InductionConfig) -> str:
+        return "second-copy-only"
+
+    def method_text(self, cfg: InductionConfig) -> str:
+        return ("mean attention from each second-copy position of repeated random tokens to the "
+                "induction, duplicate and previous token (Olsson et al. 2022), averaged over prompts")
+
+    def units(self, model: LoadedModel, cfg: InductionConfig) -> list[str]:
+        model.check_length(2 * cfg.seq_len + len(model.prefix))
+        n, b = cfg.n_prompts, cfg.batch_size
+        return [f"batch-{i}" for i in range((n + b - 1) // b)]
+
+    def tokens(self, model: LoadedModel, cfg: InductionConfig, unit: str) -> torch.Tensor:
+        i = int(unit.split("-")[1])
+        n, b = cfg.n_prompts, cfg.batch_size
+        return repeated_random_tokens(model, min(b, n - i * b), cfg.seq_len, seed=cfg.seed * 100_003 + i)
+
+    def example_tokens(self, model: LoadedModel, cfg: InductionConfig) -> torch.Tensor:
+        return self.tokens(model, cfg, "batch-0")
+
+    def run_unit(self, model: LoadedModel, cfg: InductionConfig, unit: str) -> UnitResult:
+        tokens = self.tokens(model, cfg, unit)
+        with torch.no_grad():
+            out = model.run(tokens, cache=["pattern.*"])
+        patterns = [out.cache[f"pattern.{layer}"] for layer in range(model.info.n_layers)]
+        scores = head_scores_from_patterns(patterns, cfg.seq_len, len(model.prefix))
+        first, second = copy_losses(out.logits, tokens, cfg.seq_len, len(model.prefix))
+        return UnitResult(
+            tables={
+                "head_scores": pd.concat([tables.head_grid(m, grid) for m, grid in scores.items()], ignore_index=True),
+                "metrics": tables.metrics(
+                    {"first_copy_loss": first, "second_copy_loss": second}, n=int(tokens.shape[0])
+                ),
+            }
+        )
+
+    def finalize(self, model: LoadedModel, cfg: InductionConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
+        # Units hold prompt means; weight them by their prompt count.
+        n_by_unit: dict[str, int] = {}
+        loss_sums: dict[str, float] = {}
+        for unit, name, value, n in zip(
+            results["metrics"]["unit"], results["metrics"]["name"], results["metrics"]["value"],
+            results["metrics"]["n"], strict=True,
+        ):
+            n_by_unit[str(unit)] = int(n)
+            loss_sums[str(name)] = loss_sums.get(str(name), 0.0) + float(value) * int(n)
+        n_total = sum(n_by_unit.values())
+        sums: dict[tuple[str, int, int], float] = {}
+        hs = results["head_scores"]
+        for unit, metric, layer, head, value in zip(
+            hs["unit"], hs["metric"], hs["layer"], hs["head"], hs["value"], strict=True
+        ):
+            key = (str(metric), int(layer), int(head))
+            sums[key] = sums.get(key, 0.0) + float(value) * n_by_unit[str(unit)]
+        mean = {key: total / n_total for key, total in sums.items()}
+        agg = tables.head_scores((m, layer, head, v) for (m, layer, head), v in sorted(mean.items()))
+        pairs = sorted({(layer, head) for (_, layer, head) in mean})
+        heads = sorted(
+            (
+                {
+                    "layer": layer,
+                    "head": head,
+                    "score": mean[("induction", layer, head)],
+                    "previous_token": mean[("previous_token", layer, head)],
+                    "duplicate_token": mean[("duplicate_token", layer, head)],
+                }
+                for layer, head in pairs
+            ),
+            key=lambda h: -h["score"],
+        )
+        losses = {name: total / n_total for name, total in loss_sums.items()}
+        n_above = sum(h["score"] > INDUCTION_THRESHOLD for h in heads)
+        summary_metrics: dict[str, Any] = {
+            **losses,
+            "n_prompts": n_total,
+            "threshold": INDUCTION_THRESHOLD,
+            "n_heads_above_threshold": n_above,
+            "n_heads": len(heads),
+        }
+        return Summary(
+            detector=self.name,
+            variant=self.variant(cfg),
+            heads=heads,
+            metrics=summary_metrics,
+            tables={"head_scores": agg, "metrics": tables.metrics(summary_metrics, n=n_total)},
+        )

@@ -1,0 +1,464 @@
+"""DeCoRe: decoding by contrasting retrieval heads (Gema et al. 2024, arXiv:2410.18860).
+
+Two models decode together: the base model and the same model with its top-k retrieval heads
+masked. Each step scores every token as
+
+    (1 + alpha_t) * logsoftmax(base) - alpha_t * logsoftmax(masked)
+
+and greedy decoding takes the argmax. ``alpha_t`` is the entropy (nats) of the base model's
+next-token distribution ("entropy", DeCoRe-entropy; optionally divided by log|V| and capped),
+or a fixed number (DeCoRe-vanilla, 0.5 in the paper).
+
+Masking (``method``): ``uniform`` (default, as the reference code of Wu et al. and DeCoRe: the
+head's query is zeroed, so it attends uniformly to the visible keys) or ``zero`` (the head's
+output is zeroed). Per query head, also under grouped-query attention.
+
+Batching: the base rows and the masked rows are stacked in ONE batch, [base; masked], the
+masking interventions restricted to the masked rows (``batch=``), with one KV cache for the
+stacked batch; so each step is one forward pass, not two (the reference runs the two models
+one after the other, one example at a time); the loop is circuits/decoding.py's. Prompts are
+left-padded with an attention mask; the bridge derives position ids from the mask, so padding
+changes no result (tested).
+
+Prefill (``prefill``): ``masked`` (default) gives the masked model its own cache of the prompt,
+computed with the heads masked (two KV caches, one per model, as the method describes). ``shared`` is what
+the reference's ``generate`` does: the masked model starts from a copy of the BASE model's
+prompt cache and its heads are masked only from the last prompt token on.
+
+Scoring (``decore_score``): a given answer's score is the sum over its tokens of the combined
+score of that token (the reference's ``lm_score``). ``alpha_scope="token"`` (default) takes
+alpha_t at each answer position; ``"prefix"`` (the reference's ``lm_score``) uses the alpha of
+the first answer position for all its tokens. ``post_softmax`` renormalises the combined scores
+with a log-softmax before summing (the reference's option of that name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pandas as pd
+import torch
+import typer
+
+from circuits.detectors.retrieval import RetrievalDetector, rank_heads
+from circuits.methods.decoding import greedy_decode, left_pad, pad_id, prompt_rows
+from circuits.methods.heads import check_heads
+from interp.errors import UserError
+from interp.model.backends import RunOutput
+from interp.model.interventions import Intervention, ablate_heads
+from interp.model.loaded import LoadedModel
+
+Alpha = float | Literal["entropy"]
+Method = Literal["uniform", "zero"]
+Prefill = Literal["masked", "shared"]
+Head = tuple[int, int]
+VANILLA_ALPHA = 0.5
+# interp.cli's --workspace option (not imported from there: `python -m interp.cli` would load
+# that module twice).
+WorkspaceOpt = Annotated[
+    Path | None, typer.Option("--workspace", "-w", help="results workspace (default: ./.interp or $INTERP_WORKSPACE)")
+]
+
+
+# ---------------------------------------------------------------- settings
+
+
+def parse_alpha(value: str | float) -> Alpha:
+    """'entropy' or a non-negative number (a fixed alpha: DeCoRe-vanilla)."""
+    if isinstance(value, str):
+        if value.strip().lower() == "entropy":
+            return "entropy"
+        try:
+            value = float(value)
+        except ValueError:
+            raise UserError(f"alpha must be 'entropy' or a number, got {value!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"alpha must be >= 0, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class DecoreSettings:
+    alpha: Alpha = "entropy"
+    normalize_entropy: bool = False
+    alpha_cap: float | None = None
+    method: Method = "uniform"
+    prefill: Prefill = "masked"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", parse_alpha(self.alpha))
+        if self.method not in ("uniform", "zero"):
+            raise UserError(f"masking method must be 'uniform' or 'zero', got {self.method!r}")
+        if self.prefill not in ("masked", "shared"):
+            raise UserError(f"prefill must be 'masked' or 'shared', got {self.prefill!r}")
+        if self.alpha_cap is not None and not self.alpha_cap > 0:
+            raise UserError(f"alpha_cap must be > 0, got {self.alpha_cap}")
+
+    @property
+    def variant(self) -> str:
+        if self.alpha == "entropy":
+            a = "entropy" + ("/log|V|" if self.normalize_entropy else "")
+            if self.alpha_cap is not None:
+                a += f",cap={self.alpha_cap:g}"
+        else:
+            a = f"vanilla(alpha={self.alpha:g})"
+        return f"{a};{self.method}-mask;{self.prefill}-prefill"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "variant": self.variant}
+
+
+# ---------------------------------------------------------------- the combination
+
+
+def base_entropy(base_logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of softmax(logits) over the last axis (0 log 0 = 0)."""
+    p = torch.softmax(base_logits.float(), dim=-1)
+    return torch.special.entr(p).sum(-1)
+
+
+def decore_alpha(base_logits: torch.Tensor, settings: DecoreSettings) -> torch.Tensor:
+    """alpha_t for each row of ``base_logits`` [..., V]."""
+    if settings.alpha != "entropy":
+        return torch.full(base_logits.shape[:-1], float(settings.alpha), device=base_logits.device)
+    a = base_entropy(base_logits)
+    if settings.normalize_entropy:
+        a = a / math.log(base_logits.shape[-1])
+    if settings.alpha_cap is not None:
+        a = a.clamp(max=settings.alpha_cap)
+    return a
+
+
+def combine(
+    base_logits: torch.Tensor, masked_logits: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
+    """(1 + alpha) logsoftmax(base) - alpha logsoftmax(masked), alpha broadcast per row."""
+    lb = torch.log_softmax(base_logits.float(), dim=-1)
+    lm = torch.log_softmax(masked_logits.float(), dim=-1)
+    a = alpha.float()[..., None]
+    return (1 + a) * lb - a * lm
+
+
+# ---------------------------------------------------------------- batching helpers
+
+
+def mask_interventions(
+    heads: Sequence[Head], method: Method, rows: Sequence[int], positions: Sequence[int] | None = None
+) -> list[Intervention]:
+    """The masking of ``heads`` on batch rows ``rows`` (at ``positions``, None = all)."""
+    if not heads or not rows:
+        return []
+    ivs = ablate_heads(list(heads), method, batch=tuple(rows))
+    if positions is not None:
+        ivs = [dataclasses.replace(iv, positions=tuple(positions)) for iv in ivs]
+    return ivs
+
+
+# ---------------------------------------------------------------- generation
+
+
+@dataclass
+class Generation:
+    """One prompt's decoded continuation."""
+
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    scores: list[float] = field(default_factory=list)  # the decoder's score of each chosen token
+    base_logprobs: list[float] = field(default_factory=list)  # log p_base of each chosen token
+    alphas: list[float] = field(default_factory=list)
+    stop: str = "length"  # eos, newline or length
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _decode_batch(
+    model: LoadedModel,
+    rows: Sequence[Sequence[int]],
+    heads: Sequence[Head],
+    settings: DecoreSettings,
+    max_new_tokens: int,
+    stop_at_newline: bool,
+    contrast: bool,
+) -> list[Generation]:
+    b = len(rows)
+    ids, mask = left_pad(rows, pad_id(model))
+    width = int(ids.shape[1])
+    first_ivs: list[Intervention] = []
+    step_ivs: list[Intervention] = []
+    if contrast:
+        ids, mask = torch.cat([ids, ids]), torch.cat([mask, mask])
+        masked_rows = list(range(b, 2 * b))
+        first_ivs = mask_interventions(
+            heads, settings.method, masked_rows, [width - 1] if settings.prefill == "shared" else None
+        )
+        step_ivs = mask_interventions(heads, settings.method, masked_rows)
+    # Per step, every sequence's (score, base log-prob, alpha) of its chosen token; a sequence
+    # keeps the first len(tokens) steps (it stops taking tokens once it stopped).
+    chosen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def choose(out: RunOutput) -> torch.Tensor:
+        logits = out.logits[:, -1].float()
+        base = logits[:b]
+        lb = torch.log_softmax(base, dim=-1)
+        if contrast:
+            alpha = decore_alpha(base, settings)
+            scores = combine(base, logits[b:], alpha)
+        else:
+            alpha = torch.zeros(b, device=logits.device)
+            scores = lb
+        nxt = scores.argmax(-1)
+        chosen.append((scores.gather(-1, nxt[:, None])[:, 0], lb.gather(-1, nxt[:, None])[:, 0], alpha))
+        return nxt
+
+    decoded = greedy_decode(model, ids, max_new_tokens, attention_mask=mask, interventions=step_ivs,
+                            prefill_interventions=first_ivs, choose=choose, stop_at_newline=stop_at_newline)
+    gens = []
+    for i, (row, tokens, stop) in enumerate(zip(rows, decoded.tokens, decoded.stops, strict=True)):
+        steps = chosen[: len(tokens)]
+        gens.append(Generation(
+            prompt_tokens=list(row),
+            tokens=tokens,
+            text=str(model.tokenizer.decode(tokens, skip_special_tokens=True)),
+            scores=[float(s[i]) for s, _, _ in steps],
+            base_logprobs=[float(lp[i]) for _, lp, _ in steps],
+            alphas=[float(a[i]) for _, _, a in steps],
+            stop=stop,
+        ))
+    return gens
+
+
+def _batches(n: int, batch_size: int) -> list[range]:
+    if batch_size < 1:
+        raise UserError("batch_size must be >= 1")
+    return [range(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+
+
+def decore_generate(
+    model: LoadedModel,
+    prompts: Sequence[str | Sequence[int]],
+    heads: Sequence[Head],
+    alpha: Alpha | str = "entropy",
+    *,
+    max_new_tokens: int = 32,
+    method: Method = "uniform",
+    normalize_entropy: bool = False,
+    alpha_cap: float | None = None,
+    prefill: Prefill = "masked",
+    stop_at_newline: bool = False,
+    prefix: bool = True,
+    batch_size: int = 16,
+) -> list[Generation]:
+    """DeCoRe greedy decoding of each prompt until EOS (or a newline, with ``stop_at_newline``)
+    or ``max_new_tokens``. ``heads`` are (layer, head) pairs to mask; none makes it greedy."""
+    settings = DecoreSettings(alpha=alpha, normalize_entropy=normalize_entropy, alpha_cap=alpha_cap,  # type: ignore[arg-type]
+                              method=method, prefill=prefill)
+    return _generate(model, prompts, heads, settings, max_new_tokens, stop_at_newline, prefix,
+                     batch_size, contrast=True)
+
+
+def greedy_generate(
+    model: LoadedModel,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    max_new_tokens: int = 32,
+    stop_at_newline: bool = False,
+    prefix: bool = True,
+    batch_size: int = 16,
+) -> list[Generation]:
+    """Plain greedy decoding through the same batched, left-padded, cached loop."""
+    return _generate(model, prompts, [], DecoreSettings(), max_new_tokens, stop_at_newline, prefix,
+                     batch_size, contrast=False)
+
+
+def _generate(
+    model: LoadedModel,
+    prompts: Sequence[str | Sequence[int]],
+    heads: Sequence[Head],
+    settings: DecoreSettings,
+    max_new_tokens: int,
+    stop_at_newline: bool,
+    prefix: bool,
+    batch_size: int,
+    contrast: bool,
+) -> list[Generation]:
+    if max_new_tokens < 1:
+        raise UserError("max_new_tokens must be >= 1")
+    if not prompts:
+        raise UserError("no prompts given")
+    heads = check_heads(heads, model)
+    rows = prompt_rows(model, prompts, prefix)
+    out: list[Generation] = []
+    for chunk in _batches(len(rows), batch_size):
+        out.extend(_decode_batch(model, [rows[i] for i in chunk], heads, settings, max_new_tokens,
+                                 stop_at_newline, contrast))
+    return out
+
+
+# ---------------------------------------------------------------- scoring given answers
+
+
+def decore_score(
+    model: LoadedModel,
+    prompts: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    heads: Sequence[Head],
+    alpha: Alpha | str = "entropy",
+    *,
+    method: Method = "uniform",
+    normalize_entropy: bool = False,
+    alpha_cap: float | None = None,
+    alpha_scope: Literal["token", "prefix"] = "token",
+    post_softmax: bool = False,
+    prefix: bool = True,
+    batch_size: int = 16,
+) -> pd.DataFrame:
+    """Score each candidate answer of each prompt: the sum over its tokens of the combined
+    DeCoRe log-prob (``decore``) and of the base model's log-prob (``base``, greedy scoring).
+
+    Answers are tokenised on their own (no special tokens) and appended to the prompt's
+    tokens, so give them their leading space (" Paris"). One row per (prompt, answer).
+    """
+    settings = DecoreSettings(alpha=alpha, normalize_entropy=normalize_entropy, alpha_cap=alpha_cap,  # type: ignore[arg-type]
+                              method=method)
+    if alpha_scope not in ("token", "prefix"):
+        raise UserError(f"alpha_scope must be 'token' or 'prefix', got {alpha_scope!r}")
+    if len(prompts) != len(answers):
+        raise UserError(f"{len(prompts)} prompts but {len(answers)} answer lists")
+    heads = check_heads(heads, model)
+    rows = prompt_rows(model, prompts, prefix)
+    pairs: list[tuple[int, int, list[int], list[int]]] = []
+    for pi, (p, cands) in enumerate(zip(rows, answers, strict=True)):
+        if not cands:
+            raise UserError(f"prompt {pi} has no candidate answers")
+        for ai, a in enumerate(cands):
+            toks = [int(t) for t in model.tokenizer(a, add_special_tokens=False)["input_ids"]]
+            if not toks:
+                raise UserError(f"answer {a!r} tokenises to nothing")
+            pairs.append((pi, ai, p, toks))
+    records: list[dict[str, Any]] = []
+    for chunk in _batches(len(pairs), batch_size):
+        sel = [pairs[i] for i in chunk]
+        b = len(sel)
+        ids, mask = left_pad([p + a for _, _, p, a in sel], pad_id(model))
+        ids, mask = torch.cat([ids, ids]).to(model.device), torch.cat([mask, mask]).to(model.device)
+        ivs = mask_interventions(heads, settings.method, list(range(b, 2 * b)))
+        with torch.no_grad():
+            logits = model.run(ids, attention_mask=mask, interventions=ivs).logits.float()
+        width = ids.shape[1]
+        for j, (pi, ai, _, ans) in enumerate(sel):
+            n = len(ans)
+            # Position t predicts token t + 1: the answer's logits sit one to the left.
+            pos = torch.arange(width - n - 1, width - 1, device=logits.device)
+            base, masked = logits[j, pos], logits[b + j, pos]
+            alpha_t = decore_alpha(base, settings)
+            if alpha_scope == "prefix":
+                alpha_t = alpha_t[:1].expand_as(alpha_t)
+            comb = combine(base, masked, alpha_t)
+            if post_softmax:
+                comb = torch.log_softmax(comb, dim=-1)
+            target = torch.tensor(ans, device=logits.device)[:, None]
+            lb = torch.log_softmax(base, dim=-1)
+            records.append({
+                "prompt_index": pi,
+                "answer_index": ai,
+                "answer": answers[pi][ai],
+                "n_tokens": n,
+                "decore": float(comb.gather(-1, target).sum()),
+                "base": float(lb.gather(-1, target).sum()),
+                "alpha_mean": float(alpha_t.mean()),
+            })
+    return pd.DataFrame(records).sort_values(["prompt_index", "answer_index"]).reset_index(drop=True)
+
+
+def choices(scored: pd.DataFrame, column: str = "decore") -> list[int]:
+    """The chosen answer index per prompt (highest summed score in ``column``)."""
+    return [int(g.loc[g[column].idxmax(), "answer_index"]) for _, g in scored.groupby("prompt_index", sort=True)]
+
+
+# ---------------------------------------------------------------- head sets
+
+
+def _record_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A ranking run's summary metrics as its record keeps them: numbers and strings (a record
+    is JSON, printed by the CLI; not a metrics table)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
+
+
+def retrieval_ranking(
+    model: LoadedModel, mode: str = "fast", overrides: Mapping[str, Any] | None = None
+) -> tuple[list[Head], dict[str, Any]]:
+    """Rank heads with the retrieval detector (circuits/retrieval.py), run in process.
+
+    Returns the ranking (best first) and a record: mode, metrics and warnings of the run.
+    """
+    cfg = RetrievalDetector.parse_params({"mode": mode, **(overrides or {})})
+    ranking, summary = rank_heads(model, cfg)
+    scores = [float(h["score"]) for h in summary.heads or []]
+    record = {"mode": summary.variant, "params": cfg.to_dict(), "warnings": summary.warnings,
+              "metrics": _record_metrics(summary.metrics), "scores": scores}
+    return ranking, record
+
+
+# ---------------------------------------------------------------- how many heads to mask
+
+#: DeCoRe's number of masked retrieval heads for Llama-3-8B(-Instruct), and that model's query
+#: heads (32 layers x 32 heads): 50 / 1024 = 4.9% of the heads. See :func:`default_k`.
+DECORE_PAPER_K = 50
+DECORE_PAPER_N_HEADS = 32 * 32
+
+
+def default_k(n_total_heads: int) -> int:
+    """How many top retrieval heads DeCoRe masks by default in a model of ``n_total_heads``
+    query heads: the share of the DeCoRe paper's main setting, at least one head.
+
+    Gema et al. 2024, "DeCoRe: Decoding by Contrasting Retrieval Heads to Mitigate
+    Hallucinations" (arXiv:2410.18860; EMNLP 2025 Findings), mask the top k = 50 retrieval heads
+    of the 7-8B models (Llama-3-8B: 32 x 32 = 1024 query heads), and sweep k from 10 to 100 in
+    steps of 10 in the appendix (Tables 7 and 9: Llama3-8B-Instruct with different numbers of
+    masked retrieval heads). A model of another size gets the same share of its heads:
+    ``max(1, round(50 / 1024 * n_total_heads))`` (Python's round: halves go to the even
+    neighbour): 50 for 1024 heads, 13 for smollm2-135m's 270, 1 for a model of 30 or fewer.
+    """
+    if n_total_heads < 1:
+        raise UserError(f"a model needs at least one head, got {n_total_heads}")
+    return max(1, round(DECORE_PAPER_K / DECORE_PAPER_N_HEADS * n_total_heads))
+
+
+def default_k_reason(n_total_heads: int) -> str:
+    """Why :func:`default_k` chose its k, in one line (the CLI prints it on stderr)."""
+    share = DECORE_PAPER_K / DECORE_PAPER_N_HEADS
+    return (f"the DeCoRe paper's share of heads, {DECORE_PAPER_K} of Llama-3-8B's {DECORE_PAPER_N_HEADS} "
+            f"({share:.1%}; Gema et al. 2024), times this model's {n_total_heads} heads = "
+            f"{share * n_total_heads:.1f}, rounded, at least 1: k = {default_k(n_total_heads)} "
+            f"(--k or --heads to choose)")
+
+
+# ---------------------------------------------------------------- the ranking, from a workspace
+
+
+# ---------------------------------------------------------------- CLI
+
+
+__all__ = [
+    "DECORE_PAPER_K",
+    "DECORE_PAPER_N_HEADS",
+    "VANILLA_ALPHA",
+    "DecoreSettings",
+    "Generation",
+    "base_entropy",
+    "choices",
+    "combine",
+    "decore_alpha",
+    "decore_generate",
+    "decore_score",
+    "default_k",
+    "greedy_generate",
+    "retrieval_ranking",
+]

@@ -1,0 +1,233 @@
+"""Registry of detectors and interventions.
+
+A detector is a :class:`Detector` subclass decorated with :func:`register`. Packages of
+detectors (``circuits`` in this one) are found through the ``interp.plugins`` entry-point group,
+so the core never names them; the CLI, ``interp scan``, the store and the dashboard discover
+every registered detector here.
+A detector's work is split into named *units* (batches, facts, samples) that are committed to
+the store one by one, so an interrupted run resumes without redoing finished units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+
+import pandas as pd
+
+from interp.errors import UserError
+from interp.runs.config import SEED_MAX, DetectorConfig, NoParams, Param
+
+if TYPE_CHECKING:
+    import torch
+
+    from interp.model.loaded import LoadedModel
+
+__all__ = ["SEED_MAX", "Detector", "DetectorConfig", "Param", "Summary", "UnitResult", "register"]
+# The entry-point group through which packages add detectors and commands: each entry names a
+# module whose import registers them (``circuits = "circuits"`` in this package's pyproject).
+PLUGIN_GROUP = "interp.plugins"
+
+OutputKind = Literal["head_scores", "token_layer", "curves", "metrics", "intervention"]
+C = TypeVar("C", bound=DetectorConfig)
+T = TypeVar("T")
+
+
+@dataclass
+class UnitResult:
+    """What one unit produces: long tables keyed by the store's table names.
+
+    Tables (columns beyond run_id/unit, which the store adds):
+      head_scores: metric, layer, head, value
+      token_layer: kind, item, token_index, token, layer, value
+      curves:      curve, layer, head, x, y
+      metrics:     name, value, ci_low, ci_high, n
+      artifacts:   name, json   (a JSON document, for anything that is not a long table)
+    """
+
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+@dataclass
+class Summary:
+    """The final, aggregated result of a run, printed by the CLI and returned by the API.
+
+    ``heads`` (for head detectors) is sorted by score descending, each with at least
+    layer, head and score. ``tables`` are the aggregated long tables written under unit "final".
+    """
+
+    detector: str
+    variant: str
+    heads: list[dict[str, Any]] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"detector": self.detector, "variant": self.variant}
+        if self.heads is not None:
+            out["heads"] = self.heads
+        out["metrics"] = self.metrics
+        out["warnings"] = self.warnings
+        return out
+
+
+class Detector(Generic[C]):
+    """Base class. A subclass sets the class attributes, declares its parameters as a frozen
+    :class:`~interp.runs.config.DetectorConfig` (``Config``), and implements ``units``, ``run_unit``
+    and ``finalize``; each receives the parsed config."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    # What the detector writes: the dashboard picks its page by this.
+    output: ClassVar[OutputKind]
+    Config: ClassVar[type[DetectorConfig]] = NoParams
+    # Derived from Config when the subclass is created: the CLI and the dashboard's form read it.
+    params: ClassVar[tuple[Param, ...]] = ()
+    # Whether ``interp scan`` runs it by default (cheap enough for a first look).
+    in_default_scan: ClassVar[bool] = False
+    # The parameters ``interp scan`` (and the dashboard's scan form) runs it with, raw as on the
+    # command line; {} = the defaults. They keep the default scan short (a few facts, a small
+    # split) while ``interp run`` keeps the full defaults; runs are keyed by their parameters, so
+    # the two are separate runs. Checked by parse_params before any model is loaded.
+    scan_params: ClassVar[dict[str, Any]] = {}
+    # (x axis, y axis) titles, with units, of each curve it writes to the ``curves`` table,
+    # keyed by curve name or by an fnmatch pattern ("*: accuracy vs depth"); the first match
+    # wins. The dashboard and interp.figures.curve_axes look them up by the run's detector.
+    curve_axes: ClassVar[dict[str, tuple[str, str]]] = {}
+    # The fields of Summary.heads worth a column in the CLI's head table (field -> short title),
+    # most important first: the table keeps those that fit 80 columns.
+    head_columns: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.params = cls.Config.specs()
+
+    def variant(self, cfg: C) -> str:
+        """The method variant as a short, stable slug (``faithful``, ``zero-ablation``...): it
+        is part of the run key, so rewording it would stop old runs from resuming. The prose
+        goes in :meth:`method_text`."""
+        return "default"
+
+    def method_text(self, cfg: C) -> str:
+        """One or two sentences on what exactly this run computes (stored as the run's
+        ``settings`` artifact, not in the key)."""
+        return self.description
+
+    def dataset_hash(self, model: LoadedModel, cfg: C) -> str | None:
+        """A hash of the input data when it comes from a file; None for generated inputs."""
+        return None
+
+    def units(self, model: LoadedModel, cfg: C) -> list[str]:
+        """Names of the units of work, in order. Each is committed to the store when done.
+        Checks that need the model (a layer index, a prompt against the context) go here."""
+        raise NotImplementedError
+
+    def run_unit(self, model: LoadedModel, cfg: C, unit: str) -> UnitResult:
+        """Compute one unit. Must be deterministic given the config (seed included) and unit."""
+        raise NotImplementedError
+
+    def split_unit(self, model: LoadedModel, cfg: C, unit: str, n: int) -> list[str]:
+        """Up to ``n`` parts of one large unit that can be computed apart (on several workers),
+        by :meth:`run_part` each, then joined by :meth:`join_parts` into what :meth:`run_unit`
+        returns. Empty (the default): the unit is not split."""
+        return []
+
+    def run_part(self, model: LoadedModel, cfg: C, unit: str, part: str) -> Any:
+        """Compute one part of :meth:`split_unit` (a picklable value, sent back to the driver)."""
+        raise NotImplementedError
+
+    def join_parts(self, model: LoadedModel, cfg: C, unit: str, parts: Sequence[Any]) -> UnitResult:
+        """The unit's result from its parts' values, in :meth:`split_unit` order: equal to
+        :meth:`run_unit`'s up to float rounding."""
+        raise NotImplementedError
+
+    def finalize(self, model: LoadedModel, cfg: C, results: Mapping[str, pd.DataFrame]) -> Summary:
+        """Aggregate all units' tables (concatenated, with a ``unit`` column) into a Summary."""
+        raise NotImplementedError
+
+    def memo(self, what: str, model: LoadedModel, cfg: C, compute: Callable[[], T]) -> T:
+        """The one cache of a detector: ``compute()`` once per (what, model, config), shared by
+        the units of a run. The runner makes a detector per run, so nothing cached outlives
+        it (no module globals, no keys on object ids); configs are frozen, hence hashable."""
+        cache: dict[tuple[str, str, DetectorConfig], Any] = self.__dict__.setdefault("_memo", {})
+        key = (what, model.name, cfg)
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
+
+    def example_tokens(self, model: LoadedModel, cfg: C) -> torch.Tensor | None:
+        """A typical input (token ids, batch first) for the dashboard's attention view; None
+        when the detector has no single representative input."""
+        return None
+
+    @classmethod
+    def parse_params(cls, raw: Mapping[str, Any] | DetectorConfig) -> Any:
+        """The config from raw values (CLI strings, JSON): types, ranges, then relations."""
+        if isinstance(raw, cls.Config):
+            return raw
+        if isinstance(raw, DetectorConfig):
+            raw = raw.to_dict()
+        return cls.Config.parse(raw, cls.name)
+
+
+_REGISTRY: dict[str, type[Detector]] = {}
+
+
+def register(cls: type[Detector]) -> type[Detector]:
+    """Class decorator: make a detector discoverable by name."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise RuntimeError(f"detector {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+_COMMANDS: dict[str, Callable[..., Any]] = {}
+
+
+def command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for an extra CLI command (a typer-style function) defined in ``circuits/``:
+    ``interp <name> ...`` then calls it. Raise UserError for bad input."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+def all_commands() -> dict[str, Callable[..., Any]]:
+    _discover()
+    return dict(sorted(_COMMANDS.items()))
+
+
+def _discover() -> None:
+    """Import every installed plug-in module (entry-point group ``interp.plugins``); each
+    registers its detectors with :func:`register` when imported. Importing twice is free."""
+    for ep in metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()
+        except ImportError as exc:
+            raise UserError(f"cannot load detector plug-in {ep.name!r} ({ep.value}): {exc}") from exc
+
+
+def all_detectors() -> dict[str, type[Detector]]:
+    _discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def default_scan() -> list[str]:
+    """The detectors ``interp scan`` runs when none are named, in name order."""
+    return [name for name, d in all_detectors().items() if d.in_default_scan]
+
+
+def get_detector(name: str) -> Detector:
+    detectors = all_detectors()
+    if name not in detectors:
+        raise UserError(f"unknown detector {name!r} (available: {', '.join(detectors)})")
+    return detectors[name]()
+
+
+DetectorFactory = Callable[[], Detector]

@@ -1,0 +1,152 @@
+"""Run a registered detector on a model through the results store, unit by unit.
+
+Each finished unit is committed in its own transaction, so Ctrl-C or kill -9 loses at most
+the unit in flight; rerunning the same detector with the same parameters resumes the run and
+skips the committed units.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from interp.errors import UserError
+from interp.model.loaded import LoadedModel
+from interp.runs import tables
+from interp.runs.config import DetectorConfig
+from interp.runs.executors import Executor, SerialExecutor
+from interp.runs.registry import Detector, Summary, UnitResult, get_detector
+from interp.runs.store import FINAL_UNIT, SETTINGS_UNIT, TABLES, WARNINGS_UNIT, Run, Store, code_version
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    summary: Summary
+    resumed_units: int
+    computed_units: int
+    seconds: float
+
+
+def run_detector(
+    model: LoadedModel,
+    detector_name: str,
+    raw_params: Mapping[str, Any],
+    store: Store,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    executor: Executor | None = None,
+) -> RunResult:
+    """Validate parameters, open (or resume) a run, compute missing units, finalize.
+
+    ``executor`` computes the units (default: serially in this process); whatever computes
+    them, this process alone commits each result to the store as it arrives."""
+    detector = get_detector(detector_name)
+    cfg = detector.parse_params(raw_params)
+    # Validation (units() raises UserError on bad parameters) happens before the store is
+    # touched, so bad input never leaves a half-written run behind.
+    units = detector.units(model, cfg)
+    run: Run = store.start_run(
+        model=model.name,
+        model_hash=model.provenance.file_sha256 or "",
+        detector=detector.name,
+        variant=detector.variant(cfg),
+        params=cfg.to_dict(),
+        dataset_hash=detector.dataset_hash(model, cfg),
+        seed=cfg.get("seed"),
+        code_version=code_version(),
+        provenance=model.provenance.to_dict(),
+        resume=resume,
+        identity=lambda stored: _identity(detector, stored),
+    )
+    started = time.perf_counter()
+    with run.guard():
+        done = run.done_units() - {FINAL_UNIT, SETTINGS_UNIT}
+        todo = [u for u in units if u not in done]
+        if SETTINGS_UNIT not in run.done_units():
+            run.commit_unit(SETTINGS_UNIT, settings(detector, cfg), 0.0)
+        bar = tqdm(
+            total=len(units),
+            initial=len(units) - len(todo),
+            desc=f"{detector.name} on {model.name}",
+            unit="unit",
+            file=sys.stderr,
+            disable=not progress,
+        )
+        with bar:
+            committed: set[str] = set()
+            for unit, result, seconds in (executor or SerialExecutor()).run_units(model, detector, cfg, todo):
+                if unit in committed:  # an executor must not yield a unit twice; never store it twice
+                    continue
+                run.commit_unit(unit, result, seconds)
+                committed.add(unit)
+                bar.update(1)
+            missing = [u for u in todo if u not in committed]
+            if missing:
+                raise RuntimeError(f"the executor returned without units {missing[:5]}")
+        results = {table: unit_rows(run.results(table), units) for table in TABLES}
+        summary = detector.finalize(model, cfg, results)
+        run.commit_unit(FINAL_UNIT, UnitResult(tables=summary.tables), 0.0)
+        if summary.warnings:
+            run.commit_unit(
+                WARNINGS_UNIT, UnitResult(tables={"artifacts": tables.artifact("warnings", summary.warnings)}), 0.0
+            )
+        run.finish("done")
+    return RunResult(
+        run_id=run.id,
+        summary=summary,
+        resumed_units=len(units) - len(todo),
+        computed_units=len(todo),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def run_in_memory(
+    model: LoadedModel, detector: Detector[Any], params: Mapping[str, Any] | DetectorConfig
+) -> tuple[Summary, dict[str, pd.DataFrame]]:
+    """Run a detector's units and finalize without a store (notebooks, tests, one detector
+    feeding another). ``params`` is its config, or raw values to parse. Returns the summary and
+    the units' concatenated tables, each row tagged with its unit."""
+    cfg = detector.parse_params(params)
+    parts: dict[str, list[pd.DataFrame]] = {}
+    for unit in detector.units(model, cfg):
+        for table, frame in detector.run_unit(model, cfg, unit).tables.items():
+            parts.setdefault(table, []).append(frame.assign(unit=unit))
+    results = {t: pd.concat(frames, ignore_index=True) for t, frames in parts.items()}
+    return detector.finalize(model, cfg, results), results
+
+
+def settings(detector: Detector[Any], cfg: DetectorConfig) -> UnitResult:
+    """The ``settings`` artifact of a run: its variant slug, what that means in words, and
+    the parameters as typed values."""
+    doc = {"variant": detector.variant(cfg), "method": detector.method_text(cfg), "params": cfg.to_dict()}
+    return UnitResult(tables={"artifacts": tables.artifact("settings", doc)})
+
+
+def _identity(detector: Detector[Any], stored_params: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(variant, params) of a run stored by an older version, as this version writes them; None
+    when today's config no longer accepts its parameters (it cannot be resumed then)."""
+    try:
+        cfg = detector.parse_params(stored_params)
+    except UserError:
+        return None
+    return detector.variant(cfg), cfg.to_dict()
+
+
+def unit_rows(df: pd.DataFrame, units: Sequence[str]) -> pd.DataFrame:
+    """A table's rows written by the detector's units (not the final, warnings and settings rows
+    the runner adds), in the order of ``units``: a cluster commits units as they finish, and a
+    finalize that sums in row order must see the same order as after a serial run."""
+    if "unit" not in df.columns:
+        return df
+    keep = pd.DataFrame(df.loc[~df["unit"].isin([FINAL_UNIT, WARNINGS_UNIT, SETTINGS_UNIT])])
+    position = {u: i for i, u in enumerate(units)}
+    order = keep["unit"].map(lambda u: position.get(u, len(position)))
+    return pd.DataFrame(keep.iloc[order.argsort(kind="stable")]).reset_index(drop=True)

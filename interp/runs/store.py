@@ -1,0 +1,781 @@
+"""The results store: one embedded SQLite file per workspace (``<workspace>/results.db``).
+
+A run is one detector applied to one model with fixed parameters; its work is committed unit by
+unit, each unit in a single transaction, so a run killed at any point (Ctrl-C, OOM, ``kill -9``)
+holds exactly the units that finished and resumes from there. Results are long tables (see
+:class:`interp.runs.registry.UnitResult`) keyed by ``(run_id, unit)``.
+
+WAL mode lets the dashboard and other CLI processes read while one process writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import numpy as np
+import pandas as pd
+
+from interp.errors import StoreError, UserError
+from interp.model.prefix import describe_stored
+from interp.runs.registry import UnitResult
+
+SCHEMA_VERSION = 1
+DB_NAME = "results.db"
+WORKSPACE_ENV = "INTERP_WORKSPACE"
+PACKAGE_NAME = "interp-workbench"
+
+RunStatus = Literal["running", "done", "failed", "interrupted"]
+FinalStatus = Literal["done", "failed", "interrupted"]
+ExportFormat = Literal["csv", "parquet"]
+
+# Units the runner writes besides the detector's own: the aggregated tables, the warnings, and
+# how the run was computed (variant, its prose, the parameters).
+FINAL_UNIT = "final"
+WARNINGS_UNIT = "warnings"
+SETTINGS_UNIT = "settings"
+RESERVED_UNITS = (FINAL_UNIT, WARNINGS_UNIT, SETTINGS_UNIT)
+
+RUN_STATUSES: tuple[str, ...] = ("running", "done", "failed", "interrupted")
+EXPORT_FORMATS: tuple[str, ...] = ("csv", "parquet")
+
+# Result tables: (column, SQLite type). Empty type = no affinity, so a value keeps its own type
+# (``item`` may be an index or a name depending on the detector).
+TABLES: dict[str, tuple[tuple[str, str], ...]] = {
+    "head_scores": (("metric", "TEXT"), ("layer", "INTEGER"), ("head", "INTEGER"), ("value", "REAL")),
+    "token_layer": (
+        ("kind", "TEXT"),
+        ("item", ""),
+        ("token_index", "INTEGER"),
+        ("token", "TEXT"),
+        ("layer", "INTEGER"),
+        ("value", "REAL"),
+    ),
+    "curves": (("curve", "TEXT"), ("layer", "INTEGER"), ("head", "INTEGER"), ("x", "REAL"), ("y", "REAL")),
+    "metrics": (
+        ("name", "TEXT"),
+        ("value", "REAL"),
+        ("ci_low", "REAL"),
+        ("ci_high", "REAL"),
+        ("n", "INTEGER"),
+    ),
+    "artifacts": (("name", "TEXT"), ("json", "TEXT")),
+}
+
+# A table without these is certainly a bug in the detector; the other columns may be left out.
+REQUIRED_COLUMNS: dict[str, frozenset[str]] = {
+    "head_scores": frozenset({"layer", "head", "value"}),
+    "token_layer": frozenset({"layer", "value"}),
+    "curves": frozenset({"curve", "x", "y"}),
+    "metrics": frozenset({"name", "value"}),
+    "artifacts": frozenset({"name", "json"}),
+}
+
+RUN_COLUMNS: tuple[str, ...] = (
+    "id",
+    "key",
+    "model",
+    "model_hash",
+    "detector",
+    "variant",
+    "params_json",
+    "dataset_hash",
+    "seed",
+    "code_version",
+    "provenance_json",
+    "status",
+    "error",
+    "created_at",
+    "updated_at",
+    "finished_at",
+    "duration_s",
+)
+
+_STATUS_LIST = ", ".join(f"'{s}'" for s in RUN_STATUSES)
+
+_SCHEMA: tuple[str, ...] = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+    f"""CREATE TABLE IF NOT EXISTS runs (
+        id INTEGER PRIMARY KEY,
+        key TEXT NOT NULL,
+        model TEXT NOT NULL,
+        model_hash TEXT,
+        detector TEXT NOT NULL,
+        variant TEXT NOT NULL,
+        params_json TEXT NOT NULL,
+        dataset_hash TEXT,
+        seed INTEGER,
+        code_version TEXT,
+        provenance_json TEXT,
+        status TEXT NOT NULL CHECK (status IN ({_STATUS_LIST})),
+        error TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        finished_at TEXT,
+        duration_s REAL
+    )""",
+    "CREATE INDEX IF NOT EXISTS idx_runs_key ON runs (key)",
+    """CREATE TABLE IF NOT EXISTS units (
+        run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        unit TEXT NOT NULL,
+        finished_at TEXT NOT NULL,
+        duration_s REAL,
+        PRIMARY KEY (run_id, unit)
+    )""",
+    *(
+        stmt
+        for table, columns in TABLES.items()
+        for stmt in (
+            # The foreign key to units makes rows without their unit row impossible, and lets
+            # deleting a unit (re-commit) or a run cascade to its rows.
+            f"""CREATE TABLE IF NOT EXISTS {table} (
+                run_id INTEGER NOT NULL,
+                unit TEXT NOT NULL,
+                {", ".join(f"{name} {kind}".strip() for name, kind in columns)},
+                FOREIGN KEY (run_id, unit) REFERENCES units (run_id, unit) ON DELETE CASCADE
+            )""",
+            # (run_id, unit) serves lookups by run_id alone and the cascades from units.
+            f"CREATE INDEX IF NOT EXISTS idx_{table}_run ON {table} (run_id, unit)",
+        )
+    ),
+)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable: {value!r}")
+
+
+def _canonical_json(value: Any, what: str) -> str:
+    try:
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
+        )
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{what} must be JSON-serialisable: {exc}") from None
+
+
+def run_key(
+    *,
+    model: str,
+    model_hash: str | None,
+    detector: str,
+    variant: str,
+    params: Mapping[str, Any],
+    dataset_hash: str | None,
+    seed: int | None,
+    prefix: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
+) -> str:
+    """The identity of a run: sha256 of the canonical JSON of what determines its results.
+
+    The model hash is preferred to the name so that a renamed or re-downloaded copy of the same
+    weights maps to the same key, and changed weights under the same name do not. ``prefix``
+    is the prompt prefix (:class:`interp.model.prefix.PromptPrefix` as a dict): it changes every
+    raw-text input, so runs made with different prefixes never resume into each other. ``dtype``
+    separates bfloat16 or float16 results from float32 ones; float32 (and None) add nothing, so
+    the keys of runs stored before dtypes were keyed stay as they were.
+    """
+    identity: list[Any] = [model_hash or model, detector, variant, dict(params), dataset_hash, seed, prefix]
+    precision = str(dtype or "float32").removeprefix("torch.")
+    if precision != "float32":
+        identity.append(precision)
+    return hashlib.sha256(_canonical_json(identity, "params").encode()).hexdigest()
+
+
+def key_context(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a model's provenance enters a run's key: the prompt prefix and the dtype."""
+    return {"prefix": provenance.get("prefix"), "dtype": provenance.get("dtype")}
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version(PACKAGE_NAME)
+    except metadata.PackageNotFoundError:
+        pass
+    # Running from a source tree that was never installed.
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    try:
+        version = tomllib.loads(pyproject.read_text())["project"]["version"]
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        return "0+unknown"
+    return str(version)
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """The package version, plus ``+g<short commit>`` when running from a git checkout."""
+    version = _package_version()
+    root = Path(__file__).resolve().parents[2]
+    # Only our own checkout: an installed package inside some other repository (a user's
+    # project with a venv) must not report that repository's commit.
+    if not (root / ".git").exists():
+        return version
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=2,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return version
+    commit = proc.stdout.strip()
+    if proc.returncode != 0 or not commit:
+        return version
+    return f"{version}+g{commit}"
+
+
+def _default_workspace() -> Path:
+    env = os.environ.get(WORKSPACE_ENV)
+    return Path(env) if env else Path.cwd() / ".interp"
+
+
+def _ensure_writable(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"workspace {path} is not writable: it is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # os.access is wrong for root and for some network/ACL filesystems: really write a file.
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise StoreError(f"workspace {path} is not writable: {reason}") from None
+
+
+def _provenance_of(provenance_json: str | None) -> dict[str, Any]:
+    try:
+        stored = json.loads(provenance_json) if provenance_json else {}
+    except ValueError:
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _prefix_of(provenance_json: str | None) -> Any:
+    return _provenance_of(provenance_json).get("prefix")
+
+
+def check_export_format(fmt: str) -> None:
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"unknown export format {fmt!r} (formats: {', '.join(EXPORT_FORMATS)})")
+
+
+def _check_table(table: str) -> tuple[tuple[str, str], ...]:
+    if table not in TABLES:
+        raise UserError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
+    return TABLES[table]
+
+
+_SQL_TYPES = (str, int, float, bytes)
+
+
+def _json_cell(value: Any) -> str | None:
+    """An artifacts.json cell: a JSON text is kept as is, any other document is encoded."""
+    if isinstance(value, str):
+        return value
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"table 'artifacts', column 'json': value is not JSON-serialisable: {exc}") from None
+
+
+def _column_values(table: str, column: str, series: pd.Series) -> list[Any]:
+    """A column as plain Python values sqlite3 can bind, missing values as None."""
+    if table == "artifacts" and column == "json":
+        return [_json_cell(v) for v in series.tolist()]
+    # astype(object) turns numpy scalars into Python ones for numeric dtypes.
+    values: list[Any] = series.astype(object).where(series.notna(), None).tolist()
+    if series.dtype == object or isinstance(series.dtype, pd.CategoricalDtype):
+        for i, v in enumerate(values):
+            if isinstance(v, np.generic):
+                values[i] = v = v.item()
+            if v is not None and not isinstance(v, _SQL_TYPES):
+                raise ValueError(
+                    f"table {table!r}, column {column!r}: unsupported value {v!r} of type {type(v).__name__}"
+                )
+    return values
+
+
+def _validate_tables(tables: Mapping[str, pd.DataFrame]) -> None:
+    for table, frame in tables.items():
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
+        if not isinstance(frame, pd.DataFrame):
+            raise ValueError(f"table {table!r} must be a pandas DataFrame, got {type(frame).__name__}")
+        known = {name for name, _ in TABLES[table]}
+        columns = [str(c) for c in frame.columns]
+        reserved = sorted({"run_id", "unit"} & set(columns))
+        if reserved:
+            raise ValueError(f"table {table!r}: column {reserved[0]!r} is set by the store, drop it")
+        unknown = sorted(set(columns) - known)
+        if unknown:
+            raise ValueError(
+                f"table {table!r}: unknown column(s) {unknown} (known: {', '.join(n for n, _ in TABLES[table])})"
+            )
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"table {table!r}: duplicate column names {columns}")
+        missing = sorted(REQUIRED_COLUMNS[table] - set(columns))
+        if missing and len(frame):
+            raise ValueError(f"table {table!r}: missing required column(s) {missing}")
+
+
+class Store:
+    """The results store of one workspace. One SQLite connection, shared by the object's users.
+
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, workspace: str | Path | None = None, *, create: bool = True) -> None:
+        """Open the store of ``workspace`` (default: ``$INTERP_WORKSPACE`` or ``./.interp``).
+
+        With ``create`` (writers: scan, run) a missing workspace and store are made; without it
+        (readers: runs, export, the dashboard's launcher) a workspace with no ``results.db`` is
+        an error and nothing is created, so a mistyped path is not silently an empty store.
+        """
+        path = Path(workspace).expanduser() if workspace is not None else _default_workspace()
+        if create:
+            _ensure_writable(path)
+        elif not (path / DB_NAME).is_file():
+            raise StoreError(
+                f"no results store at {path.absolute()} (run `interp scan` or `interp run` to create one)"
+            )
+        self.workspace: Path = path
+        self.path: Path = path / DB_NAME
+        # RLock: a write helper may call a read helper while holding it.
+        self._lock = threading.RLock()
+        self._con: sqlite3.Connection | None = None
+        try:
+            # isolation_level=None: transactions are opened explicitly (BEGIN IMMEDIATE) so that
+            # their bounds are exactly the unit's, and the write lock is taken up front rather than
+            # upgraded later, which in WAL mode fails immediately instead of waiting.
+            # mode=rw: a reader never creates the file, even if it vanished since the check.
+            target, uri = (self.path, False) if create else (f"{self.path.absolute().as_uri()}?mode=rw", True)
+            con = sqlite3.connect(target, timeout=30, isolation_level=None, check_same_thread=False, uri=uri)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open results store {self.path}: {exc}") from None
+        self._con = con
+        try:
+            con.execute("PRAGMA foreign_keys = ON")
+            con.execute("PRAGMA journal_mode = WAL")
+            # In WAL mode NORMAL keeps every commit atomic and durable against a process crash;
+            # only a power loss may drop the last commits, which then are simply recomputed.
+            con.execute("PRAGMA synchronous = NORMAL")
+            self._init_schema()
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"cannot open results store {self.path}: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._con is None:
+            raise StoreError(f"results store {self.path} is closed")
+        return self._con
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: everything inside commits together or not at all."""
+        with self._lock:
+            con = self._connection()
+            try:
+                con.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot write to results store {self.path}: {exc}") from None
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException as exc:
+                # SQLite may already have rolled back (disk full, I/O error).
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"cannot write to results store {self.path}: {exc}") from exc
+                raise
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._connection().execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read results store {self.path}: {exc}") from None
+
+    def _frame(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        with self._lock:
+            try:
+                cur = self._connection().execute(sql, params)
+                rows = cur.fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read results store {self.path}: {exc}") from None
+            columns = [d[0] for d in cur.description]
+        return pd.DataFrame.from_records(rows, columns=columns, coerce_float=True)
+
+    def _init_schema(self) -> None:
+        with self._write() as con:
+            for stmt in _SCHEMA:
+                con.execute(stmt)
+            row = con.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            version = row[0] if row else None
+            if version is None:
+                con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"results store {self.path} has schema version {version}, newer than this "
+                    f"interp-workbench supports ({SCHEMA_VERSION}): upgrade interp-workbench"
+                )
+
+    def _run_row(self, run_id: int) -> dict[str, Any]:
+        rows = self._query(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise UserError(f"no run with id {run_id} in {self.path}")
+        return dict(zip(RUN_COLUMNS, rows[0], strict=True))
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        *,
+        model: str,
+        model_hash: str | None,
+        detector: str,
+        variant: str,
+        params: Mapping[str, Any],
+        dataset_hash: str | None,
+        seed: int | None,
+        code_version: str | None,
+        provenance: Mapping[str, Any],
+        resume: bool = True,
+        identity: Callable[[Mapping[str, Any]], tuple[str, Mapping[str, Any]] | None] | None = None,
+    ) -> Run:
+        """Start a run, or resume the newest unfinished run with the same key.
+
+        A finished ('done') run is never resumed: asking again means a rerun, which gets a new
+        id. Use :meth:`find_run` first to reuse a finished run's results instead.
+
+        ``identity`` maps a stored run's parameters to (variant, parameters) as the caller's
+        version writes them. An unfinished run of the same model and detector stored by an
+        older version (parameters written another way, a reworded variant) whose key under
+        today's rules matches is re-keyed and resumed, so upgrading never orphans a run.
+        """
+        key = run_key(
+            model=model,
+            model_hash=model_hash,
+            detector=detector,
+            variant=variant,
+            params=params,
+            dataset_hash=dataset_hash,
+            seed=seed,
+            **key_context(provenance),
+        )
+        params_json = _canonical_json(dict(params), "params")
+        provenance_json = _canonical_json(dict(provenance), "provenance")
+        now = _now()
+        with self._write() as con:
+            if resume and identity is not None:
+                self._rekey_older(con, key, detector, variant, params_json, identity)
+            # Looked up inside the write transaction so two processes cannot both create the run.
+            row = (
+                con.execute(
+                    "SELECT id FROM runs WHERE key = ? AND status != 'done' ORDER BY id DESC LIMIT 1", (key,)
+                ).fetchone()
+                if resume
+                else None
+            )
+            if row is not None:
+                run_id = int(row[0])
+                con.execute(
+                    "UPDATE runs SET status = 'running', error = NULL, finished_at = NULL, updated_at = ? "
+                    "WHERE id = ?",
+                    (now, run_id),
+                )
+                resumed = True
+            else:
+                values = (key, model, model_hash, detector, variant, params_json, dataset_hash, seed,
+                          code_version, provenance_json, now, now)
+                run_id, resumed = self._insert_run(con, values), False
+        return Run(self, run_id, key, resumed=resumed, started=True)
+
+    @staticmethod
+    def _insert_run(con: sqlite3.Connection, values: tuple[Any, ...]) -> int:
+        cur = con.execute(
+            "INSERT INTO runs (key, model, model_hash, detector, variant, params_json, dataset_hash, "
+            "seed, code_version, provenance_json, status, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+            values,
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    @staticmethod
+    def _rekey_older(
+        con: sqlite3.Connection,
+        key: str,
+        detector: str,
+        variant: str,
+        params_json: str,
+        identity: Callable[[Mapping[str, Any]], tuple[str, Mapping[str, Any]] | None],
+    ) -> None:
+        rows = con.execute(
+            "SELECT id, model, model_hash, variant, params_json, dataset_hash, seed, provenance_json "
+            "FROM runs WHERE detector = ? AND status != 'done' AND key != ?",
+            (detector, key),
+        ).fetchall()
+        for run_id, model, model_hash, _, stored_json, dataset_hash, seed, provenance_json in rows:
+            now = identity(json.loads(stored_json))
+            if now is None:
+                continue
+            now_key = run_key(
+                model=model, model_hash=model_hash, detector=detector, variant=now[0], params=now[1],
+                dataset_hash=dataset_hash, seed=seed, **key_context(_provenance_of(provenance_json)),
+            )
+            if now_key == key:
+                con.execute(
+                    "UPDATE runs SET key = ?, variant = ?, params_json = ? WHERE id = ?",
+                    (key, variant, params_json, run_id),
+                )
+
+    def find_run(self, key: str, status: RunStatus | None = None) -> Run | None:
+        """The newest run with this key (and status, if given), or None."""
+        if status is None:
+            rows = self._query("SELECT id, key FROM runs WHERE key = ? ORDER BY id DESC LIMIT 1", (key,))
+        else:
+            rows = self._query(
+                "SELECT id, key FROM runs WHERE key = ? AND status = ? ORDER BY id DESC LIMIT 1",
+                (key, status),
+            )
+        return Run(self, int(rows[0][0]), str(rows[0][1])) if rows else None
+
+    def run(self, run_id: int) -> Run:
+        """An existing run; UserError if there is none with this id."""
+        row = self._run_row(run_id)
+        return Run(self, int(row["id"]), str(row["key"]))
+
+    def runs(self) -> pd.DataFrame:
+        """One row per run, newest first, with the number of committed units."""
+        return self._runs_frame(None)
+
+    def _runs_frame(self, run_id: int | None) -> pd.DataFrame:
+        cols = ", ".join(f"r.{c}" for c in RUN_COLUMNS)
+        where, params = ("WHERE r.id = ?", (run_id,)) if run_id is not None else ("", ())
+        frame = self._frame(
+            f"SELECT {cols}, COUNT(u.unit) AS n_units FROM runs r "
+            f"LEFT JOIN units u ON u.run_id = r.id {where} GROUP BY r.id ORDER BY r.id DESC",
+            params,
+        )
+        frame["prefix"] = [describe_stored(_prefix_of(p)) for p in frame["provenance_json"]]
+        return frame
+
+    def delete_run(self, run_id: int) -> None:
+        """Delete a run with all its units and rows."""
+        with self._write() as con:
+            if con.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount == 0:
+                raise UserError(f"no run with id {run_id} in {self.path}")
+
+    def to_frame(self, run_id: int, table: str, unit: str | None = None) -> pd.DataFrame:
+        """A run's rows of one table (columns: unit, then the table's), optionally of one unit."""
+        return self.run(run_id).to_frame(table, unit)
+
+    def export(self, run_id: int | None, out_dir: str | Path, fmt: ExportFormat | str = "csv") -> list[Path]:
+        """Write runs.<fmt> and one <table>.<fmt> per non-empty table, for one run or all.
+
+        Table files carry run_id and unit columns. Returns the written paths.
+        """
+        check_export_format(fmt)
+        if run_id is not None:
+            self._run_row(run_id)
+        out = Path(out_dir).expanduser()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create export folder {out}: {exc.strerror or exc}") from None
+        where, params = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
+
+        frames: list[tuple[str, pd.DataFrame]] = [("runs", self._runs_frame(run_id))]
+        for table, columns in TABLES.items():
+            cols = ", ".join(["run_id", "unit", *(name for name, _ in columns)])
+            frame = self._frame(f"SELECT {cols} FROM {table} {where} ORDER BY run_id, rowid", params)
+            if len(frame):
+                frames.append((table, frame))
+
+        written: list[Path] = []
+        for name, frame in frames:
+            path = out / f"{name}.{fmt}"
+            try:
+                if fmt == "csv":
+                    frame.to_csv(path, index=False)
+                else:
+                    frame.to_parquet(path, index=False)
+            except OSError as exc:
+                raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+            written.append(path)
+        return written
+
+    def close(self) -> None:
+        with self._lock:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.workspace)!r})"
+
+
+class Run:
+    """A handle on one run of the store. Cheap: state lives in the database, not the object."""
+
+    def __init__(self, store: Store, run_id: int, key: str, *, resumed: bool = False, started: bool = False):
+        self.store = store
+        self.id = run_id
+        self.key = key
+        # Whether start_run picked up an unfinished run rather than creating one.
+        self.resumed = resumed
+        # Only the session that started the run adds its wall time to duration_s on finish.
+        self._t0: float | None = time.monotonic() if started else None
+
+    def info(self) -> dict[str, Any]:
+        """The run's row of the runs table, with params and provenance decoded."""
+        row = self.store._run_row(self.id)
+        row["params"] = json.loads(row["params_json"]) if row["params_json"] else {}
+        row["provenance"] = json.loads(row["provenance_json"]) if row["provenance_json"] else {}
+        return row
+
+    @property
+    def status(self) -> str:
+        return str(self.store._run_row(self.id)["status"])
+
+    def done_units(self) -> set[str]:
+        rows = self.store._query("SELECT unit FROM units WHERE run_id = ?", (self.id,))
+        return {str(r[0]) for r in rows}
+
+    def commit_unit(self, unit: str, result: UnitResult, duration_s: float) -> None:
+        """Write a unit and all its tables in one transaction; a unit committed again is replaced.
+
+        ValueError for an unknown table, an unknown column or an unsupported value; nothing of
+        the unit is written then (and a previous commit of it is kept).
+        """
+        _validate_tables(result.tables)
+        now = _now()
+        with self.store._write() as con:
+            # Cascades to the unit's rows in every table.
+            con.execute("DELETE FROM units WHERE run_id = ? AND unit = ?", (self.id, unit))
+            try:
+                con.execute(
+                    "INSERT INTO units (run_id, unit, finished_at, duration_s) VALUES (?, ?, ?, ?)",
+                    (self.id, unit, now, float(duration_s)),
+                )
+            except sqlite3.IntegrityError:
+                raise StoreError(f"run {self.id} no longer exists in {self.store.path}") from None
+            for table, frame in result.tables.items():
+                if not len(frame):
+                    continue
+                columns = [str(c) for c in frame.columns]
+                values = [_column_values(table, str(col), series) for col, series in frame.items()]
+                placeholders = ", ".join("?" for _ in range(len(columns) + 2))
+                con.executemany(
+                    f"INSERT INTO {table} (run_id, unit, {', '.join(columns)}) VALUES ({placeholders})",
+                    ((self.id, unit, *row) for row in zip(*values, strict=True)),
+                )
+            con.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now, self.id))
+
+    def finish(self, status: FinalStatus | str = "done", error: str | None = None) -> None:
+        """Record the end of the run (or of this session of it, for failed/interrupted)."""
+        if status not in RUN_STATUSES or status == "running":
+            raise ValueError(f"finish status must be 'done', 'failed' or 'interrupted', got {status!r}")
+        now = _now()
+        elapsed = time.monotonic() - self._t0 if self._t0 is not None else None
+        with self.store._write() as con:
+            # duration_s accumulates over resumed sessions: the compute time the run took.
+            cur = con.execute(
+                "UPDATE runs SET status = ?, error = ?, finished_at = ?, updated_at = ?, "
+                "duration_s = CASE WHEN ? IS NULL THEN duration_s ELSE COALESCE(duration_s, 0) + ? END "
+                "WHERE id = ?",
+                (status, error, now, now, elapsed, elapsed, self.id),
+            )
+            if cur.rowcount == 0:
+                raise UserError(f"no run with id {self.id} in {self.store.path}")
+        self._t0 = None
+
+    @contextmanager
+    def guard(self) -> Iterator[Run]:
+        """Mark the run 'failed' (with the error) or 'interrupted' if the block raises; re-raise.
+
+        Leaving the block normally changes nothing: call :meth:`finish` when the run is done.
+        """
+        try:
+            yield self
+        except (KeyboardInterrupt, SystemExit) as exc:
+            self._finish_quietly("interrupted", "interrupted", exc)
+            raise
+        except Exception as exc:
+            self._finish_quietly("failed", f"{type(exc).__name__}: {exc}", exc)
+            raise
+
+    def _finish_quietly(self, status: FinalStatus, error: str, exc: BaseException) -> None:
+        # The original exception matters more than a failure to record it.
+        try:
+            self.finish(status, error)
+        except (UserError, sqlite3.Error) as store_exc:
+            exc.add_note(f"(could not mark run {self.id} as {status}: {store_exc})")
+
+    def results(self, table: str) -> pd.DataFrame:
+        """All units' rows of one table, in commit order, with a ``unit`` column."""
+        return self.to_frame(table)
+
+    def all_results(self) -> dict[str, pd.DataFrame]:
+        """Every non-empty table of the run, as :meth:`results` returns it."""
+        frames = {table: self.results(table) for table in TABLES}
+        return {table: frame for table, frame in frames.items() if len(frame)}
+
+    def to_frame(self, table: str = "head_scores", unit: str | None = None) -> pd.DataFrame:
+        """The run's rows of one table (columns: unit, then the table's), optionally of one unit."""
+        columns = _check_table(table)
+        cols = ", ".join(["unit", *(name for name, _ in columns)])
+        if unit is None:
+            return self.store._frame(
+                f"SELECT {cols} FROM {table} WHERE run_id = ? ORDER BY rowid", (self.id,)
+            )
+        return self.store._frame(
+            f"SELECT {cols} FROM {table} WHERE run_id = ? AND unit = ? ORDER BY rowid", (self.id, unit)
+        )
+
+    def __repr__(self) -> str:
+        return f"Run(id={self.id}, key={self.key[:12]!r})"

@@ -1,0 +1,106 @@
+"""Constructors of the result tables a detector returns, columns taken from the store's schema.
+
+A unit or a summary returns long tables (``UnitResult.tables``, ``Summary.tables``); building
+them here keeps every detector on the same columns and the same rules (which values count as
+metrics, how an artifact is serialised) instead of one inline column list per call site.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from interp.runs.store import TABLES
+
+
+def columns(table: str) -> list[str]:
+    """The columns of a store table (beyond run_id and unit, which the store adds)."""
+    return [name for name, _ in TABLES[table]]
+
+
+def frame(table: str, rows: Iterable[tuple[Any, ...]]) -> pd.DataFrame:
+    """A table from rows in the schema's column order."""
+    return pd.DataFrame(list(rows), columns=columns(table))
+
+
+def metric_value(value: Any) -> float | None:
+    """A value as a stored metric: numbers and booleans (as 0/1) count; NaN is kept (a
+    measured 'undefined'); strings, lists and None are not metrics (None is returned)."""
+    if isinstance(value, bool | np.bool_):
+        return float(value)
+    if isinstance(value, int | float | np.integer | np.floating):
+        return float(value)
+    return None
+
+
+def metrics(
+    values: Mapping[str, Any],
+    n: int | None = None,
+    ci: Mapping[str, tuple[float, float]] | None = None,
+) -> pd.DataFrame:
+    """The ``metrics`` table of named values (see :func:`metric_value` for what counts), each
+    with the sample size ``n`` and, where ``ci`` has it, its confidence interval."""
+    ci = ci or {}
+    rows = []
+    for name, raw in values.items():
+        value = metric_value(raw)
+        if value is None:
+            continue
+        low, high = ci.get(name, (None, None))
+        rows.append((name, value, low, high, n))
+    return frame("metrics", rows)
+
+
+def metric_rows(rows: Iterable[tuple[str, float, float | None, float | None, int | None]]) -> pd.DataFrame:
+    """The ``metrics`` table from (name, value, ci_low, ci_high, n) rows."""
+    return frame("metrics", rows)
+
+
+def head_scores(rows: Iterable[tuple[str, int, int, float]]) -> pd.DataFrame:
+    """The ``head_scores`` table from (metric, layer, head, value) rows."""
+    return frame("head_scores", rows)
+
+
+def head_grid(metric: str, scores: Any) -> pd.DataFrame:
+    """The ``head_scores`` rows of one metric from a [layer, head] array or tensor."""
+    # .float(): numpy has no bfloat16.
+    grid = np.asarray(scores.detach().float().cpu() if hasattr(scores, "detach") else scores, dtype=float)
+    return head_scores(
+        (metric, layer, head, float(grid[layer, head]))
+        for layer in range(grid.shape[0])
+        for head in range(grid.shape[1])
+    )
+
+
+def curves(rows: Iterable[tuple[str, int | None, int | None, float, float]]) -> pd.DataFrame:
+    """The ``curves`` table from (curve, layer, head, x, y) rows; layer/head None for a curve
+    that belongs to no head."""
+    return frame("curves", rows)
+
+
+def token_layer(rows: Iterable[tuple[str, Any, int, str, int, float]]) -> pd.DataFrame:
+    """The ``token_layer`` table from (kind, item, token_index, token, layer, value) rows."""
+    return frame("token_layer", rows)
+
+
+def artifact(name: str, document: Any) -> pd.DataFrame:
+    """The ``artifacts`` table with one JSON document (numpy scalars and arrays as numbers and
+    lists; anything else not JSON-serialisable as its string)."""
+    return frame("artifacts", [(name, json.dumps(document, default=_json_default))])
+
+
+def read_artifact(table: pd.DataFrame, name: str) -> Any:
+    """The document of the last artifact called ``name`` in an ``artifacts`` table, or None."""
+    docs = [doc for n, doc in zip(table["name"], table["json"], strict=True) if n == name] if len(table) else []
+    return json.loads(docs[-1]) if docs else None
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars and arrays, torch tensors: tolist() gives plain numbers and lists.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
