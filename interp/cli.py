@@ -86,7 +86,7 @@ def model_spec(model: str, backend: str, prefix: str, device: str, dtype: str, d
 
 def executor_for(spec: Any, workers: int | None, scheduler: str | None) -> Any:
     """The executor of --workers / --scheduler (serial without them), its cluster announced."""
-    from interp.runs.executors import make_executor
+    from interp.runs.clusters import make_executor
 
     executor = make_executor(workers, scheduler, spec)
     if executor.name != "serial":
@@ -163,7 +163,9 @@ def open_store(workspace: Path | None, *, create: bool = True) -> Any:
 def _load(spec: Any) -> Any:
     where = spec.device if spec.device_map is None else f"device map {spec.device_map}"
     err.print(f"[dim]loading {spec.name} ({spec.backend} backend, {spec.dtype}, {where})...[/dim]")
-    return spec.load()
+    from interp.model.load import load_spec
+
+    return load_spec(spec)
 
 
 TERMINAL_COLUMNS = 80

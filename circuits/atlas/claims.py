@@ -48,7 +48,7 @@ def top_sets(res: ModelResults, top: int) -> dict[str, list[Mapping[str, Any]]]:
             continue
         heads = _scored(s.heads)
         if set_name in ("memory", "context"):
-            heads = [h for h in heads if h.get("kind") == set_name]
+            heads = [h for h in heads if h.get("role") == set_name]
         # Memory heads have the largest memory score, context heads the most negative one.
         heads = sorted(heads, key=lambda h: h["score"], reverse=set_name != "context")
         if heads:

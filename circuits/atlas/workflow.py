@@ -37,6 +37,7 @@ from rich.table import Table
 from circuits.atlas.claims import FAILS, HOLDS, NM, ModelResults, _scored, summarize
 from interp.cli import JsonOpt, PrefixOpt, WorkspaceOpt, err, executor_for, model_spec, open_store, out
 from interp.errors import UserError
+from interp.model.load import load_spec
 from interp.options import DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, SchedulerOpt, WorkersOpt
 from interp.runs.executors import check_cluster_options
 from interp.runs.registry import Summary, all_detectors, command
@@ -138,34 +139,11 @@ def _labels(models: Sequence[str]) -> dict[str, str]:
 # ------------------------------------------------------------------------------ running
 
 
-def reuse_finished(model: Any, name: str, params: Mapping[str, Any], store: Any) -> Any:
-    """The RunResult of a finished run of this detector with its scan parameters on this model,
-    re-finalized from the stored units (no unit recomputed), or None. The runner never resumes a
-    finished run (asking again means a rerun), so the atlas looks it up by its key first."""
-    from interp.runs.registry import get_detector
-    from interp.runs.runner import RunResult, unit_rows
-    from interp.runs.store import TABLES, key_context, run_key
-
-    det = get_detector(name)
-    cfg = det.parse_params(params)
-    key = run_key(model=model.name, model_hash=model.provenance.file_sha256 or "", detector=det.name,
-                  variant=det.variant(cfg), params=cfg.to_dict(), dataset_hash=det.dataset_hash(model, cfg),
-                  seed=cfg.get("seed"), **key_context(model.provenance.to_dict()))
-    run = store.find_run(key, "done")
-    if run is None:
-        return None
-    t0 = time.perf_counter()
-    units = det.units(model, cfg)
-    summary = det.finalize(model, cfg, {t: unit_rows(run.results(t), units) for t in TABLES})
-    return RunResult(run_id=run.id, summary=summary, resumed_units=len(units), computed_units=0,
-                     seconds=time.perf_counter() - t0)
-
-
 def _run_model(model: Any, detectors: Sequence[str], store: Any, fresh: bool, bar: Any, executor: Any = None
                ) -> tuple[ModelResults, dict[str, dict[str, Any]]]:
     """Every detector on one loaded model; a detector the model cannot feed (UserError) is
     recorded as not measurable and the atlas goes on."""
-    from interp.runs.runner import run_detector
+    from interp.runs.runner import find_or_run, run_detector
 
     summaries: dict[str, Summary] = {}
     missing: dict[str, str] = {}
@@ -174,10 +152,10 @@ def _run_model(model: Any, detectors: Sequence[str], store: Any, fresh: bool, ba
         bar.set_description(f"{name} on {model.name}")
         try:
             params = atlas_params(name, summaries)
-            result = None if fresh else reuse_finished(model, name, params, store)
-            if result is None:
-                result = run_detector(model, name, params, store, resume=not fresh, progress=False,
-                                      executor=executor)
+            if fresh:
+                result = run_detector(model, name, params, store, resume=False, progress=False, executor=executor)
+            else:  # a finished run is reused, an interrupted one resumed
+                result = find_or_run(model, name, params, store, progress=False, executor=executor)
         except UserError as exc:
             missing[name] = " ".join(str(exc).split())
             runs[name] = {"not_measurable": missing[name]}
@@ -388,7 +366,7 @@ def atlas(
             t0 = time.perf_counter()
             # The workers (--workers, --scheduler) load this model; one model at a time.
             with PeakRSS() as peak, executor_for(specs[name], workers, scheduler) as executor:
-                loaded = specs[name].load()
+                loaded = load_spec(specs[name])
                 load_s = time.perf_counter() - t0
                 results[name], runs[name] = _run_model(loaded, dets, store, fresh, bar, executor)
                 info[name] = {"name": loaded.name, "provenance": loaded.provenance.to_dict(),

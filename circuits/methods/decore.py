@@ -45,7 +45,7 @@ import pandas as pd
 import torch
 import typer
 
-from circuits.detectors.retrieval import RetrievalDetector, rank_heads
+from circuits.detectors.retrieval import RetrievalDetector, ranked_by_retrieval
 from circuits.methods.decoding import greedy_decode, left_pad, pad_id, prompt_rows
 from circuits.methods.heads import check_heads
 from interp.errors import UserError
@@ -399,7 +399,7 @@ def retrieval_ranking(
     Returns the ranking (best first) and a record: mode, metrics and warnings of the run.
     """
     cfg = RetrievalDetector.parse_params({"mode": mode, **(overrides or {})})
-    ranking, summary = rank_heads(model, cfg)
+    ranking, summary = ranked_by_retrieval(model, cfg)
     scores = [float(h["score"]) for h in summary.heads or []]
     record = {"mode": summary.variant, "params": cfg.to_dict(), "warnings": summary.warnings,
               "metrics": _record_metrics(summary.metrics), "scores": scores}

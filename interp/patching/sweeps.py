@@ -17,13 +17,14 @@ from interp.model.sites import ATTN_KINDS, HEAD_KINDS, KV_KINDS, parse_site
 SweepOver = Literal["heads", "layers", "positions", "windows"]
 
 
-Kind = Literal["patch", "zero", "mean", "resample", "knockout"]
+# What a sweep does at each site (stored with each result as its intervention).
+Edit = Literal["patch", "zero", "mean", "resample", "knockout"]
 
 
 OVERS: tuple[str, ...] = ("heads", "layers", "positions", "windows")
 
 
-KINDS: tuple[str, ...] = ("patch", "zero", "mean", "resample", "knockout")
+EDITS: tuple[str, ...] = ("patch", "zero", "mean", "resample", "knockout")
 
 
 DEFAULT_SITE = {"heads": "z", "layers": "resid_pre", "positions": "resid_pre", "windows": "mlp_out"}
@@ -96,7 +97,7 @@ class Sweep:
     """
 
     over: SweepOver
-    intervention: Kind = "patch"
+    intervention: Edit = "patch"
     site: str | None = None
     layers: Index = None
     heads: Index = None
@@ -109,8 +110,8 @@ class Sweep:
             object.__setattr__(self, name, _tup(getattr(self, name)))
         if self.over not in OVERS:
             raise UserError(f"unknown sweep {self.over!r} (known: {', '.join(OVERS)})")
-        if self.intervention not in KINDS:
-            raise UserError(f"unknown intervention {self.intervention!r} (known: {', '.join(KINDS)})")
+        if self.intervention not in EDITS:
+            raise UserError(f"unknown intervention {self.intervention!r} (known: {', '.join(EDITS)})")
         if self.window < 1:
             raise UserError(f"window must be at least 1 layer, got {self.window}")
 
@@ -232,7 +233,7 @@ class SweepResult:
     """Metric values per case and prompt, with the base run's and the execution record."""
 
     sweep: Sweep
-    variant: str
+    intervention: str
     metric: str
     labels: list[dict[str, int]]
     values: torch.Tensor  # [n_cases, n_prompts]: the metric with the case's edit
@@ -254,6 +255,6 @@ class SweepResult:
             for j in range(self.values.shape[1]):
                 rows.append({**label, "prompt": j, "value": float(self.values[i, j]), "base": float(self.base[j])})
         df = pd.DataFrame(rows)
-        df["variant"] = self.variant
+        df["intervention"] = self.intervention
         df["metric"] = self.metric
         return df

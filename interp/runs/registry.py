@@ -4,8 +4,9 @@ A detector is a :class:`Detector` subclass decorated with :func:`register`. Pack
 detectors (``circuits`` in this one) are found through the ``interp.plugins`` entry-point group,
 so the core never names them; the CLI, ``interp scan``, the store and the dashboard discover
 every registered detector here.
-A detector's work is split into named *units* (batches, facts, samples) that are committed to
-the store one by one, so an interrupted run resumes without redoing finished units.
+A detector's work is split into *units* (batches, facts, samples: :class:`~interp.runs.units.Unit`)
+that are committed to the store one by one, so an interrupted run resumes without redoing
+finished units.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import pandas as pd
 
 from interp.errors import UserError
 from interp.runs.config import SEED_MAX, DetectorConfig, NoParams, Param
+from interp.runs.units import Part, Unit
 
 if TYPE_CHECKING:
     import torch
 
     from interp.model.loaded import LoadedModel
 
-__all__ = ["SEED_MAX", "Detector", "DetectorConfig", "Param", "Summary", "UnitResult", "register"]
+__all__ = ["SEED_MAX", "Detector", "DetectorConfig", "Param", "Part", "Summary", "Unit", "UnitResult", "register"]
 # The entry-point group through which packages add detectors and commands: each entry names a
 # module whose import registers them (``circuits = "circuits"`` in this package's pyproject).
 PLUGIN_GROUP = "interp.plugins"
@@ -58,12 +60,13 @@ class Summary:
     layer, head and score. ``tables`` are the aggregated long tables written under unit "final".
     """
 
-    detector: str
-    variant: str
     heads: list[dict[str, Any]] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    # The detector's name and the run's variant: set by the runner, not by the detector.
+    detector: str = ""
+    variant: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"detector": self.detector, "variant": self.variant}
@@ -120,28 +123,29 @@ class Detector(Generic[C]):
         """A hash of the input data when it comes from a file; None for generated inputs."""
         return None
 
-    def units(self, model: LoadedModel, cfg: C) -> list[str]:
-        """Names of the units of work, in order. Each is committed to the store when done.
+    def units(self, model: LoadedModel, cfg: C) -> list[Unit]:
+        """The units of work, in order. Each is committed to the store when done.
         Checks that need the model (a layer index, a prompt against the context) go here."""
         raise NotImplementedError
 
-    def run_unit(self, model: LoadedModel, cfg: C, unit: str) -> UnitResult:
-        """Compute one unit. Must be deterministic given the config (seed included) and unit."""
+    def run_unit(self, model: LoadedModel, cfg: C, unit: Unit) -> UnitResult:
+        """Compute one unit. Must be deterministic given the config (seed included) and unit.
+        By default the unit is its one part (:meth:`run_part`, :meth:`join_parts`)."""
+        return self.join_parts(model, cfg, unit, [self.run_part(model, cfg, Part(unit, 0, 1))])
+
+    def max_parts(self, model: LoadedModel, cfg: C, unit: Unit) -> int:
+        """Into how many parts ``unit`` can be split, to be computed apart (on several workers)
+        by :meth:`run_part` and joined by :meth:`join_parts`; 1 (the default): not split. The
+        framework chooses how many it uses (:func:`interp.runs.executors.plan_tasks`)."""
+        return 1
+
+    def run_part(self, model: LoadedModel, cfg: C, part: Part) -> Any:
+        """Compute one part of a unit (a picklable value, sent back to the driver)."""
         raise NotImplementedError
 
-    def split_unit(self, model: LoadedModel, cfg: C, unit: str, n: int) -> list[str]:
-        """Up to ``n`` parts of one large unit that can be computed apart (on several workers),
-        by :meth:`run_part` each, then joined by :meth:`join_parts` into what :meth:`run_unit`
-        returns. Empty (the default): the unit is not split."""
-        return []
-
-    def run_part(self, model: LoadedModel, cfg: C, unit: str, part: str) -> Any:
-        """Compute one part of :meth:`split_unit` (a picklable value, sent back to the driver)."""
-        raise NotImplementedError
-
-    def join_parts(self, model: LoadedModel, cfg: C, unit: str, parts: Sequence[Any]) -> UnitResult:
-        """The unit's result from its parts' values, in :meth:`split_unit` order: equal to
-        :meth:`run_unit`'s up to float rounding."""
+    def join_parts(self, model: LoadedModel, cfg: C, unit: Unit, parts: Sequence[Any]) -> UnitResult:
+        """The unit's result from its parts' values, in part order: equal to what one part
+        covering the whole unit gives, up to float rounding."""
         raise NotImplementedError
 
     def finalize(self, model: LoadedModel, cfg: C, results: Mapping[str, pd.DataFrame]) -> Summary:
@@ -229,5 +233,3 @@ def get_detector(name: str) -> Detector:
         raise UserError(f"unknown detector {name!r} (available: {', '.join(detectors)})")
     return detectors[name]()
 
-
-DetectorFactory = Callable[[], Detector]

@@ -53,6 +53,7 @@ SMALL_SCAN = [
 SMALL_SCAN_CODE = """
 import json, sys
 import interp
+from interp.runs.runner import finalized
 from interp.runs.runner import run_detector
 from interp.runs.store import Store
 model = interp.load_model("smollm2-135m")
@@ -311,7 +312,7 @@ def test_atlas_cell_opens_the_run_behind_it(server: str, workspace: tuple[Path, 
     from circuits.atlas.claims import ModelResults, summarize
     from circuits.atlas.workflow import write_atlas
     from interp.runs.registry import get_detector
-    from interp.runs.runner import unit_rows
+    from interp.runs.runner import finalized, unit_rows
     from interp.runs.store import TABLES, Store
 
     ws, run_id = workspace
@@ -321,7 +322,7 @@ def test_atlas_cell_opens_the_run_behind_it(server: str, workspace: tuple[Path, 
         run = store.run(run_id)
         cfg = det.parse_params(run.info()["params"])
         tables = {t: unit_rows(run.results(t), det.units(model, cfg)) for t in TABLES}
-    summary = det.finalize(model, cfg, tables)
+    summary = finalized(model, det, cfg, tables)
     res = ModelResults(n_layers=model.info.n_layers, n_heads=model.info.n_total_heads,
                        summaries={"induction": summary})
     doc = {**summarize({"smollm2-135m": res}, ["induction"], 5),

@@ -11,6 +11,7 @@ import torch
 from circuits.detectors import retrieval as rt
 from circuits.detectors import retrieval_masking
 from interp.model.loaded import LoadedModel
+from interp.runs.runner import finalized
 
 pytestmark = pytest.mark.integration
 
@@ -21,8 +22,8 @@ def run_units(det: Any, model: LoadedModel, params: dict[str, Any]) -> Any:
     parts: dict[str, list[pd.DataFrame]] = {}
     for u in det.units(model, params):
         for table, df in det.run_unit(model, params, u).tables.items():
-            parts.setdefault(table, []).append(df.assign(unit=u))
-    return det.finalize(model, params, {t: pd.concat(v, ignore_index=True) for t, v in parts.items()})
+            parts.setdefault(table, []).append(df.assign(unit=u.key))
+    return finalized(model, det, params, {t: pd.concat(v, ignore_index=True) for t, v in parts.items()})
 
 
 @pytest.fixture(scope="module")

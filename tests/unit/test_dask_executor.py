@@ -27,12 +27,14 @@ import interp
 from interp.errors import UserError
 from interp.model.loaded import LoadedModel
 from interp.runs import dask_executor
+from interp.runs.clusters import make_executor
 from interp.runs.config import DetectorConfig
 from interp.runs.dask_executor import DaskExecutor
-from interp.runs.executors import Executor, make_executor
-from interp.runs.registry import Detector, UnitResult, get_detector
+from interp.runs.executors import Executor
+from interp.runs.registry import Detector, get_detector
 from interp.runs.runner import run_detector
 from interp.runs.store import SETTINGS_UNIT, TABLES, Store
+from interp.runs.units import Task, Unit
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -130,13 +132,17 @@ class Wrapped(Executor):
     name = "wrapped"
 
     def __init__(self, inner: Executor, hook: Callable[[int], None]) -> None:
+        super().__init__()
         self.inner, self.hook = inner, hook
 
-    def run_units(
-        self, model: LoadedModel, detector: Detector[Any], cfg: DetectorConfig, units: Sequence[str]
-    ) -> Iterator[tuple[str, UnitResult, float]]:
+    def workers(self) -> int:
+        return self.inner.workers()
+
+    def compute(
+        self, model: LoadedModel, detector: Detector[Any], cfg: DetectorConfig, tasks: Sequence[Task]
+    ) -> Iterator[tuple[Task, Any, float]]:
         # A plain loop, like the runner's: stopping it must cancel the inner run's tasks.
-        for i, item in enumerate(self.inner.run_units(model, detector, cfg, units)):
+        for i, item in enumerate(self.inner.compute(model, detector, cfg, tasks)):
             self.hook(i)
             yield item
 
@@ -194,11 +200,12 @@ def test_the_printed_dashboard_link_serves_the_dashboard(dask2: DaskExecutor) ->
 def test_error_in_a_unit_propagates_and_cancels_the_rest(dask2: DaskExecutor, model: LoadedModel) -> None:
     det = get_detector("induction")
     cfg = det.parse_params(INDUCTION)
-    # "batch-x" is no unit of induction: its run_unit raises ValueError on the worker.
-    units = ["batch-x", *(f"batch-{i}" for i in range(4))]
-    with pytest.raises(ValueError, match="invalid literal") as info:
+    # Batch 999 is no unit of induction: it would hold a negative number of prompts, which
+    # raises on the worker.
+    units = [Unit("batch", 999), *(Unit("batch", i) for i in range(4))]
+    with pytest.raises(RuntimeError, match="negative dimension") as info:
         list(dask2.run_units(model, det, cfg, units))
-    assert any("batch-x" in note for note in getattr(info.value, "__notes__", []))
+    assert any("batch-999" in note for note in getattr(info.value, "__notes__", []))
     assert wait_until(lambda: live_tasks(dask2) == [], 10)
 
 
@@ -275,7 +282,7 @@ def test_worker_killed_mid_unit_is_survived(dask2: DaskExecutor, model: LoadedMo
     assert store.run(res.run_id).status == "done"
     assert res.computed_units == len(units)
     stored = unit_rows(store, res.run_id)
-    assert set(units) <= set(stored)
+    assert {u.key for u in units} <= set(stored)
     assert stored == unit_rows(ref, ref_id)
     assert set(stored.values()) == {1}
     assert_same_results(store, res.run_id, ref, ref_id)
