@@ -163,7 +163,7 @@ def claim_ph3_beats_random(res: ModelResults, top: int) -> dict[str, Any]:
     if s is None:
         return _verdict(None, None, _why_missing(res, "ph3"))
     m = s.metrics
-    formats = sorted({k.split(".")[3] for k in m if k.startswith("test.unpruned.conflict.")})
+    formats = m.get("formats", [])
     gains = []
     for f in formats:
         after = m.get(f"test.prune-memory.conflict.{f}.context_rate")

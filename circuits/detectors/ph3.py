@@ -432,7 +432,8 @@ class PH3Detector(Detector[PH3Config]):
         for cond, hs in pruned.items():
             metrics[f"heads.{cond}"] = ",".join(hs)
         metrics.update(
-            {"seed": cfg.seed, "split_hash": split["hash"], "n_validation": len(ds.validation), "n_test": len(ds.test)}
+            {"seed": cfg.seed, "split_hash": split["hash"], "n_validation": len(ds.validation), "n_test": len(ds.test),
+             "formats": list(cfg.formats)}
         )
         selection = {
             "variant": self.variant(cfg),

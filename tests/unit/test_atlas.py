@@ -245,7 +245,7 @@ def test_new_claims_by_hand() -> None:
         "top_k": 3, "n_random": 2, "n_samples": 8, "accuracy:none": 0.75, "accuracy:top3": 0.25,
         "accuracy:random-mean": 0.625})
     ph3 = Summary(detector="ph3", variant="v", metrics={
-        "prune-memory.k": 3,
+        "prune-memory.k": 3, "formats": ["qa", "restated"],
         "test.unpruned.conflict.qa.context_rate": 0.2, "test.unpruned.conflict.restated.context_rate": 0.4,
         "test.prune-memory.conflict.qa.context_rate": 0.5, "test.prune-memory.conflict.restated.context_rate": 0.4,
         "test.prune-memory.random-control.conflict.qa.context_rate": 0.3,
