@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 
 from interp.errors import UserError
-from interp.model.interventions import AblateHeads, Intervention, Knockout, Patch
+from interp.model.interventions import AblateHeads, Index, Intervention, Knockout, Patch, as_index
 from interp.model.loaded import LoadedModel
 from interp.model.sites import ATTN_KINDS, HEAD_KINDS, KV_KINDS, parse_site
 
@@ -38,17 +38,6 @@ MEAN = "mean"
 
 
 ZERO = "zero"
-
-
-Index = tuple[int, ...] | None
-
-
-def _tup(x: Sequence[int] | int | None) -> Index:
-    if x is None:
-        return None
-    if isinstance(x, int):
-        return (int(x),)
-    return tuple(int(i) for i in x)
 
 
 @dataclass
@@ -107,7 +96,7 @@ class Sweep:
 
     def __post_init__(self) -> None:
         for name in ("layers", "heads", "positions", "query_positions"):
-            object.__setattr__(self, name, _tup(getattr(self, name)))
+            object.__setattr__(self, name, as_index(getattr(self, name)))
         if self.over not in OVERS:
             raise UserError(f"unknown sweep {self.over!r} (known: {', '.join(OVERS)})")
         if self.intervention not in EDITS:
