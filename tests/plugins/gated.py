@@ -1,7 +1,10 @@
-"""A detector whose units wait at a gate, for the dashboard's progress test: units before
+"""A plug-in head detector for the dashboard's tests, whose units wait at a gate: units before
 ``open_units`` run at once, the others wait until the file ``gate`` exists. A job running it
 stops after committing exactly ``open_units`` of its ``n_units`` units, until the test opens the
-gate. Each unit's score of head (l, h) is l + h / 10 (known by hand)."""
+gate. Each unit's score of head (l, h) is l + h / 10 (known by hand).
+
+Its name holds words the dashboard once routed runs by ("memory": Conflicts, "trac": Causal
+tracing); its declared output, head scores, puts its runs on Head maps alone."""
 
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ class GatedConfig(DetectorConfig):
 
 @register
 class GatedDetector(Detector[GatedConfig]):
-    name = "gated-probe"
+    name = "gated-memory-tracer"
     description = "Units that wait at a gate (a test of the dashboard's progress)"
     output = "head_scores"
     Config = GatedConfig

@@ -22,6 +22,7 @@ from circuits.detectors.induction import InductionDetector
 from interp.runs import registry
 from interp.runs.runner import run_detector
 from interp.runs.store import DB_NAME, Store
+from tests.plugins import install
 from tests.tiny import loaded
 
 APP = Path(__file__).resolve().parents[2] / "app"
@@ -134,13 +135,9 @@ def test_pages_list_runs_by_declared_output_not_by_name(
 def gated_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """tests/plugins/gated.py installed for the jobs' processes only (an ``interp.plugins`` entry
     point in a dist-info folder on their PYTHONPATH): this process does not know the detector."""
-    site = tmp_path / "site"
-    dist = site / "gated_probe-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: gated-probe\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[interp.plugins]\ngated = tests.plugins.gated\n")
+    site = install(tmp_path / "site", "gated-plugin", "tests.plugins.gated")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    assert "gated-probe" not in registry.all_detectors()
+    assert "gated-memory-tracer" not in registry.all_detectors()
 
 
 def _own_units(ws: Path) -> list[int]:
@@ -160,9 +157,9 @@ def test_a_jobs_progress_is_its_units_committed_of_the_total(
 ) -> None:
     ws, gate = tmp_path / "ws", tmp_path / "gate"
     monkeypatch.setenv("INTERP_WORKSPACE", str(ws))
-    argv = ["run", "gated-probe", "--model", str(tiny_folder), "--n-units", "5", "--open-units", "2",
+    argv = ["run", "gated-memory-tracer", "--model", str(tiny_folder), "--n-units", "5", "--open-units", "2",
             "--gate", str(gate)]
-    job, started = jobs.launch(ws, argv, "gated", ["gated-probe"])
+    job, started = jobs.launch(ws, argv, "gated", ["gated-memory-tracer"])
     assert started
     try:
         # The job stops after committing units 0 and 1 until the gate opens.
@@ -171,7 +168,7 @@ def test_a_jobs_progress_is_its_units_committed_of_the_total(
         assert _own_units(ws) == [0, 1], jobs.get_job(ws, job.id)
         home = _app("Home.py")
         bars = [(e.proto.value, e.proto.text) for e in home.get("progress")]
-        assert bars == [(40, "gated-probe (run #1): 2/5 units")]
+        assert bars == [(40, "gated-memory-tracer (run #1): 2/5 units")]
         # This process does not know the detector: the run's settings route it to Head maps,
         # whose header shows the same count.
         heads = _app("pages/1_Head_maps.py", run=1)
