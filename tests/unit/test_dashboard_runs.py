@@ -53,6 +53,11 @@ def _listed(at: Any, key: str) -> set[int]:
     return {int(str(o).split()[0].removeprefix("#")) for o in boxes[0].options} if boxes else set()
 
 
+def _running(ws: Path, job_id: str) -> bool:
+    job = jobs.get_job(ws, job_id)
+    return job is not None and job.active
+
+
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -163,8 +168,7 @@ def test_a_jobs_progress_is_its_units_committed_of_the_total(
     assert started
     try:
         # The job stops after committing units 0 and 1 until the gate opens.
-        _wait_for(lambda: _own_units(ws) == [0, 1] or not jobs.get_job(ws, job.id).active,  # type: ignore[union-attr]
-                  "two committed units")
+        _wait_for(lambda: _own_units(ws) == [0, 1] or not _running(ws, job.id), "two committed units")
         assert _own_units(ws) == [0, 1], jobs.get_job(ws, job.id)
         home = _app("Home.py")
         bars = [(e.proto.value, e.proto.text) for e in home.get("progress")]
@@ -175,7 +179,7 @@ def test_a_jobs_progress_is_its_units_committed_of_the_total(
         assert [m.value for m in heads.metric if m.label == "units"] == ["2/5"]
     finally:
         gate.touch()
-    _wait_for(lambda: not jobs.get_job(ws, job.id).active, "the job's end")  # type: ignore[union-attr]
+    _wait_for(lambda: not _running(ws, job.id), "the job's end")
     done = jobs.get_job(ws, job.id)
     assert done is not None
     assert done.status == "done", done.error
@@ -211,7 +215,7 @@ def test_the_first_scan_starts_from_the_home_page_of_a_new_workspace(
     assert any("started: scan (induction)" in s.value for s in at.success)
     [job] = jobs.list_jobs(ws)
     assert job.detectors == ("induction",)
-    _wait_for(lambda: not jobs.get_job(ws, job.id).active, "the scan's end")  # type: ignore[union-attr]
+    _wait_for(lambda: not _running(ws, job.id), "the scan's end")
     done = jobs.get_job(ws, job.id)
     assert done is not None
     assert done.status == "done", done.error
