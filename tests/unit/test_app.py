@@ -278,7 +278,7 @@ def test_live_trace_is_a_stored_runs_trace_of_the_same_fact(
     _ok(at)
     assert not at.error, [e.value for e in at.error]
     [live] = [c["data"][0] for c in _charts(at) if c["layout"]["title"]["text"].startswith("single restored state")]
-    stored = rows[(rows["unit"] == "fact") & (rows["kind"] == "state")]
+    stored = pd.DataFrame(rows[(rows["unit"] == "fact") & (rows["kind"] == "state")])
     assert np.shape(live["z"]) == (stored["token_index"].nunique(), stored["layer"].nunique())
     for t, layer, value in zip(stored["token_index"], stored["layer"], stored["value"], strict=True):
         assert live["z"][t][layer] == pytest.approx(float(value), abs=1e-6)
