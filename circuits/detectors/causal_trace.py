@@ -46,11 +46,15 @@ from circuits.detectors.facts_detector import KNOWN_METRICS, FactsConfig, _Facts
 from circuits.methods.tracing import (
     BUCKETS,
     RESTORABLE,
+    PromptTrace,
     Restored,
     average_buckets,
+    heatmap_figure,
     joined_trace,
+    prepare,
     prepare_fact,
     subject_embedding_std,
+    trace_fact,
     trace_part,
 )
 from interp.errors import UserError
@@ -181,6 +185,17 @@ class CausalTraceDetector(_FactsDetector[CausalTraceConfig]):
             "std", model, cfg, lambda: subject_embedding_std(model, [f.subject for f in self._facts(model, cfg)])
         )
         return cfg.noise_factor * std, std
+
+    def trace_prompt(
+        self, model: LoadedModel, cfg: CausalTraceConfig, prompt: str, subject: str, answer: str
+    ) -> PromptTrace:
+        """Trace one prompt as a run with ``cfg`` traces a fact (same noise: ``cfg.noise``, else
+        noise_factor x the std of the facts file's subjects; samples, window, kinds, seed), with
+        a heatmap of restored p(answer) per kind. UserError for a subject not in the prompt."""
+        inp = prepare(model, prompt, subject, answer)
+        result = trace_fact(model, inp, noise_std=self.noise_std(model, cfg)[0], samples=cfg.samples,
+                            window=cfg.window, seed=cfg.seed, kinds=cfg.kinds, memory_mb=cfg.memory_mb)
+        return PromptTrace(result, {kind: heatmap_figure(result, kind) for kind in cfg.kinds})
 
     def run_unit(self, model: LoadedModel, cfg: CausalTraceConfig, unit: Unit) -> UnitResult:
         if unit.group == "known":

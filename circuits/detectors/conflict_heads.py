@@ -282,6 +282,7 @@ class ConflictHeadsDetector(Detector[ConflictHeadsConfig]):
         "logits (Jin et al. 2024), per-answer direct effects, optional total-effect patching"
     )
     output = "head_scores"
+    knowledge_conflict = True
     head_columns: ClassVar[dict[str, str]] = {"role": "role", "path_delta": "path", "dla_diff": "dla", "total_delta": "total",
                     "path_delta_memory_logit": "mem logit", "path_delta_context_logit": "ctx logit"}
     # The default scan patches a seeded subset of 16 known items (8 validation, 8 test) instead of

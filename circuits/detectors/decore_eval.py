@@ -424,6 +424,7 @@ class DecoreEvalDetector(Detector[DecoreEvalConfig]):
     name = "decore-eval"
     description = "DeCoRe vs greedy vs random-head control on NQ-Swap-style, MemoTrap-style and closed-book items"
     output = "metrics"
+    knowledge_conflict = True
     # Curves "<task>:<split>:<method>": accuracy against k.
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {"*:*:*": ("k (retrieval heads masked)", "accuracy (fraction of items)")}
     Config = DecoreEvalConfig

@@ -296,6 +296,7 @@ class PH3Detector(Detector[PH3Config]):
         "rate; k chosen on validation, rates on test; value-vector scaling curves"
     )
     output = "intervention"
+    knowledge_conflict = True
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {
         "validation.*.memory_rate": ("k (heads pruned)", "memory rate (fraction of validation items, top-1)"),
         "validation.*.context_rate": ("k (heads pruned)", "context rate (fraction of validation items, top-1)"),

@@ -206,6 +206,23 @@ class TraceResult:
         )
 
 
+@dataclass(frozen=True)
+class PromptTrace:
+    """One prompt traced live (the dashboard's form): the trace, the noise std it used, and a
+    token x layer heatmap of restored p(answer) per kind traced."""
+
+    result: TraceResult
+    figures: Mapping[str, go.Figure]
+
+    @property
+    def noise_std(self) -> float:
+        return self.result.noise_std
+
+    @property
+    def samples(self) -> int:
+        return self.result.samples
+
+
 def trace_fact(
     model: LoadedModel,
     inp: TraceInput,

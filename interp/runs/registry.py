@@ -86,6 +86,9 @@ class Detector(Generic[C]):
     description: ClassVar[str]
     # What the detector writes: the dashboard picks its page by this.
     output: ClassVar[OutputKind]
+    # Whether it studies knowledge conflicts (the model's memory against a context that
+    # contradicts it): the dashboard's Conflicts page lists its runs, whatever its output.
+    knowledge_conflict: ClassVar[bool] = False
     Config: ClassVar[type[DetectorConfig]] = NoParams
     # Derived from Config when the subclass is created: the CLI and the dashboard's form read it.
     params: ClassVar[tuple[Param, ...]] = ()

@@ -73,7 +73,7 @@ def run_detector(
         done = run.done_units() - {FINAL_UNIT, SETTINGS_UNIT}
         todo = [u for u in units if u.key not in done]
         if SETTINGS_UNIT not in run.done_units():
-            run.commit_unit(SETTINGS_UNIT, settings(detector, cfg), 0.0)
+            run.commit_unit(SETTINGS_UNIT, settings(detector, cfg, len(units)), 0.0)
         desc = f"{detector.name} on {model.name}"
         with tqdm(total=len(units), initial=len(units) - len(todo), desc=desc, unit="unit", file=sys.stderr,
                   disable=not progress) as bar:
@@ -188,10 +188,12 @@ def finalized(
     return dataclasses.replace(summary, detector=detector.name, variant=detector.variant(cfg))
 
 
-def settings(detector: Detector[Any], cfg: DetectorConfig) -> UnitResult:
-    """The ``settings`` artifact of a run: its variant slug, what that means in words, and
-    the parameters as typed values."""
-    doc = {"variant": detector.variant(cfg), "method": detector.method_text(cfg), "params": cfg.to_dict()}
+def settings(detector: Detector[Any], cfg: DetectorConfig, n_units: int) -> UnitResult:
+    """The ``settings`` artifact of a run: its variant slug, what that means in words, the
+    parameters as typed values, its declared output and its number of units (the dashboard's
+    progress: committed units of that total)."""
+    doc = {"variant": detector.variant(cfg), "method": detector.method_text(cfg), "params": cfg.to_dict(),
+           "output": detector.output, "n_units": n_units}
     return UnitResult(tables={"artifacts": tables.artifact("settings", doc)})
 
 
