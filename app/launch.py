@@ -10,9 +10,11 @@ from typing import Annotated
 
 import typer
 
-from interp.cli import WorkspaceOpt, err, open_store
+from interp.console import err
 from interp.errors import UserError
+from interp.options import WorkspaceOpt
 from interp.runs.registry import command
+from interp.runs.store import Store
 
 HOME = Path(__file__).resolve().parent / "Home.py"
 
@@ -28,8 +30,9 @@ def dashboard(
     """Start the dashboard (Streamlit, headless) on a workspace; open the printed address."""
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be in 1..65535, got {port}")
-    # Fails here, in one line, on a workspace with no store (nothing to show: run a scan first).
-    store = open_store(workspace, create=False)
+    # Fails here, in one line, on a workspace with no store (nothing to show: run a scan first)
+    # or a results.db that is not a workbench store; read-only, so either is left as it was.
+    store = Store(workspace, read_only=True)
     ws = store.workspace.resolve()
     store.close()
     cmd = [
