@@ -451,15 +451,16 @@ def run(
 @app.command()
 def runs(workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
     """List the runs stored in a workspace."""
-    store = open_store(workspace, create=False)
-    df = store.runs()
+    with open_store(workspace, create=False) as store:
+        df = store.runs()
+        path = store.path
     if as_json:
         _emit({"runs": json.loads(df.to_json(orient="records"))})
         return
     if df.empty:
         out.print("no runs stored yet")
         return
-    table = Table(title=f"runs in {store.path}")
+    table = Table(title=f"runs in {path}")
     cols = [c for c in ("id", "detector", "variant", "model", "status", "n_units", "duration_s", "created_at") if c in df]
     for c in cols:
         table.add_column(c)
@@ -480,8 +481,8 @@ def export(
     from interp.runs.store import check_export_format
 
     check_export_format(fmt)  # bad arguments first, then a missing store
-    store = open_store(workspace, create=False)
-    files = store.export(run_id, out_dir, fmt=fmt)
+    with open_store(workspace, create=False) as store:
+        files = store.export(run_id, out_dir, fmt=fmt)
     if as_json:
         _emit({"files": [str(f) for f in files]})
     else:
