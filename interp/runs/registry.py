@@ -29,6 +29,7 @@ __all__ = ["SEED_MAX", "Detector", "DetectorConfig", "Param", "Summary", "UnitRe
 # The entry-point group through which packages add detectors and commands: each entry names a
 # module whose import registers them (``circuits = "circuits"`` in this package's pyproject).
 PLUGIN_GROUP = "interp.plugins"
+OWN_DISTRIBUTION = "interp-workbench"
 
 OutputKind = Literal["head_scores", "token_layer", "curves", "metrics", "intervention"]
 C = TypeVar("C", bound=DetectorConfig)
@@ -219,8 +220,9 @@ def _discover() -> None:
     registers its detectors and commands when imported. A plug-in that fails (raises at import,
     registers a detector name that exists) is skipped whole, whatever it had registered, and
     recorded in :func:`plugin_failures`: the other plug-ins, and the commands that need none of
-    them, keep working."""
-    for ep in metadata.entry_points(group=PLUGIN_GROUP):
+    them, keep working. The workbench's own plug-ins load first, so a name that another plug-in
+    registers again is refused in that plug-in, whatever the order of the installed packages."""
+    for ep in sorted(metadata.entry_points(group=PLUGIN_GROUP), key=_own_first):
         label = f"{ep.name} = {ep.value}"
         if label in _FAILED:
             continue
@@ -235,6 +237,10 @@ def _discover() -> None:
             dist = f" (from {ep.dist.name} {ep.dist.version})" if ep.dist is not None else ""
             reason = " ".join(str(exc).split()) or type(exc).__name__
             _FAILED[label] = f"plug-in {label!r}{dist} was not loaded: {type(exc).__name__}: {reason}"
+
+
+def _own_first(ep: metadata.EntryPoint) -> tuple[bool, str]:
+    return (ep.dist is None or ep.dist.name != OWN_DISTRIBUTION, ep.name)
 
 
 def plugin_failures() -> list[str]:
