@@ -392,11 +392,9 @@ def atlas(
         raise UserError(f"--top must be >= 1, got {top}")
     # Everything is checked before the store is created or a model loaded: the detectors, the
     # models, their placement and the cluster (a scheduler must answer now, not after the first model).
-    dets = resolve_detectors(detectors)
-    names = resolve_models(models)
+    dets, names = resolve_detectors(detectors), resolve_models(models)
     specs = {n: ModelOptions(n, "bridge", prefix, device, dtype, device_map, max_memory).check() for n in names}
-    cluster = ClusterOptions(workers, scheduler)
-    cluster.check(list(specs.values()))
+    (cluster := ClusterOptions(workers, scheduler)).check(list(specs.values()))
     store = Store(workspace)
     results: dict[str, ModelResults] = {}
     runs: dict[str, dict[str, Any]] = {}

@@ -256,6 +256,7 @@ def test_a_workspace_name_too_long_for_the_file_system_is_one_line(
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(capsys, [*args, *model, "-w", LONG])
     assert code != 0
+    assert out == ""
     assert err.count("\n") == 1, err
     assert err.startswith("error: ")
     assert "too long for the file system" in err
