@@ -15,10 +15,11 @@ from typing import Annotated
 
 import typer
 
-from interp.cli import WorkspaceOpt, err, open_store
+from interp.console import err
 from interp.errors import UserError
+from interp.options import WorkspaceOpt
 from interp.runs.registry import command
-from interp.runs.store import DB_NAME, WORKSPACE_ENV
+from interp.runs.store import DB_NAME, WORKSPACE_ENV, Store
 
 HOME = Path(__file__).resolve().parent / "Home.py"
 
@@ -30,13 +31,13 @@ def served_workspace(workspace: Path | None, new: bool) -> Path:
     ...). The default workspace (``$INTERP_WORKSPACE`` or ``./.interp``) or a ``new`` one may
     have none yet: the dashboard then opens on its run form."""
     if workspace is not None and not new:
-        open_store(workspace, create=False).close()
+        Store(workspace, read_only=True).close()
         return workspace.expanduser().resolve()
     path = (workspace or Path(os.environ.get(WORKSPACE_ENV) or ".interp")).expanduser().resolve()
     if path.exists() and not path.is_dir():
         raise UserError(f"workspace {path} is a file, not a folder")
     if (path / DB_NAME).is_file():
-        open_store(path, create=False).close()  # an unreadable store fails here, in one line
+        Store(path, read_only=True).close()  # an unreadable store fails here, in one line
     return path
 
 

@@ -35,12 +35,24 @@ import typer
 from rich.table import Table
 
 from circuits.atlas.claims import FAILS, HOLDS, NM, ModelResults, _scored, summarize
-from interp.cli import JsonOpt, PrefixOpt, WorkspaceOpt, err, executor_for, model_spec, open_store, out
+from interp.console import err, out
 from interp.errors import UserError
 from interp.model.load import load_spec
-from interp.options import DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, SchedulerOpt, WorkersOpt
-from interp.runs.executors import check_cluster_options
+from interp.options import (
+    ClusterOptions,
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxMemoryOpt,
+    ModelOptions,
+    PrefixOpt,
+    SchedulerOpt,
+    WorkersOpt,
+    WorkspaceOpt,
+)
 from interp.runs.registry import Summary, all_detectors, command
+from interp.runs.store import Store
 
 DEFAULT_DETECTORS = (
     "induction", "copying", "cmr", "retrieval", "retrieval-masking", "conflict-heads", "ph3", "decore-eval",
@@ -108,25 +120,30 @@ def atlas_params(name: str, summaries: Mapping[str, Summary] | None = None) -> d
 
 
 def resolve_models(raw: str | None) -> list[str]:
-    """Zoo names and local folders of a supported architecture; anything else is a one-line error."""
-    from interp.model.loading import check_architecture
+    """Each model once, by its one name (:func:`~interp.model.loading.resolve_model_name`: a
+    folder spelled two ways, relative or absolute, or the zoo's cached folder of a zoo model, is
+    one model), zoo names and local folders of a supported architecture only; anything else is a
+    one-line error. A name given twice is said once on stderr and run once."""
+    from interp.model.loading import check_architecture, resolve_model_name
     from interp.model.zoo import ZOO
 
-    names = _split(raw) if raw is not None else list(ZOO)
-    if not names:
+    given = _split(raw) if raw is not None else list(ZOO)
+    if not given:
         raise UserError("--models names no model")
-    for n in names:
-        if n in ZOO:
-            continue
-        path = Path(n).expanduser()
-        if not path.is_dir():
-            what = "no such folder" if path.exists() or "/" in n or n.startswith(".") else "unknown model"
-            raise UserError(f"{what} {n!r} (zoo: {', '.join(ZOO)}; or an existing local model folder)")
+    names: dict[str, list[str]] = {}
+    for n in given:
+        one = resolve_model_name(n)
+        if one not in ZOO and not Path(one).is_dir():
+            raise UserError(f"unknown model {n!r} (zoo: {', '.join(ZOO)}; or an existing local model folder)")
+        names.setdefault(one, []).append(n)
+    for one, spellings in names.items():
+        if len(spellings) > 1:
+            err.print(f"[dim]{', '.join(spellings)}: one model ({one}), run once[/dim]", highlight=False)
     # A folder the workbench cannot hook is refused now, not after the models before it ran.
     for n in names:
         if n not in ZOO:
-            check_architecture(Path(n).expanduser())
-    return names
+            check_architecture(Path(n))
+    return list(names)
 
 
 def _labels(models: Sequence[str]) -> dict[str, str]:
@@ -334,12 +351,12 @@ def atlas(
     detectors: Annotated[str | None, typer.Option(
         "--detectors", "-d", help=f"comma-separated detectors (default: {', '.join(DEFAULT_DETECTORS)})")] = None,
     workspace: WorkspaceOpt = None,
-    prefix: PrefixOpt = "auto",
+    prefix: PrefixOpt = ModelOptions.prefix,
     top: Annotated[int, typer.Option("--top", help="k of the top-k head sets")] = 10,
     fresh: Annotated[bool, typer.Option("--fresh", help="start new runs instead of reusing finished ones")] = False,
     as_json: JsonOpt = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = ModelOptions.device,
+    dtype: DtypeOpt = ModelOptions.dtype,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     workers: WorkersOpt = None,
@@ -351,12 +368,12 @@ def atlas(
 
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
-    check_cluster_options(workers, scheduler)
-    # Everything is checked before the store is created or a model loaded.
-    dets = resolve_detectors(detectors)
-    names = resolve_models(models)
-    specs = {n: model_spec(n, "bridge", prefix, device, dtype, device_map, max_memory) for n in names}
-    store = open_store(workspace)
+    # Everything is checked before the store is created or a model loaded: the detectors, the
+    # models, their placement and the cluster (a scheduler must answer now, not after the first model).
+    dets, names = resolve_detectors(detectors), resolve_models(models)
+    specs = {n: ModelOptions(n, "bridge", prefix, device, dtype, device_map, max_memory).check() for n in names}
+    (cluster := ClusterOptions(workers, scheduler)).check(list(specs.values()))
+    store = Store(workspace)
     results: dict[str, ModelResults] = {}
     runs: dict[str, dict[str, Any]] = {}
     info: dict[str, dict[str, Any]] = {}
@@ -365,7 +382,7 @@ def atlas(
             bar.set_description(f"loading {name}")
             t0 = time.perf_counter()
             # The workers (--workers, --scheduler) load this model; one model at a time.
-            with PeakRSS() as peak, executor_for(specs[name], workers, scheduler) as executor:
+            with PeakRSS() as peak, cluster.executor(specs[name]) as executor:
                 loaded = load_spec(specs[name])
                 load_s = time.perf_counter() - t0
                 results[name], runs[name] = _run_model(loaded, dets, store, fresh, bar, executor)

@@ -21,10 +21,20 @@ from circuits.methods.decore import (
     retrieval_ranking,
 )
 from circuits.methods.heads import parse_heads, ranking_from_summary
-from interp.cli import WorkspaceOpt
 from interp.errors import StoreError, UserError
+from interp.model.load import load_spec
 from interp.model.loaded import LoadedModel
-from interp.options import DeviceOpt, DtypeOpt
+from interp.options import (
+    BackendOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    ModelOptions,
+    PrefixOpt,
+    WorkspaceOpt,
+    check_prompts,
+)
 from interp.runs.registry import command
 from interp.runs.runner import find_or_run
 from interp.runs.store import Store
@@ -107,7 +117,7 @@ def workspace_ranking(
 
 @command("decore")
 def decore_cli(
-    model: Annotated[str, typer.Option("--model", "-m", help="zoo name, local HF folder or hub id")] = "smollm2-135m",
+    model: ModelOpt = ModelOptions.model,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="prompt (repeat for a batch)")] = None,
     heads: Annotated[str, typer.Option("--heads", help="heads to mask: L.H,L.H,... (instead of a ranking)")] = "",
     k: Annotated[int, typer.Option(
@@ -128,29 +138,28 @@ def decore_cli(
     prefill: Annotated[str, typer.Option("--prefill", help="masked (own cache) or shared (the reference's generate)")] = "masked",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="length limit")] = 32,
     stop_at_newline: Annotated[bool, typer.Option("--stop-at-newline", help="stop at a newline token")] = False,
-    backend: Annotated[str, typer.Option("--backend", help="hook backend (the KV cache needs bridge)")] = "bridge",
-    prefix: Annotated[str, typer.Option("--prefix", help="token prompts start with: auto, none or a token")] = "auto",
-    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    backend: BackendOpt = ModelOptions.backend,
+    prefix: PrefixOpt = ModelOptions.prefix,
+    json_out: JsonOpt = False,
+    device: DeviceOpt = ModelOptions.device,
+    dtype: DtypeOpt = ModelOptions.dtype,
 ) -> None:
     """DeCoRe decoding next to greedy decoding; masks --heads, or the top-k retrieval heads (see --k)."""
     # The masked heads are --heads, or the top-k of a retrieval ranking: a finished retrieval
     # run of the model in the workspace, else one computed now and stored there (in memory where
     # the workspace cannot be written): workspace_ranking. k is --k, else default_k.
-    import interp
 
     # Every option is checked before the model is loaded (only head indices and --k against
     # the model's head count need it).
-    if not prompt:
-        raise UserError("give at least one --prompt")
+    prompt = check_prompts(prompt or [])
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     settings = DecoreSettings(alpha=alpha, normalize_entropy=normalize_entropy,  # type: ignore[arg-type]
                               alpha_cap=alpha_cap or None, method=method, prefill=prefill)  # type: ignore[arg-type]
     overrides = _checked_head_options(heads, k, ranking_mode, ranking_param or [])
+    spec = ModelOptions(model, backend, prefix, device, dtype).check()
     sys.stderr.write(f"loading {model}...\n")
-    m = interp.load_model(model, backend=backend, prefix=prefix, device=device, dtype=dtype)
+    m = load_spec(spec)
     masked, ranking_record = _masked_heads(m, heads, k, ranking_mode, workspace, overrides)
     dec = _generate(m, prompt, masked, settings, max_new_tokens, stop_at_newline, True, 16, contrast=True)
     greedy = _generate(m, prompt, [], settings, max_new_tokens, stop_at_newline, True, 16, contrast=False)

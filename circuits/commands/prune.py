@@ -9,9 +9,18 @@ import typer
 
 from circuits.detectors.ph3 import greedy_generate, prune
 from circuits.methods.heads import head_label, parse_heads
-from interp.cli import ModelOpt
 from interp.errors import UserError
-from interp.options import DeviceOpt, DtypeOpt
+from interp.model.load import load_spec
+from interp.options import (
+    BackendOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    ModelOptions,
+    PrefixOpt,
+    check_prompts,
+)
 from interp.runs.registry import command
 
 
@@ -19,25 +28,22 @@ from interp.runs.registry import command
 def prune_command(
     heads: Annotated[str, typer.Option("--heads", help="heads to prune, LAYER.HEAD comma-separated, e.g. 20.3,25.1")],
     prompt: Annotated[str, typer.Option("--prompt", help="prompt to continue (after the prompt prefix)")],
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = ModelOptions.model,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate")] = 20,
-    backend: Annotated[str, typer.Option("--backend", help="hook backend: bridge or nnsight")] = "bridge",
-    prefix: Annotated[str, typer.Option("--prefix", help="token prompts start with: auto, none or a token")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    backend: BackendOpt = ModelOptions.backend,
+    prefix: PrefixOpt = ModelOptions.prefix,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = ModelOptions.device,
+    dtype: DtypeOpt = ModelOptions.dtype,
 ) -> None:
     """Generate with the given heads pruned (zeroed), next to the unpruned generation."""
     import sys
 
-    import interp
-
-    if not prompt.strip():
-        raise UserError("empty prompt")
+    check_prompts([prompt])
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     parse_heads(heads)
-    loaded = interp.load_model(model, backend=backend, prefix=prefix, device=device, dtype=dtype)
+    loaded = load_spec(ModelOptions(model, backend, prefix, device, dtype).check())
     hs = parse_heads(heads, loaded)
     unpruned = greedy_generate(loaded, prompt, max_new_tokens)
     with prune(loaded, hs):

@@ -38,12 +38,10 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import pandas as pd
 import torch
-import typer
 
 from circuits.detectors.retrieval import RetrievalDetector, ranked_by_retrieval
 from circuits.methods.decoding import greedy_decode, left_pad, pad_id, prompt_rows
@@ -58,11 +56,6 @@ Method = Literal["uniform", "zero"]
 Prefill = Literal["masked", "shared"]
 Head = tuple[int, int]
 VANILLA_ALPHA = 0.5
-# interp.cli's --workspace option (not imported from there: `python -m interp.cli` would load
-# that module twice).
-WorkspaceOpt = Annotated[
-    Path | None, typer.Option("--workspace", "-w", help="results workspace (default: ./.interp or $INTERP_WORKSPACE)")
-]
 
 
 # ---------------------------------------------------------------- settings

@@ -197,6 +197,10 @@ class DaskExecutor(Executor):
         self._closed = False
         self._plugin_name = f"interp-model-{uuid.uuid4().hex[:12]}"
         devices = local_gpu_devices(spec, workers) if workers is not None else None
+        if workers is not None and devices is None:
+            from interp.runs.capacity import check_local_workers
+
+            check_local_workers(workers, spec)  # before any process starts
         # Tasks ask for a GPU only on a cluster started here, whose workers declare theirs; the
         # workers of a joined cluster need declare nothing.
         self._resources = {"GPU": 1} if devices else None
@@ -343,19 +347,37 @@ def _bare_main() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
+class _Client(Client):
+    """A Dask client whose failed start leaves nothing behind: Dask's own keeps a half-built
+    client whose finaliser, run at some later collection, waits for its event loop and prints a
+    traceback on the user's terminal seconds after the error was reported."""
+
+    def start(self, **kwargs: Any) -> None:
+        try:
+            super().start(**kwargs)
+        except BaseException:
+            self.status = "closed"  # the finaliser's close() then has nothing to do
+            self._loop_runner.stop()
+            raise
+
+
 def _connect(address: str) -> Client:
     """A client of the scheduler at ``address`` that has at least one worker; UserError (one
-    line) within seconds otherwise."""
+    line) within seconds otherwise, whatever answers there (:func:`interp.runs.scheduler.probe`
+    first: the client is built only where a scheduler greeted us)."""
+    from interp.runs.scheduler import probe
+
+    target = probe(address)
     try:
-        client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+        client = _Client(target, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except (OSError, TimeoutError, ValueError, TypeError) as exc:
-        raise UserError(f"cannot reach the Dask scheduler at {address}: {_one_line(exc)}") from None
+        raise UserError(f"cannot reach the Dask scheduler at {target}: {_one_line(exc)}") from None
     try:
         client.wait_for_workers(1, timeout=WORKERS_TIMEOUT_S)
     except (OSError, TimeoutError) as exc:
         client.close()
         raise UserError(
-            f"the Dask scheduler at {address} has no workers after {WORKERS_TIMEOUT_S} s ({_one_line(exc)})"
+            f"the Dask scheduler at {target} has no workers after {WORKERS_TIMEOUT_S} s ({_one_line(exc)})"
         ) from None
     return client
 

@@ -31,6 +31,7 @@ __all__ = ["SEED_MAX", "Detector", "DetectorConfig", "Param", "Part", "Summary",
 # The entry-point group through which packages add detectors and commands: each entry names a
 # module whose import registers them (``circuits = "circuits"`` in this package's pyproject).
 PLUGIN_GROUP = "interp.plugins"
+OWN_DISTRIBUTION = "interp-workbench"
 
 OutputKind = Literal["head_scores", "token_layer", "curves", "metrics", "intervention"]
 C = TypeVar("C", bound=DetectorConfig)
@@ -186,7 +187,9 @@ _REGISTRY: dict[str, type[Detector]] = {}
 def register(cls: type[Detector]) -> type[Detector]:
     """Class decorator: make a detector discoverable by name."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise RuntimeError(f"detector {cls.name!r} registered twice")
+        first = _REGISTRY[cls.name]
+        raise RuntimeError(f"detector {cls.name!r} registered twice ({first.__module__}.{first.__qualname__}, then "
+                           f"{cls.__module__}.{cls.__qualname__})")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -199,6 +202,9 @@ def command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     ``interp <name> ...`` then calls it. Raise UserError for bad input."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        first = _COMMANDS.get(name)
+        if first is not None and (first.__module__, first.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise RuntimeError(f"command {name!r} registered twice ({first.__module__}, then {fn.__module__})")
         _COMMANDS[name] = fn
         return fn
 
@@ -210,14 +216,45 @@ def all_commands() -> dict[str, Callable[..., Any]]:
     return dict(sorted(_COMMANDS.items()))
 
 
+# Why each plug-in that failed to load was refused, by its entry point ("name = value"). It is
+# not imported again in this process: its modules that did import stay imported, and would not
+# register again.
+_FAILED: dict[str, str] = {}
+
+
 def _discover() -> None:
     """Import every installed plug-in module (entry-point group ``interp.plugins``); each
-    registers its detectors with :func:`register` when imported. Importing twice is free."""
-    for ep in metadata.entry_points(group=PLUGIN_GROUP):
+    registers its detectors and commands when imported. A plug-in that fails (raises at import,
+    registers a detector name that exists) is skipped whole, whatever it had registered, and
+    recorded in :func:`plugin_failures`: the other plug-ins, and the commands that need none of
+    them, keep working. The workbench's own plug-ins load first, so a name that another plug-in
+    registers again is refused in that plug-in, whatever the order of the installed packages."""
+    for ep in sorted(metadata.entry_points(group=PLUGIN_GROUP), key=_own_first):
+        label = f"{ep.name} = {ep.value}"
+        if label in _FAILED:
+            continue
+        detectors, commands = dict(_REGISTRY), dict(_COMMANDS)
         try:
             ep.load()
-        except ImportError as exc:
-            raise UserError(f"cannot load detector plug-in {ep.name!r} ({ep.value}): {exc}") from exc
+        except Exception as exc:  # a plug-in's bug of any kind must not break the others
+            _REGISTRY.clear()
+            _REGISTRY.update(detectors)
+            _COMMANDS.clear()
+            _COMMANDS.update(commands)
+            dist = f" (from {ep.dist.name} {ep.dist.version})" if ep.dist is not None else ""
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            _FAILED[label] = f"plug-in {label!r}{dist} was not loaded: {type(exc).__name__}: {reason}"
+
+
+def _own_first(ep: metadata.EntryPoint) -> tuple[bool, str]:
+    return (ep.dist is None or ep.dist.name != OWN_DISTRIBUTION, ep.name)
+
+
+def plugin_failures() -> list[str]:
+    """One line per plug-in that could not be loaded (its entry point, its distribution, why)."""
+    _discover()
+    present = {f"{ep.name} = {ep.value}" for ep in metadata.entry_points(group=PLUGIN_GROUP)}
+    return [why for label, why in _FAILED.items() if label in present]
 
 
 def all_detectors() -> dict[str, type[Detector]]:
@@ -233,6 +270,7 @@ def default_scan() -> list[str]:
 def get_detector(name: str) -> Detector:
     detectors = all_detectors()
     if name not in detectors:
-        raise UserError(f"unknown detector {name!r} (available: {', '.join(detectors)})")
+        failed = "".join(f"; {why}" for why in plugin_failures())
+        raise UserError(f"unknown detector {name!r} (available: {', '.join(detectors)}){failed}")
     return detectors[name]()
 

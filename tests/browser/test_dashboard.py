@@ -77,6 +77,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself listens on ``port``: another program that took the port
+    between its choice and the server's start must not be mistaken for ours."""
+    import psutil
+
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+
+
+def _start_app(ws: Path, log: Path, env: dict[str, str], attempts: int = 5) -> tuple[subprocess.Popen[bytes], int]:
+    """``interp app`` on a free port. A port is free when chosen but may be taken before the
+    server binds it (other tests, other programs): then the server exits, and another port is
+    tried. The server is up when this very process listens on the port (the event waited on)."""
+    for _ in range(attempts):
+        port = _free_port()
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen([*INTERP, "app", "--workspace", str(ws), "--port", str(port)],
+                                    stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        deadline = time.monotonic() + 120  # a guard against a hang, not a bound under test
+        while proc.poll() is None and not _listening(proc.pid, port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if proc.poll() is None and _listening(proc.pid, port):
+            return proc, port
+        proc.kill()
+        proc.wait()
+    raise AssertionError(f"interp app did not come up on any of {attempts} ports: {log.read_text()}")
+
+
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The environment of the processes that write and serve the workspace: the gated plug-in
@@ -118,11 +149,8 @@ def server(
     workspace: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory, plugin_env: dict[str, str]
 ) -> Iterator[str]:
     ws, _ = workspace
-    port = _free_port()
     log = tmp_path_factory.mktemp("dash-log") / "app.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([*INTERP, "app", "--workspace", str(ws), "--port", str(port)],
-                                stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=plugin_env)
+    proc, port = _start_app(ws, log, plugin_env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

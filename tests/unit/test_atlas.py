@@ -120,7 +120,7 @@ def test_atlas_rerun_computes_nothing_and_tables_fit_80_columns(
     ("models", "dets", "needle"),
     [
         ("no-such-model", "induction", "unknown model 'no-such-model' (zoo: smollm2-135m"),
-        ("/nonexistent/model-folder", "induction", "no such folder '/nonexistent/model-folder'"),
+        ("/nonexistent/model-folder", "induction", "no such folder: '/nonexistent/model-folder'"),
         ("smollm2-135m", "induction,nope", "unknown detector 'nope' (available: "),
     ],
 )
