@@ -22,7 +22,7 @@ def _verdicts(**summaries: Summary) -> dict[str, tuple[str, Any]]:
 
 
 def _retrieval(share: float) -> Summary:
-    return Summary("retrieval", "v", heads=[{"layer": 0, "head": 0, "score": 0.3}],
+    return Summary(detector="retrieval", variant="v", heads=[{"layer": 0, "head": 0, "score": 0.3}],
                    metrics={"share_heads_above_threshold": share, "n_heads_above_threshold": round(share * 8),
                             "n_heads": 8, "threshold": 0.1, "too_few_counted": 0})
 
@@ -39,15 +39,15 @@ def test_retrieval_sparse(share: float, verdict: str) -> None:
      (0.75, 0.5, FAILS, -0.25)],
 )
 def test_retrieval_masking(top: float, random: float, verdict: str, value: float) -> None:
-    s = Summary("retrieval-masking", "v", metrics={"top_k": 3, "n_random": 2, "n_samples": 8, "accuracy:none": 0.75,
+    s = Summary(detector="retrieval-masking", variant="v", metrics={"top_k": 3, "n_random": 2, "n_samples": 8, "accuracy:none": 0.75,
                                                     "accuracy:top3": top, "accuracy:random-mean": random})
     assert _verdicts(s=s)["retrieval-masking"] == (verdict, pytest.approx(value))
 
 
 def _conflict(memory_layers: list[int], context_layers: list[int]) -> Summary:
-    heads = [{"layer": la, "head": 0, "score": 0.5, "kind": "memory"} for la in memory_layers]
-    heads += [{"layer": la, "head": 1, "score": -0.5, "kind": "context"} for la in context_layers]
-    return Summary("conflict-heads", "v", heads=heads)
+    heads = [{"layer": la, "head": 0, "score": 0.5, "role": "memory"} for la in memory_layers]
+    heads += [{"layer": la, "head": 1, "score": -0.5, "role": "context"} for la in context_layers]
+    return Summary(detector="conflict-heads", variant="v", heads=heads)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_memory_context_late(memory: list[int], context: list[int], verdict: str
 
 
 def _ph3(after: float, random: float) -> Summary:
-    return Summary("ph3", "v", metrics={"prune-memory.k": 3, "test.unpruned.conflict.qa.context_rate": 0.2,
+    return Summary(detector="ph3", variant="v", metrics={"formats": ["qa"], "prune-memory.k": 3, "test.unpruned.conflict.qa.context_rate": 0.2,
                                         "test.prune-memory.conflict.qa.context_rate": after,
                                         "test.prune-memory.random-control.conflict.qa.context_rate": random})
 
@@ -74,14 +74,14 @@ def test_ph3_beats_random(after: float, random: float, verdict: str, gain: float
 
 @pytest.mark.parametrize(("decore", "verdict", "diff"), [(0.7, HOLDS, 0.1), (0.6, FAILS, 0.0), (0.5, FAILS, -0.1)])
 def test_decore_beats_greedy(decore: float, verdict: str, diff: float) -> None:
-    s = Summary("decore-eval", "v", metrics={"nqswap:greedy:test_accuracy": 0.6, "nqswap:decore-entropy:test_accuracy":
+    s = Summary(detector="decore-eval", variant="v", metrics={"nqswap:greedy:test_accuracy": 0.6, "nqswap:decore-entropy:test_accuracy":
                                              decore, "nqswap:decore-entropy:k": 3, "nqswap:n_test": 10})
     assert _verdicts(d=s)["decore-beats-greedy"] == (verdict, pytest.approx(diff))
 
 
 @pytest.mark.parametrize(("layer", "verdict"), [(1, HOLDS), (2, HOLDS), (3, FAILS)])
 def test_mlp_peak_early(layer: int, verdict: str) -> None:
-    s = Summary("causal-trace", "v", metrics={"peak_layer_mlp_last_subject": layer, "peak_value_mlp_last_subject": 0.3,
+    s = Summary(detector="causal-trace", variant="v", metrics={"peak_layer_mlp_last_subject": layer, "peak_value_mlp_last_subject": 0.3,
                                               "n_facts_traced": 2})
     # Layer 2 of 4 is relative depth 0.5: "early-to-middle" includes the middle.
     assert _verdicts(t=s)["mlp-peak-early"] == (verdict, layer / 4)
@@ -97,14 +97,14 @@ def test_mlp_peak_early(layer: int, verdict: str) -> None:
 def test_cmr_mid_late(like_layers: list[int], verdict: str, depth: float | None) -> None:
     heads = [{"layer": la, "head": 0, "score": -0.1, "cmr_like": True} for la in like_layers]
     heads.append({"layer": 0, "head": 1, "score": -0.9, "cmr_like": False})
-    got = _verdicts(c=Summary("cmr", "v", heads=heads))["cmr-mid-late"]
+    got = _verdicts(c=Summary(detector="cmr", variant="v", heads=heads))["cmr-mid-late"]
     assert got[0] == verdict
     assert got[1] == (None if depth is None else pytest.approx(depth))
 
 
 @pytest.mark.parametrize(("best", "verdict"), [(0.41, HOLDS), (0.4, FAILS), (0.1, FAILS)])
 def test_induction_exists(best: float, verdict: str) -> None:
-    s = Summary("induction", "v", heads=[{"layer": 3, "head": 0, "score": best}, {"layer": 1, "head": 1, "score": 0.05}],
+    s = Summary(detector="induction", variant="v", heads=[{"layer": 3, "head": 0, "score": best}, {"layer": 1, "head": 1, "score": 0.05}],
                 metrics={"threshold": 0.4})
     assert _verdicts(i=s)["induction-exists"] == (verdict, best)
 
@@ -115,9 +115,9 @@ def test_induction_exists(best: float, verdict: str) -> None:
      ([(0, 0), (0, 1)], FAILS, 0.0)],  # disjoint
 )
 def test_induction_retrieval_overlap(retrieval_heads: list[tuple[int, int]], verdict: str, jaccard: float) -> None:
-    ind = Summary("induction", "v", heads=[{"layer": 3, "head": 0, "score": 0.9}, {"layer": 2, "head": 1, "score": 0.5}],
+    ind = Summary(detector="induction", variant="v", heads=[{"layer": 3, "head": 0, "score": 0.9}, {"layer": 2, "head": 1, "score": 0.5}],
                   metrics={"threshold": 0.4})
-    ret = Summary("retrieval", "v", heads=[{"layer": la, "head": h, "score": 0.3 - 0.1 * i}
+    ret = Summary(detector="retrieval", variant="v", heads=[{"layer": la, "head": h, "score": 0.3 - 0.1 * i}
                                            for i, (la, h) in enumerate(retrieval_heads)],
                   metrics={"share_heads_above_threshold": 0.25})
     assert _verdicts(i=ind, r=ret)["induction-retrieval-overlap"] == (verdict, pytest.approx(jaccard))

@@ -141,7 +141,10 @@ def gated_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """tests/plugins/gated.py installed for the jobs' processes only (an ``interp.plugins`` entry
     point in a dist-info folder on their PYTHONPATH): this process does not know the detector."""
     site = install(tmp_path / "site", "gated-plugin", "tests.plugins.gated")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    # The repository too: the entry point names tests.plugins.gated, and a job runs from its
+    # workspace, where ``tests`` is not importable (a clean clone has no other path to it).
+    repo = str(Path(__file__).resolve().parents[2])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), repo, os.environ.get("PYTHONPATH", "")]))
     assert "gated-memory-tracer" not in registry.all_detectors()
 
 

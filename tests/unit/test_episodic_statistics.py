@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from circuits.detectors.episodic_ablation import ablation_effects, paired_p, t_interval
+from interp.runs.units import Unit
 
 
 def t3_cdf(t: float) -> float:
@@ -53,7 +54,8 @@ def test_ablation_effects_by_hand() -> None:
     rows = [{"unit": u, "curve": metric, "layer": None, "head": None, "x": float(x), "y": y}
             for u, ys in values.items() for metric in ("icl", "icl_window", "second_copy_loss")
             for x, y in zip([3, 0, 2, 1], [ys[3], ys[0], ys[2], ys[1]], strict=True)]  # x order is restored
-    metrics, _ = ablation_effects(pd.DataFrame(rows), list(values), ["random-0", "random-1"])
+    units = [Unit("clean"), Unit("top"), Unit("random", 0), Unit("random", 1)]
+    metrics, _ = ablation_effects(pd.DataFrame(rows), units)
     # top - clean = 1, 2, 3, 4: mean 2.5; random - clean = 0, 0, 0, 1: mean 0.25
     assert metrics["icl_clean"] == 2.5
     assert metrics["icl_delta_top"] == 2.5
