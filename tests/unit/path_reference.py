@@ -83,6 +83,10 @@ class PlainRef:
             rec["attn"][i] = post(rec["S"][i]) if self.gemma else rec["S"][i]
             nxt = rec["pre"][i + 1] if i + 1 < len(self.layers) else rec["final"]
             rec["mlp"][i] = nxt - rec["mid"][i]
+        # The MLP's contribution recomputed from its input (as the receiver maps do), not as
+        # a difference of residuals (which rounds).
+        with torch.no_grad():
+            rec["contrib"] = {i: self.mlp_block(i, rec["mid"][i]) for i in range(len(self.layers))}
         logp = torch.log_softmax(logits[:, -1], dim=-1)
         rec["metric"] = logp.gather(1, self.target[:, None])[:, 0]
         return rec
@@ -189,7 +193,7 @@ class PlainRef:
         """d metric / d eps at eps = 0 per prompt, the receiver reading its input + eps * delta and
         the residual entering layer 0 set to ``entry``: autograd on the plain model."""
         eps = torch.zeros(ids.shape[0], 1, 1, dtype=delta.dtype, requires_grad=True)
-        hooks = self.receiver_hooks(receiver, lambda x: x + eps * delta) + [self.embedding_hook(entry)]
+        hooks = [*self.receiver_hooks(receiver, lambda x: x + eps * delta), self.embedding_hook(entry)]
         metric = self.run(ids, hooks, grad=True)["metric"]
         (g,) = torch.autograd.grad(metric.sum(), [eps])
         return g.flatten().detach()
@@ -240,8 +244,68 @@ class PlainRef:
             w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
             return (w @ v).transpose(1, 2).contiguous(), w
 
-        module.eager_attention_forward = per_query_head
+        setattr(module, "eager_attention_forward", per_query_head)  # noqa: B010 (a module global)
         try:
             yield
         finally:
-            module.eager_attention_forward = original
+            setattr(module, "eager_attention_forward", original)  # noqa: B010
+
+    # ------------------------------------------------------------------ circuits
+    def circuit(self, ids: torch.Tensor, clean: dict, corrupt: dict, kept: set[tuple[tuple, tuple]]) -> torch.Tensor:
+        """The clean prompt with every edge outside ``kept`` carrying the corrupt value: every
+        q/k/v head slice, MLP and the final norm recompute from their own input = the corrupt
+        run's input + sum over kept senders of (live output - corrupt output); the kept heads
+        of one layer go through Gemma's post-attention norm together."""
+        live: dict[tuple, torch.Tensor] = {}
+        into: dict[tuple, list[tuple]] = {}
+        for s, r in kept:
+            into.setdefault(r, []).append(s)
+
+        def input_of(r: tuple) -> torch.Tensor:
+            x = self.input_of(corrupt, r).clone()
+            heads: dict[int, list[int]] = {}
+            for s in into.get(r, []):
+                if s[0] == "embed":
+                    x = x + clean["pre"][0] - corrupt["pre"][0]
+                elif s[0] == "mlp":
+                    x = x + live[("mlp", s[1])] - corrupt["contrib"][s[1]]
+                else:
+                    heads.setdefault(s[1], []).append(s[2])
+            for i, hs in heads.items():
+                w = self.layers[i].self_attn.o_proj.weight
+                d = torch.zeros_like(x)
+                for h in hs:
+                    cols = slice(h * self.e, (h + 1) * self.e)
+                    d = d + (live[("z", i)][..., cols] - corrupt["z"][i][..., cols]) @ w[:, cols].T
+                if self.gemma:
+                    post = self.layers[i].post_attention_layernorm
+                    d = post(corrupt["S"][i] + d) - post(corrupt["S"][i])
+                x = x + d
+            return x
+
+        hooks: list[tuple[Any, str, Hook]] = []
+        n_kv = self.layers[0].self_attn.k_proj.out_features // self.e
+        n_q = self.layers[0].self_attn.q_proj.out_features // self.e
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            for kind, proj, n in (("q", attn.q_proj, n_q), ("k", attn.k_proj, n_kv), ("v", attn.v_proj, n_kv)):
+                def edit(m: Any, a: Any, o: torch.Tensor, i: int = i, kind: str = kind, proj: Any = proj,
+                         n: int = n, layer: Any = layer) -> torch.Tensor:
+                    o = o.clone()
+                    for h in range(n):
+                        cols = slice(h * self.e, (h + 1) * self.e)
+                        o[..., cols] = proj.forward(layer.input_layernorm.forward(input_of((kind, i, h))))[..., cols]
+                    return o
+
+                hooks.append((proj, "fwd", edit))
+            hooks.append((attn.o_proj, "pre", lambda m, a, i=i: live.__setitem__(("z", i), a[0])))
+
+            def mlp(m: Any, a: Any, o: torch.Tensor, i: int = i, layer: Any = layer) -> torch.Tensor:
+                out = layer.mlp.forward(self.mlp_norm(i).forward(input_of(("mlp", i))))
+                post = layer.post_feedforward_layernorm.forward(out) if self.gemma else out
+                live[("mlp", i)] = post
+                return out
+
+            hooks.append((layer.mlp, "fwd", mlp))
+        hooks.append((self.hf.model.norm, "pre", lambda m, a: (input_of(("logits",)),)))
+        return self.run(ids, hooks)["metric"]

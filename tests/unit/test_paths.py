@@ -22,7 +22,7 @@ from interp.model.loaded import LoadedModel
 from interp.patching.edges import Receiver, Sender, parse_edge, parse_receiver, parse_sender, senders_before
 from interp.patching.metrics import LogitDiff, LogProb
 from interp.patching.pairs import PairRuns, encode_pair, pair_runs
-from interp.patching.paths import path_patch
+from interp.patching.paths import Mode, path_patch
 from tests.tiny import loaded, tiny_gemma3, tiny_gpt2, tiny_llama, tiny_qwen2
 from tests.unit.path_reference import PlainRef
 
@@ -82,7 +82,7 @@ def setup(request: pytest.FixtureRequest) -> tuple[LoadedModel, PlainRef, PairRu
 
 
 @pytest.mark.parametrize("mode", ["direct", "frozen"])
-def test_every_pair_equals_plain_hooks(setup: Any, mode: str) -> None:
+def test_every_pair_equals_plain_hooks(setup: Any, mode: Mode) -> None:
     model, ref, runs, rec_clean, rec_corrupt = setup
     assert (rec_clean["metric"] - runs.clean_metric).abs().max() < TOL
     senders, receivers = _small_graph(model)
@@ -108,7 +108,7 @@ def test_all_senders_together_equal_patching_the_receiver_input(setup: Any, rece
     """Every sender below a receiver (embed included), patched together in direct mode, is the
     receiver reading the corrupt run's input; under Gemma's post-attention norm too, because a
     layer's heads go through the norm together."""
-    model, ref, runs, rec_clean, rec_corrupt = setup
+    model, ref, runs, _, rec_corrupt = setup
     r = parse_receiver(receiver)
     block = senders_before(model.info, [r])
     got = path_patch(model, runs, [block], [r])
@@ -136,7 +136,7 @@ def test_sender_at_or_after_its_receiver_is_refused_and_has_no_path(setup: Any) 
 
 @pytest.mark.parametrize("mode", ["direct", "frozen"])
 @pytest.mark.parametrize("kind", ["k", "v"])
-def test_ungrouped_over_a_group_equals_the_grouped_edge(setup: Any, mode: str, kind: str) -> None:
+def test_ungrouped_over_a_group_equals_the_grouped_edge(setup: Any, mode: Mode, kind: str) -> None:
     model, _, runs, _, _ = setup
     info = model.info
     blocks = ["embed", "0.1", "mlp:0", "1.2"]
@@ -182,16 +182,17 @@ def test_backends_and_chunking_agree() -> None:
     hf = tiny_llama().double()
     clean, corrupt = _pair(seed=3)
     out = {}
+    modes: tuple[Mode, ...] = ("direct", "frozen")
     for backend in ("bridge", "nnsight"):
         model = loaded(copy.deepcopy(hf), backend)
         runs = pair_runs(model, clean, corrupt, LogProb(TARGET))
-        for mode in ("direct", "frozen"):
+        for mode in modes:
             blocks = ["embed", "0.0", "0.2", "mlp:0", ("0.1", "mlp:0", "embed"), "1.3"]
             out[(backend, mode)] = path_patch(model, runs, blocks, ["q:2.0", "kq:2.3", "mlp:2", "logits"], mode=mode)
             one = path_patch(model, runs, blocks, ["q:2.0", "kq:2.3", "mlp:2", "logits"], mode=mode, max_blocks=1)
             assert one.stats["chunks"] == len(blocks) if mode == "direct" else one.stats["chunks"] >= 2
             assert (one.values - out[(backend, mode)].values).abs().max() < 1e-12
-    for mode in ("direct", "frozen"):
+    for mode in modes:
         assert (out[("bridge", mode)].values - out[("nnsight", mode)].values).abs().max() < 1e-12
     assert out[("bridge", "direct")].stats["entry_layer"] == 2
 
@@ -238,7 +239,7 @@ def test_edges_check_order_without_a_model_and_shape_with_one() -> None:
             parse_edge(bad)
         assert "\n" not in str(err.value)
     info = loaded(tiny_llama()).info  # 3 layers, 4 query heads on 2 kv heads
-    with pytest.raises(UserError, match="kv head 2 out of range.*kq:1.2"):
+    with pytest.raises(UserError, match=r"kv head 2 out of range.*kq:1\.2"):
         parse_receiver("k:1.2").check(info)
     parse_receiver("kq:1.2").check(info)
     for bad in ["q:1.4", "vq:0.4", "mlp:3", "q:3.0"]:
