@@ -1,4 +1,4 @@
-"""Circuits: confirmed edges above a threshold, pruned to the logits, and their faithfulness.
+"""Circuits: confirmed edges above a threshold on paths from embed to the logits, and their faithfulness.
 
 A circuit C is a set of edges of a graph. Its *circuit run* is the clean prompt with every edge
 of the graph outside C carrying the corrupt run's value: each receiver of the graph reads
