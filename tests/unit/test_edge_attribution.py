@@ -39,8 +39,8 @@ from tests.tiny import loaded, tiny_llama
 from tests.unit.path_reference import PlainRef
 from tests.unit.test_paths import FAMILIES, TARGET, _as_tuple, _pair, _receiver_tuple
 
-# HF's eager attention takes its softmax in float32 even in a float64 model, so gradients
-# through it agree to float32 precision relative to the largest score.
+# HF's eager attention softmax and Llama's RMSNorm compute in float32 even in a float64 model,
+# so gradients through them agree to float32 precision relative to the largest score.
 REL = 1e-6
 
 
