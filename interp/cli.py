@@ -484,6 +484,41 @@ def runs(workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+@app.command("heads")
+def heads_command(
+    run_id: Annotated[int, typer.Argument(help="run id (see `interp runs`)")],
+    top: Annotated[int | None, typer.Option("--top", help="the first K heads (default: all)")] = None,
+    role: Annotated[str | None, typer.Option(
+        "--role", help="memory or context: that kind of heads only (conflict-heads and ph3 runs)")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="refuse the run unless it is of this model (zoo name, folder or hub id)")] = None,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The ranked heads of a stored head-scoring run, as LAYER.HEAD ids for --heads."""
+    from interp.runs.heads import heads
+
+    if role is not None and role not in ("memory", "context"):
+        raise UserError(f"--role must be memory or context, got {role!r}")
+    found = heads(workspace, run_id, top=top, role=role, model=model)
+    if as_json:
+        _emit(found.to_dict())
+        return
+    kind = f"{role} heads" if role else "heads"
+    shown = f"{len(found)} of {found.n_ranked}" if len(found) < found.n_ranked else f"all {found.n_ranked}"
+    out.print(f"run {found.run_id}: {found.detector} ({found.variant})", markup=False, highlight=False)
+    out.print(f"model {found.model}, {found.dtype}, prompt prefix {found.prefix}", markup=False,
+              highlight=False, soft_wrap=True)
+    out.print(f"{kind} ranked by {found.metric} ({shown})", markup=False, highlight=False)
+    table = Table()
+    for name in ("rank", "head", "score"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for i, (head_id, score) in enumerate(zip(found.ids, found.scores, strict=True), 1):
+        table.add_row(str(i), head_id, _cell(score))
+    out.print(table)
+    out.print(f"--heads {found.heads_option()}", markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command()
 def export(
     run_id: Annotated[int | None, typer.Argument(help="run id (default: every run)")] = None,
