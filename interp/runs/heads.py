@@ -15,10 +15,10 @@ oriented score has the role's sign, strongest first.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from interp.errors import UserError
 from interp.model.prefix import describe_stored
@@ -68,11 +68,13 @@ def declared_rankings() -> dict[str, HeadRanking]:
 
 
 @dataclass(frozen=True)
-class RankedHeads:
+class RankedHeads(Sequence[Head]):
     """Heads of one stored run, best first, with what they were found on.
 
-    ``heads`` are (layer, head) pairs; :attr:`ids` the CLI's ``LAYER.HEAD`` ids, and
-    :meth:`heads_option` the ``--heads`` value of ``interp prune`` / ``interp decore``.
+    ``heads`` are (layer, head) pairs, and the object is their sequence (it goes wherever heads
+    do: ``ablate_heads``, ``decore_generate``, and ``save_pruned``, whose model card then names
+    the run); :attr:`ids` are the CLI's ``LAYER.HEAD`` ids, :meth:`heads_option` the ``--heads``
+    value of ``interp prune`` / ``interp decore``.
     """
 
     run_id: int
@@ -105,6 +107,18 @@ class RankedHeads:
 
     def __len__(self) -> int:
         return len(self.heads)
+
+    @overload
+    def __getitem__(self, index: int) -> Head: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Head]: ...
+
+    def __getitem__(self, index: int | slice) -> Head | list[Head]:
+        return self.heads[index]
+
+    def __iter__(self) -> Iterator[Head]:
+        return iter(self.heads)
 
 
 def ranking_for(detector: str, metrics: list[str]) -> HeadRanking:

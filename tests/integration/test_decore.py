@@ -27,9 +27,9 @@ PROMPTS = [
 
 
 def test_batch_equals_single_and_hand_step(smol: LoadedModel) -> None:
-    batch = decore_generate(smol, PROMPTS, HEADS, max_new_tokens=3)
+    batch = decore_generate(smol, smol.tokenizer, PROMPTS, HEADS, max_new_tokens=3)
     for p, b in zip(PROMPTS, batch, strict=True):
-        alone = decore_generate(smol, [p], HEADS, max_new_tokens=3)[0]
+        alone = decore_generate(smol, smol.tokenizer, [p], HEADS, max_new_tokens=3)[0]
         assert b.tokens == alone.tokens
         assert b.scores == pytest.approx(alone.scores, abs=1e-3)
     # First step by hand on an independent HF copy, the heads' query slices zeroed by raw hooks.
@@ -56,7 +56,7 @@ def test_batch_equals_single_and_hand_step(smol: LoadedModel) -> None:
 
 
 def test_no_heads_is_greedy_and_scores(smol: LoadedModel) -> None:
-    dec = decore_generate(smol, PROMPTS, [], max_new_tokens=4)
+    dec = decore_generate(smol, smol.tokenizer, PROMPTS, [], max_new_tokens=4)
     gre = greedy_generate(smol, PROMPTS, max_new_tokens=4)
     assert [g.tokens for g in dec] == [g.tokens for g in gre]
     sc = decore_score(smol, PROMPTS[:1], [[" Rome", " Paris"]], HEADS)

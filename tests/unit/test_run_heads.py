@@ -234,5 +234,6 @@ def test_prune_option_errors_come_before_loading(tmp_path: Path, capsys: pytest.
     ):
         code, out, err = run_cli(capsys, base + extra)
         assert code != 0
+        assert out == ""
         assert len(err.strip().splitlines()) == 1, err
         assert message in err, (extra, err)
