@@ -11,10 +11,20 @@ import typer
 
 from circuits.detectors.ph3 import greedy_generate, prune
 from circuits.methods.heads import check_heads, head_label, parse_heads
-from interp.cli import ModelOpt, WorkspaceOpt
 from interp.errors import UserError
+from interp.model.load import load_spec
 from interp.model.loaded import LoadedModel
-from interp.options import DeviceOpt, DtypeOpt
+from interp.options import (
+    BackendOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    ModelOptions,
+    PrefixOpt,
+    WorkspaceOpt,
+    check_prompts,
+)
 from interp.runs.registry import command
 
 
@@ -32,13 +42,13 @@ def prune_command(
     save: Annotated[Path | None, typer.Option(
         "--save", help="also save the pruned model as a plain Hugging Face folder (heads zeroed in the weights)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="let --save replace a non-empty folder")] = False,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = ModelOptions.model,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate")] = 20,
-    backend: Annotated[str, typer.Option("--backend", help="hook backend: bridge or nnsight")] = "bridge",
-    prefix: Annotated[str, typer.Option("--prefix", help="token prompts start with: auto, none or a token")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    backend: BackendOpt = ModelOptions.backend,
+    prefix: PrefixOpt = ModelOptions.prefix,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = ModelOptions.device,
+    dtype: DtypeOpt = ModelOptions.dtype,
 ) -> None:
     """Generate with the given heads pruned (zeroed), next to the unpruned generation; --save
     writes the pruned model as a folder plain transformers loads."""
@@ -47,8 +57,7 @@ def prune_command(
     import interp
     from interp.model.pruned import check_target
 
-    if not prompt.strip():
-        raise UserError("empty prompt")
+    check_prompts([prompt])
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     _check_head_options(heads, run, top, role)
@@ -58,7 +67,7 @@ def prune_command(
         check_target(save, overwrite)  # before the model loads: a refused folder costs nothing
     # An unknown run, or one without such heads, is refused before the model loads too.
     ranked = interp.heads(workspace, run, top=top, role=role) if run is not None else None
-    loaded = interp.load_model(model, backend=backend, prefix=prefix, device=device, dtype=dtype)
+    loaded = load_spec(ModelOptions(model, backend, prefix, device, dtype).check())
     if run is not None:
         ranked = interp.heads(workspace, run, top=top, role=role, model=loaded)
     hs = check_heads(ranked.heads, loaded) if ranked is not None else parse_heads(heads, loaded)

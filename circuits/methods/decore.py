@@ -46,14 +46,12 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
-import typer
 
-from circuits.detectors.retrieval import RetrievalDetector, rank_heads
+from circuits.detectors.retrieval import RetrievalDetector, ranked_by_retrieval
 from circuits.methods.decoding import Decodable, greedy_decode, left_pad, pad_id, prompt_rows
 from circuits.methods.heads import check_heads
 from circuits.methods.hf_runner import HFRunner
@@ -71,11 +69,6 @@ Method = Literal["uniform", "zero"]
 Prefill = Literal["masked", "shared"]
 Head = tuple[int, int]
 VANILLA_ALPHA = 0.5
-# interp.cli's --workspace option (not imported from there: `python -m interp.cli` would load
-# that module twice).
-WorkspaceOpt = Annotated[
-    Path | None, typer.Option("--workspace", "-w", help="results workspace (default: ./.interp or $INTERP_WORKSPACE)")
-]
 
 
 # ---------------------------------------------------------------- settings
@@ -448,7 +441,7 @@ def retrieval_ranking(
     Returns the ranking (best first) and a record: mode, metrics and warnings of the run.
     """
     cfg = RetrievalDetector.parse_params({"mode": mode, **(overrides or {})})
-    ranking, summary = rank_heads(model, cfg)
+    ranking, summary = ranked_by_retrieval(model, cfg)
     scores = [float(h["score"]) for h in summary.heads or []]
     record = {"mode": summary.variant, "params": cfg.to_dict(), "warnings": summary.warnings,
               "metrics": _record_metrics(summary.metrics), "scores": scores}

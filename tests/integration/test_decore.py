@@ -15,6 +15,7 @@ from circuits.detectors import decore_eval as ev
 from circuits.methods.decore import decore_generate, decore_score, default_k, greedy_generate
 from interp.cli import main as cli_main
 from interp.model.loaded import LoadedModel
+from interp.runs.runner import finalized
 from interp.runs.store import FINAL_UNIT, Store
 
 pytestmark = pytest.mark.integration
@@ -69,8 +70,8 @@ def run_units(det: Any, model: LoadedModel, params: dict[str, Any]) -> Any:
     parts: dict[str, list[pd.DataFrame]] = {}
     for u in det.units(model, params):
         for table, df in det.run_unit(model, params, u).tables.items():
-            parts.setdefault(table, []).append(df.assign(unit=u))
-    return det.finalize(model, params, {t: pd.concat(v, ignore_index=True) for t, v in parts.items()})
+            parts.setdefault(table, []).append(df.assign(unit=u.key))
+    return finalized(model, det, params, {t: pd.concat(v, ignore_index=True) for t, v in parts.items()})
 
 
 def test_eval_detector_memotrap_small(smol: LoadedModel) -> None:
@@ -83,7 +84,8 @@ def test_eval_detector_memotrap_small(smol: LoadedModel) -> None:
     assert bool((table["n_test"] == 3).all())
     assert bool((table["n_validation"] == 3).all())
     # The control's heads lie outside the top 4 of the given ranking.
-    ctrl = det.run_unit(smol, params, "memotrap/control-entropy/k2").tables["artifacts"]
+    [case] = [u for u in det.units(smol, params) if u.key == "memotrap/control-entropy/k2"]
+    ctrl = det.run_unit(smol, params, case).tables["artifacts"]
     drawn = json.loads(ctrl["json"].iloc[0])["heads"]
     assert len(drawn) == 2
     assert not {tuple(h) for h in drawn} & set(HEADS)
