@@ -1,39 +1,58 @@
-"""Workspace overview: models and runs in the store, background jobs, and a form to start one."""
+"""Workspace overview: models and runs in the store, background jobs, and a form to start one.
+
+A workspace without a store yet (``interp app`` on a new one) opens on the form: the first run
+started there creates the store.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import dashboard as dash
-import jobs
-import uploads
-
+from app import dashboard as dash
+from app import jobs, progress, uploads
+from app.routing import page_lines
 from interp.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from interp.runs.store import Store
 
 dash.setup("overview")
 st.title("interp-workbench")
 ws = dash.workspace()
 st.caption(f"workspace: `{ws}`")
 
-store = dash.store()
-if store is None:
-    st.stop()
+store = None
+if dash.has_store():
+    store = dash.store()
+    if store is None:  # a store that cannot be opened: the error is shown
+        st.stop()
 
 LOCAL = "local folder..."
 FILE_PARAM = re.compile(r"file|path|dataset|facts")
 
 
 # -- jobs -------------------------------------------------------------------------------------
+
+
+def _job_progress(job: jobs.Job) -> None:
+    """The job's runs in the store: units committed of each run's total."""
+    s = dash.existing_store()  # None until the job's CLI has created the store
+    runs = progress.job_progress(s, job) if s is not None else []
+    if not runs:
+        st.progress(0.0, text="loading the model (no run stored yet)...")
+    for p in runs:
+        st.progress(p.fraction, text=p.text)
+    if len(job.detectors) > 1:
+        finished = sum(p.status == "done" for p in runs)
+        st.caption(f"{finished} of {len(job.detectors)} detectors finished")
 
 
 def _job_panel() -> None:
@@ -49,11 +68,7 @@ def _job_panel() -> None:
                 head += f" · {job.finished_at - job.started_at:.0f} s"
             st.markdown(head)
             if job.active:
-                if job.progress:
-                    desc, done, total = job.progress
-                    st.progress(done / total if total else 0.0, text=f"{desc}: {done}/{total} units")
-                else:
-                    st.progress(0.0, text="loading the model...")
+                _job_progress(job)
                 if st.button("stop", key=f"stop-{job.id}"):
                     jobs.stop(ws, job.id)
             elif job.status == "done":
@@ -74,11 +89,7 @@ st.fragment(_job_panel, run_every=2.0 if any_active else None)()
 
 # -- models and runs --------------------------------------------------------------------------
 
-runs = dash.runs(store)
-st.subheader("runs")
-if runs.empty:
-    st.info("no runs stored yet: start one below, or run `interp scan` with this workspace")
-else:
+def _runs_section(store: Store, runs: pd.DataFrame) -> None:
     provs = [json.loads(p) if p else {} for p in runs["provenance_json"]]
     runs = runs.assign(
         source=[p.get("source", "") for p in provs],
@@ -107,6 +118,16 @@ else:
             st.caption(f"code version {row['code_version']} · key {str(row['key'])[:16]}...")
         _tables, warnings, _final = dash.run_tables(store, row)
         dash.show_warnings(warnings)
+
+
+st.subheader("runs")
+if store is None:
+    st.info("no runs stored yet: start one below (the first run creates this workspace's results store), "
+            "or run `interp scan` with this workspace")
+elif (stored := dash.runs(store)).empty:
+    st.info("no runs stored yet: start one below, or run `interp scan` with this workspace")
+else:
+    _runs_section(store, stored)
 
 
 # -- start a run ------------------------------------------------------------------------------
@@ -160,8 +181,8 @@ def _param_input(det_name: str, p: Any) -> Any:
     return st.text_input(label, value="" if p.default is None else str(p.default), help=p.help, key=key)
 
 
-def _start(argv: list[str], label: str) -> None:
-    _job, started = jobs.launch(ws, argv, label)
+def _start(argv: list[str], label: str, detectors: list[str]) -> None:
+    _job, started = jobs.launch(ws, argv, label, detectors)
     st.session_state["jobs_active"] = True
     st.session_state["start-message"] = ("started" if started else "already running") + f": {label}"
     # A full rerun, so the job panel refreshes itself while the job runs.
@@ -239,7 +260,7 @@ if mode == "single detector" and registry:
                     argv += [f"--{p.name.replace('_', '-')}", str(v).lower() if isinstance(v, bool) else p.format(v)]
             if fresh:
                 argv.append("--fresh")
-            _start(argv, f"{det_name} on {Path(model).name}")
+            _start(argv, f"{det_name} on {Path(model).name}", [det_name])
         except UserError as exc:
             st.error(str(exc))
 elif mode == "scan" and registry:
@@ -259,13 +280,13 @@ elif mode == "scan" and registry:
             if not chosen:
                 raise UserError("choose at least one detector")
             _start(["scan", "--model", model, "--prefix", prefix, "--detectors", ",".join(chosen), *_placement_args()],
-                   f"scan ({', '.join(chosen)}) on {Path(model).name}")
+                   f"scan ({', '.join(chosen)}) on {Path(model).name}", chosen)
         except UserError as exc:
             st.error(str(exc))
 
 st.divider()
 st.caption(
-    "  \n".join([*dash.page_lines(registry),
+    "  \n".join([*page_lines(registry),
                  "**Atlas**: the papers' claims x models and every model's top heads by relative depth "
                  "— `interp atlas`",
                  "Every view reads the store; nothing is recomputed except the live forms."])

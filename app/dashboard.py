@@ -1,9 +1,11 @@
-"""What the dashboard's pages share: the workspace, store reads, the model cache, and generic
-rendering of a run's stored tables (any detector, known now or added later).
+"""What the dashboard's pages share: the workspace, store reads, the runs each page lists, the
+model cache, and generic rendering of a run's stored tables (any detector, known now or added
+later).
 
 Stored views never touch a model: they read the store (cached per run and last update) and
 plot with :mod:`interp.figures`. The model is loaded only for on-demand computations, once per
-(name, dtype, device, backend) in a bounded ``st.cache_resource``.
+(name, dtype, device, backend) in a bounded ``st.cache_resource``. The dashboard never creates
+a store: a workspace without one shows the Home page's run form, and the first run creates it.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 import streamlit as st
 
+from app import progress
+from app.routing import Page, declared_routes, route_of
 from interp import figures
 from interp.errors import UserError
-from interp.runs.store import FINAL_UNIT, RESERVED_UNITS, TABLES, WARNINGS_UNIT
+from interp.runs.store import DB_NAME, FINAL_UNIT, RESERVED_UNITS, TABLES, WARNINGS_UNIT
 
 if TYPE_CHECKING:
     import numpy as np
@@ -29,76 +32,8 @@ if TYPE_CHECKING:
     from interp.model.loaded import LoadedModel
     from interp.runs.store import Store
 
-APP_DIR = Path(__file__).resolve().parent
 WORKSPACE_ENV = "INTERP_WORKSPACE"
 PLOTLY_CONFIG = {"displaylogo": False}
-
-
-@dataclass(frozen=True)
-class Page:
-    """A page of the dashboard: what it shows, which stored runs it lists, what fills it.
-
-    ``accepts(detector, output)`` decides whether a run of that detector is listed on the page
-    (output is None for a detector this installation no longer knows). The pages filter their runs
-    with it, the Home page's caption and a test read it: after ``interp scan`` every page must
-    list a run of the default scan."""
-
-    title: str
-    shows: str
-    fill: str  # the command that fills it beyond the scan
-    accepts: Callable[[str, str | None], bool]
-
-    def detectors(self, outputs: Mapping[str, str]) -> list[str]:
-        """The registered detectors (name -> output) whose runs the page lists."""
-        return [name for name, output in outputs.items() if self.accepts(name, output)]
-
-
-# Detector names the Conflicts page lists (substrings): conflict heads, PH3 pruning, DeCoRe...
-CONFLICT_KEYWORDS = ("conflict", "ph3", "prun", "decore", "memory", "context", "scal")
-PAGES: dict[str, Page] = {
-    "Head maps": Page(
-        "Head maps", "layer x head heatmaps of head detectors; a head's scores, curves and attention",
-        "`interp run <detector>`",
-        # Head detectors, plus any detector no longer registered (its tables decide what shows).
-        lambda name, output: (output or "head_scores") == "head_scores"),
-    "Causal tracing": Page(
-        "Causal tracing", "ROME token x layer maps of known facts, bucket averages, live tracing",
-        "`interp run causal-trace --limit N`",
-        lambda name, output: output == "token_layer" or "trac" in name),
-    "Conflicts": Page(
-        "Conflicts", "memory/context rates and memory vs context heads; PH3 and DeCoRe, stored and live",
-        "`interp run conflict-heads`, `interp run ph3`, `interp run decore-eval`",
-        lambda name, output: any(k in name.lower() for k in CONFLICT_KEYWORDS)),
-    "Compare": Page(
-        "Compare", "one detector across two runs or models, heads placed by relative depth",
-        "the same detector on another model or with other parameters",
-        lambda name, output: True),
-}
-
-
-def page_lines(detectors: Mapping[str, Any]) -> list[str]:
-    """One line per page for the Home page: what it shows and which command fills it, with the
-    default-scan detectors it lists and their scan parameters (``detectors``: name -> class)."""
-    outputs = {name: str(cls.output) for name, cls in detectors.items()}
-    lines = []
-    for page in PAGES.values():
-        scanned = [n for n in page.detectors(outputs) if detectors[n].in_default_scan]
-        parts = [n + (": " + ", ".join(f"{k} {v}" for k, v in detectors[n].scan_params.items())
-                      if detectors[n].scan_params else "") for n in scanned]
-        if len(scanned) > 1 and len(scanned) == sum(bool(d.in_default_scan) for d in detectors.values()):
-            parts = ["any of its detectors"]
-        scan = f"`interp scan` ({'; '.join(parts)})" if parts else "not filled by `interp scan`"
-        lines.append(f"**{page.title}**: {page.shows} — {scan} or {page.fill}")
-    return lines
-
-
-def run_url(detector: str, output: str | None, run_id: int) -> str:
-    """The relative URL of the page that shows a run of ``detector`` (the first page listing it,
-    Compare aside; the Home page's run details otherwise), with the run preselected."""
-    for page in PAGES.values():
-        if page.title != "Compare" and page.accepts(detector, output):
-            return f"./{page.title.replace(' ', '_')}?run={run_id}"
-    return f"./?run={run_id}"
 
 
 def subset(frame: pd.DataFrame, mask: Any) -> pd.DataFrame:
@@ -115,16 +50,28 @@ def workspace() -> Path:
     return (Path(env) if env else Path.cwd() / ".interp").expanduser().resolve()
 
 
+def has_store() -> bool:
+    """Whether the workspace has a results store yet (the first run creates it)."""
+    return (workspace() / DB_NAME).is_file()
+
+
 @st.cache_resource(max_entries=4, show_spinner=False)
 def _store(path: str) -> Store:
     from interp.runs.store import Store
 
     # One connection per workspace and server process; the Store serialises its own use.
-    return Store(path)
+    # create=False: reading never creates a store (a failed open is not cached, so the store
+    # opens once the first run has made it).
+    return Store(path, create=False)
 
 
 def store() -> Store | None:
-    """The workspace's store, or None after showing why it cannot be opened."""
+    """The workspace's store, or None after showing why there is none: no store yet (an info:
+    start a run on the Home page) or one that cannot be opened (an error)."""
+    if not has_store():
+        st.info(f"no runs stored yet in `{workspace()}`: start one on the Home page "
+                "(or run `interp scan` with this workspace)")
+        return None
     try:
         return _store(str(workspace()))
     except UserError as exc:
@@ -132,21 +79,33 @@ def store() -> Store | None:
         return None
 
 
-@st.cache_data(max_entries=1, show_spinner=False)
-def detector_outputs() -> dict[str, str]:
-    """Each registered detector's output ({} when the detector modules fail to load:
-    the pages then decide by the stored tables alone)."""
-    from interp.runs.registry import all_detectors
-
+def existing_store() -> Store | None:
+    """The workspace's store, or None, silently, while there is none or it cannot be opened
+    (a job's panel asks before the job's CLI has created it)."""
     try:
-        return {name: cls.output for name, cls in all_detectors().items()}
-    except Exception:
-        return {}
+        return _store(str(workspace())) if has_store() else None
+    except UserError:
+        return None
 
 
 def runs(s: Store) -> pd.DataFrame:
     """The runs table, newest first (read fresh on every render: status changes)."""
     return s.runs()
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _settings(ws: str, run_id: int, updated_at: str) -> dict[str, Any]:
+    return progress.run_settings(_store(ws), run_id)
+
+
+def runs_on(page: Page, s: Store, frame: pd.DataFrame) -> pd.DataFrame:
+    """The runs of ``frame`` that ``page`` lists, by their detector's declared route (the
+    settings' recorded output for a detector this installation does not have)."""
+    routes = declared_routes()
+    keep = [page.accepts(route_of(str(r["detector"]), routes, {} if r["detector"] in routes
+                                  else _settings(str(s.workspace), int(r["id"]), str(r["updated_at"]))))
+            for r in frame.to_dict("records")]
+    return subset(frame, keep)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -283,7 +242,12 @@ def show_run_header(row: Mapping[str, Any], final: bool) -> None:
     cols[0].metric("detector", str(row["detector"]))
     cols[1].metric("variant", str(row["variant"]))
     cols[2].metric("status", str(row["status"]))
-    cols[3].metric("units", int(row.get("n_units") or 0))
+    s = existing_store()
+    units = progress.run_progress(s, int(row["id"]), str(row["detector"]), str(row["status"])) if s else None
+    # Units done of the total the run recorded (its own units: the runner's settings, final
+    # and warnings aside).
+    cols[3].metric("units", "—" if units is None else (f"{units.done}/{units.total}" if units.total is not None
+                                                       else str(units.done)))
     dur = row.get("duration_s")
     cols[4].metric("duration", "—" if dur is None or pd.isna(dur) else f"{float(dur):.1f} s")
     if row["status"] == "failed" and row.get("error"):
@@ -413,7 +377,7 @@ def curve_axes_of(detector: str | None) -> dict[str, tuple[str, str]]:
         cls = all_detectors().get(str(detector))
     except Exception:  # a broken plugin module must not take the page down
         return {}
-    return dict(getattr(cls, "curve_axes", None) or {}) if cls is not None else {}
+    return dict(cls.curve_axes) if cls is not None else {}
 
 
 def show_curves(frame: pd.DataFrame, *, key: str, detector: str | None = None) -> None:

@@ -4,8 +4,9 @@ A job is a JSON file in ``<workspace>/jobs/``; the process runs this file as a s
 (``python app/jobs.py <job file>``), which runs the CLI with its output in the job's log and
 writes ``<id>.rc`` when the CLI exits. The state therefore lives on disk, not in a browser
 session: a reload (or a restarted dashboard) finds the job again, and the same command is not
-started twice while it runs. Progress is read from the CLI's progress bar in the log; the
-results themselves go to the store unit by unit, as with any CLI run.
+started twice while it runs. The results go to the store unit by unit, as with any CLI run,
+and so does the progress: :mod:`app.progress` reads the job's runs there (the job records which
+detectors it runs; the log is only read for the CLI's error line).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 JOBS_DIR = "jobs"
-# tqdm's line: "<desc>:  50%|#####     | 1/2 [00:01<00:01, 1.2unit/s]"
-_PROGRESS = re.compile(r"(?:^|[\r\n])([^\r\n]*?):\s*\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)")
 # Popen handles of jobs started by this process, polled so finished children are reaped.
 _CHILDREN: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -43,8 +42,8 @@ class Job:
     status: str  # running | done | failed | lost
     returncode: int | None
     finished_at: float | None
-    progress: tuple[str, int, int] | None  # (description, done, total) of the latest bar
     error: str | None
+    detectors: tuple[str, ...] = ()  # the detectors it runs, in order: its runs in the store
 
     @property
     def active(self) -> bool:
@@ -94,15 +93,6 @@ def _tail(path: Path, n_bytes: int = 20_000) -> str:
         return ""
 
 
-def parse_progress(text: str) -> tuple[str, int, int] | None:
-    """The latest (description, done, total) of a tqdm bar in a log, or None."""
-    matches = _PROGRESS.findall(text)
-    if not matches:
-        return None
-    desc, done, total = matches[-1]
-    return desc.strip(), int(done), int(total)
-
-
 def error_line(text: str) -> str | None:
     """The CLI's one-line error (``error: ...``/``internal error: ...``), else the last line."""
     lines = [ln.strip() for ln in re.split(r"[\r\n]+", text) if ln.strip()]
@@ -133,7 +123,6 @@ def _read(path: Path) -> Job | None:
             returncode, finished_at = int(rc["returncode"]), float(rc["finished_at"])
         except (OSError, ValueError, KeyError, TypeError):
             returncode = None
-    tail = _tail(log)
     if returncode is not None:
         status = "done" if returncode == 0 else "failed"
     elif pid > 0 and _alive(pid):
@@ -142,7 +131,7 @@ def _read(path: Path) -> Job | None:
         status = "lost"
     error = None
     if status == "failed":
-        error = error_line(tail) or f"exit code {returncode}"
+        error = error_line(_tail(log)) or f"exit code {returncode}"
     elif status == "lost":
         error = "the job's process ended without reporting (killed?); rerun it to resume"
     return Job(
@@ -155,14 +144,16 @@ def _read(path: Path) -> Job | None:
         status=status,
         returncode=returncode,
         finished_at=finished_at,
-        progress=parse_progress(tail),
         error=error,
+        detectors=tuple(str(d) for d in meta.get("detectors", ())),
     )
 
 
 def list_jobs(workspace: Path) -> list[Job]:
-    """All jobs of the workspace, newest first."""
-    jobs = [j for p in jobs_dir(workspace).glob("*.json") if (j := _read(p)) is not None]
+    """All jobs of the workspace, newest first (none, and nothing created, in a workspace
+    where no job was started yet)."""
+    folder = Path(workspace) / JOBS_DIR
+    jobs = [j for p in folder.glob("*.json") if (j := _read(p)) is not None] if folder.is_dir() else []
     return sorted(jobs, key=lambda j: j.started_at, reverse=True)
 
 
@@ -172,8 +163,11 @@ def get_job(workspace: Path, job_id: str) -> Job | None:
     return _read(jobs_dir(workspace) / f"{job_id}.json")
 
 
-def launch(workspace: Path, argv: Sequence[str], label: str | None = None) -> tuple[Job, bool]:
-    """Start ``interp <argv> --workspace <workspace>`` in the background.
+def launch(
+    workspace: Path, argv: Sequence[str], label: str | None = None, detectors: Sequence[str] = ()
+) -> tuple[Job, bool]:
+    """Start ``interp <argv> --workspace <workspace>`` in the background; ``detectors``: those
+    it runs, in order (its progress is read from their runs in the store).
 
     Returns (job, started): when the same command is already running, that job and False.
     """
@@ -189,6 +183,7 @@ def launch(workspace: Path, argv: Sequence[str], label: str | None = None) -> tu
             "id": job_id,
             "argv": full,
             "label": label or " ".join(argv),
+            "detectors": list(detectors),
             "pid": 0,
             "started_at": time.time(),
         }

@@ -45,13 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     inp = tracing.prepare(model, args.prompt, args.subject, args.answer)
     noise = 3 * tracing.subject_embedding_std(model, [f.subject for f in load_facts()])
     kw = {"noise_std": noise, "samples": args.samples, "seed": 1, "window": args.window}
-    _, _, clean = tracing.clean_and_corrupted(model, inp, noise_std=noise, samples=args.samples, seed=1, kinds=tracing.KINDS)
+    _, _, clean = tracing.clean_and_corrupted(model, inp, noise_std=noise, samples=args.samples, seed=1, kinds=tracing.RESTORABLE)
     # Cells spread over kinds, subject-and-after tokens and layers.
     grid = [
         tracing.Cell(k, t, layer)
         for t in range(inp.subject_range[0], inp.n_tokens)
         for layer in range(model.info.n_layers)
-        for k in tracing.KINDS
+        for k in tracing.RESTORABLE
     ]
     step = max(1, len(grid) // args.cells) if args.cells else 1
     cells = grid[::step][: args.cells or None]

@@ -94,7 +94,7 @@ def main() -> None:
         "n_prompts": n_prompts,
         "seq_len": int(conflict.shape[1]),
         "n_cases": n_cases,
-        "variant": res.variant,
+        "intervention": res.intervention,
         "baseline": "transformer_lens.patching on TransformerBridge (one forward per head)",
         "engine_s": e,
         "baseline_s": b,

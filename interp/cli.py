@@ -19,11 +19,25 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from interp.console import err, fail_line, out
 from interp.errors import UserError
-from interp.options import DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, SchedulerOpt, WorkersOpt
+from interp.options import (
+    BackendOpt,
+    ClusterOptions,
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxMemoryOpt,
+    ModelOpt,
+    ModelOptions,
+    PrefixOpt,
+    SchedulerOpt,
+    WorkersOpt,
+    WorkspaceOpt,
+)
 
 # typer >= 0.2x vendors click (typer._click) and raises its own exception classes; older typer
 # raises click's. Both kinds are caught, so a bad option is a one-line error either way.
@@ -54,44 +68,14 @@ app = typer.Typer(
     help="interp-workbench: find the parts of a language model that carry memory.",
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-out = Console()
-
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo name, local HF folder or hub id")]
-WorkspaceOpt = Annotated[
-    Path | None, typer.Option("--workspace", "-w", help="results workspace (default: ./.interp or $INTERP_WORKSPACE)")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="hook backend: bridge or nnsight")]
-PrefixOpt = Annotated[
-    str,
-    typer.Option(
-        "--prefix",
-        help="token raw-text prompts start with: auto (the model's document separator, never a "
-        "chat-turn marker), none, or a token such as '<|endoftext|>'",
-    ),
-]
 
 
-def model_spec(model: str, backend: str, prefix: str, device: str, dtype: str, device_map: str | None,
-               max_memory: str | None) -> Any:
-    """The model the options name, its placement checked before anything is created or loaded."""
-    from interp.model.loading import Placement
-    from interp.model.spec import ModelSpec
-
-    Placement.parse(device, dtype, device_map, max_memory)
-    return ModelSpec(name=model, backend=backend, prefix=prefix, device=device, dtype=dtype,
-                     device_map=device_map, max_memory=max_memory)
-
-
-def executor_for(spec: Any, workers: int | None, scheduler: str | None) -> Any:
-    """The executor of --workers / --scheduler (serial without them), its cluster announced."""
-    from interp.runs.executors import make_executor
-
-    executor = make_executor(workers, scheduler, spec)
-    if executor.name != "serial":
-        err.print(f"[dim]units computed on {executor.describe()}[/dim]", highlight=False)
-    return executor
+def _model_and_cluster(model: ModelOptions, cluster: ClusterOptions) -> Any:
+    """The model's loading recipe, the model and cluster options checked before anything is
+    created (a workspace, a store, a worker process) or loaded."""
+    spec = model.check()
+    cluster.check([spec])
+    return spec
 
 
 # What _quiet_libraries changed, undone by _restore_libraries (--verbose; end of main()).
@@ -133,10 +117,7 @@ def _global_options(
         _restore_libraries()
 
 
-def _fail(prefix: str, message: str) -> None:
-    """One line on stderr, never wrapped: scripts grep it."""
-    sys.stderr.write(f"{prefix}: {' '.join(str(message).split())}\n")
-    sys.stderr.flush()
+_fail = fail_line
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -154,16 +135,19 @@ def _json_default(o: Any) -> Any:
 
 def open_store(workspace: Path | None, *, create: bool = True) -> Any:
     """The workspace's store. Only commands that write results create one (``create``); readers
-    get a one-line error for a workspace with no store, and create nothing."""
+    open it read-only: a one-line error for a workspace with no store or a file that is no
+    workbench store, and nothing is written."""
     from interp.runs.store import Store
 
-    return Store(workspace, create=create)
+    return Store(workspace, create=create, read_only=not create)
 
 
 def _load(spec: Any) -> Any:
     where = spec.device if spec.device_map is None else f"device map {spec.device_map}"
     err.print(f"[dim]loading {spec.name} ({spec.backend} backend, {spec.dtype}, {where})...[/dim]")
-    return spec.load()
+    from interp.model.load import load_spec
+
+    return load_spec(spec)
 
 
 TERMINAL_COLUMNS = 80
@@ -361,18 +345,18 @@ def _scan_runs(loaded: Any, names: list[str], store: Any, fresh: bool, executor:
 
 @app.command()
 def scan(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = ModelOptions.model,
     detectors: Annotated[
         str | None, typer.Option("--detectors", "-d", help="comma-separated detectors (default: the default scan)")
     ] = None,
     workspace: WorkspaceOpt = None,
-    backend: BackendOpt = "bridge",
-    prefix: PrefixOpt = "auto",
+    backend: BackendOpt = ModelOptions.backend,
+    prefix: PrefixOpt = ModelOptions.prefix,
     top: Annotated[int, typer.Option(help="rows of each head table")] = 10,
     fresh: Annotated[bool, typer.Option("--fresh", help="start new runs instead of resuming")] = False,
     as_json: JsonOpt = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = ModelOptions.device,
+    dtype: DtypeOpt = ModelOptions.dtype,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     workers: WorkersOpt = None,
@@ -392,8 +376,9 @@ def scan(
         names = default_scan()
     for n in names:
         registry[n].parse_params(registry[n].scan_params)  # every detector checked before loading anything
-    spec = model_spec(model, backend, prefix, device, dtype, device_map, max_memory)
-    with executor_for(spec, workers, scheduler) as executor:
+    cluster = ClusterOptions(workers, scheduler)
+    spec = _model_and_cluster(ModelOptions(model, backend, prefix, device, dtype, device_map, max_memory), cluster)
+    with cluster.executor(spec) as executor:
         store = open_store(workspace)
         loaded = _load(spec)
         results, skipped = _scan_runs(loaded, names, store, fresh, executor, as_json, top)
@@ -432,15 +417,15 @@ def _parse_extra(args: list[str]) -> dict[str, Any]:
 def run(
     ctx: typer.Context,
     detector: Annotated[str, typer.Argument(help="detector name (see `interp detectors`)")],
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = ModelOptions.model,
     workspace: WorkspaceOpt = None,
-    backend: BackendOpt = "bridge",
-    prefix: PrefixOpt = "auto",
+    backend: BackendOpt = ModelOptions.backend,
+    prefix: PrefixOpt = ModelOptions.prefix,
     top: Annotated[int, typer.Option(help="rows of the head table")] = 15,
     fresh: Annotated[bool, typer.Option("--fresh", help="start a new run instead of resuming")] = False,
     as_json: JsonOpt = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = ModelOptions.device,
+    dtype: DtypeOpt = ModelOptions.dtype,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     workers: WorkersOpt = None,
@@ -453,8 +438,9 @@ def run(
     det = get_detector(detector)
     params = _parse_extra(list(ctx.args))
     det.parse_params(params)  # fail on bad parameters before loading anything
-    spec = model_spec(model, backend, prefix, device, dtype, device_map, max_memory)
-    with executor_for(spec, workers, scheduler) as executor:
+    cluster = ClusterOptions(workers, scheduler)
+    spec = _model_and_cluster(ModelOptions(model, backend, prefix, device, dtype, device_map, max_memory), cluster)
+    with cluster.executor(spec) as executor:
         store = open_store(workspace)
         loaded = _load(spec)
         result = run_detector(loaded, detector, params, store, resume=not fresh, executor=executor)
@@ -467,21 +453,57 @@ def run(
 @app.command()
 def runs(workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
     """List the runs stored in a workspace."""
-    store = open_store(workspace, create=False)
-    df = store.runs()
+    with open_store(workspace, create=False) as store:
+        df = store.runs()
+        path = store.path
     if as_json:
         _emit({"runs": json.loads(df.to_json(orient="records"))})
         return
     if df.empty:
         out.print("no runs stored yet")
         return
-    table = Table(title=f"runs in {store.path}")
+    table = Table(title=f"runs in {path}")
     cols = [c for c in ("id", "detector", "variant", "model", "status", "n_units", "duration_s", "created_at") if c in df]
     for c in cols:
         table.add_column(c)
     for _, r in df.iterrows():
         table.add_row(*[f"{r[c]:.1f}" if c == "duration_s" and r[c] == r[c] and r[c] is not None else str(r[c]) for c in cols])
     out.print(table)
+
+
+@app.command("heads")
+def heads_command(
+    run_id: Annotated[int, typer.Argument(help="run id (see `interp runs`)")],
+    top: Annotated[int | None, typer.Option("--top", help="the first K heads (default: all)")] = None,
+    role: Annotated[str | None, typer.Option(
+        "--role", help="memory or context: that kind of heads only (conflict-heads and ph3 runs)")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="refuse the run unless it is of this model (zoo name, folder or hub id)")] = None,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The ranked heads of a stored head-scoring run, as LAYER.HEAD ids for --heads."""
+    from interp.runs.heads import heads
+
+    if role is not None and role not in ("memory", "context"):
+        raise UserError(f"--role must be memory or context, got {role!r}")
+    found = heads(workspace, run_id, top=top, role=role, model=model)
+    if as_json:
+        _emit(found.to_dict())
+        return
+    kind = f"{role} heads" if role else "heads"
+    shown = f"{len(found)} of {found.n_ranked}" if len(found) < found.n_ranked else f"all {found.n_ranked}"
+    out.print(f"run {found.run_id}: {found.detector} ({found.variant})", markup=False, highlight=False)
+    out.print(f"model {found.model}, {found.dtype}, prompt prefix {found.prefix}", markup=False,
+              highlight=False, soft_wrap=True)
+    out.print(f"{kind} ranked by {found.metric} ({shown})", markup=False, highlight=False)
+    table = Table()
+    for name in ("rank", "head", "score"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for i, (head_id, score) in enumerate(zip(found.ids, found.scores, strict=True), 1):
+        table.add_row(str(i), head_id, _cell(score))
+    out.print(table)
+    out.print(f"--heads {found.heads_option()}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -496,8 +518,8 @@ def export(
     from interp.runs.store import check_export_format
 
     check_export_format(fmt)  # bad arguments first, then a missing store
-    store = open_store(workspace, create=False)
-    files = store.export(run_id, out_dir, fmt=fmt)
+    with open_store(workspace, create=False) as store:
+        files = store.export(run_id, out_dir, fmt=fmt)
     if as_json:
         _emit({"files": [str(f) for f in files]})
     else:
@@ -506,12 +528,16 @@ def export(
 
 
 def _add_plugin_commands() -> None:
-    from interp.runs.registry import all_commands
+    """The plug-ins' commands, and one line on stderr for each plug-in that failed to load (the
+    commands that need none of its detectors work without it)."""
+    from interp.runs.registry import all_commands, plugin_failures
 
     existing = {c.name for c in app.registered_commands}
     for name, fn in all_commands().items():
         if name not in existing:
             app.command(name)(fn)
+    for why in plugin_failures():
+        _fail("warning", why)
 
 
 def main(argv: list[str] | None = None) -> None:

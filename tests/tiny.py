@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -181,3 +184,14 @@ def run_cli(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, s
         code = int(exc.code or 0)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@contextlib.contextmanager
+def no_hooks_left(model: Any) -> Iterator[None]:
+    """For tests: assert that a block leaves no forward hooks on the HF modules of ``model``
+    (a LoadedModel or anything with its HF module as ``.hf``)."""
+    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.hf.modules())
+    yield
+    after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.hf.modules())
+    if after != before:
+        raise AssertionError(f"{after - before} hooks left on the model")

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import streamlit as st
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import dashboard as dash
-
+from app import dashboard as dash
+from app.routing import PAGES
 from interp import figures
 from interp.errors import UserError
 
@@ -28,9 +23,8 @@ if runs.empty:
     st.stop()
 
 
-outputs = dash.detector_outputs()
-# Head detectors, plus any detector no longer registered (its tables decide what shows).
-head_runs = dash.subset(runs, [dash.PAGES["Head maps"].accepts(str(d), outputs.get(str(d))) for d in runs["detector"]])
+# Head detectors, plus runs whose output is unknown (their tables decide what shows).
+head_runs = dash.runs_on(PAGES["Head maps"], store, runs)
 if head_runs.empty:
     st.info("no head-detector runs in this workspace")
     st.stop()
@@ -97,8 +91,7 @@ if curves is not None and {"layer", "head"} <= set(curves.columns):
 
 others = dash.head_in_other_runs(store, runs, row, layer, head)
 for rr in [row, *(o for o, _, _ in others)]:
-    if rr["detector"] != "retrieval":
-        continue
+    # Runs that stored per-sample retrieval scores with their needle samples (retrieval's).
     examples = dash.retrieval_examples(store, rr, layer, head)
     if len(examples):
         st.markdown(f"**retrieval examples of L{layer}H{head}** ({dash.run_label(rr)}): "

@@ -4,48 +4,46 @@ next to greedy. Computation lives in circuits.detectors.ph3 and circuits.methods
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import streamlit as st
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import dashboard as dash
-
+from app import dashboard as dash
+from app.routing import PAGES
 from circuits.detectors import ph3
 from circuits.detectors.conflict_heads import rates_figure
 from circuits.methods import decore
 from circuits.methods.heads import parse_heads
 from interp.errors import UserError
+from interp.runs.store import Store
 
 dash.setup("conflicts and interventions")
 st.title("Conflicts and interventions")
-store = dash.store()
-if store is None:
-    st.stop()
 
-runs = dash.runs(store)
-# The page lists runs by detector name (dash.PAGES), known to this installation or not.
-mine = dash.subset(runs, [dash.PAGES["Conflicts"].accepts(str(d), None) for d in runs["detector"]])
+
+def _stored_runs(store: Store) -> None:
+    # Knowledge-conflict detectors and every intervention, as their detectors declare.
+    mine = dash.runs_on(PAGES["Conflicts"], store, dash.runs(store))
+    if mine.empty:
+        st.info("no conflict or intervention runs in this workspace yet")
+        return
+    row = dash.select_run(mine, key="cf-run")
+    if row is None:
+        return
+    tables, warnings, final = dash.run_tables(store, row)
+    dash.show_warnings(warnings)
+    dash.show_run_header(row, final)
+    metrics = tables.get("metrics")
+    if metrics is not None:
+        rates = dash.subset(metrics, metrics["name"].str.contains("rate", case=False, na=False))
+        if len(rates):
+            st.markdown("**memory / context rates**")
+            dash.show_metrics(rates)
+    dash.show_tables(tables, key=f"cf-{row['id']}", primary=str(row["detector"]), detector=str(row["detector"]))
+
 
 st.subheader("stored runs")
-if mine.empty:
-    st.info("no conflict or intervention runs in this workspace yet")
-else:
-    row = dash.select_run(mine, key="cf-run")
-    if row is not None:
-        tables, warnings, final = dash.run_tables(store, row)
-        dash.show_warnings(warnings)
-        dash.show_run_header(row, final)
-        metrics = tables.get("metrics")
-        if metrics is not None:
-            rates = dash.subset(metrics, metrics["name"].str.contains("rate", case=False, na=False))
-            if len(rates):
-                st.markdown("**memory / context rates**")
-                dash.show_metrics(rates)
-        dash.show_tables(tables, key=f"cf-{row['id']}", primary=str(row["detector"]), detector=str(row["detector"]))
+# Without a store yet (a new workspace), the live interventions below still work.
+if (store := dash.store()) is not None:
+    _stored_runs(store)
 
 st.divider()
 st.subheader("interventions, live")
@@ -114,7 +112,7 @@ if dc_go:
             alpha = decore.parse_alpha(dc_alpha.strip())
             with st.spinner("decoding (base and masked model in one batch per step)..."):
                 greedy = decore.greedy_generate(model, [dc_prompt], max_new_tokens=int(dc_tokens))[0]
-                contrast = decore.decore_generate(model, [dc_prompt], heads, alpha, max_new_tokens=int(dc_tokens))[0]
+                contrast = decore.decore_generate(model, model.tokenizer, [dc_prompt], heads, alpha, max_new_tokens=int(dc_tokens))[0]
             st.caption(f"{len(heads)} heads masked with uniform attention; alpha = {dc_alpha.strip()}")
             left, right = st.columns(2)
             left.markdown("**greedy**")

@@ -3,17 +3,11 @@ normalised layer depth so that models of different depth line up, and the differ
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pandas as pd
 import streamlit as st
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import dashboard as dash
-
+from app import dashboard as dash
+from app.routing import declared_routes
 from interp import figures
 from interp.errors import UserError
 
@@ -33,11 +27,11 @@ if not detectors:
 
 # First choice: a detector with two runs to compare, else a head detector (charts, not only a
 # metrics table: after a first scan each detector has one run).
-outputs = dash.detector_outputs()
+routes = declared_routes()
 run_detectors = [str(d) for d in runs["detector"]]
 first = next((i for i, d in enumerate(detectors) if run_detectors.count(d) >= 2), None)
 if first is None:
-    first = next((i for i, d in enumerate(detectors) if outputs.get(d) == "head_scores"), 0)
+    first = next((i for i, d in enumerate(detectors) if d in routes and routes[d].output == "head_scores"), 0)
 detector = st.selectbox("detector", detectors, index=first, key="cmp-detector")
 mine = dash.subset(runs, runs["detector"] == detector)
 if len(mine) < 2:

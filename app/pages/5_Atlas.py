@@ -5,18 +5,14 @@ axis. It reads the workspace's ``atlas.json`` (written by the last ``interp atla
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import dashboard as dash
-
+from app import dashboard as dash
+from app.routing import UNKNOWN, declared_routes, run_url
 from interp import figures
 
 VERDICT_WORD = {"holds": "yes", "does not hold": "no", "not measurable": "n.m."}
@@ -35,7 +31,7 @@ except (OSError, json.JSONDecodeError) as exc:
 
 models = list(atlas["models"])
 labels = {m: str(atlas["models"][m].get("label") or Path(m).name) for m in models}
-outputs = dash.detector_outputs()
+routes = declared_routes()
 st.caption(f"{len(models)} models · top-{atlas['top']} head sets · written by `interp atlas` to {path}")
 
 
@@ -50,7 +46,7 @@ def cell(claim: dict[str, Any], model: str) -> str:
     if "run_id" not in run:
         return text
     det = claim["detectors"][0]
-    return f"[{text}]({dash.run_url(det, outputs.get(det), int(run['run_id']))})"
+    return f"[{text}]({run_url(routes.get(det, UNKNOWN), int(run['run_id']))})"
 
 
 def md(text: str) -> str:

@@ -48,7 +48,7 @@ def top_sets(res: ModelResults, top: int) -> dict[str, list[Mapping[str, Any]]]:
             continue
         heads = _scored(s.heads)
         if set_name in ("memory", "context"):
-            heads = [h for h in heads if h.get("kind") == set_name]
+            heads = [h for h in heads if h.get("role") == set_name]
         # Memory heads have the largest memory score, context heads the most negative one.
         heads = sorted(heads, key=lambda h: h["score"], reverse=set_name != "context")
         if heads:
@@ -163,7 +163,7 @@ def claim_ph3_beats_random(res: ModelResults, top: int) -> dict[str, Any]:
     if s is None:
         return _verdict(None, None, _why_missing(res, "ph3"))
     m = s.metrics
-    formats = sorted({k.split(".")[3] for k in m if k.startswith("test.unpruned.conflict.")})
+    formats = m.get("formats", [])
     gains = []
     for f in formats:
         after = m.get(f"test.prune-memory.conflict.{f}.context_rate")

@@ -35,11 +35,24 @@ import typer
 from rich.table import Table
 
 from circuits.atlas.claims import FAILS, HOLDS, NM, ModelResults, _scored, summarize
-from interp.cli import JsonOpt, PrefixOpt, WorkspaceOpt, err, executor_for, model_spec, open_store, out
+from interp.console import err, out
 from interp.errors import UserError
-from interp.options import DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, SchedulerOpt, WorkersOpt
-from interp.runs.executors import check_cluster_options
+from interp.model.load import load_spec
+from interp.options import (
+    ClusterOptions,
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxMemoryOpt,
+    ModelOptions,
+    PrefixOpt,
+    SchedulerOpt,
+    WorkersOpt,
+    WorkspaceOpt,
+)
 from interp.runs.registry import Summary, all_detectors, command
+from interp.runs.store import Store
 
 DEFAULT_DETECTORS = (
     "induction", "copying", "cmr", "retrieval", "retrieval-masking", "conflict-heads", "ph3", "decore-eval",
@@ -107,25 +120,30 @@ def atlas_params(name: str, summaries: Mapping[str, Summary] | None = None) -> d
 
 
 def resolve_models(raw: str | None) -> list[str]:
-    """Zoo names and local folders of a supported architecture; anything else is a one-line error."""
-    from interp.model.loading import check_architecture
+    """Each model once, by its one name (:func:`~interp.model.loading.resolve_model_name`: a
+    folder spelled two ways, relative or absolute, or the zoo's cached folder of a zoo model, is
+    one model), zoo names and local folders of a supported architecture only; anything else is a
+    one-line error. A name given twice is said once on stderr and run once."""
+    from interp.model.loading import check_architecture, resolve_model_name
     from interp.model.zoo import ZOO
 
-    names = _split(raw) if raw is not None else list(ZOO)
-    if not names:
+    given = _split(raw) if raw is not None else list(ZOO)
+    if not given:
         raise UserError("--models names no model")
-    for n in names:
-        if n in ZOO:
-            continue
-        path = Path(n).expanduser()
-        if not path.is_dir():
-            what = "no such folder" if path.exists() or "/" in n or n.startswith(".") else "unknown model"
-            raise UserError(f"{what} {n!r} (zoo: {', '.join(ZOO)}; or an existing local model folder)")
+    names: dict[str, list[str]] = {}
+    for n in given:
+        one = resolve_model_name(n)
+        if one not in ZOO and not Path(one).is_dir():
+            raise UserError(f"unknown model {n!r} (zoo: {', '.join(ZOO)}; or an existing local model folder)")
+        names.setdefault(one, []).append(n)
+    for one, spellings in names.items():
+        if len(spellings) > 1:
+            err.print(f"[dim]{', '.join(spellings)}: one model ({one}), run once[/dim]", highlight=False)
     # A folder the workbench cannot hook is refused now, not after the models before it ran.
     for n in names:
         if n not in ZOO:
-            check_architecture(Path(n).expanduser())
-    return names
+            check_architecture(Path(n))
+    return list(names)
 
 
 def _labels(models: Sequence[str]) -> dict[str, str]:
@@ -138,34 +156,11 @@ def _labels(models: Sequence[str]) -> dict[str, str]:
 # ------------------------------------------------------------------------------ running
 
 
-def reuse_finished(model: Any, name: str, params: Mapping[str, Any], store: Any) -> Any:
-    """The RunResult of a finished run of this detector with its scan parameters on this model,
-    re-finalized from the stored units (no unit recomputed), or None. The runner never resumes a
-    finished run (asking again means a rerun), so the atlas looks it up by its key first."""
-    from interp.runs.registry import get_detector
-    from interp.runs.runner import RunResult, unit_rows
-    from interp.runs.store import TABLES, key_context, run_key
-
-    det = get_detector(name)
-    cfg = det.parse_params(params)
-    key = run_key(model=model.name, model_hash=model.provenance.file_sha256 or "", detector=det.name,
-                  variant=det.variant(cfg), params=cfg.to_dict(), dataset_hash=det.dataset_hash(model, cfg),
-                  seed=cfg.get("seed"), **key_context(model.provenance.to_dict()))
-    run = store.find_run(key, "done")
-    if run is None:
-        return None
-    t0 = time.perf_counter()
-    units = det.units(model, cfg)
-    summary = det.finalize(model, cfg, {t: unit_rows(run.results(t), units) for t in TABLES})
-    return RunResult(run_id=run.id, summary=summary, resumed_units=len(units), computed_units=0,
-                     seconds=time.perf_counter() - t0)
-
-
 def _run_model(model: Any, detectors: Sequence[str], store: Any, fresh: bool, bar: Any, executor: Any = None
                ) -> tuple[ModelResults, dict[str, dict[str, Any]]]:
     """Every detector on one loaded model; a detector the model cannot feed (UserError) is
     recorded as not measurable and the atlas goes on."""
-    from interp.runs.runner import run_detector
+    from interp.runs.runner import find_or_run, run_detector
 
     summaries: dict[str, Summary] = {}
     missing: dict[str, str] = {}
@@ -174,10 +169,10 @@ def _run_model(model: Any, detectors: Sequence[str], store: Any, fresh: bool, ba
         bar.set_description(f"{name} on {model.name}")
         try:
             params = atlas_params(name, summaries)
-            result = None if fresh else reuse_finished(model, name, params, store)
-            if result is None:
-                result = run_detector(model, name, params, store, resume=not fresh, progress=False,
-                                      executor=executor)
+            if fresh:
+                result = run_detector(model, name, params, store, resume=False, progress=False, executor=executor)
+            else:  # a finished run is reused, an interrupted one resumed
+                result = find_or_run(model, name, params, store, progress=False, executor=executor)
         except UserError as exc:
             missing[name] = " ".join(str(exc).split())
             runs[name] = {"not_measurable": missing[name]}
@@ -356,12 +351,12 @@ def atlas(
     detectors: Annotated[str | None, typer.Option(
         "--detectors", "-d", help=f"comma-separated detectors (default: {', '.join(DEFAULT_DETECTORS)})")] = None,
     workspace: WorkspaceOpt = None,
-    prefix: PrefixOpt = "auto",
+    prefix: PrefixOpt = ModelOptions.prefix,
     top: Annotated[int, typer.Option("--top", help="k of the top-k head sets")] = 10,
     fresh: Annotated[bool, typer.Option("--fresh", help="start new runs instead of reusing finished ones")] = False,
     as_json: JsonOpt = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = ModelOptions.device,
+    dtype: DtypeOpt = ModelOptions.dtype,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     workers: WorkersOpt = None,
@@ -373,12 +368,12 @@ def atlas(
 
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
-    check_cluster_options(workers, scheduler)
-    # Everything is checked before the store is created or a model loaded.
-    dets = resolve_detectors(detectors)
-    names = resolve_models(models)
-    specs = {n: model_spec(n, "bridge", prefix, device, dtype, device_map, max_memory) for n in names}
-    store = open_store(workspace)
+    # Everything is checked before the store is created or a model loaded: the detectors, the
+    # models, their placement and the cluster (a scheduler must answer now, not after the first model).
+    dets, names = resolve_detectors(detectors), resolve_models(models)
+    specs = {n: ModelOptions(n, "bridge", prefix, device, dtype, device_map, max_memory).check() for n in names}
+    (cluster := ClusterOptions(workers, scheduler)).check(list(specs.values()))
+    store = Store(workspace)
     results: dict[str, ModelResults] = {}
     runs: dict[str, dict[str, Any]] = {}
     info: dict[str, dict[str, Any]] = {}
@@ -387,8 +382,8 @@ def atlas(
             bar.set_description(f"loading {name}")
             t0 = time.perf_counter()
             # The workers (--workers, --scheduler) load this model; one model at a time.
-            with PeakRSS() as peak, executor_for(specs[name], workers, scheduler) as executor:
-                loaded = specs[name].load()
+            with PeakRSS() as peak, cluster.executor(specs[name]) as executor:
+                loaded = load_spec(specs[name])
                 load_s = time.perf_counter() - t0
                 results[name], runs[name] = _run_model(loaded, dets, store, fresh, bar, executor)
                 info[name] = {"name": loaded.name, "provenance": loaded.provenance.to_dict(),

@@ -21,37 +21,23 @@ from circuits.methods.decore import (
     retrieval_ranking,
 )
 from circuits.methods.heads import parse_heads, ranking_from_summary
-from interp.cli import WorkspaceOpt
 from interp.errors import StoreError, UserError
+from interp.model.load import load_spec
 from interp.model.loaded import LoadedModel
-from interp.options import DeviceOpt, DtypeOpt
+from interp.options import (
+    BackendOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    ModelOptions,
+    PrefixOpt,
+    WorkspaceOpt,
+    check_prompts,
+)
 from interp.runs.registry import command
-from interp.runs.runner import run_detector
-from interp.runs.store import FINAL_UNIT, Store
-
-
-def _retrieval_variant(mode: str) -> str:
-    det = RetrievalDetector()
-    return det.variant(det.parse_params({"mode": mode}))
-
-
-def _same_model(model_name: Any, model_hash: Any, model: LoadedModel) -> bool:
-    """A stored run is of ``model``: the same weights hash, or, for a model without one (a
-    model object, some local folders), the same name and no hash."""
-    want = model.provenance.file_sha256 or ""
-    stored = model_hash if isinstance(model_hash, str) else ""  # None (or NaN) when unknown
-    if want:
-        return stored == want
-    return not stored and str(model_name) == model.name
-
-
-def _same_prefix(provenance_json: Any, model: LoadedModel) -> bool:
-    try:
-        stored = json.loads(provenance_json).get("prefix") if isinstance(provenance_json, str) else None
-    except (ValueError, AttributeError):
-        return False
-    # Through JSON, as the store keeps it (tuples become lists).
-    return stored == json.loads(json.dumps(model.prefix.to_dict()))
+from interp.runs.runner import find_or_run
+from interp.runs.store import Store
 
 
 def parse_ranking_params(items: Sequence[str], mode: str = "fast") -> dict[str, Any]:
@@ -71,49 +57,6 @@ def parse_ranking_params(items: Sequence[str], mode: str = "fast") -> dict[str, 
     return {name: parsed[name] for name in raw}
 
 
-def stored_ranking(
-    store: Store, model: LoadedModel, mode: str = "fast", params: Mapping[str, Any] | None = None
-) -> tuple[list[Head], dict[str, Any]] | None:
-    """The head ranking of a finished retrieval run of ``model`` in ``store``, or None.
-
-    A run counts when it is 'done', of the same model (weights hash, else name) and made with
-    the same prompt prefix, its parameters agree with ``params`` (parsed values as JSON, as
-    :func:`parse_ranking_params` gives them; those not given are free), and its final table holds a ranking (a run with no correctly answered sample has
-    none). Of those the newest run of ``mode``'s variant is taken, else the newest of any mode.
-    The ranking is the run's final ``head_scores`` (unit "final", metric "retrieval": the mean
-    retrieval score over the counted samples), best first, ties by (layer, head) as the
-    detector orders them.
-    """
-    rows: list[dict[str, Any]] = store.runs().to_dict("records")
-    want = _retrieval_variant(mode)
-    fallback: tuple[list[Head], dict[str, Any]] | None = None
-    for row in sorted(rows, key=lambda r: -int(r["id"])):  # newest first
-        if row["detector"] != RetrievalDetector.name or row["status"] != "done":
-            continue
-        if not (_same_model(row["model"], row["model_hash"], model) and _same_prefix(row["provenance_json"], model)):
-            continue
-        run_params = json.loads(str(row["params_json"])) if row["params_json"] else {}
-        if any(run_params.get(name) != value for name, value in (params or {}).items()):
-            continue
-        final = store.run(int(row["id"])).to_frame("head_scores", FINAL_UNIT)
-        scored = sorted(
-            (-float(v), int(la), int(h))
-            for metric, la, h, v in zip(final["metric"], final["layer"], final["head"], final["value"], strict=True)
-            if metric == "retrieval"
-        )
-        if not scored:
-            continue
-        ranking = [(la, h) for _, la, h in scored]
-        record = {"source": "stored run", "run_id": int(row["id"]), "workspace": str(store.workspace),
-                  "mode": str(row["variant"]), "params": run_params, "created_at": str(row["created_at"]),
-                  "scores": [-v for v, _, _ in scored]}
-        if row["variant"] == want:
-            return ranking, record
-        if fallback is None:
-            fallback = ranking, record
-    return fallback
-
-
 def _stderr_line(line: str) -> None:
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
@@ -129,11 +72,12 @@ def workspace_ranking(
     """Retrieval ranking of ``model`` through a workspace's store (``workspace``: None is
     ./.interp or $INTERP_WORKSPACE, as for every command).
 
-    A stored run that :func:`stored_ranking` accepts is reused. Otherwise the retrieval detector
-    runs now (mode ``mode``, the detector's defaults but for ``params``) as a run of the store,
-    so the next call reuses it; where the workspace cannot be written it runs in memory
-    (:func:`retrieval_ranking`) and nothing is stored. Each step is said on ``log``. The record's
-    ``source`` is "stored run", "computed now" (with the new ``run_id``) or "in memory".
+    The finished retrieval run with mode ``mode`` and ``params`` (the detector's defaults for the
+    rest) is reused, else one of the other mode with the same parameters (and it says so), else
+    the detector runs now and is stored, so the next call reuses it (:func:`find_or_run`); where
+    the workspace cannot be written it runs in memory (:func:`retrieval_ranking`) and nothing is
+    stored. Each step is said on ``log``. The record's ``source`` is "stored run", "computed
+    now" or "in memory".
     """
     log = log or _stderr_line
     try:
@@ -145,40 +89,35 @@ def workspace_ranking(
             log(f"WARNING {w}")
         return ranking, {"source": "in memory", "run_id": None, "workspace": None, **record}
     ws = store.workspace.resolve()
+    other = "faithful" if mode == "fast" else "fast"
     try:
-        found = stored_ranking(store, model, mode, params)
-        if found is not None:
-            ranking, record = found
-            if record["mode"] == _retrieval_variant(mode):
-                log(f"using retrieval run {record['run_id']} ({record['mode']}) from {ws}")
-            else:
-                log(f"using retrieval run {record['run_id']} ({record['mode']}) from {ws}: the newest finished "
-                    f"one of {model.name}; none is {_retrieval_variant(mode)}")
-            return ranking, {**record, "workspace": str(ws)}
-        log(f"no finished retrieval run of {model.name} with this prompt prefix in {ws}; computing one "
-            f"({_retrieval_variant(mode)}) and storing it there")
-        result = run_detector(model, RetrievalDetector.name, {"mode": mode, **(params or {})}, store)
+        result = find_or_run(model, RetrievalDetector.name, {"mode": mode, **(params or {})}, store,
+                             accept=[{"mode": other, **(params or {})}])
         summary = result.summary
         if not summary.heads:
-            raise UserError(f"retrieval ranking ({mode}, run {result.run_id} in {ws}) is empty: no needle "
-                            f"sample was answered correctly; pass heads explicitly")
-        for w in summary.warnings:
-            log(f"WARNING {w}")
-        log(f"stored as retrieval run {result.run_id} in {ws}")
-        ranking = ranking_from_summary(summary)
-        run_params = store.run(result.run_id).info()["params"]
-        record = {"source": "computed now", "run_id": result.run_id, "workspace": str(ws),
-                  "mode": summary.variant, "params": run_params, "warnings": summary.warnings,
-                  "metrics": _record_metrics(summary.metrics),
-                  "scores": [float(h["score"]) for h in summary.heads]}
-        return ranking, record
+            raise UserError(f"retrieval ranking ({summary.variant}, run {result.run_id} in {ws}) is empty: no "
+                            f"needle sample was answered correctly; pass heads explicitly")
+        wanted = RetrievalDetector().variant(RetrievalDetector.parse_params({"mode": mode}))
+        if result.reused:
+            note = "" if summary.variant == wanted else f": the finished one of {model.name}; none is {wanted}"
+            log(f"using retrieval run {result.run_id} ({summary.variant}) from {ws}{note}")
+        else:
+            for w in summary.warnings:
+                log(f"WARNING {w}")
+            log(f"stored as retrieval run {result.run_id} in {ws}")
+        info = store.run(result.run_id).info()
+        record = {"source": "stored run" if result.reused else "computed now", "run_id": result.run_id,
+                  "workspace": str(ws), "mode": summary.variant, "params": info["params"],
+                  "created_at": info.get("created_at"), "warnings": summary.warnings,
+                  "metrics": _record_metrics(summary.metrics), "scores": [float(h["score"]) for h in summary.heads]}
+        return ranking_from_summary(summary), record
     finally:
         store.close()
 
 
 @command("decore")
 def decore_cli(
-    model: Annotated[str, typer.Option("--model", "-m", help="zoo name, local HF folder or hub id")] = "smollm2-135m",
+    model: ModelOpt = ModelOptions.model,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="prompt (repeat for a batch)")] = None,
     heads: Annotated[str, typer.Option("--heads", help="heads to mask: L.H,L.H,... (instead of a ranking)")] = "",
     k: Annotated[int, typer.Option(
@@ -199,29 +138,28 @@ def decore_cli(
     prefill: Annotated[str, typer.Option("--prefill", help="masked (own cache) or shared (the reference's generate)")] = "masked",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="length limit")] = 32,
     stop_at_newline: Annotated[bool, typer.Option("--stop-at-newline", help="stop at a newline token")] = False,
-    backend: Annotated[str, typer.Option("--backend", help="hook backend (the KV cache needs bridge)")] = "bridge",
-    prefix: Annotated[str, typer.Option("--prefix", help="token prompts start with: auto, none or a token")] = "auto",
-    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    backend: BackendOpt = ModelOptions.backend,
+    prefix: PrefixOpt = ModelOptions.prefix,
+    json_out: JsonOpt = False,
+    device: DeviceOpt = ModelOptions.device,
+    dtype: DtypeOpt = ModelOptions.dtype,
 ) -> None:
     """DeCoRe decoding next to greedy decoding; masks --heads, or the top-k retrieval heads (see --k)."""
     # The masked heads are --heads, or the top-k of a retrieval ranking: a finished retrieval
     # run of the model in the workspace, else one computed now and stored there (in memory where
     # the workspace cannot be written): workspace_ranking. k is --k, else default_k.
-    import interp
 
     # Every option is checked before the model is loaded (only head indices and --k against
     # the model's head count need it).
-    if not prompt:
-        raise UserError("give at least one --prompt")
+    prompt = check_prompts(prompt or [])
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     settings = DecoreSettings(alpha=alpha, normalize_entropy=normalize_entropy,  # type: ignore[arg-type]
                               alpha_cap=alpha_cap or None, method=method, prefill=prefill)  # type: ignore[arg-type]
     overrides = _checked_head_options(heads, k, ranking_mode, ranking_param or [])
+    spec = ModelOptions(model, backend, prefix, device, dtype).check()
     sys.stderr.write(f"loading {model}...\n")
-    m = interp.load_model(model, backend=backend, prefix=prefix, device=device, dtype=dtype)
+    m = load_spec(spec)
     masked, ranking_record = _masked_heads(m, heads, k, ranking_mode, workspace, overrides)
     dec = _generate(m, prompt, masked, settings, max_new_tokens, stop_at_newline, True, 16, contrast=True)
     greedy = _generate(m, prompt, [], settings, max_new_tokens, stop_at_newline, True, 16, contrast=False)

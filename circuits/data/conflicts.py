@@ -242,6 +242,40 @@ def _typed(fact: Fact) -> Fact:
     return fact
 
 
+def _conflict_items(
+    model: LoadedModel, facts: Sequence[Fact], known: Sequence[Fact], rng: random.Random, equal_tokens: bool
+) -> tuple[list[ConflictItem], dict[str, int]]:
+    """One conflict item per known fact, its context answer drawn (with ``rng``) from the answers
+    of the facts of its type whose first token differs from the memory answer's, preferring the
+    memory answer's token count; the facts without such an answer counted as skipped."""
+    pool: dict[str, list[str]] = {}
+    for f in facts:
+        names = pool.setdefault(f.type, [])
+        if f.answer.strip() not in names:
+            names.append(f.answer.strip())
+    tok_cache: dict[str, list[int]] = {}
+
+    def toks(a: str) -> list[int]:
+        if a not in tok_cache:
+            tok_cache[a] = answer_tokens(model, a)
+        return tok_cache[a]
+
+    items: list[ConflictItem] = []
+    skipped = {"no_substitute": 0}
+    for f in sorted(known, key=lambda x: x.key):
+        mem = toks(f.answer)
+        cands = [a for a in pool[f.type] if a.lower() != f.answer.strip().lower() and toks(a)[0] != mem[0]]
+        same_len = [a for a in cands if len(toks(a)) == len(mem)]
+        if equal_tokens:
+            cands = same_len
+        if not cands:
+            skipped["no_substitute"] += 1
+            continue
+        ctx = rng.choice(same_len or cands)
+        items.append(make_item(model, f, ctx, require_equal_token_count=equal_tokens))
+    return items, skipped
+
+
 def build_dataset(
     model: LoadedModel,
     facts: Sequence[Fact] | None = None,
@@ -271,31 +305,7 @@ def build_dataset(
     table = known_facts(model, candidates, answer_mode="first", batch_size=batch_size)
     known = [f for f, k in zip(candidates, table["known"], strict=True) if k]
     rng = random.Random(seed)
-    pool: dict[str, list[str]] = {}
-    for f in facts:
-        names = pool.setdefault(f.type, [])
-        if f.answer.strip() not in names:
-            names.append(f.answer.strip())
-    tok_cache: dict[str, list[int]] = {}
-
-    def toks(a: str) -> list[int]:
-        if a not in tok_cache:
-            tok_cache[a] = answer_tokens(model, a)
-        return tok_cache[a]
-
-    items: list[ConflictItem] = []
-    skipped = {"no_substitute": 0}
-    for f in sorted(known, key=lambda x: x.key):
-        mem = toks(f.answer)
-        cands = [a for a in pool[f.type] if a.lower() != f.answer.strip().lower() and toks(a)[0] != mem[0]]
-        same_len = [a for a in cands if len(toks(a)) == len(mem)]
-        if require_equal_token_count:
-            cands = same_len
-        if not cands:
-            skipped["no_substitute"] += 1
-            continue
-        ctx = rng.choice(same_len or cands)
-        items.append(make_item(model, f, ctx, require_equal_token_count=require_equal_token_count))
+    items, skipped = _conflict_items(model, facts, known, rng, require_equal_token_count)
     rng.shuffle(items)
     if max_items > 0:
         items = items[:max_items]

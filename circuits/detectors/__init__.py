@@ -15,6 +15,7 @@ from circuits.detectors import (
     knockout,
     lag_crp,
     ph3,
+    rankings,
     retrieval,
     retrieval_masking,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "knockout",
     "lag_crp",
     "ph3",
+    "rankings",
     "retrieval",
     "retrieval_masking",
 ]

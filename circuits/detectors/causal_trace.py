@@ -45,12 +45,16 @@ import pandas as pd
 from circuits.detectors.facts_detector import KNOWN_METRICS, FactsConfig, _FactsDetector, _per_unit
 from circuits.methods.tracing import (
     BUCKETS,
-    KINDS,
-    Kind,
+    RESTORABLE,
+    PromptTrace,
+    Restored,
     average_buckets,
+    heatmap_figure,
     joined_trace,
+    prepare,
     prepare_fact,
     subject_embedding_std,
+    trace_fact,
     trace_part,
 )
 from interp.errors import UserError
@@ -59,6 +63,7 @@ from interp.runs import tables
 from interp.runs.config import SEED_MAX, param
 from interp.runs.registry import Summary, UnitResult, get_detector, register
 from interp.runs.runner import run_in_memory
+from interp.runs.units import Part, Unit
 
 if TYPE_CHECKING:
     pass
@@ -91,7 +96,7 @@ class CausalTraceConfig(FactsConfig):
                                 low=0, low_open=True)
     noise: float = param(0.0, "absolute noise std; overrides noise_factor when > 0", low=0)
     window: int = param(10, "layer window of the MLP and attention restorations (ROME: 10)", low=1)
-    kinds: tuple[Kind, ...] = param(KINDS, "what to restore: comma-separated subset of state, mlp, attn")
+    kinds: tuple[Restored, ...] = param(RESTORABLE, "what to restore: comma-separated subset of state, mlp, attn")
     seed: int = param(1, "seed of the noise draw", low=0, high=SEED_MAX)
     memory_mb: float = param(512.0, "memory budget of one forward pass (chunks the stacked restorations)",
                              low=0, low_open=True)
@@ -99,7 +104,7 @@ class CausalTraceConfig(FactsConfig):
     def check(self) -> None:
         super().check()
         if not self.kinds:
-            raise UserError(f"kinds must be a comma-separated subset of {', '.join(KINDS)}, got none")
+            raise UserError(f"kinds must be a comma-separated subset of {', '.join(RESTORABLE)}, got none")
 
 
 def _fact_effects(
@@ -181,29 +186,42 @@ class CausalTraceDetector(_FactsDetector[CausalTraceConfig]):
         )
         return cfg.noise_factor * std, std
 
-    def run_unit(self, model: LoadedModel, cfg: CausalTraceConfig, unit: str) -> UnitResult:
-        if unit == "known":
+    def trace_prompt(
+        self, model: LoadedModel, cfg: CausalTraceConfig, prompt: str, subject: str, answer: str
+    ) -> PromptTrace:
+        """Trace one prompt as a run with ``cfg`` traces a fact (same noise: ``cfg.noise``, else
+        noise_factor x the std of the facts file's subjects; samples, window, kinds, seed), with
+        a heatmap of restored p(answer) per kind. UserError for a subject not in the prompt."""
+        inp = prepare(model, prompt, subject, answer)
+        result = trace_fact(model, inp, noise_std=self.noise_std(model, cfg)[0], samples=cfg.samples,
+                            window=cfg.window, seed=cfg.seed, kinds=cfg.kinds, memory_mb=cfg.memory_mb)
+        return PromptTrace(result, {kind: heatmap_figure(result, kind) for kind in cfg.kinds})
+
+    def run_unit(self, model: LoadedModel, cfg: CausalTraceConfig, unit: Unit) -> UnitResult:
+        if unit.group == "known":
             noise, std = self.noise_std(model, cfg)
             res = self._known_unit(model, cfg)
             extra = {"noise_std": noise} | ({} if std is None else {"subject_embedding_std": std})
             res.tables["metrics"] = pd.concat([res.tables["metrics"], tables.metrics(extra, n=1)], ignore_index=True)
             return res
-        return self.join_parts(model, cfg, unit, [self.run_part(model, cfg, unit, "cells-0-of-1")])
+        return super().run_unit(model, cfg, unit)
 
     # A fact's trace splits by cells: each part recomputes the base run (one forward pass) and
     # restores its share of the (kind, token, layer) cells; the driver joins them.
-    def split_unit(self, model: LoadedModel, cfg: CausalTraceConfig, unit: str, n: int) -> list[str]:
-        return [] if unit == "known" or n < 2 else [f"cells-{i}-of-{n}" for i in range(n)]
-
-    def run_part(self, model: LoadedModel, cfg: CausalTraceConfig, unit: str, part: str) -> dict[str, Any]:
-        _, i, _, n = part.split("-")
+    def max_parts(self, model: LoadedModel, cfg: CausalTraceConfig, unit: Unit) -> int:
+        if unit.group == "known":
+            return 1
         inp = prepare_fact(model, self._fact_of(model, cfg, unit))
+        return len(cfg.kinds) * inp.n_tokens * model.info.n_layers
+
+    def run_part(self, model: LoadedModel, cfg: CausalTraceConfig, part: Part) -> dict[str, Any]:
+        inp = prepare_fact(model, self._fact_of(model, cfg, part.unit))
         return trace_part(model, inp, noise_std=self.noise_std(model, cfg)[0], samples=cfg.samples,
                           window=cfg.window, seed=cfg.seed, kinds=cfg.kinds, memory_mb=cfg.memory_mb,
-                          part=int(i), n_parts=int(n))
+                          part=part.index, n_parts=part.count)
 
     def join_parts(
-        self, model: LoadedModel, cfg: CausalTraceConfig, unit: str, parts: Sequence[Any]
+        self, model: LoadedModel, cfg: CausalTraceConfig, unit: Unit, parts: Sequence[Any]
     ) -> UnitResult:
         noise, _ = self.noise_std(model, cfg)
         fact = self._fact_of(model, cfg, unit)
@@ -220,7 +238,7 @@ class CausalTraceDetector(_FactsDetector[CausalTraceConfig]):
             "n_tokens": inp.n_tokens,
             "n_answer_tokens": inp.n_answer_tokens,
         }
-        if unit == "fact":
+        if unit.index is None:
             metrics["known"] = self._single_known(model, fact, cfg)
         doc = {
             **fact.to_dict(),
@@ -250,10 +268,7 @@ class CausalTraceDetector(_FactsDetector[CausalTraceConfig]):
         summary["noise_std"] = float(per_unit[fact_units[0]]["noise_std"])
         table = _bucket_averages(effects, cfg.kinds, summary)
         summary.update(samples=cfg.samples, window=cfg.window, answer_mode=cfg.answer_mode)
-        return Summary(
-            detector=self.name,
-            variant=self.variant(cfg),
-            metrics=summary,
+        return Summary(metrics=summary,
             warnings=sorted(set(warnings)),
             tables={"token_layer": table, "metrics": tables.metrics(summary, n=len(fact_units))},
         )

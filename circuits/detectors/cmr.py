@@ -144,10 +144,7 @@ class CMRDetector(_LagCRPBase[CMRConfig]):
             for r in ranked
             for m in ("cmr_distance", "beta_enc", "beta_rec", "gamma_ft", "crp_plus1", "asymmetry", "primacy", "recency")
         ]
-        return Summary(
-            detector=self.name,
-            variant=self.variant(cfg),
-            heads=heads,
+        return Summary(heads=heads,
             metrics=_finite(metrics),
             warnings=warnings,
             tables={

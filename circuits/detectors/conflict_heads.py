@@ -65,6 +65,7 @@ from interp.model.loaded import LoadedModel
 from interp.runs import tables
 from interp.runs.config import param
 from interp.runs.registry import Detector, Summary, UnitResult, register
+from interp.runs.units import Part, Unit
 
 
 def rank_agreement(a: pd.Series, b: pd.Series, top: int = 10) -> dict[str, float]:
@@ -250,7 +251,7 @@ def _head_rows(wide: pd.DataFrame) -> list[dict[str, Any]]:
             "layer": int(r["layer"]),
             "head": int(r["head"]),
             "score": float(r["memory_score"]),
-            "kind": "memory" if float(r["memory_score"]) > 0 else "context",
+            "role": "memory" if float(r["memory_score"]) > 0 else "context",
             **{c: float(r[c]) for c in score_cols},
         }
         for r in wide.to_dict("records")
@@ -281,7 +282,8 @@ class ConflictHeadsDetector(Detector[ConflictHeadsConfig]):
         "logits (Jin et al. 2024), per-answer direct effects, optional total-effect patching"
     )
     output = "head_scores"
-    head_columns: ClassVar[dict[str, str]] = {"kind": "kind", "path_delta": "path", "dla_diff": "dla", "total_delta": "total",
+    knowledge_conflict = True
+    head_columns: ClassVar[dict[str, str]] = {"role": "role", "path_delta": "path", "dla_diff": "dla", "total_delta": "total",
                     "path_delta_memory_logit": "mem logit", "path_delta_context_logit": "ctx logit"}
     # The default scan patches a seeded subset of 16 known items (8 validation, 8 test) instead of
     # 80, so the Conflicts page has memory/context rates and head maps after the first scan.
@@ -315,25 +317,21 @@ class ConflictHeadsDetector(Detector[ConflictHeadsConfig]):
     def example_tokens(self, model: LoadedModel, cfg: ConflictHeadsConfig) -> torch.Tensor | None:
         return example_tokens(model, cfg)
 
-    def units(self, model: LoadedModel, cfg: ConflictHeadsConfig) -> list[str]:
-        return list(cfg.formats)
-
-    def run_unit(self, model: LoadedModel, cfg: ConflictHeadsConfig, unit: str) -> UnitResult:
-        return self.join_parts(model, cfg, unit, [self.run_part(model, cfg, unit, "items-0-of-1")])
+    def units(self, model: LoadedModel, cfg: ConflictHeadsConfig) -> list[Unit]:
+        return [Unit("format", i, label=fmt) for i, fmt in enumerate(cfg.formats)]
 
     # A format's unit splits by validation items: each part path-patches its share of the items;
     # the first also scores the answer rates and the total effects. The driver averages them.
-    def split_unit(self, model: LoadedModel, cfg: ConflictHeadsConfig, unit: str, n: int) -> list[str]:
-        n = min(n, len(self.dataset(model, cfg).split("validation")))
-        return [] if n < 2 else [f"items-{i}-of-{n}" for i in range(n)]
+    def max_parts(self, model: LoadedModel, cfg: ConflictHeadsConfig, unit: Unit) -> int:
+        return len(self.dataset(model, cfg).split("validation"))
 
-    def run_part(self, model: LoadedModel, cfg: ConflictHeadsConfig, unit: str, part: str) -> dict[str, Any]:
-        fmt, (_, i, _, n) = unit, part.split("-")
+    def run_part(self, model: LoadedModel, cfg: ConflictHeadsConfig, part: Part) -> dict[str, Any]:
+        fmt = cfg.formats[int(part.unit.index or 0)]
         ds = self.dataset(model, cfg)
         val = ds.split("validation")
-        share = np.array_split(np.arange(len(val)), int(n))[int(i)]
+        share = np.array_split(np.arange(len(val)), part.count)[part.index]
         out: dict[str, Any] = {"effects": head_effects(model, [val[j] for j in share], fmt, cfg.batch_size)}
-        if int(i) == 0:
+        if part.index == 0:
             metrics: list[tuple[str, float, float | None, float | None, int | None]] = []
             for split in ("validation", "test"):
                 r = rates(score_items(model, ds.split(split), fmt, batch_size=cfg.batch_size))
@@ -344,8 +342,8 @@ class ConflictHeadsDetector(Detector[ConflictHeadsConfig]):
                 out["total"] = total_effects(model, val[: cfg.total_items], fmt)
         return out
 
-    def join_parts(self, model: LoadedModel, cfg: ConflictHeadsConfig, unit: str, parts: Sequence[Any]) -> UnitResult:
-        fmt, first = unit, parts[0]
+    def join_parts(self, model: LoadedModel, cfg: ConflictHeadsConfig, unit: Unit, parts: Sequence[Any]) -> UnitResult:
+        fmt, first = cfg.formats[int(unit.index or 0)], parts[0]
         n_val = len(self.dataset(model, cfg).split("validation"))
         effects = pd.concat([p["effects"] for p in parts], ignore_index=True)
         per_item = effects.groupby("item").size()
@@ -379,10 +377,7 @@ class ConflictHeadsDetector(Detector[ConflictHeadsConfig]):
         split = ds.split_record()
         split_metrics, warnings = _dataset_metrics(ds, cfg.seed, split)
         metrics.update(split_metrics)
-        return Summary(
-            detector=self.name,
-            variant=self.variant(cfg),
-            heads=_head_rows(wide),
+        return Summary(heads=_head_rows(wide),
             metrics=metrics,
             warnings=warnings,
             tables={

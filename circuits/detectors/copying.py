@@ -12,13 +12,14 @@ import torch
 from jaxtyping import Float
 
 from circuits.detectors.induction import INDUCTION_THRESHOLD, head_scores_from_patterns
-from circuits.detectors.lag_crp import _col, _finite
+from circuits.detectors.lag_crp import _finite
 from interp.model.layout import tensor_of, unwrap
 from interp.model.loaded import LoadedModel
 from interp.model.tokens import repeated_random_tokens
-from interp.runs import tables
 from interp.runs.config import SEED_MAX, DetectorConfig, param
-from interp.runs.registry import Detector, Summary, UnitResult, register
+from interp.runs.head_scores import HeadMeans, HeadScoreDetector, UnitScores
+from interp.runs.registry import register
+from interp.runs.units import Unit
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -94,13 +95,14 @@ class CopyingConfig(DetectorConfig):
 
 
 @register
-class CopyingDetector(Detector[CopyingConfig]):
+class CopyingDetector(HeadScoreDetector[CopyingConfig]):
     name = "copying"
     description = "OV copying score (eigenvalues, low-rank) of every head next to its prefix-matching score"
-    output = "head_scores"
-    head_columns: ClassVar[dict[str, str]] = {"copying": "copying", "induction_head": "induction head"}
+    head_columns: ClassVar[dict[str, str]] = {"prefix_matching": "prefix-match", "induction_head": "induction head"}
     in_default_scan = True
     Config = CopyingConfig
+    score = "copying"
+    fields = ("copying", "prefix_matching")
 
     def variant(self, cfg: CopyingConfig) -> str:
         return "eig-lowrank/ln-weights-folded"
@@ -110,52 +112,37 @@ class CopyingDetector(Detector[CopyingConfig]):
                 "W_E W_V W_O W_U (Olsson et al. 2022), from its d_head x d_head low-rank form with the norm "
                 "weights folded in, next to the head's prefix-matching score on repeated random tokens")
 
-    def units(self, model: LoadedModel, cfg: CopyingConfig) -> list[str]:
+    def units(self, model: LoadedModel, cfg: CopyingConfig) -> list[Unit]:
         model.check_length(2 * cfg.seq_len + len(model.prefix))
-        return ["ov", "prefix-matching"]
+        return [Unit("ov"), Unit("prefix-matching")]
 
     def example_tokens(self, model: LoadedModel, cfg: CopyingConfig) -> torch.Tensor:
         return repeated_random_tokens(model, cfg.n_prompts, cfg.seq_len, cfg.seed)
 
-    def run_unit(self, model: LoadedModel, cfg: CopyingConfig, unit: str) -> UnitResult:
-        if unit == "ov":
-            return UnitResult(tables={"head_scores": tables.head_grid("copying", copying_scores(model))})
+    def score_unit(self, model: LoadedModel, cfg: CopyingConfig, unit: Unit) -> UnitScores:
+        if unit.group == "ov":
+            return UnitScores({"copying": copying_scores(model)})
         tokens = self.example_tokens(model, cfg)
         with torch.no_grad():
             out = model.run(tokens, cache=["pattern.*"])
         patterns = [out.cache[f"pattern.{layer}"] for layer in range(model.info.n_layers)]
         scores = head_scores_from_patterns(patterns, cfg.seq_len, len(model.prefix))["induction"]
         # float32 first: numpy has no bfloat16, and widening is exact.
-        return UnitResult(tables={"head_scores": tables.head_grid("prefix_matching", scores.float())})
+        return UnitScores({"prefix_matching": scores.float()})
 
-    def finalize(self, model: LoadedModel, cfg: CopyingConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
-        hs = results["head_scores"]
-        rows = [
-            (str(metric), int(layer), int(head), float(value))
-            for metric, layer, head, value in zip(
-                _col(hs, "metric"), _col(hs, "layer"), _col(hs, "head"), _col(hs, "value"), strict=True
-            )
-        ]
-        vals: dict[tuple[int, int], dict[str, float]] = {}
-        for metric, layer, head, value in rows:
-            vals.setdefault((layer, head), {})[metric] = value
-        heads = [
-            {
-                "layer": layer,
-                "head": head,
-                "score": v["prefix_matching"],
-                "prefix_matching": v["prefix_matching"],
-                "copying": v["copying"],
-                "induction_head": v["prefix_matching"] > INDUCTION_THRESHOLD and v["copying"] > 0,
-            }
-            for (layer, head), v in vals.items()
-        ]
-        heads.sort(key=lambda h: -h["score"])
-        pm = np.array([h["prefix_matching"] for h in heads])
-        cp = np.array([h["copying"] for h in heads])
+    def head_fields(self, values: Mapping[str, float]) -> dict[str, Any]:
+        # An induction head both attends to the token after the earlier copy and copies it.
+        return {"induction_head": values["prefix_matching"] > INDUCTION_THRESHOLD and values["copying"] > 0}
+
+    def summary_metrics(
+        self, model: LoadedModel, cfg: CopyingConfig, heads: list[dict[str, Any]], means: HeadMeans
+    ) -> dict[str, Any]:
+        by_pm = sorted(heads, key=lambda h: -h["prefix_matching"])
+        pm = np.array([h["prefix_matching"] for h in by_pm])
+        cp = np.array([h["copying"] for h in by_pm])
         from scipy import stats
 
-        metrics = {
+        return _finite({
             "n_heads": len(heads),
             "n_copying_positive": int((cp > 0).sum()),
             "n_prefix_matching_above_threshold": int((pm > INDUCTION_THRESHOLD).sum()),
@@ -163,14 +150,7 @@ class CopyingDetector(Detector[CopyingConfig]):
             "threshold": INDUCTION_THRESHOLD,
             "top10_prefix_matching_min_copying": float(cp[:10].min()),
             "spearman_prefix_matching_copying": float(stats.spearmanr(pm, cp).statistic),  # type: ignore[attr-defined]
-        }
-        return Summary(
-            detector=self.name,
-            variant=self.variant(cfg),
-            heads=heads,
-            metrics=_finite(metrics),
-            tables={"head_scores": tables.head_scores(rows), "metrics": tables.metrics(metrics)},
-        )
+        })
 
 
 def fig_induction_copying(heads: Sequence[Mapping[str, Any]]) -> go.Figure:

@@ -57,6 +57,7 @@ from interp.model.loaded import LoadedModel
 from interp.runs import tables
 from interp.runs.config import SEED_MAX, DetectorConfig, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
+from interp.runs.units import Unit
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -214,7 +215,7 @@ def run_method(
     if settings is None:
         gens = greedy_generate(model, prompts, max_new_tokens=n_new, stop_at_newline=True, batch_size=batch_size)
     else:
-        gens = decore_generate(model, prompts, heads, settings.alpha, max_new_tokens=n_new, method=settings.method,
+        gens = decore_generate(model, model.tokenizer, prompts, heads, settings.alpha, max_new_tokens=n_new, method=settings.method,
                                normalize_entropy=settings.normalize_entropy, alpha_cap=settings.alpha_cap,
                                prefill=settings.prefill, stop_at_newline=True, batch_size=batch_size)
     rows = []
@@ -395,11 +396,35 @@ class DecoreEvalConfig(DetectorConfig):
                 raise UserError(f"'heads' lists {len(ranked)} heads, fewer than the largest k={max(self.ks)}")
 
 
+@dataclass(frozen=True)
+class EvalCase:
+    """One evaluated condition: a task, a decoding method and its number of masked heads."""
+
+    task: str
+    method: str
+    k: int
+
+    @property
+    def key(self) -> str:
+        """Its unit's name in the store."""
+        return f"{self.task}/{self.method}/k{self.k}"
+
+
+def eval_cases(cfg: DecoreEvalConfig) -> list[EvalCase]:
+    """The conditions of a run in unit order: per task, greedy once, then each method per k."""
+    cases: list[EvalCase] = []
+    for task in cfg.tasks:
+        cases.append(EvalCase(task, "greedy", 0))
+        cases += [EvalCase(task, m, k) for m in METHODS[1:] for k in cfg.k_values]
+    return cases
+
+
 @register
 class DecoreEvalDetector(Detector[DecoreEvalConfig]):
     name = "decore-eval"
     description = "DeCoRe vs greedy vs random-head control on NQ-Swap-style, MemoTrap-style and closed-book items"
     output = "metrics"
+    knowledge_conflict = True
     # Curves "<task>:<split>:<method>": accuracy against k.
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {"*:*:*": ("k (retrieval heads masked)", "accuracy (fraction of items)")}
     Config = DecoreEvalConfig
@@ -423,7 +448,7 @@ class DecoreEvalDetector(Detector[DecoreEvalConfig]):
         # A task's items do not depend on the other tasks asked for.
         return self.memo("items", model, cfg, lambda: build_tasks(model, cfg.seed, cfg.max_items, cfg.tasks))
 
-    def units(self, model: LoadedModel, cfg: DecoreEvalConfig) -> list[str]:
+    def units(self, model: LoadedModel, cfg: DecoreEvalConfig) -> list[Unit]:
         ks = cfg.k_values
         if max(ks) >= model.info.n_total_heads:
             raise UserError(f"k={max(ks)} is not below the model's {model.info.n_total_heads} heads")
@@ -440,11 +465,8 @@ class DecoreEvalDetector(Detector[DecoreEvalConfig]):
                     f"only {pool} of the model's {total} heads lie outside the top {total - pool} of the "
                     f"ranking (exclude_top); cannot draw k={max(ks)} control heads"
                 )
-        units = [] if cfg.heads else ["ranking"]
-        for task in cfg.tasks:
-            units.append(f"{task}/greedy/k0")
-            units += [f"{task}/{m}/k{k}" for m in METHODS[1:] for k in ks]
-        return units
+        units = [] if cfg.heads else [Unit("ranking")]
+        return units + [Unit("case", i, label=c.key) for i, c in enumerate(eval_cases(cfg))]
 
     def ranking(self, model: LoadedModel, cfg: DecoreEvalConfig) -> tuple[list[Head], dict[str, Any]]:
         if cfg.heads:
@@ -456,15 +478,15 @@ class DecoreEvalDetector(Detector[DecoreEvalConfig]):
             return max(cfg.exclude_top, max(cfg.ks))
         return default_exclude_top(cfg.k_values, record.get("scores"))
 
-    def run_unit(self, model: LoadedModel, cfg: DecoreEvalConfig, unit: str) -> UnitResult:
+    def run_unit(self, model: LoadedModel, cfg: DecoreEvalConfig, unit: Unit) -> UnitResult:
         ranked, record = self.ranking(model, cfg)
-        if unit == "ranking":
+        if unit.group == "ranking":
             rec = {**{k: v for k, v in record.items() if k != "scores"}, "heads": [list(h) for h in ranked]}
             scores = record.get("scores") or [np.nan] * len(ranked)
             hs = tables.head_scores(("ranking_retrieval", la, h, s) for (la, h), s in zip(ranked, scores, strict=True))
             return UnitResult(tables={"head_scores": hs, "artifacts": tables.artifact("ranking", rec)})
-        task, method, kname = unit.split("/")
-        k = int(kname[1:])
+        case = eval_cases(cfg)[int(unit.index or 0)]
+        task, method, k = case.task, case.method, case.k
         items = self._items(model, cfg)[task]
         heads = method_heads(method, k, ranked, self._exclude_top(cfg, record), model, cfg.seed)
         heads_settings = method_settings(method, cfg.method)
@@ -499,7 +521,7 @@ class DecoreEvalDetector(Detector[DecoreEvalConfig]):
         for task, n in sorted(n_test.items()):
             if n < 30:
                 warnings.append(f"{task}: only {n} test items; differences of a few items are noise")
-        return Summary(detector=self.name, variant=self.variant(cfg), heads=None, metrics=metrics,
+        return Summary(heads=None, metrics=metrics,
                        warnings=warnings, tables=_summary_tables(acc, table))
 
 
@@ -526,6 +548,6 @@ def _summary_tables(acc: pd.DataFrame, table: pd.DataFrame) -> dict[str, pd.Data
         "metrics": tables.metric_rows(
             (f"{t}:{s}:{m}:k{k}", a, None, None, n) for t, s, m, k, a, n in zip(*cols, acc["n"], strict=True)
         ),
-        "curves": tables.curves((f"{t}:{s}:{m}", -1, -1, float(k), float(a)) for t, s, m, k, a in zip(*cols, strict=True)),
+        "curves": tables.curves((f"{t}:{s}:{m}", None, None, float(k), float(a)) for t, s, m, k, a in zip(*cols, strict=True)),
         "artifacts": tables.artifact("results_table", table.to_dict("records")),
     }

@@ -27,6 +27,7 @@ from interp.model.tokens import repeated_random_tokens
 from interp.runs import tables
 from interp.runs.config import SEED_MAX, DetectorConfig, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
+from interp.runs.units import Unit
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -59,7 +60,7 @@ def paired_p(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.ttest_rel(a, b).pvalue)
 
 
-def rank_heads(model: LoadedModel, score: str, seed: int) -> list[tuple[int, int]]:
+def ranked_by_score(model: LoadedModel, score: str, seed: int) -> list[tuple[int, int]]:
     """All heads, best first by ``score``: copying score, attention lag-CRP at lag +1
     (induction) or CMR distance, the last two on 20 repeated lists of 50 tokens."""
     if score == "copying":
@@ -88,12 +89,13 @@ def mean_z(model: LoadedModel, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def ablation_effects(
-    curves: pd.DataFrame, units: Sequence[str], draws: Sequence[str]
+    curves: pd.DataFrame, units: Sequence[Unit]
 ) -> tuple[dict[str, Any], list[tuple[str, float, float | None, float | None, int | None]]]:
     """Per measure: the clean value and the change under each ablation (top-k, the mean of the
     random draws, each single and cumulative set) against clean, with t intervals and the
     paired p-value of top-k against random; as summary metrics and ``metrics`` rows."""
     c_unit, c_curve, c_x, c_y = (_col(curves, c) for c in ("unit", "curve", "x", "y"))
+    draws = [u.key for u in units if u.group == "random"]
 
     def values(unit: str, metric: str) -> np.ndarray:
         sel = (c_unit == unit) & (c_curve == metric)
@@ -120,10 +122,10 @@ def ablation_effects(
         per_draw = [float((values(u, metric) - clean).mean()) for u in draws]
         metrics[f"{metric}_delta_random_per_draw"] = per_draw
         for u in units:
-            if u.startswith(("single-", "cum-")):
-                mm, lo2, hi2 = t_interval(values(u, metric) - clean)
-                metrics[f"{metric}_delta_{u}"] = mm
-                rows.append((f"{metric}_delta_{u}", mm, lo2, hi2, len(clean)))
+            if u.group in ("single", "cum"):
+                mm, lo2, hi2 = t_interval(values(u.key, metric) - clean)
+                metrics[f"{metric}_delta_{u.key}"] = mm
+                rows.append((f"{metric}_delta_{u.key}", mm, lo2, hi2, len(clean)))
     return metrics, rows
 
 
@@ -198,7 +200,7 @@ class EpisodicAblationDetector(Detector[EpisodicAblationConfig]):
     def _k(self, model: LoadedModel, cfg: EpisodicAblationConfig) -> int:
         return cfg.k or max(1, round(0.1 * model.info.n_total_heads))
 
-    def units(self, model: LoadedModel, cfg: EpisodicAblationConfig) -> list[str]:
+    def units(self, model: LoadedModel, cfg: EpisodicAblationConfig) -> list[Unit]:
         k = self._k(model, cfg)
         total = model.info.n_total_heads
         if 2 * k > total:
@@ -209,9 +211,9 @@ class EpisodicAblationDetector(Detector[EpisodicAblationConfig]):
         model.check_length(2 * cfg.rep_len + len(model.prefix))
         text_chunks(model, cfg.n_texts, cfg.seq_len)
         sizes = [s for s in sorted(set(cfg.cum_sizes)) if s < k]
-        units = ["clean", "top", *(f"random-{d}" for d in range(cfg.n_draws))]
-        units += [f"single-{i}" for i in range(cfg.n_single)]
-        units += [f"cum-{s}" for s in sizes]
+        units = [Unit("clean"), Unit("top"), *(Unit("random", d) for d in range(cfg.n_draws))]
+        units += [Unit("single", i) for i in range(cfg.n_single)]
+        units += [Unit("cum", s) for s in sizes]
         return units
 
     def example_tokens(self, model: LoadedModel, cfg: EpisodicAblationConfig) -> torch.Tensor:
@@ -219,21 +221,20 @@ class EpisodicAblationDetector(Detector[EpisodicAblationConfig]):
 
     def ranking(self, model: LoadedModel, cfg: EpisodicAblationConfig) -> list[tuple[int, int]]:
         """All heads, best first by the chosen score (computed once per run, deterministically)."""
-        return self.memo("ranking", model, cfg, lambda: rank_heads(model, cfg.score, cfg.seed))
+        return self.memo("ranking", model, cfg, lambda: ranked_by_score(model, cfg.score, cfg.seed))
 
-    def heads_for(self, model: LoadedModel, cfg: EpisodicAblationConfig, unit: str) -> list[tuple[int, int]]:
+    def heads_for(self, model: LoadedModel, cfg: EpisodicAblationConfig, unit: Unit) -> list[tuple[int, int]]:
         ranked = self.ranking(model, cfg)
         k = self._k(model, cfg)
-        if unit == "clean":
+        if unit.group == "clean":
             return []
-        if unit == "top":
+        if unit.group == "top":
             return ranked[:k]
-        kind, idx = unit.split("-")
-        i = int(idx)
-        if kind == "random":
+        i = int(unit.index or 0)
+        if unit.group == "random":
             # Draw i has its own generator, so a resumed run redraws exactly the missing draws.
             return random_heads(ranked, ranked[:k], k, np.random.default_rng([cfg.seed, i]))
-        if kind == "single":
+        if unit.group == "single":
             return [ranked[i]]
         return ranked[:i]
 
@@ -248,7 +249,7 @@ class EpisodicAblationDetector(Detector[EpisodicAblationConfig]):
             return []
         return ablate_heads(heads, cfg.method, source="ref" if cfg.method == "mean" else None)
 
-    def run_unit(self, model: LoadedModel, cfg: EpisodicAblationConfig, unit: str) -> UnitResult:
+    def run_unit(self, model: LoadedModel, cfg: EpisodicAblationConfig, unit: Unit) -> UnitResult:
         heads = self.heads_for(model, cfg, unit)
         texts = text_chunks(model, cfg.n_texts, cfg.seq_len)
         sources = self._sources(model, cfg, texts)
@@ -266,9 +267,10 @@ class EpisodicAblationDetector(Detector[EpisodicAblationConfig]):
         with torch.no_grad():
             logits = model.run(rep, interventions=ivs, sources=sources).logits
         second = [copy_losses(logits[i : i + 1], rep[i : i + 1], cfg.rep_len, len(model.prefix))[1] for i in range(rep.shape[0])]
-        rows = [("icl", -1, -1, float(i), v) for i, v in enumerate(icl)]
-        rows += [("icl_window", -1, -1, float(i), v) for i, v in enumerate(icl_w)]
-        rows += [("second_copy_loss", -1, -1, float(i), v) for i, v in enumerate(second)]
+        # Curves over texts (x: the text's index), of no single head.
+        rows = [("icl", None, None, float(i), v) for i, v in enumerate(icl)]
+        rows += [("icl_window", None, None, float(i), v) for i, v in enumerate(icl_w)]
+        rows += [("second_copy_loss", None, None, float(i), v) for i, v in enumerate(second)]
         return UnitResult(
             tables={"curves": tables.curves(rows), "artifacts": tables.artifact("heads", [list(h) for h in heads])}
         )
@@ -278,9 +280,9 @@ class EpisodicAblationDetector(Detector[EpisodicAblationConfig]):
     ) -> Summary:
         k = self._k(model, cfg)
         units = self.units(model, cfg)
-        draws = [u for u in units if u.startswith("random-")]
+        draws = [u.key for u in units if u.group == "random"]
         metrics: dict[str, Any] = {"k": k, "n_draws": len(draws), "method": cfg.method, "score": cfg.score}
-        effects, rows = ablation_effects(results["curves"], units, draws)
+        effects, rows = ablation_effects(results["curves"], units)
         metrics.update(effects)
         ranked = self.ranking(model, cfg)[:k]
         heads = [
@@ -298,10 +300,7 @@ class EpisodicAblationDetector(Detector[EpisodicAblationConfig]):
         metrics["random_heads"] = {
             u: [head_label(a, b) for a, b in _unit_heads(results["artifacts"], u)] for u in draws
         }
-        return Summary(
-            detector=self.name,
-            variant=self.variant(cfg),
-            heads=heads,
+        return Summary(heads=heads,
             metrics=_finite(metrics),
             tables={"metrics": tables.metric_rows(rows)},
         )

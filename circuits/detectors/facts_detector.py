@@ -20,6 +20,7 @@ from interp.model.loaded import LoadedModel
 from interp.runs import tables
 from interp.runs.config import DetectorConfig, param
 from interp.runs.registry import Detector, UnitResult
+from interp.runs.units import Unit
 
 if TYPE_CHECKING:
     pass
@@ -100,29 +101,29 @@ class _FactsDetector(Detector[F]):
 
         return self.memo("known", model, cfg, compute)
 
-    def units(self, model: LoadedModel, cfg: F) -> list[str]:
+    def units(self, model: LoadedModel, cfg: F) -> list[Unit]:
         if cfg.single:
             prepare(model, cfg.prompt, cfg.subject, cfg.answer)
-            return ["fact"]
+            return [Unit("fact")]
         known = self._known(model, cfg)
         chosen = known[known["known"]]["index"].tolist()[: cfg.limit]
         if not chosen:
             raise UserError(f"{model.name} knows none of the {len(known)} facts: nothing to trace")
-        return ["known", *(f"fact-{i}" for i in chosen)]
+        return [Unit("known"), *(Unit("fact", int(i)) for i in chosen)]
 
     def example_tokens(self, model: LoadedModel, cfg: F) -> torch.Tensor:
         # The prompt given on the command line, else the file's first fact (every fact of a
         # file is a prompt of the same form; picking a known one would need the filter).
-        fact = self._fact_of(model, cfg, "fact" if cfg.single else "fact-0")
+        fact = self._fact_of(model, cfg, Unit("fact") if cfg.single else Unit("fact", 0))
         return prepare_fact(model, fact).tokens
 
-    def _fact_of(self, model: LoadedModel, cfg: F, unit: str) -> Fact:
-        if unit == "fact":
+    def _fact_of(self, model: LoadedModel, cfg: F, unit: Unit) -> Fact:
+        if unit.index is None:
             return Fact(cfg.subject, cfg.prompt, cfg.answer, id="prompt")
         try:
-            return self._facts(model, cfg)[int(unit.split("-", 1)[1])]
-        except (ValueError, IndexError):
-            raise UserError(f"unknown unit {unit!r}") from None
+            return self._facts(model, cfg)[unit.index]
+        except IndexError:
+            raise UserError(f"unknown unit {unit}") from None
 
     def _known_unit(self, model: LoadedModel, cfg: F) -> UnitResult:
         known = self._known(model, cfg)

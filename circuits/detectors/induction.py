@@ -11,11 +11,10 @@ averaged over the second copy only and over the batch. Prompts are processed in 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -23,11 +22,11 @@ from jaxtyping import Float
 from interp.model.interventions import Intervention
 from interp.model.loaded import LoadedModel
 from interp.model.tokens import repeated_random_tokens
-from interp.runs import tables
 from interp.runs.config import SEED_MAX, DetectorConfig, param
-from interp.runs.registry import Detector, Summary, UnitResult, register
+from interp.runs.head_scores import HeadMeans, HeadScoreDetector, UnitScores
+from interp.runs.registry import register
+from interp.runs.units import Unit
 
-METRICS = ("induction", "duplicate_token", "previous_token")
 INDUCTION_THRESHOLD = 0.4
 
 
@@ -80,13 +79,14 @@ class InductionConfig(DetectorConfig):
 
 
 @register
-class InductionDetector(Detector[InductionConfig]):
+class InductionDetector(HeadScoreDetector[InductionConfig]):
     name = "induction"
     description = "Previous-token, duplicate-token and induction (prefix-matching) scores on repeated random tokens"
-    output = "head_scores"
     head_columns: ClassVar[dict[str, str]] = {"previous_token": "prev-token", "duplicate_token": "dup-token"}
     in_default_scan = True
     Config = InductionConfig
+    score = "induction"
+    fields = ("previous_token", "duplicate_token")
 
     def variant(self, cfg: InductionConfig) -> str:
         return "second-copy-only"
@@ -95,82 +95,36 @@ class InductionDetector(Detector[InductionConfig]):
         return ("mean attention from each second-copy position of repeated random tokens to the "
                 "induction, duplicate and previous token (Olsson et al. 2022), averaged over prompts")
 
-    def units(self, model: LoadedModel, cfg: InductionConfig) -> list[str]:
+    def units(self, model: LoadedModel, cfg: InductionConfig) -> list[Unit]:
         model.check_length(2 * cfg.seq_len + len(model.prefix))
         n, b = cfg.n_prompts, cfg.batch_size
-        return [f"batch-{i}" for i in range((n + b - 1) // b)]
+        return [Unit("batch", i) for i in range((n + b - 1) // b)]
 
-    def tokens(self, model: LoadedModel, cfg: InductionConfig, unit: str) -> torch.Tensor:
-        i = int(unit.split("-")[1])
+    def tokens(self, model: LoadedModel, cfg: InductionConfig, unit: Unit) -> torch.Tensor:
+        i = int(unit.index or 0)
         n, b = cfg.n_prompts, cfg.batch_size
         return repeated_random_tokens(model, min(b, n - i * b), cfg.seq_len, seed=cfg.seed * 100_003 + i)
 
     def example_tokens(self, model: LoadedModel, cfg: InductionConfig) -> torch.Tensor:
-        return self.tokens(model, cfg, "batch-0")
+        return self.tokens(model, cfg, Unit("batch", 0))
 
-    def run_unit(self, model: LoadedModel, cfg: InductionConfig, unit: str) -> UnitResult:
+    def score_unit(self, model: LoadedModel, cfg: InductionConfig, unit: Unit) -> UnitScores:
         tokens = self.tokens(model, cfg, unit)
         with torch.no_grad():
             out = model.run(tokens, cache=["pattern.*"])
         patterns = [out.cache[f"pattern.{layer}"] for layer in range(model.info.n_layers)]
         scores = head_scores_from_patterns(patterns, cfg.seq_len, len(model.prefix))
         first, second = copy_losses(out.logits, tokens, cfg.seq_len, len(model.prefix))
-        return UnitResult(
-            tables={
-                "head_scores": pd.concat([tables.head_grid(m, grid) for m, grid in scores.items()], ignore_index=True),
-                "metrics": tables.metrics(
-                    {"first_copy_loss": first, "second_copy_loss": second}, n=int(tokens.shape[0])
-                ),
-            }
-        )
+        return UnitScores(scores, n=int(tokens.shape[0]),
+                          metrics={"first_copy_loss": first, "second_copy_loss": second})
 
-    def finalize(self, model: LoadedModel, cfg: InductionConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
-        # Units hold prompt means; weight them by their prompt count.
-        n_by_unit: dict[str, int] = {}
-        loss_sums: dict[str, float] = {}
-        for unit, name, value, n in zip(
-            results["metrics"]["unit"], results["metrics"]["name"], results["metrics"]["value"],
-            results["metrics"]["n"], strict=True,
-        ):
-            n_by_unit[str(unit)] = int(n)
-            loss_sums[str(name)] = loss_sums.get(str(name), 0.0) + float(value) * int(n)
-        n_total = sum(n_by_unit.values())
-        sums: dict[tuple[str, int, int], float] = {}
-        hs = results["head_scores"]
-        for unit, metric, layer, head, value in zip(
-            hs["unit"], hs["metric"], hs["layer"], hs["head"], hs["value"], strict=True
-        ):
-            key = (str(metric), int(layer), int(head))
-            sums[key] = sums.get(key, 0.0) + float(value) * n_by_unit[str(unit)]
-        mean = {key: total / n_total for key, total in sums.items()}
-        agg = tables.head_scores((m, layer, head, v) for (m, layer, head), v in sorted(mean.items()))
-        pairs = sorted({(layer, head) for (_, layer, head) in mean})
-        heads = sorted(
-            (
-                {
-                    "layer": layer,
-                    "head": head,
-                    "score": mean[("induction", layer, head)],
-                    "previous_token": mean[("previous_token", layer, head)],
-                    "duplicate_token": mean[("duplicate_token", layer, head)],
-                }
-                for layer, head in pairs
-            ),
-            key=lambda h: -h["score"],
-        )
-        losses = {name: total / n_total for name, total in loss_sums.items()}
-        n_above = sum(h["score"] > INDUCTION_THRESHOLD for h in heads)
-        summary_metrics: dict[str, Any] = {
-            **losses,
-            "n_prompts": n_total,
+    def summary_metrics(
+        self, model: LoadedModel, cfg: InductionConfig, heads: list[dict[str, Any]], means: HeadMeans
+    ) -> dict[str, Any]:
+        return {
+            **means.metrics,
+            "n_prompts": int(means.n),
             "threshold": INDUCTION_THRESHOLD,
-            "n_heads_above_threshold": n_above,
+            "n_heads_above_threshold": sum(h["score"] > INDUCTION_THRESHOLD for h in heads),
             "n_heads": len(heads),
         }
-        return Summary(
-            detector=self.name,
-            variant=self.variant(cfg),
-            heads=heads,
-            metrics=summary_metrics,
-            tables={"head_scores": agg, "metrics": tables.metrics(summary_metrics, n=n_total)},
-        )

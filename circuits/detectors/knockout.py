@@ -20,6 +20,7 @@ from interp.patching.sweeps import window_layers
 from interp.runs import tables
 from interp.runs.config import param
 from interp.runs.registry import Summary, UnitResult, register
+from interp.runs.units import Unit
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -102,20 +103,21 @@ class AttentionKnockoutDetector(_FactsDetector[AttentionKnockoutConfig]):
             "relative change of p(answer's first token)"
         )
 
-    def run_unit(self, model: LoadedModel, cfg: AttentionKnockoutConfig, unit: str) -> UnitResult:
-        if unit == "known":
+    def run_unit(self, model: LoadedModel, cfg: AttentionKnockoutConfig, unit: Unit) -> UnitResult:
+        if unit.group == "known":
             return self._known_unit(model, cfg)
         fact = self._fact_of(model, cfg, unit)
         inp = prepare_fact(model, fact)
         p_clean, curves = knockout_effects(model, inp, window=cfg.window, memory_mb=cfg.memory_mb)
         rows = [
-            (which, layer, -1, float(layer), float(y))
+            # A curve over layers (x) of no single head.
+            (which, None, None, float(layer), float(y))
             for which, ys in curves.items()
             for layer, y in enumerate(ys)
             if not np.isnan(y)
         ]
         metrics: dict[str, Any] = {"p_clean": p_clean, "n_answer_tokens": inp.n_answer_tokens}
-        if unit == "fact":
+        if unit.index is None:
             metrics["known"] = self._single_known(model, fact, cfg)
         return UnitResult(tables={"curves": tables.curves(rows), "metrics": tables.metrics(metrics, n=1)})
 
@@ -125,13 +127,14 @@ class AttentionKnockoutDetector(_FactsDetector[AttentionKnockoutConfig]):
         per_unit = _per_unit(results["metrics"])
         fact_units = [u for u in per_unit if u != "known"]
         c = results["curves"]
-        mean = c.groupby(["curve", "layer"], as_index=False).agg(y=("y", "mean"), n=("y", "size"))
+        # x is the window's centre layer (older runs also stored it as the row's layer).
+        mean = c.groupby(["curve", "x"], as_index=False).agg(y=("y", "mean"), n=("y", "size"))
         summary: dict[str, Any] = {"n_facts": len(fact_units)}
         if "known" in per_unit:
             summary.update({k: per_unit["known"][k] for k in KNOWN_METRICS})
         for which, g in mean.groupby("curve"):
             worst = g.loc[g["y"].idxmin()]
-            summary[f"min_layer_{which}"] = int(worst["layer"])
+            summary[f"min_layer_{which}"] = int(worst["x"])
             summary[f"min_change_{which}"] = float(worst["y"])
         warnings = []
         if any(per_unit[u].get("known", 1.0) == 0.0 for u in fact_units):
@@ -140,14 +143,11 @@ class AttentionKnockoutDetector(_FactsDetector[AttentionKnockoutConfig]):
         if n_multi:
             warnings.append(f"{n_multi} of {len(fact_units)} answers are several tokens: p of the first token used")
         curves = tables.curves(
-            (curve, int(layer), -1, float(layer), float(y))
-            for curve, layer, y in zip(mean["curve"], mean["layer"], mean["y"], strict=True)
+            (curve, None, None, float(x), float(y))
+            for curve, x, y in zip(mean["curve"], mean["x"], mean["y"], strict=True)
         )
         summary["window"] = cfg.window
-        return Summary(
-            detector=self.name,
-            variant=self.variant(cfg),
-            metrics=summary,
+        return Summary(metrics=summary,
             warnings=warnings,
             tables={"curves": curves, "metrics": tables.metrics(summary, n=len(fact_units))},
         )

@@ -44,6 +44,7 @@ from interp.patching.memory import activation_bytes, units_within
 from interp.runs import tables
 from interp.runs.config import SEED_MAX, DetectorConfig, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
+from interp.runs.units import Unit
 
 if TYPE_CHECKING:
     pass
@@ -217,17 +218,17 @@ class _LagCRPBase(Detector[LagC]):
         "serial_position": ("serial position in the first list (tokens)", "attention weight (mean over queries)"),
     }
 
-    def units(self, model: LoadedModel, cfg: LagC) -> list[str]:
+    def units(self, model: LoadedModel, cfg: LagC) -> list[Unit]:
         p = cfg.resolved()
         model.check_length(2 * p.seq_len + len(model.prefix))
         if p.lists == "mistry" and p.seq_len > model.info.vocab_size // 2:
             raise UserError(f"mistry lists of {p.seq_len} tokens need a larger vocabulary")
         n, b = p.n_prompts, p.batch_size
-        return [f"batch-{i}" for i in range((n + b - 1) // b)]
+        return [Unit("batch", i) for i in range((n + b - 1) // b)]
 
-    def prompts(self, model: LoadedModel, cfg: LagC, unit: str) -> ListPrompts:
+    def prompts(self, model: LoadedModel, cfg: LagC, unit: Unit) -> ListPrompts:
         p = cfg.resolved()
-        i = int(unit.split("-")[1])
+        i = int(unit.index or 0)
         size = min(p.batch_size, p.n_prompts - i * p.batch_size)
         seed = p.seed * 100_003 + i
         if p.lists == "mistry":
@@ -235,9 +236,9 @@ class _LagCRPBase(Detector[LagC]):
         return repeated_lists(model, size, p.seq_len, seed)
 
     def example_tokens(self, model: LoadedModel, cfg: LagC) -> torch.Tensor:
-        return self.prompts(model, cfg, "batch-0").tokens
+        return self.prompts(model, cfg, Unit("batch", 0)).tokens
 
-    def run_unit(self, model: LoadedModel, cfg: LagC, unit: str) -> UnitResult:
+    def run_unit(self, model: LoadedModel, cfg: LagC, unit: Unit) -> UnitResult:
         max_lag = cfg.max_lag
         prompts = self.prompts(model, cfg, unit)
         res = lag_crp_unit(model, prompts, max_lag)
@@ -342,10 +343,7 @@ class LagCRPDetector(_LagCRPBase[LagCRPConfig]):
             for r in records
             for name in ("crp_plus1", "crp_minus1", "asymmetry", "primacy", "recency")
         ]
-        return Summary(
-            detector=self.name,
-            variant=self.variant(cfg),
-            heads=heads,
+        return Summary(heads=heads,
             metrics=_finite(metrics),
             tables={"curves": table, "head_scores": tables.head_scores(head_rows), "metrics": tables.metrics(metrics)},
         )

@@ -47,13 +47,14 @@ from circuits.data.facts import facts_hash, load_facts
 from circuits.detectors.conflict_heads import mean_by_head, prefixed_head_scores, ranked_heads
 from circuits.methods.decoding import greedy_decode
 from circuits.methods.direct_path import head_effects, out_proj_module
-from circuits.methods.heads import all_heads, check_heads, head_label, random_heads
+from circuits.methods.heads import Head, all_heads, check_heads, head_label, random_heads
 from interp.errors import UserError
 from interp.model.interventions import AblateHeads, Intervention, ScaleValue, ablate_heads
 from interp.model.loaded import LoadedModel
 from interp.runs import tables
 from interp.runs.config import SEED_MAX, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
+from interp.runs.units import Unit
 
 K_GRID: tuple[int, ...] = (1, 3, 5, 7, 9, 15)
 DIRECTIONS = {
@@ -61,7 +62,6 @@ DIRECTIONS = {
     "prune-context": ("context", "memory_rate", 1.0),
     "prune-memory": ("memory", "context_rate", -1.0),
 }
-Head = tuple[int, int]
 
 
 @contextlib.contextmanager
@@ -296,6 +296,7 @@ class PH3Detector(Detector[PH3Config]):
         "rate; k chosen on validation, rates on test; value-vector scaling curves"
     )
     output = "intervention"
+    knowledge_conflict = True
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {
         "validation.*.memory_rate": ("k (heads pruned)", "memory rate (fraction of validation items, top-1)"),
         "validation.*.context_rate": ("k (heads pruned)", "context rate (fraction of validation items, top-1)"),
@@ -347,18 +348,18 @@ class PH3Detector(Detector[PH3Config]):
     def example_tokens(self, model: LoadedModel, cfg: PH3Config) -> torch.Tensor | None:
         return example_tokens(model, cfg)
 
-    def units(self, model: LoadedModel, cfg: PH3Config) -> list[str]:
-        units = ["select-k", "test"]
-        return [*units, "scaling"] if cfg.scale_heads > 0 else units
+    def units(self, model: LoadedModel, cfg: PH3Config) -> list[Unit]:
+        units = [Unit("select-k"), Unit("test")]
+        return [*units, Unit("scaling")] if cfg.scale_heads > 0 else units
 
-    def run_unit(self, model: LoadedModel, cfg: PH3Config, unit: str) -> UnitResult:
+    def run_unit(self, model: LoadedModel, cfg: PH3Config, unit: Unit) -> UnitResult:
         ds = self.dataset(model, cfg)
         scores, mem, ctx = self.heads(model, cfg)
-        if unit == "select-k":
+        if unit.group == "select-k":
             return self._select_k_unit(model, cfg, ds, scores)
-        if unit == "test":
+        if unit.group == "test":
             return self._test_unit(model, cfg, ds.split("test"), mem, ctx)
-        if unit == "scaling":
+        if unit.group == "scaling":
             heads = list(dict.fromkeys(mem[: cfg.scale_heads] + ctx[: cfg.scale_heads]))
             curve = scaling_curve(model, ds.split("test"), cfg.formats, heads, cfg.factors, cfg.batch_size)
             rows = (
@@ -367,7 +368,7 @@ class PH3Detector(Detector[PH3Config]):
                 for rate in ("context_rate", "memory_rate")
             )
             return UnitResult(tables={"curves": tables.curves(chain.from_iterable(rows))})
-        raise UserError(f"unknown unit {unit!r}")
+        raise UserError(f"unknown unit {unit}")
 
     def _select_k_unit(self, model: LoadedModel, cfg: PH3Config, ds: ConflictDataset, scores: pd.DataFrame) -> UnitResult:
         """The k sweep of each direction on validation (curves), the chosen k, the ranking."""
@@ -432,7 +433,8 @@ class PH3Detector(Detector[PH3Config]):
         for cond, hs in pruned.items():
             metrics[f"heads.{cond}"] = ",".join(hs)
         metrics.update(
-            {"seed": cfg.seed, "split_hash": split["hash"], "n_validation": len(ds.validation), "n_test": len(ds.test)}
+            {"seed": cfg.seed, "split_hash": split["hash"], "n_validation": len(ds.validation), "n_test": len(ds.test),
+             "formats": list(cfg.formats)}
         )
         selection = {
             "variant": self.variant(cfg),
@@ -452,7 +454,7 @@ class PH3Detector(Detector[PH3Config]):
             frame = results.get(table)
             if frame is not None and len(frame):
                 out[table] = pd.DataFrame(frame[tables.columns(table)])
-        return Summary(detector=self.name, variant=self.variant(cfg), metrics=metrics, tables=out)
+        return Summary(metrics=metrics, tables=out)
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo name, local HF folder or hub id")]

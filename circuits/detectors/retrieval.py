@@ -58,8 +58,10 @@ from interp.model.interventions import Intervention
 from interp.model.loaded import LoadedModel
 from interp.runs import tables
 from interp.runs.config import SEED_MAX, DetectorConfig, param
+from interp.runs.head_scores import weighted_means
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.runner import run_in_memory
+from interp.runs.units import Unit
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -299,6 +301,14 @@ class _NeedleDetector(Detector[G]):
         """The grid (:func:`samples_for`), built once per run: units() and every unit read it."""
         return self.memo("samples", model, cfg, lambda: samples_for(model, cfg))
 
+    def sample_units(self, model: LoadedModel, cfg: G) -> list[Unit]:
+        """One unit per sample of the grid, in the grid's order, named by the sample."""
+        return [Unit("sample", i, label=name) for i, name in enumerate(self.samples(model, cfg))]
+
+    def sample(self, model: LoadedModel, cfg: G, unit: Unit) -> NeedleSample:
+        """The needle sample of a unit of :meth:`sample_units`."""
+        return list(self.samples(model, cfg).values())[int(unit.index or 0)]
+
     def example_tokens(self, model: LoadedModel, cfg: G) -> torch.Tensor:
         first = next(iter(self.samples(model, cfg).values()))
         return torch.tensor([first.input_ids], dtype=torch.long)
@@ -327,11 +337,11 @@ def accuracy_curves(samples: pd.DataFrame, column: str, condition: str) -> pd.Da
     for d in sorted(set(depth)):
         for n in sorted(set(length)):
             sel = (depth == d) & (length == n)
-            rows.append((f"{condition}: accuracy vs length, depth={d:.2f}", -1, -1, n, _mean(value[sel])))
+            rows.append((f"{condition}: accuracy vs length, depth={d:.2f}", None, None, n, _mean(value[sel])))
     for d in sorted(set(depth)):
-        rows.append((f"{condition}: accuracy vs depth", -1, -1, d, _mean(value[depth == d])))
+        rows.append((f"{condition}: accuracy vs depth", None, None, d, _mean(value[depth == d])))
     for n in sorted(set(length)):
-        rows.append((f"{condition}: accuracy vs length", -1, -1, n, _mean(value[length == n])))
+        rows.append((f"{condition}: accuracy vs length", None, None, n, _mean(value[length == n])))
     return tables.curves(rows)
 
 
@@ -346,18 +356,6 @@ class RetrievalConfig(NeedleGridConfig):
         "faithful", "faithful: greedy decoding with a KV cache; fast: teacher-forced answer"
     )
     min_counted: int = param(5, "fewer correctly answered samples than this triggers a loud warning", low=0)
-
-
-def _mean_over_counted(head_scores: pd.DataFrame, units: set[str], n_counted: int) -> dict[tuple[int, int], float]:
-    """Each head's per-sample retrieval score averaged over the counted samples' units."""
-    per_sample = head_scores[head_scores["metric"] == "retrieval_sample"]
-    sums: dict[tuple[int, int], float] = {}
-    for u, la, h, v in zip(per_sample["unit"], per_sample["layer"], per_sample["head"],
-                           per_sample["value"], strict=True):
-        if u in units:
-            sums[(int(la), int(h))] = sums.get((int(la), int(h)), 0.0) + float(v)
-    # Mean over the counted samples (each counted sample scores every head).
-    return {key: total / n_counted for key, total in sums.items()}
 
 
 @register
@@ -380,11 +378,11 @@ class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
                 "pass with the argmax/copy count of Wu et al. 2024; mean over the samples whose teacher-forced "
                 "top-1 accuracy is > 0.5")
 
-    def units(self, model: LoadedModel, cfg: RetrievalConfig) -> list[str]:
-        return list(self.samples(model, cfg))
+    def units(self, model: LoadedModel, cfg: RetrievalConfig) -> list[Unit]:
+        return self.sample_units(model, cfg)
 
-    def run_unit(self, model: LoadedModel, cfg: RetrievalConfig, unit: str) -> UnitResult:
-        sample = self.samples(model, cfg)[unit]
+    def run_unit(self, model: LoadedModel, cfg: RetrievalConfig, unit: Unit) -> UnitResult:
+        sample = self.sample(model, cfg, unit)
         if cfg.mode == "faithful":
             r = score_sample_faithful(model, sample, cfg.max_new_tokens)
             quality = ("rouge1_recall", r["rouge1_recall"])
@@ -439,7 +437,11 @@ class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
                     f"({rule}), fewer than min_counted={cfg.min_counted}; these retrieval scores "
                     f"are noisy and may not rank heads reliably."
                 )
-            mean = _mean_over_counted(results["head_scores"], set(counted["unit"]), n_counted)
+            # Each counted sample weighs 1 in each head's mean, the others 0.
+            counted_units = set(counted["unit"])
+            weights = {str(u): float(u in counted_units) for u in samples["unit"]}
+            scores = weighted_means(results, weights).scores
+            mean = {(la, h): v for (_, la, h), v in scores.items()}
             order = sorted(mean, key=lambda key: (-mean[key], key))
             heads = [{"layer": la, "head": h, "score": mean[(la, h)]} for la, h in order]
             above = sum(v > RETRIEVAL_THRESHOLD for v in mean.values())
@@ -455,15 +457,14 @@ class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
                          "counted_units": sorted(counted["unit"]) if n_counted else []}
         )
         metrics["correctness"] = rule
-        return Summary(
-            detector=self.name, variant=self.variant(cfg), heads=heads, metrics=metrics, warnings=warnings, tables=out
+        return Summary(heads=heads, metrics=metrics, warnings=warnings, tables=out
         )
 
 
 # ---------------------------------------------------------------- the masking experiment
 
 
-def rank_heads(model: LoadedModel, cfg: RetrievalConfig | Mapping[str, Any]) -> tuple[list[Head], Summary]:
+def ranked_by_retrieval(model: LoadedModel, cfg: RetrievalConfig | Mapping[str, Any]) -> tuple[list[Head], Summary]:
     """Rank heads best first with the retrieval detector, run in process with ``cfg`` (a config,
     or raw values; defaults fill the rest). Raises when no sample was answered correctly."""
     det = RetrievalDetector()

@@ -22,7 +22,7 @@ from circuits.detectors.retrieval import (
     accuracy_curves,
     is_correct,
     needle_decode,
-    rank_heads,
+    ranked_by_retrieval,
     response_text,
 )
 from circuits.methods.heads import Head, all_heads, parse_heads, random_heads
@@ -32,6 +32,7 @@ from interp.model.loaded import LoadedModel
 from interp.runs import tables
 from interp.runs.config import param
 from interp.runs.registry import Summary, UnitResult, register
+from interp.runs.units import Unit
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -93,7 +94,7 @@ class RetrievalMaskingDetector(_NeedleDetector[RetrievalMaskingConfig]):
             n_excl = max(k, int(np.ceil(0.1 * model.info.n_total_heads)))
         return max(n_excl, k)
 
-    def units(self, model: LoadedModel, cfg: RetrievalMaskingConfig) -> list[str]:
+    def units(self, model: LoadedModel, cfg: RetrievalMaskingConfig) -> list[Unit]:
         total = model.info.n_total_heads
         # The config checked the list against top_k; the model checks each index.
         n_ranked = len(parse_heads(",".join(cfg.heads), model)) if cfg.heads else total
@@ -105,12 +106,12 @@ class RetrievalMaskingDetector(_NeedleDetector[RetrievalMaskingConfig]):
                 f"only {pool} of the model's {total} heads lie outside the top {total - pool} of the ranking "
                 f"(exclude_top); cannot draw top_k={cfg.top_k} random heads"
             )
-        units = list(self.samples(model, cfg))
-        return units if cfg.heads else ["ranking", *units]
+        units = self.sample_units(model, cfg)
+        return units if cfg.heads else [Unit("ranking"), *units]
 
     def _ranked(self, model: LoadedModel, cfg: RetrievalMaskingConfig) -> tuple[list[Head], Summary]:
         """The computed ranking and the summary of the retrieval scan behind it."""
-        return self.memo("ranked", model, cfg, lambda: rank_heads(model, cfg.ranking_config()))
+        return self.memo("ranked", model, cfg, lambda: ranked_by_retrieval(model, cfg.ranking_config()))
 
     def ranking(self, model: LoadedModel, cfg: RetrievalMaskingConfig) -> list[Head]:
         """The heads best first: ``heads`` as given, else the ranking unit's (or a stored one)."""
@@ -141,10 +142,10 @@ class RetrievalMaskingDetector(_NeedleDetector[RetrievalMaskingConfig]):
                                                      "heads": [list(h) for h in ranked]}),
         })
 
-    def run_unit(self, model: LoadedModel, cfg: RetrievalMaskingConfig, unit: str) -> UnitResult:
-        if unit == "ranking":
+    def run_unit(self, model: LoadedModel, cfg: RetrievalMaskingConfig, unit: Unit) -> UnitResult:
+        if unit.group == "ranking":
             return self._ranking_unit(model, cfg)
-        sample = self.samples(model, cfg)[unit]
+        sample = self.sample(model, cfg, unit)
         sets = self.head_sets(model, cfg)
         names = list(sets)
         ivs: list[Intervention] = []
@@ -195,7 +196,7 @@ class RetrievalMaskingDetector(_NeedleDetector[RetrievalMaskingConfig]):
             "curves": pd.concat(curves, ignore_index=True),
             "artifacts": tables.artifact("head_sets", {n: [list(h) for h in hs] for n, hs in sets.items()}),
         }
-        return Summary(detector=self.name, variant=self.variant(cfg), heads=None, metrics=metrics,
+        return Summary(heads=None, metrics=metrics,
                        warnings=warnings, tables=out)
 
 

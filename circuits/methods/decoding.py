@@ -10,21 +10,50 @@ prefill).
 A batch may hold several rows per sequence: with ``n`` sequences, rows ``i``, ``i + n``, ...
 belong to sequence ``i`` (DeCoRe's stacked [base; masked] batch). ``choose`` returns one token
 per sequence and each of its rows is fed that token.
+
+The model is anything :class:`Decodable`: a LoadedModel (its hook backend) or a plain
+transformers model in :class:`circuits.methods.hf_runner.HFRunner` (torch hooks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from interp.errors import UserError
 from interp.model.backends import RunOutput
 from interp.model.interventions import Intervention
-from interp.model.loaded import LoadedModel
 
 Choose = Callable[[RunOutput], torch.Tensor]
+
+
+class Decodable(Protocol):
+    """What the decoding loop needs of a model: a LoadedModel has it, and so has an HFRunner."""
+
+    tokenizer: Any
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def check_length(self, n_tokens: int) -> None: ...
+
+    def check_head(self, layer: int, head: int) -> None: ...
+
+    def encode(self, text: str, prefix: bool = True) -> list[int]: ...
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        interventions: Sequence[Intervention] = (),
+        cache: Sequence[str] = (),
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> RunOutput: ...
 
 
 @dataclass
@@ -33,7 +62,7 @@ class Decoded:
     stops: list[str]  # per sequence: "eos", "newline" or "length"
 
 
-def stop_reason(model: LoadedModel, token: int, stop_at_newline: bool) -> str | None:
+def stop_reason(model: Decodable, token: int, stop_at_newline: bool) -> str | None:
     """Why ``token`` ends a sequence: "eos", "newline" (a token holding a newline, when asked:
     the retrieval reference stops there), or None."""
     eos = model.tokenizer.eos_token_id
@@ -44,7 +73,7 @@ def stop_reason(model: LoadedModel, token: int, stop_at_newline: bool) -> str | 
     return None
 
 
-def prompt_rows(model: LoadedModel, prompts: Sequence[str | Sequence[int]], prefix: bool = True) -> list[list[int]]:
+def prompt_rows(model: Decodable, prompts: Sequence[str | Sequence[int]], prefix: bool = True) -> list[list[int]]:
     """Token ids per prompt: text through ``model.encode`` (after the prompt prefix unless
     ``prefix`` is False), token lists as they are."""
     rows = [model.encode(p, prefix) if isinstance(p, str) else [int(i) for i in p] for p in prompts]
@@ -53,7 +82,7 @@ def prompt_rows(model: LoadedModel, prompts: Sequence[str | Sequence[int]], pref
     return rows
 
 
-def pad_id(model: LoadedModel) -> int:
+def pad_id(model: Decodable) -> int:
     for cand in (model.tokenizer.pad_token_id, model.tokenizer.eos_token_id, model.tokenizer.bos_token_id):
         if isinstance(cand, int):
             return cand
@@ -82,7 +111,7 @@ def _grow(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def greedy_decode(
-    model: LoadedModel,
+    model: Decodable,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     *,
@@ -158,4 +187,4 @@ def greedy_decode(
     return Decoded(tokens=tokens, stops=stops)
 
 
-__all__ = ["Choose", "Decoded", "greedy_decode", "left_pad", "pad_id", "prompt_rows", "stop_reason"]
+__all__ = ["Choose", "Decodable", "Decoded", "greedy_decode", "left_pad", "pad_id", "prompt_rows", "stop_reason"]

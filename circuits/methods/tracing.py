@@ -26,8 +26,9 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 
-Kind = Literal["state", "mlp", "attn"]
-KINDS: tuple[Kind, ...] = ("state", "mlp", "attn")
+# What a causal trace restores at a (token, layer) cell: the hidden state, the MLP or the attention output.
+Restored = Literal["state", "mlp", "attn"]
+RESTORABLE: tuple[Restored, ...] = ("state", "mlp", "attn")
 SITE_OF = {"state": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 
 
@@ -205,6 +206,23 @@ class TraceResult:
         )
 
 
+@dataclass(frozen=True)
+class PromptTrace:
+    """One prompt traced live (the dashboard's form): the trace, the noise std it used, and a
+    token x layer heatmap of restored p(answer) per kind traced."""
+
+    result: TraceResult
+    figures: Mapping[str, go.Figure]
+
+    @property
+    def noise_std(self) -> float:
+        return self.result.noise_std
+
+    @property
+    def samples(self) -> int:
+        return self.result.samples
+
+
 def trace_fact(
     model: LoadedModel,
     inp: TraceInput,
@@ -213,13 +231,13 @@ def trace_fact(
     samples: int = 10,
     window: int = 10,
     seed: int = 1,
-    kinds: Sequence[str] = KINDS,
+    kinds: Sequence[str] = RESTORABLE,
     memory_mb: float = 512.0,
 ) -> TraceResult:
     """Causal trace of one fact: every (token, layer) cell of each kind, batched."""
-    bad = [k for k in kinds if k not in KINDS]
+    bad = [k for k in kinds if k not in RESTORABLE]
     if bad or not kinds:
-        raise UserError(f"unknown trace kind {bad[0] if bad else ''!r} (known: {', '.join(KINDS)})")
+        raise UserError(f"unknown trace kind {bad[0] if bad else ''!r} (known: {', '.join(RESTORABLE)})")
     if samples < 1 or window < 1 or noise_std <= 0:
         raise UserError("samples and window must be >= 1 and the noise std > 0")
     part = trace_part(model, inp, noise_std=noise_std, samples=samples, window=window, seed=seed, kinds=kinds,

@@ -53,6 +53,32 @@ class Capabilities:
     forward_kwargs: bool  # ``forward_kwargs`` reach HF's forward (``logits_to_keep``, ``use_cache``)
 
 
+def _bridge_call(
+    attention_mask: torch.Tensor | None, past_key_values: Any, use_cache: bool, forward_kwargs: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], str]:
+    """The bridge's forward kwargs and return type for a run (with HF's KV cache or without)."""
+    kwargs: dict[str, Any] = {}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    return_type = "logits"
+    if past_key_values is not None or use_cache:
+        kwargs["past_key_values"] = past_key_values
+        kwargs["use_cache"] = True
+        return_type = "logits_and_cache"
+    kwargs.update(forward_kwargs or {})
+    return kwargs, return_type
+
+
+def _check_nnsight_sites(groups: Mapping[str, Sequence[Intervention]], to_cache: set[str]) -> None:
+    """What the nnsight backend cannot do with a site, refused before the trace starts."""
+    for name in set(groups) | to_cache:
+        kind = parse_site(name).kind
+        if kind == "scores":
+            raise UserError("attention scores (and knockout) need the bridge backend")
+        if kind in ("pattern", "resid_mid") and name in groups:
+            raise UserError(f"site {kind!r} can be cached but not edited on the nnsight backend")
+
+
 def _group(interventions: Sequence[Intervention], info: ModelInfo) -> dict[str, list[Intervention]]:
     groups: dict[str, list[Intervention]] = defaultdict(list)
     for iv in interventions:
@@ -337,15 +363,7 @@ class BridgeBackend(Backend):
         fwd_hooks = [
             (self.hook_name(parse_site(name)), make_hook(name)) for name in sorted(set(groups) | to_cache)
         ]
-        kwargs: dict[str, Any] = {}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        return_type = "logits"
-        if past_key_values is not None or use_cache:
-            kwargs["past_key_values"] = past_key_values
-            kwargs["use_cache"] = True
-            return_type = "logits_and_cache"
-        kwargs.update(forward_kwargs or {})
+        kwargs, return_type = _bridge_call(attention_mask, past_key_values, use_cache, forward_kwargs)
         with (
             torch.set_grad_enabled(grad),
             self.bridge.hooks(fwd_hooks=fwd_hooks),
@@ -433,12 +451,7 @@ class NNsightBackend(Backend):
             raise UserError("the nnsight backend takes no forward_kwargs; use backend='bridge'")
         groups = _group(interventions, self.info)
         to_cache = _cache_sites(cache, self.info)
-        for name in set(groups) | to_cache:
-            kind = parse_site(name).kind
-            if kind == "scores":
-                raise UserError("attention scores (and knockout) need the bridge backend")
-            if kind in ("pattern", "resid_mid") and name in groups:
-                raise UserError(f"site {kind!r} can be cached but not edited on the nnsight backend")
+        _check_nnsight_sites(groups, to_cache)
         srcs: Sources = sources or {}
         store: dict[str, torch.Tensor] = {}
 
@@ -567,17 +580,6 @@ def make_backend(name: str, hf: torch.nn.Module, tokenizer: Any, info: ModelInfo
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
     return BACKENDS[name](hf, tokenizer, info, label)
-
-
-@contextlib.contextmanager
-def no_hooks_left(model: Any) -> Iterator[None]:
-    """For tests: assert that a block leaves no forward hooks on the HF modules of ``model``
-    (a LoadedModel or anything with its HF module as ``.hf``)."""
-    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.hf.modules())
-    yield
-    after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.hf.modules())
-    if after != before:
-        raise AssertionError(f"{after - before} hooks left on the model")
 
 
 __all__ = [

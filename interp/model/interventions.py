@@ -25,7 +25,8 @@ Index = tuple[int, ...] | None
 Sources = Mapping[str, Mapping[str, torch.Tensor]]
 
 
-def _tup(x: Sequence[int] | int | None) -> Index:
+def as_index(x: Sequence[int] | int | None) -> Index:
+    """Indices as a tuple of ints (one int: a tuple of one), or None for "all"."""
     if x is None:
         return None
     if isinstance(x, int):

@@ -8,6 +8,7 @@ retrying for most of a minute, and points at the zoo, which works offline.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -151,7 +152,8 @@ class Placement:
 
 
 def parse_max_memory(spec: str | dict[str, str] | None) -> dict[int | str, str] | None:
-    """Per-device limits from "cuda:0=10GiB,cpu=60GiB" (or "0=10GiB"), in accelerate's form."""
+    """Per-device limits from "cuda:0=10GiB,cpu=60GiB" (or "0=10GiB"), in accelerate's form.
+    Each limit is a positive size with its unit, on a device this machine has, named once."""
     if spec is None or spec == "":
         return None
     items = spec.items() if isinstance(spec, dict) else (
@@ -162,13 +164,41 @@ def parse_max_memory(spec: str | dict[str, str] | None) -> dict[int | str, str] 
         if not limit:
             raise UserError(f"--max-memory: {key!r} has no limit; write DEVICE=LIMIT, e.g. cuda:0=10GiB,cpu=60GiB")
         index = key.removeprefix("cuda:")
+        device: int | str
         if index.isdigit():
-            out[int(index)] = limit
+            device = int(index)
         elif key in ("cpu", "disk", "mps"):
-            out[key] = limit
+            device = key
         else:
             raise UserError(f"--max-memory: unknown device {key!r} (cuda:N, N, cpu, disk or mps)")
+        if device in out:
+            raise UserError(f"--max-memory: {key!r} is given twice")
+        _check_device_present(device)
+        _check_size(key, limit)
+        out[device] = limit
     return out
+
+
+def _check_device_present(device: int | str) -> None:
+    if isinstance(device, int):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device >= count:
+            raise UserError(f"--max-memory: cuda:{device} names a GPU this machine lacks (it has {count})")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--max-memory: mps names a device this machine lacks")
+
+
+def _check_size(key: str, limit: str) -> None:
+    """A limit accelerate reads: a positive number with its unit (10GiB, 1.5GB, 512MiB)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(limit)
+    except (ValueError, OverflowError):
+        size = 0
+    if size <= 0:
+        raise UserError(f"--max-memory: {key}={limit!r} is not a size; write a positive number and its unit, "
+                        "e.g. 10GiB, 1.5GB or 512MiB")
 
 
 def weights_sha256(folder: str | os.PathLike[str]) -> str | None:
@@ -268,6 +298,41 @@ def _looks_like_path(name: str) -> bool:
         or "\\" in name
         or (len(name) > 1 and name[1] == ":")  # a Windows drive
     )
+
+
+def _probe_path(path: Path, name: str) -> bool:
+    """Whether something is at ``path``; a one-line UserError for a name the file system
+    refuses (too long, a loop) instead of its OSError."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        reason = "the name is too long for the file system" if exc.errno == errno.ENAMETOOLONG else exc.strerror
+        shown = name if len(name) <= 80 else f"{name[:40]}...{name[-30:]} ({len(name)} characters)"
+        raise UserError(f"model {shown!r}: {reason or exc}") from None
+
+
+def resolve_model_name(name: str) -> str:
+    """The one name of the model ``name`` denotes, decided without loading it: a zoo name as is,
+    the zoo's converted folder of a model as that model's zoo name, any other local folder as its
+    absolute path with links resolved (``a``, ``a/`` and ``/abs/a`` are one model), a hub id as
+    given. UserError for a path that names no folder, a file, or a name the file system refuses."""
+    text = name.strip()
+    if not text:
+        raise UserError(f"empty model name; the zoo has: {_zoo_list()}")
+    if text in zoo.ZOO:
+        return text
+    path = Path(text).expanduser()
+    if not _probe_path(path, text):
+        if _looks_like_path(text):
+            raise UserError(f"no such folder: {text!r}")
+        return text
+    if not path.is_dir():
+        raise UserError(f"{text!r} is a file; give a model folder (with config.json) or a zoo name: {_zoo_list()}")
+    resolved = path.resolve()
+    for zoo_name in zoo.ZOO:
+        if zoo.model_dir(zoo_name).resolve() == resolved:
+            return zoo_name
+    return str(resolved)
 
 
 def _hub_snapshot_sha(repo_id: str) -> str | None:
@@ -392,7 +457,7 @@ def load_hf(
             folder, sha = zoo.ensure_converted(name)
             model, tok = _from_folder(folder, place)
             source, model_id = "zoo", name
-        elif path.exists():
+        elif _probe_path(path, name):
             if not path.is_dir():
                 raise UserError(
                     f"{name!r} is a file; give a model folder (with config.json) or a zoo name: {_zoo_list()}"

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from interp.model.loaded import LoadedModel
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to load a model again in another process: the arguments of :func:`interp.load_model`.
+    """How to load a model again in another process: the arguments of :func:`interp.load_model`
+    (:func:`interp.model.load.load_spec` loads it).
 
     Attributes:
         name: a zoo name, a local folder or a hub id (a model passed as an object has no spec).
@@ -30,9 +27,3 @@ class ModelSpec:
     dtype: str = "float32"
     device_map: str | None = None
     max_memory: str | None = None
-
-    def load(self) -> LoadedModel:
-        import interp
-
-        return interp.load_model(self.name, backend=self.backend, prefix=self.prefix, device=self.device,
-                                 dtype=self.dtype, device_map=self.device_map, max_memory=self.max_memory)

@@ -195,7 +195,7 @@ def execute_plan(
     }
     sweep = plan.sweep
     return SweepResult(
-        sweep=sweep, variant=sweep.intervention, metric=metric.name, labels=[v.label for v in plan.cases],
+        sweep=sweep, intervention=sweep.intervention, metric=metric.name, labels=[v.label for v in plan.cases],
         values=values, base=base.double().cpu(), stats=stats,
     )
 

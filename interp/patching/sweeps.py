@@ -10,20 +10,21 @@ from typing import Any, Literal
 import torch
 
 from interp.errors import UserError
-from interp.model.interventions import AblateHeads, Intervention, Knockout, Patch
+from interp.model.interventions import AblateHeads, Index, Intervention, Knockout, Patch, as_index
 from interp.model.loaded import LoadedModel
 from interp.model.sites import ATTN_KINDS, HEAD_KINDS, KV_KINDS, parse_site
 
 SweepOver = Literal["heads", "layers", "positions", "windows"]
 
 
-Kind = Literal["patch", "zero", "mean", "resample", "knockout"]
+# What a sweep does at each site (stored with each result as its intervention).
+Edit = Literal["patch", "zero", "mean", "resample", "knockout"]
 
 
 OVERS: tuple[str, ...] = ("heads", "layers", "positions", "windows")
 
 
-KINDS: tuple[str, ...] = ("patch", "zero", "mean", "resample", "knockout")
+EDITS: tuple[str, ...] = ("patch", "zero", "mean", "resample", "knockout")
 
 
 DEFAULT_SITE = {"heads": "z", "layers": "resid_pre", "positions": "resid_pre", "windows": "mlp_out"}
@@ -37,17 +38,6 @@ MEAN = "mean"
 
 
 ZERO = "zero"
-
-
-Index = tuple[int, ...] | None
-
-
-def _tup(x: Sequence[int] | int | None) -> Index:
-    if x is None:
-        return None
-    if isinstance(x, int):
-        return (int(x),)
-    return tuple(int(i) for i in x)
 
 
 @dataclass
@@ -96,7 +86,7 @@ class Sweep:
     """
 
     over: SweepOver
-    intervention: Kind = "patch"
+    intervention: Edit = "patch"
     site: str | None = None
     layers: Index = None
     heads: Index = None
@@ -106,11 +96,11 @@ class Sweep:
 
     def __post_init__(self) -> None:
         for name in ("layers", "heads", "positions", "query_positions"):
-            object.__setattr__(self, name, _tup(getattr(self, name)))
+            object.__setattr__(self, name, as_index(getattr(self, name)))
         if self.over not in OVERS:
             raise UserError(f"unknown sweep {self.over!r} (known: {', '.join(OVERS)})")
-        if self.intervention not in KINDS:
-            raise UserError(f"unknown intervention {self.intervention!r} (known: {', '.join(KINDS)})")
+        if self.intervention not in EDITS:
+            raise UserError(f"unknown intervention {self.intervention!r} (known: {', '.join(EDITS)})")
         if self.window < 1:
             raise UserError(f"window must be at least 1 layer, got {self.window}")
 
@@ -232,7 +222,7 @@ class SweepResult:
     """Metric values per case and prompt, with the base run's and the execution record."""
 
     sweep: Sweep
-    variant: str
+    intervention: str
     metric: str
     labels: list[dict[str, int]]
     values: torch.Tensor  # [n_cases, n_prompts]: the metric with the case's edit
@@ -254,6 +244,6 @@ class SweepResult:
             for j in range(self.values.shape[1]):
                 rows.append({**label, "prompt": j, "value": float(self.values[i, j]), "base": float(self.base[j])})
         df = pd.DataFrame(rows)
-        df["variant"] = self.variant
+        df["intervention"] = self.intervention
         df["metric"] = self.metric
         return df

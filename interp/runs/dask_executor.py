@@ -35,15 +35,17 @@ from typing import TYPE_CHECKING, Any, cast
 from distributed import Client, Future, LocalCluster, WorkerPlugin, as_completed, get_worker
 
 from interp.errors import UserError
+from interp.model.load import load_spec
 from interp.model.spec import ModelSpec
-from interp.runs.executors import Executor
+from interp.runs.executors import Executor, check_cluster_options, compute_task
+from interp.runs.units import Part, Task, Unit
 
 if TYPE_CHECKING:
     from distributed import Worker
 
     from interp.model.loaded import LoadedModel
     from interp.runs.config import DetectorConfig
-    from interp.runs.registry import Detector, UnitResult
+    from interp.runs.registry import Detector
 
 # How long to wait for an existing scheduler to answer, then for it to have a worker.
 CONNECT_TIMEOUT_S = 5
@@ -115,7 +117,7 @@ class ModelPlugin(WorkerPlugin):
                 spec = self.spec
                 if worker_name in self.devices:
                     spec = dataclasses.replace(spec, device=self.devices[worker_name])
-                model = spec.load()
+                model = load_spec(spec)
                 _ = model.backend  # its hooks are set up once here (seconds), not in the first unit
                 self._model = model
             return self._model
@@ -139,12 +141,11 @@ class ModelPlugin(WorkerPlugin):
         return detector, cfg
 
 
-def _compute_unit(
-    plugin_name: str, detector_name: str, params: Mapping[str, Any], unit: str, expected: Mapping[str, Any],
-    part: str | None = None,
-) -> tuple[str, Any, float]:
-    """One unit on a worker (a Dask task), or one ``part`` of it: (unit, its UnitResult or the
-    part's value, seconds of compute)."""
+def _compute_task(
+    plugin_name: str, detector_name: str, params: Mapping[str, Any], task: Task, expected: Mapping[str, Any],
+) -> tuple[Task, Any, float]:
+    """One task on a worker (a Dask task): (the task, a unit's UnitResult or a part's value,
+    seconds of compute)."""
     worker = get_worker()
     plugin = worker.plugins.get(plugin_name)
     if not isinstance(plugin, ModelPlugin):
@@ -159,9 +160,9 @@ def _compute_unit(
     with plugin.run_lock:
         plugin.apply_threads()
         t0 = time.perf_counter()
-        result = detector.run_unit(model, cfg, unit) if part is None else detector.run_part(model, cfg, unit, part)
+        result = compute_task(model, detector, cfg, task)
         seconds = time.perf_counter() - t0
-    return unit, result, seconds
+    return task, result, seconds
 
 
 def _one_line(exc: BaseException) -> str:
@@ -176,9 +177,8 @@ class DaskExecutor(Executor):
     resource) and closes it in :meth:`close`; ``scheduler=ADDR`` joins a running cluster (its
     workers must be able to load ``spec``: the same folder or zoo model and the same package
     versions). ``retries`` reruns a unit whose task raised; a worker that died is covered
-    without it, by the scheduler's ``allowed-failures``. A run with fewer units than workers
-    sends each unit the detector can split (:meth:`Detector.split_unit`) in parts, and joins
-    them here; ``split_units`` counts the units so computed.
+    without it, by the scheduler's ``allowed-failures``. Which units go out in parts, and their
+    joining, is the :class:`~interp.runs.executors.Executor` base's policy.
     """
 
     name = "dask"
@@ -188,16 +188,19 @@ class DaskExecutor(Executor):
     ) -> None:
         if (workers is None) == (scheduler is None):
             raise UserError("give the Dask executor workers (a local cluster) or a scheduler address (an existing one)")
-        if workers is not None and workers < 1:
-            raise UserError(f"--workers must be >= 1, got {workers}")
+        check_cluster_options(workers, scheduler)
+        super().__init__()
         self.spec = spec
         self.retries = retries
-        self.split_units = 0  # units computed in parts on several workers (Detector.split_unit)
         self.cluster: LocalCluster | None = None
         self.client: Client | None = None
         self._closed = False
         self._plugin_name = f"interp-model-{uuid.uuid4().hex[:12]}"
         devices = local_gpu_devices(spec, workers) if workers is not None else None
+        if workers is not None and devices is None:
+            from interp.runs.capacity import check_local_workers
+
+            check_local_workers(workers, spec)  # before any process starts
         # Tasks ask for a GPU only on a cluster started here, whose workers declare theirs; the
         # workers of a joined cluster need declare nothing.
         self._resources = {"GPU": 1} if devices else None
@@ -241,47 +244,36 @@ class DaskExecutor(Executor):
             where += " (a stub: the dashboard needs bokeh)"
         return f"dask: {n} worker{'s' if n != 1 else ''}, {where}"
 
-    def run_units(
-        self, model: LoadedModel, detector: Detector[Any], cfg: DetectorConfig, units: Sequence[str]
-    ) -> Iterator[tuple[str, UnitResult, float]]:
+    def workers(self) -> int:
+        return len(cast(dict[str, int], self._client().nthreads()))
+
+    def compute(
+        self, model: LoadedModel, detector: Detector[Any], cfg: DetectorConfig, tasks: Sequence[Task]
+    ) -> Iterator[tuple[Task, Any, float]]:
         client = self._client()
         params = cfg.to_dict()
         expected = model_identity(model)
         cfg_hash = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
         token = uuid.uuid4().hex[:12]
-        # Fewer units than workers: a unit the detector can split goes out in parts, as many as
-        # leave no worker idle, and is joined here when its last part arrives.
-        n_workers = len(cast(dict[str, int], client.nthreads()))
-        share = n_workers // len(units) if 0 < len(units) < n_workers else 1
-        parts = {unit: detector.split_unit(model, cfg, unit, share) if share > 1 else [] for unit in units}
-        pending: dict[Future, tuple[str, str | None]] = {}
-        done_parts: dict[str, dict[str, tuple[Any, float]]] = {}
+        pending: dict[Future, Task] = {}
         try:
-            for unit in units:
-                for part in parts[unit] or [None]:
-                    future = client.submit(
-                        _compute_unit, self._plugin_name, detector.name, params, unit, expected, part,
-                        key=f"{detector.name}-{cfg_hash}-{unit}-{part or 'whole'}-{token}", pure=False,
-                        retries=self.retries, resources=self._resources,
-                    )
-                    pending[future] = (unit, part)
+            for task in tasks:
+                part = f"part{task.index}of{task.count}" if isinstance(task, Part) else "whole"
+                future = client.submit(
+                    _compute_task, self._plugin_name, detector.name, params, task, expected,
+                    key=f"{detector.name}-{cfg_hash}-{_unit_of(task).key}-{part}-{token}", pure=False,
+                    retries=self.retries, resources=self._resources,
+                )
+                pending[future] = task
             for future in as_completed(list(pending), loop=client.loop):
-                unit, part = pending.pop(future)
+                task = pending.pop(future)
                 try:
                     _, value, seconds = future.result()
                 except Exception as exc:
-                    exc.add_note(f"(unit {unit!r}{f' part {part}' if part else ''} of {detector.name}, on a Dask worker)")
+                    exc.add_note(f"({task} of {detector.name}, on a Dask worker)")
                     raise
                 future.release()
-                if part is None:
-                    yield unit, value, seconds
-                    continue
-                done_parts.setdefault(unit, {})[part] = (value, seconds)
-                if len(done_parts[unit]) == len(parts[unit]):
-                    got = done_parts.pop(unit)
-                    self.split_units += 1
-                    joined = detector.join_parts(model, cfg, unit, [got[p][0] for p in parts[unit]])
-                    yield unit, joined, sum(s for _, s in got.values())
+                yield task, value, seconds
         finally:
             # An error, Ctrl-C or a consumer that stopped: nothing of this run may go on.
             if pending:
@@ -355,18 +347,40 @@ def _bare_main() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
+class _Client(Client):
+    """A Dask client whose failed start leaves nothing behind: Dask's own keeps a half-built
+    client whose finaliser, run at some later collection, waits for its event loop and prints a
+    traceback on the user's terminal seconds after the error was reported."""
+
+    def start(self, **kwargs: Any) -> None:
+        try:
+            super().start(**kwargs)
+        except BaseException:
+            self.status = "closed"  # the finaliser's close() then has nothing to do
+            self._loop_runner.stop()
+            raise
+
+
 def _connect(address: str) -> Client:
     """A client of the scheduler at ``address`` that has at least one worker; UserError (one
-    line) within seconds otherwise."""
+    line) within seconds otherwise, whatever answers there (:func:`interp.runs.scheduler.probe`
+    first: the client is built only where a scheduler greeted us)."""
+    from interp.runs.scheduler import probe
+
+    target = probe(address)
     try:
-        client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+        client = _Client(target, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except (OSError, TimeoutError, ValueError, TypeError) as exc:
-        raise UserError(f"cannot reach the Dask scheduler at {address}: {_one_line(exc)}") from None
+        raise UserError(f"cannot reach the Dask scheduler at {target}: {_one_line(exc)}") from None
     try:
         client.wait_for_workers(1, timeout=WORKERS_TIMEOUT_S)
     except (OSError, TimeoutError) as exc:
         client.close()
         raise UserError(
-            f"the Dask scheduler at {address} has no workers after {WORKERS_TIMEOUT_S} s ({_one_line(exc)})"
+            f"the Dask scheduler at {target} has no workers after {WORKERS_TIMEOUT_S} s ({_one_line(exc)})"
         ) from None
     return client
+
+
+def _unit_of(task: Task) -> Unit:
+    return task.unit if isinstance(task, Part) else task

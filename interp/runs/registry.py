@@ -4,8 +4,9 @@ A detector is a :class:`Detector` subclass decorated with :func:`register`. Pack
 detectors (``circuits`` in this one) are found through the ``interp.plugins`` entry-point group,
 so the core never names them; the CLI, ``interp scan``, the store and the dashboard discover
 every registered detector here.
-A detector's work is split into named *units* (batches, facts, samples) that are committed to
-the store one by one, so an interrupted run resumes without redoing finished units.
+A detector's work is split into *units* (batches, facts, samples: :class:`~interp.runs.units.Unit`)
+that are committed to the store one by one, so an interrupted run resumes without redoing
+finished units.
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ import pandas as pd
 
 from interp.errors import UserError
 from interp.runs.config import SEED_MAX, DetectorConfig, NoParams, Param
+from interp.runs.units import Part, Unit
 
 if TYPE_CHECKING:
     import torch
 
     from interp.model.loaded import LoadedModel
 
-__all__ = ["SEED_MAX", "Detector", "DetectorConfig", "Param", "Summary", "UnitResult", "register"]
+__all__ = ["SEED_MAX", "Detector", "DetectorConfig", "Param", "Part", "Summary", "Unit", "UnitResult", "register"]
 # The entry-point group through which packages add detectors and commands: each entry names a
 # module whose import registers them (``circuits = "circuits"`` in this package's pyproject).
 PLUGIN_GROUP = "interp.plugins"
+OWN_DISTRIBUTION = "interp-workbench"
 
 OutputKind = Literal["head_scores", "token_layer", "curves", "metrics", "intervention"]
 C = TypeVar("C", bound=DetectorConfig)
@@ -58,12 +61,13 @@ class Summary:
     layer, head and score. ``tables`` are the aggregated long tables written under unit "final".
     """
 
-    detector: str
-    variant: str
     heads: list[dict[str, Any]] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    # The detector's name and the run's variant: set by the runner, not by the detector.
+    detector: str = ""
+    variant: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"detector": self.detector, "variant": self.variant}
@@ -83,6 +87,9 @@ class Detector(Generic[C]):
     description: ClassVar[str]
     # What the detector writes: the dashboard picks its page by this.
     output: ClassVar[OutputKind]
+    # Whether it studies knowledge conflicts (the model's memory against a context that
+    # contradicts it): the dashboard's Conflicts page lists its runs, whatever its output.
+    knowledge_conflict: ClassVar[bool] = False
     Config: ClassVar[type[DetectorConfig]] = NoParams
     # Derived from Config when the subclass is created: the CLI and the dashboard's form read it.
     params: ClassVar[tuple[Param, ...]] = ()
@@ -120,28 +127,29 @@ class Detector(Generic[C]):
         """A hash of the input data when it comes from a file; None for generated inputs."""
         return None
 
-    def units(self, model: LoadedModel, cfg: C) -> list[str]:
-        """Names of the units of work, in order. Each is committed to the store when done.
+    def units(self, model: LoadedModel, cfg: C) -> list[Unit]:
+        """The units of work, in order. Each is committed to the store when done.
         Checks that need the model (a layer index, a prompt against the context) go here."""
         raise NotImplementedError
 
-    def run_unit(self, model: LoadedModel, cfg: C, unit: str) -> UnitResult:
-        """Compute one unit. Must be deterministic given the config (seed included) and unit."""
+    def run_unit(self, model: LoadedModel, cfg: C, unit: Unit) -> UnitResult:
+        """Compute one unit. Must be deterministic given the config (seed included) and unit.
+        By default the unit is its one part (:meth:`run_part`, :meth:`join_parts`)."""
+        return self.join_parts(model, cfg, unit, [self.run_part(model, cfg, Part(unit, 0, 1))])
+
+    def max_parts(self, model: LoadedModel, cfg: C, unit: Unit) -> int:
+        """Into how many parts ``unit`` can be split, to be computed apart (on several workers)
+        by :meth:`run_part` and joined by :meth:`join_parts`; 1 (the default): not split. The
+        framework chooses how many it uses (:func:`interp.runs.executors.plan_tasks`)."""
+        return 1
+
+    def run_part(self, model: LoadedModel, cfg: C, part: Part) -> Any:
+        """Compute one part of a unit (a picklable value, sent back to the driver)."""
         raise NotImplementedError
 
-    def split_unit(self, model: LoadedModel, cfg: C, unit: str, n: int) -> list[str]:
-        """Up to ``n`` parts of one large unit that can be computed apart (on several workers),
-        by :meth:`run_part` each, then joined by :meth:`join_parts` into what :meth:`run_unit`
-        returns. Empty (the default): the unit is not split."""
-        return []
-
-    def run_part(self, model: LoadedModel, cfg: C, unit: str, part: str) -> Any:
-        """Compute one part of :meth:`split_unit` (a picklable value, sent back to the driver)."""
-        raise NotImplementedError
-
-    def join_parts(self, model: LoadedModel, cfg: C, unit: str, parts: Sequence[Any]) -> UnitResult:
-        """The unit's result from its parts' values, in :meth:`split_unit` order: equal to
-        :meth:`run_unit`'s up to float rounding."""
+    def join_parts(self, model: LoadedModel, cfg: C, unit: Unit, parts: Sequence[Any]) -> UnitResult:
+        """The unit's result from its parts' values, in part order: equal to what one part
+        covering the whole unit gives, up to float rounding."""
         raise NotImplementedError
 
     def finalize(self, model: LoadedModel, cfg: C, results: Mapping[str, pd.DataFrame]) -> Summary:
@@ -179,7 +187,9 @@ _REGISTRY: dict[str, type[Detector]] = {}
 def register(cls: type[Detector]) -> type[Detector]:
     """Class decorator: make a detector discoverable by name."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise RuntimeError(f"detector {cls.name!r} registered twice")
+        first = _REGISTRY[cls.name]
+        raise RuntimeError(f"detector {cls.name!r} registered twice ({first.__module__}.{first.__qualname__}, then "
+                           f"{cls.__module__}.{cls.__qualname__})")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -192,6 +202,9 @@ def command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     ``interp <name> ...`` then calls it. Raise UserError for bad input."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        first = _COMMANDS.get(name)
+        if first is not None and (first.__module__, first.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise RuntimeError(f"command {name!r} registered twice ({first.__module__}, then {fn.__module__})")
         _COMMANDS[name] = fn
         return fn
 
@@ -203,14 +216,45 @@ def all_commands() -> dict[str, Callable[..., Any]]:
     return dict(sorted(_COMMANDS.items()))
 
 
+# Why each plug-in that failed to load was refused, by its entry point ("name = value"). It is
+# not imported again in this process: its modules that did import stay imported, and would not
+# register again.
+_FAILED: dict[str, str] = {}
+
+
 def _discover() -> None:
     """Import every installed plug-in module (entry-point group ``interp.plugins``); each
-    registers its detectors with :func:`register` when imported. Importing twice is free."""
-    for ep in metadata.entry_points(group=PLUGIN_GROUP):
+    registers its detectors and commands when imported. A plug-in that fails (raises at import,
+    registers a detector name that exists) is skipped whole, whatever it had registered, and
+    recorded in :func:`plugin_failures`: the other plug-ins, and the commands that need none of
+    them, keep working. The workbench's own plug-ins load first, so a name that another plug-in
+    registers again is refused in that plug-in, whatever the order of the installed packages."""
+    for ep in sorted(metadata.entry_points(group=PLUGIN_GROUP), key=_own_first):
+        label = f"{ep.name} = {ep.value}"
+        if label in _FAILED:
+            continue
+        detectors, commands = dict(_REGISTRY), dict(_COMMANDS)
         try:
             ep.load()
-        except ImportError as exc:
-            raise UserError(f"cannot load detector plug-in {ep.name!r} ({ep.value}): {exc}") from exc
+        except Exception as exc:  # a plug-in's bug of any kind must not break the others
+            _REGISTRY.clear()
+            _REGISTRY.update(detectors)
+            _COMMANDS.clear()
+            _COMMANDS.update(commands)
+            dist = f" (from {ep.dist.name} {ep.dist.version})" if ep.dist is not None else ""
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            _FAILED[label] = f"plug-in {label!r}{dist} was not loaded: {type(exc).__name__}: {reason}"
+
+
+def _own_first(ep: metadata.EntryPoint) -> tuple[bool, str]:
+    return (ep.dist is None or ep.dist.name != OWN_DISTRIBUTION, ep.name)
+
+
+def plugin_failures() -> list[str]:
+    """One line per plug-in that could not be loaded (its entry point, its distribution, why)."""
+    _discover()
+    present = {f"{ep.name} = {ep.value}" for ep in metadata.entry_points(group=PLUGIN_GROUP)}
+    return [why for label, why in _FAILED.items() if label in present]
 
 
 def all_detectors() -> dict[str, type[Detector]]:
@@ -226,8 +270,7 @@ def default_scan() -> list[str]:
 def get_detector(name: str) -> Detector:
     detectors = all_detectors()
     if name not in detectors:
-        raise UserError(f"unknown detector {name!r} (available: {', '.join(detectors)})")
+        failed = "".join(f"; {why}" for why in plugin_failures())
+        raise UserError(f"unknown detector {name!r} (available: {', '.join(detectors)}){failed}")
     return detectors[name]()
 
-
-DetectorFactory = Callable[[], Detector]

@@ -7,9 +7,10 @@ skips the committed units.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,18 @@ from interp.runs import tables
 from interp.runs.config import DetectorConfig
 from interp.runs.executors import Executor, SerialExecutor
 from interp.runs.registry import Detector, Summary, UnitResult, get_detector
-from interp.runs.store import FINAL_UNIT, SETTINGS_UNIT, TABLES, WARNINGS_UNIT, Run, Store, code_version
+from interp.runs.store import (
+    FINAL_UNIT,
+    SETTINGS_UNIT,
+    TABLES,
+    WARNINGS_UNIT,
+    Run,
+    Store,
+    code_version,
+    key_context,
+    run_key,
+)
+from interp.runs.units import Unit
 
 
 @dataclass
@@ -32,6 +44,8 @@ class RunResult:
     resumed_units: int
     computed_units: int
     seconds: float
+    # A finished run found in the store (find_or_run): its summary re-made from the stored units.
+    reused: bool = False
 
 
 def run_detector(
@@ -53,7 +67,31 @@ def run_detector(
     # Validation (units() raises UserError on bad parameters) happens before the store is
     # touched, so bad input never leaves a half-written run behind.
     units = detector.units(model, cfg)
-    run: Run = store.start_run(
+    run = _open_run(model, detector, cfg, store, resume)
+    started = time.perf_counter()
+    with run.guard():
+        done = run.done_units() - {FINAL_UNIT, SETTINGS_UNIT}
+        todo = [u for u in units if u.key not in done]
+        if SETTINGS_UNIT not in run.done_units():
+            run.commit_unit(SETTINGS_UNIT, settings(detector, cfg, len(units)), 0.0)
+        desc = f"{detector.name} on {model.name}"
+        with tqdm(total=len(units), initial=len(units) - len(todo), desc=desc, unit="unit", file=sys.stderr,
+                  disable=not progress) as bar:
+            _commit_units(run, (executor or SerialExecutor()).run_units(model, detector, cfg, todo), todo, bar)
+        summary = finalized(model, detector, cfg, {table: unit_rows(run.results(table), units) for table in TABLES})
+        run.commit_unit(FINAL_UNIT, UnitResult(tables=summary.tables), 0.0)
+        if summary.warnings:
+            run.commit_unit(
+                WARNINGS_UNIT, UnitResult(tables={"artifacts": tables.artifact("warnings", summary.warnings)}), 0.0
+            )
+        run.finish("done")
+    return RunResult(run_id=run.id, summary=summary, resumed_units=len(units) - len(todo),
+                     computed_units=len(todo), seconds=time.perf_counter() - started)
+
+
+def _open_run(model: LoadedModel, detector: Detector[Any], cfg: DetectorConfig, store: Store, resume: bool) -> Run:
+    """A new run of the store, or the interrupted one with the same key (``resume``)."""
+    return store.start_run(
         model=model.name,
         model_hash=model.provenance.file_sha256 or "",
         detector=detector.name,
@@ -66,46 +104,65 @@ def run_detector(
         resume=resume,
         identity=lambda stored: _identity(detector, stored),
     )
-    started = time.perf_counter()
-    with run.guard():
-        done = run.done_units() - {FINAL_UNIT, SETTINGS_UNIT}
-        todo = [u for u in units if u not in done]
-        if SETTINGS_UNIT not in run.done_units():
-            run.commit_unit(SETTINGS_UNIT, settings(detector, cfg), 0.0)
-        bar = tqdm(
-            total=len(units),
-            initial=len(units) - len(todo),
-            desc=f"{detector.name} on {model.name}",
-            unit="unit",
-            file=sys.stderr,
-            disable=not progress,
-        )
-        with bar:
-            committed: set[str] = set()
-            for unit, result, seconds in (executor or SerialExecutor()).run_units(model, detector, cfg, todo):
-                if unit in committed:  # an executor must not yield a unit twice; never store it twice
-                    continue
-                run.commit_unit(unit, result, seconds)
-                committed.add(unit)
-                bar.update(1)
-            missing = [u for u in todo if u not in committed]
-            if missing:
-                raise RuntimeError(f"the executor returned without units {missing[:5]}")
-        results = {table: unit_rows(run.results(table), units) for table in TABLES}
-        summary = detector.finalize(model, cfg, results)
-        run.commit_unit(FINAL_UNIT, UnitResult(tables=summary.tables), 0.0)
-        if summary.warnings:
-            run.commit_unit(
-                WARNINGS_UNIT, UnitResult(tables={"artifacts": tables.artifact("warnings", summary.warnings)}), 0.0
-            )
-        run.finish("done")
-    return RunResult(
-        run_id=run.id,
-        summary=summary,
-        resumed_units=len(units) - len(todo),
-        computed_units=len(todo),
-        seconds=time.perf_counter() - started,
-    )
+
+
+def _commit_units(run: Run, computed: Iterable[tuple[Unit, UnitResult, float]], todo: Sequence[Unit], bar: Any) -> None:
+    """Commit each unit as the executor yields it, once; every unit of ``todo`` must come."""
+    committed: set[Unit] = set()
+    for unit, result, seconds in computed:
+        if unit in committed:  # an executor must not yield a unit twice; never store it twice
+            continue
+        run.commit_unit(unit.key, result, seconds)
+        committed.add(unit)
+        bar.update(1)
+    missing = [u for u in todo if u not in committed]
+    if missing:
+        raise RuntimeError(f"the executor returned without units {missing[:5]}")
+
+
+def run_key_of(model: LoadedModel, detector: Detector[Any], cfg: DetectorConfig) -> str:
+    """The store key of a run of ``detector`` with ``cfg`` on ``model``: what a run is (the
+    model's weights, prompt prefix and dtype, the detector, variant, parameters, data, seed)."""
+    return run_key(model=model.name, model_hash=model.provenance.file_sha256 or "", detector=detector.name,
+                   variant=detector.variant(cfg), params=cfg.to_dict(), dataset_hash=detector.dataset_hash(model, cfg),
+                   seed=cfg.get("seed"), **key_context(model.provenance.to_dict()))
+
+
+def find_run(model: LoadedModel, detector_name: str, raw_params: Mapping[str, Any], store: Store) -> RunResult | None:
+    """The finished run of this detector with these parameters on this model in ``store`` (same
+    key: weights, prompt prefix, dtype, variant, parameters, data, seed), its summary re-made
+    from the stored units without recomputing any; None when there is none."""
+    detector = get_detector(detector_name)
+    cfg = detector.parse_params(raw_params)
+    run = store.find_run(run_key_of(model, detector, cfg), "done")
+    if run is None:
+        return None
+    t0 = time.perf_counter()
+    units = detector.units(model, cfg)
+    summary = finalized(model, detector, cfg, {t: unit_rows(run.results(t), units) for t in TABLES})
+    return RunResult(run_id=run.id, summary=summary, resumed_units=len(units), computed_units=0,
+                     seconds=time.perf_counter() - t0, reused=True)
+
+
+def find_or_run(
+    model: LoadedModel,
+    detector_name: str,
+    raw_params: Mapping[str, Any],
+    store: Store,
+    *,
+    accept: Sequence[Mapping[str, Any]] = (),
+    progress: bool = True,
+    executor: Executor | None = None,
+) -> RunResult:
+    """The finished run of this detector with ``raw_params`` on ``model`` (:func:`find_run`),
+    else the first finished run with one of the parameter sets in ``accept`` (alternatives the
+    caller takes as well, in order of preference), else a run now (resumed where one was
+    interrupted), stored. The result says which (``reused``, ``run_id``)."""
+    for params in (raw_params, *accept):
+        found = find_run(model, detector_name, params, store)
+        if found is not None:
+            return found
+    return run_detector(model, detector_name, raw_params, store, progress=progress, executor=executor)
 
 
 def run_in_memory(
@@ -118,15 +175,25 @@ def run_in_memory(
     parts: dict[str, list[pd.DataFrame]] = {}
     for unit in detector.units(model, cfg):
         for table, frame in detector.run_unit(model, cfg, unit).tables.items():
-            parts.setdefault(table, []).append(frame.assign(unit=unit))
+            parts.setdefault(table, []).append(frame.assign(unit=unit.key))
     results = {t: pd.concat(frames, ignore_index=True) for t, frames in parts.items()}
-    return detector.finalize(model, cfg, results), results
+    return finalized(model, detector, cfg, results), results
 
 
-def settings(detector: Detector[Any], cfg: DetectorConfig) -> UnitResult:
-    """The ``settings`` artifact of a run: its variant slug, what that means in words, and
-    the parameters as typed values."""
-    doc = {"variant": detector.variant(cfg), "method": detector.method_text(cfg), "params": cfg.to_dict()}
+def finalized(
+    model: LoadedModel, detector: Detector[Any], cfg: DetectorConfig, results: Mapping[str, pd.DataFrame]
+) -> Summary:
+    """The detector's summary of its units' tables, with its name and the run's variant."""
+    summary = detector.finalize(model, cfg, results)
+    return dataclasses.replace(summary, detector=detector.name, variant=detector.variant(cfg))
+
+
+def settings(detector: Detector[Any], cfg: DetectorConfig, n_units: int) -> UnitResult:
+    """The ``settings`` artifact of a run: its variant slug, what that means in words, the
+    parameters as typed values, its declared output and its number of units (the dashboard's
+    progress: committed units of that total)."""
+    doc = {"variant": detector.variant(cfg), "method": detector.method_text(cfg), "params": cfg.to_dict(),
+           "output": detector.output, "n_units": n_units}
     return UnitResult(tables={"artifacts": tables.artifact("settings", doc)})
 
 
@@ -140,13 +207,13 @@ def _identity(detector: Detector[Any], stored_params: Mapping[str, Any]) -> tupl
     return detector.variant(cfg), cfg.to_dict()
 
 
-def unit_rows(df: pd.DataFrame, units: Sequence[str]) -> pd.DataFrame:
+def unit_rows(df: pd.DataFrame, units: Sequence[Unit]) -> pd.DataFrame:
     """A table's rows written by the detector's units (not the final, warnings and settings rows
     the runner adds), in the order of ``units``: a cluster commits units as they finish, and a
     finalize that sums in row order must see the same order as after a serial run."""
     if "unit" not in df.columns:
         return df
     keep = pd.DataFrame(df.loc[~df["unit"].isin([FINAL_UNIT, WARNINGS_UNIT, SETTINGS_UNIT])])
-    position = {u: i for i, u in enumerate(units)}
+    position = {u.key: i for i, u in enumerate(units)}
     order = keep["unit"].map(lambda u: position.get(u, len(position)))
     return pd.DataFrame(keep.iloc[order.argsort(kind="stable")]).reset_index(drop=True)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sqlite3
+import stat
 import subprocess
 import tempfile
 import threading
@@ -34,6 +35,7 @@ import pandas as pd
 
 from interp.errors import StoreError, UserError
 from interp.model.prefix import describe_stored
+from interp.runs import store_file
 from interp.runs.registry import UnitResult
 
 SCHEMA_VERSION = 1
@@ -258,16 +260,17 @@ def _default_workspace() -> Path:
 
 
 def _ensure_writable(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise StoreError(f"workspace {path} is not writable: it is not a directory")
+    st = store_file.path_state(path, "workspace")
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"workspace {store_file.short_path(path)} is not writable: it is not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         # os.access is wrong for root and for some network/ACL filesystems: really write a file.
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise StoreError(f"workspace {path} is not writable: {reason}") from None
+        raise StoreError(
+            f"workspace {store_file.short_path(path)} is not writable: {store_file.os_reason(exc)}") from None
 
 
 def _provenance_of(provenance_json: str | None) -> dict[str, Any]:
@@ -354,37 +357,46 @@ class Store:
     Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, workspace: str | Path | None = None, *, create: bool = True) -> None:
+    def __init__(
+        self, workspace: str | Path | None = None, *, create: bool = True, read_only: bool = False
+    ) -> None:
         """Open the store of ``workspace`` (default: ``$INTERP_WORKSPACE`` or ``./.interp``).
 
         With ``create`` (writers: scan, run) a missing workspace and store are made; without it
-        (readers: runs, export, the dashboard's launcher) a workspace with no ``results.db`` is
-        an error and nothing is created, so a mistyped path is not silently an empty store.
+        a workspace with no ``results.db`` is an error and nothing is created, so a mistyped path
+        is not silently an empty store. ``read_only`` (readers: runs, export, the dashboard's
+        launcher) also never writes a byte, so a store on a read-only file or folder can be read.
+        Whatever the mode, a ``results.db`` that is not a workbench store is refused before
+        anything is written (:mod:`interp.runs.store_file`).
         """
         path = Path(workspace).expanduser() if workspace is not None else _default_workspace()
-        if create:
+        mode: store_file.OpenMode = "read" if read_only else "create" if create else "write"
+        if mode == "create":
             _ensure_writable(path)
-        elif not (path / DB_NAME).is_file():
-            raise StoreError(
-                f"no results store at {path.absolute()} (run `interp scan` or `interp run` to create one)"
-            )
         self.workspace: Path = path
         self.path: Path = path / DB_NAME
         # RLock: a write helper may call a read helper while holding it.
         self._lock = threading.RLock()
         self._con: sqlite3.Connection | None = None
+        found = store_file.recognise(self.path, TABLES)
+        if found == "new" and mode != "create":
+            raise StoreError(
+                f"no results store at {path.absolute()} (run `interp scan` or `interp run` to create one)"
+            )
         try:
-            # isolation_level=None: transactions are opened explicitly (BEGIN IMMEDIATE) so that
-            # their bounds are exactly the unit's, and the write lock is taken up front rather than
-            # upgraded later, which in WAL mode fails immediately instead of waiting.
-            # mode=rw: a reader never creates the file, even if it vanished since the check.
-            target, uri = (self.path, False) if create else (f"{self.path.absolute().as_uri()}?mode=rw", True)
-            con = sqlite3.connect(target, timeout=30, isolation_level=None, check_same_thread=False, uri=uri)
+            con = store_file.connect(self.path, mode)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open results store {self.path}: {exc}") from None
         self._con = con
         try:
             con.execute("PRAGMA foreign_keys = ON")
+            if mode == "read":
+                self._check_version(self._query("SELECT MAX(version) FROM schema_version"))
+                return
+            if found == "new":
+                # The marker first, in the file's first write: no moment where the file holds a
+                # database without it (and would be refused as another tool's).
+                store_file.stamp(con, SCHEMA_VERSION)
             con.execute("PRAGMA journal_mode = WAL")
             # In WAL mode NORMAL keeps every commit atomic and durable against a process crash;
             # only a power loss may drop the last commits, which then are simply recomputed.
@@ -445,15 +457,18 @@ class Store:
         with self._write() as con:
             for stmt in _SCHEMA:
                 con.execute(stmt)
-            row = con.execute("SELECT MAX(version) FROM schema_version").fetchone()
-            version = row[0] if row else None
-            if version is None:
+            self._check_version(con.execute("SELECT MAX(version) FROM schema_version").fetchall())
+            if con.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 0:
                 con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"results store {self.path} has schema version {version}, newer than this "
-                    f"interp-workbench supports ({SCHEMA_VERSION}): upgrade interp-workbench"
-                )
+            store_file.stamp(con, SCHEMA_VERSION)
+
+    def _check_version(self, rows: Sequence[Sequence[Any]]) -> None:
+        version = rows[0][0] if rows else None
+        if version is not None and version > SCHEMA_VERSION:
+            raise StoreError(
+                f"results store {self.path} has schema version {version}, newer than this "
+                f"interp-workbench supports ({SCHEMA_VERSION}): upgrade interp-workbench"
+            )
 
     def _run_row(self, run_id: int) -> dict[str, Any]:
         rows = self._query(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE id = ?", (run_id,))

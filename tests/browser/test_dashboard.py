@@ -1,11 +1,13 @@
 """The dashboard end to end in a real headless Chromium (Debian's package, driven by Playwright).
 
 `interp app` serves a workspace prepared with a small induction run on the zoo default, plus a
-one-fact causal trace and conflict heads on a few items (the default scan's page sources, small);
-every page is opened, shows stored content, its charts must render and no exception text may
-appear; the first paint of the
-stored scan's page is measured and printed; a small detector is started from the form and
-followed to completion; bad input in the form shows a message, not a traceback.
+one-fact causal trace and conflict heads on a few items (the default scan's page sources, small)
+and a run of a plug-in head detector installed through an entry point; every page is opened,
+shows stored content, its charts must render and no exception text may appear; the plug-in's
+run shows on the page of its declared output only; the first paint of the stored scan's page is
+measured and printed; a small detector is started from the form and followed to completion; bad
+input in the form shows a message, not a traceback. Apart, `interp app` in a folder with no
+workspace opens on the run form, and the first scan started there creates the store.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 REPO = Path(__file__).resolve().parents[2]
+PLUGIN = "gated-memory-tracer"
 INTERP = [sys.executable, "-m", "interp.cli"]
 PAGES = {"Home": "", "Head maps": "Head_maps", "Causal tracing": "Causal_tracing",
          "Conflicts": "Conflicts", "Compare": "Compare"}
@@ -49,10 +52,14 @@ EXCEPTION_TEXT = ("Traceback", "Error")
 SMALL_SCAN = [
     ("causal-trace", {"limit": 1, "samples": 1, "kinds": "state"}),
     ("conflict-heads", {"max_items": 4, "formats": "qa", "facts": "builtin"}),
+    # A plug-in head detector (tests/plugins/gated.py, gate open) whose name the pages once
+    # routed elsewhere ("memory", "trac"): it belongs on Head maps alone.
+    (PLUGIN, {"n_units": 2, "open_units": 2}),
 ]
 SMALL_SCAN_CODE = """
 import json, sys
 import interp
+from interp.runs.runner import finalized
 from interp.runs.runner import run_detector
 from interp.runs.store import Store
 model = interp.load_model("smollm2-135m")
@@ -70,8 +77,49 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself listens on ``port``: another program that took the port
+    between its choice and the server's start must not be mistaken for ours."""
+    import psutil
+
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+
+
+def _start_app(ws: Path, log: Path, env: dict[str, str], attempts: int = 5) -> tuple[subprocess.Popen[bytes], int]:
+    """``interp app`` on a free port. A port is free when chosen but may be taken before the
+    server binds it (other tests, other programs): then the server exits, and another port is
+    tried. The server is up when this very process listens on the port (the event waited on)."""
+    for _ in range(attempts):
+        port = _free_port()
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen([*INTERP, "app", "--workspace", str(ws), "--port", str(port)],
+                                    stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        deadline = time.monotonic() + 120  # a guard against a hang, not a bound under test
+        while proc.poll() is None and not _listening(proc.pid, port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if proc.poll() is None and _listening(proc.pid, port):
+            return proc, port
+        proc.kill()
+        proc.wait()
+    raise AssertionError(f"interp app did not come up on any of {attempts} ports: {log.read_text()}")
+
+
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of the processes that write and serve the workspace: the gated plug-in
+    installed (an entry point on their PYTHONPATH), as a user's own package would be."""
+    from tests.plugins import install
+
+    site = install(tmp_path_factory.mktemp("site"), "gated-plugin", "tests.plugins.gated")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, plugin_env: dict[str, str]) -> tuple[Path, int]:
     if os.environ.get("INTERP_SKIP_INTEGRATION"):
         pytest.skip("INTERP_SKIP_INTEGRATION is set (the browser tests use the zoo default)")
     ws = tmp_path_factory.mktemp("dash-ws")
@@ -82,7 +130,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     )
     assert proc.returncode == 0, proc.stderr
     small = subprocess.run([sys.executable, "-c", SMALL_SCAN_CODE, str(ws), json.dumps(SMALL_SCAN)],
-                           capture_output=True, text=True, timeout=600, check=False, cwd=REPO)
+                           capture_output=True, text=True, timeout=600, check=False, cwd=REPO, env=plugin_env)
     assert small.returncode == 0, small.stderr
     return ws, int(json.loads(proc.stdout)["run_id"])
 
@@ -97,13 +145,12 @@ def _stop_jobs(ws: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(workspace: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(
+    workspace: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory, plugin_env: dict[str, str]
+) -> Iterator[str]:
     ws, _ = workspace
-    port = _free_port()
     log = tmp_path_factory.mktemp("dash-log") / "app.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([*INTERP, "app", "--workspace", str(ws), "--port", str(port)],
-                                stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    proc, port = _start_app(ws, log, plugin_env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -229,6 +276,32 @@ def test_first_paint_of_stored_scan(server: str, workspace: tuple[Path, int], pa
     _no_exception(page, "Head maps")
 
 
+def test_a_plugin_detector_shows_on_the_page_of_its_output(
+    server: str, workspace: tuple[Path, int], page: Any
+) -> None:
+    """The plug-in's run, asked for by id on each page: Head maps (its output, head scores)
+    selects and draws it; Causal tracing and Conflicts, whose words its name holds, do not list
+    it (they open on their own runs)."""
+    from interp.runs.store import Store
+
+    ws, _ = workspace
+    with Store(ws, create=False) as s:
+        runs = s.runs()
+    [run_id] = runs.loc[runs["detector"] == PLUGIN, "id"].tolist()
+    page.goto(f"{server}/Head_maps?run={run_id}")
+    _settle(page)
+    page.wait_for_selector(".js-plotly-plot .main-svg")
+    text = _no_exception(page, "Head maps")
+    assert "top heads by gated" in text
+    # The run's header: its detector, and its units done of the total its settings recorded.
+    header = {m.split("\n")[0]: m.split("\n")[-1] for m in page.get_by_test_id("stMetric").all_inner_texts()}
+    assert (header["detector"], header["units"]) == (PLUGIN, "2/2")
+    for path in ("Causal_tracing", "Conflicts"):
+        page.goto(f"{server}/{path}?run={run_id}")
+        _settle(page)
+        assert PLUGIN not in _no_exception(page, path), path
+
+
 def _select(page: Any, label: str, option: str) -> None:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
@@ -303,6 +376,76 @@ def test_run_a_detector_from_the_form(server: str, workspace: tuple[Path, int], 
     shutil.rmtree(ws / "jobs", ignore_errors=True)
 
 
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """``interp app`` with no workspace given, in a folder without one: the default workspace
+    (./.interp) has no store yet."""
+    port = _free_port()
+    log = tmp_path / "app.log"
+    env = {k: v for k, v in os.environ.items() if k != "INTERP_WORKSPACE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([*INTERP, "app", "--port", str(port)], stdout=fh, stderr=subprocess.STDOUT,
+                                cwd=tmp_path, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"interp app exited: {log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"interp app did not come up: {log.read_text()}"
+            time.sleep(0.5)
+        yield base, tmp_path / ".interp"
+    finally:
+        _stop_jobs(tmp_path / ".interp")
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        print(log.read_text()[-3000:])
+
+
+def test_the_first_scan_from_a_new_workspace(fresh_server: tuple[str, Path], page: Any) -> None:
+    """A person who starts with the dashboard: `interp app` where no workspace exists opens on
+    the run form, creates nothing, and the scan started there creates the store and shows its run."""
+    from interp.runs.store import Store
+
+    base, ws = fresh_server
+    page.goto(base)
+    _settle(page)
+    text = _no_exception(page, "Home of a new workspace")
+    assert "the first run creates this workspace's results store" in text
+    assert "start a run" in text
+    assert not ws.exists(), "opening the dashboard created the workspace"
+    page.get_by_test_id("stRadio").get_by_text("scan", exact=True).click()
+    _settle(page)
+    # The scan's detectors: induction alone (the default scan's others take minutes here).
+    box = page.get_by_test_id("stMultiSelect").filter(has_text="detectors (scan parameters)")
+    box.get_by_role("button", name="Clear all").click()
+    box.locator("input").fill("induction")
+    box.locator("input").press("Enter")
+    page.keyboard.press("Escape")
+    page.get_by_test_id("stFormSubmitButton").get_by_role("button").click()
+    page.get_by_text("started: scan (induction)").wait_for(timeout=60_000)
+    page.get_by_text("finished: the results are in the runs table").wait_for(timeout=300_000)
+    _no_exception(page, "Home after the first scan")
+    with Store(ws, create=False) as s:
+        runs = s.runs()
+    assert list(runs["detector"]) == ["induction"]
+    assert list(runs["status"]) == ["done"]
+    page.reload()
+    _settle(page)
+    assert "no runs stored yet" not in _no_exception(page, "Home with the first run")
+    assert page.locator('[data-testid="stDataFrame"]').count() >= 2  # the models and runs tables
+
+
 def test_atlas_cell_opens_the_run_behind_it(server: str, workspace: tuple[Path, int], page: Any) -> None:
     """The Atlas page in a browser: an atlas.json whose induction claim points at the workspace's
     induction run (its summary the stored run's own, re-finalized); clicking that cell opens the
@@ -311,7 +454,7 @@ def test_atlas_cell_opens_the_run_behind_it(server: str, workspace: tuple[Path, 
     from circuits.atlas.claims import ModelResults, summarize
     from circuits.atlas.workflow import write_atlas
     from interp.runs.registry import get_detector
-    from interp.runs.runner import unit_rows
+    from interp.runs.runner import finalized, unit_rows
     from interp.runs.store import TABLES, Store
 
     ws, run_id = workspace
@@ -321,7 +464,7 @@ def test_atlas_cell_opens_the_run_behind_it(server: str, workspace: tuple[Path, 
         run = store.run(run_id)
         cfg = det.parse_params(run.info()["params"])
         tables = {t: unit_rows(run.results(t), det.units(model, cfg)) for t in TABLES}
-    summary = det.finalize(model, cfg, tables)
+    summary = finalized(model, det, cfg, tables)
     res = ModelResults(n_layers=model.info.n_layers, n_heads=model.info.n_total_heads,
                        summaries={"induction": summary})
     doc = {**summarize({"smollm2-135m": res}, ["induction"], 5),

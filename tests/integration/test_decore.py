@@ -15,6 +15,7 @@ from circuits.detectors import decore_eval as ev
 from circuits.methods.decore import decore_generate, decore_score, default_k, greedy_generate
 from interp.cli import main as cli_main
 from interp.model.loaded import LoadedModel
+from interp.runs.runner import finalized
 from interp.runs.store import FINAL_UNIT, Store
 
 pytestmark = pytest.mark.integration
@@ -27,9 +28,9 @@ PROMPTS = [
 
 
 def test_batch_equals_single_and_hand_step(smol: LoadedModel) -> None:
-    batch = decore_generate(smol, PROMPTS, HEADS, max_new_tokens=3)
+    batch = decore_generate(smol, smol.tokenizer, PROMPTS, HEADS, max_new_tokens=3)
     for p, b in zip(PROMPTS, batch, strict=True):
-        alone = decore_generate(smol, [p], HEADS, max_new_tokens=3)[0]
+        alone = decore_generate(smol, smol.tokenizer, [p], HEADS, max_new_tokens=3)[0]
         assert b.tokens == alone.tokens
         assert b.scores == pytest.approx(alone.scores, abs=1e-3)
     # First step by hand on an independent HF copy, the heads' query slices zeroed by raw hooks.
@@ -56,7 +57,7 @@ def test_batch_equals_single_and_hand_step(smol: LoadedModel) -> None:
 
 
 def test_no_heads_is_greedy_and_scores(smol: LoadedModel) -> None:
-    dec = decore_generate(smol, PROMPTS, [], max_new_tokens=4)
+    dec = decore_generate(smol, smol.tokenizer, PROMPTS, [], max_new_tokens=4)
     gre = greedy_generate(smol, PROMPTS, max_new_tokens=4)
     assert [g.tokens for g in dec] == [g.tokens for g in gre]
     sc = decore_score(smol, PROMPTS[:1], [[" Rome", " Paris"]], HEADS)
@@ -69,8 +70,8 @@ def run_units(det: Any, model: LoadedModel, params: dict[str, Any]) -> Any:
     parts: dict[str, list[pd.DataFrame]] = {}
     for u in det.units(model, params):
         for table, df in det.run_unit(model, params, u).tables.items():
-            parts.setdefault(table, []).append(df.assign(unit=u))
-    return det.finalize(model, params, {t: pd.concat(v, ignore_index=True) for t, v in parts.items()})
+            parts.setdefault(table, []).append(df.assign(unit=u.key))
+    return finalized(model, det, params, {t: pd.concat(v, ignore_index=True) for t, v in parts.items()})
 
 
 def test_eval_detector_memotrap_small(smol: LoadedModel) -> None:
@@ -83,7 +84,8 @@ def test_eval_detector_memotrap_small(smol: LoadedModel) -> None:
     assert bool((table["n_test"] == 3).all())
     assert bool((table["n_validation"] == 3).all())
     # The control's heads lie outside the top 4 of the given ranking.
-    ctrl = det.run_unit(smol, params, "memotrap/control-entropy/k2").tables["artifacts"]
+    [case] = [u for u in det.units(smol, params) if u.key == "memotrap/control-entropy/k2"]
+    ctrl = det.run_unit(smol, params, case).tables["artifacts"]
     drawn = json.loads(ctrl["json"].iloc[0])["heads"]
     assert len(drawn) == 2
     assert not {tuple(h) for h in drawn} & set(HEADS)

@@ -11,6 +11,7 @@ from circuits.detectors.induction import second_copy_loss
 from interp.model.interventions import ablate_heads
 from interp.model.loaded import LoadedModel
 from interp.model.tokens import repeated_random_tokens
+from interp.runs.runner import finalized
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +48,8 @@ def test_zero_ablating_top_induction_heads_beats_random(smol: LoadedModel) -> No
     tables: dict[str, list[pd.DataFrame]] = {}
     for unit in det.units(smol, params):
         for name, df in det.run_unit(smol, params, unit).tables.items():
-            tables.setdefault(name, []).append(df.assign(unit=unit))
-    summary = det.finalize(smol, params, {k: pd.concat(v) for k, v in tables.items()})
+            tables.setdefault(name, []).append(df.assign(unit=unit.key))
+    summary = finalized(smol, det, params, {k: pd.concat(v) for k, v in tables.items()})
     assert summary.heads is not None
     top = [(h["layer"], h["head"]) for h in summary.heads[:3]]
 

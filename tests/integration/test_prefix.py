@@ -13,6 +13,7 @@ import torch
 from interp.model.loaded import LoadedModel
 from interp.model.loading import load_hf
 from interp.model.prefix import PromptPrefix, turn_markers
+from tests.equality import Layout, assert_values_equal
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,9 @@ def test_smollm2_prefix_is_the_document_separator(smol: LoadedModel) -> None:
 
 def test_causal_trace_p_clean_equals_plain_hf(smol: LoadedModel, tmp_path: Path) -> None:
     """`interp run causal-trace` on the Colosseum prompt: p_clean is plain HF's p(" Rome") on the
-    same token sequence, <|endoftext|> + the prompt, and far from the <|im_start|> one."""
+    same token sequence, <|endoftext|> + the prompt, and far from the <|im_start|> one. Equal as
+    two computations of one forward pass are: the trace runs the clean row in a batch with the
+    corrupted ones, the reference alone (tests/equality.py, Layout.REORDERED)."""
     proc = subprocess.run(
         [sys.executable, "-m", "interp.cli", "run", "causal-trace", "--prompt", PROMPT,
          "--subject", "The Colosseum", "--answer", "Rome", "--kinds", "state", "--samples", "1",
@@ -49,5 +52,6 @@ def test_causal_trace_p_clean_equals_plain_hf(smol: LoadedModel, tmp_path: Path)
     rome = smol.encode(" Rome", prefix=False)[0]
     with_eot = _p_answer(hf, [0, *body], rome)
     with_chat = _p_answer(hf, [1, *body], rome)
-    assert abs(p_clean - with_eot) < 0.05, (p_clean, with_eot)
+    print(f"p_clean {p_clean!r}, plain HF {with_eot!r}: difference {abs(p_clean - with_eot):.2e}")
+    assert_values_equal({"p_clean": p_clean}, {"p_clean": with_eot}, Layout.REORDERED)
     assert abs(p_clean - with_chat) > 0.05, (p_clean, with_chat)

@@ -8,17 +8,17 @@ prompts. The whole detector is this file; a package registers it by naming this 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-import pandas as pd
 import torch
 
 from interp.model.loaded import LoadedModel
 from interp.model.tokens import repeated_random_tokens
-from interp.runs import tables
 from interp.runs.config import SEED_MAX, DetectorConfig, param
-from interp.runs.registry import Detector, Summary, UnitResult, register
+from interp.runs.head_scores import HeadMeans, HeadScoreDetector, UnitScores
+from interp.runs.registry import register
+from interp.runs.units import Unit
 
 
 @dataclass(frozen=True)
@@ -29,18 +29,18 @@ class SinkConfig(DetectorConfig):
 
 
 @register
-class AttentionSinkDetector(Detector[SinkConfig]):
+class AttentionSinkDetector(HeadScoreDetector[SinkConfig]):
     name = "attention-sink"
     description = "Heads that attend to the first token (Xiao et al. 2023)"
-    output = "head_scores"
     Config = SinkConfig
+    score = "sink"
 
     def variant(self, cfg: SinkConfig) -> str:
         return "first-token-mass"
 
-    def units(self, model: LoadedModel, cfg: SinkConfig) -> list[str]:
+    def units(self, model: LoadedModel, cfg: SinkConfig) -> list[Unit]:
         model.check_length(cfg.seq_len + len(model.prefix))
-        return [f"prompt-{i}" for i in range(cfg.n_prompts)]
+        return [Unit("prompt", i) for i in range(cfg.n_prompts)]
 
     def prompt(self, model: LoadedModel, cfg: SinkConfig, i: int) -> torch.Tensor:
         """Prompt i: the prompt prefix and seq_len random tokens (one copy of the block)."""
@@ -50,18 +50,13 @@ class AttentionSinkDetector(Detector[SinkConfig]):
     def example_tokens(self, model: LoadedModel, cfg: SinkConfig) -> torch.Tensor:
         return self.prompt(model, cfg, 0)
 
-    def run_unit(self, model: LoadedModel, cfg: SinkConfig, unit: str) -> UnitResult:
-        tokens = self.prompt(model, cfg, int(unit.removeprefix("prompt-")))
+    def score_unit(self, model: LoadedModel, cfg: SinkConfig, unit: Unit) -> UnitScores:
+        tokens = self.prompt(model, cfg, int(unit.index or 0))
         with torch.no_grad():
             out = model.run(tokens, cache=["pattern.*"])
         sink = torch.stack([out.cache[f"pattern.{layer}"][0, :, 1:, 0].mean(-1) for layer in range(model.info.n_layers)])
-        return UnitResult(tables={"head_scores": tables.head_grid("sink", sink)})
+        return UnitScores({"sink": sink})
 
-    def finalize(self, model: LoadedModel, cfg: SinkConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
-        mean = results["head_scores"].groupby(["layer", "head"])["value"].mean()
-        heads = [{"layer": int(la), "head": int(h), "score": float(v)} for (la, h), v in mean.sort_values(ascending=False).items()]
-        return Summary(
-            detector=self.name, variant=self.variant(cfg), heads=heads,
-            metrics={"n_prompts": cfg.n_prompts, "n_heads_above_half": sum(h["score"] > 0.5 for h in heads)},
-            tables={"head_scores": tables.head_scores(("sink", h["layer"], h["head"], h["score"]) for h in heads)},
-        )
+    def summary_metrics(self, model: LoadedModel, cfg: SinkConfig, heads: list[dict[str, Any]],
+                        means: HeadMeans) -> dict[str, Any]:
+        return {"n_prompts": cfg.n_prompts, "n_heads_above_half": sum(h["score"] > 0.5 for h in heads)}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,19 +18,15 @@ import pandas as pd
 import pytest
 import torch
 
+from app import dashboard, jobs, uploads
+from interp import figures
+from interp.errors import UserError
 from interp.runs.registry import UnitResult
 from interp.runs.runner import run_detector
 from interp.runs.store import Store
 from tests.tiny import loaded, tiny_llama, tiny_tokenizer
 
 APP = Path(__file__).resolve().parents[2] / "app"
-sys.path.insert(0, str(APP))
-
-import jobs  # noqa: E402  # pyright: ignore[reportMissingImports]
-import uploads  # noqa: E402  # pyright: ignore[reportMissingImports]
-
-from interp import figures  # noqa: E402
-from interp.errors import UserError  # noqa: E402
 
 PARAMS = {"seq_len": 8, "n_prompts": 4, "batch_size": 2}
 WARNING = "only 4 prompts: scores are noisy"
@@ -54,6 +49,10 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         )
         curves = pd.DataFrame({"curve": ["by_bucket"] * 3, "x": [0.0, 1.0, 2.0], "y": [0.1, 0.5, 0.2]})
         metrics = pd.DataFrame({"name": ["memory_rate"], "value": [0.25], "ci_low": [None], "ci_high": [None], "n": [4]})
+        # Its settings as the runner writes them: the output it declared, routing it to the
+        # Causal tracing page although no installed detector declares it.
+        run.commit_unit("settings", UnitResult({"artifacts": pd.DataFrame(
+            {"name": ["settings"], "json": [json.dumps({"output": "token_layer", "n_units": 0})]})}), 0.0)
         run.commit_unit("final", UnitResult({"token_layer": tl, "curves": curves, "metrics": metrics}), 0.0)
         run.commit_unit("warnings", UnitResult({"artifacts": pd.DataFrame(
             {"name": ["warnings"], "json": [json.dumps([WARNING])]})}), 0.0)
@@ -193,8 +192,6 @@ def test_retrieval_examples_are_the_heads_best_samples(tmp_path: Path) -> None:
                 {"name": ["sample"], "json": [json.dumps(doc)]})}), 0.0)
         run.finish("done")
         row = s.runs().iloc[0].to_dict()
-        import dashboard  # pyright: ignore[reportMissingImports]
-
         ex = dashboard.retrieval_examples(s, row, 1, 2, n=2)
     assert list(ex["score"]) == [0.9, 0.7]
     assert list(ex["question"]) == ["q1", "q3"]
@@ -258,6 +255,33 @@ def test_live_trace_subject_not_in_prompt(env: dict[str, Any]) -> None:
     at.button[-1].click().run()
     _ok(at)
     assert any("is not in the prompt" in e.value for e in at.error)
+
+
+def test_live_trace_is_a_stored_runs_trace_of_the_same_fact(
+    env: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The live form traces through the causal-trace detector's public trace_prompt with the
+    stored runs' noise: its map is the stored single-fact run's (same prompt and settings)."""
+    monkeypatch.setenv("INTERP_WORKSPACE", str(tmp_path))
+    params = {"prompt": "w5 w9 w17 w23 w40 w41", "subject": "w17 w23", "answer": "w8", "samples": 2,
+              "kinds": "state", "window": 2}
+    with Store(tmp_path) as s:
+        rid = run_detector(loaded(copy.deepcopy(env["hf"])), "causal-trace", params, s, progress=False).run_id
+        rows = s.run(rid).results("token_layer")
+    at = _app("pages/2_Causal_tracing.py")
+    for key in ("model", "prompt", "subject", "answer"):
+        at.text_input(key=f"ct-{key}").input(str(env["folder"]) if key == "model" else params[key])
+    next(n for n in at.number_input if n.label.startswith("samples")).set_value(2)
+    next(n for n in at.number_input if n.label.startswith("window")).set_value(2)
+    next(m for m in at.multiselect if m.label == "kinds").set_value(["state"])
+    next(b for b in at.button if b.label == "trace").click().run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    [live] = [c["data"][0] for c in _charts(at) if c["layout"]["title"]["text"].startswith("single restored state")]
+    stored = pd.DataFrame(rows[(rows["unit"] == "fact") & (rows["kind"] == "state")])
+    assert np.shape(live["z"]) == (stored["token_index"].nunique(), stored["layer"].nunique())
+    for t, layer, value in zip(stored["token_index"], stored["layer"], stored["value"], strict=True):
+        assert live["z"][t][layer] == pytest.approx(float(value), abs=1e-6)
 
 
 def test_compare_difference_is_b_minus_a(env: dict[str, Any]) -> None:
@@ -357,10 +381,10 @@ def test_bad_model_folder_in_the_form(env: dict[str, Any], tmp_path: Path) -> No
 
 
 def test_form_starts_the_cli_command(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[Path, list[str], str]] = []
+    calls: list[tuple[Path, list[str], str, list[str]]] = []
 
-    def fake_launch(workspace: Path, argv: list[str], label: str) -> tuple[None, bool]:
-        calls.append((Path(workspace), list(argv), label))
+    def fake_launch(workspace: Path, argv: list[str], label: str, detectors: list[str]) -> tuple[None, bool]:
+        calls.append((Path(workspace), list(argv), label, list(detectors)))
         return None, True
 
     monkeypatch.setattr(jobs, "launch", fake_launch)
@@ -372,7 +396,8 @@ def test_form_starts_the_cli_command(env: dict[str, Any], monkeypatch: pytest.Mo
     at.button[-1].click().run()
     _ok(at)
     assert not at.error, [e.value for e in at.error]
-    [(workspace, argv, label)] = calls
+    [(workspace, argv, label, detectors)] = calls
+    assert detectors == ["induction"]
     assert workspace == env["path"].resolve()
     assert argv[:4] == ["run", "induction", "--model", "smollm2-135m"]
     opts = dict(zip(argv[4::2], argv[5::2], strict=True))
@@ -430,10 +455,8 @@ def test_job_runs_detached_once_and_reports_errors(tmp_path: Path) -> None:
     assert {j.id for j in jobs.list_jobs(tmp_path)} >= {ok.id, bad.id}
 
 
-def test_progress_and_error_parsing() -> None:
-    log = "loading...\rinduction on m:   0%|          | 0/3 [00:00<?, ?unit/s]\rinduction on m:  33%|###3      | 1/3 [00:01<00:02]"
-    assert jobs.parse_progress(log) == ("induction on m", 1, 3)
-    assert jobs.parse_progress("nothing here") is None
+def test_error_line() -> None:
+    # A job's progress is read from the store (tests/unit/test_dashboard_runs.py), its error here.
     assert jobs.error_line("a\nerror: bad model 'x'\n") == "error: bad model 'x'"
 
 

@@ -120,7 +120,7 @@ def test_atlas_rerun_computes_nothing_and_tables_fit_80_columns(
     ("models", "dets", "needle"),
     [
         ("no-such-model", "induction", "unknown model 'no-such-model' (zoo: smollm2-135m"),
-        ("/nonexistent/model-folder", "induction", "no such folder '/nonexistent/model-folder'"),
+        ("/nonexistent/model-folder", "induction", "no such folder: '/nonexistent/model-folder'"),
         ("smollm2-135m", "induction,nope", "unknown detector 'nope' (available: "),
     ],
 )
@@ -147,22 +147,22 @@ def _heads(*rows: tuple[int, int, float], **extra: Any) -> list[dict[str, Any]]:
 
 def _model() -> ModelResults:
     """4 layers x 2 heads = 8 heads."""
-    induction = Summary("induction", "v", heads=_heads((3, 0, 0.9), (2, 1, 0.5), (1, 0, 0.1)),
+    induction = Summary(detector="induction", variant="v", heads=_heads((3, 0, 0.9), (2, 1, 0.5), (1, 0, 0.1)),
                         metrics={"threshold": 0.4, "n_heads_above_threshold": 2})
-    retrieval = Summary("retrieval", "v", heads=_heads((2, 1, 0.3), (0, 0, 0.2), (3, 1, 0.05)),
+    retrieval = Summary(detector="retrieval", variant="v", heads=_heads((2, 1, 0.3), (0, 0, 0.2), (3, 1, 0.05)),
                         metrics={"share_heads_above_threshold": 2 / 8, "n_heads_above_threshold": 2,
                                  "n_heads": 8, "threshold": 0.1, "too_few_counted": 0})
-    cmr = Summary("cmr", "v", heads=[
+    cmr = Summary(detector="cmr", variant="v", heads=[
         {"layer": 3, "head": 1, "score": -0.1, "cmr_like": True},
         {"layer": 2, "head": 0, "score": -0.3, "cmr_like": True},
         {"layer": 0, "head": 1, "score": -0.7, "cmr_like": False},
         {"layer": 1, "head": 1, "score": None, "cmr_like": False},  # flat lag-CRP: no distance
     ])
-    conflict = Summary("conflict-heads", "v", heads=[
-        {"layer": 3, "head": 0, "score": 0.8, "kind": "memory"},
-        {"layer": 1, "head": 1, "score": 0.2, "kind": "memory"},
-        {"layer": 0, "head": 0, "score": -0.1, "kind": "context"},
-        {"layer": 2, "head": 0, "score": -0.6, "kind": "context"},
+    conflict = Summary(detector="conflict-heads", variant="v", heads=[
+        {"layer": 3, "head": 0, "score": 0.8, "role": "memory"},
+        {"layer": 1, "head": 1, "score": 0.2, "role": "memory"},
+        {"layer": 0, "head": 0, "score": -0.1, "role": "context"},
+        {"layer": 2, "head": 0, "score": -0.6, "role": "context"},
     ])
     return ModelResults(n_layers=4, n_heads=8, summaries={
         "induction": induction, "retrieval": retrieval, "cmr": cmr, "conflict-heads": conflict})
@@ -205,7 +205,7 @@ def test_summary_relative_depth_jaccard_and_claims_by_hand() -> None:
 
 def test_missing_detectors_make_claims_not_measurable() -> None:
     res = ModelResults(n_layers=4, n_heads=8,
-                       summaries={"induction": Summary("induction", "v", heads=_heads((0, 0, 0.2)),
+                       summaries={"induction": Summary(detector="induction", variant="v", heads=_heads((0, 0, 0.2)),
                                                        metrics={"threshold": 0.4})},
                        not_measurable={"conflict-heads": "cannot patch Gemma's layout"})
     claims = {c["id"]: c["models"]["m"] for c in summarize({"m": res}, ["induction"], 10)["claims"]}
@@ -216,7 +216,7 @@ def test_missing_detectors_make_claims_not_measurable() -> None:
         assert claims[cid]["verdict"] == NM
         assert claims[cid]["value"] is None
     # A retrieval run with no correctly answered sample has no share: not measurable either.
-    res2 = ModelResults(4, 8, {"retrieval": Summary("retrieval", "v", heads=[], metrics={"n_heads": 8})})
+    res2 = ModelResults(4, 8, {"retrieval": Summary(detector="retrieval", variant="v", heads=[], metrics={"n_heads": 8})})
     c = {c["id"]: c["models"]["m"] for c in summarize({"m": res2}, ["retrieval"], 10)["claims"]}
     assert c["retrieval-sparse"]["verdict"] == NM
 
@@ -241,19 +241,19 @@ def test_many_models_split_the_claims_table_to_fit_80_columns(capsys: pytest.Cap
 
 def test_new_claims_by_hand() -> None:
     """Retrieval masking, PH3, DeCoRe and the MLP peak, each from hand-made metrics."""
-    masking = Summary("retrieval-masking", "v", metrics={
+    masking = Summary(detector="retrieval-masking", variant="v", metrics={
         "top_k": 3, "n_random": 2, "n_samples": 8, "accuracy:none": 0.75, "accuracy:top3": 0.25,
         "accuracy:random-mean": 0.625})
-    ph3 = Summary("ph3", "v", metrics={
-        "prune-memory.k": 3,
+    ph3 = Summary(detector="ph3", variant="v", metrics={
+        "prune-memory.k": 3, "formats": ["qa", "restated"],
         "test.unpruned.conflict.qa.context_rate": 0.2, "test.unpruned.conflict.restated.context_rate": 0.4,
         "test.prune-memory.conflict.qa.context_rate": 0.5, "test.prune-memory.conflict.restated.context_rate": 0.4,
         "test.prune-memory.random-control.conflict.qa.context_rate": 0.3,
         "test.prune-memory.random-control.conflict.restated.context_rate": 0.5})
-    decore = Summary("decore-eval", "v", metrics={
+    decore = Summary(detector="decore-eval", variant="v", metrics={
         "nqswap:greedy:test_accuracy": 0.6, "nqswap:decore-entropy:test_accuracy": 0.5,
         "nqswap:decore-entropy:k": 3, "nqswap:n_test": 10})
-    trace = Summary("causal-trace", "v", metrics={
+    trace = Summary(detector="causal-trace", variant="v", metrics={
         "peak_layer_mlp_last_subject": 1, "peak_value_mlp_last_subject": 0.3, "n_facts_traced": 2})
     res = ModelResults(n_layers=4, n_heads=8, summaries={
         "retrieval-masking": masking, "ph3": ph3, "decore-eval": decore, "causal-trace": trace})
@@ -275,7 +275,7 @@ def test_new_claims_by_hand() -> None:
 def test_retrieval_ranked_detectors_get_the_retrieval_ranking() -> None:
     from circuits.atlas.workflow import atlas_params
 
-    retrieval = Summary("retrieval", "v", heads=_heads((0, 1, 0.1), (2, 0, 0.5), (1, 1, 0.3)))
+    retrieval = Summary(detector="retrieval", variant="v", heads=_heads((0, 1, 0.1), (2, 0, 0.5), (1, 1, 0.3)))
     params = atlas_params("decore-eval", {"retrieval": retrieval})
     assert params["heads"] == "2.0,1.1,0.1"
     assert "heads" not in atlas_params("decore-eval", {})
@@ -313,7 +313,7 @@ def test_a_failing_detector_does_not_stop_the_atlas_and_an_interrupted_one_resum
     calls: list[str] = []
 
     def faulty(fault: type[BaseException], at: int) -> Any:
-        def run_unit(self: Any, model: Any, cfg: Any, unit: str) -> Any:
+        def run_unit(self: Any, model: Any, cfg: Any, unit: Any) -> Any:
             calls.append(unit)
             if len(calls) == at:
                 raise fault("injected")

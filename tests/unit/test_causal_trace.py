@@ -22,6 +22,7 @@ from circuits.methods import tracing
 from interp.errors import UserError
 from interp.model.loaded import LoadedModel
 from interp.runs.registry import all_detectors
+from interp.runs.units import Part, Unit
 from tests.tiny import loaded
 
 PROMPT = "w5 w9 w17 w23 w40 w41 w7 w8"
@@ -143,8 +144,8 @@ def test_batched_restoration_equals_one_cell_at_a_time_hooks(pair) -> None:
 
 def test_restored_scores_independent_of_chunking(tiny_model: LoadedModel) -> None:
     inp = tracing.prepare(tiny_model, PROMPT, SUBJECT, "w11")
-    _, _, clean = tracing.clean_and_corrupted(tiny_model, inp, noise_std=1.0, samples=3, seed=0, kinds=tracing.KINDS)
-    cells = [tracing.Cell(k, t, layer) for k in tracing.KINDS for t in (3, 5, 8) for layer in range(3)]
+    _, _, clean = tracing.clean_and_corrupted(tiny_model, inp, noise_std=1.0, samples=3, seed=0, kinds=tracing.RESTORABLE)
+    cells = [tracing.Cell(k, t, layer) for k in tracing.RESTORABLE for t in (3, 5, 8) for layer in range(3)]
     kw = {"noise_std": 1.0, "samples": 3, "seed": 0, "window": 3}
     a = tracing.restored_scores(tiny_model, inp, cells, clean, memory_mb=1e-6, **kw)
     b = tracing.restored_scores(tiny_model, inp, cells, clean, memory_mb=1e4, **kw)
@@ -400,7 +401,7 @@ def test_causal_trace_detector_on_a_fact_file(tiny_model: LoadedModel, tmp_path:
     assert known["n_known"] >= 2
     assert summary.metrics["noise_std"] == pytest.approx(known["noise_std"])
     final = summary.tables["token_layer"]
-    assert set(final["kind"]) == {f"avg_indirect_{k}" for k in tracing.KINDS}
+    assert set(final["kind"]) == {f"avg_indirect_{k}" for k in tracing.RESTORABLE}
     # the bucket average recomputed from the per-fact rows
     tl: Any = tables["token_layer"]
     m: Any = tables["metrics"]
@@ -445,7 +446,7 @@ def test_configs_parse_lists_and_check_relations() -> None:
     assert cfg.kinds == ("state", "mlp")
     assert cfg.samples == 3
     assert cfg.to_dict()["kinds"] == ["state", "mlp"]
-    assert trace.parse_params({}).kinds == tracing.KINDS
+    assert trace.parse_params({}).kinds == tracing.RESTORABLE
     # The shared fields come first, in the order of the command line; each detector its own limit.
     assert [p.name for p in knock.params] == [
         "prompt", "subject", "answer", "facts", "scan_all", "answer_mode", "limit", "window", "memory_mb"
@@ -475,17 +476,17 @@ def test_a_trace_split_in_parts_joins_to_the_whole(tiny_llama_hf: Any) -> None:
     det = CausalTraceDetector()
     cfg = det.parse_params({"prompt": "w5 w9 w17 w23 w40 w41 w7 w8", "subject": "w17 w23 w40", "answer": "w11",
                             "samples": 2, "kinds": "state,mlp,attn", "window": 2})
-    assert det.split_unit(model, cfg, "fact", 1) == []
-    assert det.split_unit(model, cfg, "known", 3) == []
-    names = det.split_unit(model, cfg, "fact", 3)
-    parts = [det.run_part(model, cfg, "fact", p) for p in names]
+    [fact] = det.units(model, cfg)
+    assert det.max_parts(model, cfg, Unit("known")) == 1
+    assert det.max_parts(model, cfg, fact) >= 3
+    parts = [det.run_part(model, cfg, Part(fact, i, 3)) for i in range(3)]
     assert sorted(i for p in parts for i in p["index"]) == list(range(sum(len(p["index"]) for p in parts)))
     whole = run_in_memory(model, det, cfg)[1]
-    joined = det.join_parts(model, cfg, "fact", parts).tables
+    joined = det.join_parts(model, cfg, fact, parts).tables
     for table in ("token_layer", "metrics", "artifacts"):
         pd.testing.assert_frame_equal(joined[table], whole[table].drop(columns="unit"), check_exact=False,
                                       rtol=1e-6, atol=1e-7, obj=table)
     with pytest.raises(ValueError, match="cover"):
-        det.join_parts(model, cfg, "fact", parts[:2])
+        det.join_parts(model, cfg, fact, parts[:2])
     with pytest.raises(ValueError, match="cover"):
-        det.join_parts(model, cfg, "fact", [*parts, parts[0]])
+        det.join_parts(model, cfg, fact, [*parts, parts[0]])

@@ -21,12 +21,12 @@ from circuits.detectors import ph3
 from circuits.detectors.conflict_heads import ConflictHeadsDetector, rank_agreement, ranked_heads
 from circuits.methods.direct_path import head_effects, total_effects
 from interp.errors import UserError
-from interp.model.backends import no_hooks_left
 from interp.model.interventions import AblateHeads, ablate_heads
 from interp.model.loaded import LoadedModel
 from interp.runs import tables
 from interp.runs.runner import run_in_memory
-from tests.tiny import loaded
+from interp.runs.units import Part, Unit
+from tests.tiny import loaded, no_hooks_left
 
 # ---------------------------------------------------------------- helpers
 
@@ -361,7 +361,7 @@ def test_detector_on_model_that_knows_nothing_is_a_clear_error(tiny_llama_hf: An
     det = ConflictHeadsDetector()
     cfg = det.parse_params({"facts": "builtin"})
     with pytest.raises(UserError, match="known conflict items"):
-        det.run_unit(model, cfg, "restated")
+        det.run_unit(model, cfg, Unit("format", 0, label="restated"))
     with pytest.raises(UserError, match="must be one of"):
         det.parse_params({"norm": "sideways"})
 
@@ -629,15 +629,15 @@ def test_conflict_heads_unit_split_by_items_joins_to_the_whole(knowing: LoadedMo
     det = ConflictHeadsDetector()
     cfg = det.parse_params({"max_items": 8, "formats": "restated", "total_effect": True, "total_items": 2,
                             "n_top": 2})
-    names = det.split_unit(knowing, cfg, "restated", 3)
-    assert len(names) == 3
-    parts = [det.run_part(knowing, cfg, "restated", p) for p in names]
-    whole = det.run_unit(knowing, cfg, "restated").tables
-    joined = det.join_parts(knowing, cfg, "restated", parts).tables
+    [unit] = det.units(knowing, cfg)
+    assert det.max_parts(knowing, cfg, unit) >= 3
+    parts = [det.run_part(knowing, cfg, Part(unit, i, 3)) for i in range(3)]
+    whole = det.run_unit(knowing, cfg, unit).tables
+    joined = det.join_parts(knowing, cfg, unit, parts).tables
     for table in ("head_scores", "metrics"):
         pd.testing.assert_frame_equal(joined[table], whole[table], check_exact=False, rtol=1e-5, atol=1e-6,
                                       obj=table)
     with pytest.raises(ValueError, match="cover"):
-        det.join_parts(knowing, cfg, "restated", parts[:2])
+        det.join_parts(knowing, cfg, unit, parts[:2])
     with pytest.raises(ValueError, match="cover"):
-        det.join_parts(knowing, cfg, "restated", [*parts, parts[1]])
+        det.join_parts(knowing, cfg, unit, [*parts, parts[1]])

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import signal
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,12 +28,15 @@ import interp
 from interp.errors import UserError
 from interp.model.loaded import LoadedModel
 from interp.runs import dask_executor
+from interp.runs.clusters import make_executor
 from interp.runs.config import DetectorConfig
 from interp.runs.dask_executor import DaskExecutor
-from interp.runs.executors import Executor, make_executor
-from interp.runs.registry import Detector, UnitResult, get_detector
+from interp.runs.executors import Executor
+from interp.runs.registry import Detector, get_detector
 from interp.runs.runner import run_detector
 from interp.runs.store import SETTINGS_UNIT, TABLES, Store
+from interp.runs.units import Task, Unit
+from tests.equality import Layout, assert_frames_equal
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -90,11 +94,15 @@ def stored_tables(store: Store, run_id: int) -> dict[str, pd.DataFrame]:
             for table in TABLES}
 
 
-def assert_same_results(store: Store, run_id: int, ref: Store, ref_id: int) -> None:
+def assert_same_results(store: Store, run_id: int, ref: Store, ref_id: int, layout: Layout = Layout.SAME,
+                        skip_units: tuple[str, ...] = ()) -> None:
+    """The two runs' stored tables equal as ``layout`` allows (tests/equality.py), but for the
+    rows of ``skip_units``."""
     got, want = stored_tables(store, run_id), stored_tables(ref, ref_id)
     assert sum(len(df) for df in want.values()) > 0
     for table in TABLES:
-        pd.testing.assert_frame_equal(got[table], want[table], check_exact=True, obj=table)
+        g, w = (df[~df["unit"].isin(skip_units)].reset_index(drop=True) for df in (got[table], want[table]))
+        assert_frames_equal(g, w, layout, obj=table)
 
 
 def unit_rows(store: Store, run_id: int) -> dict[str, int]:
@@ -130,13 +138,17 @@ class Wrapped(Executor):
     name = "wrapped"
 
     def __init__(self, inner: Executor, hook: Callable[[int], None]) -> None:
+        super().__init__()
         self.inner, self.hook = inner, hook
 
-    def run_units(
-        self, model: LoadedModel, detector: Detector[Any], cfg: DetectorConfig, units: Sequence[str]
-    ) -> Iterator[tuple[str, UnitResult, float]]:
+    def workers(self) -> int:
+        return self.inner.workers()
+
+    def compute(
+        self, model: LoadedModel, detector: Detector[Any], cfg: DetectorConfig, tasks: Sequence[Task]
+    ) -> Iterator[tuple[Task, Any, float]]:
         # A plain loop, like the runner's: stopping it must cancel the inner run's tasks.
-        for i, item in enumerate(self.inner.run_units(model, detector, cfg, units)):
+        for i, item in enumerate(self.inner.compute(model, detector, cfg, tasks)):
             self.hook(i)
             yield item
 
@@ -152,14 +164,14 @@ def test_dask_run_stores_what_a_serial_run_stores(
     assert res.computed_units == len(get_detector(name).units(model, get_detector(name).parse_params(params)))
     assert store.run(res.run_id).status == "done"
     assert_same_results(store, res.run_id, ref, ref_id)
-    assert live_tasks(dask2) == []
+    assert wait_until(lambda: live_tasks(dask2) == [], 10)
 
 
 def test_one_unit_is_split_over_the_workers(dask2: DaskExecutor, model: LoadedModel, tmp_path: Path) -> None:
     """A run of one unit on two workers: the fact's trace goes out in two parts, each restoring
     half of the cells after recomputing the base run, joined on the driver. Its stored numbers
     equal a serial run's; not bit for bit, since each part batches its cells into other
-    forward passes (float rounding)."""
+    forward passes (another batching: Layout.REORDERED)."""
     ref, ref_id = serial_run(model, "causal-trace", TRACE, tmp_path / "serial")
     store = Store(tmp_path / "dask")
     before = dask2.split_units
@@ -167,11 +179,9 @@ def test_one_unit_is_split_over_the_workers(dask2: DaskExecutor, model: LoadedMo
     assert dask2.split_units == before + 1
     assert store.run(res.run_id).status == "done"
     assert unit_rows(store, res.run_id).keys() == unit_rows(ref, ref_id).keys()
-    got, want = stored_tables(store, res.run_id), stored_tables(ref, ref_id)
-    assert len(want["token_layer"]) > 0
-    for table in TABLES:
-        pd.testing.assert_frame_equal(got[table], want[table], check_exact=False, rtol=1e-6, atol=1e-7, obj=table)
-    assert live_tasks(dask2) == []
+    assert len(stored_tables(ref, ref_id)["token_layer"]) > 0
+    assert_same_results(store, res.run_id, ref, ref_id, Layout.REORDERED)
+    assert wait_until(lambda: live_tasks(dask2) == [], 10)
 
 
 def test_the_printed_dashboard_link_serves_the_dashboard(dask2: DaskExecutor) -> None:
@@ -194,11 +204,12 @@ def test_the_printed_dashboard_link_serves_the_dashboard(dask2: DaskExecutor) ->
 def test_error_in_a_unit_propagates_and_cancels_the_rest(dask2: DaskExecutor, model: LoadedModel) -> None:
     det = get_detector("induction")
     cfg = det.parse_params(INDUCTION)
-    # "batch-x" is no unit of induction: its run_unit raises ValueError on the worker.
-    units = ["batch-x", *(f"batch-{i}" for i in range(4))]
-    with pytest.raises(ValueError, match="invalid literal") as info:
+    # Batch 999 is no unit of induction: it would hold a negative number of prompts, which
+    # raises on the worker.
+    units = [Unit("batch", 999), *(Unit("batch", i) for i in range(4))]
+    with pytest.raises(RuntimeError, match="negative dimension") as info:
         list(dask2.run_units(model, det, cfg, units))
-    assert any("batch-x" in note for note in getattr(info.value, "__notes__", []))
+    assert any("batch-999" in note for note in getattr(info.value, "__notes__", []))
     assert wait_until(lambda: live_tasks(dask2) == [], 10)
 
 
@@ -237,50 +248,57 @@ def test_interrupted_driver_resumes(dask2: DaskExecutor, model: LoadedModel, tmp
     assert_same_results(store, run_id, ref, ref_id)
 
 
-def test_worker_killed_mid_unit_is_survived(dask2: DaskExecutor, model: LoadedModel, tmp_path: Path) -> None:
-    # Units of about a tenth of a second, many of them: some are always in flight.
-    params = {"seq_len": 120, "n_prompts": 192, "batch_size": 16, "seed": 3}
-    det = get_detector("induction")
-    units = det.units(model, det.parse_params(params))
+@pytest.fixture
+def gated_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tests/plugins/kill_gate.py installed as a plug-in (an entry point) for this process and the
+    worker processes it spawns (they start with its sys.path)."""
+    site = tmp_path / "site"
+    dist = site / "gated_example-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: gated-example\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[interp.plugins]\nkill-gate = tests.plugins.kill_gate\n")
+    monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+def test_worker_killed_mid_unit_is_survived(model: LoadedModel, gated_site: Path, tmp_path: Path) -> None:
+    """SIGKILL of the worker process computing a unit, on the event the unit signals as it
+    starts (tests/plugins/kill_gate.py writes its process id, then waits): the scheduler sends that
+    unit to another worker, where it is computed once, and the run stores what a serial run
+    stores. A unit committed although its first worker died before computing anything must have
+    been computed again elsewhere."""
+    params = {"seq_len": 8, "n_prompts": 12, "batch_size": 2}  # 6 units
+    gate = tmp_path / "gate"
+    gate.mkdir()
     ref, ref_id = serial_run(model, "induction", params, tmp_path / "serial")
-    client = dask2.client
-    assert client is not None
-    rescheduled: list[str] = []
+    started = gate / "batch-2.started"
+    killed: list[int] = []
 
-    def kill_if_busy(dask_worker: Any) -> bool:
-        # Runs in the worker's event loop: a unit executing now cannot report back first.
-        if dask_worker.state.executing:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return False
+    def kill_on_start() -> None:
+        while not started.exists() or not started.read_text():
+            time.sleep(0.05)  # waiting for the event; the gated unit holds until it is killed
+        killed.append(int(started.read_text()))
+        os.kill(killed[0], signal.SIGKILL)
 
-    def suspicious(dask_scheduler: Any) -> list[str]:
-        return sorted(str(k) for k, ts in dask_scheduler.tasks.items() if ts.suspicious)
-
-    def kill_one(i: int) -> None:
-        if i != 0:
-            return
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            for addr in list(client.scheduler_info()["workers"]):
-                out = cast(dict[str, Any], client.run(kill_if_busy, workers=[addr], on_error="return"))
-                if out.get(addr) is not False:  # the call died with the worker
-                    rescheduled.extend(wait_until(lambda: client.run_on_scheduler(suspicious)))
-                    return
-        pytest.fail("no worker was ever busy")
-
-    store = Store(tmp_path / "dask")
-    res = run_detector(model, "induction", params, store, progress=False, executor=Wrapped(dask2, kill_one))
-    # The killed worker's unit went to another worker (the scheduler counts the death against it).
-    assert rescheduled
+    assert model.spec is not None
+    with DaskExecutor(model.spec, workers=N_WORKERS) as ex:
+        assert ex.client is not None
+        worker_pids = set(cast(dict[str, int], ex.client.run(os.getpid)).values())
+        killer = threading.Thread(target=kill_on_start, daemon=True)
+        killer.start()
+        store = Store(tmp_path / "dask")
+        res = run_detector(model, "gated-induction", {**params, "gate": str(gate), "gate_unit": "batch-2"}, store,
+                           progress=False, executor=ex)
+        killer.join()
+        # The nanny restarts the killed worker process (it loads the model again).
+        ex.client.wait_for_workers(N_WORKERS, timeout=60)
+    assert killed[0] in worker_pids  # a worker of the cluster was computing the gated unit
     assert store.run(res.run_id).status == "done"
-    assert res.computed_units == len(units)
+    assert res.computed_units == 6
     stored = unit_rows(store, res.run_id)
-    assert set(units) <= set(stored)
     assert stored == unit_rows(ref, ref_id)
     assert set(stored.values()) == {1}
-    assert_same_results(store, res.run_id, ref, ref_id)
-    # The nanny restarts the killed worker process (it loads the model again).
-    client.wait_for_workers(N_WORKERS, timeout=60)
+    assert_same_results(store, res.run_id, ref, ref_id, skip_units=(SETTINGS_UNIT,))
 
 
 def test_joining_a_running_scheduler(dask2: DaskExecutor, model: LoadedModel, tmp_path: Path) -> None:
@@ -299,14 +317,16 @@ def test_joining_a_running_scheduler(dask2: DaskExecutor, model: LoadedModel, tm
         res = run_detector(model, "induction", INDUCTION, store, progress=False, executor=joined)
     assert_same_results(store, res.run_id, ref, ref_id)
     # Leaving a cluster it did not start frees the model it loaded there, and nothing else.
-    assert dask2.client.run(plugins) == before
+    client = dask2.client
+    assert wait_until(lambda: client.run(plugins) == before, 10)
     assert dask2.client.submit(sum, [1, 2], pure=False).result() == 3
 
 
 def test_scheduler_without_workers(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     assert model.spec is not None
     monkeypatch.setattr(dask_executor, "WORKERS_TIMEOUT_S", 1)
-    empty = LocalCluster(n_workers=0, processes=False, dashboard_address="127.0.0.1:0")
+    empty = LocalCluster(n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1",
+                         dashboard_address="127.0.0.1:0")
     try:
         with pytest.raises(UserError, match=r"^the Dask scheduler at .* has no workers after 1 s") as info:
             DaskExecutor(model.spec, scheduler=empty.scheduler_address)
@@ -319,10 +339,8 @@ def test_bad_input_fails_fast(model: LoadedModel) -> None:
     assert model.spec is not None
     with pytest.raises(UserError, match="--workers must be >= 1"):
         make_executor(workers=0, spec=model.spec)
-    t0 = time.monotonic()
     with pytest.raises(UserError) as info:
         DaskExecutor(model.spec, scheduler="tcp://127.0.0.1:1")
-    assert time.monotonic() - t0 < 15
     msg = str(info.value)
     assert msg.startswith("cannot reach the Dask scheduler at tcp://127.0.0.1:1: ")
     assert "\n" not in msg

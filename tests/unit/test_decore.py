@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -20,9 +21,8 @@ from typing import Any
 import pytest
 import torch
 
-from circuits.commands.decore import parse_ranking_params, stored_ranking, workspace_ranking
+from circuits.commands.decore import parse_ranking_params, workspace_ranking
 from circuits.detectors import decore_eval as ev
-from circuits.detectors.retrieval import RetrievalDetector
 from circuits.methods.decore import (
     DecoreSettings,
     base_entropy,
@@ -32,13 +32,14 @@ from circuits.methods.decore import (
     default_k,
     greedy_generate,
     parse_alpha,
+    retrieval_ranking,
 )
 from interp.errors import UserError
 from interp.model.loaded import LoadedModel
+from interp.model.prefix import choose_prefix
 from interp.runs import tables
-from interp.runs.registry import UnitResult
 from interp.runs.runner import run_in_memory
-from interp.runs.store import FINAL_UNIT, Store
+from interp.runs.store import Store
 from tests.tiny import loaded
 
 HEADS = [(1, 0), (2, 3)]
@@ -133,7 +134,7 @@ def test_one_step_equals_formula(pair, method, alpha) -> None:
     a = hand_entropy(base) if alpha == "entropy" else 0.5
     expect = (1 + a) * torch.log_softmax(base, -1) - a * torch.log_softmax(masked, -1)
     tok = int(expect.argmax())
-    g = decore_generate(model, [prompt], HEADS, alpha, max_new_tokens=1, method=method)[0]
+    g = decore_generate(model, model.tokenizer, [prompt], HEADS, alpha, max_new_tokens=1, method=method)[0]
     assert g.tokens == [tok]
     assert g.alphas[0] == pytest.approx(a, abs=1e-4)
     assert g.scores[0] == pytest.approx(float(expect[tok]), abs=1e-4)
@@ -146,7 +147,7 @@ def test_several_steps_with_cache_equal_hand_decoding(pair, prefill) -> None:
     for prompt in PROMPTS[:2]:
         toks, scores, alphas = hand_decode(plain, prompt, HEADS, "uniform", "entropy", 5,
                                            shared_prefill=prefill == "shared")
-        g = decore_generate(model, [prompt], HEADS, max_new_tokens=5, prefill=prefill)[0]
+        g = decore_generate(model, model.tokenizer, [prompt], HEADS, max_new_tokens=5, prefill=prefill)[0]
         n = len(g.tokens)  # may stop early at EOS
         assert g.tokens == toks[:n]
         assert g.scores == pytest.approx(scores[:n], abs=1e-4)
@@ -155,7 +156,7 @@ def test_several_steps_with_cache_equal_hand_decoding(pair, prefill) -> None:
 
 def test_no_heads_makes_decore_greedy(pair) -> None:
     model, plain = pair
-    dec = decore_generate(model, PROMPTS, [], max_new_tokens=6)
+    dec = decore_generate(model, model.tokenizer, PROMPTS, [], max_new_tokens=6)
     gre = greedy_generate(model, PROMPTS, max_new_tokens=6)
     for prompt, d, g in zip(PROMPTS, dec, gre, strict=True):
         seq = list(prompt)
@@ -175,9 +176,9 @@ def test_no_heads_makes_decore_greedy(pair) -> None:
 @pytest.mark.parametrize("method", ["uniform", "zero"])
 def test_left_padding_changes_nothing(pair, method) -> None:
     model, _ = pair
-    batch = decore_generate(model, PROMPTS, HEADS, max_new_tokens=6, method=method)
+    batch = decore_generate(model, model.tokenizer, PROMPTS, HEADS, max_new_tokens=6, method=method)
     for prompt, b in zip(PROMPTS, batch, strict=True):
-        alone = decore_generate(model, [prompt], HEADS, max_new_tokens=6, method=method)[0]
+        alone = decore_generate(model, model.tokenizer, [prompt], HEADS, max_new_tokens=6, method=method)[0]
         assert b.tokens == alone.tokens
         assert b.scores == pytest.approx(alone.scores, abs=1e-4)
         assert b.alphas == pytest.approx(alone.alphas, abs=1e-4)
@@ -237,11 +238,11 @@ def test_settings_and_bad_input(tiny_llama_hf) -> None:
     with pytest.raises(UserError):
         DecoreSettings(method="mean")  # type: ignore[arg-type]
     with pytest.raises(UserError):
-        decore_generate(model, [PROMPTS[0]], [(7, 0)], max_new_tokens=1)
+        decore_generate(model, model.tokenizer, [PROMPTS[0]], [(7, 0)], max_new_tokens=1)
     with pytest.raises(UserError):
-        decore_generate(model, [PROMPTS[0]], [(0, 0), (0, 0)], max_new_tokens=1)
+        decore_generate(model, model.tokenizer, [PROMPTS[0]], [(0, 0), (0, 0)], max_new_tokens=1)
     with pytest.raises(UserError):
-        decore_generate(model, [], HEADS)
+        decore_generate(model, model.tokenizer, [], HEADS)
     assert DecoreSettings(alpha=0.5).variant.startswith("vanilla")
 
 
@@ -260,77 +261,49 @@ def test_default_k_is_the_decore_papers_share_of_heads() -> None:
         default_k(0)
 
 
-def _store_run(store: Store, model: LoadedModel, mode: str, scores: dict[tuple[int, int], float] | None,
-               status: str = "done", name: str | None = None, prefix: dict[str, Any] | None = None,
-               **params: Any) -> int:
-    """A retrieval run written the way the runner writes one: its final head_scores table holds
-    the ranking (metric "retrieval"), as RetrievalDetector.finalize makes it."""
-    det = RetrievalDetector()
-    parsed = det.parse_params({"mode": mode, **params})
-    prov = model.provenance.to_dict()
-    if prefix is not None:
-        prov["prefix"] = prefix
-    run = store.start_run(model=name or model.name, model_hash=model.provenance.file_sha256 or "",
-                          detector="retrieval", variant=det.variant(parsed), params=parsed.to_dict(), dataset_hash=None,
-                          seed=parsed.seed, code_version="test", provenance=prov, resume=False)
-    rows = [("retrieval", la, h, v) for (la, h), v in (scores or {}).items()]
-    frame = tables.head_scores(rows)
-    run.commit_unit(FINAL_UNIT, UnitResult(tables={"head_scores": frame} if rows else {}), 0.0)
-    if status != "running":
-        run.finish(status)
-    return run.id
+def test_workspace_ranking_finds_or_runs_the_retrieval_run(tiny_llama_hf, tmp_path: Path) -> None:
+    """The ranking is a real retrieval run of the workspace: computed and stored on the first
+    call, reused (no new run) on the next, the other mode's run taken with a note when none of the
+    asked mode exists, and never a run of other parameters, another model or another prefix."""
+    from tests.unit.test_retrieval import GRID, force_output, wrap
+    from tests.unit.test_retrieval import files as files_fixture
 
-
-def test_stored_ranking_takes_a_finished_run_of_the_same_model_and_prefix(tiny_llama_hf, tmp_path: Path) -> None:
-    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
-    fast = {(2, 1): 0.5, (0, 3): 0.9, (1, 2): 0.5, (2, 0): 0.1}
-    faithful = {(1, 1): 0.7, (0, 0): 0.6}
-    with Store(tmp_path / "ws") as store:
-        assert stored_ranking(store, model, "fast") is None  # an empty store
-        faithful_id = _store_run(store, model, "faithful", faithful)
-        fast_id = _store_run(store, model, "fast", fast, n_needles=2)
-        # Newer runs that must all be passed over:
-        _store_run(store, model, "fast", {(0, 0): 1.0}, status="running")  # not finished
-        _store_run(store, model, "fast", {(0, 0): 1.0}, status="failed")
-        _store_run(store, model, "fast", {(0, 0): 1.0}, name="another-model")
-        _store_run(store, model, "fast", {(0, 0): 1.0}, prefix={"source": "none", "text": None, "token_id": None})
-        _store_run(store, model, "fast", None)  # no sample answered: no ranking
-        got = stored_ranking(store, model, "fast")
-        assert got is not None
-        ranking, record = got
-        # Best first, ties by (layer, head).
-        assert ranking == [(0, 3), (1, 2), (2, 1), (2, 0)]
-        assert record["run_id"] == fast_id
-        assert record["mode"] == "fast-teacher-forced"
-        assert record["source"] == "stored run"
-        assert record["params"]["n_needles"] == 2
-        # The run of the asked mode is preferred, even when older.
-        got = stored_ranking(store, model, "faithful")
-        assert got is not None
-        assert got[1]["run_id"] == faithful_id
-        assert got[0] == [(1, 1), (0, 0)]
-        # Given retrieval parameters must agree with the run's.
-        got = stored_ranking(store, model, "fast", parse_ranking_params(["n-needles=2"]))
-        assert got is not None
-        assert got[1]["run_id"] == fast_id
-        # (the faithful run has the default, 3)
-        assert stored_ranking(store, model, "fast", parse_ranking_params(["n_needles=4"])) is None
-        # Without a run of the asked mode the newest finished one is taken, and says its mode.
-        store.delete_run(fast_id)
-        got = stored_ranking(store, model, "fast")
-        assert got is not None
-        assert got[1]["run_id"] == faithful_id
-        assert got[1]["mode"] == "faithful"
-    # workspace_ranking reuses it and says which run, from where.
+    files = files_fixture.__wrapped__(tmp_path)  # type: ignore[attr-defined]
+    model = wrap(force_output(copy.deepcopy(tiny_llama_hf)))
+    params = {**files, **GRID}
+    ws = tmp_path / "ws"
     lines: list[str] = []
-    ranking, record = workspace_ranking(model, "faithful", tmp_path / "ws", log=lines.append)
-    assert ranking == [(1, 1), (0, 0)]
-    assert record["run_id"] == faithful_id
-    assert lines == [f"using retrieval run {faithful_id} (faithful) from {(tmp_path / 'ws').resolve()}"]
+    ranking, record = workspace_ranking(model, "fast", ws, params, log=lines.append)
+    assert record["source"] == "computed now"
+    assert lines[-1] == f"stored as retrieval run {record['run_id']} in {ws.resolve()}"
+    # The ranking is the stored run's heads best first (ties by layer, head), as an in-memory run gives.
+    want, _ = retrieval_ranking(model, "fast", params)
+    assert ranking == want
+    with Store(ws) as store:
+        fast_id = record["run_id"]
+        assert store.run(fast_id).info()["variant"] == "fast-teacher-forced"
+        n_runs = len(store.runs())
     lines.clear()
-    workspace_ranking(model, "fast", tmp_path / "ws", log=lines.append)
-    assert lines[0].startswith(f"using retrieval run {faithful_id} (faithful) from ")
-    assert "none is fast-teacher-forced" in lines[0]
+    again, rec2 = workspace_ranking(model, "fast", ws, params, log=lines.append)
+    assert (again, rec2["run_id"], rec2["source"]) == (ranking, fast_id, "stored run")
+    assert lines == [f"using retrieval run {fast_id} (fast-teacher-forced) from {ws.resolve()}"]
+    # The faithful mode takes the fast run when no faithful run exists, and says so.
+    lines.clear()
+    _, rec3 = workspace_ranking(model, "faithful", ws, params, log=lines.append)
+    assert rec3["run_id"] == fast_id
+    assert "none is faithful" in lines[0]
+    with Store(ws) as store:
+        assert len(store.runs()) == n_runs  # nothing was computed
+    # Other parameters, another model (other weights) or another prompt prefix: a new run.
+    _, rec4 = workspace_ranking(model, "fast", ws, {**params, "n_depths": 1}, log=lines.append)
+    assert rec4["source"] == "computed now"
+    other = copy.copy(model)
+    other.provenance = dataclasses.replace(model.provenance, file_sha256="0" * 64)
+    assert workspace_ranking(other, "fast", ws, params, log=lines.append)[1]["source"] == "computed now"
+    no_prefix = LoadedModel(model.hf, model.tokenizer, dataclasses.replace(model.provenance),
+                            prefix=choose_prefix(model.tokenizer, model.hf.config, "none"))
+    assert no_prefix.prefix.to_dict() != model.prefix.to_dict()
+    assert workspace_ranking(no_prefix, "fast", ws, params, log=lines.append)[1]["source"] == "computed now"
 
 
 def test_ranking_params_are_checked() -> None:
@@ -354,11 +327,11 @@ def test_decore_eval_config_checks_and_unit_plan(tiny_llama_hf) -> None:
     assert re.fullmatch(r"[a-z0-9]+([-./+=][a-z0-9]+)*", det.variant(cfg))
     model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
     # Given heads: no ranking unit; the ks run in increasing order whatever order they are listed in.
-    assert det.units(model, cfg) == [
+    assert [u.key for u in det.units(model, cfg)] == [
         f"{task}/{m}/k{k}" for task in ("memotrap", "closedbook")
         for m, k in [("greedy", 0)] + [(m, k) for m in ev.METHODS[1:] for k in (1, 3)]
     ]
-    assert det.units(model, det.parse_params({"ks": "1", "tasks": "memotrap"}))[0] == "ranking"
+    assert det.units(model, det.parse_params({"ks": "1", "tasks": "memotrap"}))[0].key == "ranking"
     for raw, match in [
         ({"ks": ""}, "ks"),
         ({"ks": "0,1"}, "ks"),

@@ -2,20 +2,20 @@
 
 ``interp scan`` runs each detector with its declared scan parameters (small: a few facts, a small
 split), checked before any model is loaded, while ``interp run`` keeps the detector's own
-defaults. Every page of the dashboard (app/dashboard.PAGES, which the pages filter their runs
+defaults. Every page of the dashboard (app/routing.PAGES, which the pages filter their runs
 with) lists a run of the default scan: checked on the declaration and on the rendered pages.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
 import pytest
 
+from app import routing
 from circuits.detectors.induction import InductionDetector
 from interp.runs import registry
 from interp.runs.registry import UnitResult, all_detectors, default_scan
@@ -23,9 +23,6 @@ from interp.runs.store import Store
 from tests.tiny import run_cli
 
 APP = Path(__file__).resolve().parents[2] / "app"
-sys.path.insert(0, str(APP))
-
-import dashboard as dash  # noqa: E402  # pyright: ignore[reportMissingImports]
 
 NO_MODEL = "/nonexistent/model"
 # Each page's file and the key of the selectbox that lists its runs (Compare: its detectors).
@@ -37,15 +34,15 @@ PAGE_FILES = {
 }
 
 
-def _kinds() -> dict[str, str]:
-    return {name: str(cls.output) for name, cls in all_detectors().items()}
+def _routes() -> dict[str, routing.Route]:
+    return {name: routing.Route.of(cls) for name, cls in all_detectors().items()}
 
 
 def test_every_page_lists_a_detector_of_the_default_scan() -> None:
     scan = set(default_scan())
-    assert set(dash.PAGES) == set(PAGE_FILES)
-    for name, page in dash.PAGES.items():
-        shown = set(page.detectors(_kinds()))
+    assert set(routing.PAGES) == set(PAGE_FILES)
+    for name, page in routing.PAGES.items():
+        shown = set(page.detectors(_routes()))
         assert shown & scan, f"{name} shows {sorted(shown)}; the default scan runs none of them ({sorted(scan)})"
 
 
@@ -177,12 +174,12 @@ def test_after_the_default_scan_every_page_lists_its_runs(
         options = [str(o) for o in at.selectbox(key=key).options]
         # Run labels read "#id detector · model · status"; Compare lists the detectors.
         listed = sorted(options if name == "Compare" else [o.split(" ")[1] for o in options])
-        want = sorted(d for d in dash.PAGES[name].detectors(_kinds()) if d in scan)
+        want = sorted(d for d in routing.PAGES[name].detectors(_routes()) if d in scan)
         assert listed == want, f"{name}: lists {listed}, declares {want}"
         assert want
         if name == "Compare":
             # One run each: it opens on a head detector, whose run shows charts, not only metrics.
-            assert _kinds()[at.selectbox(key=key).value] == "head_scores"
+            assert _routes()[at.selectbox(key=key).value].output == "head_scores"
 
 
 def test_home_says_what_each_page_shows_and_what_fills_it(
@@ -192,7 +189,7 @@ def test_home_says_what_each_page_shows_and_what_fills_it(
     at = _app("Home.py")
     text = "\n".join(str(c.value) for c in at.caption)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("**")]
-    assert [ln.split("**")[1] for ln in lines] == [*dash.PAGES, "Atlas"]
+    assert [ln.split("**")[1] for ln in lines] == [*routing.PAGES, "Atlas"]
     for line in lines[:-1]:
         assert "`interp scan` (" in line, line
     # The atlas page reads what `interp atlas` writes, not the runs of a scan.

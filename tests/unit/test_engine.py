@@ -124,7 +124,7 @@ def test_engine_equals_naive_loop(tiny_model: LoadedModel, data: dict[str, torch
         assert res.labels == [lab for lab, _ in expected]
         torch.testing.assert_close(res.values, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(res.base, base, atol=1e-5, rtol=1e-5)
-        assert res.variant == sweep.intervention
+        assert res.intervention == sweep.intervention
     # The edits must matter, or equality above would prove nothing.
     assert (want - base).abs().max() > 1e-3
 

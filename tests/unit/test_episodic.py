@@ -25,6 +25,8 @@ from interp.errors import UserError
 from interp.model.loaded import LoadedModel
 from interp.runs.config import DetectorConfig
 from interp.runs.registry import Summary, get_detector
+from interp.runs.runner import finalized
+from interp.runs.units import Unit
 from tests.tiny import loaded
 
 TABLES = ("head_scores", "token_layer", "curves", "metrics", "artifacts")
@@ -37,9 +39,9 @@ def run_local(model: LoadedModel, name: str, raw: dict | DetectorConfig) -> Summ
     per: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
     for unit in det.units(model, cfg):
         for table, df in det.run_unit(model, cfg, unit).tables.items():
-            per[table].append(df.assign(unit=unit))
+            per[table].append(df.assign(unit=unit.key))
     results = {t: pd.concat(v, ignore_index=True) if v else pd.DataFrame(columns=["unit"]) for t, v in per.items()}
-    return det.finalize(model, cfg, results)
+    return finalized(model, det, cfg, results)
 
 
 # ---------------------------------------------------------------- copying score
@@ -386,9 +388,9 @@ def test_ablation_units_and_draws(tiny_model: LoadedModel) -> None:
     det = get_detector("episodic-ablation")
     cfg = det.parse_params(raw)
     units = det.units(tiny_model, cfg)
-    assert units == ["clean", "top", "random-0", "random-1", "random-2", "single-0", "cum-1"]
-    top = set(det.heads_for(tiny_model, cfg, "top"))  # type: ignore[attr-defined]
-    draws = [det.heads_for(tiny_model, cfg, f"random-{i}") for i in range(3)]  # type: ignore[attr-defined]
+    assert [u.key for u in units] == ["clean", "top", "random-0", "random-1", "random-2", "single-0", "cum-1"]
+    top = set(det.heads_for(tiny_model, cfg, Unit("top")))  # type: ignore[attr-defined]
+    draws = [det.heads_for(tiny_model, cfg, Unit("random", i)) for i in range(3)]  # type: ignore[attr-defined]
     for d in draws:
         assert len(d) == 2
         assert not top & set(d)
@@ -410,8 +412,8 @@ def test_ablation_effect_matches_plain_hook(tiny_model: LoadedModel, tiny_hf: to
     }
     det = get_detector("episodic-ablation")
     cfg = det.parse_params(raw)
-    [(layer, head)] = det.heads_for(tiny_model, cfg, "top")  # type: ignore[attr-defined]
-    res = det.run_unit(tiny_model, cfg, "top").tables["curves"]
+    [(layer, head)] = det.heads_for(tiny_model, cfg, Unit("top"))  # type: ignore[attr-defined]
+    res = det.run_unit(tiny_model, cfg, Unit("top")).tables["curves"]
     got = np.asarray(res["y"].to_numpy())[np.asarray(res["curve"].to_numpy()) == "icl"]
     tokens = text_chunks(tiny_model, 1, 64)
     hf: Any = copy.deepcopy(tiny_hf)
@@ -505,7 +507,7 @@ def test_example_tokens_are_the_first_unit_inputs(tiny_model: LoadedModel) -> No
     cfg = lag.parse_params({"lists": "repeated", "seq_len": 12, "n_prompts": 3, "batch_size": 2, "max_lag": 4})
     tokens = lag.example_tokens(tiny_model, cfg)
     assert tokens is not None
-    assert torch.equal(tokens, lag.prompts(tiny_model, cfg, "batch-0").tokens)  # type: ignore[attr-defined]
+    assert torch.equal(tokens, lag.prompts(tiny_model, cfg, Unit("batch", 0)).tokens)  # type: ignore[attr-defined]
     assert tokens.shape == (2, 1 + 2 * 12)
     cp = get_detector("copying")
     cp_tokens = cp.example_tokens(tiny_model, cp.parse_params({"seq_len": 10, "n_prompts": 3}))
@@ -518,13 +520,13 @@ def test_example_tokens_are_the_first_unit_inputs(tiny_model: LoadedModel) -> No
 
 def test_ranking_is_computed_once_per_detector(tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    rank = episodic_ablation.rank_heads
+    rank = episodic_ablation.ranked_by_score
 
     def counted(model: LoadedModel, score: str, seed: int) -> list[tuple[int, int]]:
         calls.append(score)
         return rank(model, score, seed)
 
-    monkeypatch.setattr(episodic_ablation, "rank_heads", counted)
+    monkeypatch.setattr(episodic_ablation, "ranked_by_score", counted)
     det = episodic_ablation.EpisodicAblationDetector()
     cfg = det.parse_params({"score": "induction", "k": 1, "n_single": 0, "seq_len": 64, "late": 50, "early": 10, "window": 5})
     first = det.ranking(tiny_model, cfg)

@@ -68,9 +68,9 @@ def test_range_checked_against_the_model_only_when_given(model: Any) -> None:
 
 def test_all_heads_and_ranking_from_summary(model: Any) -> None:
     assert all_heads(model) == [(la, h) for la in range(3) for h in range(4)]
-    s = Summary("d", "v", heads=[{"layer": np.int64(2), "head": 1, "score": 0.9}, {"layer": 0, "head": 3, "score": 0.1}])
+    s = Summary(detector="d", variant="v", heads=[{"layer": np.int64(2), "head": 1, "score": 0.9}, {"layer": 0, "head": 3, "score": 0.1}])
     assert ranking_from_summary(s) == [(2, 1), (0, 3)]
-    assert ranking_from_summary(Summary("d", "v")) == []
+    assert ranking_from_summary(Summary(detector="d", variant="v")) == []
 
 
 CANDIDATES = [(la, h) for la in range(5) for h in range(4)]

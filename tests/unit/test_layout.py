@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from interp.errors import UserError
-from interp.model.backends import Backend, BridgeBackend, Capabilities, NNsightBackend, no_hooks_left
+from interp.model.backends import Backend, BridgeBackend, Capabilities, NNsightBackend
 from interp.model.layout import (
     GEMMA_LIKE,
     GPT2_LIKE,
@@ -21,7 +21,7 @@ from interp.model.layout import (
     unembedding,
     unwrap,
 )
-from tests.tiny import loaded
+from tests.tiny import loaded, no_hooks_left
 
 
 def _hand(hf: Any) -> dict[str, Any]:

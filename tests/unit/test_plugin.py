@@ -54,8 +54,8 @@ def test_a_plugin_detector_registers_runs_stores_resumes_and_shows(
     cls = registry.all_detectors()["attention-sink"]
     real = cls.run_unit
 
-    def interrupted(self: Any, model: Any, cfg: Any, unit: str) -> Any:
-        if unit == "prompt-2":
+    def interrupted(self: Any, model: Any, cfg: Any, unit: Any) -> Any:
+        if unit.key == "prompt-2":
             raise KeyboardInterrupt
         return real(self, model, cfg, unit)
 

@@ -23,6 +23,7 @@ from interp.errors import UserError
 from interp.model.interventions import Intervention, Sources, ablate_heads
 from interp.model.loaded import LoadedModel, Provenance
 from interp.model.sites import Site
+from interp.runs.runner import finalized
 from tests.tiny import VOCAB, tiny_gpt2, tiny_llama
 
 FORCED = 50  # the token the forced-output model always emits ("W50")
@@ -341,9 +342,9 @@ def run_units(det: Any, model: LoadedModel, cfg: Any) -> Any:
     parts: dict[str, list[pd.DataFrame]] = {}
     for u in det.units(model, cfg):
         for table, df in det.run_unit(model, cfg, u).tables.items():
-            parts.setdefault(table, []).append(df.assign(unit=u))
+            parts.setdefault(table, []).append(df.assign(unit=u.key))
     results = {t: pd.concat(v, ignore_index=True) for t, v in parts.items()}
-    return det.finalize(model, cfg, results), results
+    return finalized(model, det, cfg, results), results
 
 
 GRID = {"min_length": 16, "max_length": 24, "n_lengths": 2, "n_depths": 2, "max_tokens": 128,
@@ -464,7 +465,7 @@ def test_masking_detector_computes_its_ranking(files: dict[str, str], monkeypatc
     det = retrieval_masking.RetrievalMaskingDetector()
     cfg = det.parse_params({**files, **GRID, "top_k": 2, "n_random": 1, "ranking_mode": "fast"})
     units = det.units(model, cfg)
-    assert units[0] == "ranking"
+    assert units[0].key == "ranking"
     summary, results = run_units(det, model, cfg)
     # The ranking is the fast retrieval scan on the seed+1 haystack windows, best first.
     ref = rt.RetrievalDetector()
@@ -483,8 +484,8 @@ def test_masking_detector_computes_its_ranking(files: dict[str, str], monkeypatc
     def no_ranking(*_: Any) -> Any:
         raise AssertionError("the ranking was recomputed")
 
-    monkeypatch.setattr(retrieval_masking, "rank_heads", no_ranking)
-    again = resumed.finalize(model, cfg, results)
+    monkeypatch.setattr(retrieval_masking, "ranked_by_retrieval", no_ranking)
+    again = finalized(model, resumed, cfg, results)
     assert resumed.head_sets(model, cfg)["top2"] == expected[:2]
     assert again.metrics == summary.metrics
     assert again.warnings == summary.warnings
@@ -551,9 +552,9 @@ def test_grid_is_built_once_per_run(files: dict[str, str], monkeypatch: pytest.M
 
     monkeypatch.setattr(rt, "samples_for", counting)
     units = det.units(model, cfg)
-    assert units == list(real(model, cfg))
+    assert [u.key for u in units] == list(real(model, cfg))
     tokens = det.example_tokens(model, cfg)
-    assert tokens.tolist() == [list(det.samples(model, cfg)[units[0]].input_ids)]
+    assert tokens.tolist() == [list(det.samples(model, cfg)[units[0].key].input_ids)]
     assert len(built) == 1
     # Another detector (another run) builds its own.
     rt.RetrievalDetector().units(model, cfg)

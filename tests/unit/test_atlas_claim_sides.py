@@ -1,0 +1,123 @@
+"""Every atlas claim on both sides of its verdict, and at its edge (issue 27): hand-made summaries
+of a 4-layer model with 2 heads per layer, each value worked out in the comment beside it.
+
+The edges follow the claims' wording: "below 5 %", "more than random", "later" (> 0.5) and
+"early-to-middle" (<= 0.5), "above the threshold", "Jaccard > 0"; a tie is not more.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from circuits.atlas.claims import FAILS, HOLDS, ModelResults, summarize
+from interp.runs.registry import Summary
+
+
+def _verdicts(**summaries: Summary) -> dict[str, tuple[str, Any]]:
+    res = ModelResults(n_layers=4, n_heads=8, summaries={s.detector: s for s in summaries.values()})
+    claims = summarize({"m": res}, list(res.summaries), 2)["claims"]
+    return {c["id"]: (c["models"]["m"]["verdict"], c["models"]["m"]["value"]) for c in claims}
+
+
+def _retrieval(share: float) -> Summary:
+    return Summary("retrieval", "v", heads=[{"layer": 0, "head": 0, "score": 0.3}],
+                   metrics={"share_heads_above_threshold": share, "n_heads_above_threshold": round(share * 8),
+                            "n_heads": 8, "threshold": 0.1, "too_few_counted": 0})
+
+
+@pytest.mark.parametrize(("share", "verdict"), [(0.04, HOLDS), (0.05, FAILS), (0.25, FAILS)])
+def test_retrieval_sparse(share: float, verdict: str) -> None:
+    assert _verdicts(r=_retrieval(share))["retrieval-sparse"] == (verdict, share)
+
+
+@pytest.mark.parametrize(
+    ("top", "random", "verdict", "value"),
+    [(0.25, 0.625, HOLDS, 0.375),  # the top heads cost 0.375 more than random ones
+     (0.5, 0.5, FAILS, 0.0),  # as much as random: not more
+     (0.75, 0.5, FAILS, -0.25)],
+)
+def test_retrieval_masking(top: float, random: float, verdict: str, value: float) -> None:
+    s = Summary("retrieval-masking", "v", metrics={"top_k": 3, "n_random": 2, "n_samples": 8, "accuracy:none": 0.75,
+                                                    "accuracy:top3": top, "accuracy:random-mean": random})
+    assert _verdicts(s=s)["retrieval-masking"] == (verdict, pytest.approx(value))
+
+
+def _conflict(memory_layers: list[int], context_layers: list[int]) -> Summary:
+    heads = [{"layer": la, "head": 0, "score": 0.5, "kind": "memory"} for la in memory_layers]
+    heads += [{"layer": la, "head": 1, "score": -0.5, "kind": "context"} for la in context_layers]
+    return Summary("conflict-heads", "v", heads=heads)
+
+
+@pytest.mark.parametrize(
+    ("memory", "context", "verdict", "depth"),
+    [([3, 3], [2], HOLDS, 8 / 12),  # (3 + 3 + 2) / 3 heads / 4 layers
+     ([2], [2], FAILS, 0.5),  # exactly the middle: not later
+     ([1], [0, 2], FAILS, 3 / 12)],
+)
+def test_memory_context_late(memory: list[int], context: list[int], verdict: str, depth: float) -> None:
+    assert _verdicts(c=_conflict(memory, context))["memory-context-late"] == (verdict, pytest.approx(depth))
+
+
+def _ph3(after: float, random: float) -> Summary:
+    return Summary("ph3", "v", metrics={"prune-memory.k": 3, "test.unpruned.conflict.qa.context_rate": 0.2,
+                                        "test.prune-memory.conflict.qa.context_rate": after,
+                                        "test.prune-memory.random-control.conflict.qa.context_rate": random})
+
+
+@pytest.mark.parametrize(("after", "random", "verdict", "gain"),
+                         [(0.5, 0.3, HOLDS, 0.2), (0.4, 0.4, FAILS, 0.0), (0.3, 0.5, FAILS, -0.2)])
+def test_ph3_beats_random(after: float, random: float, verdict: str, gain: float) -> None:
+    assert _verdicts(p=_ph3(after, random))["ph3-beats-random"] == (verdict, pytest.approx(gain))
+
+
+@pytest.mark.parametrize(("decore", "verdict", "diff"), [(0.7, HOLDS, 0.1), (0.6, FAILS, 0.0), (0.5, FAILS, -0.1)])
+def test_decore_beats_greedy(decore: float, verdict: str, diff: float) -> None:
+    s = Summary("decore-eval", "v", metrics={"nqswap:greedy:test_accuracy": 0.6, "nqswap:decore-entropy:test_accuracy":
+                                             decore, "nqswap:decore-entropy:k": 3, "nqswap:n_test": 10})
+    assert _verdicts(d=s)["decore-beats-greedy"] == (verdict, pytest.approx(diff))
+
+
+@pytest.mark.parametrize(("layer", "verdict"), [(1, HOLDS), (2, HOLDS), (3, FAILS)])
+def test_mlp_peak_early(layer: int, verdict: str) -> None:
+    s = Summary("causal-trace", "v", metrics={"peak_layer_mlp_last_subject": layer, "peak_value_mlp_last_subject": 0.3,
+                                              "n_facts_traced": 2})
+    # Layer 2 of 4 is relative depth 0.5: "early-to-middle" includes the middle.
+    assert _verdicts(t=s)["mlp-peak-early"] == (verdict, layer / 4)
+
+
+@pytest.mark.parametrize(
+    ("like_layers", "verdict", "depth"),
+    [([3, 2], HOLDS, 5 / 8),  # (3 + 2) / 2 / 4
+     ([2], FAILS, 0.5),  # the middle is not middle-to-late's later half
+     ([0, 1], FAILS, 1 / 8),
+     ([], FAILS, None)],  # no CMR-like head: the claim does not show
+)
+def test_cmr_mid_late(like_layers: list[int], verdict: str, depth: float | None) -> None:
+    heads = [{"layer": la, "head": 0, "score": -0.1, "cmr_like": True} for la in like_layers]
+    heads.append({"layer": 0, "head": 1, "score": -0.9, "cmr_like": False})
+    got = _verdicts(c=Summary("cmr", "v", heads=heads))["cmr-mid-late"]
+    assert got[0] == verdict
+    assert got[1] == (None if depth is None else pytest.approx(depth))
+
+
+@pytest.mark.parametrize(("best", "verdict"), [(0.41, HOLDS), (0.4, FAILS), (0.1, FAILS)])
+def test_induction_exists(best: float, verdict: str) -> None:
+    s = Summary("induction", "v", heads=[{"layer": 3, "head": 0, "score": best}, {"layer": 1, "head": 1, "score": 0.05}],
+                metrics={"threshold": 0.4})
+    assert _verdicts(i=s)["induction-exists"] == (verdict, best)
+
+
+@pytest.mark.parametrize(
+    ("retrieval_heads", "verdict", "jaccard"),
+    [([(3, 0), (0, 1)], HOLDS, 1 / 3),  # {L3H0, L2H1} and {L3H0, L0H1}: 1 shared of 3
+     ([(0, 0), (0, 1)], FAILS, 0.0)],  # disjoint
+)
+def test_induction_retrieval_overlap(retrieval_heads: list[tuple[int, int]], verdict: str, jaccard: float) -> None:
+    ind = Summary("induction", "v", heads=[{"layer": 3, "head": 0, "score": 0.9}, {"layer": 2, "head": 1, "score": 0.5}],
+                  metrics={"threshold": 0.4})
+    ret = Summary("retrieval", "v", heads=[{"layer": la, "head": h, "score": 0.3 - 0.1 * i}
+                                           for i, (la, h) in enumerate(retrieval_heads)],
+                  metrics={"share_heads_above_threshold": 0.25})
+    assert _verdicts(i=ind, r=ret)["induction-retrieval-overlap"] == (verdict, pytest.approx(jaccard))
