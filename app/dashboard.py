@@ -24,7 +24,8 @@ from app import progress
 from app.routing import Page, declared_routes, route_of
 from interp import figures
 from interp.errors import UserError
-from interp.runs.store import DB_NAME, FINAL_UNIT, RESERVED_UNITS, TABLES, WARNINGS_UNIT
+from interp.runs.schema import FINAL_UNIT, RESERVED_UNITS, TABLES, WARNINGS_UNIT
+from interp.runs.store import DB_NAME
 
 if TYPE_CHECKING:
     import numpy as np

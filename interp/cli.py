@@ -515,7 +515,7 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Export stored results as CSV or Parquet files, one per table."""
-    from interp.runs.store import check_export_format
+    from interp.runs.schema import check_export_format
 
     check_export_format(fmt)  # bad arguments first, then a missing store
     with open_store(workspace, create=False) as store:

@@ -38,6 +38,7 @@ from circuits.atlas.claims import FAILS, HOLDS, NM, ModelResults, _scored, summa
 from interp.console import err, out
 from interp.errors import UserError
 from interp.model.load import load_spec
+from interp.model.spec import ModelSpec
 from interp.options import (
     ClusterOptions,
     DeviceMapOpt,
@@ -344,6 +345,33 @@ def _print_overlaps(atlas: Mapping[str, Any], labels: Mapping[str, str]) -> None
 # ------------------------------------------------------------------------------ the command
 
 
+def _run_models(
+    specs: Mapping[str, ModelSpec], dets: Sequence[str], store: Store, fresh: bool, cluster: ClusterOptions
+) -> tuple[dict[str, ModelResults], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every detector on every model, one model loaded at a time: each model's results, runs
+    and information (name, provenance, parameters, cost)."""
+    from tqdm.auto import tqdm
+
+    results: dict[str, ModelResults] = {}
+    runs: dict[str, dict[str, Any]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    with tqdm(total=len(specs) * len(dets), unit="run", file=sys.stderr) as bar:
+        for name, spec in specs.items():
+            bar.set_description(f"loading {name}")
+            t0 = time.perf_counter()
+            # The workers (--workers, --scheduler) load this model; one model at a time.
+            with PeakRSS() as peak, cluster.executor(spec) as executor:
+                loaded = load_spec(spec)
+                load_s = time.perf_counter() - t0
+                results[name], runs[name] = _run_model(loaded, list(dets), store, fresh, bar, executor)
+                info[name] = {"name": loaded.name, "provenance": loaded.provenance.to_dict(),
+                              "n_params": sum(p.numel() for p in loaded.hf.parameters())}
+                del loaded  # one model in memory at a time
+                gc.collect()
+            info[name]["cost"] = model_cost(runs[name], load_s, time.perf_counter() - t0, peak.peak_mb)
+    return results, runs, info
+
+
 @command("atlas")
 def atlas(
     models: Annotated[str | None, typer.Option(
@@ -364,8 +392,6 @@ def atlas(
 ) -> None:
     """Run detectors on several models (scan parameters) and compare their memory heads and the
     papers' claims: relative depth, top-k overlap, verdicts per model."""
-    from tqdm.auto import tqdm
-
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
     # Everything is checked before the store is created or a model loaded: the detectors, the
@@ -374,23 +400,7 @@ def atlas(
     specs = {n: ModelOptions(n, "bridge", prefix, device, dtype, device_map, max_memory).check() for n in names}
     (cluster := ClusterOptions(workers, scheduler)).check(list(specs.values()))
     store = Store(workspace)
-    results: dict[str, ModelResults] = {}
-    runs: dict[str, dict[str, Any]] = {}
-    info: dict[str, dict[str, Any]] = {}
-    with tqdm(total=len(names) * len(dets), unit="run", file=sys.stderr) as bar:
-        for name in names:
-            bar.set_description(f"loading {name}")
-            t0 = time.perf_counter()
-            # The workers (--workers, --scheduler) load this model; one model at a time.
-            with PeakRSS() as peak, cluster.executor(specs[name]) as executor:
-                loaded = load_spec(specs[name])
-                load_s = time.perf_counter() - t0
-                results[name], runs[name] = _run_model(loaded, dets, store, fresh, bar, executor)
-                info[name] = {"name": loaded.name, "provenance": loaded.provenance.to_dict(),
-                              "n_params": sum(p.numel() for p in loaded.hf.parameters())}
-                del loaded  # one model in memory at a time
-                gc.collect()
-            info[name]["cost"] = model_cost(runs[name], load_s, time.perf_counter() - t0, peak.peak_mb)
+    results, runs, info = _run_models(specs, dets, store, fresh, cluster)
     summary = summarize(results, dets, top)
     labels = _labels(names)
     for name in names:

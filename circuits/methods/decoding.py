@@ -110,6 +110,32 @@ def _grow(mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if mask is None else torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
 
 
+def _prefill(model: Decodable, ids: torch.Tensor, mask: torch.Tensor | None, first_ivs: Sequence[Intervention],
+             step_ivs: Sequence[Intervention], cache: Sequence[str], kv_cache: bool,
+             feed_last_token: bool) -> RunOutput:
+    """The prompt's pass (passes, with ``feed_last_token``) whose output picks the first token."""
+    if not kv_cache:
+        return model.run(ids, interventions=step_ivs, cache=cache, attention_mask=mask)
+    if feed_last_token:
+        pre = model.run(ids[:, :-1], interventions=first_ivs, use_cache=True,
+                        attention_mask=None if mask is None else mask[:, :-1])
+        return model.run(ids[:, -1:], interventions=step_ivs, cache=cache, attention_mask=mask,
+                         past_key_values=pre.past_key_values)
+    return model.run(ids, interventions=first_ivs, cache=cache, attention_mask=mask, use_cache=True)
+
+
+def _append(model: Decodable, nxt: torch.Tensor, tokens: list[list[int]], stops: list[str], done: list[bool],
+            stop_at_newline: bool) -> None:
+    """Each unfinished sequence's next token, and why it stops if it does."""
+    for i, tok in enumerate(nxt.tolist()):
+        if done[i]:
+            continue
+        tokens[i].append(int(tok))
+        why = stop_reason(model, int(tok), stop_at_newline)
+        if why is not None:
+            stops[i], done[i] = why, True
+
+
 def greedy_decode(
     model: Decodable,
     input_ids: torch.Tensor,
@@ -145,35 +171,20 @@ def greedy_decode(
     if not kv_cache and first_ivs != step_ivs:
         raise UserError("prefill-only interventions need the KV cache (backend 'bridge')")
     pick = choose or _argmax
-    ids = input_ids.to(model.device)
-    mask = None if attention_mask is None else attention_mask.to(model.device)
+    ids, mask = input_ids.to(model.device), None if attention_mask is None else attention_mask.to(model.device)
     n_rows = int(ids.shape[0])
     tokens: list[list[int]] = []
     stops: list[str] = []
     done: list[bool] = []
     with torch.no_grad():
-        if not kv_cache:
-            out = model.run(ids, interventions=step_ivs, cache=cache, attention_mask=mask)
-        elif feed_last_token:
-            pre = model.run(ids[:, :-1], interventions=first_ivs, use_cache=True,
-                            attention_mask=None if mask is None else mask[:, :-1])
-            out = model.run(ids[:, -1:], interventions=step_ivs, cache=cache, attention_mask=mask,
-                            past_key_values=pre.past_key_values)
-        else:
-            out = model.run(ids, interventions=first_ivs, cache=cache, attention_mask=mask, use_cache=True)
+        out = _prefill(model, ids, mask, first_ivs, step_ivs, cache, kv_cache, feed_last_token)
         for step in range(max_new_tokens):
             nxt = pick(out)
             if step == 0:
                 if nxt.ndim != 1 or n_rows % len(nxt):
                     raise ValueError(f"choose must give one token per sequence of the {n_rows} rows")
                 tokens, stops, done = [[] for _ in nxt], ["length"] * len(nxt), [False] * len(nxt)
-            for i, tok in enumerate(nxt.tolist()):
-                if done[i]:
-                    continue
-                tokens[i].append(int(tok))
-                why = stop_reason(model, int(tok), stop_at_newline)
-                if why is not None:
-                    stops[i], done[i] = why, True
+            _append(model, nxt, tokens, stops, done, stop_at_newline)
             if all(done) or step == max_new_tokens - 1:
                 break
             feed = nxt.repeat(n_rows // len(nxt))[:, None]

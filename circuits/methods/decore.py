@@ -346,6 +346,34 @@ def _generate(
 # ---------------------------------------------------------------- scoring given answers
 
 
+def _answer_pairs(model: LoadedModel, rows: Sequence[list[int]],
+                  answers: Sequence[Sequence[str]]) -> list[tuple[int, int, list[int], list[int]]]:
+    """(prompt index, answer index, prompt tokens, answer tokens) of every candidate answer; an
+    answer is tokenised on its own, without special tokens."""
+    pairs: list[tuple[int, int, list[int], list[int]]] = []
+    for pi, (p, cands) in enumerate(zip(rows, answers, strict=True)):
+        if not cands:
+            raise UserError(f"prompt {pi} has no candidate answers")
+        for ai, a in enumerate(cands):
+            toks = [int(t) for t in model.tokenizer(a, add_special_tokens=False)["input_ids"]]
+            if not toks:
+                raise UserError(f"answer {a!r} tokenises to nothing")
+            pairs.append((pi, ai, p, toks))
+    return pairs
+
+
+def _base_and_masked_logits(model: LoadedModel, rows: Sequence[list[int]], heads: Sequence[Head],
+                            settings: DecoreSettings) -> torch.Tensor:
+    """[2 * rows, width, vocab] float logits: the rows left-padded, then the same rows with the
+    heads masked."""
+    b = len(rows)
+    ids, mask = left_pad(rows, pad_id(model))
+    ids, mask = torch.cat([ids, ids]).to(model.device), torch.cat([mask, mask]).to(model.device)
+    ivs = mask_interventions(heads, settings.method, list(range(b, 2 * b)))
+    with torch.no_grad():
+        return model.run(ids, attention_mask=mask, interventions=ivs).logits.float()
+
+
 def decore_score(
     model: LoadedModel,
     prompts: Sequence[str],
@@ -374,26 +402,13 @@ def decore_score(
     if len(prompts) != len(answers):
         raise UserError(f"{len(prompts)} prompts but {len(answers)} answer lists")
     heads = check_heads(heads, model)
-    rows = prompt_rows(model, prompts, prefix)
-    pairs: list[tuple[int, int, list[int], list[int]]] = []
-    for pi, (p, cands) in enumerate(zip(rows, answers, strict=True)):
-        if not cands:
-            raise UserError(f"prompt {pi} has no candidate answers")
-        for ai, a in enumerate(cands):
-            toks = [int(t) for t in model.tokenizer(a, add_special_tokens=False)["input_ids"]]
-            if not toks:
-                raise UserError(f"answer {a!r} tokenises to nothing")
-            pairs.append((pi, ai, p, toks))
+    pairs = _answer_pairs(model, prompt_rows(model, prompts, prefix), answers)
     records: list[dict[str, Any]] = []
     for chunk in _batches(len(pairs), batch_size):
         sel = [pairs[i] for i in chunk]
         b = len(sel)
-        ids, mask = left_pad([p + a for _, _, p, a in sel], pad_id(model))
-        ids, mask = torch.cat([ids, ids]).to(model.device), torch.cat([mask, mask]).to(model.device)
-        ivs = mask_interventions(heads, settings.method, list(range(b, 2 * b)))
-        with torch.no_grad():
-            logits = model.run(ids, attention_mask=mask, interventions=ivs).logits.float()
-        width = ids.shape[1]
+        logits = _base_and_masked_logits(model, [p + a for _, _, p, a in sel], heads, settings)
+        width = logits.shape[1]
         for j, (pi, ai, _, ans) in enumerate(sel):
             n = len(ans)
             # Position t predicts token t + 1: the answer's logits sit one to the left.

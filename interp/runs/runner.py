@@ -23,17 +23,9 @@ from interp.runs import tables
 from interp.runs.config import DetectorConfig
 from interp.runs.executors import Executor, SerialExecutor
 from interp.runs.registry import Detector, Summary, UnitResult, get_detector
-from interp.runs.store import (
-    FINAL_UNIT,
-    SETTINGS_UNIT,
-    TABLES,
-    WARNINGS_UNIT,
-    Run,
-    Store,
-    code_version,
-    key_context,
-    run_key,
-)
+from interp.runs.run_keys import code_version, key_context, run_key
+from interp.runs.schema import FINAL_UNIT, SETTINGS_UNIT, TABLES, WARNINGS_UNIT
+from interp.runs.store import Run, Store
 from interp.runs.units import Unit
 
 

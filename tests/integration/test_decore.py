@@ -16,7 +16,8 @@ from circuits.methods.decore import decore_generate, decore_score, default_k, gr
 from interp.cli import main as cli_main
 from interp.model.loaded import LoadedModel
 from interp.runs.runner import finalized
-from interp.runs.store import FINAL_UNIT, Store
+from interp.runs.schema import FINAL_UNIT
+from interp.runs.store import Store
 
 pytestmark = pytest.mark.integration
 

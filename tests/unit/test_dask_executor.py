@@ -34,7 +34,8 @@ from interp.runs.dask_executor import DaskExecutor
 from interp.runs.executors import Executor
 from interp.runs.registry import Detector, get_detector
 from interp.runs.runner import run_detector
-from interp.runs.store import SETTINGS_UNIT, TABLES, Store
+from interp.runs.schema import SETTINGS_UNIT, TABLES
+from interp.runs.store import Store
 from interp.runs.units import Task, Unit
 from tests.equality import Layout, assert_frames_equal
 

@@ -24,7 +24,8 @@ from interp.model.loaded import LoadedModel
 from interp.runs import tables
 from interp.runs.registry import UnitResult
 from interp.runs.runner import RunResult, run_detector
-from interp.runs.store import FINAL_UNIT, Store
+from interp.runs.schema import FINAL_UNIT
+from interp.runs.store import Store
 from tests.tiny import loaded, run_cli
 
 
