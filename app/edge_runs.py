@@ -81,7 +81,7 @@ def head_run(s: Store, all_runs: pd.DataFrame, model: str) -> int | None:
 
 
 def show_head_edges(s: Store, all_runs: pd.DataFrame, row: Mapping[str, Any], layer: int, head: int) -> None:
-    """A head's strongest incoming and outgoing edges in each finished edge run on the model of
+    """A head's strongest incoming and outgoing edges in each edge run on the model of
     ``row`` (the Head maps page's head detail)."""
     found = []
     for other in edge_runs(s, all_runs, str(row["model"])).to_dict("records"):

@@ -30,8 +30,8 @@ st.title("Circuits")
 def _controls(edges: list[cv.StoredEdge], rid: int) -> tuple[bool, cv.ValueName, int]:
     c1, c2, c3 = st.columns(3)
     n_in = sum(e.in_circuit for e in edges)
-    show_all = bool(c1.toggle("show every edge (the circuit's emphasised)", value=n_in == 0, key=f"cc-all-{rid}",
-                              disabled=n_in == 0, help="off: only the edges the run kept in its circuit"))
+    show_all = bool(c1.toggle("show every edge", value=n_in == 0, key=f"cc-all-{rid}", disabled=n_in == 0,
+                              help="on: every edge, the circuit's emphasised; off: the circuit's edges only"))
     has: list[cv.ValueName] = [v for v in ("score", "attribution") if any(e.value(v) is not None for e in edges)]
     by: cv.ValueName = has[0] if has else "score"
     if len(has) > 1:
