@@ -233,6 +233,15 @@ def select_run(
     return rows[int(chosen)]
 
 
+def head_in_query(layers: list[int], heads: list[int]) -> tuple[int, int] | None:
+    """The head that ?layer=L&head=H in the URL names, if the run has it."""
+    try:
+        wanted = (int(st.query_params["layer"]), int(st.query_params["head"]))
+    except (KeyError, ValueError):
+        return None
+    return wanted if wanted[0] in layers and wanted[1] in heads else None
+
+
 def show_warnings(warnings: list[str]) -> None:
     for w in warnings:
         st.warning(w, icon="⚠️")

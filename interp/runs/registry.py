@@ -33,7 +33,7 @@ __all__ = ["SEED_MAX", "Detector", "DetectorConfig", "Param", "Part", "Summary",
 PLUGIN_GROUP = "interp.plugins"
 OWN_DISTRIBUTION = "interp-workbench"
 
-OutputKind = Literal["head_scores", "token_layer", "curves", "metrics", "intervention"]
+OutputKind = Literal["head_scores", "token_layer", "curves", "metrics", "intervention", "edges"]
 C = TypeVar("C", bound=DetectorConfig)
 T = TypeVar("T")
 
