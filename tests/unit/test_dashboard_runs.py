@@ -25,6 +25,7 @@ from interp.runs.store import DB_NAME, Store
 from tests.plugins import install
 from tests.tiny import loaded
 
+
 APP = Path(__file__).resolve().parents[2] / "app"
 PARAMS = {"seq_len": 4, "n_prompts": 2, "batch_size": 1}
 # Each page's file and the key of the selectbox that lists its runs.
@@ -157,6 +158,7 @@ def _own_units(ws: Path) -> list[int]:
                       if u.startswith("unit-"))
 
 
+@pytest.mark.subprocess
 def test_a_jobs_progress_is_its_units_committed_of_the_total(
     gated_plugin: None, tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -191,6 +193,7 @@ def test_a_jobs_progress_is_its_units_committed_of_the_total(
 # -- the first run, from a workspace without a store ----------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_the_first_scan_starts_from_the_home_page_of_a_new_workspace(
     tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

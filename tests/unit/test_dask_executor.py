@@ -39,7 +39,7 @@ from interp.runs.store import Store
 from interp.runs.units import Task, Unit
 from tests.equality import Layout, assert_frames_equal
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.dask]
 
 N_WORKERS = 2
 # What DaskExecutor(workers=N_WORKERS) gives each worker process (1 on this 2-core machine).

@@ -18,8 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from circuits.methods.decoding import left_pad
 from circuits.methods.decore import decore_generate
 from interp.errors import UserError
-from interp.model.backends import no_hooks_left
-from tests.tiny import loaded, run_cli, tiny_tokenizer
+from tests.tiny import loaded, no_hooks_left, run_cli, tiny_tokenizer
 from tests.unit.test_decore import hand_decode
 
 HEADS = [(1, 0), (2, 3)]
