@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pandas as pd
 
@@ -155,6 +155,9 @@ class PathPatchingDetector(Detector[PathPatchingConfig]):
     description = "Exact path patching of every sender into each receiver (direct, or frozen as Wang et al. 2022)"
     output = "edges"
     Config = PathPatchingConfig
+    # Not in the default scan; ``interp scan -d path-patching`` patches the induction task's pairs
+    # into the logits (its defaults need prompts).
+    scan_params: ClassVar[dict[str, Any]] = {"task": "induction"}
 
     def variant(self, cfg: PathPatchingConfig) -> str:
         ungrouped = any(r.ungrouped for r in parse_receivers(cfg.receivers))
