@@ -200,7 +200,7 @@ class PathPatchingDetector(Detector[PathPatchingConfig]):
                  for _, doc in unit_docs(results["artifacts"], UNIT_EDGES) for e in doc]
         metrics: dict[str, Any] = {k: unit_metric(results, k) for k in ("clean_metric", "corrupt_metric", "gap")}
         metrics.update(n_edges=len(edges), n_receivers=len(cfg.receivers), mode=cfg.mode, metric=cfg.metric,
-                       task=cfg.task)
+                       task=cfg.task, group_size=model.info.group_size)
         best = strongest(edges)
         warnings = []
         if best is not None:
