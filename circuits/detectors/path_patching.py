@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import pandas as pd
 
@@ -26,7 +26,16 @@ from circuits.methods.circuit_tasks import TaskPairs, task_pairs
 from circuits.methods.edge_records import edge_record
 from interp.errors import UserError
 from interp.model.loaded import LoadedModel
-from interp.patching import LogitDiff, PairRuns, Sender, answer_metric, encode_pair, pair_runs, path_patch, senders_before
+from interp.patching import (
+    LogitDiff,
+    PairRuns,
+    Sender,
+    answer_metric,
+    encode_pair,
+    pair_runs,
+    path_patch,
+    senders_before,
+)
 from interp.patching.edges import check_pairs, parse_receivers, parse_senders
 from interp.patching.metrics import Metric
 from interp.runs import tables
@@ -64,8 +73,8 @@ class PathPatchingConfig(PairTaskConfig):
     corrupt_prompt: str = param("", "the corrupt prompt, of the clean prompt's token length")
     answer: str = param("", "the answer whose first token's log-probability is the metric")
     corrupt_answer: str = param("", "metric logit-diff: the answer the corrupt prompt points to")
-    task: Literal["prompts", "induction", "fact", "needle", "conflict"] = param(
-        "prompts", "prompts (the three above) or a circuit task's pairs")
+    task: Literal["auto", "prompts", "induction", "fact", "needle", "conflict"] = param(
+        "auto", "prompts (the three above) or a circuit task's pairs; auto: the prompts when given, else induction")
     receivers: tuple[str, ...] = param(("logits",), "receivers: logits, q:L.H, k:L.G, v:L.G, kq:L.H, vq:L.H, mlp:L")
     senders: tuple[str, ...] = param((), "senders: embed, L.H, mlp:L (default: every head below the lowest receiver)")
     mode: Literal["direct", "frozen"] = param("direct", "direct (receiver input += sender's change) or frozen "
@@ -73,11 +82,19 @@ class PathPatchingConfig(PairTaskConfig):
     metric: Literal["logprob", "logit-diff"] = param("logprob", "log p(answer) at the last position, or "
                                                      "logit(answer) - logit(corrupt answer)")
 
+    @property
+    def pairs_from(self) -> str:
+        """Where the pairs come from: ``prompts`` or a task's name (``auto`` resolved)."""
+        if self.task != "auto":
+            return self.task
+        given = any(getattr(self, n).strip() for n in ("prompt", "corrupt_prompt", "answer", "corrupt_answer"))
+        return "prompts" if given else "induction"
+
     def check(self) -> None:
         recv = parse_receivers(self.receivers)
         if self.senders:
             check_pairs(parse_senders(self.senders), recv)
-        if self.task == "prompts":
+        if self.pairs_from == "prompts":
             missing = [n for n in ("prompt", "corrupt_prompt", "answer") if not getattr(self, n).strip()]
             if missing:
                 raise UserError(f"path-patching needs --{missing[0].replace('_', '-')} (or a --task)")
@@ -89,9 +106,10 @@ class PathPatchingConfig(PairTaskConfig):
 
 def prompt_pairs(model: LoadedModel, cfg: PathPatchingConfig) -> TaskPairs:
     """The clean and corrupt tokens and answers of a run (its prompts, or its task's pairs)."""
-    if cfg.task != "prompts":
-        return task_pairs(model, cfg.task, cfg.n_prompts, cfg.seq_len if cfg.task == "induction" else
-                          cfg.context_tokens, cfg.seed, cfg.facts)
+    task = cfg.pairs_from
+    if task != "prompts":
+        return task_pairs(model, task, cfg.n_prompts, cfg.seq_len if task == "induction" else cfg.context_tokens,
+                          cfg.seed, cfg.facts)
     from circuits.data.facts import answer_tokens
 
     clean, corrupt = encode_pair(model, cfg.prompt, cfg.corrupt_prompt)
@@ -140,8 +158,8 @@ def unit_metric(results: Mapping[str, pd.DataFrame], name: str) -> float | None:
     m = results.get("metrics")
     if m is None or not len(m):
         return None
-    vals = m[m["name"] == name]["value"]
-    return float(vals.iloc[0]) if len(vals) else None
+    vals = m.loc[m["name"] == name, "value"].to_numpy(float)
+    return float(vals[0]) if len(vals) else None
 
 
 def strongest(edges: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -155,9 +173,6 @@ class PathPatchingDetector(Detector[PathPatchingConfig]):
     description = "Exact path patching of every sender into each receiver (direct, or frozen as Wang et al. 2022)"
     output = "edges"
     Config = PathPatchingConfig
-    # Not in the default scan; ``interp scan -d path-patching`` patches the induction task's pairs
-    # into the logits (its defaults need prompts).
-    scan_params: ClassVar[dict[str, Any]] = {"task": "induction"}
 
     def variant(self, cfg: PathPatchingConfig) -> str:
         ungrouped = any(r.ungrouped for r in parse_receivers(cfg.receivers))
@@ -200,7 +215,7 @@ class PathPatchingDetector(Detector[PathPatchingConfig]):
                  for _, doc in unit_docs(results["artifacts"], UNIT_EDGES) for e in doc]
         metrics: dict[str, Any] = {k: unit_metric(results, k) for k in ("clean_metric", "corrupt_metric", "gap")}
         metrics.update(n_edges=len(edges), n_receivers=len(cfg.receivers), mode=cfg.mode, metric=cfg.metric,
-                       task=cfg.task, group_size=model.info.group_size)
+                       task=cfg.pairs_from, group_size=model.info.group_size)
         best = strongest(edges)
         warnings = []
         if best is not None:

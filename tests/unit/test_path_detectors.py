@@ -25,7 +25,15 @@ from circuits.detectors.path_patching import PathPatchingDetector
 from circuits.methods.circuit_tasks import induction_pairs
 from circuits.methods.edge_records import EDGE_KEYS
 from interp.model.loaded import LoadedModel
-from interp.patching import LogProb, edge_attribution, encode_pair, full_graph, pair_runs, parse_receiver, parse_sender
+from interp.patching import (
+    LogProb,
+    edge_attribution,
+    encode_pair,
+    full_graph,
+    pair_runs,
+    parse_receiver,
+    parse_sender,
+)
 from interp.runs import tables
 from interp.runs.runner import RunResult, run_detector
 from interp.runs.store import Store
@@ -194,7 +202,8 @@ def test_circuit_edges_and_faithfulness_equal_independent_computations(hf: torch
                           {(_tuple(e["sender"]), _receiver(e["receiver"])) for e in kept})
     full, empty = float(rec_clean["metric"].mean()), float(rec_corrupt["metric"].mean())
     assert m["faithfulness"] == pytest.approx((float(circuit.mean()) - empty) / (full - empty), abs=1e-7)
-    assert m["n_confirmed"] == 12 and -1 <= m["spearman"] <= 1
+    assert m["n_confirmed"] == 12
+    assert -1 <= m["spearman"] <= 1
 
 
 def test_circuit_resumes_to_the_same_result(hf: torch.nn.Module, tmp_path: Path,
@@ -227,7 +236,8 @@ BEFORE_LOADING = [
 def _one_line_error(code: int, err: str, text: str) -> None:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code != 0
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
     assert text in lines[0], err
 
 
@@ -256,8 +266,11 @@ def test_bad_input_needing_the_model_stores_no_run(argv: list[str], text: str, t
     code, _, err = run_cli(capsys, ["run", *argv, "-m", str(tiny_folder), "-w", str(ws)])
     # After the loading lines, one line: the error (no traceback).
     lines = err.strip().splitlines()
-    assert code != 0 and lines[-1].startswith("error: ") and text in lines[-1], err
-    assert "Traceback" not in err and sum("error" in ln for ln in lines) == 1, err
+    assert code != 0
+    assert lines[-1].startswith("error: "), err
+    assert text in lines[-1], err
+    assert "Traceback" not in err, err
+    assert sum("error" in ln for ln in lines) == 1, err
     with Store(ws, create=False) as store:
         assert len(store.runs()) == 0
 
@@ -269,6 +282,8 @@ def test_json_lists_the_stored_edges(tiny_folder: Path, tmp_path: Path, capsys: 
                                       "-w", str(ws), "--json"])
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["detector"] == "path-patching" and doc["variant"] == "direct"
+    assert doc["detector"] == "path-patching"
+    assert doc["variant"] == "direct"
     assert doc["edges"] == _stored_edges(ws, doc["run_id"])
-    assert len(doc["edges"]) == 2 * 8 and doc["metrics"]["n_edges"] == 16
+    assert len(doc["edges"]) == 2 * 8
+    assert doc["metrics"]["n_edges"] == 16
