@@ -190,6 +190,23 @@ def _heads_table(title: str, heads: list[dict[str, Any]], top: int, columns: dic
     return table
 
 
+def _edges_table(title: str, edges: list[dict[str, Any]], top: int) -> Table:
+    """The ``top`` edges by |exact score| (by |attribution| where none is exact), in 80 columns."""
+
+    def size(e: dict[str, Any]) -> tuple[bool, float]:
+        exact = e.get("score")
+        return (exact is not None, abs(exact if exact is not None else e.get("attribution") or 0.0))
+
+    table = Table(title=title, title_justify="left")
+    for name in ("sender", "receiver", "score", "attribution", "circuit"):
+        table.add_column(name, justify="left" if name in ("sender", "receiver") else "right", no_wrap=True)
+    for e in sorted(edges, key=size, reverse=True)[:top]:
+        table.add_row(e["sender"], e["receiver"], *(f"{e[k]:+.4f}" if e[k] is not None else "-"
+                                                     for k in ("score", "attribution")),
+                      "yes" if e["in_circuit"] else "")
+    return table
+
+
 def _print_summary(result: Any, top: int) -> None:
     from interp.runs.registry import all_detectors
 
@@ -198,6 +215,8 @@ def _print_summary(result: Any, top: int) -> None:
         det = all_detectors().get(s.detector)
         columns = det.head_columns if det is not None else {}
         out.print(_heads_table(f"{s.detector} ({s.variant}): top heads", s.heads, top, columns))
+    if s.edges:
+        out.print(_edges_table(f"{s.detector} ({s.variant}): strongest edges", s.edges, top))
     if s.metrics:
         scalars = {k: v for k, v in s.metrics.items() if isinstance(v, int | float | str | bool)}
         if scalars:

@@ -6,6 +6,7 @@ build on another's scoring (copying reads the induction scores), never on a comm
 
 from circuits.detectors import (
     causal_trace,
+    circuit,
     cmr,
     conflict_heads,
     copying,
@@ -14,6 +15,7 @@ from circuits.detectors import (
     induction,
     knockout,
     lag_crp,
+    path_patching,
     ph3,
     rankings,
     retrieval,
@@ -22,6 +24,7 @@ from circuits.detectors import (
 
 __all__ = [
     "causal_trace",
+    "circuit",
     "cmr",
     "conflict_heads",
     "copying",
@@ -30,6 +33,7 @@ __all__ = [
     "induction",
     "knockout",
     "lag_crp",
+    "path_patching",
     "ph3",
     "rankings",
     "retrieval",
