@@ -18,7 +18,6 @@ from app.launch import served_workspace
 from interp.errors import UserError
 from interp.runs.store import DB_NAME, Store
 
-
 REPO = Path(__file__).resolve().parents[2]
 INTERP = [sys.executable, "-m", "interp.cli"]
 

@@ -25,7 +25,6 @@ from interp.runs.store import DB_NAME, Store
 from tests.plugins import install
 from tests.tiny import loaded
 
-
 APP = Path(__file__).resolve().parents[2] / "app"
 PARAMS = {"seq_len": 4, "n_prompts": 2, "batch_size": 1}
 # Each page's file and the key of the selectbox that lists its runs.
