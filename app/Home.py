@@ -16,7 +16,7 @@ import streamlit as st
 
 from app import dashboard as dash
 from app import jobs, progress, uploads
-from app.routing import page_lines
+from app.routing import CIRCUITS, page_lines
 from interp.errors import UserError
 
 if TYPE_CHECKING:
@@ -287,6 +287,7 @@ elif mode == "scan" and registry:
 st.divider()
 st.caption(
     "  \n".join([*page_lines(registry),
+                 f"**{CIRCUITS.title}**: {CIRCUITS.shows} — {CIRCUITS.fill}",
                  "**Atlas**: the papers' claims x models and every model's top heads by relative depth "
                  "— `interp atlas`",
                  "Every view reads the store; nothing is recomputed except the live forms."])

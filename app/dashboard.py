@@ -24,7 +24,8 @@ from app import progress
 from app.routing import Page, declared_routes, route_of
 from interp import figures
 from interp.errors import UserError
-from interp.runs.store import DB_NAME, FINAL_UNIT, RESERVED_UNITS, TABLES, WARNINGS_UNIT
+from interp.runs.schema import FINAL_UNIT, RESERVED_UNITS, TABLES, WARNINGS_UNIT
+from interp.runs.store import DB_NAME
 
 if TYPE_CHECKING:
     import numpy as np
@@ -230,6 +231,15 @@ def select_run(
     if query_param:
         st.query_params[query_param] = str(chosen)
     return rows[int(chosen)]
+
+
+def head_in_query(layers: list[int], heads: list[int]) -> tuple[int, int] | None:
+    """The head that ?layer=L&head=H in the URL names, if the run has it."""
+    try:
+        wanted = (int(st.query_params["layer"]), int(st.query_params["head"]))
+    except (KeyError, ValueError):
+        return None
+    return wanted if wanted[0] in layers and wanted[1] in heads else None
 
 
 def show_warnings(warnings: list[str]) -> None:

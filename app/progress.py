@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from interp.runs import tables
-from interp.runs.store import RESERVED_UNITS, SETTINGS_UNIT
+from interp.runs.schema import RESERVED_UNITS, SETTINGS_UNIT
 
 if TYPE_CHECKING:
     from app.jobs import Job

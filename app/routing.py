@@ -73,6 +73,15 @@ PAGES: dict[str, Page] = {
 }
 
 
+# Not one of PAGES: `interp scan` runs no edge detector, and every page of PAGES lists a run of
+# the default scan (tests/unit/test_default_scan.py). Run links still open it (run_url).
+CIRCUITS = Page(
+    "Circuits", "a run's edges drawn as a graph (layer x head, MLPs in a row, logits on the right); "
+    "its heads open in Head maps",
+    "`interp run path-patching`, `interp run circuit`",
+    lambda route: route.output == "edges")
+
+
 def declared_routes() -> dict[str, Route]:
     """Each registered detector's route ({} when the detector modules fail to load: the pages
     then list runs by what their settings recorded)."""
@@ -113,7 +122,7 @@ def page_lines(detectors: Mapping[str, type[Detector[Any]]]) -> list[str]:
 def run_url(route: Route, run_id: int) -> str:
     """The relative URL of the page that shows a run with this route (the first page listing
     it, Compare aside; the Home page's run details otherwise), with the run preselected."""
-    for page in PAGES.values():
+    for page in (*PAGES.values(), CIRCUITS):
         if page.title != "Compare" and page.accepts(route):
             return f"./{page.title.replace(' ', '_')}?run={run_id}"
     return f"./?run={run_id}"

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return sum(len(g.tokens) for g in greedy_generate(model, prompts, **kw))
 
     def decore() -> int:
-        return sum(len(g.tokens) for g in decore_generate(model, prompts, heads, "entropy", **kw))
+        return sum(len(g.tokens) for g in decore_generate(model, model.tokenizer, prompts, heads, "entropy", **kw))
 
     greedy()  # warm-up (first-call allocations, the bridge's lazy set-up)
     decore()

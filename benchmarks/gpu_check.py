@@ -278,7 +278,7 @@ def model_checks(group: str, pair: Pair, tokens: torch.Tensor, src_tokens: torch
     check(group, "greedy_generate(kv)", gen(lambda m: greedy_generate(m, prompts, max_new_tokens=new_tokens)))
     if full:
         check(group, "decore_generate(kv,masked)",
-              gen(lambda m: decore_generate(m, prompts, list(heads), alpha=0.5, max_new_tokens=new_tokens)))
+              gen(lambda m: decore_generate(m, m.tokenizer, prompts, list(heads), alpha=0.5, max_new_tokens=new_tokens)))
 
     def kv_vs_recompute() -> dict[str, Any]:
         m = pair.dev

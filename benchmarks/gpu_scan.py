@@ -56,7 +56,7 @@ def _run(model: Any, name: str, store: Any) -> dict[str, Any]:
 
 def _values(store: Any, run_id: int) -> dict[str, Any]:
     """Each stored table's numbers (``value``, or ``y`` of curves), rows sorted by the others."""
-    from interp.runs.store import TABLES
+    from interp.runs.schema import TABLES
 
     out = {}
     for table in TABLES:

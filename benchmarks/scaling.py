@@ -47,7 +47,7 @@ def _args() -> argparse.Namespace:
 
 
 def _tables(store: Any, run_id: int) -> dict[str, pd.DataFrame]:
-    from interp.runs.store import TABLES
+    from interp.runs.schema import TABLES
 
     return {t: store.to_frame(run_id, t).sort_values("unit", kind="stable").reset_index(drop=True) for t in TABLES}
 

@@ -28,7 +28,9 @@ from interp.model.interventions import (
 from interp.model.layout import ModelInfo
 from interp.model.load import load_model
 from interp.model.loaded import LoadedModel, Provenance
+from interp.model.pruned import save_pruned
 from interp.runs import tables
+from interp.runs.heads import RankedHeads, heads
 
 __version__ = "0.1.0"
 
@@ -41,11 +43,14 @@ __all__ = [
     "ModelInfo",
     "Patch",
     "Provenance",
+    "RankedHeads",
     "ScaleValue",
     "UniformAttention",
     "UserError",
     "ablate_heads",
+    "heads",
     "load_model",
+    "save_pruned",
     "tables",
 ]
 

@@ -190,6 +190,23 @@ def _heads_table(title: str, heads: list[dict[str, Any]], top: int, columns: dic
     return table
 
 
+def _edges_table(title: str, edges: list[dict[str, Any]], top: int) -> Table:
+    """The ``top`` edges by |exact score| (by |attribution| where none is exact), in 80 columns."""
+
+    def size(e: dict[str, Any]) -> tuple[bool, float]:
+        exact = e.get("score")
+        return (exact is not None, abs(exact if exact is not None else e.get("attribution") or 0.0))
+
+    table = Table(title=title, title_justify="left")
+    for name in ("sender", "receiver", "score", "attribution", "circuit"):
+        table.add_column(name, justify="left" if name in ("sender", "receiver") else "right", no_wrap=True)
+    for e in sorted(edges, key=size, reverse=True)[:top]:
+        table.add_row(e["sender"], e["receiver"], *(f"{e[k]:+.4f}" if e[k] is not None else "-"
+                                                     for k in ("score", "attribution")),
+                      "yes" if e["in_circuit"] else "")
+    return table
+
+
 def _print_summary(result: Any, top: int) -> None:
     from interp.runs.registry import all_detectors
 
@@ -198,6 +215,8 @@ def _print_summary(result: Any, top: int) -> None:
         det = all_detectors().get(s.detector)
         columns = det.head_columns if det is not None else {}
         out.print(_heads_table(f"{s.detector} ({s.variant}): top heads", s.heads, top, columns))
+    if s.edges:
+        out.print(_edges_table(f"{s.detector} ({s.variant}): strongest edges", s.edges, top))
     if s.metrics:
         scalars = {k: v for k, v in s.metrics.items() if isinstance(v, int | float | str | bool)}
         if scalars:
@@ -471,6 +490,41 @@ def runs(workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+@app.command("heads")
+def heads_command(
+    run_id: Annotated[int, typer.Argument(help="run id (see `interp runs`)")],
+    top: Annotated[int | None, typer.Option("--top", help="the first K heads (default: all)")] = None,
+    role: Annotated[str | None, typer.Option(
+        "--role", help="memory or context: that kind of heads only (conflict-heads and ph3 runs)")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="refuse the run unless it is of this model (zoo name, folder or hub id)")] = None,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The ranked heads of a stored head-scoring run, as LAYER.HEAD ids for --heads."""
+    from interp.runs.heads import heads
+
+    if role is not None and role not in ("memory", "context"):
+        raise UserError(f"--role must be memory or context, got {role!r}")
+    found = heads(workspace, run_id, top=top, role=role, model=model)
+    if as_json:
+        _emit(found.to_dict())
+        return
+    kind = f"{role} heads" if role else "heads"
+    shown = f"{len(found)} of {found.n_ranked}" if len(found) < found.n_ranked else f"all {found.n_ranked}"
+    out.print(f"run {found.run_id}: {found.detector} ({found.variant})", markup=False, highlight=False)
+    out.print(f"model {found.model}, {found.dtype}, prompt prefix {found.prefix}", markup=False,
+              highlight=False, soft_wrap=True)
+    out.print(f"{kind} ranked by {found.metric} ({shown})", markup=False, highlight=False)
+    table = Table()
+    for name in ("rank", "head", "score"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for i, (head_id, score) in enumerate(zip(found.ids, found.scores, strict=True), 1):
+        table.add_row(str(i), head_id, _cell(score))
+    out.print(table)
+    out.print(f"--heads {found.heads_option()}", markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command()
 def export(
     run_id: Annotated[int | None, typer.Argument(help="run id (default: every run)")] = None,
@@ -480,7 +534,7 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Export stored results as CSV or Parquet files, one per table."""
-    from interp.runs.store import check_export_format
+    from interp.runs.schema import check_export_format
 
     check_export_format(fmt)  # bad arguments first, then a missing store
     with open_store(workspace, create=False) as store:

@@ -20,6 +20,27 @@ from tests.tiny import loaded, save_folder, tiny_gemma3, tiny_gpt2, tiny_llama, 
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+TESTS = Path(__file__).resolve().parent
+# The tiers outside the tight loop (pytest -m "not slow"), and the markers of unit tests that
+# start clusters or processes.
+SLOW_TIERS = ("integration", "notebooks", "browser", "gpu")
+SLOW_MARKERS = ("dask", "subprocess", "zoo")
+# The tiny family the tight loop keeps: Llama has grouped-query attention, the case most code
+# paths branch on; the other families run in the full suite.
+LOOP_FAMILY = "llama"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``slow`` what the tight loop leaves out (the markers are declared in pyproject.toml)."""
+    for item in items:
+        path = Path(str(item.path)).resolve()
+        tier = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else ""
+        callspec = getattr(item, "callspec", None)
+        family = callspec.params.get("tiny_hf", LOOP_FAMILY) if callspec is not None else LOOP_FAMILY
+        if (tier in SLOW_TIERS or family != LOOP_FAMILY
+                or any(item.get_closest_marker(m) is not None for m in SLOW_MARKERS)):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_llama_hf() -> torch.nn.Module:

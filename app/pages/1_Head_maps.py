@@ -7,6 +7,7 @@ import json
 import streamlit as st
 
 from app import dashboard as dash
+from app import edge_runs
 from app.routing import PAGES
 from interp import figures
 from interp.errors import UserError
@@ -68,6 +69,11 @@ layers = [int(v) for v in mat.index]
 heads = [int(v) for v in mat.columns]
 default_layer, default_head = (int(top["layer"].iloc[0]), int(top["head"].iloc[0])) if len(top) else (layers[0], heads[0])
 lkey, hkey = f"hd-layer-{row['id']}", f"hd-head-{row['id']}"
+# ?layer=&head= (a link from the Circuits page) picks the head once per value; a click wins.
+asked = dash.head_in_query(layers, heads)
+if asked is not None and st.session_state.get(f"hd-asked-{row['id']}") != asked:
+    st.session_state[f"hd-asked-{row['id']}"] = asked
+    st.session_state[lkey], st.session_state[hkey] = asked
 if clicked is not None and clicked[0] in layers and clicked[1] in heads:
     st.session_state[lkey], st.session_state[hkey] = clicked
 st.session_state.setdefault(lkey, default_layer)
@@ -88,6 +94,8 @@ if curves is not None and {"layer", "head"} <= set(curves.columns):
         dash.plot(figures.curves_figure(dash.subset(mine, mine["curve"] == name), title=f"{name}: L{layer}H{head}",
                                         axes=dash.curve_axes_of(detector)),
                   key=f"hd-curve-{row['id']}-{name}")
+
+edge_runs.show_head_edges(store, runs, row, layer, head)
 
 others = dash.head_in_other_runs(store, runs, row, layer, head)
 for rr in [row, *(o for o, _, _ in others)]:

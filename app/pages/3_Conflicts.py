@@ -112,7 +112,7 @@ if dc_go:
             alpha = decore.parse_alpha(dc_alpha.strip())
             with st.spinner("decoding (base and masked model in one batch per step)..."):
                 greedy = decore.greedy_generate(model, [dc_prompt], max_new_tokens=int(dc_tokens))[0]
-                contrast = decore.decore_generate(model, [dc_prompt], heads, alpha, max_new_tokens=int(dc_tokens))[0]
+                contrast = decore.decore_generate(model, model.tokenizer, [dc_prompt], heads, alpha, max_new_tokens=int(dc_tokens))[0]
             st.caption(f"{len(heads)} heads masked with uniform attention; alpha = {dc_alpha.strip()}")
             left, right = st.columns(2)
             left.markdown("**greedy**")

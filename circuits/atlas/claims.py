@@ -203,6 +203,43 @@ def claim_mlp_peak_early(res: ModelResults, top: int) -> dict[str, Any]:
     return _verdict(depth <= LATE_DEPTH, depth, detail)
 
 
+def _k_receiver(layer: int, head: int, group_size: int) -> str:
+    return f"k:{layer}.{head // group_size}"
+
+
+def claim_induction_keys_from_previous_token(res: ModelResults, top: int) -> dict[str, Any]:
+    """Of the top induction heads whose key was path-patched, the share whose strongest incoming
+    head edge (|exact effect|) comes from a top previous-token head, against the share expected
+    if that sender were drawn uniformly from the heads patched into the key."""
+    ind, pp = res.summaries.get("induction"), res.summaries.get("path-patching")
+    if ind is None or not ind.heads:
+        return _verdict(None, None, _why_missing(res, "induction"))
+    if pp is None or not pp.edges or pp.metrics.get("task") != "induction":
+        return _verdict(None, None, "path-patching (induction task) not run" if pp is None else
+                        "path-patching has no edges of the induction task")
+    group = int(pp.metrics.get("group_size") or 1)
+    heads = _scored(ind.heads)
+    inductive = sorted(heads, key=lambda h: -float(h["score"]))[:top]
+    previous = sorted(heads, key=lambda h: -float(h.get("previous_token", 0.0)))[:top]
+    prev_names = {f"{int(h['layer'])}.{int(h['head'])}" for h in previous}
+    hits, chance, found = 0, 0.0, []
+    for h in inductive:
+        into = [e for e in pp.edges if e["receiver"] == _k_receiver(int(h["layer"]), int(h["head"]), group)
+                and e["score"] is not None and e["sender"] not in ("embed",) and not e["sender"].startswith("mlp")]
+        if not into:
+            continue
+        best = max(into, key=lambda e: abs(float(e["score"])))
+        hits += best["sender"] in prev_names
+        chance += sum(e["sender"] in prev_names for e in into) / len(into)
+        found.append(f"{head_label(int(h['layer']), int(h['head']))}<-{best['sender']}")
+    if not found:
+        return _verdict(None, None, "no top induction head's key was path-patched")
+    share, random_share = hits / len(found), chance / len(found)
+    detail = (f"{hits} of {len(found)} top induction heads' strongest k edge from a top-{top} previous-token "
+              f"head ({', '.join(found)}); random senders: {random_share:.2f}")
+    return _verdict(share > random_share, share, detail, random=random_share)
+
+
 @dataclass(frozen=True)
 class Claim:
     """A paper's qualitative claim: its id, its row title in the 80-column table, its text with
@@ -240,6 +277,11 @@ CLAIMS = (
     Claim("induction-exists", "induction exists",
           "induction heads exist: some head above the induction threshold (Olsson et al. 2022)",
           claim_induction_exists, ("induction",)),
+    Claim("induction-keys-previous-token", "ind. keys <- prev",
+          "induction heads' keys are written by previous-token heads (Olsson et al. 2022, K-composition): "
+          "share of the top induction heads whose strongest k edge (exact path patching) comes from a top "
+          "previous-token head, more than for random senders", claim_induction_keys_from_previous_token,
+          ("induction", "path-patching")),
     Claim("induction-retrieval-overlap", "ind/retr overlap",
           "induction top set overlaps retrieval top set: Jaccard > 0 (Wu et al. 2024 report "
           "retrieval heads distinct from induction heads)", claim_induction_retrieval_overlap, ("induction", "retrieval")),

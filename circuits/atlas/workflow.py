@@ -4,13 +4,13 @@ Every (model, detector) pair is run with the detector's scan parameters through 
 store, so a rerun reuses finished runs and resumes unfinished ones. The summary (a pure function
 of the runs' :class:`~interp.runs.registry.Summary` objects, :func:`summarize`) places each top head
 at its relative depth (layer / n_layers), measures how far the top-k head sets of different
-detectors overlap (Jaccard), and checks nine published claims per model (:data:`CLAIMS`):
+detectors overlap (Jaccard), and checks ten published claims per model (:data:`CLAIMS`):
 retrieval heads are sparse and masking them hurts more than masking random heads (Wu et al.
 2024), memory and context heads sit in later layers and pruning them moves the rates more than
 random pruning (Jin et al. 2024), DeCoRe beats greedy decoding on NQ-Swap-style conflicts
 (Gema et al. 2024), the MLP effect at the last subject token peaks in early-to-middle layers
 (Meng et al. 2022), CMR-like heads sit in middle-to-late layers (Ji-An et al. 2024), induction
-heads exist (Olsson et al. 2022), and the induction top set overlaps the retrieval top set (Wu
+heads exist and their keys are written by previous-token heads (Olsson et al. 2022), and the induction top set overlaps the retrieval top set (Wu
 et al. 2024 report them distinct).
 
 The thresholds are the detectors' own (induction 0.4, retrieval 0.1, CMR-like distance 0.5) or
@@ -38,6 +38,7 @@ from circuits.atlas.claims import FAILS, HOLDS, NM, ModelResults, _scored, summa
 from interp.console import err, out
 from interp.errors import UserError
 from interp.model.load import load_spec
+from interp.model.spec import ModelSpec
 from interp.options import (
     ClusterOptions,
     DeviceMapOpt,
@@ -55,7 +56,7 @@ from interp.runs.registry import Summary, all_detectors, command
 from interp.runs.store import Store
 
 DEFAULT_DETECTORS = (
-    "induction", "copying", "cmr", "retrieval", "retrieval-masking", "conflict-heads", "ph3", "decore-eval",
+    "induction", "path-patching", "copying", "cmr", "retrieval", "retrieval-masking", "conflict-heads", "ph3", "decore-eval",
     "causal-trace", "attention-knockout",
 )
 # The atlas runs each detector with its scan parameters, overridden here where those take too
@@ -73,7 +74,11 @@ ATLAS_PARAMS: dict[str, dict[str, Any]] = {
     "ph3": {"max_items": 40, "ks": "1,3,5", "scale_heads": 0},
     "decore-eval": {"max_items": 20, "ks": "1,3,10", "tasks": "nqswap"},
     "attention-knockout": {"limit": 5},
+    "path-patching": {"task": "induction", "metric": "logit-diff", "n_prompts": 4, "seq_len": 10},
 }
+# path-patching patches every head below them into the keys of the top induction heads of the
+# model's induction run (its "receivers" parameter): the K-composition claim (Olsson et al. 2022).
+KEYS_OF_TOP_INDUCTION = 3
 # Detectors that rank heads by retrieval score get the atlas's retrieval ranking of the same
 # model (its "heads" parameter) instead of computing the same scan again. retrieval-masking then
 # tests on other haystack windows (seed 1) than the ranking saw (seed 0), as it does on its own.
@@ -105,10 +110,11 @@ def resolve_detectors(raw: str | None) -> list[str]:
     return names
 
 
-def atlas_params(name: str, summaries: Mapping[str, Summary] | None = None) -> dict[str, Any]:
+def atlas_params(name: str, summaries: Mapping[str, Summary] | None = None, group_size: int = 1) -> dict[str, Any]:
     """The parameters the atlas runs a detector with: its scan parameters, the atlas's overrides
     and, for a detector ranked by retrieval score, the ranking of the retrieval run in
-    ``summaries`` when there is one."""
+    ``summaries`` when there is one; for path-patching, the keys of the top induction heads of
+    the induction run in ``summaries`` (query heads per kv head: ``group_size``)."""
     from interp.runs.registry import get_detector
 
     params = {**type(get_detector(name)).scan_params, **ATLAS_PARAMS.get(name, {})}
@@ -116,7 +122,20 @@ def atlas_params(name: str, summaries: Mapping[str, Summary] | None = None) -> d
     if name in RANKED_BY_RETRIEVAL and retrieval is not None and retrieval.heads:
         ranked = sorted(_scored(retrieval.heads), key=lambda h: -float(h["score"]))
         params["heads"] = ",".join(f"{int(h['layer'])}.{int(h['head'])}" for h in ranked)
+    if name == "path-patching" and summaries is not None:
+        params["receivers"] = _induction_keys(summaries.get("induction"), group_size)
     return params
+
+
+def _induction_keys(induction: Summary | None, group_size: int) -> str:
+    """The k receivers (kv heads) of the top induction heads, best first, without repeats."""
+    if induction is None or not induction.heads:
+        raise UserError("path-patching patches into the top induction heads' keys: it needs the induction run")
+    # A head of layer 0 reads keys no head writes: it cannot show K-composition.
+    above = [h for h in _scored(induction.heads) if int(h["layer"]) > 0]
+    ranked = sorted(above, key=lambda h: -float(h["score"]))[:KEYS_OF_TOP_INDUCTION]
+    keys = [f"k:{int(h['layer'])}.{int(h['head']) // group_size}" for h in ranked]
+    return ",".join(dict.fromkeys(keys))
 
 
 def resolve_models(raw: str | None) -> list[str]:
@@ -168,7 +187,7 @@ def _run_model(model: Any, detectors: Sequence[str], store: Any, fresh: bool, ba
     for name in detectors:
         bar.set_description(f"{name} on {model.name}")
         try:
-            params = atlas_params(name, summaries)
+            params = atlas_params(name, summaries, model.info.group_size)
             if fresh:
                 result = run_detector(model, name, params, store, resume=False, progress=False, executor=executor)
             else:  # a finished run is reused, an interrupted one resumed
@@ -344,6 +363,33 @@ def _print_overlaps(atlas: Mapping[str, Any], labels: Mapping[str, str]) -> None
 # ------------------------------------------------------------------------------ the command
 
 
+def _run_models(
+    specs: Mapping[str, ModelSpec], dets: Sequence[str], store: Store, fresh: bool, cluster: ClusterOptions
+) -> tuple[dict[str, ModelResults], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every detector on every model, one model loaded at a time: each model's results, runs
+    and information (name, provenance, parameters, cost)."""
+    from tqdm.auto import tqdm
+
+    results: dict[str, ModelResults] = {}
+    runs: dict[str, dict[str, Any]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    with tqdm(total=len(specs) * len(dets), unit="run", file=sys.stderr) as bar:
+        for name, spec in specs.items():
+            bar.set_description(f"loading {name}")
+            t0 = time.perf_counter()
+            # The workers (--workers, --scheduler) load this model; one model at a time.
+            with PeakRSS() as peak, cluster.executor(spec) as executor:
+                loaded = load_spec(spec)
+                load_s = time.perf_counter() - t0
+                results[name], runs[name] = _run_model(loaded, list(dets), store, fresh, bar, executor)
+                info[name] = {"name": loaded.name, "provenance": loaded.provenance.to_dict(),
+                              "n_params": sum(p.numel() for p in loaded.hf.parameters())}
+                del loaded  # one model in memory at a time
+                gc.collect()
+            info[name]["cost"] = model_cost(runs[name], load_s, time.perf_counter() - t0, peak.peak_mb)
+    return results, runs, info
+
+
 @command("atlas")
 def atlas(
     models: Annotated[str | None, typer.Option(
@@ -364,8 +410,6 @@ def atlas(
 ) -> None:
     """Run detectors on several models (scan parameters) and compare their memory heads and the
     papers' claims: relative depth, top-k overlap, verdicts per model."""
-    from tqdm.auto import tqdm
-
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
     # Everything is checked before the store is created or a model loaded: the detectors, the
@@ -374,23 +418,7 @@ def atlas(
     specs = {n: ModelOptions(n, "bridge", prefix, device, dtype, device_map, max_memory).check() for n in names}
     (cluster := ClusterOptions(workers, scheduler)).check(list(specs.values()))
     store = Store(workspace)
-    results: dict[str, ModelResults] = {}
-    runs: dict[str, dict[str, Any]] = {}
-    info: dict[str, dict[str, Any]] = {}
-    with tqdm(total=len(names) * len(dets), unit="run", file=sys.stderr) as bar:
-        for name in names:
-            bar.set_description(f"loading {name}")
-            t0 = time.perf_counter()
-            # The workers (--workers, --scheduler) load this model; one model at a time.
-            with PeakRSS() as peak, cluster.executor(specs[name]) as executor:
-                loaded = load_spec(specs[name])
-                load_s = time.perf_counter() - t0
-                results[name], runs[name] = _run_model(loaded, dets, store, fresh, bar, executor)
-                info[name] = {"name": loaded.name, "provenance": loaded.provenance.to_dict(),
-                              "n_params": sum(p.numel() for p in loaded.hf.parameters())}
-                del loaded  # one model in memory at a time
-                gc.collect()
-            info[name]["cost"] = model_cost(runs[name], load_s, time.perf_counter() - t0, peak.peak_mb)
+    results, runs, info = _run_models(specs, dets, store, fresh, cluster)
     summary = summarize(results, dets, top)
     labels = _labels(names)
     for name in names:

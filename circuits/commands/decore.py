@@ -91,13 +91,15 @@ def workspace_ranking(
     ws = store.workspace.resolve()
     other = "faithful" if mode == "fast" else "fast"
     try:
+        wanted = RetrievalDetector().variant(RetrievalDetector.parse_params({"mode": mode}))
         result = find_or_run(model, RetrievalDetector.name, {"mode": mode, **(params or {})}, store,
-                             accept=[{"mode": other, **(params or {})}])
+                             accept=[{"mode": other, **(params or {})}],
+                             before_run=lambda: log(f"no finished retrieval run of {model.name} with this prompt "
+                                                    f"prefix in {ws}; computing one ({wanted}) and storing it there"))
         summary = result.summary
         if not summary.heads:
             raise UserError(f"retrieval ranking ({summary.variant}, run {result.run_id} in {ws}) is empty: no "
                             f"needle sample was answered correctly; pass heads explicitly")
-        wanted = RetrievalDetector().variant(RetrievalDetector.parse_params({"mode": mode}))
         if result.reused:
             note = "" if summary.variant == wanted else f": the finished one of {model.name}; none is {wanted}"
             log(f"using retrieval run {result.run_id} ({summary.variant}) from {ws}{note}")

@@ -6,6 +6,7 @@ build on another's scoring (copying reads the induction scores), never on a comm
 
 from circuits.detectors import (
     causal_trace,
+    circuit,
     cmr,
     conflict_heads,
     copying,
@@ -14,13 +15,16 @@ from circuits.detectors import (
     induction,
     knockout,
     lag_crp,
+    path_patching,
     ph3,
+    rankings,
     retrieval,
     retrieval_masking,
 )
 
 __all__ = [
     "causal_trace",
+    "circuit",
     "cmr",
     "conflict_heads",
     "copying",
@@ -29,7 +33,9 @@ __all__ = [
     "induction",
     "knockout",
     "lag_crp",
+    "path_patching",
     "ph3",
+    "rankings",
     "retrieval",
     "retrieval_masking",
 ]

@@ -215,7 +215,7 @@ def run_method(
     if settings is None:
         gens = greedy_generate(model, prompts, max_new_tokens=n_new, stop_at_newline=True, batch_size=batch_size)
     else:
-        gens = decore_generate(model, prompts, heads, settings.alpha, max_new_tokens=n_new, method=settings.method,
+        gens = decore_generate(model, model.tokenizer, prompts, heads, settings.alpha, max_new_tokens=n_new, method=settings.method,
                                normalize_entropy=settings.normalize_entropy, alpha_cap=settings.alpha_cap,
                                prefill=settings.prefill, stop_at_newline=True, batch_size=batch_size)
     rows = []

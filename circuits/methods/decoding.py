@@ -10,21 +10,50 @@ prefill).
 A batch may hold several rows per sequence: with ``n`` sequences, rows ``i``, ``i + n``, ...
 belong to sequence ``i`` (DeCoRe's stacked [base; masked] batch). ``choose`` returns one token
 per sequence and each of its rows is fed that token.
+
+The model is anything :class:`Decodable`: a LoadedModel (its hook backend) or a plain
+transformers model in :class:`circuits.methods.hf_runner.HFRunner` (torch hooks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from interp.errors import UserError
 from interp.model.backends import RunOutput
 from interp.model.interventions import Intervention
-from interp.model.loaded import LoadedModel
 
 Choose = Callable[[RunOutput], torch.Tensor]
+
+
+class Decodable(Protocol):
+    """What the decoding loop needs of a model: a LoadedModel has it, and so has an HFRunner."""
+
+    tokenizer: Any
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def check_length(self, n_tokens: int) -> None: ...
+
+    def check_head(self, layer: int, head: int) -> None: ...
+
+    def encode(self, text: str, prefix: bool = True) -> list[int]: ...
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        interventions: Sequence[Intervention] = (),
+        cache: Sequence[str] = (),
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> RunOutput: ...
 
 
 @dataclass
@@ -33,7 +62,7 @@ class Decoded:
     stops: list[str]  # per sequence: "eos", "newline" or "length"
 
 
-def stop_reason(model: LoadedModel, token: int, stop_at_newline: bool) -> str | None:
+def stop_reason(model: Decodable, token: int, stop_at_newline: bool) -> str | None:
     """Why ``token`` ends a sequence: "eos", "newline" (a token holding a newline, when asked:
     the retrieval reference stops there), or None."""
     eos = model.tokenizer.eos_token_id
@@ -44,7 +73,7 @@ def stop_reason(model: LoadedModel, token: int, stop_at_newline: bool) -> str | 
     return None
 
 
-def prompt_rows(model: LoadedModel, prompts: Sequence[str | Sequence[int]], prefix: bool = True) -> list[list[int]]:
+def prompt_rows(model: Decodable, prompts: Sequence[str | Sequence[int]], prefix: bool = True) -> list[list[int]]:
     """Token ids per prompt: text through ``model.encode`` (after the prompt prefix unless
     ``prefix`` is False), token lists as they are."""
     rows = [model.encode(p, prefix) if isinstance(p, str) else [int(i) for i in p] for p in prompts]
@@ -53,7 +82,7 @@ def prompt_rows(model: LoadedModel, prompts: Sequence[str | Sequence[int]], pref
     return rows
 
 
-def pad_id(model: LoadedModel) -> int:
+def pad_id(model: Decodable) -> int:
     for cand in (model.tokenizer.pad_token_id, model.tokenizer.eos_token_id, model.tokenizer.bos_token_id):
         if isinstance(cand, int):
             return cand
@@ -81,8 +110,34 @@ def _grow(mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if mask is None else torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
 
 
+def _prefill(model: Decodable, ids: torch.Tensor, mask: torch.Tensor | None, first_ivs: Sequence[Intervention],
+             step_ivs: Sequence[Intervention], cache: Sequence[str], kv_cache: bool,
+             feed_last_token: bool) -> RunOutput:
+    """The prompt's pass (passes, with ``feed_last_token``) whose output picks the first token."""
+    if not kv_cache:
+        return model.run(ids, interventions=step_ivs, cache=cache, attention_mask=mask)
+    if feed_last_token:
+        pre = model.run(ids[:, :-1], interventions=first_ivs, use_cache=True,
+                        attention_mask=None if mask is None else mask[:, :-1])
+        return model.run(ids[:, -1:], interventions=step_ivs, cache=cache, attention_mask=mask,
+                         past_key_values=pre.past_key_values)
+    return model.run(ids, interventions=first_ivs, cache=cache, attention_mask=mask, use_cache=True)
+
+
+def _append(model: Decodable, nxt: torch.Tensor, tokens: list[list[int]], stops: list[str], done: list[bool],
+            stop_at_newline: bool) -> None:
+    """Each unfinished sequence's next token, and why it stops if it does."""
+    for i, tok in enumerate(nxt.tolist()):
+        if done[i]:
+            continue
+        tokens[i].append(int(tok))
+        why = stop_reason(model, int(tok), stop_at_newline)
+        if why is not None:
+            stops[i], done[i] = why, True
+
+
 def greedy_decode(
-    model: LoadedModel,
+    model: Decodable,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     *,
@@ -116,35 +171,20 @@ def greedy_decode(
     if not kv_cache and first_ivs != step_ivs:
         raise UserError("prefill-only interventions need the KV cache (backend 'bridge')")
     pick = choose or _argmax
-    ids = input_ids.to(model.device)
-    mask = None if attention_mask is None else attention_mask.to(model.device)
+    ids, mask = input_ids.to(model.device), None if attention_mask is None else attention_mask.to(model.device)
     n_rows = int(ids.shape[0])
     tokens: list[list[int]] = []
     stops: list[str] = []
     done: list[bool] = []
     with torch.no_grad():
-        if not kv_cache:
-            out = model.run(ids, interventions=step_ivs, cache=cache, attention_mask=mask)
-        elif feed_last_token:
-            pre = model.run(ids[:, :-1], interventions=first_ivs, use_cache=True,
-                            attention_mask=None if mask is None else mask[:, :-1])
-            out = model.run(ids[:, -1:], interventions=step_ivs, cache=cache, attention_mask=mask,
-                            past_key_values=pre.past_key_values)
-        else:
-            out = model.run(ids, interventions=first_ivs, cache=cache, attention_mask=mask, use_cache=True)
+        out = _prefill(model, ids, mask, first_ivs, step_ivs, cache, kv_cache, feed_last_token)
         for step in range(max_new_tokens):
             nxt = pick(out)
             if step == 0:
                 if nxt.ndim != 1 or n_rows % len(nxt):
                     raise ValueError(f"choose must give one token per sequence of the {n_rows} rows")
                 tokens, stops, done = [[] for _ in nxt], ["length"] * len(nxt), [False] * len(nxt)
-            for i, tok in enumerate(nxt.tolist()):
-                if done[i]:
-                    continue
-                tokens[i].append(int(tok))
-                why = stop_reason(model, int(tok), stop_at_newline)
-                if why is not None:
-                    stops[i], done[i] = why, True
+            _append(model, nxt, tokens, stops, done, stop_at_newline)
             if all(done) or step == max_new_tokens - 1:
                 break
             feed = nxt.repeat(n_rows // len(nxt))[:, None]
@@ -158,4 +198,4 @@ def greedy_decode(
     return Decoded(tokens=tokens, stops=stops)
 
 
-__all__ = ["Choose", "Decoded", "greedy_decode", "left_pad", "pad_id", "prompt_rows", "stop_reason"]
+__all__ = ["Choose", "Decodable", "Decoded", "greedy_decode", "left_pad", "pad_id", "prompt_rows", "stop_reason"]

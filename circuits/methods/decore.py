@@ -25,6 +25,14 @@ computed with the heads masked (two KV caches, one per model, as the method desc
 the reference's ``generate`` does: the masked model starts from a copy of the BASE model's
 prompt cache and its heads are masked only from the last prompt token on.
 
+Any model (``decore_generate``): a LoadedModel decodes through its hook backend; a plain
+transformers model object (``AutoModelForCausalLM``) through :class:`circuits.methods.hf_runner.HFRunner`,
+torch hooks on its own modules for the masked rows, removed after each pass (no copy of the
+weights, no patched attention class). Both run this module's one loop (``_generate``), which
+``interp decore`` uses too. ``do_sample`` draws each token from the combined scores as
+``generate`` draws from its logits (:mod:`circuits.methods.sampling`: temperature, top-k, top-p,
+seed); greedy takes the argmax, as the paper.
+
 Scoring (``decore_score``): a given answer's score is the sum over its tokens of the combined
 score of that token (the reference's ``lm_score``). ``alpha_scope="token"`` (default) takes
 alpha_t at each answer position; ``"prefix"`` (the reference's ``lm_score``) uses the alpha of
@@ -38,18 +46,23 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
 
 from circuits.detectors.retrieval import RetrievalDetector, ranked_by_retrieval
-from circuits.methods.decoding import greedy_decode, left_pad, pad_id, prompt_rows
+from circuits.methods.decoding import Decodable, greedy_decode, left_pad, pad_id, prompt_rows
 from circuits.methods.heads import check_heads
+from circuits.methods.hf_runner import HFRunner
+from circuits.methods.sampling import Sampling
 from interp.errors import UserError
 from interp.model.backends import RunOutput
 from interp.model.interventions import Intervention, ablate_heads
 from interp.model.loaded import LoadedModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Alpha = float | Literal["entropy"]
 Method = Literal["uniform", "zero"]
@@ -172,13 +185,15 @@ class Generation:
 
 
 def _decode_batch(
-    model: LoadedModel,
+    model: Decodable,
     rows: Sequence[Sequence[int]],
     heads: Sequence[Head],
     settings: DecoreSettings,
     max_new_tokens: int,
     stop_at_newline: bool,
     contrast: bool,
+    sampling: Sampling,
+    generator: torch.Generator | None,
 ) -> list[Generation]:
     b = len(rows)
     ids, mask = left_pad(rows, pad_id(model))
@@ -206,7 +221,7 @@ def _decode_batch(
         else:
             alpha = torch.zeros(b, device=logits.device)
             scores = lb
-        nxt = scores.argmax(-1)
+        nxt = sampling.pick(scores, generator)
         chosen.append((scores.gather(-1, nxt[:, None])[:, 0], lb.gather(-1, nxt[:, None])[:, 0], alpha))
         return nxt
 
@@ -234,26 +249,53 @@ def _batches(n: int, batch_size: int) -> list[range]:
 
 
 def decore_generate(
-    model: LoadedModel,
+    model: PreTrainedModel | LoadedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
     prompts: Sequence[str | Sequence[int]],
     heads: Sequence[Head],
     alpha: Alpha | str = "entropy",
     *,
     max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    batch_size: int = 16,
     method: Method = "uniform",
     normalize_entropy: bool = False,
     alpha_cap: float | None = None,
     prefill: Prefill = "masked",
     stop_at_newline: bool = False,
     prefix: bool = True,
-    batch_size: int = 16,
 ) -> list[Generation]:
-    """DeCoRe greedy decoding of each prompt until EOS (or a newline, with ``stop_at_newline``)
-    or ``max_new_tokens``. ``heads`` are (layer, head) pairs to mask; none makes it greedy."""
+    """DeCoRe decoding of each prompt until EOS (or a newline, with ``stop_at_newline``) or
+    ``max_new_tokens``, in batches of ``batch_size`` left-padded prompts.
+
+    ``model``: a plain transformers causal LM (an ``AutoModelForCausalLM`` in eval mode, with its
+    ``tokenizer``) or a LoadedModel (``tokenizer`` None or its own). ``prompts``: texts, tokenised
+    with the tokenizer's special tokens (a LoadedModel: after its prompt prefix) unless ``prefix``
+    is False, or lists of token ids taken as they are. ``heads``: the (layer, head) pairs masked
+    in the contrasted model (``method`` uniform: the query zeroed; zero: the output zeroed); none
+    makes it plain decoding. ``alpha``: "entropy" (DeCoRe-entropy) or a number (DeCoRe-vanilla,
+    0.5 in the paper). ``do_sample`` draws from the combined scores (``temperature``, ``top_k``,
+    ``top_p``; ``seed`` makes the draws reproducible); otherwise greedy, as the paper. The model
+    is left as it came (hooks are removed after every pass).
+    """
     settings = DecoreSettings(alpha=alpha, normalize_entropy=normalize_entropy, alpha_cap=alpha_cap,  # type: ignore[arg-type]
                               method=method, prefill=prefill)
-    return _generate(model, prompts, heads, settings, max_new_tokens, stop_at_newline, prefix,
-                     batch_size, contrast=True)
+    sampling = Sampling(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    return _generate(decoder_for(model, tokenizer), prompts, heads, settings, max_new_tokens, stop_at_newline,
+                     prefix, batch_size, contrast=True, sampling=sampling)
+
+
+def decoder_for(model: PreTrainedModel | LoadedModel, tokenizer: PreTrainedTokenizerBase | None) -> Decodable:
+    """What decodes ``model``: a LoadedModel itself, a plain HF model in an :class:`HFRunner`."""
+    if isinstance(model, LoadedModel):
+        if tokenizer is not None and tokenizer is not model.tokenizer:
+            raise UserError("a LoadedModel decodes with its own tokenizer: pass tokenizer=None (or model.tokenizer)")
+        return model
+    return HFRunner(model, tokenizer, last_logits_only=True)
 
 
 def greedy_generate(
@@ -271,7 +313,7 @@ def greedy_generate(
 
 
 def _generate(
-    model: LoadedModel,
+    model: Decodable,
     prompts: Sequence[str | Sequence[int]],
     heads: Sequence[Head],
     settings: DecoreSettings,
@@ -280,21 +322,56 @@ def _generate(
     prefix: bool,
     batch_size: int,
     contrast: bool,
+    sampling: Sampling | None = None,
 ) -> list[Generation]:
+    """The one generation loop: ``decore_generate`` (a LoadedModel or a plain HF model),
+    ``greedy_generate`` and ``interp decore`` all decode here."""
     if max_new_tokens < 1:
         raise UserError("max_new_tokens must be >= 1")
     if not prompts:
         raise UserError("no prompts given")
-    heads = check_heads(heads, model)
+    heads = check_heads(heads)
+    for layer, head in heads:
+        model.check_head(layer, head)
     rows = prompt_rows(model, prompts, prefix)
+    sampling = sampling or Sampling()
+    generator = sampling.generator(model.device)
     out: list[Generation] = []
     for chunk in _batches(len(rows), batch_size):
         out.extend(_decode_batch(model, [rows[i] for i in chunk], heads, settings, max_new_tokens,
-                                 stop_at_newline, contrast))
+                                 stop_at_newline, contrast, sampling, generator))
     return out
 
 
 # ---------------------------------------------------------------- scoring given answers
+
+
+def _answer_pairs(model: LoadedModel, rows: Sequence[list[int]],
+                  answers: Sequence[Sequence[str]]) -> list[tuple[int, int, list[int], list[int]]]:
+    """(prompt index, answer index, prompt tokens, answer tokens) of every candidate answer; an
+    answer is tokenised on its own, without special tokens."""
+    pairs: list[tuple[int, int, list[int], list[int]]] = []
+    for pi, (p, cands) in enumerate(zip(rows, answers, strict=True)):
+        if not cands:
+            raise UserError(f"prompt {pi} has no candidate answers")
+        for ai, a in enumerate(cands):
+            toks = [int(t) for t in model.tokenizer(a, add_special_tokens=False)["input_ids"]]
+            if not toks:
+                raise UserError(f"answer {a!r} tokenises to nothing")
+            pairs.append((pi, ai, p, toks))
+    return pairs
+
+
+def _base_and_masked_logits(model: LoadedModel, rows: Sequence[list[int]], heads: Sequence[Head],
+                            settings: DecoreSettings) -> torch.Tensor:
+    """[2 * rows, width, vocab] float logits: the rows left-padded, then the same rows with the
+    heads masked."""
+    b = len(rows)
+    ids, mask = left_pad(rows, pad_id(model))
+    ids, mask = torch.cat([ids, ids]).to(model.device), torch.cat([mask, mask]).to(model.device)
+    ivs = mask_interventions(heads, settings.method, list(range(b, 2 * b)))
+    with torch.no_grad():
+        return model.run(ids, attention_mask=mask, interventions=ivs).logits.float()
 
 
 def decore_score(
@@ -325,26 +402,13 @@ def decore_score(
     if len(prompts) != len(answers):
         raise UserError(f"{len(prompts)} prompts but {len(answers)} answer lists")
     heads = check_heads(heads, model)
-    rows = prompt_rows(model, prompts, prefix)
-    pairs: list[tuple[int, int, list[int], list[int]]] = []
-    for pi, (p, cands) in enumerate(zip(rows, answers, strict=True)):
-        if not cands:
-            raise UserError(f"prompt {pi} has no candidate answers")
-        for ai, a in enumerate(cands):
-            toks = [int(t) for t in model.tokenizer(a, add_special_tokens=False)["input_ids"]]
-            if not toks:
-                raise UserError(f"answer {a!r} tokenises to nothing")
-            pairs.append((pi, ai, p, toks))
+    pairs = _answer_pairs(model, prompt_rows(model, prompts, prefix), answers)
     records: list[dict[str, Any]] = []
     for chunk in _batches(len(pairs), batch_size):
         sel = [pairs[i] for i in chunk]
         b = len(sel)
-        ids, mask = left_pad([p + a for _, _, p, a in sel], pad_id(model))
-        ids, mask = torch.cat([ids, ids]).to(model.device), torch.cat([mask, mask]).to(model.device)
-        ivs = mask_interventions(heads, settings.method, list(range(b, 2 * b)))
-        with torch.no_grad():
-            logits = model.run(ids, attention_mask=mask, interventions=ivs).logits.float()
-        width = ids.shape[1]
+        logits = _base_and_masked_logits(model, [p + a for _, _, p, a in sel], heads, settings)
+        width = logits.shape[1]
         for j, (pi, ai, _, ans) in enumerate(sel):
             n = len(ans)
             # Position t predicts token t + 1: the answer's logits sit one to the left.
@@ -448,6 +512,7 @@ __all__ = [
     "base_entropy",
     "choices",
     "combine",
+    "decoder_for",
     "decore_alpha",
     "decore_generate",
     "decore_score",

@@ -73,10 +73,10 @@ class ModelInfo:
 
 # Roles by where their path starts: the whole model, one decoder layer, its attention module.
 MODEL_ROLES = ("decoder", "layers", "embed", "final_norm", "unembed")
-LAYER_ROLES = ("layer", "attn", "attn_norm", "mlp", "attn_post_norm", "mlp_post_norm")
+LAYER_ROLES = ("layer", "attn", "attn_norm", "mlp", "attn_post_norm", "mlp_post_norm", "mlp_norm")
 ATTN_ROLES = ("q", "k", "v", "qkv", "o")
 # Roles a family may lack (None in its Layout): a fused qkv, or no norm after a sublayer.
-OPTIONAL_ROLES = ("q", "k", "v", "qkv", "attn_post_norm", "mlp_post_norm")
+OPTIONAL_ROLES = ("q", "k", "v", "qkv", "attn_post_norm", "mlp_post_norm", "mlp_norm")
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,9 @@ class Layout:
     mlp_post_norm: str | None = None  # likewise after the MLP
     norm_offset: float = 0.0  # a norm scales by (norm_offset + w)
     embed_scale: str | None = None  # attribute of the embedding module that scales its output
+    # The norm on the MLP's input (Llama's post_attention_layernorm, Gemma's
+    # pre_feedforward_layernorm, GPT-2's ln_2): path patching recomputes it on an edited input.
+    mlp_norm: str | None = None
 
     @property
     def fused_qkv(self) -> bool:
@@ -220,6 +223,7 @@ LLAMA_LIKE = Layout(
     k="k_proj",
     v="v_proj",
     o="o_proj",
+    mlp_norm="post_attention_layernorm",
 )
 
 GPT2_LIKE = Layout(
@@ -235,6 +239,7 @@ GPT2_LIKE = Layout(
     qkv="c_attn",
     o="c_proj",
     weight_in_out=True,
+    mlp_norm="ln_2",
 )
 
 # Gemma keeps Llama's module paths; what differs is what a reader of the weights must know.
@@ -247,6 +252,7 @@ GEMMA_LIKE = replace(
     mlp_post_norm="post_feedforward_layernorm",
     norm_offset=1.0,
     embed_scale="embed_scale",
+    mlp_norm="pre_feedforward_layernorm",
 )
 
 # The config's model_type -> its family. Gemma 3 counts in its text-only form (Gemma3ForCausalLM).

@@ -414,6 +414,36 @@ def _from_object(
 # --------------------------------------------------------------------------- entry point
 
 
+def _from_name(
+    name: str, place: Placement, tokenizer: PreTrainedTokenizerBase | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str | None, Literal["zoo", "local", "hub"], str]:
+    """A model by name: a zoo name, a local folder or a hub id, in that order. Returns the model,
+    its tokenizer, its weights' hash, where it came from and its id."""
+    if not name:
+        raise UserError(f"empty model name; the zoo has: {_zoo_list()}")
+    path = Path(name).expanduser()
+    if name in zoo.ZOO:
+        folder, sha = zoo.ensure_converted(name)
+        model, tok = _from_folder(folder, place)
+        return model, tok, sha, "zoo", name
+    if _probe_path(path, name):
+        if not path.is_dir():
+            raise UserError(
+                f"{name!r} is a file; give a model folder (with config.json) or a zoo name: {_zoo_list()}"
+            )
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"{str(path)!r} has no config.json, so it is not a Hugging Face model folder "
+                f"(save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder))"
+            )
+        model, tok = _from_folder(path, place)
+        return model, tok, weights_sha256(path), "local", str(path.resolve())
+    if _looks_like_path(name):
+        raise UserError(f"no such folder: {name!r}")
+    model, tok, sha = _from_hub(name, place, tokenizer)
+    return model, tok, sha, "hub", name
+
+
 def load_hf(
     name_or_path: str | os.PathLike[str] | PreTrainedModel,
     *,
@@ -449,32 +479,7 @@ def load_hf(
         model, tok, model_id = _from_object(name_or_path, dt, dev, tokenizer)
         source, sha = "object", None
     else:
-        name = os.fspath(name_or_path).strip()
-        if not name:
-            raise UserError(f"empty model name; the zoo has: {_zoo_list()}")
-        path = Path(name).expanduser()
-        if name in zoo.ZOO:
-            folder, sha = zoo.ensure_converted(name)
-            model, tok = _from_folder(folder, place)
-            source, model_id = "zoo", name
-        elif _probe_path(path, name):
-            if not path.is_dir():
-                raise UserError(
-                    f"{name!r} is a file; give a model folder (with config.json) or a zoo name: {_zoo_list()}"
-                )
-            if not (path / "config.json").is_file():
-                raise UserError(
-                    f"{str(path)!r} has no config.json, so it is not a Hugging Face model folder "
-                    f"(save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder))"
-                )
-            model, tok = _from_folder(path, place)
-            sha = weights_sha256(path)
-            source, model_id = "local", str(path.resolve())
-        elif _looks_like_path(name):
-            raise UserError(f"no such folder: {name!r}")
-        else:
-            model, tok, sha = _from_hub(name, place, tokenizer)
-            source, model_id = "hub", name
+        model, tok, sha, source, model_id = _from_name(os.fspath(name_or_path).strip(), place, tokenizer)
         if tokenizer is not None:
             tok = tokenizer
 

@@ -82,7 +82,9 @@ class LogProb:
         return (self.position,)
 
     def __call__(self, logits: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(logits[:, 0, :].float(), dim=-1)
+        lg = logits[:, 0, :]
+        # Half precision up to float32 for the softmax; a float64 run stays float64.
+        logp = torch.log_softmax(lg if lg.dtype == torch.float64 else lg.float(), dim=-1)
         t = torch.tensor(self.target, device=logp.device)[prompt_index]
         return logp.gather(1, t[:, None])[:, 0]
 

@@ -33,7 +33,7 @@ __all__ = ["SEED_MAX", "Detector", "DetectorConfig", "Param", "Part", "Summary",
 PLUGIN_GROUP = "interp.plugins"
 OWN_DISTRIBUTION = "interp-workbench"
 
-OutputKind = Literal["head_scores", "token_layer", "curves", "metrics", "intervention"]
+OutputKind = Literal["head_scores", "token_layer", "curves", "metrics", "intervention", "edges"]
 C = TypeVar("C", bound=DetectorConfig)
 T = TypeVar("T")
 
@@ -63,6 +63,9 @@ class Summary:
 
     heads: list[dict[str, Any]] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    # (for edge detectors) the graph's edges, each {sender, receiver, score, attribution,
+    # in_circuit}: what the ``edges`` artifact holds (docs/path_patching.md, "Stored shape").
+    edges: list[dict[str, Any]] | None = None
     warnings: list[str] = field(default_factory=list)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     # The detector's name and the run's variant: set by the runner, not by the detector.
@@ -74,6 +77,8 @@ class Summary:
         if self.heads is not None:
             out["heads"] = self.heads
         out["metrics"] = self.metrics
+        if self.edges is not None:
+            out["edges"] = self.edges
         out["warnings"] = self.warnings
         return out
 

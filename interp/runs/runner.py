@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,17 +23,9 @@ from interp.runs import tables
 from interp.runs.config import DetectorConfig
 from interp.runs.executors import Executor, SerialExecutor
 from interp.runs.registry import Detector, Summary, UnitResult, get_detector
-from interp.runs.store import (
-    FINAL_UNIT,
-    SETTINGS_UNIT,
-    TABLES,
-    WARNINGS_UNIT,
-    Run,
-    Store,
-    code_version,
-    key_context,
-    run_key,
-)
+from interp.runs.run_keys import code_version, key_context, run_key
+from interp.runs.schema import FINAL_UNIT, SETTINGS_UNIT, TABLES, WARNINGS_UNIT
+from interp.runs.store import Run, Store
 from interp.runs.units import Unit
 
 
@@ -153,15 +145,19 @@ def find_or_run(
     accept: Sequence[Mapping[str, Any]] = (),
     progress: bool = True,
     executor: Executor | None = None,
+    before_run: Callable[[], None] | None = None,
 ) -> RunResult:
     """The finished run of this detector with ``raw_params`` on ``model`` (:func:`find_run`),
     else the first finished run with one of the parameter sets in ``accept`` (alternatives the
     caller takes as well, in order of preference), else a run now (resumed where one was
-    interrupted), stored. The result says which (``reused``, ``run_id``)."""
+    interrupted), stored. The result says which (``reused``, ``run_id``); ``before_run`` is
+    called before a run starts (to say that it will)."""
     for params in (raw_params, *accept):
         found = find_run(model, detector_name, params, store)
         if found is not None:
             return found
+    if before_run is not None:
+        before_run()
     return run_detector(model, detector_name, raw_params, store, progress=progress, executor=executor)
 
 

@@ -10,248 +10,48 @@ WAL mode lets the dashboard and other CLI processes read while one process write
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import sqlite3
 import stat
-import subprocess
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
-import numpy as np
 import pandas as pd
 
 from interp.errors import StoreError, UserError
 from interp.model.prefix import describe_stored
 from interp.runs import store_file
 from interp.runs.registry import UnitResult
+from interp.runs.run_keys import canonical_json, key_context, run_key
+from interp.runs.schema import (
+    RUN_COLUMNS,
+    RUN_STATUSES,
+    SCHEMA_SQL,
+    SCHEMA_VERSION,
+    TABLES,
+    ExportFormat,
+    FinalStatus,
+    RunStatus,
+    check_export_format,
+    check_table,
+    column_values,
+    validate_tables,
+)
 
-SCHEMA_VERSION = 1
 DB_NAME = "results.db"
 WORKSPACE_ENV = "INTERP_WORKSPACE"
-PACKAGE_NAME = "interp-workbench"
-
-RunStatus = Literal["running", "done", "failed", "interrupted"]
-FinalStatus = Literal["done", "failed", "interrupted"]
-ExportFormat = Literal["csv", "parquet"]
-
-# Units the runner writes besides the detector's own: the aggregated tables, the warnings, and
-# how the run was computed (variant, its prose, the parameters).
-FINAL_UNIT = "final"
-WARNINGS_UNIT = "warnings"
-SETTINGS_UNIT = "settings"
-RESERVED_UNITS = (FINAL_UNIT, WARNINGS_UNIT, SETTINGS_UNIT)
-
-RUN_STATUSES: tuple[str, ...] = ("running", "done", "failed", "interrupted")
-EXPORT_FORMATS: tuple[str, ...] = ("csv", "parquet")
-
-# Result tables: (column, SQLite type). Empty type = no affinity, so a value keeps its own type
-# (``item`` may be an index or a name depending on the detector).
-TABLES: dict[str, tuple[tuple[str, str], ...]] = {
-    "head_scores": (("metric", "TEXT"), ("layer", "INTEGER"), ("head", "INTEGER"), ("value", "REAL")),
-    "token_layer": (
-        ("kind", "TEXT"),
-        ("item", ""),
-        ("token_index", "INTEGER"),
-        ("token", "TEXT"),
-        ("layer", "INTEGER"),
-        ("value", "REAL"),
-    ),
-    "curves": (("curve", "TEXT"), ("layer", "INTEGER"), ("head", "INTEGER"), ("x", "REAL"), ("y", "REAL")),
-    "metrics": (
-        ("name", "TEXT"),
-        ("value", "REAL"),
-        ("ci_low", "REAL"),
-        ("ci_high", "REAL"),
-        ("n", "INTEGER"),
-    ),
-    "artifacts": (("name", "TEXT"), ("json", "TEXT")),
-}
-
-# A table without these is certainly a bug in the detector; the other columns may be left out.
-REQUIRED_COLUMNS: dict[str, frozenset[str]] = {
-    "head_scores": frozenset({"layer", "head", "value"}),
-    "token_layer": frozenset({"layer", "value"}),
-    "curves": frozenset({"curve", "x", "y"}),
-    "metrics": frozenset({"name", "value"}),
-    "artifacts": frozenset({"name", "json"}),
-}
-
-RUN_COLUMNS: tuple[str, ...] = (
-    "id",
-    "key",
-    "model",
-    "model_hash",
-    "detector",
-    "variant",
-    "params_json",
-    "dataset_hash",
-    "seed",
-    "code_version",
-    "provenance_json",
-    "status",
-    "error",
-    "created_at",
-    "updated_at",
-    "finished_at",
-    "duration_s",
-)
-
-_STATUS_LIST = ", ".join(f"'{s}'" for s in RUN_STATUSES)
-
-_SCHEMA: tuple[str, ...] = (
-    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
-    f"""CREATE TABLE IF NOT EXISTS runs (
-        id INTEGER PRIMARY KEY,
-        key TEXT NOT NULL,
-        model TEXT NOT NULL,
-        model_hash TEXT,
-        detector TEXT NOT NULL,
-        variant TEXT NOT NULL,
-        params_json TEXT NOT NULL,
-        dataset_hash TEXT,
-        seed INTEGER,
-        code_version TEXT,
-        provenance_json TEXT,
-        status TEXT NOT NULL CHECK (status IN ({_STATUS_LIST})),
-        error TEXT,
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        finished_at TEXT,
-        duration_s REAL
-    )""",
-    "CREATE INDEX IF NOT EXISTS idx_runs_key ON runs (key)",
-    """CREATE TABLE IF NOT EXISTS units (
-        run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
-        unit TEXT NOT NULL,
-        finished_at TEXT NOT NULL,
-        duration_s REAL,
-        PRIMARY KEY (run_id, unit)
-    )""",
-    *(
-        stmt
-        for table, columns in TABLES.items()
-        for stmt in (
-            # The foreign key to units makes rows without their unit row impossible, and lets
-            # deleting a unit (re-commit) or a run cascade to its rows.
-            f"""CREATE TABLE IF NOT EXISTS {table} (
-                run_id INTEGER NOT NULL,
-                unit TEXT NOT NULL,
-                {", ".join(f"{name} {kind}".strip() for name, kind in columns)},
-                FOREIGN KEY (run_id, unit) REFERENCES units (run_id, unit) ON DELETE CASCADE
-            )""",
-            # (run_id, unit) serves lookups by run_id alone and the cascades from units.
-            f"CREATE INDEX IF NOT EXISTS idx_{table}_run ON {table} (run_id, unit)",
-        )
-    ),
-)
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, set | frozenset):
-        return sorted(value, key=repr)
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable: {value!r}")
-
-
-def _canonical_json(value: Any, what: str) -> str:
-    try:
-        return json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
-        )
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{what} must be JSON-serialisable: {exc}") from None
-
-
-def run_key(
-    *,
-    model: str,
-    model_hash: str | None,
-    detector: str,
-    variant: str,
-    params: Mapping[str, Any],
-    dataset_hash: str | None,
-    seed: int | None,
-    prefix: Mapping[str, Any] | None = None,
-    dtype: str | None = None,
-) -> str:
-    """The identity of a run: sha256 of the canonical JSON of what determines its results.
-
-    The model hash is preferred to the name so that a renamed or re-downloaded copy of the same
-    weights maps to the same key, and changed weights under the same name do not. ``prefix``
-    is the prompt prefix (:class:`interp.model.prefix.PromptPrefix` as a dict): it changes every
-    raw-text input, so runs made with different prefixes never resume into each other. ``dtype``
-    separates bfloat16 or float16 results from float32 ones; float32 (and None) add nothing, so
-    the keys of runs stored before dtypes were keyed stay as they were.
-    """
-    identity: list[Any] = [model_hash or model, detector, variant, dict(params), dataset_hash, seed, prefix]
-    precision = str(dtype or "float32").removeprefix("torch.")
-    if precision != "float32":
-        identity.append(precision)
-    return hashlib.sha256(_canonical_json(identity, "params").encode()).hexdigest()
-
-
-def key_context(provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """What of a model's provenance enters a run's key: the prompt prefix and the dtype."""
-    return {"prefix": provenance.get("prefix"), "dtype": provenance.get("dtype")}
-
-
-def _package_version() -> str:
-    try:
-        return metadata.version(PACKAGE_NAME)
-    except metadata.PackageNotFoundError:
-        pass
-    # Running from a source tree that was never installed.
-    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
-    try:
-        version = tomllib.loads(pyproject.read_text())["project"]["version"]
-    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
-        return "0+unknown"
-    return str(version)
-
-
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """The package version, plus ``+g<short commit>`` when running from a git checkout."""
-    version = _package_version()
-    root = Path(__file__).resolve().parents[2]
-    # Only our own checkout: an installed package inside some other repository (a user's
-    # project with a venv) must not report that repository's commit.
-    if not (root / ".git").exists():
-        return version
-    try:
-        proc = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=2,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return version
-    commit = proc.stdout.strip()
-    if proc.returncode != 0 or not commit:
-        return version
-    return f"{version}+g{commit}"
 
 
 def _default_workspace() -> Path:
@@ -283,72 +83,6 @@ def _provenance_of(provenance_json: str | None) -> dict[str, Any]:
 
 def _prefix_of(provenance_json: str | None) -> Any:
     return _provenance_of(provenance_json).get("prefix")
-
-
-def check_export_format(fmt: str) -> None:
-    if fmt not in EXPORT_FORMATS:
-        raise UserError(f"unknown export format {fmt!r} (formats: {', '.join(EXPORT_FORMATS)})")
-
-
-def _check_table(table: str) -> tuple[tuple[str, str], ...]:
-    if table not in TABLES:
-        raise UserError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
-    return TABLES[table]
-
-
-_SQL_TYPES = (str, int, float, bytes)
-
-
-def _json_cell(value: Any) -> str | None:
-    """An artifacts.json cell: a JSON text is kept as is, any other document is encoded."""
-    if isinstance(value, str):
-        return value
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return None
-    try:
-        return json.dumps(value, sort_keys=True, ensure_ascii=False, default=_json_default)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"table 'artifacts', column 'json': value is not JSON-serialisable: {exc}") from None
-
-
-def _column_values(table: str, column: str, series: pd.Series) -> list[Any]:
-    """A column as plain Python values sqlite3 can bind, missing values as None."""
-    if table == "artifacts" and column == "json":
-        return [_json_cell(v) for v in series.tolist()]
-    # astype(object) turns numpy scalars into Python ones for numeric dtypes.
-    values: list[Any] = series.astype(object).where(series.notna(), None).tolist()
-    if series.dtype == object or isinstance(series.dtype, pd.CategoricalDtype):
-        for i, v in enumerate(values):
-            if isinstance(v, np.generic):
-                values[i] = v = v.item()
-            if v is not None and not isinstance(v, _SQL_TYPES):
-                raise ValueError(
-                    f"table {table!r}, column {column!r}: unsupported value {v!r} of type {type(v).__name__}"
-                )
-    return values
-
-
-def _validate_tables(tables: Mapping[str, pd.DataFrame]) -> None:
-    for table, frame in tables.items():
-        if table not in TABLES:
-            raise ValueError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
-        if not isinstance(frame, pd.DataFrame):
-            raise ValueError(f"table {table!r} must be a pandas DataFrame, got {type(frame).__name__}")
-        known = {name for name, _ in TABLES[table]}
-        columns = [str(c) for c in frame.columns]
-        reserved = sorted({"run_id", "unit"} & set(columns))
-        if reserved:
-            raise ValueError(f"table {table!r}: column {reserved[0]!r} is set by the store, drop it")
-        unknown = sorted(set(columns) - known)
-        if unknown:
-            raise ValueError(
-                f"table {table!r}: unknown column(s) {unknown} (known: {', '.join(n for n, _ in TABLES[table])})"
-            )
-        if len(set(columns)) != len(columns):
-            raise ValueError(f"table {table!r}: duplicate column names {columns}")
-        missing = sorted(REQUIRED_COLUMNS[table] - set(columns))
-        if missing and len(frame):
-            raise ValueError(f"table {table!r}: missing required column(s) {missing}")
 
 
 class Store:
@@ -455,7 +189,7 @@ class Store:
 
     def _init_schema(self) -> None:
         with self._write() as con:
-            for stmt in _SCHEMA:
+            for stmt in SCHEMA_SQL:
                 con.execute(stmt)
             self._check_version(con.execute("SELECT MAX(version) FROM schema_version").fetchall())
             if con.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 0:
@@ -503,18 +237,10 @@ class Store:
         older version (parameters written another way, a reworded variant) whose key under
         today's rules matches is re-keyed and resumed, so upgrading never orphans a run.
         """
-        key = run_key(
-            model=model,
-            model_hash=model_hash,
-            detector=detector,
-            variant=variant,
-            params=params,
-            dataset_hash=dataset_hash,
-            seed=seed,
-            **key_context(provenance),
-        )
-        params_json = _canonical_json(dict(params), "params")
-        provenance_json = _canonical_json(dict(provenance), "provenance")
+        key = run_key(model=model, model_hash=model_hash, detector=detector, variant=variant, params=params,
+                      dataset_hash=dataset_hash, seed=seed, **key_context(provenance))
+        params_json = canonical_json(dict(params), "params")
+        provenance_json = canonical_json(dict(provenance), "provenance")
         now = _now()
         with self._write() as con:
             if resume and identity is not None:
@@ -707,7 +433,7 @@ class Run:
         ValueError for an unknown table, an unknown column or an unsupported value; nothing of
         the unit is written then (and a previous commit of it is kept).
         """
-        _validate_tables(result.tables)
+        validate_tables(result.tables)
         now = _now()
         with self.store._write() as con:
             # Cascades to the unit's rows in every table.
@@ -723,7 +449,7 @@ class Run:
                 if not len(frame):
                     continue
                 columns = [str(c) for c in frame.columns]
-                values = [_column_values(table, str(col), series) for col, series in frame.items()]
+                values = [column_values(table, str(col), series) for col, series in frame.items()]
                 placeholders = ", ".join("?" for _ in range(len(columns) + 2))
                 con.executemany(
                     f"INSERT INTO {table} (run_id, unit, {', '.join(columns)}) VALUES ({placeholders})",
@@ -782,7 +508,7 @@ class Run:
 
     def to_frame(self, table: str = "head_scores", unit: str | None = None) -> pd.DataFrame:
         """The run's rows of one table (columns: unit, then the table's), optionally of one unit."""
-        columns = _check_table(table)
+        columns = check_table(table)
         cols = ", ".join(["unit", *(name for name, _ in columns)])
         if unit is None:
             return self.store._frame(

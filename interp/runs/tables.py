@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from interp.runs.store import TABLES
+from interp.runs.schema import TABLES
 
 
 def columns(table: str) -> list[str]:

@@ -455,7 +455,8 @@ def test_atlas_cell_opens_the_run_behind_it(server: str, workspace: tuple[Path, 
     from circuits.atlas.workflow import write_atlas
     from interp.runs.registry import get_detector
     from interp.runs.runner import finalized, unit_rows
-    from interp.runs.store import TABLES, Store
+    from interp.runs.schema import TABLES
+    from interp.runs.store import Store
 
     ws, run_id = workspace
     model = interp.load_model("smollm2-135m")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from interp.runs.store import RESERVED_UNITS
+from interp.runs.schema import RESERVED_UNITS
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,8 @@ from circuits.methods.decore import decore_generate, decore_score, default_k, gr
 from interp.cli import main as cli_main
 from interp.model.loaded import LoadedModel
 from interp.runs.runner import finalized
-from interp.runs.store import FINAL_UNIT, Store
+from interp.runs.schema import FINAL_UNIT
+from interp.runs.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -28,9 +29,9 @@ PROMPTS = [
 
 
 def test_batch_equals_single_and_hand_step(smol: LoadedModel) -> None:
-    batch = decore_generate(smol, PROMPTS, HEADS, max_new_tokens=3)
+    batch = decore_generate(smol, smol.tokenizer, PROMPTS, HEADS, max_new_tokens=3)
     for p, b in zip(PROMPTS, batch, strict=True):
-        alone = decore_generate(smol, [p], HEADS, max_new_tokens=3)[0]
+        alone = decore_generate(smol, smol.tokenizer, [p], HEADS, max_new_tokens=3)[0]
         assert b.tokens == alone.tokens
         assert b.scores == pytest.approx(alone.scores, abs=1e-3)
     # First step by hand on an independent HF copy, the heads' query slices zeroed by raw hooks.
@@ -57,7 +58,7 @@ def test_batch_equals_single_and_hand_step(smol: LoadedModel) -> None:
 
 
 def test_no_heads_is_greedy_and_scores(smol: LoadedModel) -> None:
-    dec = decore_generate(smol, PROMPTS, [], max_new_tokens=4)
+    dec = decore_generate(smol, smol.tokenizer, PROMPTS, [], max_new_tokens=4)
     gre = greedy_generate(smol, PROMPTS, max_new_tokens=4)
     assert [g.tokens for g in dec] == [g.tokens for g in gre]
     sc = decore_score(smol, PROMPTS[:1], [[" Rome", " Paris"]], HEADS)

@@ -85,6 +85,7 @@ def test_served_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert served_workspace(Path("made"), new=False) == served_workspace(Path("made"), new=True) == tmp_path / "made"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("args", [[], ["--new", "--workspace", "fresh"]], ids=["default", "new"])
 def test_app_serves_a_workspace_without_a_store_and_creates_nothing(args: list[str], tmp_path: Path) -> None:
     out = _serves(args, tmp_path)
@@ -95,6 +96,7 @@ def test_app_serves_a_workspace_without_a_store_and_creates_nothing(args: list[s
     assert not (ws / DB_NAME).exists()
 
 
+@pytest.mark.subprocess
 def test_app_refuses_a_mistyped_workspace_in_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([*INTERP, "app", "--workspace", "typo", "--port", "8599"], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path, env=_env())

@@ -28,7 +28,7 @@ import pytest
 from tests.tiny import run_cli
 
 # A guard against a hang (the failure this file is about), not a bound that is tested.
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.dask]
 
 REPO = Path(__file__).resolve().parents[2]
 GIB = 1 << 30

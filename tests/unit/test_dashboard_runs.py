@@ -160,6 +160,7 @@ def _own_units(ws: Path) -> list[int]:
                       if u.startswith("unit-"))
 
 
+@pytest.mark.subprocess
 def test_a_jobs_progress_is_its_units_committed_of_the_total(
     gated_plugin: None, tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -194,6 +195,7 @@ def test_a_jobs_progress_is_its_units_committed_of_the_total(
 # -- the first run, from a workspace without a store ----------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_the_first_scan_starts_from_the_home_page_of_a_new_workspace(
     tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -34,11 +34,12 @@ from interp.runs.dask_executor import DaskExecutor
 from interp.runs.executors import Executor
 from interp.runs.registry import Detector, get_detector
 from interp.runs.runner import run_detector
-from interp.runs.store import SETTINGS_UNIT, TABLES, Store
+from interp.runs.schema import SETTINGS_UNIT, TABLES
+from interp.runs.store import Store
 from interp.runs.units import Task, Unit
 from tests.equality import Layout, assert_frames_equal
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.dask]
 
 N_WORKERS = 2
 # What DaskExecutor(workers=N_WORKERS) gives each worker process (1 on this 2-core machine).

@@ -134,7 +134,7 @@ def test_one_step_equals_formula(pair, method, alpha) -> None:
     a = hand_entropy(base) if alpha == "entropy" else 0.5
     expect = (1 + a) * torch.log_softmax(base, -1) - a * torch.log_softmax(masked, -1)
     tok = int(expect.argmax())
-    g = decore_generate(model, [prompt], HEADS, alpha, max_new_tokens=1, method=method)[0]
+    g = decore_generate(model, model.tokenizer, [prompt], HEADS, alpha, max_new_tokens=1, method=method)[0]
     assert g.tokens == [tok]
     assert g.alphas[0] == pytest.approx(a, abs=1e-4)
     assert g.scores[0] == pytest.approx(float(expect[tok]), abs=1e-4)
@@ -147,7 +147,7 @@ def test_several_steps_with_cache_equal_hand_decoding(pair, prefill) -> None:
     for prompt in PROMPTS[:2]:
         toks, scores, alphas = hand_decode(plain, prompt, HEADS, "uniform", "entropy", 5,
                                            shared_prefill=prefill == "shared")
-        g = decore_generate(model, [prompt], HEADS, max_new_tokens=5, prefill=prefill)[0]
+        g = decore_generate(model, model.tokenizer, [prompt], HEADS, max_new_tokens=5, prefill=prefill)[0]
         n = len(g.tokens)  # may stop early at EOS
         assert g.tokens == toks[:n]
         assert g.scores == pytest.approx(scores[:n], abs=1e-4)
@@ -156,7 +156,7 @@ def test_several_steps_with_cache_equal_hand_decoding(pair, prefill) -> None:
 
 def test_no_heads_makes_decore_greedy(pair) -> None:
     model, plain = pair
-    dec = decore_generate(model, PROMPTS, [], max_new_tokens=6)
+    dec = decore_generate(model, model.tokenizer, PROMPTS, [], max_new_tokens=6)
     gre = greedy_generate(model, PROMPTS, max_new_tokens=6)
     for prompt, d, g in zip(PROMPTS, dec, gre, strict=True):
         seq = list(prompt)
@@ -176,9 +176,9 @@ def test_no_heads_makes_decore_greedy(pair) -> None:
 @pytest.mark.parametrize("method", ["uniform", "zero"])
 def test_left_padding_changes_nothing(pair, method) -> None:
     model, _ = pair
-    batch = decore_generate(model, PROMPTS, HEADS, max_new_tokens=6, method=method)
+    batch = decore_generate(model, model.tokenizer, PROMPTS, HEADS, max_new_tokens=6, method=method)
     for prompt, b in zip(PROMPTS, batch, strict=True):
-        alone = decore_generate(model, [prompt], HEADS, max_new_tokens=6, method=method)[0]
+        alone = decore_generate(model, model.tokenizer, [prompt], HEADS, max_new_tokens=6, method=method)[0]
         assert b.tokens == alone.tokens
         assert b.scores == pytest.approx(alone.scores, abs=1e-4)
         assert b.alphas == pytest.approx(alone.alphas, abs=1e-4)
@@ -238,11 +238,11 @@ def test_settings_and_bad_input(tiny_llama_hf) -> None:
     with pytest.raises(UserError):
         DecoreSettings(method="mean")  # type: ignore[arg-type]
     with pytest.raises(UserError):
-        decore_generate(model, [PROMPTS[0]], [(7, 0)], max_new_tokens=1)
+        decore_generate(model, model.tokenizer, [PROMPTS[0]], [(7, 0)], max_new_tokens=1)
     with pytest.raises(UserError):
-        decore_generate(model, [PROMPTS[0]], [(0, 0), (0, 0)], max_new_tokens=1)
+        decore_generate(model, model.tokenizer, [PROMPTS[0]], [(0, 0), (0, 0)], max_new_tokens=1)
     with pytest.raises(UserError):
-        decore_generate(model, [], HEADS)
+        decore_generate(model, model.tokenizer, [], HEADS)
     assert DecoreSettings(alpha=0.5).variant.startswith("vanilla")
 
 

@@ -189,11 +189,13 @@ def test_home_says_what_each_page_shows_and_what_fills_it(
     at = _app("Home.py")
     text = "\n".join(str(c.value) for c in at.caption)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("**")]
-    assert [ln.split("**")[1] for ln in lines] == [*routing.PAGES, "Atlas"]
-    for line in lines[:-1]:
+    # Circuits and the Atlas are filled by their own commands, not by the scan.
+    assert [ln.split("**")[1] for ln in lines] == [*routing.PAGES, "Circuits", "Atlas"]
+    for line in lines[:-2]:
         assert "`interp scan` (" in line, line
     # The atlas page reads what `interp atlas` writes, not the runs of a scan.
     assert "`interp atlas`" in lines[-1]
+    assert "`interp run path-patching`" in lines[-2]
     trace = next(ln for ln in lines if ln.startswith("**Causal tracing**"))
     params = all_detectors()["causal-trace"].scan_params
     assert all(f"{k} {v}" in trace for k, v in params.items()), trace

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from interp.runs.store import DB_NAME, SCHEMA_VERSION, Store
+from interp.runs.schema import SCHEMA_VERSION
+from interp.runs.store import DB_NAME, Store
 from tests.tiny import run_cli
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,8 @@ import torch
 
 from interp.errors import UserError
 from interp.model.loading import Placement, parse_device, parse_max_memory
-from interp.runs.store import Store, run_key
+from interp.runs.run_keys import run_key
+from interp.runs.store import Store
 from tests.tiny import run_cli
 
 RUN = ["run", "induction", "--seq-len", "8", "--n-prompts", "4", "--batch-size", "2", "--json"]

@@ -18,7 +18,9 @@ import pytest
 
 from interp.errors import StoreError, UserError
 from interp.runs.registry import UnitResult
-from interp.runs.store import TABLES, Run, Store, code_version, run_key
+from interp.runs.run_keys import code_version, run_key
+from interp.runs.schema import TABLES
+from interp.runs.store import Run, Store
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
