@@ -25,8 +25,9 @@ TESTS = Path(__file__).resolve().parent
 # start clusters or processes.
 SLOW_TIERS = ("integration", "notebooks", "browser", "gpu")
 SLOW_MARKERS = ("dask", "subprocess", "zoo")
-# The tiny family the tight loop keeps: Llama has grouped-query attention, the case most code
-# paths branch on; the other families run in the full suite.
+# The tiny family the tight loop keeps (a test parametrized by family, through the tiny_hf
+# fixture or its own parameter): Llama has grouped-query attention, the case most code paths
+# branch on; the other families run in the full suite.
 LOOP_FAMILY = "llama"
 
 
@@ -36,8 +37,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         path = Path(str(item.path)).resolve()
         tier = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else ""
         callspec = getattr(item, "callspec", None)
-        family = callspec.params.get("tiny_hf", LOOP_FAMILY) if callspec is not None else LOOP_FAMILY
-        if (tier in SLOW_TIERS or family != LOOP_FAMILY
+        params = callspec.params.values() if callspec is not None else ()
+        other_family = any(isinstance(v, str) and v in TINY_FAMILIES and v != LOOP_FAMILY for v in params)
+        if (tier in SLOW_TIERS or other_family
                 or any(item.get_closest_marker(m) is not None for m in SLOW_MARKERS)):
             item.add_marker(pytest.mark.slow)
 

@@ -380,6 +380,7 @@ def test_bad_model_folder_in_the_form(env: dict[str, Any], tmp_path: Path) -> No
     assert not list((env["path"] / "jobs").glob("*.json")) if (env["path"] / "jobs").exists() else True
 
 
+@pytest.mark.subprocess
 def test_form_starts_the_cli_command(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[Path, list[str], str, list[str]]] = []
 
@@ -435,6 +436,7 @@ def _wait(ws: Path, job_id: str, timeout: float = 300) -> jobs.Job:
         time.sleep(0.2)
 
 
+@pytest.mark.subprocess
 def test_job_runs_detached_once_and_reports_errors(tmp_path: Path) -> None:
     Store(tmp_path).close()  # `interp runs` reads an existing store only
     ok, started = jobs.launch(tmp_path, ["runs", "--json"], "list runs")

@@ -21,6 +21,8 @@ from interp.runs.registry import Summary
 from interp.runs.store import Store
 from tests.tiny import run_cli
 
+pytestmark = pytest.mark.slow  # whole atlases on two models; its claims are in the loop (test_atlas_claim_sides)
+
 DETS = "induction,copying,retrieval"
 
 
@@ -83,7 +85,7 @@ def test_atlas_json_has_heads_overlaps_and_claims(first_run: tuple[Path, dict[st
     claims = {c["id"]: c for c in doc["claims"]}
     assert set(claims) == {"retrieval-sparse", "retrieval-masking", "memory-context-late", "ph3-beats-random",
                            "decore-beats-greedy", "mlp-peak-early", "cmr-mid-late", "induction-exists",
-                           "induction-retrieval-overlap"}
+                           "induction-retrieval-overlap", "induction-keys-previous-token"}
     for m in models:
         assert claims["retrieval-sparse"]["models"][m]["verdict"] == NM
         assert claims["memory-context-late"]["models"][m]["verdict"] == NM  # conflict-heads not asked

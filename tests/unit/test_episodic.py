@@ -284,6 +284,7 @@ def _reference_crp(trials: list[list[int]], s0: int, max_lag: int) -> np.ndarray
     return crp / crp.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["sampled", "expected"])
 def test_vectorised_simulation_matches_reference_loop(estimator: str) -> None:
     n_items, max_lag, s0, n_exps = 20, 4, 3, 1000

@@ -311,6 +311,16 @@ def _conflict_heads(tmp: Path, mp: pytest.MonkeyPatch) -> set[str]:
     return set()
 
 
+def _edges(name: str) -> Callable[[Path, pytest.MonkeyPatch], set[str]]:
+    def emitted(tmp: Path, mp: pytest.MonkeyPatch) -> set[str]:
+        # Edge detectors store edges (an artifact) and metrics; no curves table.
+        source = inspect.getsource(inspect.getmodule(all_detectors()[name]))  # type: ignore[arg-type]
+        assert '"curves"' not in source
+        return set()
+
+    return emitted
+
+
 EMITTED: dict[str, Callable[[Path, pytest.MonkeyPatch], set[str]]] = {
     "retrieval": _retrieval,
     "retrieval-masking": _retrieval_masking,
@@ -324,8 +334,10 @@ EMITTED: dict[str, Callable[[Path, pytest.MonkeyPatch], set[str]]] = {
     "ph3": _ph3,
     "decore-eval": _decore_eval,
     "conflict-heads": _conflict_heads,
+    "path-patching": _edges("path-patching"),
+    "circuit": _edges("circuit"),
 }
-WRITES_NO_CURVES = {"causal-trace", "induction", "copying", "conflict-heads"}
+WRITES_NO_CURVES = {"causal-trace", "induction", "copying", "conflict-heads", "path-patching", "circuit"}
 
 
 @pytest.mark.parametrize("name", sorted(all_detectors()))

@@ -17,6 +17,8 @@ from interp.model.loaded import LoadedModel
 from interp.runs.store import Store
 from tests.tiny import loaded
 
+pytestmark = pytest.mark.subprocess
+
 REPO = Path(__file__).resolve().parents[2]
 INTERP = [sys.executable, "-m", "interp.cli"]
 

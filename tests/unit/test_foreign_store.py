@@ -110,6 +110,7 @@ def foreign(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, str]:
     return ws, says
 
 
+@pytest.mark.subprocess
 def test_a_foreign_file_is_refused_by_every_command_and_left_as_it_was(
     foreign: tuple[Path, str], tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

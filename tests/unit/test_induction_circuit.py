@@ -37,6 +37,8 @@ from interp.patching.pairs import pair_runs
 from interp.patching.paths import path_patch
 from tests.tiny import VOCAB, loaded
 
+pytestmark = pytest.mark.slow  # trains a model (seconds); the full suite runs it
+
 LENGTH, PERIODS, STEPS = 26, (6, 13), 400
 
 

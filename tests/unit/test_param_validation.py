@@ -139,6 +139,7 @@ def _assert_rejected(code: int, stderr: str, names: str, workspace: Path | None)
         assert not workspace.exists(), "the store was opened before the parameters were checked"
 
 
+@pytest.mark.slow  # every bad value of every parameter: the full suite (range edges stay in the loop)
 @pytest.mark.parametrize(("detector", "name", "raw"), SWEEP)
 def test_out_of_range_value_fails_before_loading(
     detector: str, name: str, raw: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

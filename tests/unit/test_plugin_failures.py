@@ -18,6 +18,8 @@ import pytest
 
 from interp.runs.store import Store
 
+pytestmark = pytest.mark.subprocess
+
 REPO = Path(__file__).resolve().parents[2]
 ENTRY_POINTS = {
     "raises": "tests.plugins.raises_at_import",

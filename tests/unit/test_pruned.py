@@ -26,6 +26,8 @@ from tests.conftest import TINY_FAMILIES
 from tests.plain_hf_logits import fresh_logits
 from tests.tiny import loaded, tiny_tokenizer
 
+pytestmark = pytest.mark.subprocess
+
 HEADS = [(0, 1), (2, 0), (2, 3)]
 PROMPTS = [[0, 5, 6, 7, 8, 9], [0, *range(40, 60)], [0, 100, 101, 3, 102, 7, 7, 7]]
 TOLERANCE = 1e-5

@@ -78,7 +78,7 @@ def test_conflict_heads_run_gives_its_summary_heads_in_order(stored: dict[str, A
     # The summary's top memory / context heads (its n_top = 3), and every head of each kind.
     memory = interp.heads(stored["ws"], result.run_id, role="memory")
     assert memory.heads[:3] == _labels(summary.metrics["top_memory_heads"])
-    assert memory.heads == [(h["layer"], h["head"]) for h in summary.heads if h["kind"] == "memory"]
+    assert memory.heads == [(h["layer"], h["head"]) for h in summary.heads if h["role"] == "memory"]
     context = interp.heads(stored["ws"], result.run_id, role="context", top=3)
     assert context.heads == _labels(summary.metrics["top_context_heads"])
     # Independently: the detector's own ranking function on the stored pooled path deltas.
