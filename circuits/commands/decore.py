@@ -36,7 +36,7 @@ from interp.options import (
     check_prompts,
 )
 from interp.runs.registry import command
-from interp.runs.runner import find_or_run
+from interp.runs.runner import find_latest, run_detector
 from interp.runs.store import Store
 
 
@@ -72,9 +72,10 @@ def workspace_ranking(
     """Retrieval ranking of ``model`` through a workspace's store (``workspace``: None is
     ./.interp or $INTERP_WORKSPACE, as for every command).
 
-    The finished retrieval run with mode ``mode`` and ``params`` (the detector's defaults for the
-    rest) is reused, else one of the other mode with the same parameters (and it says so), else
-    the detector runs now and is stored, so the next call reuses it (:func:`find_or_run`); where
+    The newest finished retrieval run of ``model`` whose parameters agree with ``params`` (the
+    others free) is reused, of mode ``mode`` if there is one, else of the other mode (and it says
+    so); else the detector runs now with ``params`` (its defaults for the rest) and
+    is stored, so the next call reuses it (:func:`find_latest`, then :func:`run_detector`); where
     the workspace cannot be written it runs in memory (:func:`retrieval_ranking`) and nothing is
     stored. Each step is said on ``log``. The record's ``source`` is "stored run", "computed
     now" or "in memory".
@@ -89,13 +90,13 @@ def workspace_ranking(
             log(f"WARNING {w}")
         return ranking, {"source": "in memory", "run_id": None, "workspace": None, **record}
     ws = store.workspace.resolve()
-    other = "faithful" if mode == "fast" else "fast"
+    wanted = RetrievalDetector().variant(RetrievalDetector.parse_params({"mode": mode}))
     try:
-        wanted = RetrievalDetector().variant(RetrievalDetector.parse_params({"mode": mode}))
-        result = find_or_run(model, RetrievalDetector.name, {"mode": mode, **(params or {})}, store,
-                             accept=[{"mode": other, **(params or {})}],
-                             before_run=lambda: log(f"no finished retrieval run of {model.name} with this prompt "
-                                                    f"prefix in {ws}; computing one ({wanted}) and storing it there"))
+        result = find_latest(model, RetrievalDetector.name, store, where=params, prefer={"mode": mode})
+        if result is None:
+            log(f"no finished retrieval run of {model.name} with this prompt prefix in {ws}; computing one "
+                f"({wanted}) and storing it there")
+            result = run_detector(model, RetrievalDetector.name, {"mode": mode, **(params or {})}, store)
         summary = result.summary
         if not summary.heads:
             raise UserError(f"retrieval ranking ({summary.variant}, run {result.run_id} in {ws}) is empty: no "

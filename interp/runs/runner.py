@@ -8,9 +8,10 @@ skips the committed units.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,6 +137,44 @@ def find_run(model: LoadedModel, detector_name: str, raw_params: Mapping[str, An
                      seconds=time.perf_counter() - t0, reused=True)
 
 
+def find_latest(
+    model: LoadedModel,
+    detector_name: str,
+    store: Store,
+    where: Mapping[str, Any] | None = None,
+    prefer: Mapping[str, Any] | None = None,
+) -> RunResult | None:
+    """The newest finished run of this detector on ``model`` in ``store`` whose parameters agree
+    with ``where`` (the others free), preferring one that also agrees with ``prefer``; its summary
+    re-made from the stored units (:func:`find_run`); None when there is none.
+
+    A stored run is this model's when its key is the key this model (weights, prompt prefix,
+    dtype) gives the run's own parameters today, so a run of other weights or another prefix
+    never counts, and neither does one whose parameters no longer parse."""
+    detector = get_detector(detector_name)
+
+    def given(values: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {k: v for k, v in detector.parse_params(values or {}).to_dict().items() if k in (values or {})}
+
+    want, better = given(where), given(prefer)
+    runs = store.runs()
+    fallback: dict[str, Any] | None = None
+    for row in runs[(runs["detector"] == detector_name) & (runs["status"] == "done")].to_dict("records"):
+        params = json.loads(str(row["params_json"])) if row["params_json"] else {}
+        if any(params.get(k) != v for k, v in want.items()):
+            continue
+        try:
+            cfg = detector.parse_params(params)
+        except UserError:
+            continue
+        if run_key_of(model, detector, cfg) != row["key"]:
+            continue
+        if all(params.get(k) == v for k, v in better.items()):
+            return find_run(model, detector_name, params, store)
+        fallback = fallback or params
+    return None if fallback is None else find_run(model, detector_name, fallback, store)
+
+
 def find_or_run(
     model: LoadedModel,
     detector_name: str,
@@ -145,19 +184,15 @@ def find_or_run(
     accept: Sequence[Mapping[str, Any]] = (),
     progress: bool = True,
     executor: Executor | None = None,
-    before_run: Callable[[], None] | None = None,
 ) -> RunResult:
     """The finished run of this detector with ``raw_params`` on ``model`` (:func:`find_run`),
     else the first finished run with one of the parameter sets in ``accept`` (alternatives the
     caller takes as well, in order of preference), else a run now (resumed where one was
-    interrupted), stored. The result says which (``reused``, ``run_id``); ``before_run`` is
-    called before a run starts (to say that it will)."""
+    interrupted), stored. The result says which (``reused``, ``run_id``)."""
     for params in (raw_params, *accept):
         found = find_run(model, detector_name, params, store)
         if found is not None:
             return found
-    if before_run is not None:
-        before_run()
     return run_detector(model, detector_name, raw_params, store, progress=progress, executor=executor)
 
 

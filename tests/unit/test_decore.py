@@ -304,6 +304,15 @@ def test_workspace_ranking_finds_or_runs_the_retrieval_run(tiny_llama_hf, tmp_pa
                             prefix=choose_prefix(model.tokenizer, model.hf.config, "none"))
     assert no_prefix.prefix.to_dict() != model.prefix.to_dict()
     assert workspace_ranking(no_prefix, "fast", ws, params, log=lines.append)[1]["source"] == "computed now"
+    # Parameters not given are free: the newest finished run of this model and prefix (rec4's,
+    # n_depths=1) is taken, not a new run with the detector's defaults; one given must agree.
+    with Store(ws) as store:
+        n_runs = len(store.runs())
+    assert workspace_ranking(model, "fast", ws, None, log=lines.append)[1]["run_id"] == rec4["run_id"]
+    assert workspace_ranking(model, "fast", ws, {"n_depths": GRID["n_depths"]},
+                             log=lines.append)[1]["run_id"] == fast_id
+    with Store(ws) as store:
+        assert len(store.runs()) == n_runs
 
 
 def test_ranking_params_are_checked() -> None:
