@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -51,113 +51,62 @@ def tiny_tokenizer(
     return out
 
 
-def tiny_llama(seed: int = 0, n_layers: int = 3) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
-    model = LlamaForCausalLM(cfg)
-    # Random init is near-uniform attention; larger weights make heads differ, so tests bite.
+# What every tiny model shares: the vocabulary, positions, special ids and eager attention (the
+# workbench's hooks need it); the Llama-like families also share their width and head count.
+_COMMON: dict[str, Any] = {"vocab_size": VOCAB, "max_position_embeddings": 256, "bos_token_id": 0, "eos_token_id": 1,
+                           "attn_implementation": "eager"}
+_LLAMA_LIKE: dict[str, Any] = {**_COMMON, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                               "pad_token_id": 2, "tie_word_embeddings": False}
+
+
+def _sharpened(model: torch.nn.Module, scaled: Callable[[str], bool],
+               redrawn: Callable[[str], bool] = lambda name: False) -> torch.nn.Module:
+    """Random init is near-uniform attention; larger weights make heads differ, so tests bite:
+    the ``scaled`` parameters times 3. The ``redrawn`` ones (initialised at zero by HF, where
+    a dropped term would not show) get N(0, 0.5) values."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "proj" in name:
+            if scaled(name):
                 p.mul_(3.0)
+            elif redrawn(name):
+                p.normal_(0.0, 0.5)
     return model.eval()
+
+
+def tiny_llama(seed: int = 0, n_layers: int = 3) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**_LLAMA_LIKE, num_hidden_layers=n_layers, num_key_value_heads=2, head_dim=16)
+    return cast(LlamaForCausalLM, _sharpened(LlamaForCausalLM(cfg), lambda name: "proj" in name))
 
 
 def tiny_gpt2(seed: int = 0, n_layers: int = 3) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=64,
-        n_layer=n_layers,
-        n_head=4,
-        n_positions=256,
-        bos_token_id=0,
-        eos_token_id=1,
-        attn_implementation="eager",
-    )
-    model = GPT2LMHeadModel(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "c_attn" in name or "c_proj" in name:
-                p.mul_(3.0)
-    return model.eval()
+    cfg = GPT2Config(**_COMMON, n_embd=64, n_layer=n_layers, n_head=4, n_positions=256)
+    return cast(GPT2LMHeadModel, _sharpened(GPT2LMHeadModel(cfg), lambda name: "c_attn" in name or "c_proj" in name))
 
 
 def tiny_gemma3(seed: int = 0, n_layers: int = 4) -> Gemma3ForCausalLM:
     """Gemma 3 in miniature: sliding-window layers (window 4) and a global one every second
     layer, one kv head, QK-norm, embeddings scaled by sqrt(d_model), RMSNorm as x * (1 + w) and
-    the extra post-attention / pre- and post-feedforward norms."""
+    the extra post-attention / pre- and post-feedforward norms. Its norms are redrawn: Gemma
+    initialises them at w = 0, where x * w and x * (1 + w) differ only by the identity."""
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        max_position_embeddings=256,
+        **_LLAMA_LIKE, num_hidden_layers=n_layers, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
         sliding_window=4,
         layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
     )
-    model = Gemma3ForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "proj" in name:
-                p.mul_(3.0)
-            elif "norm" in name:
-                # Gemma initialises its norms at w = 0, where x * w and x * (1 + w) differ
-                # only by the identity; random w makes a missing offset show.
-                p.normal_(0.0, 0.5)
-    return model.eval()
+    model = _sharpened(Gemma3ForCausalLM(cfg), lambda name: "proj" in name, lambda name: "norm" in name)
+    return cast(Gemma3ForCausalLM, model)
 
 
 def tiny_qwen2(seed: int = 0, n_layers: int = 3) -> Qwen2ForCausalLM:
-    """Qwen2 in miniature: 4 query heads on 2 kv heads, with q/k/v biases (non-zero)."""
+    """Qwen2 in miniature: 4 query heads on 2 kv heads, with q/k/v biases (redrawn: HF
+    initialises them at zero, and a zero bias cannot be dropped visibly)."""
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
-    model = Qwen2ForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "proj.weight" in name:
-                p.mul_(3.0)
-            elif "proj.bias" in name:
-                # HF initialises biases at zero; a bias that is zero cannot be dropped visibly.
-                p.normal_(0.0, 0.5)
-    return model.eval()
+    cfg = Qwen2Config(**_LLAMA_LIKE, num_hidden_layers=n_layers, num_key_value_heads=2)
+    model = _sharpened(Qwen2ForCausalLM(cfg), lambda name: "proj.weight" in name, lambda name: "proj.bias" in name)
+    return cast(Qwen2ForCausalLM, model)
 
 
 def loaded(hf: torch.nn.Module, backend: str = "bridge") -> LoadedModel:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from circuits.detectors.ph3 import greedy_generate, prune
+from circuits.detectors.ph3 import greedy_continuation, prune
 from circuits.methods.heads import check_heads, head_label, parse_heads
 from interp.errors import UserError
 from interp.model.load import load_spec
@@ -71,9 +71,9 @@ def prune_command(
     if run is not None:
         ranked = interp.heads(workspace, run, top=top, role=role, model=loaded)
     hs = check_heads(ranked.heads, loaded) if ranked is not None else parse_heads(heads, loaded)
-    unpruned = greedy_generate(loaded, prompt, max_new_tokens)
+    unpruned = greedy_continuation(loaded, prompt, max_new_tokens)
     with prune(loaded, hs):
-        pruned = greedy_generate(loaded, prompt, max_new_tokens)
+        pruned = greedy_continuation(loaded, prompt, max_new_tokens)
     saved = _save(loaded, ranked if ranked is not None else hs, save, overwrite)
     labels = [head_label(*h) for h in hs]
     if as_json:

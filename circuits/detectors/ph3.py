@@ -93,7 +93,7 @@ def prune(model: LoadedModel, heads: Sequence[Head]) -> Iterator[LoadedModel]:
             h.remove()
 
 
-def greedy_generate(
+def greedy_continuation(
     model: LoadedModel, prompt: str, max_new_tokens: int = 20, interventions: Sequence[Intervention] = ()
 ) -> str:
     """Greedy continuation of ``prompt`` (after the prompt prefix) until EOS (not included) or
@@ -133,8 +133,8 @@ def compare_generations(
         "heads": [head_label(la, h) for la, h in heads],
         "factor": float(factor),
         "variant": "prune (zero ablation)" if float(factor) == 0.0 else f"scale values x{float(factor):g}",
-        "unmodified": greedy_generate(model, prompt, max_new_tokens),
-        "modified": greedy_generate(model, prompt, max_new_tokens, head_interventions(heads, factor)),
+        "unmodified": greedy_continuation(model, prompt, max_new_tokens),
+        "modified": greedy_continuation(model, prompt, max_new_tokens, head_interventions(heads, factor)),
     }
 
 

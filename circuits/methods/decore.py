@@ -59,6 +59,7 @@ from circuits.methods.sampling import Sampling
 from interp.errors import UserError
 from interp.model.backends import RunOutput
 from interp.model.interventions import Intervention, ablate_heads
+from interp.model.layout import Head
 from interp.model.loaded import LoadedModel
 
 if TYPE_CHECKING:
@@ -67,7 +68,6 @@ if TYPE_CHECKING:
 Alpha = float | Literal["entropy"]
 Method = Literal["uniform", "zero"]
 Prefill = Literal["masked", "shared"]
-Head = tuple[int, int]
 VANILLA_ALPHA = 0.5
 
 

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from interp.errors import UserError
+from interp.model.layout import Head
 
 if TYPE_CHECKING:
     from interp.model.loaded import LoadedModel
     from interp.runs.registry import Summary
 
-Head = tuple[int, int]
 _HEAD = re.compile(r"(\d+)\.(\d+)|L(\d+)H(\d+)", re.IGNORECASE)
 
 

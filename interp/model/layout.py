@@ -20,6 +20,9 @@ import torch
 
 from interp.errors import UserError
 
+Head = tuple[int, int]
+"""A query head: (its layer, its index among the layer's query heads)."""
+
 
 @dataclass(frozen=True)
 class ModelInfo:

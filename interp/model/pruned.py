@@ -45,13 +45,12 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 from interp.errors import UserError
-from interp.model.layout import Layout, ModelInfo, layout_of, resolve, tensor_of, unwrap
+from interp.model.layout import Head, Layout, ModelInfo, layout_of, resolve, tensor_of, unwrap
 from interp.model.loaded import LoadedModel
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-Head = tuple[int, int]
 RECORD_NAME = "interp_pruning.json"
 METHODS_REFUSED = {
     "mean": "mean ablation adds W_O[:, h] m_h (a reference run's mean m_h) to the output: a bias that "

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 from interp.errors import UserError
+from interp.model.layout import Head
 from interp.model.prefix import describe_stored
 
 if TYPE_CHECKING:
     from interp.model.loaded import LoadedModel
 
-Head = tuple[int, int]
 
 
 @dataclass(frozen=True)

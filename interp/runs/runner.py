@@ -159,7 +159,7 @@ def find_latest(
     want, better = given(where), given(prefer)
     runs = store.runs()
     fallback: dict[str, Any] | None = None
-    for row in runs[(runs["detector"] == detector_name) & (runs["status"] == "done")].to_dict("records"):
+    for row in pd.DataFrame(runs[(runs["detector"] == detector_name) & (runs["status"] == "done")]).to_dict("records"):
         params = json.loads(str(row["params_json"])) if row["params_json"] else {}
         if any(params.get(k) != v for k, v in want.items()):
             continue

@@ -168,8 +168,8 @@ def test_prune_cli_prints_both_generations(smol: LoadedModel) -> None:
         main(["prune", "--heads", "24.4,29.0", "--prompt", "The capital of France is", "--max-new-tokens", "3", "--json"])
     out = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert out["heads"] == ["L24H4", "L29H0"]
-    assert out["unpruned"] == ph3.greedy_generate(smol, "The capital of France is", 3)
+    assert out["unpruned"] == ph3.greedy_continuation(smol, "The capital of France is", 3)
     with ph3.prune(smol, [(24, 4), (29, 0)]):
-        assert out["pruned"] == ph3.greedy_generate(smol, "The capital of France is", 3)
+        assert out["pruned"] == ph3.greedy_continuation(smol, "The capital of France is", 3)
     with pytest.raises(SystemExit):
         main(["prune", "--heads", "99.0", "--prompt", "x"])

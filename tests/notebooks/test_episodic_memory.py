@@ -5,7 +5,7 @@ import pytest
 from tests.nbrun import run_notebook
 
 
-@pytest.mark.notebook
+@pytest.mark.notebooks
 def test_episodic_memory_notebook_runs() -> None:
     nb = run_notebook("episodic_memory.ipynb")
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]

@@ -8,7 +8,7 @@ import pytest
 
 from tests.nbrun import run_notebook
 
-pytestmark = pytest.mark.notebook
+pytestmark = pytest.mark.notebooks
 
 
 def test_factual_recall_notebook_runs() -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from tests.nbrun import run_notebook
 
-pytestmark = pytest.mark.notebook
+pytestmark = pytest.mark.notebooks
 
 
 def test_knowledge_conflicts_notebook_runs() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from tests.nbrun import run_notebook
 
-pytestmark = pytest.mark.notebook
+pytestmark = pytest.mark.notebooks
 
 
 def test_retrieval_heads_notebook() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from tests.nbrun import run_notebook
 
-pytestmark = pytest.mark.notebook
+pytestmark = pytest.mark.notebooks
 
 
 def test_scripted_pruning_notebook_runs() -> None:

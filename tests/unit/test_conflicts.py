@@ -549,15 +549,15 @@ def test_prune_is_ablate_heads_zero(tiny_hf: Any, backend: str) -> None:
     want = model.run(ids, interventions=ivs).logits
     with ph3.prune(model, heads):
         got = model.run(ids).logits
-        text = ph3.greedy_generate(model, "w5 w6 w7", 6)
+        text = ph3.greedy_continuation(model, "w5 w6 w7", 6)
     assert torch.equal(got, want)
-    assert text == ph3.greedy_generate(model, "w5 w6 w7", 6, ivs)
+    assert text == ph3.greedy_continuation(model, "w5 w6 w7", 6, ivs)
 
 
 def test_greedy_generate_matches_hf_argmax(tiny_llama_hf: Any) -> None:
     model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
     ref = copy.deepcopy(tiny_llama_hf)
-    text = ph3.greedy_generate(model, "w5 w6", max_new_tokens=4)
+    text = ph3.greedy_continuation(model, "w5 w6", max_new_tokens=4)
     ids = _ids(model, "w5 w6")
     for _ in range(4):
         with torch.no_grad():
@@ -600,7 +600,7 @@ def test_pruned_greedy_generate_matches_hf_with_zeroed_heads(tiny_llama_hf: Any,
         for h in handles:
             h.remove()
     with ph3.prune(model, heads):
-        text = ph3.greedy_generate(model, "w5 w6 w7", max_new_tokens=6)
+        text = ph3.greedy_continuation(model, "w5 w6 w7", max_new_tokens=6)
     assert text == model.tokenizer.decode(ids[0, n0:].tolist())
 
 
