@@ -47,6 +47,19 @@ class ModelInfo:
         """Query heads per kv head (1 without grouped-query attention)."""
         return self.n_heads // self.n_kv_heads
 
+    def check_head(self, layer: int, head: int, name: str) -> None:
+        """A one-line error unless (layer, head) is a query head of this shape (``name``: the
+        model's, for the message)."""
+        if not 0 <= layer < self.n_layers:
+            raise UserError(f"layer {layer} out of range: {name} has layers 0..{self.n_layers - 1}")
+        if not 0 <= head < self.n_heads:
+            raise UserError(f"head {head} out of range: {name} has heads 0..{self.n_heads - 1}")
+
+    def check_length(self, n_tokens: int, name: str) -> None:
+        """A one-line error when ``n_tokens`` exceed the model's positions."""
+        if n_tokens > self.max_positions:
+            raise UserError(f"prompt of {n_tokens} tokens is longer than {name}'s context of {self.max_positions}")
+
     @classmethod
     def from_config(cls, config: Any) -> ModelInfo:
         text = getattr(config, "text_config", None) or config

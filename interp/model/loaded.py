@@ -109,16 +109,10 @@ class LoadedModel:
         return self._layout
 
     def check_head(self, layer: int, head: int) -> None:
-        if not 0 <= layer < self.info.n_layers:
-            raise UserError(f"layer {layer} out of range: {self.name} has layers 0..{self.info.n_layers - 1}")
-        if not 0 <= head < self.info.n_heads:
-            raise UserError(f"head {head} out of range: {self.name} has heads 0..{self.info.n_heads - 1}")
+        self.info.check_head(layer, head, self.name)
 
     def check_length(self, n_tokens: int) -> None:
-        if n_tokens > self.info.max_positions:
-            raise UserError(
-                f"prompt of {n_tokens} tokens is longer than {self.name}'s context of {self.info.max_positions}"
-            )
+        self.info.check_length(n_tokens, self.name)
 
     def to_tokens(self, text: str | list[str], prefix: bool = True) -> torch.Tensor:
         """Tokenise one raw text (or several of equal token length), after the prompt prefix
