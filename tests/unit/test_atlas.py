@@ -491,6 +491,34 @@ def test_dashboard_atlas_page_links_claims_to_runs_and_places_heads_by_depth(
     assert list(zip(_values(fig["data"][0]["y"]), _values(fig["data"][0]["x"]), strict=True)) == expected
 
 
+def test_atlas_runs_are_on_no_run_page_and_home_lists_them(
+    first_run: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An atlas run has no registered detector: its settings' output keeps it off the pages of
+    detector runs (an unknown output would land on Head maps), and Home lists it without error."""
+    from streamlit.testing.v1 import AppTest
+
+    ws, doc = first_run
+    with Store(ws) as s:
+        runs = s.runs()
+    atlas_ids = {int(i) for i in runs.loc[runs["detector"] == "atlas", "id"]}
+    head_runs = {r["run_id"] for per in doc["runs"].values() for r in per.values() if "run_id" in r}
+    monkeypatch.setenv("INTERP_WORKSPACE", str(ws))
+    app = PAGE.parents[1]
+    for page, key in (("pages/1_Head_maps.py", "hm-run"), ("pages/2_Causal_tracing.py", "ct-run"),
+                      ("pages/3_Conflicts.py", "cf-run"), ("Home.py", "home-run")):
+        at = AppTest.from_file(str(app / page), default_timeout=120).run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        boxes = [b for b in at.selectbox if b.key == key]
+        listed = {int(str(o).split()[0].removeprefix("#")) for o in boxes[0].options} if boxes else set()
+        if page == "Home.py":
+            assert atlas_ids | head_runs <= listed
+        else:
+            assert not listed & atlas_ids, page
+            if page == "pages/1_Head_maps.py":
+                assert listed == head_runs  # induction and copying on both models
+
+
 def _values(v: Any) -> list[Any]:
     """A plotly array as a list (numpy arrays are serialised as base64 "bdata")."""
     import base64
