@@ -1,10 +1,10 @@
 """Atlas: what ``interp atlas`` found across models. The papers' claims x models, each cell a
 link to the run behind it, and each detector's top heads of every model on one relative-depth
-axis. It reads the workspace's ``atlas.json`` (written by the last ``interp atlas``)."""
+axis. It reads the newest finished atlas run of the workspace's store (its claims and document,
+:mod:`circuits.atlas.stored`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,26 +13,36 @@ import streamlit as st
 
 from app import dashboard as dash
 from app.routing import UNKNOWN, declared_routes, run_url
+from circuits.atlas.stored import latest_atlas
 from interp import figures
+from interp.errors import UserError
 
 VERDICT_WORD = {"holds": "yes", "does not hold": "no", "not measurable": "n.m."}
 
 dash.setup("atlas")
 st.title("Atlas")
-path = dash.workspace() / "atlas.json"
-if not path.is_file():
-    st.info(f"no atlas in this workspace yet: run `interp atlas -w {dash.workspace()}` (see `interp atlas --help`)")
+NONE_YET = f"no atlas in this workspace yet: run `interp atlas -w {dash.workspace()}` (see `interp atlas --help`)"
+if not dash.has_store():
+    st.info(NONE_YET)
+    st.stop()
+store = dash.store()  # an error on the page when the store cannot be opened
+if store is None:
     st.stop()
 try:
-    atlas: dict[str, Any] = json.loads(path.read_text())
-except (OSError, json.JSONDecodeError) as exc:
-    st.error(f"cannot read {path}: {exc}")
+    found = latest_atlas(store)
+except UserError as exc:
+    st.error(str(exc))
     st.stop()
+if found is None:
+    st.info(NONE_YET)
+    st.stop()
+atlas: dict[str, Any] = {**found.document, "claims": found.claims}
 
 models = list(atlas["models"])
 labels = {m: str(atlas["models"][m].get("label") or Path(m).name) for m in models}
 routes = declared_routes()
-st.caption(f"{len(models)} models · top-{atlas['top']} head sets · written by `interp atlas` to {path}")
+st.caption(f"{len(models)} models · top-{atlas['top']} head sets · atlas run #{found.run_id} of "
+           f"`interp atlas`, {found.created_at[:19].replace('T', ' ')} UTC")
 
 
 def cell(claim: dict[str, Any], model: str) -> str:

@@ -1,7 +1,9 @@
 """``interp atlas``: the memory heads of several models side by side, and the papers' claims.
 
 Every (model, detector) pair is run with the detector's scan parameters through one results
-store, so a rerun reuses finished runs and resumes unfinished ones. The summary (a pure function
+store, so a rerun reuses finished runs and resumes unfinished ones. The atlas itself is a run
+of that store too (:mod:`circuits.atlas.stored`: its claims and document, which the dashboard's
+Atlas page reads), a new one per call. The summary (a pure function
 of the runs' :class:`~interp.runs.registry.Summary` objects, :func:`summarize`) places each top head
 at its relative depth (layer / n_layers), measures how far the top-k head sets of different
 detectors overlap (Jaccard), and checks ten published claims per model (:data:`CLAIMS`):
@@ -20,7 +22,6 @@ stated with the claim (5 %, relative depth 0.5, "more than random"); none is fit
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 import textwrap
@@ -34,6 +35,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from circuits.atlas import stored
 from circuits.atlas.claims import FAILS, HOLDS, NM, ModelResults, _scored, summarize
 from interp.console import err, out
 from interp.errors import UserError
@@ -258,20 +260,6 @@ def model_cost(runs: Mapping[str, Mapping[str, Any]], load_s: float, wall_s: flo
             "peak_rss_mb": round(peak_mb), "runs_computed": sum(bool(r.get("units_computed")) for r in runs.values())}
 
 
-def write_atlas(ws: Path, doc: Mapping[str, Any]) -> Path:
-    """The atlas as ``atlas.json`` in the workspace, for the dashboard; written whole or not at all."""
-    path = ws / "atlas.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, default=_plain, indent=1))
-    tmp.replace(path)
-    return path
-
-
-def _plain(o: Any) -> Any:
-    # numpy scalars (metrics) as plain numbers, as the other commands' --json writes them.
-    return o.item() if hasattr(o, "item") else str(o)
-
-
 # ------------------------------------------------------------------------------ printing
 
 
@@ -418,23 +406,29 @@ def atlas(
     specs = {n: ModelOptions(n, "bridge", prefix, device, dtype, device_map, max_memory).check() for n in names}
     (cluster := ClusterOptions(workers, scheduler)).check(list(specs.values()))
     store = Store(workspace)
-    results, runs, info = _run_models(specs, dets, store, fresh, cluster)
-    summary = summarize(results, dets, top)
-    labels = _labels(names)
-    for name in names:
-        summary["models"][name].update(label=labels[name], **info[name])
-    ws = store.workspace.resolve()
-    doc = {"workspace": str(ws), **summary, "runs": runs,
-           "params": {d: atlas_params(d) for d in dets}}
-    path = write_atlas(ws, doc)
+    default = [d for d in DEFAULT_DETECTORS if d in all_detectors()]
+    # The atlas's own run, open while its detectors run: a Ctrl-C or a crash leaves it
+    # interrupted or failed, never finished without its claims.
+    run = stored.start_atlas(store, names, dets, default, top=top, prefix=prefix, dtype=dtype, resume=not fresh)
+    with run.guard():
+        results, runs, info = _run_models(specs, dets, store, fresh, cluster)
+        summary = summarize(results, dets, top)
+        labels = _labels(names)
+        for name in names:
+            summary["models"][name].update(label=labels[name], **info[name])
+        ws = store.workspace.resolve()
+        doc = {"workspace": str(ws), **summary, "runs": runs,
+               "params": {d: atlas_params(d) for d in dets}}
+        stored.finish_atlas(run, doc)
     if as_json:
-        sys.stdout.write(json.dumps(doc, default=_plain) + "\n")
+        sys.stdout.write(stored.to_json(doc) + "\n")
         sys.stdout.flush()
     if not as_json:
         print_atlas(summary, labels)
         _print_overlaps(summary, labels)
         _print_costs(summary, labels)
-        err.print(f"[dim]results: {ws}; atlas: {path} (dashboard: interp app -w {ws})[/dim]", highlight=False)
+        err.print(f"[dim]results: {ws}; atlas: run {run.id} (dashboard: interp app -w {ws}, Atlas)[/dim]",
+                  highlight=False)
     failed = [f"{det} on {labels[m]}" for m, per in runs.items() for det, r in per.items() if "failed" in r]
     if failed:
         raise UserError(f"{len(failed)} run(s) failed ({', '.join(failed)}); rerun the same command to resume them")

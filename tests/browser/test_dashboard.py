@@ -447,12 +447,12 @@ def test_the_first_scan_from_a_new_workspace(fresh_server: tuple[str, Path], pag
 
 
 def test_atlas_cell_opens_the_run_behind_it(server: str, workspace: tuple[Path, int], page: Any) -> None:
-    """The Atlas page in a browser: an atlas.json whose induction claim points at the workspace's
+    """The Atlas page in a browser: a stored atlas run whose induction claim points at the workspace's
     induction run (its summary the stored run's own, re-finalized); clicking that cell opens the
     Head maps page on that run."""
     import interp
     from circuits.atlas.claims import ModelResults, summarize
-    from circuits.atlas.workflow import write_atlas
+    from circuits.atlas.stored import finish_atlas, start_atlas
     from interp.runs.registry import get_detector
     from interp.runs.runner import finalized, unit_rows
     from interp.runs.schema import TABLES
@@ -471,15 +471,19 @@ def test_atlas_cell_opens_the_run_behind_it(server: str, workspace: tuple[Path, 
     doc = {**summarize({"smollm2-135m": res}, ["induction"], 5),
            "runs": {"smollm2-135m": {"induction": {"run_id": run_id}}}}
     doc["models"]["smollm2-135m"]["label"] = "smollm2-135m"
-    path = write_atlas(ws, doc)
+    with Store(ws) as store:
+        atlas_run = start_atlas(store, ["smollm2-135m"], ["induction"], ["induction"], top=5, prefix="auto",
+                                dtype="float32", resume=False)
+        finish_atlas(atlas_run, doc)
     try:
         page.goto(f"{server}/Atlas")
         _settle(page)
         page.wait_for_selector(".js-plotly-plot .main-svg")  # the induction heads by relative depth
         _no_exception(page, "Atlas")
-        # Two claims come from the induction run: "induction exists" and the induction/retrieval overlap.
+        # Three claims come from the induction run first: "induction exists", its keys from
+        # previous-token heads and the induction/retrieval overlap.
         link = page.locator(f'a[href$="Head_maps?run={run_id}"]')
-        assert link.count() == 2
+        assert link.count() == 3
         # Streamlit opens markdown links in a new tab.
         with page.context.expect_page() as opened:
             link.first.click()
@@ -490,4 +494,5 @@ def test_atlas_cell_opens_the_run_behind_it(server: str, workspace: tuple[Path, 
         assert "top heads by induction" in _no_exception(run_page, "Head maps from the atlas")
         run_page.close()
     finally:
-        path.unlink()
+        with Store(ws) as store:
+            store.delete_run(atlas_run.id)

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from circuits.atlas.claims import FAILS, HOLDS, NM, ModelResults, jaccard, summarize, top_sets
+from circuits.atlas.claims import CLAIMS, FAILS, HOLDS, NM, ModelResults, jaccard, summarize, top_sets
+from circuits.atlas.stored import latest_atlas
 from interp.runs.registry import Summary
 from interp.runs.store import Store
 from tests.tiny import run_cli
@@ -24,6 +25,7 @@ from tests.tiny import run_cli
 pytestmark = pytest.mark.slow  # whole atlases on two models; its claims are in the loop (test_atlas_claim_sides)
 
 DETS = "induction,copying,retrieval"
+PAGE = Path(__file__).resolve().parents[2] / "app" / "pages" / "5_Atlas.py"
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +57,50 @@ def test_atlas_stores_one_run_per_model_and_detector(first_run: tuple[Path, dict
     with Store(ws) as s:
         runs = s.runs()
     done = runs[runs["status"] == "done"]
-    assert sorted(done["detector"]) == ["copying", "copying", "induction", "induction"]
-    assert len(set(done["model"])) == 2
+    assert sorted(done["detector"]) == ["atlas", "copying", "copying", "induction", "induction"]
+    assert len(set(done.loc[done["detector"] != "atlas", "model"])) == 2
     # retrieval refuses the tiny models before a run is opened: not measurable, the atlas goes on.
     assert "retrieval" not in set(runs["detector"])
     for m in map(str, folders):
         assert doc["runs"][m]["induction"]["units_computed"] > 0
         assert doc["runs"][m]["retrieval"]["not_measurable"]
+
+
+def test_atlas_is_a_stored_run_whose_claims_equal_the_json_ones(
+    first_run: tuple[Path, dict[str, Any]], folders: list[Path]
+) -> None:
+    """The atlas's result is one finished run of the store (no atlas.json): its claim rows are
+    the claims --json printed, value by value, in order, and its document is the whole of it."""
+    ws, doc = first_run
+    assert not list(ws.rglob("atlas.json"))
+    with Store(ws) as s:
+        runs = s.runs()
+        atlas = runs[runs["detector"] == "atlas"]
+        assert len(atlas) == 1
+        row = atlas.iloc[0]
+        assert row["status"] == "done"
+        assert row["model"] == ",".join(map(str, folders))
+        assert row["variant"] == DETS
+        assert json.loads(str(row["params_json"])) == {
+            "models": list(map(str, folders)), "detectors": DETS.split(","), "top": 3, "prefix": "auto"}
+        # Every detector run the document points at is a run of this store.
+        assert {r["run_id"] for per in doc["runs"].values() for r in per.values() if "run_id" in r} == set(
+            runs.loc[runs["detector"] != "atlas", "id"])
+        found = latest_atlas(s)
+        arts = s.run(int(row["id"])).to_frame("artifacts")
+    assert found is not None
+    assert found.run_id == int(row["id"])
+    assert found.claims == doc["claims"]
+    assert [c["id"] for c in found.claims] == [c.id for c in CLAIMS]
+    for stored_claim, printed in zip(found.claims, doc["claims"], strict=True):
+        for m in doc["models"]:
+            for field in ("verdict", "value", "detail"):
+                assert stored_claim["models"][m][field] == printed["models"][m][field]
+    assert found.document == doc
+    # One artifact row per claim and one document, all in the final unit; the settings route it.
+    final = arts[arts["unit"] == "final"]
+    assert list(final["name"]) == ["claim"] * len(CLAIMS) + ["atlas"]
+    assert set(arts["unit"]) == {"final", "settings"}
 
 
 def test_atlas_json_has_heads_overlaps_and_claims(first_run: tuple[Path, dict[str, Any]], folders: list[Path]) -> None:
@@ -100,11 +139,19 @@ def test_atlas_rerun_computes_nothing_and_tables_fit_80_columns(
 ) -> None:
     ws, _ = first_run
     with Store(ws) as s:
-        before = len(s.runs())
+        before = s.runs()
     code, out, err = run_cli(capsys, _atlas(folders, ws))
     assert code == 0, err
     with Store(ws) as s:
-        assert len(s.runs()) == before  # finished runs reused, not rerun
+        after = s.runs()
+        newest = latest_atlas(s)
+    # Finished detector runs reused, not rerun; the atlas itself is a new run of this call.
+    assert list(after.loc[after["detector"] != "atlas", "id"]) == list(before.loc[before["detector"] != "atlas", "id"])
+    atlas_ids = list(after.loc[after["detector"] == "atlas", "id"])
+    assert len(atlas_ids) == len(before[before["detector"] == "atlas"]) + 1
+    assert newest is not None
+    assert newest.run_id == max(atlas_ids)
+    assert f"atlas: run {newest.run_id}" in err
     lines = out.splitlines()
     assert max(map(len, lines)) <= 80, max(lines, key=len)
     assert any("induction exists" in ln and ln.count(" no ") == 2 for ln in lines), out
@@ -348,7 +395,57 @@ def test_a_failing_detector_does_not_stop_the_atlas_and_an_interrupted_one_resum
     assert run["units_computed"] > 0
     assert json.loads(out)["runs"][str(folders[0])]["copying"]["units_computed"] == 0
     with Store(ws) as s:
-        assert list(s.runs()["status"]) == ["done", "done"]
+        runs = s.runs()
+    assert list(runs["status"]) == ["done"] * 4
+    # Three calls, one finished atlas each but the interrupted one, which the third resumed.
+    assert sorted(runs["detector"]) == ["atlas", "atlas", "copying", "induction"]
+
+
+def test_an_interrupted_atlas_leaves_no_finished_atlas_run_and_the_rerun_finishes_it(
+    folders: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after the detector runs, while the claims are being made: the atlas run is stored
+    as interrupted with neither claims nor document, no atlas is found, the Atlas page says how
+    to fill it; the rerun resumes that atlas run (detector runs reused) and finishes it."""
+    from streamlit.testing.v1 import AppTest
+
+    from circuits.atlas import workflow
+
+    ws = tmp_path / "ws"
+    args = ["atlas", "--models", str(folders[0]), "-d", "induction", "-w", str(ws), "--json"]
+
+    def interrupted(*_: Any) -> Any:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(workflow, "summarize", interrupted)
+        code, out, _ = run_cli(capsys, args)
+    assert code == 130
+    assert out == ""
+    with Store(ws) as s:
+        runs = s.runs().set_index("detector")
+        assert runs.loc["induction", "status"] == "done"
+        assert runs.loc["atlas", "status"] == "interrupted"
+        atlas_id = int(runs.loc["atlas", "id"])
+        assert s.run(atlas_id).done_units() == {"settings"}
+        assert latest_atlas(s) is None
+    assert not list(ws.rglob("atlas.json"))
+    monkeypatch.setenv("INTERP_WORKSPACE", str(ws))
+    at = AppTest.from_file(str(PAGE), default_timeout=120).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any(f"interp atlas -w {ws.resolve()}" in i.value for i in at.info)
+
+    code, out, err = run_cli(capsys, args)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["runs"][str(folders[0])]["induction"]["units_computed"] == 0
+    with Store(ws) as s:
+        runs = s.runs()
+        found = latest_atlas(s)
+    assert list(runs["status"]) == ["done", "done"]
+    assert found is not None
+    assert found.run_id == atlas_id
+    assert found.claims == doc["claims"]
 
 
 def test_dashboard_atlas_page_links_claims_to_runs_and_places_heads_by_depth(
@@ -356,19 +453,28 @@ def test_dashboard_atlas_page_links_claims_to_runs_and_places_heads_by_depth(
 ) -> None:
     from streamlit.testing.v1 import AppTest
 
-    page = str(Path(__file__).resolve().parents[2] / "app" / "pages" / "5_Atlas.py")
+    page = str(PAGE)
     monkeypatch.setenv("INTERP_WORKSPACE", str(tmp_path / "empty"))
     at = AppTest.from_file(page, default_timeout=120).run()
     assert not at.exception
     assert any("no atlas in this workspace" in i.value for i in at.info)
 
     ws, doc = first_run
+    assert not list(ws.rglob("atlas.json"))  # the page reads the store
+    with Store(ws) as s:
+        found = latest_atlas(s)
+    assert found is not None
     monkeypatch.setenv("INTERP_WORKSPACE", str(ws))
     at = AppTest.from_file(page, default_timeout=120).run()
     assert not at.exception, [e.value for e in at.exception]
+    assert any(f"atlas run #{found.run_id} " in c.value for c in at.caption)
     table = next(m.value for m in at.markdown if m.value.startswith("| claim |"))
     rows = {ln.split("|")[1].strip(): ln for ln in table.splitlines()[2:]}
     assert len(rows) == len(doc["claims"])
+    # Each cell: the stored claim's verdict and number.
+    exists = next(c for c in found.claims if c["id"] == "induction-exists")
+    for m in doc["models"]:
+        assert f"no {exists['models'][m]['value']:.3g}" in rows["induction exists"]
     for m in doc["models"]:
         run_id = doc["runs"][m]["induction"]["run_id"]
         # induction is a head detector: its cell opens the Head maps page on that run.
@@ -383,6 +489,34 @@ def test_dashboard_atlas_page_links_claims_to_runs_and_places_heads_by_depth(
                 for m in doc["models"] for h in doc["detectors"]["induction"][m]["heads"]]
     assert len(expected) == 6
     assert list(zip(_values(fig["data"][0]["y"]), _values(fig["data"][0]["x"]), strict=True)) == expected
+
+
+def test_atlas_runs_are_on_no_run_page_and_home_lists_them(
+    first_run: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An atlas run has no registered detector: its settings' output keeps it off the pages of
+    detector runs (an unknown output would land on Head maps), and Home lists it without error."""
+    from streamlit.testing.v1 import AppTest
+
+    ws, doc = first_run
+    with Store(ws) as s:
+        runs = s.runs()
+    atlas_ids = {int(i) for i in runs.loc[runs["detector"] == "atlas", "id"]}
+    head_runs = {r["run_id"] for per in doc["runs"].values() for r in per.values() if "run_id" in r}
+    monkeypatch.setenv("INTERP_WORKSPACE", str(ws))
+    app = PAGE.parents[1]
+    for page, key in (("pages/1_Head_maps.py", "hm-run"), ("pages/2_Causal_tracing.py", "ct-run"),
+                      ("pages/3_Conflicts.py", "cf-run"), ("Home.py", "home-run")):
+        at = AppTest.from_file(str(app / page), default_timeout=120).run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        boxes = [b for b in at.selectbox if b.key == key]
+        listed = {int(str(o).split()[0].removeprefix("#")) for o in boxes[0].options} if boxes else set()
+        if page == "Home.py":
+            assert atlas_ids | head_runs <= listed
+        else:
+            assert not listed & atlas_ids, page
+            if page == "pages/1_Head_maps.py":
+                assert listed == head_runs  # induction and copying on both models
 
 
 def _values(v: Any) -> list[Any]:

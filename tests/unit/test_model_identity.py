@@ -58,4 +58,6 @@ def test_the_atlas_runs_one_folder_given_three_ways_once(
     assert "one model" in err
     with Store(ws) as s:
         runs = s.runs()
-    assert list(runs["detector"]) == ["induction"]
+    # One induction run, and the atlas's own run of that one model.
+    assert list(runs["detector"]) == ["induction", "atlas"]
+    assert json.loads(str(runs["params_json"].iloc[1]))["models"] == [os.path.realpath(tiny_folder)]
