@@ -13,12 +13,16 @@ Where the order of summation varies in this code:
 So two runs are **exact** (``Layout.SAME``) when every unit was computed with the same torch
 thread count and the same batching, whatever process computed it: a resumed run against a fresh
 one, a cluster against a serial run at the workers' thread count. The tests pin the thread
-count for that. Otherwise (``Layout.REORDERED``) they agree to :data:`REORDERED_RTOL` and
-:data:`REORDERED_ATOL`: float32 rounds each operation to 2**-24 (6e-8) relative, and a forward
-pass through a few dozen layers compounds reordered sums to about 1e-7 relative on attention
-and logits (measured: 1.1e-7 between 1 and 16 torch threads on smollm2-135m, issue 27). The
-bound is 100 times that, and 100 times below the smallest difference a test tells apart
-between two methods (bfloat16 against float32: above 1e-3).
+count for that. Otherwise (``Layout.REORDERED``: another thread count, another batching, or
+another decomposition of the same forward pass, such as the patching engine's against plain HF)
+they agree to :data:`REORDERED_RTOL` and :data:`REORDERED_ATOL`. float32 rounds each operation
+to 2**-24 (6e-8) relative, and a forward pass through a few dozen layers compounds reordered
+sums; a probability, the softmax of logits of magnitude ~20, turns their absolute differences
+into relative ones. Measured on smollm2-135m: 1.1e-7 relative on attention and logits between 1
+and 16 torch threads; 1.2e-6 on p(" Rome") for the prompt in a batch of 11 against alone; 1.2e-5
+on the same probability computed by the causal trace (the engine's clean row) against plain HF.
+The bound is 8 times the largest of these, and 10 times below the smallest difference a test
+tells apart between two methods (bfloat16 against float32: above 1e-3).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-REORDERED_RTOL = 1e-5
+REORDERED_RTOL = 1e-4
 REORDERED_ATOL = 1e-6
 
 

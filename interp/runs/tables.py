@@ -67,8 +67,8 @@ def head_scores(rows: Iterable[tuple[str, int, int, float]]) -> pd.DataFrame:
 
 def head_grid(metric: str, scores: Any) -> pd.DataFrame:
     """The ``head_scores`` rows of one metric from a [layer, head] array or tensor."""
-    # .float(): numpy has no bfloat16.
-    grid = np.asarray(scores.detach().float().cpu() if hasattr(scores, "detach") else scores, dtype=float)
+    # .double(): numpy has no bfloat16, and float64 scores (counts over a span) keep every digit.
+    grid = np.asarray(scores.detach().double().cpu() if hasattr(scores, "detach") else scores, dtype=float)
     return head_scores(
         (metric, layer, head, float(grid[layer, head]))
         for layer in range(grid.shape[0])
