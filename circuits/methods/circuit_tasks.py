@@ -13,8 +13,12 @@ the answer the corrupt prompt points to (for the logit difference, Wang et al. 2
   starts with another token (the corrupted subject of Meng et al. 2022, as a clean swap).
 - ``needle``: a needle sentence in ``seq_len`` tokens of filler and its question
   (:mod:`circuits.data.needles`) against the same prompt with the answer's tokens in the
-  needle replaced by random ordinary tokens (one draw per prompt, seeded); kept only where the
-  model's top-1 next token is the answer's first token.
+  needle replaced by random ordinary tokens (one draw per prompt, seeded). The position is the
+  first answer token j the model copies: the prompt followed by the answer's tokens before j
+  (teacher-forced, as the retrieval score's fast mode reads them), kept where the model's top-1
+  next token there is answer token j; the corrupt answer is the randomised needle's token j.
+  Retrieval heads copy at every step of the answer (Wu et al. 2024), and a small model often
+  misses the first token yet copies the rest once started.
 - ``conflict``: "P c. P" with a counterfactual c (a knowledge conflict, Jin et al. 2024) against
   "P m. P" with the memorised answer m of equal token length; answer c, corrupt answer m, kept
   where the model follows the context (its top-1 is c's first token).
@@ -41,6 +45,8 @@ from interp.model.tokens import ordinary_token_range
 
 TaskName = Literal["induction", "fact", "needle", "conflict"]
 TASKS: tuple[str, ...] = ("induction", "fact", "needle", "conflict")
+# Fillers drawn per needle (seeds seed..seed+FILLER_DRAWS-1) to find one prompt length most needles share.
+FILLER_DRAWS = 40
 
 
 @dataclass(frozen=True)
@@ -123,31 +129,55 @@ def fact_pairs(model: LoadedModel, n: int, facts: str = "auto") -> TaskPairs:
 
 
 def needle_pairs(model: LoadedModel, n: int, seq_len: int, seed: int) -> TaskPairs:
-    """Needles in filler against the same prompt with the answer's tokens randomised (module docstring)."""
-    from circuits.data.needles import Haystack, load_haystack, load_needles, make_sample
+    """Needles in filler against the same prompt with the answer's tokens randomised, at the
+    first answer token the model copies (module docstring)."""
+    from circuits.data.needles import Haystack, NeedleSample, load_haystack, load_needles, make_sample
 
     haystack = Haystack(model, load_haystack())
     low, high = ordinary_token_range(model)
     gen = torch.Generator().manual_seed(seed)
+    # Filler comes in whole sentences, so each needle's prompt length varies with the filler
+    # drawn; a batch needs one length: draw fillers until most needles share one.
+    drawn: dict[int, dict[int, NeedleSample]] = defaultdict(dict)
+    needles = load_needles()
+    for i, needle in enumerate(needles):
+        for s in range(seed, seed + FILLER_DRAWS):
+            sample = make_sample(model, haystack, needle, seq_len, 0.5, seed=s, needle_index=i, prompt_format="plain")
+            drawn[len(sample.input_ids)].setdefault(i, sample)
+    length = max(drawn, key=lambda n: (len(drawn[n]), -abs(n - seq_len), -n))
     rows = []
     tried = 0
-    for i, needle in enumerate(load_needles()):
-        sample = make_sample(model, haystack, needle, seq_len, 0.5, seed=seed, needle_index=i, prompt_format="plain")
+    for i, sample in sorted(drawn[length].items()):
+        needle = needles[i]
         ids = list(sample.input_ids)
-        ans = answer_tokens(model, needle.answer)[0]
         tried += 1
-        if _top1(model, torch.tensor([ids]))[0] != ans:
-            continue
         a, b = sample.answer_span
+        answer = answer_tokens(model, needle.answer)
+        j = _first_copied(model, ids, answer if ids[a:a + len(answer)] == answer else answer[:1])
+        if j is None:
+            continue
         bad = list(ids)
         bad[a:b] = torch.randint(low, high, (b - a,), generator=gen).tolist()
-        if bad[a] == ans:
-            bad[a] = low + (ans + 1 - low) % (high - low)
-        rows.append((ids, bad, ans, bad[a], f"needle {i}"))
+        if bad[a + j] == answer[j]:
+            bad[a + j] = low + (answer[j] + 1 - low) % (high - low)
+        forced = answer[:j]
+        label = f"needle {i}" + (f" (answer token {j + 1}, {j} teacher-forced)" if j else "")
+        rows.append((ids + forced, bad + forced, answer[j], bad[a + j], label))
     if not rows:
-        raise UserError(f"{model.name} retrieves none of the {tried} needles at {seq_len} tokens (top-1 next token "
-                        "= the answer's first token): the needle task needs one it retrieves")
+        raise UserError(f"{model.name} copies no answer token of the {tried} needles in prompts of {length} tokens (top-1 "
+                        "next token = the answer's token, earlier ones given): the needle task needs one it retrieves")
     return _pairs_of(model, _largest_group(rows, n))
+
+
+def _first_copied(model: LoadedModel, ids: list[int], answer: Sequence[int]) -> int | None:
+    """The first j whose answer token is the model's top-1 after ``ids`` + answer[:j]; None if
+    none is. ``answer`` is only the first token where the needle does not hold the answer's
+    tokens as the question's continuation tokenises them (no aligned later token to corrupt)."""
+    rows = [ids + list(answer[:j]) for j in range(len(answer))]
+    for j, row in enumerate(rows):
+        if _top1(model, torch.tensor([row]))[0] == answer[j]:
+            return j
+    return None
 
 
 def conflict_pairs(model: LoadedModel, n: int, facts: str = "auto", seed: int = 0) -> TaskPairs:
