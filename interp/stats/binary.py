@@ -1,10 +1,11 @@
 """The mean of 0/1 outcomes (an accuracy, a hit rate) with its Wilson score interval.
 
 Wilson (1927), "Probable inference, the law of succession, and statistical inference", JASA 22:
-the interval inverts the score test, so it needs no estimate of p in its standard error. Brown,
-Cai & DasGupta (2001), "Interval estimation for a binomial proportion", Statistical Science 16
-(§2, §4.1), show the Wald interval p ± z sqrt(p(1-p)/n) undercovers badly at small n or p near 0
-or 1 (and gives a zero-width interval at 0 or n successes), and recommend Wilson for n < 40.
+the interval inverts the score test, whose standard error uses the hypothesised p rather than its
+estimate. Brown, Cai & DasGupta (2001), "Interval estimation for a binomial proportion",
+Statistical Science 16 (§2, §4), show the Wald interval p ± z sqrt(p(1-p)/n) undercovers badly
+at small n or p near 0 or 1 (and has zero width at 0 or n successes), and recommend Wilson (or
+Jeffreys) for n <= 40.
 """
 
 from __future__ import annotations

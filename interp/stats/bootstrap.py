@@ -3,7 +3,7 @@
 Efron (1987), "Better bootstrap confidence intervals", JASA 82: the bias-corrected and accelerated
 (BCa) interval corrects the percentile interval for the bootstrap distribution's median bias and
 for the skew of the statistic's standard error (the acceleration, from the jackknife); Efron &
-Tibshirani (1993), "An Introduction to the Bootstrap", ch. 14 and §19.3 on the number of
+Tibshirani (1993), "An Introduction to the Bootstrap", ch. 14 (BCa) and on the number of
 resamples; DiCiccio & Efron (1996), "Bootstrap confidence intervals", Statistical Science 11.
 The work is done by ``scipy.stats.bootstrap`` with a seeded generator. BCa is undefined where
 every resample gives the same value or the jackknife has no spread (all values equal); there the
@@ -24,7 +24,7 @@ from interp.stats.checks import ArrayLike, as_pairs, as_values, check_level, che
 from interp.stats.interval import Interval
 
 # 9,999 resamples, scipy's default, puts the Monte Carlo error of a 95 % BCa bound well below the
-# sampling error for the n of this project's data sets (Efron & Tibshirani 1993, §19.3).
+# sampling error for the n of this project's data sets (Efron & Tibshirani 1993).
 DEFAULT_RESAMPLES = 9_999
 
 Statistic = Callable[..., Any]

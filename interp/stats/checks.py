@@ -9,7 +9,7 @@ import numpy as np
 from interp.errors import UserError
 
 # Beyond this the bootstrap costs minutes and buys nothing: the Monte Carlo error of a 95 %
-# bound is already far below the sampling error of any data set (Efron & Tibshirani 1993, §19.3).
+# bound is already far below the sampling error of any data set (Efron & Tibshirani 1993).
 MAX_RESAMPLES = 1_000_000
 
 ArrayLike = np.ndarray | Sequence[float] | Sequence[int] | Sequence[bool]
