@@ -6,6 +6,7 @@ The package's rooms:
 - ``interp.patching``: the batched patching engine (sweeps, metrics, planning, execution) and
   attribution patching;
 - ``interp.runs``: detector configs and registry, the runner, the results store, executors;
+- ``interp.stats``: intervals with their n, top sets against random draws, the three verdicts;
 - the front: ``interp.cli`` (the ``interp`` command), ``interp.options``, ``interp.figures``.
 
 Nothing in ``interp`` imports its plug-ins (``circuits``, ``app``): they register through the

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -28,6 +27,7 @@ from interp.runs import tables
 from interp.runs.config import SEED_MAX, DetectorConfig, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.units import Unit
+from interp.stats.means import paired_p, t_interval
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -37,27 +37,6 @@ def per_token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """nll[:, i] = loss of predicting token i+1 (TransformerLens's per-token convention)."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     return -logp.gather(-1, tokens[:, 1:, None].to(logp.device))[..., 0]
-
-
-def t_interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and t confidence interval."""
-    from scipy import stats
-
-    x = np.asarray(x, dtype=float)
-    m = float(x.mean())
-    if len(x) < 2:
-        return m, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-    return m, m - half, m + half
-
-
-def paired_p(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy import stats
-
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if len(d) < 2 or np.allclose(d, d[0]):
-        return float("nan")  # no spread of the differences: the t statistic is undefined
-    return float(stats.ttest_rel(a, b).pvalue)
 
 
 def ranked_by_score(model: LoadedModel, score: str, seed: int) -> list[tuple[int, int]]:

@@ -13,8 +13,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from circuits.detectors.episodic_ablation import ablation_effects, paired_p, t_interval
+from circuits.detectors.episodic_ablation import ablation_effects
 from interp.runs.units import Unit
+from interp.stats.means import paired_p, t_interval
 
 
 def t3_cdf(t: float) -> float:
