@@ -38,6 +38,7 @@ from interp.options import (
     WorkersOpt,
     WorkspaceOpt,
 )
+from interp.stats.interval import Interval
 
 # typer >= 0.2x vendors click (typer._click) and raises its own exception classes; older typer
 # raises click's. Both kinds are caught, so a bad option is a one-line error either way.
@@ -207,6 +208,14 @@ def _edges_table(title: str, edges: list[dict[str, Any]], top: int) -> Table:
     return table
 
 
+def _metric_text(name: str, value: Any, iv: Interval | None) -> str:
+    """``name=value``, with the interval and n where the metric has one."""
+    text = f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+    if iv is not None and iv.defined:
+        text += f" [{iv.lo:.3g}, {iv.hi:.3g}] n={iv.n}"
+    return text
+
+
 def _print_summary(result: Any, top: int) -> None:
     from interp.runs.registry import all_detectors
 
@@ -220,7 +229,7 @@ def _print_summary(result: Any, top: int) -> None:
     if s.metrics:
         scalars = {k: v for k, v in s.metrics.items() if isinstance(v, int | float | str | bool)}
         if scalars:
-            out.print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items()))
+            out.print("  ".join(_metric_text(k, v, s.intervals.get(k)) for k, v in scalars.items()))
     for w in s.warnings:
         err.print(f"[bold yellow]WARNING[/bold yellow] {w}")
     err.print(

@@ -17,7 +17,7 @@ from circuits.atlas.stored import latest_atlas
 from interp import figures
 from interp.errors import UserError
 
-VERDICT_WORD = {"holds": "yes", "does not hold": "no", "not measurable": "n.m."}
+VERDICT_WORD = {"holds": "yes", "does not hold": "no", "inconclusive": "inconclusive", "not measurable": "n.m."}
 
 dash.setup("atlas")
 st.title("Atlas")

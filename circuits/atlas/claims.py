@@ -8,10 +8,13 @@ from typing import Any
 
 from circuits.methods.heads import head_label
 from interp.runs.registry import Summary
+from interp.stats import Interval, difference_verdict
 
 SETS = (("induction", "induction"), ("retrieval", "retrieval"), ("cmr", "cmr"),
         ("memory", "conflict-heads"), ("context", "conflict-heads"))
 HOLDS, FAILS, NM = "holds", "does not hold", "not measurable"
+# A claim whose measured value comes with an interval that straddles the claim's threshold.
+INCONCLUSIVE = "inconclusive"
 
 
 # Stated with the claims, never fitted: "sparse" as Wu et al. 2024 put it (under 5 % of heads),
@@ -178,6 +181,13 @@ def claim_ph3_beats_random(res: ModelResults, top: int) -> dict[str, Any]:
     return _verdict(gain > 0, gain, detail)
 
 
+def _interval_verdict(difference: Interval, detail: str) -> dict[str, Any]:
+    """A claim that a paired difference is above 0, from its interval (interp.stats: holds,
+    does not hold, or inconclusive where the interval contains 0)."""
+    return {"verdict": difference_verdict(difference, "higher"), "value": round(difference.value, 9),
+            "detail": detail, "interval": difference.to_dict()}
+
+
 def claim_decore_beats_greedy(res: ModelResults, top: int) -> dict[str, Any]:
     s = res.summaries.get("decore-eval")
     if s is None:
@@ -188,7 +198,12 @@ def claim_decore_beats_greedy(res: ModelResults, top: int) -> dict[str, Any]:
         return _verdict(None, None, "decore-eval did not run the nqswap task")
     detail = (f"NQ-Swap-style test accuracy {decore:.2f} DeCoRe-entropy (k={m.get('nqswap:decore-entropy:k')}) "
               f"vs {greedy:.2f} greedy, {m.get('nqswap:n_test')} items")
-    return _verdict(decore > greedy, round(decore - greedy, 9), detail)
+    diff = s.intervals.get("nqswap:decore-entropy:minus_greedy")
+    if diff is None:  # a summary without intervals: the point comparison
+        return _verdict(decore > greedy, round(decore - greedy, 9), detail)
+    detail += (f"; paired difference {diff.value:+.2f} [{diff.lo:+.2f}, {diff.hi:+.2f}] ({diff.method}, "
+               f"n={diff.n}), McNemar p={m.get('nqswap:decore-entropy:mcnemar_p', float('nan')):.2g}")
+    return _interval_verdict(diff, detail)
 
 
 def claim_mlp_peak_early(res: ModelResults, top: int) -> dict[str, Any]:
@@ -310,6 +325,8 @@ def summarize(models: Mapping[str, ModelResults], detectors: Sequence[str], top:
             heads = _head_rows(_scored(s.heads)[:top], res.n_layers) if s.heads else []
             scalars = {k: v for k, v in s.metrics.items() if isinstance(v, int | float | str | bool)}
             by_detector[det][name] = {"heads": heads, "metrics": scalars, "warnings": list(s.warnings)}
+            if s.intervals:
+                by_detector[det][name]["intervals"] = {k: iv.to_dict() for k, iv in s.intervals.items()}
     return {
         "top": top,
         "models": {name: {"n_layers": r.n_layers, "n_heads": r.n_heads} for name, r in models.items()},

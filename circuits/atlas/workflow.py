@@ -36,7 +36,7 @@ import typer
 from rich.table import Table
 
 from circuits.atlas import stored
-from circuits.atlas.claims import FAILS, HOLDS, NM, ModelResults, _scored, summarize
+from circuits.atlas.claims import FAILS, HOLDS, INCONCLUSIVE, NM, ModelResults, _scored, summarize
 from interp.console import err, out
 from interp.errors import UserError
 from interp.model.load import load_spec
@@ -264,7 +264,7 @@ def model_cost(runs: Mapping[str, Mapping[str, Any]], load_s: float, wall_s: flo
 
 
 def _cell(result: Mapping[str, Any]) -> str:
-    word = {HOLDS: "yes", FAILS: "no", NM: "n.m."}[result["verdict"]]
+    word = {HOLDS: "yes", FAILS: "no", INCONCLUSIVE: "inconcl.", NM: "n.m."}[result["verdict"]]
     value = result["value"]
     return f"{word} {value:.3g}" if isinstance(value, int | float) else word
 

@@ -22,6 +22,11 @@ Methods: ``greedy`` (k = 0), ``decore-vanilla`` (alpha 0.5), ``decore-entropy`` 
 base entropy), and ``control-entropy``: DeCoRe-entropy masking k random heads drawn outside the
 top ``exclude_top`` retrieval heads (max of the k sweep and the heads scoring above 0.1), so a
 control never masks a retrieval head (the reference's control can).
+
+Uncertainty: each test accuracy carries its Wilson interval (0/1 outcomes), and each method
+other than greedy its paired difference from greedy on the same test items (Newcombe 1998,
+method 10) with McNemar's exact p (``<task>:<method>:minus_greedy``, ``...:mcnemar_p``): the
+methods are compared on the same items, so the comparison is paired.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from interp.runs import tables
 from interp.runs.config import SEED_MAX, DetectorConfig, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.units import Unit
+from interp.stats import Interval, interval, mcnemar_exact_p, paired_interval
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -511,6 +517,10 @@ class DecoreEvalDetector(Detector[DecoreEvalConfig]):
             metrics[f"{r['task']}:{r['method']}:k"] = r["k"]
             metrics[f"{r['task']}:n_test"] = r["n_test"]
             metrics[f"{r['task']}:n_validation"] = r["n_validation"]
+        intervals, p_values = test_intervals(per, table)
+        for name, iv in intervals.items():
+            metrics.setdefault(name, iv.value)
+        metrics.update(p_values)
         metrics["ranking_source"] = "param" if cfg.heads else f"retrieval ({cfg.ranking_mode})"
         warnings = []
         if ranking_rec:
@@ -521,8 +531,33 @@ class DecoreEvalDetector(Detector[DecoreEvalConfig]):
         for task, n in sorted(n_test.items()):
             if n < 30:
                 warnings.append(f"{task}: only {n} test items; differences of a few items are noise")
-        return Summary(heads=None, metrics=metrics,
-                       warnings=warnings, tables=_summary_tables(acc, table))
+        out = _summary_tables(acc, table)
+        out["metrics"] = pd.concat([out["metrics"], tables.interval_rows(intervals)], ignore_index=True)
+        return Summary(heads=None, metrics=metrics, intervals=intervals, warnings=warnings, tables=out)
+
+
+def test_intervals(per: pd.DataFrame, table: pd.DataFrame) -> tuple[dict[str, Interval], dict[str, float]]:
+    """Per row of the results table: the test accuracy's Wilson interval, and for a method other
+    than greedy its paired difference from greedy on the test items both answered (Newcombe) and
+    McNemar's exact p, by metric name."""
+    intervals: dict[str, Interval] = {}
+    p_values: dict[str, float] = {}
+    test = per[per["split"] == "test"] if len(per) else per
+    for r in table.to_dict("records"):
+        task, method, k = r["task"], r["method"], int(r["k"])
+        rows = pd.DataFrame(test[(test["task"] == task) & (test["method"] == method) & (test["k"] == k)])
+        if not len(rows):
+            continue
+        correct = rows.set_index("item")["correct"].astype(float)
+        intervals[f"{task}:{method}:test_accuracy"] = interval(correct.to_numpy(), method="wilson")
+        greedy = pd.DataFrame(test[(test["task"] == task) & (test["method"] == "greedy")]).set_index("item")["correct"]
+        both = correct.index.intersection(greedy.index)
+        if method == "greedy" or not len(both):
+            continue
+        a, b = correct.loc[both].to_numpy(), greedy.loc[both].astype(float).to_numpy()
+        intervals[f"{task}:{method}:minus_greedy"] = paired_interval(a, b, method="newcombe")
+        p_values[f"{task}:{method}:mcnemar_p"] = mcnemar_exact_p(a, b)
+    return intervals, p_values
 
 
 def _per_item_rows(artifacts: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any] | None]:

@@ -33,6 +33,7 @@ from interp.runs import tables
 from interp.runs.config import param
 from interp.runs.registry import Summary, UnitResult, register
 from interp.runs.units import Unit
+from interp.stats import Interval, against_random, interval, paired_interval
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -182,6 +183,8 @@ class RetrievalMaskingDetector(_NeedleDetector[RetrievalMaskingConfig]):
         rand_cols = [f"correct:{n}" for n in sets if n.startswith("random")]
         samples["correct:random-mean"] = samples[rand_cols].mean(axis=1)
         metrics.update(masking_accuracies(samples, list(sets), rand_cols, k))
+        intervals, control = masking_uncertainty(samples, rand_cols, k)
+        metrics.update(control)
         curves = [accuracy_curves(samples, f"correct:{name}", name) for name in ["none", f"top{k}", "random-mean"]]
         warnings: list[str] = []
         if metrics["accuracy:none"] == 0:
@@ -192,12 +195,28 @@ class RetrievalMaskingDetector(_NeedleDetector[RetrievalMaskingConfig]):
         if ranking:
             warnings.extend(f"ranking: {w}" for w in ranking[0].get("warnings", []))
         out = {
-            "metrics": tables.metrics(metrics, n=len(samples)),
+            "metrics": pd.concat([tables.metrics({m: v for m, v in metrics.items() if m not in intervals},
+                                                 n=len(samples)), tables.interval_rows(intervals)],
+                                 ignore_index=True),
             "curves": pd.concat(curves, ignore_index=True),
             "artifacts": tables.artifact("head_sets", {n: [list(h) for h in hs] for n, hs in sets.items()}),
         }
-        return Summary(heads=None, metrics=metrics,
-                       warnings=warnings, tables=out)
+        return Summary(heads=None, metrics=metrics, intervals=intervals, warnings=warnings, tables=out)
+
+
+def masking_uncertainty(samples: pd.DataFrame, random_columns: Sequence[str],
+                        k: int) -> tuple[dict[str, Interval], dict[str, float]]:
+    """The unmasked and top-k accuracies with their Wilson intervals, the drop between them on
+    the same samples with its paired interval (Newcombe), and where the top-k accuracy falls
+    among the random draws' accuracies (its percentile and the empirical p-value that masking
+    random heads hurts as much, Phipson & Smyth 2010)."""
+    none, top = samples["correct:none"].to_numpy(float), samples[f"correct:top{k}"].to_numpy(float)
+    intervals = {"accuracy:none": interval(none, method="wilson"),
+                 f"accuracy:top{k}": interval(top, method="wilson"),
+                 "drop:top": paired_interval(none, top, method="newcombe")}
+    draws = [_mean(samples[c]) for c in random_columns]
+    control = against_random(_mean(top), draws, "lower")
+    return intervals, {"top_vs_random:percentile": control.percentile, "top_vs_random:p": control.p_value}
 
 
 def masking_accuracies(samples: pd.DataFrame, conditions: Sequence[str], random_columns: Sequence[str],

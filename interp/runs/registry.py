@@ -21,6 +21,7 @@ import pandas as pd
 from interp.errors import UserError
 from interp.runs.config import SEED_MAX, DetectorConfig, NoParams, Param
 from interp.runs.units import Part, Unit
+from interp.stats.interval import Interval
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +64,9 @@ class Summary:
 
     heads: list[dict[str, Any]] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    # A metric that is an estimate over items, by its name in ``metrics``: its confidence
+    # interval, n and method (:mod:`interp.stats`); the final ``metrics`` table holds the bounds.
+    intervals: dict[str, Interval] = field(default_factory=dict)
     # (for edge detectors) the graph's edges, each {sender, receiver, score, attribution,
     # in_circuit}: what the ``edges`` artifact holds (docs/path_patching.md, "Stored shape").
     edges: list[dict[str, Any]] | None = None
@@ -77,6 +81,8 @@ class Summary:
         if self.heads is not None:
             out["heads"] = self.heads
         out["metrics"] = self.metrics
+        if self.intervals:
+            out["intervals"] = {name: iv.to_dict() for name, iv in self.intervals.items()}
         if self.edges is not None:
             out["edges"] = self.edges
         out["warnings"] = self.warnings

@@ -8,6 +8,7 @@ metrics, how an artifact is serialised) instead of one inline column list per ca
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from interp.runs.schema import TABLES
+from interp.stats.interval import Interval
 
 
 def columns(table: str) -> list[str]:
@@ -58,6 +60,15 @@ def metrics(
 def metric_rows(rows: Iterable[tuple[str, float, float | None, float | None, int | None]]) -> pd.DataFrame:
     """The ``metrics`` table from (name, value, ci_low, ci_high, n) rows."""
     return frame("metrics", rows)
+
+
+def interval_rows(intervals: Mapping[str, Interval]) -> pd.DataFrame:
+    """The ``metrics`` rows of estimates with their intervals: value, bounds (None where the
+    method has none) and n, by metric name."""
+    return metric_rows(
+        (name, iv.value, None if math.isnan(iv.lo) else iv.lo, None if math.isnan(iv.hi) else iv.hi, iv.n)
+        for name, iv in intervals.items()
+    )
 
 
 def head_scores(rows: Iterable[tuple[str, int, int, float]]) -> pd.DataFrame:

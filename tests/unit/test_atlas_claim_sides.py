@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from circuits.atlas.claims import FAILS, HOLDS, ModelResults, summarize
+from circuits.atlas.claims import FAILS, HOLDS, INCONCLUSIVE, ModelResults, summarize
 from interp.runs.registry import Summary
+from interp.stats import Interval
 
 
 def _verdicts(**summaries: Summary) -> dict[str, tuple[str, Any]]:
@@ -77,6 +78,27 @@ def test_decore_beats_greedy(decore: float, verdict: str, diff: float) -> None:
     s = Summary(detector="decore-eval", variant="v", metrics={"nqswap:greedy:test_accuracy": 0.6, "nqswap:decore-entropy:test_accuracy":
                                              decore, "nqswap:decore-entropy:k": 3, "nqswap:n_test": 10})
     assert _verdicts(d=s)["decore-beats-greedy"] == (verdict, pytest.approx(diff))
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "verdict"),
+    [(0.05, 0.3, HOLDS),  # the whole interval above 0
+     (-0.1, 0.3, INCONCLUSIVE),  # straddles 0: the data cannot tell
+     (0.0, 0.3, INCONCLUSIVE),  # touches 0: not strictly above
+     (-0.4, -0.02, FAILS)],  # the whole interval below 0: greedy is better
+)
+def test_decore_beats_greedy_from_its_paired_interval(lo: float, hi: float, verdict: str) -> None:
+    """With the paired difference's interval, the verdict is read from it, not from the means."""
+    diff = Interval(0.1, lo, hi, 20, "newcombe", 0.95)
+    s = Summary(detector="decore-eval", variant="v",
+                metrics={"nqswap:greedy:test_accuracy": 0.6, "nqswap:decore-entropy:test_accuracy": 0.7,
+                         "nqswap:decore-entropy:k": 3, "nqswap:n_test": 20, "nqswap:decore-entropy:mcnemar_p": 0.5},
+                intervals={"nqswap:decore-entropy:minus_greedy": diff})
+    res = ModelResults(n_layers=4, n_heads=8, summaries={"decore-eval": s})
+    (claim,) = [c for c in summarize({"m": res}, ["decore-eval"], 2)["claims"] if c["id"] == "decore-beats-greedy"]
+    got = claim["models"]["m"]
+    assert (got["verdict"], got["value"]) == (verdict, 0.1)
+    assert (got["interval"]["lo"], got["interval"]["hi"], got["interval"]["n"]) == (lo, hi, 20)
 
 
 @pytest.mark.parametrize(("layer", "verdict"), [(1, HOLDS), (2, HOLDS), (3, FAILS)])

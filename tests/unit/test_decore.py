@@ -394,3 +394,11 @@ def test_decore_eval_detector_tables_agree_with_its_items(tiny_llama_hf) -> None
         name = f"memotrap:test:{r['method']}:k{r['k']}"
         fm = final["metrics"]
         assert fm[fm["name"] == name]["value"].iloc[0] == pytest.approx(r["test_accuracy"])
+        # The test accuracy with its interval: in the summary, its JSON and the stored metrics.
+        iv = summary.intervals[f"memotrap:{r['method']}:test_accuracy"]
+        assert (iv.value, iv.n) == (pytest.approx(r["test_accuracy"]), r["n_test"])
+        row = fm[fm["name"] == f"memotrap:{r['method']}:test_accuracy"].iloc[0]
+        assert (row["ci_low"], row["ci_high"], row["n"]) == (iv.lo, iv.hi, iv.n)
+        assert summary.to_json()["intervals"][f"memotrap:{r['method']}:test_accuracy"]["method"] == "wilson"
+        if r["method"] != "greedy":
+            assert summary.intervals[f"memotrap:{r['method']}:minus_greedy"].n == r["n_test"]

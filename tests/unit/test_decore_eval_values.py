@@ -91,3 +91,50 @@ def test_memotrap_items_ask_for_the_instructed_ending_against_the_memorised_one(
         r = rows[item.id]
         assert item.prompt == f'Write a quote that ends in the word "{r["instructed"]}": {r["stem"]}'
         assert (item.target, item.other) == (f" {r['instructed']}.", f" {r['memorised']}.")
+
+
+def test_intervals_pair_each_method_with_greedy_on_the_same_test_items() -> None:
+    """Wilson by its closed form; the paired difference over the test items both methods
+    answered, in item order whatever the row order; McNemar's exact p from the binomial by hand."""
+    import math
+
+    import pandas as pd
+
+    from circuits.detectors.decore_eval import test_intervals
+    from interp.stats import newcombe_paired
+
+    greedy = dict(zip("abcdefghij", [1, 1, 0, 0, 1, 0, 1, 0, 0, 1], strict=True))
+    decore = dict(zip("jihgfedcbaz", [1, 1, 1, 0, 1, 1, 1, 1, 0, 1, 0], strict=True))  # z: greedy lacks it
+    rows = [{"task": "nqswap", "method": "greedy", "k": 0, "split": "test", "item": i, "correct": bool(c)}
+            for i, c in greedy.items()]
+    rows += [{"task": "nqswap", "method": "decore-entropy", "k": 2, "split": "test", "item": i, "correct": bool(c)}
+             for i, c in decore.items()]
+    rows += [{"task": "nqswap", "method": "decore-entropy", "k": k, "split": s, "item": "v", "correct": False}
+             for k, s in ((2, "validation"), (3, "test"))]  # another split, another k: not counted
+    table = pd.DataFrame([{"task": "nqswap", "method": "greedy", "k": 0},
+                          {"task": "nqswap", "method": "decore-entropy", "k": 2}])
+    intervals, p = test_intervals(pd.DataFrame(rows), table)
+    assert set(intervals) == {"nqswap:greedy:test_accuracy", "nqswap:decore-entropy:test_accuracy",
+                              "nqswap:decore-entropy:minus_greedy"}
+    # Wilson for 8 of 11 (decore, item z included), z = the 97.5 % normal quantile.
+    z, n, x = 1.959963984540054, 11, 8
+    centre = (x / n + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(x / n * (1 - x / n) / n + z * z / (4 * n * n))
+    acc = intervals["nqswap:decore-entropy:test_accuracy"]
+    assert (acc.value, acc.n, acc.method) == (x / n, n, "wilson")
+    assert acc.lo == pytest.approx(centre - half, abs=1e-12)
+    assert acc.hi == pytest.approx(centre + half, abs=1e-12)
+    # Paired on a..j by item (decore's rows come in another order), z left out.
+    items = list("abcdefghij")
+    a = [float(decore[i]) for i in items]
+    b = [float(greedy[i]) for i in items]
+    diff = intervals["nqswap:decore-entropy:minus_greedy"]
+    assert diff.n == 10
+    assert diff.value == pytest.approx(sum(a) / 10 - sum(b) / 10, abs=1e-12)
+    want = newcombe_paired(a, b)  # its bounds are checked by hand in tests/unit/test_stats.py
+    assert (diff.lo, diff.hi) == (pytest.approx(want.lo, abs=1e-12), pytest.approx(want.hi, abs=1e-12))
+    right_only = sum(x == 1 and y == 0 for x, y in zip(a, b, strict=True))
+    wrong_only = sum(x == 0 and y == 1 for x, y in zip(a, b, strict=True))
+    m = right_only + wrong_only
+    tail = sum(math.comb(m, j) for j in range(min(right_only, wrong_only) + 1)) / 2**m
+    assert p["nqswap:decore-entropy:mcnemar_p"] == pytest.approx(min(1.0, 2 * tail), abs=1e-12)

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from circuits.detectors import retrieval_masking
@@ -116,3 +117,15 @@ def test_accuracies_and_drops_equal_a_naive_loop(tmp_path: Path) -> None:
     assert m["drop:random-mean"] == acc("none") - random_mean
     # Masking changed answers here: the numbers above are not zero by construction.
     assert len({acc(name) for name in sets}) > 1
+    # The top set among the random draws: percent of draws below it (ties half), and the share of
+    # draws (counting the top set itself) that hurt at least as much (Phipson & Smyth 2010).
+    top, rand = acc("top2"), [acc(d) for d in draws]
+    below, ties = sum(r < top for r in rand), sum(r == top for r in rand)
+    assert m["top_vs_random:percentile"] == pytest.approx(100 * (below + ties / 2) / len(rand))
+    assert m["top_vs_random:p"] == pytest.approx((1 + below + ties) / (1 + len(rand)))
+    # The accuracies and the drop carry their intervals over the n samples.
+    for name, value, method in (("accuracy:none", acc("none"), "wilson"), ("accuracy:top2", top, "wilson"),
+                                ("drop:top", acc("none") - top, "newcombe")):
+        iv = summary.intervals[name]
+        assert (iv.value, iv.n, iv.method) == (pytest.approx(value), n, method)
+        assert iv.lo <= iv.value <= iv.hi
