@@ -7,7 +7,8 @@ The package's rooms:
   attribution patching;
 - ``interp.runs``: detector configs and registry, the runner, the results store, executors;
 - ``interp.stats``: intervals with their n, top sets against random draws, the three verdicts;
-- the front: ``interp.cli`` (the ``interp`` command), ``interp.options``, ``interp.figures``.
+- the front: ``interp.cli`` (the ``interp`` command), ``interp.result_text`` (what it prints of a
+  run), ``interp.options``, ``interp.figures``.
 
 Nothing in ``interp`` imports its plug-ins (``circuits``, ``app``): they register through the
 ``interp.plugins`` entry point. This module is the public API for notebooks and scripts.

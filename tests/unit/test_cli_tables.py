@@ -7,7 +7,7 @@ import io
 import pytest
 from rich.console import Console
 
-from interp.cli import TERMINAL_COLUMNS, _heads_table  # pyright: ignore[reportPrivateUsage]
+from interp.result_text import TERMINAL_COLUMNS, heads_table
 from interp.runs.registry import all_detectors
 
 DETECTORS = all_detectors()
@@ -29,7 +29,7 @@ def _heads(columns: dict[str, str], n: int) -> list[dict[str, object]]:
 @pytest.mark.parametrize("name", [n for n, d in DETECTORS.items() if d.head_columns])
 def test_every_head_table_fits_80_columns_and_keeps_its_first_columns(name: str) -> None:
     columns = DETECTORS[name].head_columns
-    lines = _render(_heads_table(f"{name} (some-variant-slug): top heads", _heads(columns, 15), 15, columns))
+    lines = _render(heads_table(f"{name} (some-variant-slug): top heads", _heads(columns, 15), 15, columns))
     widths = [len(line) for line in lines]
     assert max(widths) <= TERMINAL_COLUMNS, "\n".join(lines)
     header = next(line for line in lines if "rank" in line)
@@ -39,9 +39,20 @@ def test_every_head_table_fits_80_columns_and_keeps_its_first_columns(name: str)
 
 def test_columns_that_do_not_fit_are_dropped_from_the_end() -> None:
     columns = {f"metric_{i}": f"metric number {i}" for i in range(8)}
-    lines = _render(_heads_table("t", _heads(columns, 3), 3, columns))
+    lines = _render(heads_table("t", _heads(columns, 3), 3, columns))
     header = next(line for line in lines if "rank" in line)
     kept = [i for i in range(8) if f"metric number {i}" in header]
     assert kept == list(range(len(kept)))
     assert 0 < len(kept) < 8
     assert max(map(len, lines)) <= TERMINAL_COLUMNS
+
+
+def test_a_metric_prints_with_its_interval_and_n() -> None:
+    from interp.result_text import metric_text
+    from interp.stats import Interval
+
+    assert metric_text("acc", 0.6, Interval(0.6, 0.3866, 0.7812, 20, "wilson", 0.95)) == "acc=0.6 [0.387, 0.781] n=20"
+    assert metric_text("acc", 0.6, None) == "acc=0.6"
+    nan = float("nan")
+    assert metric_text("mean", 2.0, Interval(2.0, nan, nan, 1, "t", 0.95)) == "mean=2"  # no interval from one value
+    assert metric_text("k", 3, None) == "k=3"
