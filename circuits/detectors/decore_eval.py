@@ -531,9 +531,8 @@ class DecoreEvalDetector(Detector[DecoreEvalConfig]):
         for task, n in sorted(n_test.items()):
             if n < 30:
                 warnings.append(f"{task}: only {n} test items; differences of a few items are noise")
-        out = _summary_tables(acc, table)
-        out["metrics"] = pd.concat([out["metrics"], tables.interval_rows(intervals)], ignore_index=True)
-        return Summary(heads=None, metrics=metrics, intervals=intervals, warnings=warnings, tables=out)
+        return Summary(heads=None, metrics=metrics, intervals=intervals, warnings=warnings,
+                       tables=_summary_tables(acc, table))
 
 
 def test_intervals(per: pd.DataFrame, table: pd.DataFrame) -> tuple[dict[str, Interval], dict[str, float]]:

@@ -195,9 +195,7 @@ class RetrievalMaskingDetector(_NeedleDetector[RetrievalMaskingConfig]):
         if ranking:
             warnings.extend(f"ranking: {w}" for w in ranking[0].get("warnings", []))
         out = {
-            "metrics": pd.concat([tables.metrics({m: v for m, v in metrics.items() if m not in intervals},
-                                                 n=len(samples)), tables.interval_rows(intervals)],
-                                 ignore_index=True),
+            "metrics": tables.metrics(metrics, n=len(samples)),
             "curves": pd.concat(curves, ignore_index=True),
             "artifacts": tables.artifact("head_sets", {n: [list(h) for h in hs] for n, hs in sets.items()}),
         }

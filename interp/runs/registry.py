@@ -65,7 +65,8 @@ class Summary:
     heads: list[dict[str, Any]] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     # A metric that is an estimate over items, by its name in ``metrics``: its confidence
-    # interval, n and method (:mod:`interp.stats`); the final ``metrics`` table holds the bounds.
+    # interval, n and method (:mod:`interp.stats`); the runner writes the bounds and n into the
+    # final ``metrics`` table.
     intervals: dict[str, Interval] = field(default_factory=dict)
     # (for edge detectors) the graph's edges, each {sender, receiver, score, attribution,
     # in_circuit}: what the ``edges`` artifact holds (docs/path_patching.md, "Stored shape").

@@ -214,9 +214,11 @@ def run_in_memory(
 def finalized(
     model: LoadedModel, detector: Detector[Any], cfg: DetectorConfig, results: Mapping[str, pd.DataFrame]
 ) -> Summary:
-    """The detector's summary of its units' tables, with its name and the run's variant."""
+    """The detector's summary of its units' tables, with its name and the run's variant, and its
+    intervals in its final ``metrics`` table (:func:`interp.runs.tables.with_intervals`)."""
     summary = detector.finalize(model, cfg, results)
-    return dataclasses.replace(summary, detector=detector.name, variant=detector.variant(cfg))
+    return dataclasses.replace(summary, detector=detector.name, variant=detector.variant(cfg),
+                               tables=tables.with_intervals(summary.tables, summary.intervals))
 
 
 def settings(detector: Detector[Any], cfg: DetectorConfig, n_units: int) -> UnitResult:

@@ -62,13 +62,23 @@ def metric_rows(rows: Iterable[tuple[str, float, float | None, float | None, int
     return frame("metrics", rows)
 
 
-def interval_rows(intervals: Mapping[str, Interval]) -> pd.DataFrame:
-    """The ``metrics`` rows of estimates with their intervals: value, bounds (None where the
-    method has none) and n, by metric name."""
-    return metric_rows(
+def with_intervals(result: Mapping[str, pd.DataFrame], intervals: Mapping[str, Interval]) -> dict[str, pd.DataFrame]:
+    """A summary's tables with each interval in the ``metrics`` table: the metric's row (value,
+    bounds, None where the method has none, and n) in place of a row of that name, appended
+    where there is none."""
+    out = dict(result)
+    if not intervals:
+        return out
+    rows = metric_rows(
         (name, iv.value, None if math.isnan(iv.lo) else iv.lo, None if math.isnan(iv.hi) else iv.hi, iv.n)
         for name, iv in intervals.items()
     )
+    kept = out.get("metrics")
+    if kept is not None and len(kept):
+        kept = pd.DataFrame(kept[~kept["name"].isin(list(intervals))])
+        rows = pd.concat([kept, rows], ignore_index=True)
+    out["metrics"] = rows
+    return out
 
 
 def head_scores(rows: Iterable[tuple[str, int, int, float]]) -> pd.DataFrame:
