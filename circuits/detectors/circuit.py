@@ -52,7 +52,7 @@ from interp.patching.attribution import spearman
 from interp.patching.edge_attribution import exact_edge_values
 from interp.patching.edges import Edge, Receiver
 from interp.runs import tables
-from interp.runs.config import param
+from interp.runs.config import MAX_DRAWS, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.units import Part, Unit
 
@@ -72,7 +72,7 @@ class CircuitConfig(PairTaskConfig):
     top_n: int = param(200, "edges by |attribution| confirmed by exact path patching", low=1)
     mode: Literal["direct", "frozen"] = param("direct", "path-patching mode of the confirmation")
     rel_threshold: float = param(0.05, "circuit: |exact effect| >= this x |m(clean) - m(corrupt)|", low=0)
-    draws: int = param(20, "random circuits of the circuit's size to compare with", low=1)
+    draws: int = param(20, "random circuits of the circuit's size to compare with", low=1, high=MAX_DRAWS)
     baseline: Literal["connected", "uniform"] = param("connected", "random circuits grown from the logits, or "
                                                       "drawn uniformly")
     confirm_units: int = param(4, "units the confirmation is split into (by receivers)", low=1)

@@ -24,7 +24,7 @@ from interp.model.interventions import Intervention, ablate_heads
 from interp.model.loaded import LoadedModel
 from interp.model.tokens import repeated_random_tokens
 from interp.runs import tables
-from interp.runs.config import SEED_MAX, DetectorConfig, param
+from interp.runs.config import MAX_DRAWS, SEED_MAX, DetectorConfig, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.units import Unit
 from interp.stats.means import paired_p, t_interval
@@ -122,7 +122,7 @@ class EpisodicAblationConfig(DetectorConfig):
         "cmr", "rank heads by: CMR distance, prefix-matching or copying"
     )
     k: int = param(0, "heads ablated together (0: 10% of all heads, as Ji-An et al.)", low=0)
-    n_draws: int = param(3, "random sets of k heads drawn outside the top set", low=1)
+    n_draws: int = param(3, "random sets of k heads drawn outside the top set", low=1, high=MAX_DRAWS)
     method: Literal["zero", "mean"] = param("zero", "ablation of the heads' value vectors (z)")
     n_texts: int = param(8, "512-token windows of the bundled text (0: all)", low=0)
     # 0 < early < late < seq_len - 1 (check); the lows are what that implies alone.

@@ -30,7 +30,7 @@ from interp.errors import UserError
 from interp.model.interventions import Intervention, ablate_heads
 from interp.model.loaded import LoadedModel
 from interp.runs import tables
-from interp.runs.config import param
+from interp.runs.config import MAX_DRAWS, param
 from interp.runs.registry import Summary, UnitResult, register
 from interp.runs.units import Unit
 from interp.stats import Interval, against_random, interval, paired_interval
@@ -50,7 +50,7 @@ class RetrievalMaskingConfig(NeedleGridConfig):
     method: Literal["uniform", "zero"] = param(
         "uniform", "uniform: zero the query (the reference's mask); zero: zero the head output"
     )
-    n_random: int = param(3, "draws of K random heads", low=1)
+    n_random: int = param(3, "draws of K random heads", low=1, high=MAX_DRAWS)
     exclude_top: int = param(-1, "random heads are drawn outside the top N of the ranking "
                              "(-1: max(K, 10% of heads); the paper draws outside its top 100)", low=-1)
     ranking_mode: Literal["faithful", "fast"] = param("faithful", "score used to rank heads when 'heads' is empty")

@@ -30,6 +30,10 @@ from interp.errors import UserError
 
 # The largest seed a parameter takes (numpy and torch generators accept it on every platform).
 SEED_MAX = 2**32 - 1
+# The most random draws (head sets, circuits) a control takes: a thousand put the empirical
+# p-value's floor at 1/1001, far below any level a verdict uses; each draw costs passes over
+# every item, so more is a typo, not a plan.
+MAX_DRAWS = 1000
 _SCALARS = (int, float, bool, str)
 
 
