@@ -160,6 +160,11 @@ def _same_model(run: Mapping[str, Any], model: str | LoadedModel) -> bool:
     return stored == want if want else (not stored and str(run["model"]) == model.name)
 
 
+
+def _article(word: str) -> str:
+    """'a' or 'an' before ``word`` (by its first letter: "an atlas run", "a ph3 run")."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
 def heads(
     workspace: str | Path | None,
     run: int,
@@ -190,8 +195,8 @@ def heads(
         final = store.run(int(run)).to_frame("head_scores", declared.unit if declared else "final")
         where = str(store.path.resolve())
     if final.empty:
-        raise UserError(f"run {run} is a {detector} run and holds no head scores: `interp heads` reads head-scoring "
-                        f"runs (induction, retrieval, conflict-heads, ph3, ...)")
+        raise UserError(f"run {run} is {_article(detector)} {detector} run and holds no head scores: "
+                        "`interp heads` reads head-scoring runs (induction, retrieval, conflict-heads, ph3, ...)")
     rule = declared or ranking_for(detector, sorted(str(m) for m in final["metric"].unique()))
     if role is not None and role not in rule.roles:
         have = f"roles {', '.join(rule.roles)}" if rule.roles else "no roles"

@@ -238,3 +238,10 @@ def test_prune_option_errors_come_before_loading(tmp_path: Path, capsys: pytest.
         assert out == ""
         assert len(err.strip().splitlines()) == 1, err
         assert message in err, (extra, err)
+
+
+def test_the_article_before_a_detector_name() -> None:
+    from interp.runs.heads import _article  # pyright: ignore[reportPrivateUsage]
+
+    assert [_article(w) for w in ("atlas", "induction", "ph3", "causal-trace", "episodic-ablation")] == [
+        "an", "an", "a", "a", "an"]
