@@ -172,12 +172,13 @@ def needle_pairs(model: LoadedModel, n: int, seq_len: int, seed: int) -> TaskPai
 def _first_copied(model: LoadedModel, ids: list[int], answer: Sequence[int]) -> int | None:
     """The first j whose answer token is the model's top-1 after ``ids`` + answer[:j]; None if
     none is. ``answer`` is only the first token where the needle does not hold the answer's
-    tokens as the question's continuation tokenises them (no aligned later token to corrupt)."""
-    rows = [ids + list(answer[:j]) for j in range(len(answer))]
-    for j, row in enumerate(rows):
-        if _top1(model, torch.tensor([row]))[0] == answer[j]:
-            return j
-    return None
+    tokens as the question's continuation tokenises them (no aligned later token to corrupt).
+    One teacher-forced pass reads every j: attention is causal, so the logits at the position
+    before answer token j see exactly ``ids`` + answer[:j]."""
+    tokens = torch.tensor([[*ids, *answer[:-1]]], device=model.device)
+    with torch.no_grad():
+        top = model.run(tokens).logits[0, len(ids) - 1:].argmax(-1).tolist()
+    return next((j for j, (t, a) in enumerate(zip(top, answer, strict=True)) if t == a), None)
 
 
 def conflict_pairs(model: LoadedModel, n: int, facts: str = "auto", seed: int = 0) -> TaskPairs:
