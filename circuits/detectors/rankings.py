@@ -20,8 +20,8 @@ declare_ranking("conflict-heads", HeadRanking("pooled.memory_score", roles=ROLES
 declare_ranking("ph3", HeadRanking("validation.path_delta", sign=-1, roles=ROLES))
 declare_ranking("induction", HeadRanking("induction"))
 declare_ranking("retrieval", HeadRanking("retrieval"))
-# Prefix matching ranks; the copying score is a second column of the summary.
-declare_ranking("copying", HeadRanking("prefix_matching"))
+# The copying score (the summary's ``score``) ranks; prefix matching is a second column.
+declare_ranking("copying", HeadRanking("copying"))
 # The smaller the distance to the CMR fit, the more CMR-like (the summary's score is -distance).
 declare_ranking("cmr", HeadRanking("cmr_distance", sign=-1))
 declare_ranking("lag-crp", HeadRanking("crp_plus1"))
