@@ -165,13 +165,16 @@ def prefixed_head_scores(scores: pd.DataFrame, prefix: str) -> pd.DataFrame:
     return tables.head_scores(zip(metric, long["layer"], long["head"], long["value"], strict=True))
 
 
-def _pooled(hs: pd.DataFrame, n_items: Mapping[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(the units' head scores split into format and score name, the scores pooled over formats
+def _pooled(
+    hs: pd.DataFrame, formats: Mapping[str, str], n_items: Mapping[str, float]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the units' head scores with their format, taken from the unit that wrote them
+    (``formats``: unit key -> format), and their score name, the scores pooled over formats
     weighted by each format's number of patched items: score_name/layer/head/value rows)."""
     hs = hs.copy()
-    parts = hs["metric"].astype(str).str.split(".", n=1)
-    hs["format"] = parts.str[0]
-    hs["score_name"] = parts.str[1]
+    hs["format"] = [formats[u] for u in hs["unit"].astype(str)]
+    # A unit names its scores "<format>.<score>" (prefixed_head_scores), its own format known.
+    hs["score_name"] = [m.removeprefix(f"{f}.") for m, f in zip(hs["metric"].astype(str), hs["format"], strict=True)]
     hs["w"] = [n_items[f] for f in hs["format"].tolist()]
     hs["wv"] = hs["value"] * hs["w"]
     pooled = pd.DataFrame(hs.groupby(["score_name", "layer", "head"], as_index=False)[["wv", "w"]].sum())
@@ -368,7 +371,8 @@ class ConflictHeadsDetector(Detector[ConflictHeadsConfig]):
         metrics: dict[str, Any] = dict(
             zip(met["name"].astype(str).tolist(), met["value"].astype(float).tolist(), strict=True)
         )
-        hs, pooled = _pooled(results["head_scores"], {f: metrics[f"{f}.n_patch_items"] for f in cfg.formats})
+        formats = {u.key: str(u.label) for u in self.units(model, cfg)}
+        hs, pooled = _pooled(results["head_scores"], formats, {f: metrics[f"{f}.n_patch_items"] for f in cfg.formats})
         rank_col = _rank_column(cfg)
         wide = _ranking(pooled, rank_col)
         metrics.update(_top_head_metrics(wide, rank_col, cfg.n_top, model.info.n_layers))
