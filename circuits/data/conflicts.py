@@ -40,6 +40,7 @@ from interp.errors import UserError
 from interp.model.interventions import Intervention
 from interp.model.loaded import LoadedModel
 from interp.runs.config import SEED_MAX, DetectorConfig, param
+from interp.stats import Interval, mean_interval, wilson
 
 Format = Literal["restated", "qa"]
 FORMATS: tuple[str, ...] = get_args(Format)
@@ -361,20 +362,31 @@ def score_items(
 def rates(scored: pd.DataFrame) -> dict[str, float]:
     """Memory / context rate (top-1 equals that answer's first token), the rate of neither,
     the rate where memory outscores context, and the mean logit(memory) - logit(context)."""
+    return {**{name: iv.value for name, iv in rate_intervals(scored).items()}, "n": len(scored)}
+
+
+# How each of :func:`rates`' means gets its interval: a rate is a mean of 0/1 outcomes per item
+# (Wilson), the logit difference a mean of real values per item (t).
+RATE_INTERVALS: dict[str, str] = {
+    "memory_rate": "wilson", "context_rate": "wilson", "other_rate": "wilson",
+    "memory_preferred_rate": "wilson", "mean_logit_diff": "t",
+}
+
+
+def rate_intervals(scored: pd.DataFrame, level: float = 0.95) -> dict[str, Interval]:
+    """Each of :func:`rates`' means over the items with its interval and n (Wilson for the
+    rates, a t interval for the mean logit difference)."""
     if scored.empty:
         raise UserError("no scored items")
     top1 = scored["top1"].to_numpy()
     mem = top1 == scored["memory_token"].to_numpy()
     ctx = top1 == scored["context_token"].to_numpy()
     diff = scored["logit_memory"].to_numpy(dtype=float) - scored["logit_context"].to_numpy(dtype=float)
-    return {
-        "memory_rate": float(mem.mean()),
-        "context_rate": float(ctx.mean()),
-        "other_rate": float((~mem & ~ctx).mean()),
-        "memory_preferred_rate": float((diff > 0).mean()),
-        "mean_logit_diff": float(diff.mean()),
-        "n": len(scored),
-    }
+    outcomes = {"memory_rate": mem, "context_rate": ctx, "other_rate": ~mem & ~ctx,
+                "memory_preferred_rate": diff > 0}
+    out = {name: wilson(x.astype(float), level) for name, x in outcomes.items()}
+    out["mean_logit_diff"] = mean_interval(diff, level)
+    return out
 
 
 def rates_table(model: LoadedModel, dataset: ConflictDataset, formats: Sequence[str]) -> pd.DataFrame:

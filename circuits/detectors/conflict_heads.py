@@ -38,6 +38,7 @@ its ranking is compared with path patching by Spearman correlation and top-k ove
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -50,11 +51,12 @@ import torch
 from scipy.stats import spearmanr
 
 from circuits.data.conflicts import (
+    RATE_INTERVALS,
     ConflictConfig,
     ConflictDataset,
     conflict_dataset,
     example_tokens,
-    rates,
+    rate_intervals,
     score_items,
 )
 from circuits.data.facts import facts_hash
@@ -66,6 +68,7 @@ from interp.runs import tables
 from interp.runs.config import param
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.units import Part, Unit
+from interp.stats import Interval, wilson_counts
 
 
 def rank_agreement(a: pd.Series, b: pd.Series, top: int = 10) -> dict[str, float]:
@@ -261,6 +264,32 @@ def _head_rows(wide: pd.DataFrame) -> list[dict[str, Any]]:
     ]
 
 
+def _bound(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _rate_intervals(met: pd.DataFrame, formats: Sequence[str]) -> dict[str, Interval]:
+    """The answer rates' intervals as the units stored them (by format and split), each named
+    like its metric; a run stored before the intervals has nan bounds for the logit difference,
+    and its rates get their Wilson interval from the stored rate and n."""
+    rows = met.set_index("name")
+    out: dict[str, Interval] = {}
+    for fmt in formats:
+        for split in ("validation", "test"):
+            for score, method in RATE_INTERVALS.items():
+                name = f"{fmt}.{split}.{score}"
+                if name not in rows.index:
+                    continue
+                r = rows.loc[name]
+                value, n = float(r["value"]), int(r["n"])
+                if method == "wilson":
+                    out[name] = wilson_counts(round(value * n), n)
+                else:
+                    lo, hi = (float("nan") if pd.isna(r[c]) else float(r[c]) for c in ("ci_low", "ci_high"))
+                    out[name] = Interval(value, lo, hi, n, method, 0.95)
+    return out
+
+
 def _final_head_scores(hs: pd.DataFrame, pooled: pd.DataFrame, wide: pd.DataFrame) -> pd.DataFrame:
     """Per-format scores as the units wrote them, then "pooled.<score>" and pooled.memory_score."""
 
@@ -337,9 +366,8 @@ class ConflictHeadsDetector(Detector[ConflictHeadsConfig]):
         if part.index == 0:
             metrics: list[tuple[str, float, float | None, float | None, int | None]] = []
             for split in ("validation", "test"):
-                r = rates(score_items(model, ds.split(split), fmt, batch_size=cfg.batch_size))
-                count = int(r.pop("n"))
-                metrics += [(f"{fmt}.{split}.{k}", float(v), None, None, count) for k, v in r.items()]
+                r = rate_intervals(score_items(model, ds.split(split), fmt, batch_size=cfg.batch_size))
+                metrics += [(f"{fmt}.{split}.{k}", iv.value, _bound(iv.lo), _bound(iv.hi), iv.n) for k, iv in r.items()]
             out["metrics"] = metrics
             if cfg.total_effect:
                 out["total"] = total_effects(model, val[: cfg.total_items], fmt)
@@ -383,6 +411,7 @@ class ConflictHeadsDetector(Detector[ConflictHeadsConfig]):
         metrics.update(split_metrics)
         return Summary(heads=_head_rows(wide),
             metrics=metrics,
+            intervals=_rate_intervals(met, cfg.formats),
             warnings=warnings,
             tables={
                 "head_scores": _final_head_scores(hs, pooled, wide),

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+from scipy import stats as st
 
 from circuits.data import conflicts
 from circuits.data.conflicts import ConflictItem, build_dataset, make_item, rates, score_items
@@ -641,3 +642,44 @@ def test_conflict_heads_unit_split_by_items_joins_to_the_whole(knowing: LoadedMo
         det.join_parts(knowing, cfg, unit, parts[:2])
     with pytest.raises(ValueError, match="cover"):
         det.join_parts(knowing, cfg, unit, [*parts, parts[1]])
+
+
+def _wilson_closed_form(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return centre - half, centre + half
+
+
+def test_rate_intervals_hand_worked() -> None:
+    df = pd.DataFrame({"top1": [5, 6, 7, 5], "memory_token": [5] * 4, "context_token": [6] * 4,
+                       "logit_memory": [3.0, 1.0, 2.0, 4.0], "logit_context": [1.0, 2.0, 2.5, 0.0]})
+    ivs = conflicts.rate_intervals(df)
+    assert (ivs["memory_rate"].lo, ivs["memory_rate"].hi) == pytest.approx(_wilson_closed_form(2, 4))
+    assert (ivs["context_rate"].lo, ivs["context_rate"].hi) == pytest.approx(_wilson_closed_form(1, 4))
+    diff = [2.0, -1.0, -0.5, 4.0]
+    mean, sd = sum(diff) / 4, float(pd.Series(diff).std())
+    half = 3.182446305284263 * sd / 2  # t(0.975, 3) * sd / sqrt(4)
+    assert (ivs["mean_logit_diff"].lo, ivs["mean_logit_diff"].hi) == pytest.approx((mean - half, mean + half))
+    assert {iv.n for iv in ivs.values()} == {4}
+    assert {k: iv.value for k, iv in ivs.items()} == {k: v for k, v in rates(df).items() if k != "n"}
+
+
+def test_conflict_heads_answer_rates_carry_their_intervals(knowing: LoadedModel) -> None:
+    det = ConflictHeadsDetector()
+    cfg = det.parse_params({"max_items": 8, "formats": "restated", "n_top": 2})
+    summary, _ = run_in_memory(knowing, det, cfg)
+    scored = score_items(knowing, det.dataset(knowing, cfg).split("test"), "restated")
+    n = len(scored)
+    k = int((scored["top1"] == scored["memory_token"]).sum())
+    iv = summary.intervals["restated.test.memory_rate"]
+    assert (iv.value, iv.n, iv.method) == (k / n, n, "wilson")
+    assert (iv.lo, iv.hi) == pytest.approx(_wilson_closed_form(k, n))
+    diff = scored["logit_memory"] - scored["logit_context"]
+    t = summary.intervals["restated.test.mean_logit_diff"]
+    assert t.value == pytest.approx(float(diff.mean()), abs=1e-5)
+    if n > 1:
+        half = float(st.t.ppf(0.975, n - 1)) * float(diff.std()) / n**0.5
+        assert (t.lo, t.hi) == pytest.approx((diff.mean() - half, diff.mean() + half), abs=1e-5)
+    final = summary.tables["metrics"].set_index("name")
+    assert final.loc["restated.test.memory_rate", "ci_low"] == pytest.approx(iv.lo)
