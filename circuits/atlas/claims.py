@@ -8,7 +8,7 @@ from typing import Any
 
 from circuits.methods.heads import head_label
 from interp.runs.registry import Summary
-from interp.stats import Interval, difference_verdict
+from interp.stats import Direction, Interval, mean_interval, verdict, wilson_counts
 
 SETS = (("induction", "induction"), ("retrieval", "retrieval"), ("cmr", "cmr"),
         ("memory", "conflict-heads"), ("context", "conflict-heads"))
@@ -76,9 +76,23 @@ def _mean_depth(heads: Sequence[Mapping[str, Any]], n_layers: int) -> float | No
     return sum(int(h["layer"]) for h in heads) / len(heads) / n_layers if heads else None
 
 
-def _verdict(ok: bool | None, value: Any, detail: str, **extra: Any) -> dict[str, Any]:
+def _verdict(ok: bool | None, value: Any, detail: str, n: int | None = None, **extra: Any) -> dict[str, Any]:
+    """A claim read from a point value (no interval: ``method`` "point"), or not measurable."""
     verdict = NM if ok is None else HOLDS if ok else FAILS
-    return {"verdict": verdict, "value": value, "detail": detail, **extra}
+    method = None if ok is None else "point"
+    return {"verdict": verdict, "value": value, "lo": None, "hi": None, "n": n, "method": method,
+            "detail": detail, **extra}
+
+
+def _interval_claim(iv: Interval, threshold: float, direction: Direction, detail: str,
+                    **extra: Any) -> dict[str, Any]:
+    """A claim that the true value lies on ``direction``'s side of ``threshold``, from its interval
+    (interp.stats.verdict: holds, does not hold, or inconclusive where the interval contains the
+    threshold or is undefined)."""
+    fields = iv.to_dict()
+    return {"verdict": verdict(iv, threshold, direction), "value": fields["value"], "lo": fields["lo"],
+            "hi": fields["hi"], "n": fields["n"], "method": iv.method, "level": iv.level,
+            "threshold": threshold, "detail": detail, **extra}
 
 
 def _why_missing(res: ModelResults, det: str) -> str:
@@ -96,7 +110,10 @@ def claim_retrieval_sparse(res: ModelResults, top: int) -> dict[str, Any]:
              f"{s.metrics.get('threshold')}"
     if s.metrics.get("too_few_counted"):
         detail += f" (noisy: only {s.metrics.get('n_counted')} samples counted)"
-    return _verdict(share < SPARSE_SHARE, share, detail)
+    iv = s.intervals.get("share_heads_above_threshold")
+    if iv is not None:
+        return _interval_claim(iv, SPARSE_SHARE, "lower", detail)
+    return _verdict(share < SPARSE_SHARE, share, detail, n=s.metrics.get("n_heads"))
 
 
 def claim_memory_context_late(res: ModelResults, top: int) -> dict[str, Any]:
@@ -106,7 +123,11 @@ def claim_memory_context_late(res: ModelResults, top: int) -> dict[str, Any]:
     if depth is None:
         return _verdict(None, None, _why_missing(res, "conflict-heads"))
     n_mem, n_ctx = len(sets.get("memory", [])), len(sets.get("context", []))
-    return _verdict(depth > LATE_DEPTH, depth, f"mean relative depth of {n_mem} memory + {n_ctx} context heads")
+    detail = f"mean relative depth of {n_mem} memory + {n_ctx} context heads"
+    if len(heads) < 2:
+        return _verdict(depth > LATE_DEPTH, depth, detail, n=len(heads))
+    return _interval_claim(mean_interval([int(h["layer"]) / res.n_layers for h in heads]), LATE_DEPTH, "higher",
+                           detail + " (t interval over the heads)")
 
 
 def claim_cmr_mid_late(res: ModelResults, top: int) -> dict[str, Any]:
@@ -131,7 +152,11 @@ def claim_induction_exists(res: ModelResults, top: int) -> dict[str, Any]:
     best = max(float(h["score"]) for h in heads)
     threshold = float(s.metrics["threshold"])
     n_above = sum(float(h["score"]) > threshold for h in heads)
-    return _verdict(best > threshold, best, f"max induction score; {n_above} heads > {threshold}")
+    detail = f"max induction score; {n_above} heads > {threshold}"
+    iv = s.intervals.get("top_score")
+    if iv is not None:
+        return _interval_claim(iv, threshold, "higher", detail + " (the top head's score over the prompts)")
+    return _verdict(best > threshold, best, detail)
 
 
 def claim_induction_retrieval_overlap(res: ModelResults, top: int) -> dict[str, Any]:
@@ -181,13 +206,6 @@ def claim_ph3_beats_random(res: ModelResults, top: int) -> dict[str, Any]:
     return _verdict(gain > 0, gain, detail)
 
 
-def _interval_verdict(difference: Interval, detail: str) -> dict[str, Any]:
-    """A claim that a paired difference is above 0, from its interval (interp.stats: holds,
-    does not hold, or inconclusive where the interval contains 0)."""
-    return {"verdict": difference_verdict(difference, "higher"), "value": round(difference.value, 9),
-            "detail": detail, "interval": difference.to_dict()}
-
-
 def claim_decore_beats_greedy(res: ModelResults, top: int) -> dict[str, Any]:
     s = res.summaries.get("decore-eval")
     if s is None:
@@ -203,7 +221,7 @@ def claim_decore_beats_greedy(res: ModelResults, top: int) -> dict[str, Any]:
         return _verdict(decore > greedy, round(decore - greedy, 9), detail)
     detail += (f"; paired difference {diff.value:+.2f} [{diff.lo:+.2f}, {diff.hi:+.2f}] ({diff.method}, "
                f"n={diff.n}), McNemar p={m.get('nqswap:decore-entropy:mcnemar_p', float('nan')):.2g}")
-    return _interval_verdict(diff, detail)
+    return _interval_claim(diff, 0.0, "higher", detail)
 
 
 def claim_mlp_peak_early(res: ModelResults, top: int) -> dict[str, Any]:
@@ -249,10 +267,12 @@ def claim_induction_keys_from_previous_token(res: ModelResults, top: int) -> dic
         found.append(f"{head_label(int(h['layer']), int(h['head']))}<-{best['sender']}")
     if not found:
         return _verdict(None, None, "no top induction head's key was path-patched")
-    share, random_share = hits / len(found), chance / len(found)
+    random_share = chance / len(found)
     detail = (f"{hits} of {len(found)} top induction heads' strongest k edge from a top-{top} previous-token "
               f"head ({', '.join(found)}); random senders: {random_share:.2f}")
-    return _verdict(share > random_share, share, detail, random=random_share)
+    # The share of found heads is a count of 0/1 outcomes; its Wilson interval against the share
+    # random senders would give.
+    return _interval_claim(wilson_counts(hits, len(found)), random_share, "higher", detail, random=random_share)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from interp.runs import tables
 from interp.runs.config import DetectorConfig
 from interp.runs.registry import Detector, OutputKind, Summary, UnitResult
 from interp.runs.units import Unit
+from interp.stats import Interval, mean_interval
 
 if TYPE_CHECKING:
     from interp.model.loaded import LoadedModel
@@ -89,6 +90,17 @@ def weighted_means(results: Mapping[str, pd.DataFrame], weights: Mapping[str, fl
     return HeadMeans(scores, metrics, n_total)
 
 
+def unit_score_interval(results: Mapping[str, pd.DataFrame], weights: Mapping[str, float], metric: str,
+                        layer: int, head: int) -> Interval | None:
+    """The t interval of one head's ``metric`` over the units that count (weight > 0), each unit's
+    value one sample (units are equal batches, or single samples that count or not); None with
+    fewer than two such units."""
+    hs = results["head_scores"]
+    rows = hs[(hs["metric"] == metric) & (hs["layer"] == layer) & (hs["head"] == head)]
+    values = [float(v) for u, v in zip(rows["unit"], rows["value"], strict=True) if weights.get(str(u), 1.0) > 0]
+    return mean_interval(values) if len(values) >= 2 else None
+
+
 class HeadScoreDetector(Detector[C]):
     """A detector that scores every head in each unit; see the module docstring."""
 
@@ -137,9 +149,13 @@ class HeadScoreDetector(Detector[C]):
         return heads
 
     def finalize(self, model: LoadedModel, cfg: C, results: Mapping[str, pd.DataFrame]) -> Summary:
-        means = weighted_means(results, self.weights(results))
+        weights = self.weights(results)
+        means = weighted_means(results, weights)
         heads = self.ranked_heads(means)
         metrics = self.summary_metrics(model, cfg, heads, means)
         agg = tables.head_scores((m, la, h, v) for (m, la, h), v in sorted(means.scores.items()))
-        return Summary(heads=heads, metrics=metrics,
+        # The top head's score with its interval over the units (the atlas reads "some head
+        # exceeds the threshold" from it).
+        top = unit_score_interval(results, weights, self.score, heads[0]["layer"], heads[0]["head"]) if heads else None
+        return Summary(heads=heads, metrics=metrics, intervals={"top_score": top} if top is not None else {},
                        tables={"head_scores": agg, "metrics": tables.metrics(metrics, n=int(means.n))})

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from circuits.atlas.claims import FAILS, HOLDS, INCONCLUSIVE, ModelResults, summarize
+from circuits.atlas.claims import FAILS, HOLDS, INCONCLUSIVE, NM, ModelResults, summarize
 from interp.runs.registry import Summary
 from interp.stats import Interval
 
@@ -53,9 +53,12 @@ def _conflict(memory_layers: list[int], context_layers: list[int]) -> Summary:
 
 @pytest.mark.parametrize(
     ("memory", "context", "verdict", "depth"),
-    [([3, 3], [2], HOLDS, 8 / 12),  # (3 + 3 + 2) / 3 heads / 4 layers
-     ([2], [2], FAILS, 0.5),  # exactly the middle: not later
-     ([1], [0, 2], FAILS, 3 / 12)],
+    # Relative depths (layer / 4) of the top 2 memory and top 2 context heads; t interval over
+    # them, t(0.975, n - 1).
+    [([3, 3], [3, 3], HOLDS, 0.75),  # all at 0.75, no spread: the interval is the point 0.75
+     ([3, 3], [2], INCONCLUSIVE, 8 / 12),  # 0.75, 0.75, 0.5: sd 0.144, n 3, half 4.30 x 0.083: [0.31, 1.02]
+     ([2], [2], INCONCLUSIVE, 0.5),  # exactly the middle, no spread: the interval is a point on 0.5
+     ([0, 1], [0, 1], FAILS, 0.125)],  # 0, 0.25, 0, 0.25: sd 0.144, half 3.18 x 0.072: [-0.10, 0.35]
 )
 def test_memory_context_late(memory: list[int], context: list[int], verdict: str, depth: float) -> None:
     assert _verdicts(c=_conflict(memory, context))["memory-context-late"] == (verdict, pytest.approx(depth))
@@ -98,7 +101,7 @@ def test_decore_beats_greedy_from_its_paired_interval(lo: float, hi: float, verd
     (claim,) = [c for c in summarize({"m": res}, ["decore-eval"], 2)["claims"] if c["id"] == "decore-beats-greedy"]
     got = claim["models"]["m"]
     assert (got["verdict"], got["value"]) == (verdict, 0.1)
-    assert (got["interval"]["lo"], got["interval"]["hi"], got["interval"]["n"]) == (lo, hi, 20)
+    assert (got["lo"], got["hi"], got["n"], got["method"]) == (lo, hi, 20, "newcombe")
 
 
 @pytest.mark.parametrize(("layer", "verdict"), [(1, HOLDS), (2, HOLDS), (3, FAILS)])
@@ -143,3 +146,24 @@ def test_induction_retrieval_overlap(retrieval_heads: list[tuple[int, int]], ver
                                            for i, (la, h) in enumerate(retrieval_heads)],
                   metrics={"share_heads_above_threshold": 0.25})
     assert _verdicts(i=ind, r=ret)["induction-retrieval-overlap"] == (verdict, pytest.approx(jaccard))
+
+
+def _induction(lo: float, hi: float) -> Summary:
+    return Summary(detector="induction", variant="v", heads=[{"layer": 2, "head": 0, "score": 0.5}],
+                   metrics={"threshold": 0.4}, intervals={"top_score": Interval(0.5, lo, hi, 4, "t", 0.95)})
+
+
+@pytest.mark.parametrize(("lo", "hi", "verdict"), [(0.45, 0.55, HOLDS), (0.3, 0.7, INCONCLUSIVE),
+                                                   (0.4, 0.6, INCONCLUSIVE)])
+def test_induction_exists_from_the_top_heads_interval(lo: float, hi: float, verdict: str) -> None:
+    """Above the threshold 0.4 only when the top head's whole interval is; touching it is not."""
+    assert _verdicts(i=_induction(lo, hi))["induction-exists"] == (verdict, 0.5)
+
+
+def test_every_claim_carries_value_interval_n_and_one_of_the_verdicts() -> None:
+    res = ModelResults(n_layers=4, n_heads=8, summaries={
+        "induction": _induction(0.45, 0.55), "retrieval": _retrieval(0.25), "conflict-heads": _conflict([3], [2])})
+    for claim in summarize({"m": res, "none": ModelResults(4, 8)}, list(res.summaries), 2)["claims"]:
+        for got in claim["models"].values():
+            assert {"verdict", "value", "lo", "hi", "n", "method"} <= got.keys(), claim["id"]
+            assert got["verdict"] in (HOLDS, FAILS, INCONCLUSIVE, NM)
