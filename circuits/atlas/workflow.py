@@ -265,8 +265,12 @@ def model_cost(runs: Mapping[str, Mapping[str, Any]], load_s: float, wall_s: flo
 
 def _cell(result: Mapping[str, Any]) -> str:
     word = {HOLDS: "yes", FAILS: "no", INCONCLUSIVE: "inconcl.", NM: "n.m."}[result["verdict"]]
-    value = result["value"]
-    return f"{word} {value:.3g}" if isinstance(value, int | float) else word
+    value, lo, hi = result["value"], result.get("lo"), result.get("hi")
+    if not isinstance(value, int | float):
+        return word
+    if isinstance(lo, int | float) and isinstance(hi, int | float):
+        return f"{word} {value:.2g} [{lo:.2g},{hi:.2g}]"
+    return f"{word} {value:.3g}"
 
 
 def _chunks(widths: Sequence[int], first: int) -> list[list[int]]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from circuits.atlas.claims import FAILS, HOLDS, NM, ModelResults, summarize
+from circuits.atlas.claims import FAILS, HOLDS, INCONCLUSIVE, NM, ModelResults, summarize
 from circuits.methods.edge_records import edge_record
 from interp.runs.registry import Summary
 
@@ -49,19 +49,46 @@ def _verdict(*summaries: Summary) -> tuple[str, Any, Any]:
     return got["verdict"], got["value"], got.get("random")
 
 
+# The share of hits is read from its Wilson interval against the random senders' 0.5: with two
+# heads no share can decide (2 of 2: [0.34, 1]; 1 of 2: [0.09, 0.91]; 0 of 2: [0, 0.66]).
 @pytest.mark.parametrize(
     ("strongest", "verdict", "share"),
-    [({"k:3.0": "1.0", "k:2.1": "0.1"}, HOLDS, 1.0),  # both from a top previous-token head: 1 > 0.5
-     ({"k:3.0": "1.0", "k:2.1": "0.0"}, FAILS, 0.5),  # one of two: as often as random, not more
-     ({"k:3.0": "0.0", "k:2.1": "1.1"}, FAILS, 0.0)],
+    [({"k:3.0": "1.0", "k:2.1": "0.1"}, INCONCLUSIVE, 1.0),  # both from a top previous-token head
+     ({"k:3.0": "1.0", "k:2.1": "0.0"}, INCONCLUSIVE, 0.5),  # one of two: as often as random
+     ({"k:3.0": "0.0", "k:2.1": "1.1"}, INCONCLUSIVE, 0.0)],
 )
 def test_induction_keys_from_previous_token_heads(strongest: dict[str, str], verdict: str, share: float) -> None:
     assert _verdict(_induction(), _path_patching(strongest)) == (verdict, share, 0.5)
 
 
 def test_only_measured_keys_count() -> None:
-    # Only L3H0's key was patched: 1 hit of 1 measured head.
-    assert _verdict(_induction(), _path_patching({"k:3.0": "0.1"})) == (HOLDS, 1.0, 0.5)
+    # Only L3H0's key was patched: 1 hit of 1 measured head (Wilson [0.21, 1]).
+    assert _verdict(_induction(), _path_patching({"k:3.0": "0.1"})) == (INCONCLUSIVE, 1.0, 0.5)
+
+
+@pytest.mark.parametrize(("hit", "verdict"), [(True, HOLDS), (False, FAILS)])
+def test_eight_keys_decide_both_ways(hit: bool, verdict: str) -> None:
+    """8 layers of 4 heads: induction heads L4H0..L7H1 (8), previous-token heads L0H0..L1H3 (8).
+    Each key's senders are the 16 heads of layers 0-3, 8 of them top previous-token heads: random
+    senders hit with probability 0.5. 8 of 8 hits: Wilson [0.68, 1] above 0.5; 0 of 8: [0, 0.32]
+    below it."""
+    ind = [{"layer": la, "head": h, "score": 0.9 - 0.01 * (2 * la + h), "previous_token": 0.0}
+           for la in range(4, 8) for h in range(2)]
+    prev = [{"layer": la, "head": h, "score": 0.0, "previous_token": 0.9 - 0.01 * (4 * la + h)}
+            for la in range(2) for h in range(4)]
+    edges = []
+    for r in ind:
+        receiver = f"k:{r['layer']}.{r['head']}"
+        best = "0.0" if hit else "2.0"
+        for sender in (f"{la}.{h}" for la in range(4) for h in range(4)):
+            edges.append(edge_record(sender, receiver, 1.0 if sender == best else 0.1, None, False))
+    res = ModelResults(n_layers=8, n_heads=32, summaries={
+        "induction": Summary(heads=ind + prev, metrics={"threshold": 0.4}, detector="induction", variant="v"),
+        "path-patching": Summary(metrics={"task": "induction", "group_size": 1}, edges=edges,
+                                 detector="path-patching", variant="direct")})
+    (got,) = [c["models"]["m"] for c in summarize({"m": res}, list(res.summaries), 8)["claims"] if c["id"] == CLAIM]
+    assert (got["verdict"], got["value"], got["random"], got["n"]) == (verdict, 1.0 if hit else 0.0, 0.5, 8)
+    assert (got["lo"], got["hi"]) == pytest.approx((0.6756, 1.0) if hit else (0.0, 0.3244), abs=1e-4)
 
 
 @pytest.mark.parametrize("summaries", ["no-path-patching", "other-task", "no-induction"])
