@@ -233,6 +233,13 @@ def claim_mlp_peak_early(res: ModelResults, top: int) -> dict[str, Any]:
     detail = (f"MLP restoration at the last subject token peaks at layer {int(layer)} of {res.n_layers} "
               f"(effect {float(s.metrics.get('peak_value_mlp_last_subject', float('nan'))):.3f}, "
               f"{s.metrics.get('n_facts_traced')} facts)")
+    iv = s.intervals.get("peak_depth_mlp_last_subject")
+    if iv is not None:
+        # "Early-to-middle" includes the middle: the claim fails only above it. The interval is
+        # the bootstrap over facts of the peak's depth.
+        ok = (INCONCLUSIVE if not iv.defined else HOLDS if iv.hi <= LATE_DEPTH
+              else FAILS if iv.lo > LATE_DEPTH else INCONCLUSIVE)
+        return {**_interval_claim(iv, LATE_DEPTH, "lower", detail), "verdict": ok}
     return _verdict(depth <= LATE_DEPTH, depth, detail)
 
 

@@ -64,6 +64,7 @@ from interp.runs.config import SEED_MAX, param
 from interp.runs.registry import Summary, UnitResult, get_detector, register
 from interp.runs.runner import run_in_memory
 from interp.runs.units import Part, Unit
+from interp.stats import Interval, bootstrap_interval, mean_interval
 
 if TYPE_CHECKING:
     pass
@@ -154,6 +155,26 @@ def _bucket_averages(
                 summary[f"peak_layer_{k}_{bucket}"] = int(sub["layer"].to_numpy()[best])
                 summary[f"peak_value_{k}_{bucket}"] = float(values[best])
     return tables.token_layer(rows)
+
+
+def peak_depth_interval(
+    effects: Sequence[tuple[np.ndarray, tuple[int, int]]], n_layers: int, bucket: str = "last_subject"
+) -> Interval:
+    """The relative depth (layer / n_layers) at which the facts' average effect in ``bucket``
+    peaks, with its bootstrap interval over the facts (each resample averages the resampled
+    facts again and takes the peak; fewer than two facts: no interval)."""
+
+    def depth(index: np.ndarray) -> float:
+        b = average_buckets([effects[int(i)] for i in index])
+        sub = pd.DataFrame(b[b["bucket"] == bucket])
+        return int(sub["layer"].to_numpy()[int(np.argmax(sub["value"].to_numpy(float)))]) / n_layers
+
+    return bootstrap_interval(np.arange(len(effects)), depth, n_resamples=PEAK_RESAMPLES)
+
+
+# Each resample re-averages the facts' [T, L] grids; 1,999 keep that under a second for tens of
+# facts, with a Monte Carlo error of a 95 % percentile bound well below the spread over facts.
+PEAK_RESAMPLES = 1_999
 
 
 @register
@@ -268,7 +289,11 @@ class CausalTraceDetector(_FactsDetector[CausalTraceConfig]):
         summary["noise_std"] = float(per_unit[fact_units[0]]["noise_std"])
         table = _bucket_averages(effects, cfg.kinds, summary)
         summary.update(samples=cfg.samples, window=cfg.window, answer_mode=cfg.answer_mode)
-        return Summary(metrics=summary,
+        intervals = {f"mean_{name}": mean_interval([per_unit[u][name] for u in fact_units])
+                     for name in ("p_clean", "p_corrupted", "total_effect")}
+        if "mlp" in cfg.kinds:
+            intervals["peak_depth_mlp_last_subject"] = peak_depth_interval(effects["mlp"], model.info.n_layers)
+        return Summary(metrics=summary, intervals=intervals,
             warnings=sorted(set(warnings)),
             tables={"token_layer": table, "metrics": tables.metrics(summary, n=len(fact_units))},
         )

@@ -167,3 +167,13 @@ def test_every_claim_carries_value_interval_n_and_one_of_the_verdicts() -> None:
         for got in claim["models"].values():
             assert {"verdict", "value", "lo", "hi", "n", "method"} <= got.keys(), claim["id"]
             assert got["verdict"] in (HOLDS, FAILS, INCONCLUSIVE, NM)
+
+
+@pytest.mark.parametrize(("lo", "hi", "verdict"), [(0.1, 0.5, HOLDS), (0.3, 0.7, INCONCLUSIVE), (0.55, 0.8, FAILS)])
+def test_mlp_peak_early_from_its_interval_over_facts(lo: float, hi: float, verdict: str) -> None:
+    """"Early-to-middle" includes the middle: holds when the whole interval is at or below 0.5,
+    does not hold when it lies above."""
+    s = Summary(detector="causal-trace", variant="v", metrics={"peak_layer_mlp_last_subject": 1,
+                "peak_value_mlp_last_subject": 0.3, "n_facts_traced": 10},
+                intervals={"peak_depth_mlp_last_subject": Interval(0.25, lo, hi, 10, "bca-bootstrap", 0.95)})
+    assert _verdicts(t=s)["mlp-peak-early"] == (verdict, 0.25)

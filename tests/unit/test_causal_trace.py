@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import stats
 
 from circuits.data.facts import DEFAULT_FACTS, Fact, answer_tokens, known_facts, load_facts, subject_span
 from circuits.detectors import causal_trace as ct
@@ -413,7 +414,38 @@ def test_causal_trace_detector_on_a_fact_file(tiny_model: LoadedModel, tmp_path:
     got: Any = final[(final["kind"] == "avg_indirect_mlp") & (final["token"] == "last_subject") & (final["layer"] == 1)]
     assert float(got["value"].iloc[0]) == pytest.approx(float(np.mean(vals)), abs=1e-9)
     assert "peak_layer_mlp_last_subject" in summary.metrics
+    # The mean total effect's t interval over the traced facts, from scipy's quantile.
+    effects = np.array([float(m[m["unit"] == u].set_index("name")["value"]["total_effect"]) for u in tl["unit"].unique()])
+    half = stats.t.ppf(0.975, len(effects) - 1) * effects.std(ddof=1) / np.sqrt(len(effects))
+    iv = summary.intervals["mean_total_effect"]
+    assert (iv.lo, iv.hi, iv.n) == (pytest.approx(effects.mean() - half), pytest.approx(effects.mean() + half), len(effects))
+    peak = summary.intervals["peak_depth_mlp_last_subject"]
+    assert peak.value == summary.metrics["peak_layer_mlp_last_subject"] / tiny_model.info.n_layers
     json.dumps(summary.to_json())
+
+
+def _spike(n_layers: int, layer: int, height: float = 1.0) -> tuple[np.ndarray, tuple[int, int]]:
+    """One fact of 3 tokens (subject = token 1) whose last-subject effect is one spike at ``layer``."""
+    grid = np.zeros((3, n_layers))
+    grid[1, layer] = height
+    return grid, (1, 2)
+
+
+def test_peak_depth_interval_over_facts_by_hand() -> None:
+    # Every fact peaks at layer 2 of 8: every resample does too, so the interval is the point 0.25.
+    same = ct.peak_depth_interval([_spike(8, 2)] * 5, 8)
+    assert (same.value, same.lo, same.hi, same.n) == (0.25, 0.25, 0.25, 5)
+    # Spikes at layers 1 (x3, height 1) and 6 (x2, height 1): the average peaks at layer 1
+    # (3/5 > 2/5), and a resample's peak is one of the spikes' layers, so both bounds are
+    # 1/8 or 6/8, and resamples with more layer-6 facts exist: hi = 6/8.
+    mixed = ct.peak_depth_interval([_spike(8, 1)] * 3 + [_spike(8, 6)] * 2, 8)
+    assert mixed.value == 1 / 8
+    assert {mixed.lo, mixed.hi} <= {1 / 8, 6 / 8}
+    assert mixed.hi == 6 / 8
+    # One fact: no interval.
+    one = ct.peak_depth_interval([_spike(8, 3)], 8)
+    assert math.isnan(one.lo)
+    assert one.value == 3 / 8
 
 
 def test_single_prompt_mode_and_warnings(tiny_model: LoadedModel) -> None:
