@@ -1,5 +1,6 @@
 """CMR fits of each head's attention lag-CRP (Ji-An et al. 2024), each against its null: the
-same lag-CRP shuffled over lags and fitted the same way (:mod:`circuits.methods.cmr_null`)."""
+same head's lag-CRP read around random stand-ins for the matches (or shuffled over lags), fitted
+the same way (:mod:`circuits.methods.cmr_null`)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 
-from circuits.detectors.lag_crp import LagListsConfig, _col, _finite, _LagCRPBase, lag_records
+from circuits.detectors.lag_crp import LagListsConfig, _col, _finite, _LagCRPBase, lag_records, null_array
 from circuits.methods import cmr_model, cmr_null
 from interp.errors import UserError
 from interp.model.loaded import LoadedModel
 from interp.runs import tables
 from interp.runs.config import MAX_DRAWS, SEED_MAX, param
 from interp.runs.registry import Summary, register
+from interp.runs.units import Unit
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -35,14 +37,15 @@ class CMRConfig(LagListsConfig):
         cmr_model.FIT_LAG, "lags -fit_lag..fit_lag enter the CMR distance (at most max_lag)",
         low=1, high=cmr_model.GridSpec().max_lag,
     )
-    null_draws: int = param(
-        cmr_null.NULL_DRAWS, "lag-shuffles of each head's lag-CRP fitted as its null", low=1, high=MAX_DRAWS
+    null_kind: Literal["match", "lags"] = param(
+        "match", "null: lag-CRP around random stand-ins for the matches, or the lag-CRP shuffled over lags"
     )
+    null_draws: int = param(cmr_null.NULL_DRAWS, "null lag-CRPs fitted per head", low=1, high=MAX_DRAWS)
     null_alpha: float = param(
         cmr_null.NULL_ALPHA, "a head is above its null when its empirical p is at most this",
         low=0, high=1, low_open=True, high_open=True,
     )
-    null_seed: int = param(0, "seed of the null's lag-shuffles", low=0, high=SEED_MAX)
+    null_seed: int = param(0, "seed of the null's draws", low=0, high=SEED_MAX)
 
     def check(self) -> None:
         super().check()
@@ -102,11 +105,18 @@ def _fit_curve_rows(records: Sequence[Mapping[str, Any]], fit: cmr_model.CMRFit)
     return rows
 
 
-def _null_of(crp: np.ndarray, lags: np.ndarray, grid: cmr_model.CMRGrid, cfg: CMRConfig) -> cmr_null.CMRNull:
-    """Every head (layer-major) against ``cfg.null_draws`` lag-shuffles of its own lag-CRP."""
-    n_l, n_h, _ = crp.shape
-    return cmr_null.cmr_null(crp.reshape(n_l * n_h, -1), lags, grid, cfg.fit_lag,
-                             n_draws=cfg.null_draws, seed=cfg.null_seed, alpha=cfg.null_alpha)
+def _null_of(
+    crp: np.ndarray, lags: np.ndarray, grid: cmr_model.CMRGrid, cfg: CMRConfig, results: Mapping[str, pd.DataFrame]
+) -> cmr_null.CMRNull:
+    """Every head (layer-major) against its ``cfg.null_draws`` null lag-CRPs of ``cfg.null_kind``."""
+    n_l, n_h, n_lags = crp.shape
+    if cfg.null_kind == "lags":
+        return cmr_null.cmr_null(crp.reshape(n_l * n_h, -1), lags, grid, cfg.fit_lag,
+                                 n_draws=cfg.null_draws, seed=cfg.null_seed, alpha=cfg.null_alpha)
+    null_crp = null_array(results).reshape(n_l * n_h, -1, n_lags)
+    distance = cmr_model.fit_cmr(crp.reshape(n_l * n_h, -1), lags, grid, cfg.fit_lag).distance
+    null = cmr_null.fit_null_curves(null_crp, lags, grid, cfg.fit_lag)
+    return cmr_null.against_null(distance, null, cfg.null_alpha)
 
 
 def _null_metrics(records: Sequence[Mapping[str, Any]], cfg: CMRConfig) -> dict[str, Any]:
@@ -125,6 +135,7 @@ def _null_metrics(records: Sequence[Mapping[str, Any]], cfg: CMRConfig) -> dict[
         # pass at about this rate.
         "expected_above_null_by_chance": cfg.null_alpha * n_fitted,
         "null_draws": cfg.null_draws,
+        "null_kind": cfg.null_kind,
         "null_alpha": cfg.null_alpha,
     }
 
@@ -138,6 +149,10 @@ def _null_curve_rows(records: Sequence[Mapping[str, Any]], null: cmr_null.CMRNul
     ]
 
 
+_NULL_TEXT = {"match": "each query's match replaced by a random first-list position",
+              "lags": "the head's lag-CRP shuffled over the fitted lags"}
+
+
 @register
 class CMRDetector(_LagCRPBase[CMRConfig]):
     name = "cmr"
@@ -149,10 +164,17 @@ class CMRDetector(_LagCRPBase[CMRConfig]):
         **_LagCRPBase.curve_axes,
         "attn_scaled": ("lag: key - matching position in the first list (tokens)", "attention weight, shifted to min 0 (CMR fit scaled to it)"),
         "cmr_fit_scaled": ("lag: key - matching position in the first list (tokens)", "attention weight, shifted to min 0 (CMR fit scaled to it)"),
-        "cmr_null_distance": ("null draw (the head's lag-CRP shuffled over lags)", "CMR distance of the draw"),
+        "cmr_null_distance": ("null draw (see the run's null_kind)", "CMR distance of the draw's lag-CRP"),
     }
     in_default_scan = True
     Config = CMRConfig
+
+    def null_perms(self, cfg: CMRConfig, unit: Unit, length: int) -> np.ndarray | None:
+        if cfg.null_kind != "match":
+            return None
+        # Seeded per unit: every unit's prompts get their own stand-in matches.
+        rng = np.random.default_rng([cfg.null_seed, int(unit.index or 0)])
+        return np.stack([rng.permutation(length) for _ in range(cfg.null_draws)])
 
     def variant(self, cfg: CMRConfig) -> str:
         # At most 40 characters while grid_sims has at most 7 digits.
@@ -163,8 +185,8 @@ class CMRDetector(_LagCRPBase[CMRConfig]):
                 f"2024) over a simulated parameter grid ({cfg.grid_estimator} estimator, {cfg.grid_sims} trials "
                 f"per start position): distance = mean squared error / variance of the shifted attention curve "
                 f"over lags -{cfg.fit_lag}..{cfg.fit_lag}; CMR-like below {cmr_model.CMR_LIKE}; above the null when "
-                f"the distance's empirical p among {cfg.null_draws} fits of the same lag-CRP shuffled over those "
-                f"lags is at most {cfg.null_alpha}")
+                f"the distance's empirical p among the fits of {cfg.null_draws} null lag-CRPs ({_NULL_TEXT[cfg.null_kind]}) "
+                f"is at most {cfg.null_alpha}")
 
     def finalize(self, model: LoadedModel, cfg: CMRConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
         crp, lags, spc, table = self.aggregate(model, results)
@@ -172,7 +194,7 @@ class CMRDetector(_LagCRPBase[CMRConfig]):
         records, fit = cmr_records(crp, lags, grid, cfg.fit_lag)
         for r, extra in zip(records, lag_records(crp, lags, spc), strict=True):
             r.update({k: v for k, v in extra.items() if k not in ("layer", "head")})
-        null = _null_of(crp, lags, grid, cfg)
+        null = _null_of(crp, lags, grid, cfg, results)
         for i, r in enumerate(records):
             r.update({"cmr_null_distance": float(null.median[i]), "cmr_null_p": float(null.p_value[i]),
                       "cmr_above_null": bool(null.above[i])})

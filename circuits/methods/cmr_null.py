@@ -1,33 +1,38 @@
-"""A measured null for the CMR fit: each head's lag-CRP shuffled over lags, fitted the same way.
+"""Measured nulls for the CMR fit: what a head whose attention ignores order gets from the same fit.
 
 Ji-An et al. 2024 ("Linking in-context learning in transformers to human episodic memory",
 NeurIPS; the CMR fit of attention heads in pre-trained LLMs, reference code ``corxyz/icl-cmr``
 ``src/fit_attn_score.py``) call a head CMR-like when its CMR distance (the mean squared error of
-the best grid point, over the variance of the head's shifted lag-CRP) is below a fixed threshold
-(0.5, see :mod:`circuits.methods.cmr_model`). That threshold is not a null: with a 4,620-point grid
-and a free shift and scale, a curve of 11 values with no temporal structure can fall below it.
-This module complements the criterion with what a head whose attention ignores order would get.
+the best grid point over the variance of the head's shifted lag-CRP) is below a fixed threshold
+(0.5, :mod:`circuits.methods.cmr_model`). The threshold is not a null: with a 4,620-point grid
+and a free shift and scale, a curve of 11 values can fall below it without any temporal
+contiguity around the match. This module complements that criterion with a sampled null, fitted
+with the same grid and rule: a head is CMR-like against its null when its empirical p =
+(1 + #{null distance <= distance}) / (1 + n_draws) (Phipson & Smyth 2010, through
+:func:`interp.stats.against_random`) is at most ``alpha``. A head with a flat lag-CRP has no
+distance and is never above its null. The heads are tested one by one (no correction for their
+number): over H heads with no order, expect about ``alpha * H`` passes by chance.
 
-The null chosen: the head's own lag-CRP values over the fitted lags (|lag| <= fit_lag) permuted
-at random across those lags, ``n_draws`` times (seeded), each permutation fitted with the same grid
-and rule as the head. A permutation keeps everything the distance is invariant to or normalised
-by (the set of values, hence their minimum, maximum and variance) and destroys only what CMR is
-about: which lag gets which attention (the peak at +1, the forward asymmetry, the decay with
-|lag|). The head is CMR-like against the null when its distance is at most that of
-few enough permutations: empirical p = (1 + #{null distance <= distance}) / (1 + n_draws)
-(Phipson & Smyth 2010, via :func:`interp.stats.against_random`) at most ``alpha``. A head with a
-flat lag-CRP has no distance and is never above its null. For a head whose values carry no order
-(exchangeable across lags) the observed arrangement is one more draw from the null, so it passes
-with probability at most ``alpha``: over H such heads expect about ``alpha * H`` false passes (no
-correction for the many heads is applied; the summary states ``alpha`` and the count it implies).
+Two nulls (``kind``):
 
-The other reading, the same head on a permuted token sequence, was not taken: the lag is
-measured from the current token's first occurrence, so a head that attends to the token after
-that occurrence (an induction head, Ji-An et al.'s main CMR-like case) keeps its peak at +1
-however the second list is ordered; the lag structure would survive the "null". Shuffling the
-fitted curve needs no forward pass: one draw is one more grid fit of every head (tens of milliseconds
-for 270 heads on the default grid on a CPU), so 100 draws cost seconds beside minutes of
-forward passes.
+- ``match`` (default, the faithful one): the same head, the same forward passes, but each
+  second-list query's match replaced by a random first-list position (draw d: a random bijection
+  of the list positions, :func:`circuits.detectors.lag_crp.match_null_from_pattern`), so the
+  lag-CRP is read around a position unrelated to where the query's token was studied. This is
+  "attention that ignores order" relative to the match while keeping everything else the head
+  does (its attention mass on the first list, its serial-position and recency profile). It is
+  computed in the forward pass (a gather per draw) and stored per unit.
+- ``lags``: the head's own lag-CRP values over the fitted lags (|lag| <= fit_lag) permuted at
+  random across those lags. No forward pass (one more grid fit per draw), and it keeps the
+  values the distance is normalised by; but a lag-CRP that is one spike has only 11 places to
+  put it and the grid fits a spike at lag 0 as exactly as one at +1, so such a head's p cannot
+  fall below about 2/11 however sharp the spike: on smollm2-135m it leaves the sharpest induction
+  heads (L17H4, L17H5, L18H6, L18H7, distance < 1e-4) below their null (p 0.15 to 0.20 with 100 draws).
+
+Running the head on a permuted token sequence instead was not taken: the lag is measured from
+the current token's first occurrence, so a head that attends to the token after that occurrence
+(an induction head, Ji-An et al.'s main CMR-like case) keeps its peak at +1 however the lists are
+ordered, and the "null" would keep the mechanism.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from circuits.methods import cmr_model
 from interp.errors import UserError
 from interp.stats import against_random
 
-NULL_DRAWS = 100
+NULL_DRAWS = 20
 NULL_ALPHA = 0.05
 
 
@@ -96,6 +101,9 @@ def against_null(distance: np.ndarray, null: np.ndarray, alpha: float) -> CMRNul
     p = np.full(len(distance), np.nan)
     for h, d in enumerate(distance):
         draws = null[h][np.isfinite(null[h])]
+        # A draw equal to the head's distance up to rounding (a null lag-CRP equal to the head's,
+        # summed in another order) is a tie, and a tie counts against the head.
+        draws = np.where(np.isclose(draws, d, rtol=1e-9, atol=1e-12), d, draws)
         if np.isfinite(d) and draws.size:
             p[h] = against_random(float(d), draws, "lower").p_value
     with np.errstate(invalid="ignore"):
@@ -103,11 +111,20 @@ def against_null(distance: np.ndarray, null: np.ndarray, alpha: float) -> CMRNul
     return CMRNull(distance=np.asarray(distance, dtype=float), null=null, p_value=p, above=above, alpha=alpha)
 
 
+def fit_null_curves(null_crp: np.ndarray, lags: np.ndarray, grid: cmr_model.CMRGrid, fit_lag: int) -> np.ndarray:
+    """CMR distance of every null lag-CRP ``null_crp`` [heads, draws, lags]: [heads, draws]."""
+    n_heads, n_draws, _ = null_crp.shape
+    out = np.empty((n_heads, n_draws))
+    for d in range(n_draws):
+        out[:, d] = cmr_model.fit_cmr(null_crp[:, d], lags, grid, fit_lag).distance
+    return out
+
+
 def cmr_null(
     attn: np.ndarray, lags: np.ndarray, grid: cmr_model.CMRGrid, fit_lag: int,
     n_draws: int = NULL_DRAWS, seed: int = 0, alpha: float = NULL_ALPHA,
 ) -> CMRNull:
-    """Fit each head and ``n_draws`` lag-shuffles of it; flag the heads above their null."""
+    """Fit each head and ``n_draws`` lag-shuffles of it (the ``lags`` null); flag the heads above it."""
     attn = np.asarray(attn, dtype=np.float64)
     distance = cmr_model.fit_cmr(attn, lags, grid, fit_lag).distance
     perms = permutations(attn.shape[0], int((np.abs(lags) <= fit_lag).sum()), n_draws, seed)

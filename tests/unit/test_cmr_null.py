@@ -1,10 +1,10 @@
-"""The CMR fit against its null (each head's lag-CRP shuffled over lags), on hand-built lag-CRPs
-and end to end on a tiny model.
+"""The CMR fit against its nulls (the lag-CRP around random stand-ins for the matches; the lag-CRP
+shuffled over lags), on hand-built attention patterns and lag-CRPs and end to end on a tiny model.
 
-The references are independent of the code under test: the CMR distance computed by a loop over
-grid points, a lag-CRP simulated by the CMR model itself at parameters off the fitting grid, the
-binomial law of the passes of order-free heads, and p-values and shares recounted from the stored
-rows by plain loops.
+The references are independent of the code under test: the null lag-CRP and the CMR distance
+computed by loops, heads built by hand from the CMR model's own CRP at parameters off the fitting
+grid (the mechanism) or from token content alone (no order), the binomial law of the passes of
+order-free heads, and p-values and shares recounted from the stored rows by plain loops.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import copy
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
+import torch
 from scipy import stats
 
 from circuits.detectors import cmr
+from circuits.detectors import lag_crp as episodic
 from circuits.methods import cmr_model, cmr_null
+from circuits.methods.lists import ListPrompts
 from interp.errors import UserError
 from interp.runs.runner import run_detector
 from interp.runs.store import Store
@@ -79,17 +81,106 @@ def test_null_distance_is_the_fit_of_the_shuffled_curve() -> None:
             assert null[h, d] == pytest.approx(naive, rel=1e-9)
 
 
+def test_match_null_is_the_loop_over_stand_in_matches() -> None:
+    gen = torch.Generator().manual_seed(0)
+    b, r, off, n_h, max_lag = 2, 9, 1, 3, 3
+    pattern = torch.rand(b, n_h, off + 2 * r, off + 2 * r, generator=gen)
+    prompts = ListPrompts(torch.zeros(b, off + 2 * r, dtype=torch.long), off, r, torch.arange(r).expand(b, r))
+    perms = torch.stack([torch.randperm(r, generator=gen) for _ in range(4)])
+    got = episodic.match_null_from_pattern(pattern, prompts, perms, max_lag).numpy()
+    _, counts = episodic.lag_crp_from_pattern(pattern, prompts, max_lag)
+    for h in range(n_h):
+        for d in range(4):
+            for li, lag in enumerate(range(-max_lag, max_lag + 1)):
+                total, n = 0.0, 0
+                for bi in range(b):
+                    for i in range(r):
+                        k = int(perms[d, i]) + lag
+                        if 0 <= k < r:
+                            total += float(pattern[bi, h, off + r + i, off + k])
+                            n += 1
+                assert got[h, d, li] == pytest.approx(total, rel=1e-6)
+                assert counts[li] == n  # a bijection keeps the real lag-CRP's counts
+
+
+def _hand_built(kind: str, r: int, n_prompts: int, rng: np.random.Generator) -> tuple[torch.Tensor, ListPrompts]:
+    """Attention patterns of one head on ``n_prompts`` repeated lists of R tokens (no prefix).
+
+    ``cmr``: each second-list query attends to the first-list positions around its match with
+    the weights of a CRP simulated by the CMR model (lag +1 strongest). ``content``: each query
+    attends by the pair of tokens alone (a random affinity per query token and key token, the
+    same whatever their positions), a head that ignores order. ``keys``: attention set by each
+    key's token alone, the same from every query."""
+    tokens = np.stack([rng.permutation(100)[:r] for _ in range(n_prompts)])
+    pattern = np.full((n_prompts, 1, 2 * r, 2 * r), 1e-4)
+    block = pattern[:, 0, r:, :r]  # second-list queries x first-list keys (a view)
+    if kind == "cmr":
+        crp = _cmr_head(rng)
+        for i in range(r):
+            for li, lag in enumerate(LAGS):
+                if 0 <= i + lag < r:
+                    block[:, i, i + lag] += crp[li]
+    elif kind == "content":
+        affinity = np.exp(rng.normal(0.0, 1.0, (100, 100)))
+        block += affinity[tokens[:, :, None], tokens[:, None, :]]
+    else:
+        block += rng.gamma(0.5, size=100)[tokens][:, None, :]
+    pattern /= pattern.sum(-1, keepdims=True)
+    prompts = ListPrompts(torch.as_tensor(np.concatenate([tokens, tokens], 1)), 0, r, torch.arange(r).expand(n_prompts, r))
+    return torch.as_tensor(pattern), prompts
+
+
+def _match_null_verdict(pattern: torch.Tensor, prompts: ListPrompts, grid: cmr_model.CMRGrid, seed: int) -> cmr_null.CMRNull:
+    sums, counts = episodic.lag_crp_from_pattern(pattern, prompts, 8)
+    perms = torch.as_tensor(np.random.default_rng(seed).permuted(np.tile(np.arange(prompts.length), (20, 1)), axis=1))
+    null = episodic.match_null_from_pattern(pattern, prompts, perms, 8) / counts
+    distance = cmr_model.fit_cmr((sums / counts).numpy(), LAGS, grid, cmr_model.FIT_LAG).distance
+    return cmr_null.against_null(distance, cmr_null.fit_null_curves(null.numpy(), LAGS, grid, cmr_model.FIT_LAG), 0.05)
+
+
+def test_hand_built_cmr_head_is_above_the_match_null(grid: cmr_model.CMRGrid) -> None:
+    pattern, prompts = _hand_built("cmr", 30, 4, np.random.default_rng(1))
+    res = _match_null_verdict(pattern, prompts, grid, seed=0)
+    assert res.p_value[0] == pytest.approx(1 / 21)  # better than all 20 null draws
+    assert res.above[0]
+
+
+def test_hand_built_content_heads_pass_the_match_null_at_the_level(grid: cmr_model.CMRGrid) -> None:
+    """Order-free heads: the true pairing of queries and matches is one more random pairing for
+    them, so each passes with probability 1/21 (it must beat all 20 draws): Binomial(n, 1/21)."""
+    rng = np.random.default_rng(2)
+    n = 300
+    above = []
+    for i in range(n):
+        pattern, prompts = _hand_built("content", 30, 2, rng)
+        above.append(bool(_match_null_verdict(pattern, prompts, grid, seed=i).above[0]))
+    law = stats.binom(n, 1 / 21)
+    assert law.ppf(0.0005) <= sum(above) <= law.ppf(0.9995)
+
+
+def test_head_deaf_to_the_query_equals_its_match_null(grid: cmr_model.CMRGrid) -> None:
+    """Attention set by the keys alone: any stand-in matches give the same lag-CRP (p = 1)."""
+    pattern, prompts = _hand_built("keys", 30, 3, np.random.default_rng(4))
+    res = _match_null_verdict(pattern, prompts, grid, seed=0)
+    assert np.allclose(res.null[0], res.distance[0], rtol=1e-9)
+    assert res.p_value[0] == pytest.approx(1.0)
+    assert not res.above[0]
+
+
 def test_cmr_head_is_above_the_null_and_flat_head_is_not(grid: cmr_model.CMRGrid) -> None:
     rng = np.random.default_rng(5)
     head = _cmr_head(rng)
-    assert LAGS[np.argmax(head)] == 1 and head[LAGS == 1] > head[LAGS == -1]  # CMR's signature
+    assert LAGS[np.argmax(head)] == 1
+    assert head[LAGS == 1] > head[LAGS == -1]
     res = cmr_null.cmr_null(np.stack([head, np.full(17, 0.05)]), LAGS, grid, cmr_model.FIT_LAG,
                             n_draws=100, seed=0, alpha=0.05)
     # The CMR head fits better than every one of its 100 shuffles: p at its floor 1/101.
     assert res.p_value[0] == pytest.approx(1 / 101)
     assert res.above[0]
     assert res.distance[0] < res.null[0].min()
-    assert not res.above[1] and np.isnan(res.p_value[1]) and np.isnan(res.median[1])
+    assert not res.above[1]
+    assert np.isnan(res.p_value[1])
+    assert np.isnan(res.median[1])
 
 
 @pytest.mark.parametrize("kind", ["noise", "scrambled-cmr"])
@@ -120,7 +211,8 @@ def test_against_null_counts_as_a_loop() -> None:
         p = (1 + sum(x <= distance[h] for x in null[h])) / 31
         assert res.p_value[h] == pytest.approx(p)
         assert res.above[h] == (p <= 0.1)
-    assert np.isnan(res.p_value[2]) and not res.above[2]
+    assert np.isnan(res.p_value[2])
+    assert not res.above[2]
     with pytest.raises(UserError, match="level"):
         cmr_null.against_null(distance, null, alpha=1.0)
 
@@ -133,40 +225,47 @@ def test_too_few_draws_for_the_level_is_an_error() -> None:
         cmr.CMRConfig(null_draws=98, null_alpha=0.01)
 
 
-def _final(store: Store, run_id: int, table: str) -> pd.DataFrame:
+def _rows(store: Store, run_id: int, table: str, cols: tuple[str, ...]) -> list[tuple]:
+    """The run's final rows of one table as plain tuples of ``cols``."""
     df = store.run(run_id).to_frame(table, unit="final")
-    return df
+    return list(zip(*(df[c].tolist() for c in cols), strict=True))
 
 
-def test_cmr_run_stores_the_null_and_both_shares(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["match", "lags"])
+def test_cmr_run_stores_the_null_and_both_shares(tmp_path: Path, kind: str) -> None:
     model = loaded(copy.deepcopy(tiny_llama()), "bridge")
-    raw = {"seq_len": 12, "n_prompts": 4, "batch_size": 2, "null_draws": 20}
+    raw = {"seq_len": 12, "n_prompts": 4, "batch_size": 2, "null_draws": 20, "null_kind": kind}
     with Store(tmp_path / "ws") as store:
         result = run_detector(model, "cmr", raw, store, progress=False)
-        scores = _final(store, result.run_id, "head_scores")
-        curves = _final(store, result.run_id, "curves")
-        metrics = _final(store, result.run_id, "metrics")
+        scores = _rows(store, result.run_id, "head_scores", ("metric", "layer", "head", "value"))
+        curves = _rows(store, result.run_id, "curves", ("curve", "layer", "head", "x", "y"))
+        value = dict(_rows(store, result.run_id, "metrics", ("name", "value")))
     n_heads = model.info.n_layers * model.info.n_heads
-    by = {m: scores[scores["metric"] == m].set_index(["layer", "head"])["value"]
-          for m in ("cmr_distance", "cmr_null_p", "cmr_above_null", "cmr_null_distance")}
-    assert all(len(s) == n_heads for s in by.values())
-    draws = curves[curves["curve"] == "cmr_null_distance"]
+    by: dict[str, dict[tuple[int, int], float]] = {}
+    for metric, layer, head, v in scores:
+        by.setdefault(metric, {})[(int(layer), int(head))] = float(v) if v is not None else float("nan")
+    for m in ("cmr_distance", "cmr_null_p", "cmr_above_null", "cmr_null_distance"):
+        assert len(by[m]) == n_heads
+    draws: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for curve, layer, head, x, y in curves:
+        if curve == "cmr_null_distance":
+            draws.setdefault((int(layer), int(head)), []).append((float(x), float(y) if y is not None else float("nan")))
     n_above = n_like = n_both = 0
-    for (layer, head), d in by["cmr_distance"].items():
-        null = draws[(draws["layer"] == layer) & (draws["head"] == head)].sort_values("x")["y"].to_numpy()
+    for key, d in by["cmr_distance"].items():
+        null = [y for _, y in sorted(draws[key])]
         assert len(null) == 20
         if np.isnan(d):
-            assert np.isnan(by["cmr_null_p"][layer, head]) and by["cmr_above_null"][layer, head] == 0
+            assert np.isnan(by["cmr_null_p"][key])
+            assert by["cmr_above_null"][key] == 0
             continue
         p = (1 + sum(x <= d for x in null)) / 21
-        assert by["cmr_null_p"][layer, head] == pytest.approx(p)
-        assert by["cmr_null_distance"][layer, head] == pytest.approx(float(np.median(null)))
+        assert by["cmr_null_p"][key] == pytest.approx(p)
+        assert by["cmr_null_distance"][key] == pytest.approx(float(np.median(null)))
         above = p <= 0.05
-        assert by["cmr_above_null"][layer, head] == float(above)
+        assert by["cmr_above_null"][key] == float(above)
         n_above += above
         n_like += d < cmr_model.CMR_LIKE
         n_both += above and d < cmr_model.CMR_LIKE
-    value = metrics.set_index("name")["value"]
     assert value["n_above_null"] == n_above
     assert value["share_above_null"] == pytest.approx(n_above / n_heads)
     assert value["n_cmr_like"] == n_like
