@@ -158,8 +158,8 @@ class CMRDetector(_LagCRPBase[CMRConfig]):
     name = "cmr"
     description = "CMR fit of every head's attention lag-CRP (Ji-An et al.): distance, fitted parameters, CMR-like labels"
     head_columns: ClassVar[dict[str, str]] = {
-        "cmr_distance": "distance", "cmr_like": "cmr-like", "crp_plus1": "crp+1", "asymmetry": "asym",
-        "beta_enc": "b_enc", "beta_rec": "b_rec", "gamma_ft": "g_ft", "cmr_null_p": "null p"}
+        "cmr_distance": "distance", "cmr_like": "cmr-like", "cmr_null_p": "null p", "crp_plus1": "crp+1",
+        "asymmetry": "asym", "beta_enc": "b_enc", "beta_rec": "b_rec", "gamma_ft": "g_ft"}
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {
         **_LagCRPBase.curve_axes,
         "attn_scaled": ("lag: key - matching position in the first list (tokens)", "attention weight, shifted to min 0 (CMR fit scaled to it)"),
