@@ -274,3 +274,18 @@ def test_cmr_run_stores_the_null_and_both_shares(tmp_path: Path, kind: str) -> N
     assert value["null_draws"] == 20
     heads = {(h["layer"], h["head"]): h for h in result.summary.heads or []}
     assert sum(bool(h["cmr_above_null"]) for h in heads.values()) == n_above
+
+
+def test_detector_draws_distinct_stand_in_matches_per_unit() -> None:
+    from interp.runs.registry import get_detector
+    from interp.runs.units import Unit
+
+    det = get_detector("cmr")
+    cfg = det.parse_params({"null_draws": 30})
+    a = det.null_perms(cfg, Unit("batch", 0), 50)  # type: ignore[attr-defined]
+    b = det.null_perms(cfg, Unit("batch", 1), 50)  # type: ignore[attr-defined]
+    assert a.shape == (30, 50)
+    assert (np.sort(a, axis=1) == np.arange(50)).all()
+    assert len({tuple(row) for row in a}) == 30  # every draw its own bijection
+    assert not np.array_equal(a, b)  # every unit its own draws
+    assert det.null_perms(det.parse_params({"null_kind": "lags"}), Unit("batch", 0), 50) is None  # type: ignore[attr-defined]
