@@ -11,7 +11,8 @@ McGrath et al. 2023 (single and cumulative ablation):
   the ``mistry`` variant (Mistry et al. 2025) shows frequent tokens once and repeats them in a
   random order. The serial-position curve gives primacy and recency.
 - ``cmr``: the lag-CRP of every head fitted by the CMR model (``circuits/cmr_model.py``):
-  distance, fitted parameters, CMR-like labels (distance < 0.5; strict < 0.1).
+  distance, fitted parameters, CMR-like labels (distance < 0.5; strict < 0.1), and each head
+  against its null lag-CRPs (``circuits/methods/cmr_null.py``), read here in the same passes.
 - ``episodic-ablation``: zero (or mean) ablation of the top-k heads by a score against k random
   heads drawn outside the top set, several draws: in-context-learning score on natural text and
   second-copy loss on repeated tokens, single-head and cumulative effects, paired t-test.
