@@ -107,16 +107,30 @@ def _fit_curve_rows(records: Sequence[Mapping[str, Any]], fit: cmr_model.CMRFit)
 
 def _null_of(
     crp: np.ndarray, lags: np.ndarray, grid: cmr_model.CMRGrid, cfg: CMRConfig, results: Mapping[str, pd.DataFrame]
-) -> cmr_null.CMRNull:
-    """Every head (layer-major) against its ``cfg.null_draws`` null lag-CRPs of ``cfg.null_kind``."""
+) -> cmr_null.CMRNull | None:
+    """Every head (layer-major) against its ``cfg.null_draws`` null lag-CRPs of ``cfg.null_kind``
+    (None: the units were stored before the null and hold none)."""
     n_l, n_h, n_lags = crp.shape
     if cfg.null_kind == "lags":
         return cmr_null.cmr_null(crp.reshape(n_l * n_h, -1), lags, grid, cfg.fit_lag,
                                  n_draws=cfg.null_draws, seed=cfg.null_seed, alpha=cfg.null_alpha)
-    null_crp = null_array(results).reshape(n_l * n_h, -1, n_lags)
+    stored = null_array(results)
+    if stored is None:
+        return None
+    null_crp = stored.reshape(n_l * n_h, -1, n_lags)
     distance = cmr_model.fit_cmr(crp.reshape(n_l * n_h, -1), lags, grid, cfg.fit_lag).distance
     null = cmr_null.fit_null_curves(null_crp, lags, grid, cfg.fit_lag)
     return cmr_null.against_null(distance, null, cfg.null_alpha)
+
+
+def _add_null(records: Sequence[dict[str, Any]], null: cmr_null.CMRNull | None) -> tuple[str, ...]:
+    """Each head's null fields (none without a null); the names of those stored as head scores."""
+    if null is None:
+        return ()
+    for i, r in enumerate(records):
+        r.update({"cmr_null_distance": float(null.median[i]), "cmr_null_p": float(null.p_value[i]),
+                  "cmr_above_null": bool(null.above[i])})
+    return ("cmr_null_distance", "cmr_null_p", "cmr_above_null")
 
 
 def _null_metrics(records: Sequence[Mapping[str, Any]], cfg: CMRConfig) -> dict[str, Any]:
@@ -195,9 +209,7 @@ class CMRDetector(_LagCRPBase[CMRConfig]):
         for r, extra in zip(records, lag_records(crp, lags, spc), strict=True):
             r.update({k: v for k, v in extra.items() if k not in ("layer", "head")})
         null = _null_of(crp, lags, grid, cfg, results)
-        for i, r in enumerate(records):
-            r.update({"cmr_null_distance": float(null.median[i]), "cmr_null_p": float(null.p_value[i]),
-                      "cmr_above_null": bool(null.above[i])})
+        null_names = _add_null(records, null)
         dist = np.array([r["cmr_distance"] for r in records])
         order = np.argsort(np.nan_to_num(dist, nan=np.inf), kind="stable")
         ranked = [records[i] for i in order]
@@ -206,6 +218,8 @@ class CMRDetector(_LagCRPBase[CMRConfig]):
         n_nan = int(np.isnan(dist).sum())
         if n_nan:
             warnings.append(f"{n_nan} heads have a flat lag-CRP (no variance): no CMR distance")
+        if null is None:
+            warnings.append("no null: the run's units were stored before the null (rerun with --fresh for it)")
         metrics = {
             "n_heads": len(records),
             "n_fitted": int(np.isfinite(dist).sum()),
@@ -216,16 +230,16 @@ class CMRDetector(_LagCRPBase[CMRConfig]):
             "cmr_like_by_layer": _by_layer(records, "cmr_like"),
             "cmr_like_strict_by_layer": _by_layer(records, "cmr_like_strict"),
             "median_distance": float(np.nanmedian(dist)),
-            **_null_metrics(records, cfg),
+            **(_null_metrics(records, cfg) if null is not None else {}),
             **cmr_model.describe(grid),
         }
-        curves = pd.concat([table, tables.curves(_fit_curve_rows(records, fit) + _null_curve_rows(records, null))],
-                           ignore_index=True)
+        null_rows = _null_curve_rows(records, null) if null is not None else []
+        curves = pd.concat([table, tables.curves(_fit_curve_rows(records, fit) + null_rows)], ignore_index=True)
         head_rows = [
             (m, r["layer"], r["head"], float(r[m]))
             for r in ranked
             for m in ("cmr_distance", "beta_enc", "beta_rec", "gamma_ft", "crp_plus1", "asymmetry", "primacy", "recency",
-                      "cmr_null_distance", "cmr_null_p", "cmr_above_null")
+                      *null_names)
         ]
         return Summary(heads=heads,
             metrics=_finite(metrics),

@@ -303,15 +303,16 @@ class _LagCRPBase(Detector[LagC]):
         return crp, lags, spc, table.reindex(columns=tables.columns("curves"))
 
 
-def null_array(results: Mapping[str, pd.DataFrame]) -> np.ndarray:
+def null_array(results: Mapping[str, pd.DataFrame]) -> np.ndarray | None:
     """The null lag-CRPs of every unit averaged with the units' query counts as weights
-    [L, H, draws, lags], as :meth:`_LagCRPBase.aggregate` averages the lag-CRP."""
+    [L, H, draws, lags], as :meth:`_LagCRPBase.aggregate` averages the lag-CRP; None when the
+    units hold none (a run stored before the null)."""
     arts, metrics = results["artifacts"], results["metrics"]
     sel = _col(metrics, "name") == "n_queries"
     weight = dict(zip(_col(metrics, "unit")[sel], _col(metrics, "value")[sel].astype(float), strict=True))
     units = [u for u, n in zip(_col(arts, "unit"), _col(arts, "name"), strict=True) if n == NULL_ARTIFACT]
     if not units:
-        raise UserError("the run's units hold no null lag-CRP (stored before the null was added): rerun with --fresh")
+        return None
     total = sum(weight[u] * np.asarray(tables.read_artifact(pd.DataFrame(arts[_col(arts, "unit") == u]), NULL_ARTIFACT))
                 for u in units)
     return np.asarray(total) / sum(weight[u] for u in units)

@@ -289,3 +289,22 @@ def test_detector_draws_distinct_stand_in_matches_per_unit() -> None:
     assert len({tuple(row) for row in a}) == 30  # every draw its own bijection
     assert not np.array_equal(a, b)  # every unit its own draws
     assert det.null_perms(det.parse_params({"null_kind": "lags"}), Unit("batch", 0), 50) is None  # type: ignore[attr-defined]
+
+
+def test_units_stored_before_the_null_finalize_without_it() -> None:
+    """A run stored by an older version (no null in its units) is still read, with a warning."""
+    from interp.runs.registry import get_detector
+    from interp.runs.runner import finalized, run_in_memory
+
+    model = loaded(copy.deepcopy(tiny_llama()), "bridge")
+    det = get_detector("cmr")
+    cfg = det.parse_params({"seq_len": 12, "n_prompts": 2, "batch_size": 1})
+    summary, results = run_in_memory(model, det, cfg)
+    assert summary.metrics["null_kind"] == "match"
+    old = dict(results)
+    old["artifacts"] = results["artifacts"].iloc[0:0]
+    again = finalized(model, det, cfg, old)
+    assert "n_above_null" not in again.metrics
+    assert any("before the null" in w for w in again.warnings)
+    assert all("cmr_above_null" not in h for h in again.heads or [])
+    assert again.metrics["n_cmr_like"] == summary.metrics["n_cmr_like"]
