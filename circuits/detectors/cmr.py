@@ -1,4 +1,6 @@
-"""CMR fits of each head's attention lag-CRP (Ji-An et al. 2024)."""
+"""CMR fits of each head's attention lag-CRP (Ji-An et al. 2024), each against its null: the
+same head's lag-CRP read around random stand-ins for the matches (or shuffled over lags), fitted
+the same way (:mod:`circuits.methods.cmr_null`)."""
 
 from __future__ import annotations
 
@@ -10,13 +12,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 
-from circuits.detectors.lag_crp import LagListsConfig, _col, _finite, _LagCRPBase, lag_records
-from circuits.methods import cmr_model
+from circuits.detectors.lag_crp import LagListsConfig, _col, _finite, _LagCRPBase, lag_records, null_array
+from circuits.methods import cmr_model, cmr_null
 from interp.errors import UserError
 from interp.model.loaded import LoadedModel
 from interp.runs import tables
-from interp.runs.config import SEED_MAX, param
+from interp.runs.config import MAX_DRAWS, SEED_MAX, param
 from interp.runs.registry import Summary, register
+from interp.runs.units import Unit
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -24,8 +27,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class CMRConfig(LagListsConfig):
-    """Parameters of ``cmr``: the shared lists (repeated random tokens by default) and the
-    simulated CMR grid."""
+    """Parameters of ``cmr``: the shared lists (repeated random tokens by default), the
+    simulated CMR grid and the lag-shuffled null."""
 
     grid_sims: int = param(cmr_model.GridSpec().n_sims, "CMR trials per start position and grid point", low=1)
     grid_estimator: Literal["sampled", "expected"] = param(cmr_model.GridSpec().estimator, "CMR CRP estimator")
@@ -34,11 +37,26 @@ class CMRConfig(LagListsConfig):
         cmr_model.FIT_LAG, "lags -fit_lag..fit_lag enter the CMR distance (at most max_lag)",
         low=1, high=cmr_model.GridSpec().max_lag,
     )
+    null_kind: Literal["match", "lags"] = param(
+        "match", "null: lag-CRP around random stand-ins for the matches, or the lag-CRP shuffled over lags"
+    )
+    null_draws: int = param(cmr_null.NULL_DRAWS, "null lag-CRPs fitted per head", low=1, high=MAX_DRAWS)
+    null_alpha: float = param(
+        cmr_null.NULL_ALPHA, "a head is above its null when its empirical p is at most this",
+        low=0, high=1, low_open=True, high_open=True,
+    )
+    null_seed: int = param(0, "seed of the null's draws", low=0, high=SEED_MAX)
 
     def check(self) -> None:
         super().check()
         if self.fit_lag > self.max_lag:
             raise UserError(f"fit_lag must be <= max_lag ({self.max_lag}), got {self.fit_lag}")
+        # The smallest empirical p is 1 / (1 + null_draws): above null_alpha, no head could pass.
+        if 1 / (1 + self.null_draws) > self.null_alpha:
+            need = max(1, math.ceil(1 / self.null_alpha - 1))
+            need += 1 / (1 + need) > self.null_alpha  # rounding of 1 / null_alpha
+            raise UserError(f"null_draws must be >= {need} for null_alpha={self.null_alpha} "
+                            f"(the smallest p is 1/(1+null_draws)), got {self.null_draws}")
 
 
 def grid_spec(cfg: CMRConfig) -> cmr_model.GridSpec:
@@ -87,20 +105,90 @@ def _fit_curve_rows(records: Sequence[Mapping[str, Any]], fit: cmr_model.CMRFit)
     return rows
 
 
+def _null_of(
+    crp: np.ndarray, lags: np.ndarray, grid: cmr_model.CMRGrid, cfg: CMRConfig, results: Mapping[str, pd.DataFrame]
+) -> cmr_null.CMRNull | None:
+    """Every head (layer-major) against its ``cfg.null_draws`` null lag-CRPs of ``cfg.null_kind``
+    (None: the units were stored before the null and hold none)."""
+    n_l, n_h, n_lags = crp.shape
+    if cfg.null_kind == "lags":
+        return cmr_null.cmr_null(crp.reshape(n_l * n_h, -1), lags, grid, cfg.fit_lag,
+                                 n_draws=cfg.null_draws, seed=cfg.null_seed, alpha=cfg.null_alpha)
+    stored = null_array(results)
+    if stored is None:
+        return None
+    null_crp = stored.reshape(n_l * n_h, -1, n_lags)
+    distance = cmr_model.fit_cmr(crp.reshape(n_l * n_h, -1), lags, grid, cfg.fit_lag).distance
+    null = cmr_null.fit_null_curves(null_crp, lags, grid, cfg.fit_lag)
+    return cmr_null.against_null(distance, null, cfg.null_alpha)
+
+
+def _add_null(records: Sequence[dict[str, Any]], null: cmr_null.CMRNull | None) -> tuple[str, ...]:
+    """Each head's null fields (none without a null); the names of those stored as head scores."""
+    if null is None:
+        return ()
+    for i, r in enumerate(records):
+        r.update({"cmr_null_distance": float(null.median[i]), "cmr_null_p": float(null.p_value[i]),
+                  "cmr_above_null": bool(null.above[i])})
+    return ("cmr_null_distance", "cmr_null_p", "cmr_above_null")
+
+
+def _null_metrics(records: Sequence[Mapping[str, Any]], cfg: CMRConfig) -> dict[str, Any]:
+    """CMR-like heads counted both ways (distance threshold; above the null) over all heads."""
+    n = len(records)
+    like = sum(bool(r["cmr_like"]) for r in records)
+    above = sum(bool(r["cmr_above_null"]) for r in records)
+    n_fitted = sum(math.isfinite(r["cmr_distance"]) for r in records)
+    return {
+        "share_cmr_like": like / n,
+        "n_above_null": above,
+        "share_above_null": above / n,
+        "n_cmr_like_above_null": sum(bool(r["cmr_like"] and r["cmr_above_null"]) for r in records),
+        "above_null_by_layer": _by_layer(records, "cmr_above_null"),
+        # Heads tested one by one at null_alpha: heads without any lag structure would still
+        # pass at about this rate.
+        "expected_above_null_by_chance": cfg.null_alpha * n_fitted,
+        "null_draws": cfg.null_draws,
+        "null_kind": cfg.null_kind,
+        "null_alpha": cfg.null_alpha,
+    }
+
+
+def _null_curve_rows(records: Sequence[Mapping[str, Any]], null: cmr_null.CMRNull) -> list[tuple[str, int, int, float, float]]:
+    """Every null draw's distance, per head, as ``curves`` rows (x: the draw)."""
+    return [
+        ("cmr_null_distance", r["layer"], r["head"], float(d), float(y))
+        for r, row in zip(records, null.null, strict=True)
+        for d, y in enumerate(row)
+    ]
+
+
+_NULL_TEXT = {"match": "each query's match replaced by a random first-list position",
+              "lags": "the head's lag-CRP shuffled over the fitted lags"}
+
+
 @register
 class CMRDetector(_LagCRPBase[CMRConfig]):
     name = "cmr"
     description = "CMR fit of every head's attention lag-CRP (Ji-An et al.): distance, fitted parameters, CMR-like labels"
     head_columns: ClassVar[dict[str, str]] = {
-        "cmr_distance": "distance", "cmr_like": "cmr-like", "crp_plus1": "crp+1", "asymmetry": "asym",
-        "beta_enc": "b_enc", "beta_rec": "b_rec", "gamma_ft": "g_ft"}
+        "cmr_distance": "distance", "cmr_like": "cmr-like", "cmr_null_p": "null p", "crp_plus1": "crp+1",
+        "asymmetry": "asym", "beta_enc": "b_enc", "beta_rec": "b_rec", "gamma_ft": "g_ft"}
     curve_axes: ClassVar[dict[str, tuple[str, str]]] = {
         **_LagCRPBase.curve_axes,
         "attn_scaled": ("lag: key - matching position in the first list (tokens)", "attention weight, shifted to min 0 (CMR fit scaled to it)"),
         "cmr_fit_scaled": ("lag: key - matching position in the first list (tokens)", "attention weight, shifted to min 0 (CMR fit scaled to it)"),
+        "cmr_null_distance": ("null draw (see the run's null_kind)", "CMR distance of the draw's lag-CRP"),
     }
     in_default_scan = True
     Config = CMRConfig
+
+    def null_perms(self, cfg: CMRConfig, unit: Unit, length: int) -> np.ndarray | None:
+        if cfg.null_kind != "match":
+            return None
+        # Seeded per unit: every unit's prompts get their own stand-in matches.
+        rng = np.random.default_rng([cfg.null_seed, int(unit.index or 0)])
+        return np.stack([rng.permutation(length) for _ in range(cfg.null_draws)])
 
     def variant(self, cfg: CMRConfig) -> str:
         # At most 40 characters while grid_sims has at most 7 digits.
@@ -110,7 +198,9 @@ class CMRDetector(_LagCRPBase[CMRConfig]):
         return (f"attention lag-CRP of every head on {cfg.lists} lists, fitted by the CMR model (Ji-An et al. "
                 f"2024) over a simulated parameter grid ({cfg.grid_estimator} estimator, {cfg.grid_sims} trials "
                 f"per start position): distance = mean squared error / variance of the shifted attention curve "
-                f"over lags -{cfg.fit_lag}..{cfg.fit_lag}; CMR-like below {cmr_model.CMR_LIKE}")
+                f"over lags -{cfg.fit_lag}..{cfg.fit_lag}; CMR-like below {cmr_model.CMR_LIKE}; above the null when "
+                f"the distance's empirical p among the fits of {cfg.null_draws} null lag-CRPs ({_NULL_TEXT[cfg.null_kind]}) "
+                f"is at most {cfg.null_alpha}")
 
     def finalize(self, model: LoadedModel, cfg: CMRConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
         crp, lags, spc, table = self.aggregate(model, results)
@@ -118,6 +208,8 @@ class CMRDetector(_LagCRPBase[CMRConfig]):
         records, fit = cmr_records(crp, lags, grid, cfg.fit_lag)
         for r, extra in zip(records, lag_records(crp, lags, spc), strict=True):
             r.update({k: v for k, v in extra.items() if k not in ("layer", "head")})
+        null = _null_of(crp, lags, grid, cfg, results)
+        null_names = _add_null(records, null)
         dist = np.array([r["cmr_distance"] for r in records])
         order = np.argsort(np.nan_to_num(dist, nan=np.inf), kind="stable")
         ranked = [records[i] for i in order]
@@ -126,6 +218,8 @@ class CMRDetector(_LagCRPBase[CMRConfig]):
         n_nan = int(np.isnan(dist).sum())
         if n_nan:
             warnings.append(f"{n_nan} heads have a flat lag-CRP (no variance): no CMR distance")
+        if null is None:
+            warnings.append("no null: the run's units were stored before the null (rerun with --fresh for it)")
         metrics = {
             "n_heads": len(records),
             "n_fitted": int(np.isfinite(dist).sum()),
@@ -136,13 +230,16 @@ class CMRDetector(_LagCRPBase[CMRConfig]):
             "cmr_like_by_layer": _by_layer(records, "cmr_like"),
             "cmr_like_strict_by_layer": _by_layer(records, "cmr_like_strict"),
             "median_distance": float(np.nanmedian(dist)),
+            **(_null_metrics(records, cfg) if null is not None else {}),
             **cmr_model.describe(grid),
         }
-        curves = pd.concat([table, tables.curves(_fit_curve_rows(records, fit))], ignore_index=True)
+        null_rows = _null_curve_rows(records, null) if null is not None else []
+        curves = pd.concat([table, tables.curves(_fit_curve_rows(records, fit) + null_rows)], ignore_index=True)
         head_rows = [
             (m, r["layer"], r["head"], float(r[m]))
             for r in ranked
-            for m in ("cmr_distance", "beta_enc", "beta_rec", "gamma_ft", "crp_plus1", "asymmetry", "primacy", "recency")
+            for m in ("cmr_distance", "beta_enc", "beta_rec", "gamma_ft", "crp_plus1", "asymmetry", "primacy", "recency",
+                      *null_names)
         ]
         return Summary(heads=heads,
             metrics=_finite(metrics),
@@ -185,17 +282,21 @@ def fig_lag_crp_fits(curves: pd.DataFrame, heads: Sequence[Mapping[str, Any]], n
 
 
 def fig_cmr_layers(heads: Sequence[Mapping[str, Any]], n_layers: int) -> go.Figure:
-    """Number of CMR-like heads (distance < 0.5, and < 0.1) per layer."""
+    """Number of CMR-like heads (distance < 0.5, and < 0.1; above the null where stored) per layer."""
     import plotly.graph_objects as go
 
     df = pd.DataFrame(heads)
     layers = np.arange(n_layers)
     like = df[df["cmr_like"]].groupby("layer").size().reindex(layers, fill_value=0)
     strict = df[df["cmr_like_strict"]].groupby("layer").size().reindex(layers, fill_value=0)
-    fig = go.Figure([
+    bars = [
         go.Bar(x=layers, y=like.values, name=f"distance < {cmr_model.CMR_LIKE}"),
         go.Bar(x=layers, y=strict.values, name=f"distance < {cmr_model.CMR_LIKE_STRICT}"),
-    ])
+    ]
+    if "cmr_above_null" in df:  # runs stored before the null have no such field
+        above = df[df["cmr_above_null"].fillna(False).astype(bool)].groupby("layer").size()
+        bars.append(go.Bar(x=layers, y=above.reindex(layers, fill_value=0).values, name="above the lag-shuffled null"))
+    fig = go.Figure(bars)
     fig.update_layout(barmode="group", title="CMR-like heads by layer", xaxis_title="layer",
                       yaxis_title="CMR-like heads (count)")
     return fig

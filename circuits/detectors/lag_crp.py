@@ -11,7 +11,8 @@ McGrath et al. 2023 (single and cumulative ablation):
   the ``mistry`` variant (Mistry et al. 2025) shows frequent tokens once and repeats them in a
   random order. The serial-position curve gives primacy and recency.
 - ``cmr``: the lag-CRP of every head fitted by the CMR model (``circuits/cmr_model.py``):
-  distance, fitted parameters, CMR-like labels (distance < 0.5; strict < 0.1).
+  distance, fitted parameters, CMR-like labels (distance < 0.5; strict < 0.1), and each head
+  against its null lag-CRPs (``circuits/methods/cmr_null.py``), read here in the same passes.
 - ``episodic-ablation``: zero (or mean) ablation of the top-k heads by a score against k random
   heads drawn outside the top set, several draws: in-context-learning score on natural text and
   second-copy loss on repeated tokens, single-head and cumulative effects, paired t-test.
@@ -77,6 +78,24 @@ def lag_crp_from_pattern(
     return att.sum(dim=(0, 2)).double(), valid.sum(dim=(0, 1)).double()
 
 
+def match_null_from_pattern(
+    pattern: Float[torch.Tensor, "batch head q k"], prompts: ListPrompts, perms: torch.Tensor, max_lag: int
+) -> torch.Tensor:
+    """The lag-CRP sums of a null that ignores where each query's match is [heads, draws, lags]:
+    in draw d, second-list query i's match is taken to be first-list position ``perms[d, i]``.
+
+    ``perms[d]`` is a bijection of the R first-list positions, so each lag has the same count of
+    (query, key) pairs inside the first list as in :func:`lag_crp_from_pattern`."""
+    off, r = prompts.offset, prompts.length
+    lags = torch.arange(-max_lag, max_lag + 1, device=pattern.device)
+    block = pattern[:, :, off + r : off + 2 * r, off : off + r].sum(dim=0).double()  # [H, R queries, R keys]
+    idx = perms.to(pattern.device)[:, :, None] + lags  # [draws, R, lags]
+    valid = (idx >= 0) & (idx < r)
+    q = torch.arange(r, device=pattern.device)[None, :, None].expand_as(idx)
+    att = block[:, q, idx.clamp(0, r - 1)] * valid  # [H, draws, R, lags]
+    return att.sum(dim=2)
+
+
 def serial_position_sum(pattern: Float[torch.Tensor, "batch head q k"], prompts: ListPrompts) -> torch.Tensor:
     """Per head, attention summed over second-list queries to each first-list position [H, R]."""
     off, r = prompts.offset, prompts.length
@@ -102,11 +121,16 @@ def _layer_chunks(model: LoadedModel, batch: int, seq: int, budget_bytes: float 
     return [layers[i : i + step] for i in range(0, len(layers), step)]
 
 
-def lag_crp_unit(model: LoadedModel, prompts: ListPrompts, max_lag: int) -> dict[str, np.ndarray]:
-    """Lag-CRP sums, counts and serial-position sums of every head for one batch of prompts."""
+def lag_crp_unit(
+    model: LoadedModel, prompts: ListPrompts, max_lag: int, null_perms: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Lag-CRP sums, counts and serial-position sums of every head for one batch of prompts, and
+    with ``null_perms`` [draws, R] the sums of :func:`match_null_from_pattern` [L, H, draws, lags]."""
     b, seq = prompts.tokens.shape
     n_l, n_h = model.info.n_layers, model.info.n_heads
     sums = np.zeros((n_l, n_h, 2 * max_lag + 1))
+    perms = None if null_perms is None else torch.as_tensor(null_perms, dtype=torch.long)
+    null = np.zeros((n_l, n_h, 0 if perms is None else perms.shape[0], 2 * max_lag + 1))
     spc = np.zeros((n_l, n_h, prompts.length))
     counts = np.zeros(2 * max_lag + 1)
     for chunk in _layer_chunks(model, b, seq):
@@ -118,8 +142,10 @@ def lag_crp_unit(model: LoadedModel, prompts: ListPrompts, max_lag: int) -> dict
             sums[layer] = s.cpu().numpy()
             counts = c.cpu().numpy()
             spc[layer] = serial_position_sum(pat, prompts).cpu().numpy()
+            if perms is not None:
+                null[layer] = match_null_from_pattern(pat, prompts, perms, max_lag).cpu().numpy()
         del out
-    return {"sums": sums, "counts": counts, "spc": spc}
+    return {"sums": sums, "counts": counts, "spc": spc, "null_sums": null}
 
 
 def _weighted_curves(curves: pd.DataFrame, metrics: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -209,6 +235,8 @@ class LagListsConfig(DetectorConfig):
 
 
 LagC = TypeVar("LagC", bound=LagListsConfig)
+# The per-unit artifact holding the null lag-CRPs of :func:`match_null_from_pattern`.
+NULL_ARTIFACT = "null_lag_crp"
 
 
 class _LagCRPBase(Detector[LagC]):
@@ -238,22 +266,29 @@ class _LagCRPBase(Detector[LagC]):
     def example_tokens(self, model: LoadedModel, cfg: LagC) -> torch.Tensor:
         return self.prompts(model, cfg, Unit("batch", 0)).tokens
 
+    def null_perms(self, cfg: LagC, unit: Unit, length: int) -> np.ndarray | None:
+        """The stand-in matches of a null lag-CRP [draws, length], or None for no null."""
+        return None
+
     def run_unit(self, model: LoadedModel, cfg: LagC, unit: Unit) -> UnitResult:
         max_lag = cfg.max_lag
         prompts = self.prompts(model, cfg, unit)
-        res = lag_crp_unit(model, prompts, max_lag)
+        perms = self.null_perms(cfg, unit, prompts.length)
+        res = lag_crp_unit(model, prompts, max_lag, perms)
         lags = np.arange(-max_lag, max_lag + 1)
         # Per-unit means; finalize re-weights by the number of queries (per-lag counts scale with it).
         crp = res["sums"] / np.maximum(res["counts"], 1)
         n_queries = prompts.tokens.shape[0] * prompts.length
         spc = res["spc"] / n_queries
         rows = _curve_rows("lag_crp", crp, lags) + _curve_rows("serial_position", spc, np.arange(prompts.length))
-        return UnitResult(
-            tables={
-                "curves": tables.curves(rows),
-                "metrics": tables.metrics({"n_queries": n_queries}, n=int(prompts.tokens.shape[0])),
-            }
-        )
+        out = {
+            "curves": tables.curves(rows),
+            "metrics": tables.metrics({"n_queries": n_queries}, n=int(prompts.tokens.shape[0])),
+        }
+        if perms is not None:
+            # [L, H, draws, lags]: too many values for curve rows; one document per unit.
+            out["artifacts"] = tables.artifact(NULL_ARTIFACT, res["null_sums"] / np.maximum(res["counts"], 1))
+        return UnitResult(tables=out)
 
     def aggregate(
         self, model: LoadedModel, results: Mapping[str, pd.DataFrame]
@@ -266,6 +301,21 @@ class _LagCRPBase(Detector[LagC]):
         spc, _ = curve_array(spc_df, model.info.n_layers, model.info.n_heads)
         table = pd.concat([crp_df.assign(curve="lag_crp"), spc_df.assign(curve="serial_position")], ignore_index=True)
         return crp, lags, spc, table.reindex(columns=tables.columns("curves"))
+
+
+def null_array(results: Mapping[str, pd.DataFrame]) -> np.ndarray | None:
+    """The null lag-CRPs of every unit averaged with the units' query counts as weights
+    [L, H, draws, lags], as :meth:`_LagCRPBase.aggregate` averages the lag-CRP; None when the
+    units hold none (a run stored before the null)."""
+    arts, metrics = results["artifacts"], results["metrics"]
+    sel = _col(metrics, "name") == "n_queries"
+    weight = dict(zip(_col(metrics, "unit")[sel], _col(metrics, "value")[sel].astype(float), strict=True))
+    units = [u for u, n in zip(_col(arts, "unit"), _col(arts, "name"), strict=True) if n == NULL_ARTIFACT]
+    if not units:
+        return None
+    total = sum(weight[u] * np.asarray(tables.read_artifact(pd.DataFrame(arts[_col(arts, "unit") == u]), NULL_ARTIFACT))
+                for u in units)
+    return np.asarray(total) / sum(weight[u] for u in units)
 
 
 def lag_records(crp: np.ndarray, lags: np.ndarray, spc: np.ndarray) -> list[dict[str, Any]]:

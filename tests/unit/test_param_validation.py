@@ -74,6 +74,8 @@ RELATIONS: list[tuple[str, dict[str, str], str]] = [
     ("attention-knockout", {"facts": "/nonexistent/facts.csv"}, "fact file"),
     ("cmr", {"max_lag": "8", "seq_len": "9"}, "seq_len"),
     ("cmr", {"max_lag": "4", "fit_lag": "5"}, "fit_lag"),
+    ("cmr", {"null_draws": "10"}, "null_draws"),
+    ("cmr", {"null_draws": "50", "null_alpha": "0.01"}, "null_draws"),
     ("lag-crp", {"max_lag": "8", "seq_len": "9"}, "seq_len"),
     ("lag-crp", {"lists": "repeated", "max_lag": "49"}, "seq_len"),
     ("lag-crp", {"variant": "repeated", "lists": "mistry"}, "former name"),
