@@ -114,9 +114,11 @@ def test_mlp_peak_early(layer: int, verdict: str) -> None:
 
 @pytest.mark.parametrize(
     ("like_layers", "verdict", "depth"),
-    [([3, 2], HOLDS, 5 / 8),  # (3 + 2) / 2 / 4
-     ([2], FAILS, 0.5),  # the middle is not middle-to-late's later half
-     ([0, 1], FAILS, 1 / 8),
+    # t interval over the CMR-like heads' relative depths (layer / 4).
+    [([3, 3, 3], HOLDS, 0.75),  # no spread: the point 0.75
+     ([3, 2], INCONCLUSIVE, 5 / 8),  # 0.75, 0.5: sd 0.18, half 12.7 x 0.125: far wider than the layers
+     ([2], FAILS, 0.5),  # one head (no interval): the middle is not middle-to-late's later half
+     ([0, 0, 1, 1], FAILS, 1 / 8),  # 0, 0, 0.25, 0.25: sd 0.144, half 3.18 x 0.072: [-0.10, 0.35]
      ([], FAILS, None)],  # no CMR-like head: the claim does not show
 )
 def test_cmr_mid_late(like_layers: list[int], verdict: str, depth: float | None) -> None:
@@ -177,3 +179,15 @@ def test_mlp_peak_early_from_its_interval_over_facts(lo: float, hi: float, verdi
                 "peak_value_mlp_last_subject": 0.3, "n_facts_traced": 10},
                 intervals={"peak_depth_mlp_last_subject": Interval(0.25, lo, hi, 10, "bca-bootstrap", 0.95)})
     assert _verdicts(t=s)["mlp-peak-early"] == (verdict, 0.25)
+
+
+def test_cmr_like_heads_must_also_beat_their_null() -> None:
+    """Heads under the distance threshold but not above their null are not CMR-like; the share
+    is reported both ways."""
+    heads = [{"layer": 3, "head": h, "score": -0.1, "cmr_like": True, "cmr_above_null": True} for h in range(3)]
+    heads += [{"layer": 0, "head": h, "score": -0.2, "cmr_like": True, "cmr_above_null": False} for h in range(3)]
+    res = ModelResults(n_layers=4, n_heads=8, summaries={"cmr": Summary(detector="cmr", variant="v", heads=heads)})
+    (got,) = [c["models"]["m"] for c in summarize({"m": res}, ["cmr"], 2)["claims"] if c["id"] == "cmr-mid-late"]
+    # Only the three layer-3 heads count: depth 0.75 (by the threshold alone the layer-0 heads
+    # would pull it to 0.375).
+    assert (got["verdict"], got["value"], got["share"], got["share_by_threshold"]) == (HOLDS, 0.75, 0.5, 1.0)
