@@ -485,25 +485,9 @@ class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
                     f"({rule}), fewer than min_counted={cfg.min_counted}; these retrieval scores "
                     f"are noisy and may not rank heads reliably."
                 )
-            # Each counted sample weighs 1 in each head's mean, the others 0.
-            counted_units = set(counted["unit"])
-            weights = {str(u): float(u in counted_units) for u in samples["unit"]}
-            scores = weighted_means(results, weights).scores
-            mean = {(la, h): v for (m, la, h), v in scores.items() if m == "retrieval_sample"}
-            null = {(la, h): v for (m, la, h), v in scores.items() if m == "retrieval_null_sample"}
-            test = null_test(results, sorted(counted_units), model.info.n_heads, cfg.level)
-            order = sorted(mean, key=lambda key: (-mean[key], key))
-            heads = [{"layer": la, "head": h, "score": mean[(la, h)], "retrieval_null": null[(la, h)],
-                      "above_null": bool(test.above[la * model.info.n_heads + h])} for la, h in order]
-            above = sum(v > RETRIEVAL_THRESHOLD for v in mean.values())
-            metrics["n_heads_above_threshold"] = above
-            metrics["share_heads_above_threshold"] = above / n_heads
-            metrics.update({"max_score": max(mean.values()), "level": cfg.level, "level_per_head": test.level,
-                            "n_heads_above_null": test.n_above, "share_heads_above_null": test.share_above})
-            out["head_scores"] = tables.head_scores(
-                [(metric, h["layer"], h["head"], float(h[key])) for h in heads
-                 for metric, key in (("retrieval", "score"), ("retrieval_null", "retrieval_null"),
-                                     ("retrieval_above_null", "above_null"))])
+            heads, scored, out["head_scores"] = scored_heads(results, list(samples["unit"]), set(counted["unit"]),
+                                                             model.info.n_heads, cfg.level)
+            metrics.update(scored)
         if n:
             out["curves"] = accuracy_curves(samples, "correct", "unmasked")
         out["metrics"] = tables.metrics(metrics, n=n)
@@ -514,6 +498,30 @@ class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
         metrics["correctness"] = rule
         return Summary(heads=heads, metrics=metrics, warnings=warnings, tables=out
         )
+
+
+def scored_heads(results: Mapping[str, pd.DataFrame], units: Sequence[Any], counted: set[Any], n_heads: int,
+                 level: float) -> tuple[list[dict[str, Any]], dict[str, Any], pd.DataFrame]:
+    """Each head's mean score and null over the ``counted`` units, whether it is above its null,
+    best first; the run's metrics on them; and the summary's ``head_scores`` table."""
+    # Each counted sample weighs 1 in each head's mean, the others 0.
+    weights = {str(u): float(u in counted) for u in units}
+    scores = weighted_means(results, weights).scores
+    mean = {(la, h): v for (m, la, h), v in scores.items() if m == "retrieval_sample"}
+    null = {(la, h): v for (m, la, h), v in scores.items() if m == "retrieval_null_sample"}
+    test = null_test(results, sorted(counted), n_heads, level)
+    order = sorted(mean, key=lambda key: (-mean[key], key))
+    heads = [{"layer": la, "head": h, "score": mean[(la, h)], "retrieval_null": null[(la, h)],
+              "above_null": bool(test.above[la * n_heads + h])} for la, h in order]
+    above = sum(v > RETRIEVAL_THRESHOLD for v in mean.values())
+    metrics = {"n_heads_above_threshold": above, "share_heads_above_threshold": above / len(mean),
+               "max_score": max(mean.values()), "level": level, "level_per_head": test.level,
+               "n_heads_above_null": test.n_above, "share_heads_above_null": test.share_above}
+    table = tables.head_scores(
+        [(metric, h["layer"], h["head"], float(h[key])) for h in heads
+         for metric, key in (("retrieval", "score"), ("retrieval_null", "retrieval_null"),
+                             ("retrieval_above_null", "above_null"))])
+    return heads, metrics, table
 
 
 def null_test(results: Mapping[str, pd.DataFrame], units: Sequence[str], n_heads: int, level: float) -> NullTest:
