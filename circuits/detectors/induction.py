@@ -1,4 +1,4 @@
-"""Previous-token, duplicate-token and induction (prefix-matching) heads.
+"""Previous-token, duplicate-token and induction (prefix-matching) heads, each against its null.
 
 Olsson et al. 2022: on the prompt prefix + R random tokens repeated twice, the
 score of head (l, h) is its mean attention from each second-copy position t to
@@ -7,33 +7,56 @@ score of head (l, h) is its mean attention from each second-copy position t to
 - t - 1 (previous token),
 averaged over the second copy only and over the batch. Prompts are processed in batches
 (units), each committed to the store when done.
+
+Nulls (measured, beside Olsson et al.'s fixed threshold of 0.4 on the induction score): every
+prompt prefix + A + A has a twin prefix + A + B, B drawn independently (no repeats; tokens of B
+match A only by chance), run as extra rows of the same forward pass. The same scores at the same
+query and key positions on the twins are ``induction_null``, ``duplicate_token_null`` and
+``previous_token_null``: what a head gets when there is nothing to match, i.e. attention to those
+offsets by position, by token statistics and by chance. A head is above its null when the paired
+t interval of its per-prompt score minus its twin's lies above 0, Bonferroni-adjusted over all
+heads (``circuits.methods.nulls``; ``level`` is the family-wise level).
+
+The previous-token null on the twins is reported as the issue asks, but it is not informative:
+attending to t - 1 needs no repeat, so a previous-token head scores the same on both and is
+(rightly) not above it; only a head whose t - 1 attention rises with repeats is. The null that
+says whether a head attends to the previous token at all is positional: a head that attends
+uniformly over its causal window gives t - 1 the share 1 / (t + 1) at query position t
+(``previous_token_uniform``, the mean over the second-copy queries); a head is above it by the
+same paired rule with that constant as every prompt's null. It is a weak null (any head with a
+recency bias passes), so read it next to the score, not instead of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 
+from circuits.methods.nulls import RULE, NullTest, above_null, stack_items
 from interp.model.interventions import Intervention
 from interp.model.loaded import LoadedModel
-from interp.model.tokens import repeated_random_tokens
+from interp.model.tokens import ordinary_token_range
+from interp.runs import tables
 from interp.runs.config import SEED_MAX, DetectorConfig, param
 from interp.runs.head_scores import HeadMeans, HeadScoreDetector, UnitScores
-from interp.runs.registry import register
+from interp.runs.registry import Summary, register
 from interp.runs.units import Unit
 
 INDUCTION_THRESHOLD = 0.4
 
 
-def head_scores_from_patterns(
+def sequence_scores_from_patterns(
     patterns: Sequence[Float[torch.Tensor, "batch head q k"]], seq_len: int, offset: int
-) -> dict[str, Float[torch.Tensor, "layer head"]]:
-    """Per-head scores from each layer's attention pattern on repeated tokens.
+) -> dict[str, Float[torch.Tensor, "batch layer head"]]:
+    """Per-prompt, per-head scores from each layer's attention pattern on repeated tokens.
 
     ``offset`` is 1 when a prefix token precedes the first copy. Second-copy query positions are
     offset + R .. offset + 2R - 1; the first copy starts at ``offset``.
@@ -43,8 +66,36 @@ def head_scores_from_patterns(
     targets = {"induction": q - r + 1, "duplicate_token": q - r, "previous_token": q - 1}
     out: dict[str, torch.Tensor] = {}
     for metric, k in targets.items():
-        out[metric] = torch.stack([p[:, :, q, k].mean(dim=(0, 2)) for p in patterns])
+        out[metric] = torch.stack([p[:, :, q, k].mean(dim=2) for p in patterns], dim=1)
     return out
+
+
+def head_scores_from_patterns(
+    patterns: Sequence[Float[torch.Tensor, "batch head q k"]], seq_len: int, offset: int
+) -> dict[str, Float[torch.Tensor, "layer head"]]:
+    """Per-head scores (:func:`sequence_scores_from_patterns` averaged over the batch)."""
+    return {m: v.mean(dim=0) for m, v in sequence_scores_from_patterns(patterns, seq_len, offset).items()}
+
+
+def uniform_previous_token_share(seq_len: int, offset: int) -> float:
+    """The attention to t - 1 of a head uniform over its causal window (1 / (t + 1) at query
+    position t), averaged over the second-copy queries: the positional null of the
+    previous-token score."""
+    q = torch.arange(offset + seq_len, offset + 2 * seq_len, dtype=torch.float64)
+    return float((1.0 / (q + 1)).mean())
+
+
+def twin_tokens(
+    model: LoadedModel, batch: int, length: int, seed: int
+) -> tuple[Int[torch.Tensor, "batch seq"], Int[torch.Tensor, "batch seq"]]:
+    """:func:`repeated_random_tokens` (prefix + A + A, the same tokens for the same seed) and its
+    twins without repeats, prefix + A + B, B the generator's next draw."""
+    low, high = ordinary_token_range(model)
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randint(low, high, (batch, length), generator=gen)
+    second = torch.randint(low, high, (batch, length), generator=gen)
+    prefix = torch.tensor(model.prefix.ids, dtype=torch.long).expand(batch, len(model.prefix))
+    return torch.cat([prefix, first, first], dim=1), torch.cat([prefix, first, second], dim=1)
 
 
 def copy_losses(
@@ -68,55 +119,109 @@ def second_copy_loss(
     return copy_losses(logits, tokens, seq_len, len(model.prefix))[1]
 
 
+# Each score and its null: the score on the twins without repeats (the first three), and the
+# positional null of the previous-token score (see the module docstring).
+NULLS: dict[str, tuple[str, str]] = {
+    "induction_above_null": ("induction", "induction_null"),
+    "duplicate_token_above_null": ("duplicate_token", "duplicate_token_null"),
+    "previous_token_above_null": ("previous_token", "previous_token_null"),
+    "previous_token_above_uniform": ("previous_token", "previous_token_uniform"),
+}
+PER_PROMPT = "per_prompt_scores"
+
+
 @dataclass(frozen=True)
 class InductionConfig(DetectorConfig):
     """Parameters of the induction scan (each field's help says what it is)."""
 
     seq_len: int = param(50, "length R of the random block (repeated twice)", low=2)
-    n_prompts: int = param(20, "number of repeated-token prompts", low=1)
-    batch_size: int = param(5, "prompts per forward pass (one stored unit each)", low=1)
+    n_prompts: int = param(20, "number of repeated-token prompts (each with a twin without repeats)", low=1)
+    batch_size: int = param(5, "prompts per forward pass, twice the rows with their twins (one unit each)", low=1)
     seed: int = param(0, "random seed of the token batch", low=0, high=SEED_MAX)
+    level: float = param(0.95, "family-wise confidence level of the above-null tests over all heads",
+                         low=0, high=1, low_open=True, high_open=True)
+
+
+def null_tests(results: Mapping[str, pd.DataFrame], uniform: float, level: float) -> dict[str, NullTest]:
+    """Every head against each of its nulls (:data:`NULLS`), from the units' per-prompt scores."""
+    docs = [json.loads(doc) for name, doc in zip(results["artifacts"]["name"], results["artifacts"]["json"],
+                                                 strict=True) if name == PER_PROMPT]
+    per = {m: stack_items([np.asarray(d[m]) for d in docs]) for m in docs[0]}
+    per["previous_token_uniform"] = np.full_like(per["previous_token"], uniform)
+    return {name: above_null(per[score], per[null], level) for name, (score, null) in NULLS.items()}
 
 
 @register
 class InductionDetector(HeadScoreDetector[InductionConfig]):
     name = "induction"
     description = "Previous-token, duplicate-token and induction (prefix-matching) scores on repeated random tokens"
-    head_columns: ClassVar[dict[str, str]] = {"previous_token": "prev-token", "duplicate_token": "dup-token"}
+    head_columns: ClassVar[dict[str, str]] = {"previous_token": "prev-token", "duplicate_token": "dup-token",
+                                              "induction_null": "null", "induction_above_null": "> null"}
     in_default_scan = True
     Config = InductionConfig
     score = "induction"
-    fields = ("previous_token", "duplicate_token")
+    fields = ("previous_token", "duplicate_token", "induction_null", "duplicate_token_null", "previous_token_null")
 
     def variant(self, cfg: InductionConfig) -> str:
         return "second-copy-only"
 
     def method_text(self, cfg: InductionConfig) -> str:
         return ("mean attention from each second-copy position of repeated random tokens to the "
-                "induction, duplicate and previous token (Olsson et al. 2022), averaged over prompts")
+                "induction, duplicate and previous token (Olsson et al. 2022), averaged over prompts; "
+                "each against the same scores on twins without repeats (prefix + A + B) and the "
+                f"previous-token score against uniform causal attention: above its null by a {RULE} "
+                f"(family-wise level {cfg.level})")
 
     def units(self, model: LoadedModel, cfg: InductionConfig) -> list[Unit]:
         model.check_length(2 * cfg.seq_len + len(model.prefix))
         n, b = cfg.n_prompts, cfg.batch_size
         return [Unit("batch", i) for i in range((n + b - 1) // b)]
 
-    def tokens(self, model: LoadedModel, cfg: InductionConfig, unit: Unit) -> torch.Tensor:
+    def twins(self, model: LoadedModel, cfg: InductionConfig, unit: Unit) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unit's repeated prompts and their twins without repeats (:func:`twin_tokens`)."""
         i = int(unit.index or 0)
         n, b = cfg.n_prompts, cfg.batch_size
-        return repeated_random_tokens(model, min(b, n - i * b), cfg.seq_len, seed=cfg.seed * 100_003 + i)
+        return twin_tokens(model, min(b, n - i * b), cfg.seq_len, seed=cfg.seed * 100_003 + i)
+
+    def tokens(self, model: LoadedModel, cfg: InductionConfig, unit: Unit) -> torch.Tensor:
+        return self.twins(model, cfg, unit)[0]
 
     def example_tokens(self, model: LoadedModel, cfg: InductionConfig) -> torch.Tensor:
         return self.tokens(model, cfg, Unit("batch", 0))
 
     def score_unit(self, model: LoadedModel, cfg: InductionConfig, unit: Unit) -> UnitScores:
-        tokens = self.tokens(model, cfg, unit)
-        with torch.no_grad():
-            out = model.run(tokens, cache=["pattern.*"])
+        tokens, twins = self.twins(model, cfg, unit)
+        b = int(tokens.shape[0])
+        with torch.no_grad():  # the twins are rows of the same pass: no second forward
+            out = model.run(torch.cat([tokens, twins]), cache=["pattern.*"])
         patterns = [out.cache[f"pattern.{layer}"] for layer in range(model.info.n_layers)]
-        scores = head_scores_from_patterns(patterns, cfg.seq_len, len(model.prefix))
-        first, second = copy_losses(out.logits, tokens, cfg.seq_len, len(model.prefix))
-        return UnitScores(scores, n=int(tokens.shape[0]),
-                          metrics={"first_copy_loss": first, "second_copy_loss": second})
+        per = sequence_scores_from_patterns(patterns, cfg.seq_len, len(model.prefix))
+        # float32 first: numpy (and JSON) have no bfloat16, and widening is exact.
+        per = {**{m: v[:b].float() for m, v in per.items()}, **{f"{m}_null": v[b:].float() for m, v in per.items()}}
+        first, second = copy_losses(out.logits[:b], tokens, cfg.seq_len, len(model.prefix))
+        return UnitScores({m: v.mean(dim=0) for m, v in per.items()}, n=b,
+                          metrics={"first_copy_loss": first, "second_copy_loss": second},
+                          artifacts={PER_PROMPT: {m: v.cpu().tolist() for m, v in per.items()}})
+
+    def finalize(self, model: LoadedModel, cfg: InductionConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
+        summary = super().finalize(model, cfg, results)
+        uniform = uniform_previous_token_share(cfg.seq_len, len(model.prefix))
+        tests = null_tests(results, uniform, cfg.level)
+        n_heads = model.info.n_heads
+        heads = summary.heads or []
+        for h in heads:
+            h.update({name: bool(t.above[h["layer"] * n_heads + h["head"]]) for name, t in tests.items()})
+        metrics = {**summary.metrics, "previous_token_uniform": uniform, "level": cfg.level,
+                   "level_per_head": next(iter(tests.values())).level}
+        for name, t in tests.items():
+            metrics[f"n_{name}"] = t.n_above
+            metrics[f"share_{name}"] = t.share_above
+        rows = [(name, la, hd, float(t.above[la * n_heads + hd]))
+                for name, t in tests.items() for la in range(model.info.n_layers) for hd in range(n_heads)]
+        agg = pd.concat([summary.tables["head_scores"], tables.head_scores(rows)], ignore_index=True)
+        n = int(metrics["n_prompts"])
+        return Summary(heads=heads, metrics=metrics,
+                       tables={"head_scores": agg, "metrics": tables.metrics(metrics, n=n)})
 
     def summary_metrics(
         self, model: LoadedModel, cfg: InductionConfig, heads: list[dict[str, Any]], means: HeadMeans

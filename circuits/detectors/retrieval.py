@@ -9,6 +9,20 @@ key position i of the current query's attention row; the step counts when i lies
 needle sentence's token span AND the generated token equals the prompt token at i. Each counted
 step adds 1 / (span length). Attention is read from the decoding steps only.
 
+The null (``retrieval_null``, always computed: it needs no pass of its own): the same
+bookkeeping with the needle's tokens shuffled within its span, averaged exactly over all
+orders. The model, its prompt, its question, its decoding and each head's argmax stay as they
+were; only the token a counted step compares against is the one a random order would put at
+that position. So a step whose argmax lies in the span counts (# needle tokens equal to the
+generated one) / (span length) in expectation. A head that copies the needle by position
+(attending to exactly the token it emits) loses its score under the shuffle; chance hits of a
+head that looks into the needle without copying from it remain. Shuffling the needle in the
+prompt itself and decoding again would not be a null for this score: a copy head still copies,
+in the shuffled order, and still counts. A head is above its null when the paired t interval
+of its per-sample score minus null (counted samples only) lies above 0, Bonferroni-adjusted
+over the heads (``circuits.methods.nulls``; ``level`` the family-wise level); it complements
+Wu et al.'s fixed threshold of 0.1.
+
 Only samples the model answered correctly count: ROUGE-1 recall of the needle's answer words in
 the response > 0.5 (lower-cased alphanumeric words, clipped counts, no stemming; the reference
 uses rouge_score with a Porter stemmer against its "real_needle"). A head's score is the mean
@@ -34,7 +48,7 @@ import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -52,6 +66,7 @@ from circuits.data.needles import (
 )
 from circuits.methods.decoding import greedy_decode
 from circuits.methods.heads import Head, ranking_from_summary
+from circuits.methods.nulls import RULE, NullTest, above_null, stack_items
 from interp.errors import UserError
 from interp.model.backends import RunOutput
 from interp.model.interventions import Intervention
@@ -118,6 +133,28 @@ def retrieval_scores(
     return hits.sum(0).double() / (span[1] - span[0])
 
 
+def null_step_hits(
+    argmax: torch.Tensor, sequence: Sequence[int], span: tuple[int, int], target: int
+) -> torch.Tensor:
+    """:func:`step_hits` averaged over every order of the needle's tokens in its span: a head
+    whose argmax lies in the span hits with the share of span tokens equal to ``target``."""
+    start, end = span
+    needle = torch.as_tensor(list(sequence[start:end]), dtype=torch.long)
+    share = float((needle == int(target)).sum()) / (end - start)
+    return ((argmax >= start) & (argmax < end)).double() * share
+
+
+def retrieval_null_scores(
+    argmaxes: Sequence[torch.Tensor], sequence: Sequence[int], span: tuple[int, int], targets: Sequence[int]
+) -> torch.Tensor:
+    """One sample's null score per head: :func:`retrieval_scores` with the needle's tokens in a
+    uniformly random order, in expectation (see the module docstring)."""
+    if len(argmaxes) != len(targets) or not argmaxes:
+        raise ValueError("one argmax table per target token, at least one")
+    hits = torch.stack([null_step_hits(a, sequence, span, t) for a, t in zip(argmaxes, targets, strict=True)])
+    return hits.sum(0) / (span[1] - span[0])
+
+
 def _argmax_rows(cache: Mapping[str, torch.Tensor], n_layers: int) -> torch.Tensor:
     """[layer, batch, head, query] argmax key position of each cached pattern."""
     return torch.stack([cache[f"pattern.{layer}"].argmax(-1) for layer in range(n_layers)])
@@ -172,10 +209,12 @@ def score_sample_faithful(
     seq = list(sample.input_ids) + gen
     steps = [a[:, 0] for a in argmaxes[: len(gen)]]
     scores = retrieval_scores(steps, seq, sample.needle_span, gen)
+    null = retrieval_null_scores(steps, seq, sample.needle_span, gen)
     response = response_text(model, gen)
     recall = rouge1_recall(sample.needle.answer, response)
     return {
         "scores": scores,
+        "null_scores": null,
         "generated": gen,
         "response": response,
         "rouge1_recall": recall,
@@ -200,10 +239,12 @@ def score_sample_fast(model: LoadedModel, sample: NeedleSample) -> dict[str, Any
     steps = [am[..., j].cpu() for j in range(len(answer))]
     seq = prompt + answer
     scores = retrieval_scores(steps, seq, sample.needle_span, answer)
+    null = retrieval_null_scores(steps, seq, sample.needle_span, answer)
     pred = out.logits[0].argmax(-1).tolist()
     acc = float(np.mean([p == t for p, t in zip(pred, answer, strict=True)]))
     return {
         "scores": scores,
+        "null_scores": null,
         "generated": answer,
         "response": response_text(model, answer),
         "teacher_accuracy": acc,
@@ -356,6 +397,8 @@ class RetrievalConfig(NeedleGridConfig):
         "faithful", "faithful: greedy decoding with a KV cache; fast: teacher-forced answer"
     )
     min_counted: int = param(5, "fewer correctly answered samples than this triggers a loud warning", low=0)
+    level: float = param(0.95, "family-wise confidence level of the above-null tests over all heads",
+                         low=0, high=1, low_open=True, high_open=True)
 
 
 @register
@@ -363,6 +406,7 @@ class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
     name = "retrieval"
     description = "Retrieval score per query head on needle-in-a-haystack prompts (Wu et al. 2024)"
     output = "head_scores"
+    head_columns: ClassVar[dict[str, str]] = {"retrieval_null": "null", "above_null": "> null"}
     in_default_scan = True
     Config = RetrievalConfig
 
@@ -370,13 +414,15 @@ class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
         return "faithful" if cfg.mode == "faithful" else "fast-teacher-forced"
 
     def method_text(self, cfg: RetrievalConfig) -> str:
+        null = ("; null: the same count with the needle's tokens in a random order (exact expectation), a head "
+                f"above it by a {RULE} (family-wise level {cfg.level})")
         if cfg.mode == "faithful":
             return ("retrieval score (Wu et al. 2024): greedy decoding with a KV cache; a head counts at a step "
                     "when its argmax key lies in the needle span on the token generated, 1/span per step; "
-                    f"mean over the samples answered correctly ({CORRECTNESS})")
+                    f"mean over the samples answered correctly ({CORRECTNESS})" + null)
         return ("teacher-forced retrieval score: the needle's answer tokens after the prompt, scored in one "
                 "pass with the argmax/copy count of Wu et al. 2024; mean over the samples whose teacher-forced "
-                "top-1 accuracy is > 0.5")
+                "top-1 accuracy is > 0.5" + null)
 
     def units(self, model: LoadedModel, cfg: RetrievalConfig) -> list[Unit]:
         return self.sample_units(model, cfg)
@@ -393,7 +439,9 @@ class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
                 "correct": bool(r["correct"]), quality[0]: quality[1], "steps": r["steps"]}
         return UnitResult(
             tables={
-                "head_scores": tables.head_grid("retrieval_sample", r["scores"]),
+                "head_scores": pd.concat([tables.head_grid("retrieval_sample", r["scores"]),
+                                          tables.head_grid("retrieval_null_sample", r["null_scores"])],
+                                         ignore_index=True),
                 "metrics": tables.metrics(
                     {"correct": float(r["correct"]), quality[0]: quality[1], "steps": r["steps"],
                      "length": sample.length, "depth": sample.depth, "n_tokens": sample.n_tokens,
@@ -437,18 +485,9 @@ class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
                     f"({rule}), fewer than min_counted={cfg.min_counted}; these retrieval scores "
                     f"are noisy and may not rank heads reliably."
                 )
-            # Each counted sample weighs 1 in each head's mean, the others 0.
-            counted_units = set(counted["unit"])
-            weights = {str(u): float(u in counted_units) for u in samples["unit"]}
-            scores = weighted_means(results, weights).scores
-            mean = {(la, h): v for (_, la, h), v in scores.items()}
-            order = sorted(mean, key=lambda key: (-mean[key], key))
-            heads = [{"layer": la, "head": h, "score": mean[(la, h)]} for la, h in order]
-            above = sum(v > RETRIEVAL_THRESHOLD for v in mean.values())
-            metrics["n_heads_above_threshold"] = above
-            metrics["share_heads_above_threshold"] = above / n_heads
-            metrics["max_score"] = max(mean.values())
-            out["head_scores"] = tables.head_scores(("retrieval", la, h, mean[(la, h)]) for la, h in order)
+            heads, scored, out["head_scores"] = scored_heads(results, list(samples["unit"]), set(counted["unit"]),
+                                                             model.info.n_heads, cfg.level)
+            metrics.update(scored)
         if n:
             out["curves"] = accuracy_curves(samples, "correct", "unmasked")
         out["metrics"] = tables.metrics(metrics, n=n)
@@ -459,6 +498,46 @@ class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
         metrics["correctness"] = rule
         return Summary(heads=heads, metrics=metrics, warnings=warnings, tables=out
         )
+
+
+def scored_heads(results: Mapping[str, pd.DataFrame], units: Sequence[Any], counted: set[Any], n_heads: int,
+                 level: float) -> tuple[list[dict[str, Any]], dict[str, Any], pd.DataFrame]:
+    """Each head's mean score and null over the ``counted`` units, whether it is above its null,
+    best first; the run's metrics on them; and the summary's ``head_scores`` table."""
+    # Each counted sample weighs 1 in each head's mean, the others 0.
+    weights = {str(u): float(u in counted) for u in units}
+    scores = weighted_means(results, weights).scores
+    mean = {(la, h): v for (m, la, h), v in scores.items() if m == "retrieval_sample"}
+    null = {(la, h): v for (m, la, h), v in scores.items() if m == "retrieval_null_sample"}
+    test = null_test(results, sorted(counted), n_heads, level)
+    order = sorted(mean, key=lambda key: (-mean[key], key))
+    heads = [{"layer": la, "head": h, "score": mean[(la, h)], "retrieval_null": null[(la, h)],
+              "above_null": bool(test.above[la * n_heads + h])} for la, h in order]
+    above = sum(v > RETRIEVAL_THRESHOLD for v in mean.values())
+    metrics = {"n_heads_above_threshold": above, "share_heads_above_threshold": above / len(mean),
+               "max_score": max(mean.values()), "level": level, "level_per_head": test.level,
+               "n_heads_above_null": test.n_above, "share_heads_above_null": test.share_above}
+    table = tables.head_scores(
+        [(metric, h["layer"], h["head"], float(h[key])) for h in heads
+         for metric, key in (("retrieval", "score"), ("retrieval_null", "retrieval_null"),
+                             ("retrieval_above_null", "above_null"))])
+    return heads, metrics, table
+
+
+def null_test(results: Mapping[str, pd.DataFrame], units: Sequence[str], n_heads: int, level: float) -> NullTest:
+    """Every head's per-sample score against its null over the counted ``units``
+    (:func:`circuits.methods.nulls.above_null`)."""
+    hs = results["head_scores"]
+    unit_col, metric_col = np.asarray(hs["unit"]).astype(str), np.asarray(hs["metric"]).astype(str)
+    layer, head, value = (np.asarray(hs[c]) for c in ("layer", "head", "value"))
+    per: dict[str, list[np.ndarray]] = {"retrieval_sample": [], "retrieval_null_sample": []}
+    for unit in units:
+        for metric, grids in per.items():
+            sel = (unit_col == str(unit)) & (metric_col == metric)
+            grid = np.zeros((int(layer[sel].max()) + 1, n_heads))
+            grid[layer[sel].astype(int), head[sel].astype(int)] = value[sel].astype(float)
+            grids.append(grid)
+    return above_null(stack_items(per["retrieval_sample"]), stack_items(per["retrieval_null_sample"]), level)
 
 
 # ---------------------------------------------------------------- the masking experiment

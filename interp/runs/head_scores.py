@@ -39,11 +39,14 @@ class UnitScores:
         n: how many samples the unit's values average: its weight in the mean over units (0: the
             unit does not count, e.g. a needle the model answered wrongly).
         metrics: unit-level values that are means over the same samples (losses), stored with ``n``.
+        artifacts: JSON documents by name (per-sample values a summary tests), stored as the
+            unit's ``artifacts`` rows.
     """
 
     grids: Mapping[str, Any]
     n: int = 1
     metrics: Mapping[str, float] = field(default_factory=dict)
+    artifacts: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,6 +122,8 @@ class HeadScoreDetector(Detector[C]):
         out = {"head_scores": pd.concat([tables.head_grid(m, g) for m, g in s.grids.items()], ignore_index=True)}
         if s.metrics or s.n != 1:
             out["metrics"] = tables.metrics(dict(s.metrics) or {SAMPLES: s.n}, n=s.n)
+        if s.artifacts:
+            out["artifacts"] = pd.concat([tables.artifact(k, doc) for k, doc in s.artifacts.items()], ignore_index=True)
         return UnitResult(tables=out)
 
     def weights(self, results: Mapping[str, pd.DataFrame]) -> dict[str, float]:

@@ -1,9 +1,7 @@
 """Path patching finds the induction circuit of a 2-layer attention-only model trained here.
 
-A Llama-style model (rotary, grouped-query attention, its MLPs zeroed and frozen) is trained on
-random token sequences repeated with a period drawn from 6..12 (a fixed period would let a
-layer-1 head find its target by position alone; a small vocabulary would let it eliminate
-tokens already repeated). Olsson et al. (2022) predict K-composition: a layer-0 head that
+The model is ``tests/trained_induction.py``'s (a Llama-style attention-only model trained on
+repeated random tokens). Olsson et al. (2022) predict K-composition: a layer-0 head that
 attends to the previous token writes it into each position, and the induction head's keys
 read it there. The previous-token and induction heads are found from the attention patterns
 of the plain HF model, then:
@@ -27,7 +25,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from interp.patching.edge_attribution import confirm_edges, edge_attribution
 from interp.patching.edges import Receiver, full_graph, senders_before
@@ -36,64 +34,20 @@ from interp.patching.metrics import LogitDiff
 from interp.patching.pairs import pair_runs
 from interp.patching.paths import path_patch
 from tests.tiny import VOCAB, loaded
+from tests.trained_induction import find_heads, one_thread, train_induction_model
 
 pytestmark = pytest.mark.slow  # trains a model (seconds); the full suite runs it
-
-LENGTH, PERIODS, STEPS = 26, (6, 13), 400
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _batch(gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequences BOS + x x x... (x random, its period drawn per sequence) and the mask of the
-    targets a previous occurrence predicts (from the second token of the second period on)."""
-    rows, masks = [], []
-    for _ in range(n):
-        t = int(torch.randint(*PERIODS, (1,), generator=gen))
-        x = torch.randint(4, VOCAB, (t,), generator=gen)
-        rows.append(torch.cat([torch.zeros(1, dtype=torch.long), x.repeat(LENGTH // t + 1)[: LENGTH - 1]]))
-        mask = torch.zeros(LENGTH - 1)
-        mask[t + 1 :] = 1
-        masks.append(mask)
-    return torch.stack(rows), torch.stack(masks)
-
-
-def _trained() -> tuple[LlamaForCausalLM, float]:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=16, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False,
-                      attn_implementation="eager")  # pyright: ignore[reportCallIssue]
-    model = LlamaForCausalLM(cfg)
-    for layer in model.model.layers:
-        mlp: torch.nn.Module = layer.mlp  # type: ignore[assignment]
-        for p in mlp.parameters():
-            p.requires_grad_(False)
-            p.zero_()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(STEPS):
-        ids, mask = _batch(gen, 32)
-        logits = model(ids).logits[:, :-1]
-        per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none")
-        loss = (per_token * mask.flatten()).sum() / mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return model.eval(), sum(losses[-20:]) / 20
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[LlamaForCausalLM, float]:
-    return _trained()
+    return train_induction_model()
 
 
 def _prompts(n: int = 8, period: int = 9) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
@@ -123,7 +77,7 @@ def test_previous_token_head_writes_the_induction_heads_key_and_the_circuit_is_f
     hf, loss = trained
     assert loss < 0.5, f"training did not reach induction (loss {loss:.3f})"
     clean, corrupt, answer, other = _prompts()
-    prev, ind, prev_scores, ind_scores = _heads(hf, clean, 9)
+    prev, ind, prev_scores, ind_scores = find_heads(hf, clean, 9)
     assert float(prev_scores[prev]) > 0.5
     assert float(ind_scores[ind]) > 0.5
     model = loaded(copy.deepcopy(hf).double())

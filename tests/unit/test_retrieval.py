@@ -361,6 +361,7 @@ def test_detector_counts_only_correct_samples(files: dict[str, str]) -> None:
     assert summary.metrics["too_few_counted"] == 0
     assert summary.warnings == []
     per = results["head_scores"]
+    per = per[per["metric"] == "retrieval_sample"]
     mean = per.groupby(["layer", "head"])["value"].mean()
     for h in summary.heads:
         assert h["score"] == pytest.approx(mean[(h["layer"], h["head"])])
@@ -506,9 +507,11 @@ def test_configs_are_typed_and_keep_the_old_parameters(files: dict[str, str]) ->
     defaults = {p.name: p.default for p in rt.RetrievalDetector.params}
     assert defaults == {"mode": "faithful", "min_length": 200, "max_length": 800, "n_lengths": 3, "n_depths": 3,
                         "n_needles": 3, "needles_file": "", "haystack_file": "", "max_tokens": 1024,
-                        "max_new_tokens": 24, "prompt_format": "auto", "seed": 0, "min_counted": 5}
+                        "max_new_tokens": 24, "prompt_format": "auto", "seed": 0, "min_counted": 5,
+                        "level": 0.95}
     masking = {p.name: p.default for p in retrieval_masking.RetrievalMaskingDetector.params}
-    assert masking == {**{k: v for k, v in defaults.items() if k not in ("mode", "min_counted")}, "heads": (),
+    assert masking == {**{k: v for k, v in defaults.items() if k not in ("mode", "min_counted", "level")},
+                       "heads": (),
                        "top_k": 10, "method": "uniform", "n_random": 3, "exclude_top": -1,
                        "ranking_mode": "faithful"}
     choices = {p.name: p.choices for p in retrieval_masking.RetrievalMaskingDetector.params if p.choices}
