@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -49,6 +49,7 @@ from interp.runs.config import SEED_MAX, DetectorConfig, param
 from interp.runs.head_scores import HeadMeans, HeadScoreDetector, UnitScores
 from interp.runs.registry import Summary, register
 from interp.runs.units import Unit
+from interp.stats import mean_interval
 
 INDUCTION_THRESHOLD = 0.4
 
@@ -142,12 +143,19 @@ class InductionConfig(DetectorConfig):
                          low=0, high=1, low_open=True, high_open=True)
 
 
-def null_tests(results: Mapping[str, pd.DataFrame], uniform: float, level: float) -> dict[str, NullTest]:
-    """Every head against each of its nulls (:data:`NULLS`), from the units' per-prompt scores."""
-    docs = [json.loads(doc) for name, doc in zip(results["artifacts"]["name"], results["artifacts"]["json"],
-                                                 strict=True) if name == PER_PROMPT]
-    per = {m: stack_items([np.asarray(d[m]) for d in docs]) for m in docs[0]}
-    per["previous_token_uniform"] = np.full_like(per["previous_token"], uniform)
+def per_prompt_scores(results: Mapping[str, pd.DataFrame]) -> dict[str, np.ndarray]:
+    """Each score's and null's [prompts, layers, heads] values from the units' per-prompt
+    artifacts; empty when no unit stored them (units stored before the nulls)."""
+    arts = results.get("artifacts")
+    if arts is None or not len(arts):
+        return {}
+    docs = [json.loads(doc) for name, doc in zip(arts["name"], arts["json"], strict=True) if name == PER_PROMPT]
+    return {m: stack_items([np.asarray(d[m]) for d in docs]) for m in docs[0]} if docs else {}
+
+
+def null_tests(per: Mapping[str, np.ndarray], uniform: float, level: float) -> dict[str, NullTest]:
+    """Every head against each of its nulls (:data:`NULLS`), from the per-prompt scores."""
+    per = {**per, "previous_token_uniform": np.full_like(per["previous_token"], uniform)}
     return {name: above_null(per[score], per[null], level) for name, (score, null) in NULLS.items()}
 
 
@@ -205,10 +213,21 @@ class InductionDetector(HeadScoreDetector[InductionConfig]):
 
     def finalize(self, model: LoadedModel, cfg: InductionConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
         summary = super().finalize(model, cfg, results)
+        per = per_prompt_scores(results)
+        if not per:
+            return replace(summary, warnings=[*summary.warnings, "no null scores: every unit of this run was "
+                                              "stored before the nulls (rerun in a new workspace to get them)"])
         uniform = uniform_previous_token_share(cfg.seq_len, len(model.prefix))
-        tests = null_tests(results, uniform, cfg.level)
+        tests = null_tests(per, uniform, cfg.level)
         n_heads = model.info.n_heads
         heads = summary.heads or []
+        intervals = dict(summary.intervals)
+        if heads:  # the top head's score over the prompts (finer than the base's over units)
+            intervals["top_score"] = mean_interval(per["induction"][:, heads[0]["layer"], heads[0]["head"]])
+        warnings = list(summary.warnings)
+        if len(per["induction"]) < int(summary.metrics["n_prompts"]):
+            warnings.append(f"nulls and intervals from {len(per['induction'])} of {int(summary.metrics['n_prompts'])} "
+                            "prompts: the other units were stored before the nulls")
         for h in heads:
             h.update({name: bool(t.above[h["layer"] * n_heads + h["head"]]) for name, t in tests.items()})
         metrics = {**summary.metrics, "previous_token_uniform": uniform, "level": cfg.level,
@@ -220,7 +239,7 @@ class InductionDetector(HeadScoreDetector[InductionConfig]):
                 for name, t in tests.items() for la in range(model.info.n_layers) for hd in range(n_heads)]
         agg = pd.concat([summary.tables["head_scores"], tables.head_scores(rows)], ignore_index=True)
         n = int(metrics["n_prompts"])
-        return Summary(heads=heads, metrics=metrics,
+        return Summary(heads=heads, metrics=metrics, intervals=intervals, warnings=warnings,
                        tables={"head_scores": agg, "metrics": tables.metrics(metrics, n=n)})
 
     def summary_metrics(

@@ -66,17 +66,18 @@ from circuits.data.needles import (
 )
 from circuits.methods.decoding import greedy_decode
 from circuits.methods.heads import Head, ranking_from_summary
-from circuits.methods.nulls import RULE, NullTest, above_null, stack_items
+from circuits.methods.nulls import RULE
+from circuits.methods.retrieval_heads import scored_heads
 from interp.errors import UserError
 from interp.model.backends import RunOutput
 from interp.model.interventions import Intervention
 from interp.model.loaded import LoadedModel
 from interp.runs import tables
 from interp.runs.config import SEED_MAX, DetectorConfig, param
-from interp.runs.head_scores import weighted_means
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.runner import run_in_memory
 from interp.runs.units import Unit
+from interp.stats import Interval
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -472,6 +473,7 @@ class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
         }
         out: dict[str, pd.DataFrame] = {}
         heads: list[dict[str, Any]] = []
+        intervals: dict[str, Interval] = {}
         if n_counted == 0:
             warnings.append(
                 f"NO RETRIEVAL SCORES: none of the {n} samples was answered correctly ({rule}) by "
@@ -485,9 +487,11 @@ class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
                     f"({rule}), fewer than min_counted={cfg.min_counted}; these retrieval scores "
                     f"are noisy and may not rank heads reliably."
                 )
-            heads, scored, out["head_scores"] = scored_heads(results, list(samples["unit"]), set(counted["unit"]),
-                                                             model.info.n_heads, cfg.level)
-            metrics.update(scored)
+            scored = scored_heads(results, list(samples["unit"]), set(counted["unit"]), model.info.n_heads,
+                                  cfg.level, RETRIEVAL_THRESHOLD)
+            heads, out["head_scores"], intervals = scored.heads, scored.table, scored.intervals
+            metrics.update(scored.metrics)
+            warnings += scored.warnings
         if n:
             out["curves"] = accuracy_curves(samples, "correct", "unmasked")
         out["metrics"] = tables.metrics(metrics, n=n)
@@ -496,48 +500,7 @@ class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
                          "counted_units": sorted(counted["unit"]) if n_counted else []}
         )
         metrics["correctness"] = rule
-        return Summary(heads=heads, metrics=metrics, warnings=warnings, tables=out
-        )
-
-
-def scored_heads(results: Mapping[str, pd.DataFrame], units: Sequence[Any], counted: set[Any], n_heads: int,
-                 level: float) -> tuple[list[dict[str, Any]], dict[str, Any], pd.DataFrame]:
-    """Each head's mean score and null over the ``counted`` units, whether it is above its null,
-    best first; the run's metrics on them; and the summary's ``head_scores`` table."""
-    # Each counted sample weighs 1 in each head's mean, the others 0.
-    weights = {str(u): float(u in counted) for u in units}
-    scores = weighted_means(results, weights).scores
-    mean = {(la, h): v for (m, la, h), v in scores.items() if m == "retrieval_sample"}
-    null = {(la, h): v for (m, la, h), v in scores.items() if m == "retrieval_null_sample"}
-    test = null_test(results, sorted(counted), n_heads, level)
-    order = sorted(mean, key=lambda key: (-mean[key], key))
-    heads = [{"layer": la, "head": h, "score": mean[(la, h)], "retrieval_null": null[(la, h)],
-              "above_null": bool(test.above[la * n_heads + h])} for la, h in order]
-    above = sum(v > RETRIEVAL_THRESHOLD for v in mean.values())
-    metrics = {"n_heads_above_threshold": above, "share_heads_above_threshold": above / len(mean),
-               "max_score": max(mean.values()), "level": level, "level_per_head": test.level,
-               "n_heads_above_null": test.n_above, "share_heads_above_null": test.share_above}
-    table = tables.head_scores(
-        [(metric, h["layer"], h["head"], float(h[key])) for h in heads
-         for metric, key in (("retrieval", "score"), ("retrieval_null", "retrieval_null"),
-                             ("retrieval_above_null", "above_null"))])
-    return heads, metrics, table
-
-
-def null_test(results: Mapping[str, pd.DataFrame], units: Sequence[str], n_heads: int, level: float) -> NullTest:
-    """Every head's per-sample score against its null over the counted ``units``
-    (:func:`circuits.methods.nulls.above_null`)."""
-    hs = results["head_scores"]
-    unit_col, metric_col = np.asarray(hs["unit"]).astype(str), np.asarray(hs["metric"]).astype(str)
-    layer, head, value = (np.asarray(hs[c]) for c in ("layer", "head", "value"))
-    per: dict[str, list[np.ndarray]] = {"retrieval_sample": [], "retrieval_null_sample": []}
-    for unit in units:
-        for metric, grids in per.items():
-            sel = (unit_col == str(unit)) & (metric_col == metric)
-            grid = np.zeros((int(layer[sel].max()) + 1, n_heads))
-            grid[layer[sel].astype(int), head[sel].astype(int)] = value[sel].astype(float)
-            grids.append(grid)
-    return above_null(stack_items(per["retrieval_sample"]), stack_items(per["retrieval_null_sample"]), level)
+        return Summary(heads=heads, metrics=metrics, intervals=intervals, warnings=warnings, tables=out)
 
 
 # ---------------------------------------------------------------- the masking experiment

@@ -140,13 +140,14 @@ class HeadScoreDetector(Detector[C]):
         return {**means.metrics, "n_samples": means.n, "n_heads": len(heads)}
 
     def ranked_heads(self, means: HeadMeans) -> list[dict[str, Any]]:
-        """One dict per head (layer, head, score, the declared fields, :meth:`head_fields`),
-        best first; ties in (layer, head) order."""
+        """One dict per head (layer, head, score, the declared fields the units stored,
+        :meth:`head_fields`), best first; ties in (layer, head) order."""
         per_head: dict[tuple[int, int], dict[str, float]] = {}
         for (metric, layer, head), value in sorted(means.scores.items(), key=lambda kv: (kv[0][1], kv[0][2])):
             per_head.setdefault((layer, head), {})[metric] = value
         heads = [
-            {"layer": layer, "head": head, "score": v[self.score], **{f: v[f] for f in self.fields}, **self.head_fields(v)}
+            {"layer": layer, "head": head, "score": v[self.score], **{f: v[f] for f in self.fields if f in v},
+             **self.head_fields(v)}
             for (layer, head), v in per_head.items()
             if self.score in v
         ]
