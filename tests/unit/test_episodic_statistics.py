@@ -13,8 +13,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from circuits.detectors.episodic_ablation import EpisodicAblationDetector, ablation_effects
-from interp.runs.config import MAX_DRAWS
+from circuits.detectors.episodic_ablation import ablation_effects
 from interp.runs.units import Unit
 from interp.stats.means import paired_p, t_interval
 
@@ -93,8 +92,3 @@ def test_top_set_among_random_draws_by_hand() -> None:
         assert stored[f"{metric}_top_vs_random_percentile"] == (62.5, 4)
         assert stored[f"{metric}_top_vs_random_p"][1] == 4
 
-
-def test_default_draws_are_at_least_twenty() -> None:
-    p = {x.name: x for x in EpisodicAblationDetector.params}["n_draws"]
-    assert p.default >= 20
-    assert (p.low, p.high) == (1, MAX_DRAWS)

@@ -19,7 +19,6 @@ from circuits.methods.heads import all_heads, random_heads
 from interp.model.interventions import ablate_heads
 from interp.model.loaded import LoadedModel
 from interp.runs import tables
-from interp.runs.config import MAX_DRAWS
 from interp.runs.runner import run_in_memory
 from tests.tiny import loaded
 from tests.unit.test_conflicts import _own_answer_facts
@@ -184,8 +183,3 @@ def test_versus_random_by_hand() -> None:
     assert out["prune_memory_qa_vs_random_percentile"] == pytest.approx(62.5)
     assert out["prune_memory_qa_vs_random_p"] == pytest.approx(3 / 5)
 
-
-def test_defaults_and_bounds() -> None:
-    p = {x.name: x for x in ph3.PH3Detector.params}["n_random"]
-    assert p.default >= 20
-    assert (p.low, p.high) == (1, MAX_DRAWS)
