@@ -91,7 +91,7 @@ def _plain_rates(hf: Any, model: LoadedModel, items: list[ConflictItem], fmt: st
 def test_each_draw_equals_plain_hooks_and_the_pruned_set_is_placed_among_them(
     knowing: LoadedModel, tiny_llama_hf: Any
 ) -> None:
-    det = ph3.PH3Detector()
+    det: Any = ph3.PH3Detector()
     cfg = det.parse_params({"max_items": 24, "formats": ",".join(FORMATS), "ks": "3", "scale_heads": 0,
                             "n_random": N_DRAWS, "seed": 5, "batch_size": 7})
     summary, results = run_in_memory(knowing, det, cfg)
