@@ -27,6 +27,7 @@ from interp.runs import tables
 from interp.runs.config import MAX_DRAWS, SEED_MAX, DetectorConfig, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.units import Unit
+from interp.stats import against_random
 from interp.stats.means import paired_p, t_interval
 
 if TYPE_CHECKING:
@@ -71,8 +72,9 @@ def ablation_effects(
     curves: pd.DataFrame, units: Sequence[Unit]
 ) -> tuple[dict[str, Any], list[tuple[str, float, float | None, float | None, int | None]]]:
     """Per measure: the clean value and the change under each ablation (top-k, the mean of the
-    random draws, each single and cumulative set) against clean, with t intervals and the
-    paired p-value of top-k against random; as summary metrics and ``metrics`` rows."""
+    random draws, each single and cumulative set) against clean, with t intervals, the paired
+    p-value of top-k against random, and where the top-k change falls among the draws' changes
+    (percentile and empirical p, Phipson & Smyth 2010); as summary metrics and ``metrics`` rows."""
     c_unit, c_curve, c_x, c_y = (_col(curves, c) for c in ("unit", "curve", "x", "y"))
     draws = [u.key for u in units if u.group == "random"]
 
@@ -100,6 +102,12 @@ def ablation_effects(
         rows.append((f"{metric}_paired_p", metrics[f"{metric}_paired_p"], None, None, len(top)))
         per_draw = [float((values(u, metric) - clean).mean()) for u in draws]
         metrics[f"{metric}_delta_random_per_draw"] = per_draw
+        # The top set among the draws: ablating heads that carry in-context copying raises each
+        # measure (the ICL score towards 0, the second-copy loss up), so "higher" is the effect.
+        control = against_random(float((top - clean).mean()), per_draw, "higher")
+        for name, v in (("percentile", control.percentile), ("p", control.p_value)):
+            metrics[f"{metric}_top_vs_random_{name}"] = v
+            rows.append((f"{metric}_top_vs_random_{name}", v, None, None, len(per_draw)))
         for u in units:
             if u.group in ("single", "cum"):
                 mm, lo2, hi2 = t_interval(values(u.key, metric) - clean)
@@ -122,7 +130,7 @@ class EpisodicAblationConfig(DetectorConfig):
         "cmr", "rank heads by: CMR distance, prefix-matching or copying"
     )
     k: int = param(0, "heads ablated together (0: 10% of all heads, as Ji-An et al.)", low=0)
-    n_draws: int = param(3, "random sets of k heads drawn outside the top set", low=1, high=MAX_DRAWS)
+    n_draws: int = param(20, "random sets of k heads drawn outside the top set", low=1, high=MAX_DRAWS)
     method: Literal["zero", "mean"] = param("zero", "ablation of the heads' value vectors (z)")
     n_texts: int = param(8, "512-token windows of the bundled text (0: all)", low=0)
     # 0 < early < late < seq_len - 1 (check); the lows are what that implies alone.
@@ -171,7 +179,7 @@ class EpisodicAblationDetector(Detector[EpisodicAblationConfig]):
                 f"{cfg.n_draws} draws of k random heads outside the top set, single-head and cumulative "
                 "ablations (McGrath et al. 2023): change of the ICL score (loss at token late minus loss at token "
                 "early, Olsson et al. 2022) on text windows and of the second-copy loss on repeated tokens, "
-                "t intervals and a paired t-test")
+                "t intervals, a paired t-test and the top set's percentile and empirical p among the draws")
 
     def dataset_hash(self, model: LoadedModel, cfg: EpisodicAblationConfig) -> str | None:
         return hashlib.sha256(TEXT_SAMPLE.read_bytes()).hexdigest()

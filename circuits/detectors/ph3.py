@@ -8,8 +8,11 @@ over formats. Two directions:
 
 k is chosen per direction on the validation split from {1, 3, 5, 7, 9, 15} (as GaotangLi/JUICE)
 by the target rate averaged over formats (ties: larger mean logit shift in the wanted
-direction, then smaller k). The test split reports the rates before and after, the same k of
-seeded random heads as a control, and plain factual recall without the conflict sentence.
+direction, then smaller k). The test split reports the rates before and after, plain factual
+recall without the conflict sentence, and a control: ``n_random`` seeded draws of as many random
+heads (``*.random-control.*`` rates are the mean over the draws; each draw's rates are the
+``random_draws`` artifact) with the pruned set's percentile and empirical p among the draws
+(circuits.detectors.ph3_draws).
 Pruning = zero ablation of the head's z (its output before W_O) at every position.
 
 Also value-vector scaling (Yu, Merullo, Pavlick 2023): the top heads' value vectors (= their z,
@@ -22,7 +25,6 @@ it (model.run, model.hf(...), generation); ``interp prune`` prints pruned vs unp
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -45,14 +47,15 @@ from circuits.data.conflicts import (
 )
 from circuits.data.facts import facts_hash, load_facts
 from circuits.detectors.conflict_heads import mean_by_head, prefixed_head_scores, ranked_heads
+from circuits.detectors.ph3_draws import RATES, control_draws, draw_records, evaluate_sets, versus_random
 from circuits.methods.decoding import greedy_decode
 from circuits.methods.direct_path import head_effects, out_proj_module
-from circuits.methods.heads import Head, all_heads, check_heads, head_label, random_heads
+from circuits.methods.heads import Head, check_heads, head_label
 from interp.errors import UserError
 from interp.model.interventions import AblateHeads, Intervention, ScaleValue, ablate_heads
 from interp.model.loaded import LoadedModel
 from interp.runs import tables
-from interp.runs.config import SEED_MAX, param
+from interp.runs.config import MAX_DRAWS, SEED_MAX, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.units import Unit
 
@@ -278,6 +281,7 @@ class PH3Config(ConflictConfig):
     ks: tuple[int, ...] = param(K_GRID, "candidate k (heads pruned), chosen on validation", low=1)
     scale_heads: int = param(1, "top heads of each kind for the value-scaling curve (0 = none)", low=0)
     factors: tuple[float, ...] = param((0.0, 0.5, 1.0, 2.0, 4.0), "value-vector scale factors", unbounded=True)
+    n_random: int = param(20, "draws of as many random heads as pruned (the control)", low=1, high=MAX_DRAWS)
     batch_size: int = param(32, "prompts per forward pass", low=1)
 
     def check(self) -> None:
@@ -311,7 +315,8 @@ class PH3Detector(Detector[PH3Config]):
     def method_text(self, cfg: PH3Config) -> str:
         return (
             "Zero ablation of each pruned head's z at all positions (PH3, Jin et al. 2024); heads ranked by "
-            "direct-path patching to the logits on the validation split, k chosen there, rates on the test split."
+            "direct-path patching to the logits on the validation split, k chosen there, rates on the test split, "
+            f"against {cfg.n_random} draws of as many random heads (percentile and empirical p of the pruned set)."
         )
 
     def dataset(self, model: LoadedModel, cfg: PH3Config) -> ConflictDataset:
@@ -391,27 +396,34 @@ class PH3Detector(Detector[PH3Config]):
     def _test_unit(
         self, model: LoadedModel, cfg: PH3Config, test: Sequence[ConflictItem], mem: list[Head], ctx: list[Head]
     ) -> UnitResult:
-        """Test-split rates unpruned, pruned with the chosen k, and with as many random heads,
-        on conflict and on no-conflict prompts."""
+        """Test-split rates unpruned, pruned with the chosen k, and with as many random heads in
+        each of ``n_random`` draws, on conflict and on no-conflict prompts; every head set is
+        scored as rows of shared batches (circuits.detectors.ph3_draws)."""
         conditions: dict[str, list[Head]] = {"unpruned": []}
+        draws: dict[str, list[list[Head]]] = {}
         for d, (k, _) in self.choices(model, cfg).items():
             pool = ctx if DIRECTIONS[d][0] == "context" else mem
             conditions[d] = pool[:k]
-            # As many random heads as pruned (all that are left, on a model that small).
-            n = min(len(pool[:k]), model.info.n_total_heads - len(pool[:k]))
-            conditions[f"{d}.random-control"] = random_heads(all_heads(model), pool[:k], n, random.Random(cfg.seed))
+            draws[d] = control_draws(model, pool[:k], cfg.n_random, cfg.seed)
+        sets = {**conditions, **{f"{d}.draw{i}": hs for d, ds in draws.items() for i, hs in enumerate(ds)}}
+        res = {("conflict" if conflict else "no-conflict"): evaluate_sets(
+            model, test, cfg.formats, sets, conflict=conflict, batch_size=cfg.batch_size) for conflict in (True, False)}
+        records = [r for d, ds in draws.items() for r in draw_records(d, ds, res)]
         rows = []
-        for cond, heads in conditions.items():
-            for conflict in (True, False):
-                res = evaluate(model, test, cfg.formats, heads, conflict=conflict, batch_size=cfg.batch_size)
-                setting = "conflict" if conflict else "no-conflict"
-                for f, r in res.items():
-                    n = int(r["n"])
-                    for name, v in r.items():
-                        if name != "n":
-                            rows.append((f"test.{cond}.{setting}.{f}.{name}", float(v), None, None, n))
+        for setting, by_cond in res.items():
+            for cond in conditions:
+                for f, r in by_cond[cond].items():
+                    rows += [(f"test.{cond}.{setting}.{f}.{name}", float(v), None, None, int(r["n"]))
+                             for name, v in r.items() if name != "n"]
+            # The random control's rates: the mean over the draws (each draw is in random_draws).
+            for d, ds in draws.items():
+                for f in cfg.formats:
+                    rs = [by_cond[f"{d}.draw{i}"][f] for i in range(len(ds))]
+                    rows += [(f"test.{d}.random-control.{setting}.{f}.{name}", sum(r[name] for r in rs) / len(rs),
+                              None, None, int(rs[0]["n"])) for name in RATES]
         art = {c: [head_label(*h) for h in hs] for c, hs in conditions.items()}
-        return UnitResult(tables={"metrics": tables.metric_rows(rows), "artifacts": tables.artifact("pruned_heads", art)})
+        return UnitResult(tables={"metrics": tables.metric_rows(rows), "artifacts": pd.concat(
+            [tables.artifact("pruned_heads", art), tables.artifact("random_draws", records)], ignore_index=True)})
 
     def finalize(self, model: LoadedModel, cfg: PH3Config, results: Mapping[str, pd.DataFrame]) -> Summary:
         met = results["metrics"]
@@ -432,6 +444,11 @@ class PH3Detector(Detector[PH3Config]):
         pruned: dict[str, list[str]] = (tables.read_artifact(art, "pruned_heads") if art is not None else None) or {}
         for cond, hs in pruned.items():
             metrics[f"heads.{cond}"] = ",".join(hs)
+        draws = (tables.read_artifact(art, "random_draws") if art is not None else None) or []
+        metrics["n_random"] = cfg.n_random
+        for d, (_, target, _) in DIRECTIONS.items():
+            after = {f: metrics[f"test.{d}.conflict.{f}.{target}"] for f in cfg.formats}
+            metrics.update(versus_random(draws, after, d, target, cfg.formats))
         metrics.update(
             {"seed": cfg.seed, "split_hash": split["hash"], "n_validation": len(ds.validation), "n_test": len(ds.test),
              "formats": list(cfg.formats)}

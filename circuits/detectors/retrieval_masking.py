@@ -50,7 +50,7 @@ class RetrievalMaskingConfig(NeedleGridConfig):
     method: Literal["uniform", "zero"] = param(
         "uniform", "uniform: zero the query (the reference's mask); zero: zero the head output"
     )
-    n_random: int = param(3, "draws of K random heads", low=1, high=MAX_DRAWS)
+    n_random: int = param(20, "draws of K random heads", low=1, high=MAX_DRAWS)
     exclude_top: int = param(-1, "random heads are drawn outside the top N of the ranking "
                              "(-1: max(K, 10% of heads); the paper draws outside its top 100)", low=-1)
     ranking_mode: Literal["faithful", "fast"] = param("faithful", "score used to rank heads when 'heads' is empty")

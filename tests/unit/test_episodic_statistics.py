@@ -69,3 +69,26 @@ def test_ablation_effects_by_hand() -> None:
     assert math.isclose(t3_cdf((hi - 2.5) / (math.sqrt(5 / 3) / 2)), 0.975, abs_tol=1e-9)
     assert math.isclose(lo, 5.0 - hi, rel_tol=1e-12)
     assert metrics["icl_delta_random_per_draw"] == [0.25, 0.25]
+
+
+def test_top_set_among_random_draws_by_hand() -> None:
+    """Four random draws whose mean changes are 0.25, 3.0, 2.5 and 1.0 against a top-k change of
+    2.5: two below, one tie, one above, so percentile (2 + 1/2) / 4 = 62.5 and the empirical p that
+    a draw raises the measure as much is (1 + 2) / (1 + 4) (Phipson & Smyth 2010)."""
+    clean = [1.0, 2.0, 3.0, 4.0]
+    values = {"clean": clean, "top": [2.0, 4.0, 6.0, 8.0]}
+    for i, shift in enumerate([[0, 0, 0, 1], [3, 3, 3, 3], [1, 2, 3, 4], [1, 1, 1, 1]]):
+        values[f"random-{i}"] = [c + s for c, s in zip(clean, shift, strict=True)]
+    rows = [{"unit": u, "curve": metric, "layer": None, "head": None, "x": float(x), "y": y}
+            for u, ys in values.items() for metric in ("icl", "icl_window", "second_copy_loss")
+            for x, y in enumerate(ys)]
+    units = [Unit("clean"), Unit("top"), *(Unit("random", i) for i in range(4))]
+    metrics, rows_out = ablation_effects(pd.DataFrame(rows), units)
+    stored = {name: (value, n) for name, value, _lo, _hi, n in rows_out}
+    for metric in ("icl", "icl_window", "second_copy_loss"):
+        assert metrics[f"{metric}_delta_random_per_draw"] == [0.25, 3.0, 2.5, 1.0]
+        assert metrics[f"{metric}_top_vs_random_percentile"] == 62.5
+        assert math.isclose(metrics[f"{metric}_top_vs_random_p"], 3 / 5)
+        assert stored[f"{metric}_top_vs_random_percentile"] == (62.5, 4)
+        assert stored[f"{metric}_top_vs_random_p"][1] == 4
+

@@ -512,7 +512,7 @@ def test_configs_are_typed_and_keep_the_old_parameters(files: dict[str, str]) ->
     masking = {p.name: p.default for p in retrieval_masking.RetrievalMaskingDetector.params}
     assert masking == {**{k: v for k, v in defaults.items() if k not in ("mode", "min_counted", "level")},
                        "heads": (),
-                       "top_k": 10, "method": "uniform", "n_random": 3, "exclude_top": -1,
+                       "top_k": 10, "method": "uniform", "n_random": 20, "exclude_top": -1,
                        "ranking_mode": "faithful"}
     choices = {p.name: p.choices for p in retrieval_masking.RetrievalMaskingDetector.params if p.choices}
     assert choices == {"prompt_format": ("auto", "chat", "plain"), "method": ("uniform", "zero"),
