@@ -6,9 +6,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from circuits.methods.heads import head_label
 from interp.runs.registry import Summary
-from interp.stats import Direction, Interval, mean_interval, verdict, wilson_counts
+from interp.stats import Direction, Interval, against_random, mean_interval, verdict, wilson_counts
 
 SETS = (("induction", "induction"), ("retrieval", "retrieval"), ("cmr", "cmr"),
         ("memory", "conflict-heads"), ("context", "conflict-heads"))
@@ -178,6 +180,23 @@ def claim_induction_retrieval_overlap(res: ModelResults, top: int) -> dict[str, 
     return _verdict(j is not None and j > 0, j, f"Jaccard of the top-{top} sets")
 
 
+def _draws_claim(value: float, draws: Sequence[float], direction: Direction, detail: str,
+                 alpha: float = 0.05) -> dict[str, Any]:
+    """A top set against random draws of as many heads: holds when its empirical p (Phipson &
+    Smyth 2010) in the claimed ``direction`` is at most ``alpha``, does not hold when the p the
+    other way is, else inconclusive (too few draws can never decide: p >= 1 / (1 + draws)). The
+    value is the top set's lead over the draws' mean; lo and hi its lead over the draws' 97.5th
+    and 2.5th percentiles, the spread of a random set."""
+    other: Direction = "lower" if direction == "higher" else "higher"
+    toward, away = against_random(value, draws, direction), against_random(value, draws, other)
+    sign = 1.0 if direction == "higher" else -1.0
+    lead = [sign * (value - q) for q in np.quantile(draws, [0.975, 0.025] if sign > 0 else [0.025, 0.975])]
+    ok = HOLDS if toward.p_value <= alpha else FAILS if away.p_value <= alpha else INCONCLUSIVE
+    return {"verdict": ok, "value": round(sign * (value - float(np.mean(draws))), 9), "lo": float(lead[0]),
+            "hi": float(lead[1]), "n": len(draws), "method": "random draws", "p": toward.p_value,
+            "percentile": toward.percentile, "detail": detail + f"; p = {toward.p_value:.3g} among {len(draws)} draws"}
+
+
 def claim_retrieval_masking(res: ModelResults, top: int) -> dict[str, Any]:
     s = res.summaries.get("retrieval-masking")
     if s is None:
@@ -191,8 +210,12 @@ def claim_retrieval_masking(res: ModelResults, top: int) -> dict[str, Any]:
               f"(mean of {m.get('n_random')} draws), {m.get('n_samples')} samples")
     if none == 0:
         return _verdict(None, None, detail + ": nothing to drop")
-    # The value is how much more the top heads cost than random ones.
-    # Rounded: rates are fractions of few items, and 0.45 - 0.45 must read 0, not -6.9e-18.
+    draws = m.get("random_accuracies")
+    if isinstance(draws, list) and draws:
+        # The top set's accuracy lower than the random sets': the value is how much lower.
+        return _draws_claim(float(masked), [float(d) for d in draws], "lower", detail)
+    # A summary without the draws: the point comparison. Rounded: rates are fractions of few
+    # items, and 0.45 - 0.45 must read 0, not -6.9e-18.
     return _verdict(masked < rand, round(rand - masked, 9), detail)
 
 
@@ -202,17 +225,21 @@ def claim_ph3_beats_random(res: ModelResults, top: int) -> dict[str, Any]:
         return _verdict(None, None, _why_missing(res, "ph3"))
     m = s.metrics
     formats = m.get("formats", [])
-    gains = []
+    afters, gains = [], []
     for f in formats:
         after = m.get(f"test.prune-memory.conflict.{f}.context_rate")
         rand = m.get(f"test.prune-memory.random-control.conflict.{f}.context_rate")
         if after is not None and rand is not None:
+            afters.append(after)
             gains.append(after - rand)
     if not gains:
         return _verdict(None, None, "ph3 has no test rates")
     gain = round(sum(gains) / len(gains), 9)
     detail = (f"context rate after pruning the top {m.get('prune-memory.k')} memory heads minus after as "
               f"many random heads, mean over {len(gains)} formats")
+    draws = m.get("prune_memory_random_context_rates")
+    if isinstance(draws, list) and draws and len(afters) == len(formats):
+        return _draws_claim(sum(afters) / len(afters), [float(d) for d in draws], "higher", detail)
     return _verdict(gain > 0, gain, detail)
 
 

@@ -203,18 +203,20 @@ class RetrievalMaskingDetector(_NeedleDetector[RetrievalMaskingConfig]):
 
 
 def masking_uncertainty(samples: pd.DataFrame, random_columns: Sequence[str],
-                        k: int) -> tuple[dict[str, Interval], dict[str, float]]:
+                        k: int) -> tuple[dict[str, Interval], dict[str, Any]]:
     """The unmasked and top-k accuracies with their Wilson intervals, the drop between them on
     the same samples with its paired interval (Newcombe), and where the top-k accuracy falls
     among the random draws' accuracies (its percentile and the empirical p-value that masking
-    random heads hurts as much, Phipson & Smyth 2010)."""
+    random heads hurts as much, Phipson & Smyth 2010), with each draw's accuracy in draw order
+    (a list: the summary's, not a stored metric)."""
     none, top = samples["correct:none"].to_numpy(float), samples[f"correct:top{k}"].to_numpy(float)
     intervals = {"accuracy:none": interval(none, method="wilson"),
                  f"accuracy:top{k}": interval(top, method="wilson"),
                  "drop:top": paired_interval(none, top, method="newcombe")}
     draws = [_mean(samples[c]) for c in random_columns]
     control = against_random(_mean(top), draws, "lower")
-    return intervals, {"top_vs_random:percentile": control.percentile, "top_vs_random:p": control.p_value}
+    return intervals, {"top_vs_random:percentile": control.percentile, "top_vs_random:p": control.p_value,
+                       "random_accuracies": draws}
 
 
 def masking_accuracies(samples: pd.DataFrame, conditions: Sequence[str], random_columns: Sequence[str],

@@ -191,3 +191,34 @@ def test_cmr_like_heads_must_also_beat_their_null() -> None:
     # Only the three layer-3 heads count: depth 0.75 (by the threshold alone the layer-0 heads
     # would pull it to 0.375).
     assert (got["verdict"], got["value"], got["share"], got["share_by_threshold"]) == (HOLDS, 0.75, 0.5, 1.0)
+
+
+def _masking(top: float, draws: list[float]) -> Summary:
+    return Summary(detector="retrieval-masking", variant="v", metrics={
+        "top_k": 3, "n_random": len(draws), "n_samples": 8, "accuracy:none": 0.75, "accuracy:top3": top,
+        "accuracy:random-mean": sum(draws) / len(draws), "random_accuracies": draws})
+
+
+@pytest.mark.parametrize(
+    ("top", "draws", "verdict"),
+    [(0.25, [0.5 + 0.025 * i for i in range(20)], HOLDS),  # below all 20: p = 1/21 <= 0.05
+     (0.25, [0.5, 0.75], INCONCLUSIVE),  # below both, but two draws allow p >= 1/3
+     (0.25, [0.125] + [0.5] * 19, INCONCLUSIVE),  # one draw lower: p = 2/21 = 0.095
+     (0.9, [0.5] * 20, FAILS)],  # above all 20: masking the top set hurts less than random
+)
+def test_retrieval_masking_against_its_random_draws(top: float, draws: list[float], verdict: str) -> None:
+    res = ModelResults(n_layers=4, n_heads=8, summaries={"retrieval-masking": _masking(top, draws)})
+    (got,) = [c["models"]["m"] for c in summarize({"m": res}, ["retrieval-masking"], 2)["claims"]
+              if c["id"] == "retrieval-masking"]
+    assert got["verdict"] == verdict
+    assert got["value"] == pytest.approx(sum(draws) / len(draws) - top)  # how much lower than random
+    assert (got["n"], got["method"]) == (len(draws), "random draws")
+    assert got["lo"] <= got["value"] <= got["hi"] or len(set(draws)) == 1
+
+
+def test_ph3_against_its_random_draws() -> None:
+    s = _ph3(0.5, 0.3)
+    draws = [0.25 + 0.01 * i for i in range(20)]  # 0.25 .. 0.44, all below 0.5
+    s = Summary(detector="ph3", variant="v", metrics={**s.metrics, "prune_memory_random_context_rates": draws})
+    got = _verdicts(p=s)["ph3-beats-random"]
+    assert got == (HOLDS, pytest.approx(0.5 - sum(draws) / 20))
