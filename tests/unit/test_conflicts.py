@@ -385,7 +385,7 @@ def test_configs_keep_the_parameters_typed_and_checked() -> None:
     with pytest.raises(UserError, match="unknown parameter 'top'"):
         ConflictHeadsDetector.parse_params({"top": "3"})
     assert [p.name for p in ph3.PH3Detector.params] == [
-        "seed", "formats", "facts", "val_fraction", "max_items", "ks", "scale_heads", "factors", "batch_size",
+        "seed", "formats", "facts", "val_fraction", "max_items", "ks", "scale_heads", "factors", "n_random", "batch_size",
     ]
     seed = next(p for p in ph3.PH3Detector.params if p.name == "seed")
     assert seed.help == "seed of the context answers, the split and the random-head control"
