@@ -74,10 +74,6 @@ def _head_rows(heads: Sequence[Mapping[str, Any]], n_layers: int) -> list[dict[s
             for h in heads]
 
 
-def _mean_depth(heads: Sequence[Mapping[str, Any]], n_layers: int) -> float | None:
-    return sum(int(h["layer"]) for h in heads) / len(heads) / n_layers if heads else None
-
-
 def _verdict(ok: bool | None, value: Any, detail: str, n: int | None = None, **extra: Any) -> dict[str, Any]:
     """A claim read from a point value (no interval: ``method`` "point"), or not measurable."""
     verdict = NM if ok is None else HOLDS if ok else FAILS
@@ -119,18 +115,22 @@ def claim_retrieval_sparse(res: ModelResults, top: int) -> dict[str, Any]:
     return _verdict(share < SPARSE_SHARE, share, detail, n=int(n_heads) if n_heads is not None else None)
 
 
+def _later_than_middle(heads: Sequence[Mapping[str, Any]], n_layers: int, detail: str, **extra: Any) -> dict[str, Any]:
+    """A claim that a set of heads sits past the middle of the stack: their mean relative depth
+    with its t interval over the heads (one head: the point)."""
+    depths = [int(h["layer"]) / n_layers for h in heads]
+    if len(depths) < 2:
+        return _verdict(depths[0] > LATE_DEPTH, depths[0], detail, n=len(depths), **extra)
+    return _interval_claim(mean_interval(depths), LATE_DEPTH, "higher", detail + " (t interval over the heads)", **extra)
+
+
 def claim_memory_context_late(res: ModelResults, top: int) -> dict[str, Any]:
     sets = top_sets(res, top)
     heads = [*sets.get("memory", []), *sets.get("context", [])]
-    depth = _mean_depth(heads, res.n_layers)
-    if depth is None:
+    if not heads:
         return _verdict(None, None, _why_missing(res, "conflict-heads"))
     n_mem, n_ctx = len(sets.get("memory", [])), len(sets.get("context", []))
-    detail = f"mean relative depth of {n_mem} memory + {n_ctx} context heads"
-    if len(heads) < 2:
-        return _verdict(depth > LATE_DEPTH, depth, detail, n=len(heads))
-    return _interval_claim(mean_interval([int(h["layer"]) / res.n_layers for h in heads]), LATE_DEPTH, "higher",
-                           detail + " (t interval over the heads)")
+    return _later_than_middle(heads, res.n_layers, f"mean relative depth of {n_mem} memory + {n_ctx} context heads")
 
 
 def claim_cmr_mid_late(res: ModelResults, top: int) -> dict[str, Any]:
@@ -146,14 +146,10 @@ def claim_cmr_mid_late(res: ModelResults, top: int) -> dict[str, Any]:
     which = "CMR-like heads (distance < 0.5 and above their null)" if has_null else "CMR-like heads (distance < 0.5)"
     detail = f"mean relative depth of {len(like)} {which}; share {share:.3f} ({by_threshold:.3f} by the threshold alone)"
     extra: dict[str, Any] = {"share": share, "share_by_threshold": by_threshold}
-    depth = _mean_depth(like, res.n_layers)
-    if depth is None:
+    if not like:
         # The claim places CMR-like heads; a model without any does not show it.
         return _verdict(False, None, f"no {which} (share by the threshold {by_threshold:.3f})", **extra)
-    if len(like) < 2:
-        return _verdict(depth > LATE_DEPTH, depth, detail, n=len(like), **extra)
-    return _interval_claim(mean_interval([int(h["layer"]) / res.n_layers for h in like]), LATE_DEPTH, "higher",
-                           detail + " (t interval over the heads)", **extra)
+    return _later_than_middle(like, res.n_layers, detail, **extra)
 
 
 def claim_induction_exists(res: ModelResults, top: int) -> dict[str, Any]:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
-import pandas as pd
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -23,7 +22,7 @@ from circuits.data.needles import Needle, NeedleSample
 from circuits.detectors import retrieval as rt
 from circuits.detectors.induction import InductionDetector
 from interp.model.loaded import LoadedModel
-from interp.runs.runner import finalized, run_in_memory
+from interp.runs.runner import run_in_memory
 from tests.tiny import VOCAB, loaded
 from tests.trained_induction import find_heads, one_thread, train_induction_model
 
@@ -98,15 +97,6 @@ class _SpanRetrieval(rt.RetrievalDetector):
         return _span_samples(12, seed=5)
 
 
-def _run(det: Any, model: LoadedModel, cfg: Any) -> tuple[Any, Mapping[str, pd.DataFrame]]:
-    parts: dict[str, list[pd.DataFrame]] = {}
-    for u in det.units(model, cfg):
-        for table, df in det.run_unit(model, cfg, u).tables.items():
-            parts.setdefault(table, []).append(df.assign(unit=u.key))
-    results = {t: pd.concat(v, ignore_index=True) for t, v in parts.items()}
-    return finalized(model, det, cfg, results), results
-
-
 def test_a_head_that_copies_the_needle_is_above_the_retrieval_null_and_a_layer0_head_is_not(
     trained: tuple[LlamaForCausalLM, int, int],
 ) -> None:
@@ -114,13 +104,13 @@ def test_a_head_that_copies_the_needle_is_above_the_retrieval_null_and_a_layer0_
     model = loaded(copy.deepcopy(hf))  # the workbench wraps the model it is given
     det = _SpanRetrieval()
     cfg = det.parse_params({"max_new_tokens": 4, "min_counted": 5})
-    summary, results = _run(det, model, cfg)
+    summary, results = run_in_memory(model, det, cfg)
     # The model continues most spans (11 of 12 here): enough counted samples for a verdict.
     assert summary.metrics["n_counted"] >= cfg.min_counted
     assert not summary.warnings
+    assert summary.heads is not None
     heads = _by_head(summary.heads)
     copier, other = heads[(1, ind)], heads[(0, prev)]
-    print(copier, other, sep="\n")
     assert copier["above_null"]
     assert copier["score"] > copier["retrieval_null"]
     assert not other["above_null"]
