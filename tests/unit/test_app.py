@@ -403,7 +403,7 @@ def test_form_starts_the_cli_command(env: dict[str, Any], monkeypatch: pytest.Mo
     assert argv[:4] == ["run", "induction", "--model", "smollm2-135m"]
     opts = dict(zip(argv[4::2], argv[5::2], strict=True))
     assert opts == {"--prefix": "auto", "--device": "auto", "--dtype": "float32", "--seq-len": "12",
-                    "--n-prompts": "3", "--batch-size": "5", "--seed": "0"}
+                    "--n-prompts": "3", "--batch-size": "5", "--seed": "0", "--level": "0.95"}
     assert label == "induction on smollm2-135m"
     assert any("started: induction" in s.value for s in at.success)
 
