@@ -35,6 +35,7 @@ of p(answer first token) = (p_knocked - p_clean) / p_clean; averaged over facts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -162,19 +163,27 @@ def peak_depth_interval(
 ) -> Interval:
     """The relative depth (layer / n_layers) at which the facts' average effect in ``bucket``
     peaks, with its bootstrap interval over the facts (each resample averages the resampled
-    facts again and takes the peak; fewer than two facts: no interval)."""
+    facts again and takes the peak). Below :data:`PEAK_MIN_FACTS` facts the resamples are too
+    few to bound anything (2 facts give 3 distinct resamples): no interval (nan bounds)."""
 
     def depth(index: np.ndarray) -> float:
         b = average_buckets([effects[int(i)] for i in index])
         sub = pd.DataFrame(b[b["bucket"] == bucket])
         return int(sub["layer"].to_numpy()[int(np.argmax(sub["value"].to_numpy(float)))]) / n_layers
 
+    if len(effects) < PEAK_MIN_FACTS:
+        value = depth(np.arange(len(effects)))
+        return Interval(value, math.nan, math.nan, len(effects), "bca-bootstrap", 0.95)
     return bootstrap_interval(np.arange(len(effects)), depth, n_resamples=PEAK_RESAMPLES)
 
 
 # Each resample re-averages the facts' [T, L] grids; 1,999 keep that under a second for tens of
 # facts, with a Monte Carlo error of a 95 % percentile bound well below the spread over facts.
 PEAK_RESAMPLES = 1_999
+# The fewest facts a bootstrap of the peak's depth is computed from: the peak is a discrete
+# argmax, and with a handful of facts the bootstrap distribution has a few atoms (Efron &
+# Tibshirani 1993 warn against percentile-type intervals for very small n).
+PEAK_MIN_FACTS = 10
 
 
 @register

@@ -433,16 +433,19 @@ def _spike(n_layers: int, layer: int, height: float = 1.0) -> tuple[np.ndarray, 
 
 def test_peak_depth_interval_over_facts_by_hand() -> None:
     # Every fact peaks at layer 2 of 8: every resample does too, so the interval is the point 0.25.
-    same = ct.peak_depth_interval([_spike(8, 2)] * 5, 8)
-    assert (same.value, same.lo, same.hi, same.n) == (0.25, 0.25, 0.25, 5)
-    # Spikes at layers 1 (x3, height 1) and 6 (x2, height 1): the average peaks at layer 1
-    # (3/5 > 2/5), and a resample's peak is one of the spikes' layers, so both bounds are
-    # 1/8 or 6/8, and resamples with more layer-6 facts exist: hi = 6/8.
-    mixed = ct.peak_depth_interval([_spike(8, 1)] * 3 + [_spike(8, 6)] * 2, 8)
+    same = ct.peak_depth_interval([_spike(8, 2)] * 10, 8)
+    assert (same.value, same.lo, same.hi, same.n) == (0.25, 0.25, 0.25, 10)
+    # Spikes at layers 1 (x6) and 6 (x4): the average peaks at layer 1 (6/10 > 4/10), and a
+    # resample's peak is one of the spikes' layers, so both bounds are 1/8 or 6/8; resamples
+    # with more layer-6 facts are common (P(Bin(10, 0.4) >= 6) = 0.17): hi = 6/8.
+    mixed = ct.peak_depth_interval([_spike(8, 1)] * 6 + [_spike(8, 6)] * 4, 8)
     assert mixed.value == 1 / 8
     assert {mixed.lo, mixed.hi} <= {1 / 8, 6 / 8}
     assert mixed.hi == 6 / 8
-    # One fact: no interval.
+    # Fewer facts than PEAK_MIN_FACTS: no interval.
+    nine = ct.peak_depth_interval([_spike(8, 2)] * 9, 8)
+    assert math.isnan(nine.lo)
+    assert nine.value == 0.25
     one = ct.peak_depth_interval([_spike(8, 3)], 8)
     assert math.isnan(one.lo)
     assert one.value == 3 / 8
