@@ -43,7 +43,7 @@ from jaxtyping import Float, Int
 from circuits.methods.nulls import RULE, NullTest, above_null, stack_items
 from interp.model.interventions import Intervention
 from interp.model.loaded import LoadedModel
-from interp.model.tokens import ordinary_token_range
+from interp.model.tokens import random_blocks
 from interp.runs import tables
 from interp.runs.config import SEED_MAX, DetectorConfig, param
 from interp.runs.head_scores import HeadMeans, HeadScoreDetector, UnitScores
@@ -91,11 +91,7 @@ def twin_tokens(
 ) -> tuple[Int[torch.Tensor, "batch seq"], Int[torch.Tensor, "batch seq"]]:
     """:func:`repeated_random_tokens` (prefix + A + A, the same tokens for the same seed) and its
     twins without repeats, prefix + A + B, B the generator's next draw."""
-    low, high = ordinary_token_range(model)
-    gen = torch.Generator().manual_seed(seed)
-    first = torch.randint(low, high, (batch, length), generator=gen)
-    second = torch.randint(low, high, (batch, length), generator=gen)
-    prefix = torch.tensor(model.prefix.ids, dtype=torch.long).expand(batch, len(model.prefix))
+    prefix, (first, second) = random_blocks(model, batch, length, seed, 2)
     return torch.cat([prefix, first, first], dim=1), torch.cat([prefix, first, second], dim=1)
 
 

@@ -23,6 +23,19 @@ def ordinary_token_range(model: LoadedModel) -> tuple[int, int]:
     return low, high
 
 
+def random_blocks(
+    model: LoadedModel, batch: int, length: int, seed: int, n_blocks: int
+) -> tuple[Int[torch.Tensor, "batch prefix"], list[Int[torch.Tensor, "batch length"]]]:
+    """The prompt prefix (batch rows) and ``n_blocks`` blocks of ``length`` random ordinary
+    tokens, drawn one after the other from a CPU generator seeded with ``seed``: the same seed
+    gives the same blocks on every machine, and the first block does not depend on ``n_blocks``."""
+    low, high = ordinary_token_range(model)
+    gen = torch.Generator().manual_seed(seed)
+    blocks = [torch.randint(low, high, (batch, length), generator=gen) for _ in range(n_blocks)]
+    prefix = torch.tensor(model.prefix.ids, dtype=torch.long).expand(batch, len(model.prefix))
+    return prefix, blocks
+
+
 def repeated_random_tokens(
     model: LoadedModel, batch: int, length: int, seed: int
 ) -> Int[torch.Tensor, "batch seq"]:
@@ -31,8 +44,5 @@ def repeated_random_tokens(
     Drawn from a CPU generator seeded with ``seed``, so the same seed gives the same batch on
     every machine.
     """
-    low, high = ordinary_token_range(model)
-    gen = torch.Generator().manual_seed(seed)
-    block = torch.randint(low, high, (batch, length), generator=gen)
-    prefix = torch.tensor(model.prefix.ids, dtype=torch.long).expand(batch, len(model.prefix))
+    prefix, (block,) = random_blocks(model, batch, length, seed, 1)
     return torch.cat([prefix, block, block], dim=1)
