@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class CMRConfig(LagListsConfig):
     """Parameters of ``cmr``: the shared lists (repeated random tokens by default), the
-    simulated CMR grid and the lag-shuffled null."""
+    simulated CMR grid and the null (match or lag-shuffled)."""
 
     grid_sims: int = param(cmr_model.GridSpec().n_sims, "CMR trials per start position and grid point", low=1)
     grid_estimator: Literal["sampled", "expected"] = param(cmr_model.GridSpec().estimator, "CMR CRP estimator")
@@ -106,19 +106,20 @@ def _fit_curve_rows(records: Sequence[Mapping[str, Any]], fit: cmr_model.CMRFit)
 
 
 def _null_of(
-    crp: np.ndarray, lags: np.ndarray, grid: cmr_model.CMRGrid, cfg: CMRConfig, results: Mapping[str, pd.DataFrame]
+    crp: np.ndarray, lags: np.ndarray, grid: cmr_model.CMRGrid, cfg: CMRConfig, results: Mapping[str, pd.DataFrame],
+    distance: np.ndarray,
 ) -> cmr_null.CMRNull | None:
-    """Every head (layer-major) against its ``cfg.null_draws`` null lag-CRPs of ``cfg.null_kind``
-    (None: the units were stored before the null and hold none)."""
+    """Every head (layer-major, its CMR ``distance`` already fitted) against its
+    ``cfg.null_draws`` null lag-CRPs of ``cfg.null_kind`` (None: the units were stored before
+    the null and hold none)."""
     n_l, n_h, n_lags = crp.shape
     if cfg.null_kind == "lags":
-        return cmr_null.cmr_null(crp.reshape(n_l * n_h, -1), lags, grid, cfg.fit_lag,
-                                 n_draws=cfg.null_draws, seed=cfg.null_seed, alpha=cfg.null_alpha)
+        return cmr_null.cmr_null(crp.reshape(n_l * n_h, -1), lags, grid, cfg.fit_lag, n_draws=cfg.null_draws,
+                                 seed=cfg.null_seed, alpha=cfg.null_alpha, distance=distance)
     stored = null_array(results)
     if stored is None:
         return None
     null_crp = stored.reshape(n_l * n_h, -1, n_lags)
-    distance = cmr_model.fit_cmr(crp.reshape(n_l * n_h, -1), lags, grid, cfg.fit_lag).distance
     null = cmr_null.fit_null_curves(null_crp, lags, grid, cfg.fit_lag)
     return cmr_null.against_null(distance, null, cfg.null_alpha)
 
@@ -208,7 +209,7 @@ class CMRDetector(_LagCRPBase[CMRConfig]):
         records, fit = cmr_records(crp, lags, grid, cfg.fit_lag)
         for r, extra in zip(records, lag_records(crp, lags, spc), strict=True):
             r.update({k: v for k, v in extra.items() if k not in ("layer", "head")})
-        null = _null_of(crp, lags, grid, cfg, results)
+        null = _null_of(crp, lags, grid, cfg, results, fit.distance)
         null_names = _add_null(records, null)
         dist = np.array([r["cmr_distance"] for r in records])
         order = np.argsort(np.nan_to_num(dist, nan=np.inf), kind="stable")
@@ -295,7 +296,7 @@ def fig_cmr_layers(heads: Sequence[Mapping[str, Any]], n_layers: int) -> go.Figu
     ]
     if "cmr_above_null" in df:  # runs stored before the null have no such field
         above = df[df["cmr_above_null"].fillna(False).astype(bool)].groupby("layer").size()
-        bars.append(go.Bar(x=layers, y=above.reindex(layers, fill_value=0).values, name="above the lag-shuffled null"))
+        bars.append(go.Bar(x=layers, y=above.reindex(layers, fill_value=0).values, name="above the null"))
     fig = go.Figure(bars)
     fig.update_layout(barmode="group", title="CMR-like heads by layer", xaxis_title="layer",
                       yaxis_title="CMR-like heads (count)")

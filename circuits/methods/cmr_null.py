@@ -127,10 +127,12 @@ def fit_null_curves(null_crp: np.ndarray, lags: np.ndarray, grid: cmr_model.CMRG
 
 def cmr_null(
     attn: np.ndarray, lags: np.ndarray, grid: cmr_model.CMRGrid, fit_lag: int,
-    n_draws: int = NULL_DRAWS, seed: int = 0, alpha: float = NULL_ALPHA,
+    n_draws: int = NULL_DRAWS, seed: int = 0, alpha: float = NULL_ALPHA, distance: np.ndarray | None = None,
 ) -> CMRNull:
-    """Fit each head and ``n_draws`` lag-shuffles of it (the ``lags`` null); flag the heads above it."""
+    """Fit each head (unless its ``distance`` is given, from the same fit) and ``n_draws``
+    lag-shuffles of it (the ``lags`` null); flag the heads above it."""
     attn = np.asarray(attn, dtype=np.float64)
-    distance = cmr_model.fit_cmr(attn, lags, grid, fit_lag).distance
+    if distance is None:
+        distance = cmr_model.fit_cmr(attn, lags, grid, fit_lag).distance
     perms = permutations(attn.shape[0], int((np.abs(lags) <= fit_lag).sum()), n_draws, seed)
     return against_null(distance, null_distances(attn, lags, grid, fit_lag, perms), alpha)
