@@ -346,6 +346,11 @@ def score_items(
     prompts = [i.conflict_prompt(fmt) if conflict else i.plain_prompt(fmt) for i in items]
     toks = [[i.memory_token, i.context_token] for i in items]
     top1, logits = last_token_predictions(model, prompts, toks, interventions, batch_size)
+    return scored_frame(items, fmt, top1, logits)
+
+
+def scored_frame(items: Sequence[ConflictItem], fmt: str, top1: torch.Tensor, logits: torch.Tensor) -> pd.DataFrame:
+    """:func:`score_items`' table from each item's top-1 token and its [memory, context] logits."""
     return pd.DataFrame(
         {
             "item": [i.id for i in items],

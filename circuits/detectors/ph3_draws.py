@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from circuits.data.conflicts import ConflictItem, check_format, rates
+from circuits.data.conflicts import ConflictItem, check_format, rates, scored_frame
 from circuits.methods.heads import Head, all_heads, random_heads
 from interp.errors import UserError
 from interp.model.interventions import Intervention, ablate_heads
@@ -93,14 +93,7 @@ def score_head_sets(
         for row, (s, i) in enumerate(pairs):
             top1[s, i] = logits[row].argmax()
             picked[s, i] = logits[row, [items[i].memory_token, items[i].context_token]]
-    return [
-        pd.DataFrame({
-            "item": [i.id for i in items], "format": fmt, "top1": top1[s].tolist(),
-            "logit_memory": picked[s, :, 0].tolist(), "logit_context": picked[s, :, 1].tolist(),
-            "memory_token": [i.memory_token for i in items], "context_token": [i.context_token for i in items],
-        })
-        for s in range(len(head_sets))
-    ]
+    return [scored_frame(items, fmt, top1[s], picked[s]) for s in range(len(head_sets))]
 
 
 def evaluate_sets(
