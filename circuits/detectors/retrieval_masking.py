@@ -182,8 +182,9 @@ class RetrievalMaskingDetector(_NeedleDetector[RetrievalMaskingConfig]):
                                    "ranking_source": "param" if cfg.heads else f"computed ({cfg.ranking_mode}, seed+1)"}
         rand_cols = [f"correct:{n}" for n in sets if n.startswith("random")]
         samples["correct:random-mean"] = samples[rand_cols].mean(axis=1)
-        metrics.update(masking_accuracies(samples, list(sets), rand_cols, k))
-        intervals, control = masking_uncertainty(samples, rand_cols, k)
+        draws = [_mean(samples[c]) for c in rand_cols]
+        metrics.update(masking_accuracies(samples, list(sets), draws, k))
+        intervals, control = masking_uncertainty(samples, draws, k)
         metrics.update(control)
         curves = [accuracy_curves(samples, f"correct:{name}", name) for name in ["none", f"top{k}", "random-mean"]]
         warnings: list[str] = []
@@ -202,7 +203,7 @@ class RetrievalMaskingDetector(_NeedleDetector[RetrievalMaskingConfig]):
         return Summary(heads=None, metrics=metrics, intervals=intervals, warnings=warnings, tables=out)
 
 
-def masking_uncertainty(samples: pd.DataFrame, random_columns: Sequence[str],
+def masking_uncertainty(samples: pd.DataFrame, draws: Sequence[float],
                         k: int) -> tuple[dict[str, Interval], dict[str, Any]]:
     """The unmasked and top-k accuracies with their Wilson intervals, the drop between them on
     the same samples with its paired interval (Newcombe), and where the top-k accuracy falls
@@ -213,20 +214,20 @@ def masking_uncertainty(samples: pd.DataFrame, random_columns: Sequence[str],
     intervals = {"accuracy:none": interval(none, method="wilson"),
                  f"accuracy:top{k}": interval(top, method="wilson"),
                  "drop:top": paired_interval(none, top, method="newcombe")}
-    draws = [_mean(samples[c]) for c in random_columns]
     control = against_random(_mean(top), draws, "lower")
     return intervals, {"top_vs_random:percentile": control.percentile, "top_vs_random:p": control.p_value,
-                       "random_accuracies": draws}
+                       "random_accuracies": list(draws)}
 
 
-def masking_accuracies(samples: pd.DataFrame, conditions: Sequence[str], random_columns: Sequence[str],
+def masking_accuracies(samples: pd.DataFrame, conditions: Sequence[str], draws: Sequence[float],
                        k: int) -> dict[str, float]:
     """Needle accuracy of each condition (head set), of the random draws (mean of the per-sample
-    mean ``correct:random-mean``, worst and best draw), and the drops from the unmasked model."""
+    mean ``correct:random-mean``; the worst and best of ``draws``, each draw's accuracy), and the
+    drops from the unmasked model."""
     acc = {f"accuracy:{name}": _mean(samples[f"correct:{name}"]) for name in conditions}
     acc["accuracy:random-mean"] = _mean(samples["correct:random-mean"])
-    acc["accuracy:random-min"] = min(_mean(samples[c]) for c in random_columns)
-    acc["accuracy:random-max"] = max(_mean(samples[c]) for c in random_columns)
+    acc["accuracy:random-min"] = min(draws)
+    acc["accuracy:random-max"] = max(draws)
     base = acc["accuracy:none"]
     acc["drop:top"] = base - acc[f"accuracy:top{k}"]
     acc["drop:random-mean"] = base - acc["accuracy:random-mean"]
