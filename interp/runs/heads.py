@@ -160,10 +160,10 @@ def _same_model(run: Mapping[str, Any], model: str | LoadedModel) -> bool:
     return stored == want if want else (not stored and str(run["model"]) == model.name)
 
 
-
 def _article(word: str) -> str:
     """'a' or 'an' before ``word`` (by its first letter: "an atlas run", "a ph3 run")."""
     return "an" if word[:1].lower() in "aeiou" else "a"
+
 
 def heads(
     workspace: str | Path | None,
