@@ -27,6 +27,7 @@ from interp.model.loaded import LoadedModel
 from interp.runs import tables
 from interp.runs.runner import run_in_memory
 from interp.runs.units import Part, Unit
+from tests.known_facts import own_answer_facts, use_known_facts
 from tests.tiny import loaded, no_hooks_left
 
 # ---------------------------------------------------------------- helpers
@@ -156,20 +157,9 @@ def test_prompt_formats_and_alignment() -> None:
         ConflictHeadsDetector.parse_params({"formats": "restated,nope"})
 
 
-def _own_answer_facts(model: LoadedModel, n: int) -> list[Fact]:
-    """Facts whose answer is the tiny model's own top-1 token, so the model 'knows' them."""
-    facts = []
-    for i in range(n):
-        prompt = f"w{20 + i} w{60 + i} w{90 + i}"
-        with torch.no_grad():
-            top = int(model.run(_ids(model, prompt)).logits[0, -1].argmax())
-        facts.append(Fact(f"w{20 + i}", prompt, str(model.tokenizer.decode([top])).strip(), "r", "t"))
-    return facts
-
-
 def test_build_dataset_filters_known_and_splits_by_seed(tiny_llama_hf: Any) -> None:
     model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
-    facts = _own_answer_facts(model, 12)
+    facts = own_answer_facts(model, 12)
     answers = {f.answer for f in facts}
     wrong = next(f"w{i}" for i in range(4, 128) if f"w{i}" not in answers)
     unknown = Fact("w50", "w50 w51 w52", wrong, "r", "t")
@@ -191,7 +181,7 @@ def test_build_dataset_filters_known_and_splits_by_seed(tiny_llama_hf: Any) -> N
 
 def test_empty_split_is_a_clear_error(tiny_llama_hf: Any) -> None:
     model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
-    facts = _own_answer_facts(model, 2)[:1]
+    facts = own_answer_facts(model, 2)[:1]
     # One known fact plus an unknown of the same type (a substitute pool) makes one item.
     facts.append(Fact("w31", "w31 w32 w33", "w126" if facts[0].answer != "w126" else "w125", "r", "t"))
     with pytest.raises(UserError, match="split needs items on both sides"):
@@ -430,10 +420,7 @@ def test_variants_are_slugs_that_name_the_method() -> None:
 @pytest.fixture
 def knowing(tiny_llama_hf: Any, monkeypatch: pytest.MonkeyPatch) -> LoadedModel:
     """The tiny Llama, with the conflict detectors' facts replaced by facts it knows."""
-    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
-    facts = _own_answer_facts(model, 24)
-    monkeypatch.setattr(conflicts, "load_facts", lambda source=None: list(facts))
-    return model
+    return use_known_facts(loaded(copy.deepcopy(tiny_llama_hf), "bridge"), monkeypatch)
 
 
 def test_conflict_heads_detector_runs_and_stores_its_tables(knowing: LoadedModel) -> None:

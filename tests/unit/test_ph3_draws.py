@@ -20,8 +20,8 @@ from interp.model.interventions import ablate_heads
 from interp.model.loaded import LoadedModel
 from interp.runs import tables
 from interp.runs.runner import run_in_memory
+from tests.known_facts import own_answer_facts, use_known_facts
 from tests.tiny import loaded
-from tests.unit.test_conflicts import _own_answer_facts
 
 N_DRAWS = 10
 FORMATS = ("restated", "qa")
@@ -30,10 +30,7 @@ FORMATS = ("restated", "qa")
 @pytest.fixture
 def knowing(tiny_llama_hf: Any, monkeypatch: pytest.MonkeyPatch) -> LoadedModel:
     """The tiny Llama, with the conflict detectors' facts replaced by facts it knows."""
-    model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
-    facts = _own_answer_facts(model, 24)
-    monkeypatch.setattr(conflicts, "load_facts", lambda source=None: list(facts))
-    return model
+    return use_known_facts(loaded(copy.deepcopy(tiny_llama_hf), "bridge"), monkeypatch)
 
 
 def _naive_draws(n_layers: int, n_heads: int, pruned: list[tuple[int, int]], n: int, seed: int) -> list[list[tuple[int, int]]]:
@@ -147,7 +144,7 @@ def test_each_draw_equals_plain_hooks_and_the_pruned_set_is_placed_among_them(
 def test_batched_head_sets_equal_one_set_at_a_time(knowing: LoadedModel) -> None:
     """Rows of several head sets in one batch, each ablation on its own rows only, score as each
     set does alone (score_items, checked against plain HF in test_conflicts.py)."""
-    ds = conflicts.build_dataset(knowing, _own_answer_facts(knowing, 24), seed=0)
+    ds = conflicts.build_dataset(knowing, own_answer_facts(knowing, 24), seed=0)
     items = ds.validation + ds.test
     sets = [[], [(0, 1), (2, 3)], [(1, 0)], [(0, 1), (2, 3)], [(2, 0), (2, 1), (2, 2)]]
     for conflict in (True, False):

@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM
 
 import interp
 from circuits.data import conflicts
-from circuits.data.facts import Fact
 from circuits.detectors.conflict_heads import ranked_heads
 from interp.errors import StoreError, UserError
 from interp.model.interventions import ablate_heads
@@ -26,18 +25,8 @@ from interp.runs.registry import UnitResult
 from interp.runs.runner import RunResult, run_detector
 from interp.runs.schema import FINAL_UNIT
 from interp.runs.store import Store
+from tests.known_facts import own_answer_facts
 from tests.tiny import loaded, run_cli
-
-
-def _own_answer_facts(model: LoadedModel, n: int) -> list[Fact]:
-    """Facts whose answer is the tiny model's own top-1 token, so the model 'knows' them."""
-    facts = []
-    for i in range(n):
-        prompt = f"w{20 + i} w{60 + i} w{90 + i}"
-        with torch.no_grad():
-            top = int(model.run(model.to_tokens(prompt)).logits[0, -1].argmax())
-        facts.append(Fact(f"w{20 + i}", prompt, str(model.tokenizer.decode([top])).strip(), "r", "t"))
-    return facts
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +34,7 @@ def stored(tiny_llama_hf: Any, tmp_path_factory: pytest.TempPathFactory) -> dict
     """A workspace holding a conflict-heads, a PH3 and an induction run of the tiny Llama (the
     conflict facts replaced by facts it knows), with each run's in-memory result."""
     model = loaded(copy.deepcopy(tiny_llama_hf), "bridge")
-    facts = _own_answer_facts(model, 24)
+    facts = own_answer_facts(model, 24)
     mp = pytest.MonkeyPatch()
     mp.setattr(conflicts, "load_facts", lambda source=None: list(facts))
     ws = tmp_path_factory.mktemp("ws")
