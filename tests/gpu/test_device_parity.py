@@ -28,8 +28,8 @@ from circuits.methods.cmr_model import GridSpec
 from interp.model.loaded import LoadedModel
 from interp.runs.registry import all_detectors, get_detector
 from interp.runs.runner import run_in_memory
+from tests.known_facts import own_answer_facts
 from tests.tiny import loaded, tiny_llama
-from tests.unit.test_conflicts import _own_answer_facts
 from tests.unit.test_retrieval import GRID, HAYSTACK_TEXT, NEEDLE, force_output, wrap
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier needs CUDA")]
@@ -56,7 +56,7 @@ def _needles(tmp: Path) -> dict[str, str]:
 
 
 def _knowing(mp: pytest.MonkeyPatch) -> None:
-    facts = _own_answer_facts(_tiny("cpu"), 24)
+    facts = own_answer_facts(_tiny("cpu"), 24)
     mp.setattr(conflicts, "load_facts", lambda source=None: list(facts))
 
 
