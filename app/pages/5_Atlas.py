@@ -46,12 +46,15 @@ st.caption(f"{len(models)} models · top-{atlas['top']} head sets · atlas run #
 
 
 def cell(claim: dict[str, Any], model: str) -> str:
-    """The verdict and its number, linked to the run of the claim's first detector on this model."""
+    """The verdict and its number with its 95 % interval, linked to the run of the claim's first
+    detector on this model; * marks a claim inconclusive at this budget."""
     result = claim["models"][model]
-    value = result.get("value")
-    text = str(VERDICT_WORD.get(result["verdict"], result["verdict"]))
+    value, lo, hi = result.get("value"), result.get("lo"), result.get("hi")
+    text = str(VERDICT_WORD.get(result["verdict"], result["verdict"])) + ("*" if "need" in result else "")
     if isinstance(value, int | float):
         text += f" {value:.3g}"
+        if isinstance(lo, int | float) and isinstance(hi, int | float):
+            text += f" [{lo:.2g}, {hi:.2g}]"
     run = atlas.get("runs", {}).get(model, {}).get(claim.get("detectors", [None])[0] or "", {})
     if "run_id" not in run:
         return text
@@ -69,12 +72,14 @@ lines = [header, "|" + "---|" * (len(models) + 1)]
 for c in atlas["claims"]:
     lines.append(f"| {md(c['short'])} | " + " | ".join(cell(c, m) for m in models) + " |")
 st.markdown("\n".join(lines))
-st.caption("yes / no / n.m. (not measurable), with the number behind it; each cell opens the run it comes from.")
+st.caption("yes / no / inconclusive / n.m. (not measurable), with the number behind it and its 95 % interval "
+           "(* inconclusive at this budget: the table below says what n it needs); each cell opens the run "
+           "it comes from.")
 with st.expander("the claims, and the numbers behind each cell"):
     for c in atlas["claims"]:
         st.markdown(f"**{c['short']}**: {c['claim']}")
-        rows = [{"model": labels[m], "verdict": c["models"][m]["verdict"], "value": c["models"][m].get("value"),
-                 "detail": c["models"][m].get("detail", "")} for m in models]
+        rows = [{"model": labels[m], **{k: c["models"][m].get(k) for k in ("verdict", "value", "lo", "hi", "n", "method")},
+                 "needs": c["models"][m].get("need", ""), "detail": c["models"][m].get("detail", "")} for m in models]
         st.dataframe(pd.DataFrame(rows), hide_index=True)
 
 st.subheader("Heads by relative depth")

@@ -8,9 +8,19 @@ from typing import Any
 
 import numpy as np
 
+from circuits.atlas.budget import CHANCE_METHOD, assess
+from circuits.detectors.causal_trace import PEAK_MIN_FACTS
 from circuits.methods.heads import head_label
 from interp.runs.registry import Summary
-from interp.stats import Direction, Interval, against_random, mean_interval, verdict, wilson_counts
+from interp.stats import (
+    Direction,
+    Interval,
+    against_random,
+    mean_interval,
+    overlap_vs_chance,
+    verdict,
+    wilson_counts,
+)
 
 SETS = (("induction", "induction"), ("retrieval", "retrieval"), ("cmr", "cmr"),
         ("memory", "conflict-heads"), ("context", "conflict-heads"))
@@ -30,8 +40,8 @@ LATE_DEPTH = 0.5
 
 @dataclass(frozen=True)
 class ModelResults:
-    """What the atlas knows about one model: its shape and each detector's summary or the reason
-    it could not be measured."""
+    """What the atlas knows about one model: its shape (``n_heads``: every attention head of the
+    model, all layers together) and each detector's summary or the reason it could not be measured."""
 
     n_layers: int
     n_heads: int
@@ -167,13 +177,30 @@ def claim_induction_exists(res: ModelResults, top: int) -> dict[str, Any]:
     return _verdict(best > threshold, best, detail)
 
 
+def overlap_against_chance(a: int, b: int, shared: int, n_heads: int, alpha: float = 0.05) -> dict[str, Any]:
+    """Two top sets of ``a`` and ``b`` of ``n_heads`` heads sharing ``shared``, against two sets of
+    those sizes drawn at random: the shared count of random sets is hypergeometric, so the
+    comparison is exact (no draws). Holds when the sets share more heads than chance would with
+    p <= ``alpha``, does not hold when they share fewer with p <= ``alpha``, else inconclusive.
+    The value is the Jaccard index's lead over its mean under chance; lo and hi its lead over
+    chance's 97.5th and 2.5th percentiles, as for the random draws of :func:`_draws_claim`."""
+    c = overlap_vs_chance(a, b, shared, n_heads)
+    ok = HOLDS if c.p_more <= alpha else FAILS if c.p_fewer <= alpha else INCONCLUSIVE
+    return {"verdict": ok, "value": round(c.jaccard - c.chance_mean, 9), "lo": c.jaccard - c.chance_hi,
+            "hi": c.jaccard - c.chance_lo, "n": n_heads, "method": CHANCE_METHOD, "p": c.p_more,
+            "jaccard": c.jaccard, "chance_jaccard": c.chance_mean, "shared": shared}
+
+
 def claim_induction_retrieval_overlap(res: ModelResults, top: int) -> dict[str, Any]:
     sets = top_sets(res, top)
     missing = [d for d in ("induction", "retrieval") if d not in sets]
     if missing:
         return _verdict(None, None, "; ".join(_why_missing(res, d) for d in missing))
-    j = jaccard(sets["induction"], sets["retrieval"])
-    return _verdict(j is not None and j > 0, j, f"Jaccard of the top-{top} sets")
+    ind, ret = ({(int(h["layer"]), int(h["head"])) for h in sets[d]} for d in ("induction", "retrieval"))
+    out = overlap_against_chance(len(ind), len(ret), len(ind & ret), res.n_heads)
+    out["detail"] = (f"Jaccard {out['jaccard']:.2f} of the top-{top} sets ({out['shared']} shared) vs "
+                     f"{out['chance_jaccard']:.2f} for random sets of as many heads; p = {out['p']:.2g}")
+    return out
 
 
 def _draws_claim(value: float, draws: Sequence[float], direction: Direction, detail: str,
@@ -272,7 +299,7 @@ def claim_mlp_peak_early(res: ModelResults, top: int) -> dict[str, Any]:
         # the bootstrap over facts of the peak's depth.
         ok = (INCONCLUSIVE if not iv.defined else HOLDS if iv.hi <= LATE_DEPTH
               else FAILS if iv.lo > LATE_DEPTH else INCONCLUSIVE)
-        return {**_interval_claim(iv, LATE_DEPTH, "lower", detail), "verdict": ok}
+        return {**_interval_claim(iv, LATE_DEPTH, "lower", detail), "verdict": ok, "n_min": PEAK_MIN_FACTS}
     return _verdict(depth <= LATE_DEPTH, depth, detail)
 
 
@@ -359,8 +386,9 @@ CLAIMS = (
           "previous-token head, more than for random senders", claim_induction_keys_from_previous_token,
           ("induction", "path-patching")),
     Claim("induction-retrieval-overlap", "ind/retr overlap",
-          "induction top set overlaps retrieval top set: Jaccard > 0 (Wu et al. 2024 report "
-          "retrieval heads distinct from induction heads)", claim_induction_retrieval_overlap, ("induction", "retrieval")),
+          "induction top set overlaps retrieval top set more than two random sets of as many heads "
+          "would (Wu et al. 2024 report retrieval heads distinct from induction heads); value: the "
+          "Jaccard index minus its mean under chance", claim_induction_retrieval_overlap, ("induction", "retrieval")),
 )
 
 
@@ -394,7 +422,7 @@ def summarize(models: Mapping[str, ModelResults], detectors: Sequence[str], top:
         "detectors": by_detector,
         "overlap": {name: _overlaps(res, top) for name, res in models.items()},
         "claims": [{"id": c.id, "short": c.short, "claim": c.text, "detectors": list(c.detectors),
-                    "models": {name: c.check(res, top) for name, res in models.items()}} for c in CLAIMS],
+                    "models": {name: assess(c.check(res, top)) for name, res in models.items()}} for c in CLAIMS],
     }
 
 

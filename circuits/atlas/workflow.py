@@ -251,6 +251,15 @@ class PeakRSS:
         self.peak_mb = max(self.peak_mb, self.current_mb())
 
 
+def add_claim_costs(summary: Mapping[str, Any], runs: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
+    """Each claim's ``cost_s`` per model: the stored compute time of the runs of the detectors it
+    reads (a run read by several claims, induction's for one, counts in each)."""
+    for claim in summary["claims"]:
+        for model, result in claim["models"].items():
+            times = [runs[model].get(d, {}).get("compute_s") for d in claim["detectors"]]
+            result["cost_s"] = round(sum(t for t in times if t is not None), 1)
+
+
 def model_cost(runs: Mapping[str, Mapping[str, Any]], load_s: float, wall_s: float, peak_mb: float) -> dict[str, Any]:
     """What one model cost: this invocation's wall time and peak memory, and the compute time of
     its runs as stored (summed over every session that worked on them, so a resumed or reused
@@ -265,6 +274,8 @@ def model_cost(runs: Mapping[str, Mapping[str, Any]], load_s: float, wall_s: flo
 
 def _cell(result: Mapping[str, Any]) -> str:
     word = {HOLDS: "yes", FAILS: "no", INCONCLUSIVE: "inconcl.", NM: "n.m."}[result["verdict"]]
+    if "need" in result:
+        word += "*"  # inconclusive at this budget: the lines under the table say what it needs
     value, lo, hi = result["value"], result.get("lo"), result.get("hi")
     if not isinstance(value, int | float):
         return word
@@ -306,8 +317,14 @@ def print_atlas(atlas: Mapping[str, Any], labels: Mapping[str, str]) -> None:
     models = list(atlas["models"])
     titles = [labels[m] for m in models]
     rows = [(c["short"], [_cell(c["models"][m]) for m in models]) for c in atlas["claims"]]
-    for t in _table("claims (n.m. = not measurable)", "claim", rows, titles):
+    for t in _table("claims (n.m. = not measurable; * = inconclusive at this budget)", "claim", rows, titles):
         out.print(t)
+    for c in atlas["claims"]:
+        for m in models:
+            if "need" in (r := c["models"][m]):
+                for line in textwrap.wrap(f"* {c['short']}, {labels[m]}: {r['need'].split(': ', 1)[1]}",
+                                          width=COLUMNS - 2, initial_indent="  ", subsequent_indent="    "):
+                    out.print(line, markup=False, highlight=False)
     for c in atlas["claims"]:
         # Wrapped here, indented, so that every line stays under 80 columns on any console.
         for line in textwrap.wrap(f"{c['short']}: {c['claim']}", width=COLUMNS - 2,
@@ -417,6 +434,7 @@ def atlas(
     with run.guard():
         results, runs, info = _run_models(specs, dets, store, fresh, cluster)
         summary = summarize(results, dets, top)
+        add_claim_costs(summary, runs)
         labels = _labels(names)
         for name in names:
             summary["models"][name].update(label=labels[name], **info[name])

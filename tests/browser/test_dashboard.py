@@ -484,6 +484,9 @@ def test_atlas_cell_opens_the_run_behind_it(server: str, workspace: tuple[Path, 
         # previous-token heads and the induction/retrieval overlap.
         link = page.locator(f'a[href$="Head_maps?run={run_id}"]')
         assert link.count() == 3
+        # Each cell shows its 95 % interval: the induction claim's from the top head's prompts.
+        ind = next(c for c in doc["claims"] if c["id"] == "induction-exists")["models"]["smollm2-135m"]
+        assert f"[{ind['lo']:.2g}, {ind['hi']:.2g}]" in page.locator("body").inner_text()
         # Streamlit opens markdown links in a new tab.
         with page.context.expect_page() as opened:
             link.first.click()
