@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -378,18 +379,24 @@ RATE_INTERVALS: dict[str, str] = {
 }
 
 
+def rate_outcomes(scored: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Each rate of :func:`rates` as the per-item 0/1 outcomes it is the mean of, in the frame's
+    item order (so two head sets scored on the same items can be compared item by item)."""
+    top1 = scored["top1"].to_numpy()
+    mem = top1 == scored["memory_token"].to_numpy()
+    ctx = top1 == scored["context_token"].to_numpy()
+    diff = scored["logit_memory"].to_numpy(dtype=float) - scored["logit_context"].to_numpy(dtype=float)
+    outcomes = {"memory_rate": mem, "context_rate": ctx, "other_rate": ~mem & ~ctx, "memory_preferred_rate": diff > 0}
+    return {name: x.astype(float) for name, x in outcomes.items()}
+
+
 def rate_intervals(scored: pd.DataFrame, level: float = 0.95) -> dict[str, Interval]:
     """Each of :func:`rates`' means over the items with its interval and n (Wilson for the
     rates, a t interval for the mean logit difference)."""
     if scored.empty:
         raise UserError("no scored items")
-    top1 = scored["top1"].to_numpy()
-    mem = top1 == scored["memory_token"].to_numpy()
-    ctx = top1 == scored["context_token"].to_numpy()
+    out = {name: wilson(x, level) for name, x in rate_outcomes(scored).items()}
     diff = scored["logit_memory"].to_numpy(dtype=float) - scored["logit_context"].to_numpy(dtype=float)
-    outcomes = {"memory_rate": mem, "context_rate": ctx, "other_rate": ~mem & ~ctx,
-                "memory_preferred_rate": diff > 0}
-    out = {name: wilson(x.astype(float), level) for name, x in outcomes.items()}
     out["mean_logit_diff"] = mean_interval(diff, level)
     return out
 

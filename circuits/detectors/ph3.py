@@ -12,7 +12,9 @@ direction, then smaller k). The test split reports the rates before and after, p
 recall without the conflict sentence, and a control: ``n_random`` seeded draws of as many random
 heads (``*.random-control.*`` rates are the mean over the draws; each draw's rates are the
 ``random_draws`` artifact) with the pruned set's percentile and empirical p among the draws
-(circuits.detectors.ph3_draws).
+(circuits.detectors.ph3_draws). Each unpruned and pruned test rate carries its Wilson interval
+over the items (the mean logit difference a t interval), and each target's change its paired
+interval: pruned and unpruned answer the same items (Newcombe 1998, method 10).
 Pruning = zero ablation of the head's z (its output before W_O) at every position.
 
 Also value-vector scaling (Yu, Merullo, Pavlick 2023): the top heads' value vectors (= their z,
@@ -47,7 +49,14 @@ from circuits.data.conflicts import (
 )
 from circuits.data.facts import facts_hash, load_facts
 from circuits.detectors.conflict_heads import mean_by_head, prefixed_head_scores, ranked_heads
-from circuits.detectors.ph3_draws import RATES, control_draws, draw_records, evaluate_sets, versus_random
+from circuits.detectors.ph3_draws import (
+    RATES,
+    condition_intervals,
+    control_draws,
+    draw_records,
+    evaluate_scored,
+    versus_random,
+)
 from circuits.methods.decoding import greedy_decode
 from circuits.methods.direct_path import head_effects, out_proj_module
 from circuits.methods.heads import Head, check_heads, head_label
@@ -58,6 +67,7 @@ from interp.runs import tables
 from interp.runs.config import MAX_DRAWS, SEED_MAX, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.units import Unit
+from interp.stats import Interval
 
 K_GRID: tuple[int, ...] = (1, 3, 5, 7, 9, 15)
 DIRECTIONS = {
@@ -406,8 +416,11 @@ class PH3Detector(Detector[PH3Config]):
             conditions[d] = pool[:k]
             draws[d] = control_draws(model, pool[:k], cfg.n_random, cfg.seed)
         sets = {**conditions, **{f"{d}.draw{i}": hs for d, ds in draws.items() for i, hs in enumerate(ds)}}
-        res = {("conflict" if conflict else "no-conflict"): evaluate_sets(
+        scored = {("conflict" if conflict else "no-conflict"): evaluate_scored(
             model, test, cfg.formats, sets, conflict=conflict, batch_size=cfg.batch_size) for conflict in (True, False)}
+        res = {setting: {name: {f: rates(frame) for f, frame in by_f.items()} for name, by_f in by_set.items()}
+               for setting, by_set in scored.items()}
+        ivs = condition_intervals(scored, list(conditions), {d: DIRECTIONS[d][1] for d in draws})
         records = [r for d, ds in draws.items() for r in draw_records(d, ds, res)]
         rows = []
         for setting, by_cond in res.items():
@@ -423,7 +436,8 @@ class PH3Detector(Detector[PH3Config]):
                               None, None, int(rs[0]["n"])) for name in RATES]
         art = {c: [head_label(*h) for h in hs] for c, hs in conditions.items()}
         return UnitResult(tables={"metrics": tables.metric_rows(rows), "artifacts": pd.concat(
-            [tables.artifact("pruned_heads", art), tables.artifact("random_draws", records)], ignore_index=True)})
+            [tables.artifact("pruned_heads", art), tables.artifact("random_draws", records),
+             tables.artifact("intervals", {name: iv.to_dict() for name, iv in ivs.items()})], ignore_index=True)})
 
     def finalize(self, model: LoadedModel, cfg: PH3Config, results: Mapping[str, pd.DataFrame]) -> Summary:
         met = results["metrics"]
@@ -445,6 +459,9 @@ class PH3Detector(Detector[PH3Config]):
         for cond, hs in pruned.items():
             metrics[f"heads.{cond}"] = ",".join(hs)
         draws = (tables.read_artifact(art, "random_draws") if art is not None else None) or []
+        # A test unit stored before the intervals has none: its rates stay points.
+        stored = (tables.read_artifact(art, "intervals") if art is not None else None) or {}
+        intervals = {name: Interval.from_dict(doc) for name, doc in stored.items()}
         metrics["n_random"] = cfg.n_random
         for d, (_, target, _) in DIRECTIONS.items():
             after = {f: metrics[f"test.{d}.conflict.{f}.{target}"] for f in cfg.formats}
@@ -471,7 +488,7 @@ class PH3Detector(Detector[PH3Config]):
             frame = results.get(table)
             if frame is not None and len(frame):
                 out[table] = pd.DataFrame(frame[tables.columns(table)])
-        return Summary(metrics=metrics, tables=out)
+        return Summary(metrics=metrics, intervals=intervals, tables=out)
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="zoo name, local HF folder or hub id")]

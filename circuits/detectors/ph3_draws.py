@@ -22,12 +22,12 @@ from typing import Any
 import pandas as pd
 import torch
 
-from circuits.data.conflicts import ConflictItem, check_format, rates, scored_frame
+from circuits.data.conflicts import ConflictItem, check_format, rate_intervals, rate_outcomes, scored_frame
 from circuits.methods.heads import Head, all_heads, random_heads
 from interp.errors import UserError
 from interp.model.interventions import Intervention, ablate_heads
 from interp.model.loaded import LoadedModel
-from interp.stats import against_random
+from interp.stats import Interval, against_random, newcombe_paired
 
 RATES = ("memory_rate", "context_rate", "other_rate", "memory_preferred_rate", "mean_logit_diff")
 
@@ -96,7 +96,7 @@ def score_head_sets(
     return [scored_frame(items, fmt, top1[s], picked[s]) for s in range(len(head_sets))]
 
 
-def evaluate_sets(
+def evaluate_scored(
     model: LoadedModel,
     items: Sequence[ConflictItem],
     formats: Sequence[str],
@@ -104,15 +104,35 @@ def evaluate_sets(
     *,
     conflict: bool = True,
     batch_size: int = 32,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Rates per head set (by name) and format: ``ph3.evaluate`` of every set, batched."""
+) -> dict[str, dict[str, pd.DataFrame]]:
+    """The scored items (``scored_frame``, in ``items``' order) per head set (by name) and
+    format, every set batched."""
     names = list(head_sets)
-    out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in names}
+    out: dict[str, dict[str, pd.DataFrame]] = {name: {} for name in names}
     for f in formats:
         scored = score_head_sets(model, items, f, [head_sets[n] for n in names], conflict=conflict,
                                  batch_size=batch_size)
         for name, frame in zip(names, scored, strict=True):
-            out[name][f] = rates(frame)
+            out[name][f] = frame
+    return out
+
+
+def condition_intervals(scored: Mapping[str, Mapping[str, Mapping[str, pd.DataFrame]]], conditions: Sequence[str],
+                        targets: Mapping[str, str]) -> dict[str, Interval]:
+    """The intervals of the test metrics of the unpruned and pruned conditions
+    (``scored[setting][condition][format]``): each rate's Wilson interval and the mean logit
+    difference's t interval over the items, and each pruned direction's change of its target
+    rate on the conflict prompts (``targets``: direction -> rate) as the paired difference from
+    unpruned on the same items (Newcombe 1998, method 10): pruning changes answers item by item."""
+    out: dict[str, Interval] = {}
+    for setting, by_cond in scored.items():
+        for cond in conditions:
+            for f, frame in by_cond[cond].items():
+                out.update({f"test.{cond}.{setting}.{f}.{name}": iv for name, iv in rate_intervals(frame).items()})
+    for d, target in targets.items():
+        for f, frame in scored["conflict"][d].items():
+            before, after = (rate_outcomes(x)[target] for x in (scored["conflict"]["unpruned"][f], frame))
+            out[f"test.{d}.{f}.{target}_change"] = newcombe_paired(after, before)
     return out
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from interp.errors import UserError
 
@@ -55,3 +56,12 @@ class Interval:
 
         return {"value": num(self.value), "lo": num(self.lo), "hi": num(self.hi), "n": int(self.n),
                 "method": self.method, "level": float(self.level)}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Interval:
+        """The record :meth:`to_dict` wrote (None bounds back to nan)."""
+        def num(x: Any) -> float:
+            return math.nan if x is None else float(x)
+
+        return cls(num(doc["value"]), num(doc["lo"]), num(doc["hi"]), int(doc["n"]), str(doc["method"]),
+                   float(doc["level"]))

@@ -20,6 +20,7 @@ from interp.model.interventions import ablate_heads
 from interp.model.loaded import LoadedModel
 from interp.runs import tables
 from interp.runs.runner import run_in_memory
+from interp.stats import Interval, mean_interval, newcombe_paired, wilson
 from tests.known_facts import own_answer_facts, use_known_facts
 from tests.tiny import loaded
 
@@ -43,8 +44,19 @@ def _naive_draws(n_layers: int, n_heads: int, pruned: list[tuple[int, int]], n: 
 
 def _plain_rates(hf: Any, model: LoadedModel, items: list[ConflictItem], fmt: str, conflict: bool,
                  heads: list[tuple[int, int]]) -> dict[str, float]:
-    """Rates of one head set from plain HF forwards, the heads' columns of o_proj's input (z)
-    zeroed by a raw pre-hook."""
+    """Rates of one head set from plain HF forwards (:func:`_plain_outcomes`)."""
+    out = _plain_outcomes(hf, model, items, fmt, conflict, heads)
+    n = len(items)
+    return {"memory_rate": sum(out["memory"]) / n, "context_rate": sum(out["context"]) / n,
+            "other_rate": (n - sum(out["memory"]) - sum(out["context"])) / n,
+            "memory_preferred_rate": sum(d > 0 for d in out["diff"]) / n, "mean_logit_diff": sum(out["diff"]) / n}
+
+
+def _plain_outcomes(hf: Any, model: LoadedModel, items: list[ConflictItem], fmt: str, conflict: bool,
+                    heads: list[tuple[int, int]]) -> dict[str, list[float]]:
+    """Per item, in ``items``' order, from plain HF forwards with the heads' columns of o_proj's
+    input (z) zeroed by a raw pre-hook: top-1 is the memory answer, the context answer (0/1),
+    and logit(memory) - logit(context)."""
     d = int(hf.config.head_dim)
     by_layer: dict[int, list[int]] = {}
     for la, h in heads:
@@ -64,25 +76,20 @@ def _plain_rates(hf: Any, model: LoadedModel, items: list[ConflictItem], fmt: st
     for it in items:
         ids = model.to_tokens(it.conflict_prompt(fmt) if conflict else it.plain_prompt(fmt))[0]
         by_len.setdefault(len(ids), []).append((it, ids))
-    mem = ctx = pref = 0
-    diffs = []
+    per: dict[int, tuple[float, float, float]] = {}
     try:
         for group in by_len.values():
             with torch.no_grad():
                 last = hf(torch.stack([ids for _, ids in group])).logits[:, -1]
             for (it, _), logits in zip(group, last, strict=True):
                 top = int(logits.argmax())
-                diff = float(logits[it.memory_token] - logits[it.context_token])
-                mem += top == it.memory_token
-                ctx += top == it.context_token
-                pref += diff > 0
-                diffs.append(diff)
+                per[id(it)] = (float(top == it.memory_token), float(top == it.context_token),
+                               float(logits[it.memory_token] - logits[it.context_token]))
     finally:
         for hd in handles:
             hd.remove()
-    n = len(items)
-    return {"memory_rate": mem / n, "context_rate": ctx / n, "other_rate": (n - mem - ctx) / n,
-            "memory_preferred_rate": pref / n, "mean_logit_diff": sum(diffs) / n}
+    rows = [per[id(it)] for it in items]
+    return {"memory": [r[0] for r in rows], "context": [r[1] for r in rows], "diff": [r[2] for r in rows]}
 
 
 def test_each_draw_equals_plain_hooks_and_the_pruned_set_is_placed_among_them(
@@ -136,9 +143,38 @@ def test_each_draw_equals_plain_hooks_and_the_pruned_set_is_placed_among_them(
             assert m[f"{stem}{scope}_vs_random_p"] == pytest.approx((1 + above + ties) / (1 + N_DRAWS))
         assert m[f"{stem}_random_{target}s"] == pytest.approx(scopes[""][1])
     assert m["n_random"] == N_DRAWS
+    # The unpruned and pruned rates' intervals, and each target's change as the paired difference
+    # on the same items, from the plain forwards' per-item outcomes.
+    for d, (_kind, target, _sign) in ph3.DIRECTIONS.items():
+        pruned = [(int(x[1:].split("H")[0]), int(x.split("H")[1])) for x in pruned_labels[d]]
+        for f in FORMATS:
+            before = _plain_outcomes(hf, knowing, test, f, True, [])
+            after = _plain_outcomes(hf, knowing, test, f, True, pruned)
+            key = target.removesuffix("_rate")
+            assert summary.intervals[f"test.unpruned.conflict.{f}.{target}"] == _close(wilson(before[key]))
+            assert summary.intervals[f"test.{d}.conflict.{f}.{target}"] == _close(wilson(after[key]))
+            change = summary.intervals[f"test.{d}.{f}.{target}_change"]
+            assert change == _close(newcombe_paired(after[key], before[key]))
+            assert change.value == pytest.approx(m[f"test.{d}.{f}.{target}_change"])
+            assert summary.intervals[f"test.unpruned.conflict.{f}.mean_logit_diff"] == _close(mean_interval(before["diff"]))
     # Not all ties: the percentiles above are not 50 by construction.
     assert any(m[f"{d.replace('-', '_')}{s}_vs_random_percentile"] != 50.0
                for d in ph3.DIRECTIONS for s in ("", "_restated", "_qa"))
+
+
+def _close(iv: Interval) -> Any:
+    """Matches an Interval with the same method and n and fields equal to 1e-4 (fp32 logits
+    batched or not: a tie of two logits may not fall the same way)."""
+
+    class Close:
+        def __eq__(self, other: object) -> bool:
+            return (isinstance(other, Interval) and other.method == iv.method and other.n == iv.n
+                    and all(getattr(other, k) == pytest.approx(getattr(iv, k), abs=1e-4) for k in ("value", "lo", "hi")))
+
+        def __repr__(self) -> str:
+            return repr(iv)
+
+    return Close()
 
 
 def test_batched_head_sets_equal_one_set_at_a_time(knowing: LoadedModel) -> None:
