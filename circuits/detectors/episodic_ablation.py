@@ -27,7 +27,7 @@ from interp.runs import tables
 from interp.runs.config import MAX_DRAWS, SEED_MAX, DetectorConfig, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.units import Unit
-from interp.stats import against_random
+from interp.stats import Interval, against_random
 from interp.stats.means import paired_p, t_interval
 
 if TYPE_CHECKING:
@@ -287,10 +287,11 @@ class EpisodicAblationDetector(Detector[EpisodicAblationConfig]):
         metrics["random_heads"] = {
             u: [head_label(a, b) for a, b in _unit_heads(results["artifacts"], u)] for u in draws
         }
-        return Summary(heads=heads,
-            metrics=_finite(metrics),
-            tables={"metrics": tables.metric_rows(rows)},
-        )
+        # Every change is against clean on the same prompts (or top against random): paired t.
+        intervals = {name: Interval(value, lo, hi, int(n), "paired-t", 0.95)
+                     for name, value, lo, hi, n in rows if lo is not None and hi is not None and n is not None}
+        return Summary(heads=heads, metrics=_finite(metrics), intervals=intervals,
+                       tables={"metrics": tables.metric_rows(rows)})
 
 
 def fig_ablation(metrics: Mapping[str, Any]) -> go.Figure:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 
 from circuits.data.texts import text_chunks
@@ -402,6 +403,19 @@ def test_ablation_units_and_draws(tiny_model: LoadedModel) -> None:
     assert m["k"] == 2
     assert len(m["random_heads"]) == 3
     assert m["icl_delta_cum-1"] == pytest.approx(m["icl_delta_single-0"])
+    # The change under the top set: a paired t interval over the prompts, from the units' own
+    # per-prompt ICL scores and scipy's t quantile.
+    def icl(unit: Unit) -> np.ndarray:
+        c = det.run_unit(tiny_model, cfg, unit).tables["curves"]
+        c = c[c["curve"] == "icl"].sort_values("x")
+        return c["y"].to_numpy(dtype=float)
+
+    diff = icl(Unit("top")) - icl(Unit("clean"))
+    half = scipy.stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    iv = s.intervals["icl_delta_top"]
+    assert (iv.method, iv.n) == ("paired-t", len(diff))
+    assert (iv.value, iv.lo, iv.hi) == pytest.approx((diff.mean(), diff.mean() - half, diff.mean() + half), abs=1e-9)
+    assert set(s.to_json()["intervals"]) >= {"icl_delta_random", "second_copy_loss_top_minus_random", "icl_delta_cum-1"}
 
 
 def test_ablation_effect_matches_plain_hook(tiny_model: LoadedModel, tiny_hf: torch.nn.Module) -> None:
