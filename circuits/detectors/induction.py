@@ -49,7 +49,7 @@ from interp.runs.config import SEED_MAX, DetectorConfig, param
 from interp.runs.head_scores import HeadMeans, HeadScoreDetector, UnitScores
 from interp.runs.registry import Summary, register
 from interp.runs.units import Unit
-from interp.stats import mean_interval
+from interp.stats import Interval, mean_interval
 
 INDUCTION_THRESHOLD = 0.4
 
@@ -95,16 +95,24 @@ def twin_tokens(
     return torch.cat([prefix, first, first], dim=1), torch.cat([prefix, first, second], dim=1)
 
 
-def copy_losses(
+def prompt_copy_losses(
     logits: Float[torch.Tensor, "batch seq vocab"], tokens: torch.Tensor, seq_len: int, offset: int
-) -> tuple[float, float]:
-    """Mean next-token loss over the first copy and over the second copy (predicted positions)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's mean next-token loss over its first copy and over its second copy
+    (predicted positions), as two [batch] tensors."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -logp.gather(-1, tokens[:, 1:, None].to(logp.device))[..., 0]
     # Row t of nll predicts token t+1. First-copy targets: offset+1 .. offset+R-1.
-    first = nll[:, offset : offset + seq_len - 1].mean().item()
-    second = nll[:, offset + seq_len : offset + 2 * seq_len - 1].mean().item()
-    return first, second
+    return nll[:, offset : offset + seq_len - 1].mean(-1), nll[:, offset + seq_len : offset + 2 * seq_len - 1].mean(-1)
+
+
+def copy_losses(
+    logits: Float[torch.Tensor, "batch seq vocab"], tokens: torch.Tensor, seq_len: int, offset: int
+) -> tuple[float, float]:
+    """Mean next-token loss over the first copy and over the second copy (predicted positions);
+    every prompt has as many positions, so the mean of the prompts' means."""
+    first, second = prompt_copy_losses(logits, tokens, seq_len, offset)
+    return first.mean().item(), second.mean().item()
 
 
 def second_copy_loss(
@@ -125,6 +133,9 @@ NULLS: dict[str, tuple[str, str]] = {
     "previous_token_above_uniform": ("previous_token", "previous_token_uniform"),
 }
 PER_PROMPT = "per_prompt_scores"
+# A unit's per-prompt first- and second-copy losses (their intervals over the prompts).
+PER_PROMPT_LOSSES = "per_prompt_copy_losses"
+COPY_LOSSES = ("first_copy_loss", "second_copy_loss")
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,18 @@ def per_prompt_scores(results: Mapping[str, pd.DataFrame]) -> dict[str, np.ndarr
         return {}
     docs = [json.loads(doc) for name, doc in zip(arts["name"], arts["json"], strict=True) if name == PER_PROMPT]
     return {m: stack_items([np.asarray(d[m]) for d in docs]) for m in docs[0]} if docs else {}
+
+
+def loss_intervals(results: Mapping[str, pd.DataFrame], n_prompts: int) -> dict[str, Interval]:
+    """The copy losses' t intervals over the prompts, when every unit stored its prompts' losses
+    (units stored before them have only their means: no interval)."""
+    arts = results.get("artifacts")
+    docs = [json.loads(doc) for name, doc in zip(arts["name"], arts["json"], strict=True)
+            if name == PER_PROMPT_LOSSES] if arts is not None and len(arts) else []
+    values = {m: [x for d in docs for x in d[m]] for m in COPY_LOSSES}
+    if len(values[COPY_LOSSES[0]]) != n_prompts:
+        return {}
+    return {m: mean_interval(v) for m, v in values.items()}
 
 
 def null_tests(per: Mapping[str, np.ndarray], uniform: float, level: float) -> dict[str, NullTest]:
@@ -202,10 +225,11 @@ class InductionDetector(HeadScoreDetector[InductionConfig]):
         per = sequence_scores_from_patterns(patterns, cfg.seq_len, len(model.prefix))
         # float32 first: numpy (and JSON) have no bfloat16, and widening is exact.
         per = {**{m: v[:b].float() for m, v in per.items()}, **{f"{m}_null": v[b:].float() for m, v in per.items()}}
-        first, second = copy_losses(out.logits[:b], tokens, cfg.seq_len, len(model.prefix))
+        losses = prompt_copy_losses(out.logits[:b], tokens, cfg.seq_len, len(model.prefix))
         return UnitScores({m: v.mean(dim=0) for m, v in per.items()}, n=b,
-                          metrics={"first_copy_loss": first, "second_copy_loss": second},
-                          artifacts={PER_PROMPT: {m: v.cpu().tolist() for m, v in per.items()}})
+                          metrics={m: v.mean().item() for m, v in zip(COPY_LOSSES, losses, strict=True)},
+                          artifacts={PER_PROMPT: {m: v.cpu().tolist() for m, v in per.items()},
+                                     PER_PROMPT_LOSSES: {m: v.cpu().tolist() for m, v in zip(COPY_LOSSES, losses, strict=True)}})
 
     def finalize(self, model: LoadedModel, cfg: InductionConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
         summary = super().finalize(model, cfg, results)
@@ -220,6 +244,7 @@ class InductionDetector(HeadScoreDetector[InductionConfig]):
         intervals = dict(summary.intervals)
         if heads:  # the top head's score over the prompts (finer than the base's over units)
             intervals["top_score"] = mean_interval(per["induction"][:, heads[0]["layer"], heads[0]["head"]])
+        intervals.update(loss_intervals(results, int(summary.metrics["n_prompts"])))
         warnings = list(summary.warnings)
         if len(per["induction"]) < int(summary.metrics["n_prompts"]):
             warnings.append(f"nulls and intervals from {len(per['induction'])} of {int(summary.metrics['n_prompts'])} "

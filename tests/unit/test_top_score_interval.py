@@ -88,3 +88,15 @@ def test_induction_gives_the_interval_over_its_prompts() -> None:
     assert (iv.n, iv.method) == (8, "t")
     assert iv.value == pytest.approx(x.mean(), abs=1e-6)
     assert (iv.lo, iv.hi) == pytest.approx(_t(x), abs=1e-6)
+    # The copy losses over the same prompts from plain HF logits: each prompt's mean next-token
+    # loss over its second copy's predictable tokens (rows off + r .. off + 2r - 2 predict them).
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(tokens).logits.double(), -1)
+    rows = torch.arange(off + r, off + 2 * r - 1)
+    nll = -logp[:, rows].gather(-1, tokens[:, rows + 1, None])[..., 0]
+    second = nll.mean(-1).numpy()
+    iv = summary.intervals["second_copy_loss"]
+    assert (iv.n, iv.method) == (8, "t")
+    assert iv.value == pytest.approx(summary.metrics["second_copy_loss"], abs=1e-6)
+    assert (iv.value, iv.lo, iv.hi) == pytest.approx((second.mean(), *_t(second)), abs=1e-4)
+    assert "first_copy_loss" in summary.intervals
