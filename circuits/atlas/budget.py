@@ -6,7 +6,9 @@ t, Wilson, Newcombe and bootstrap intervals the claims use, so at n' = n (h / h'
 h would become h' if the spread of the items stayed what it is. A claim read from random draws
 needs enough draws for its empirical p to reach the level at all: with d draws the smallest p
 is 1 / (1 + d) (Phipson & Smyth 2010), so 0.05 needs 19. A claim whose interval is undefined
-because its n is below the least its method accepts needs that least n (``n_min``).
+because its n is below the least its method accepts needs that least n (``n_min``). A claim
+whose n counts heads (``n_of`` "heads": the depths of a model's top heads) has no sample to
+enlarge: its interval is what the model's heads give, whatever the budget.
 """
 
 from __future__ import annotations
@@ -41,15 +43,17 @@ def _interval_needs(result: Mapping[str, Any]) -> dict[str, Any]:
         return {}
     half = (float(hi) - float(lo)) / 2
     out: dict[str, Any] = {"half_width": half, "n_for_target": _n_for(n, half, TARGET_HALF_WIDTH)}
-    if result["verdict"] != "inconclusive":
+    if result["verdict"] != "inconclusive" or result.get("n_of") == "heads":
         return out
     threshold = result.get("threshold")
     needs = []
     if half > TARGET_HALF_WIDTH:
         needs.append(f"half-width {half:.2g} at n = {n}; n ~ {out['n_for_target']} for {TARGET_HALF_WIDTH}")
     if isinstance(threshold, int | float) and isinstance(value, int | float) and value != threshold:
-        # The interval must shrink to the distance between the value and the threshold.
-        out["n_to_decide"] = _n_for(n, half, abs(float(value) - float(threshold)))
+        # The bound on the threshold's side (a bootstrap interval need not be symmetric) must
+        # shrink to the distance between the value and the threshold.
+        side = float(hi) - float(value) if threshold > value else float(value) - float(lo)
+        out["n_to_decide"] = _n_for(n, side, abs(float(value) - float(threshold)))
         needs.append(f"n ~ {out['n_to_decide']} to decide if the value stays at {value:.3g}")
     if needs:
         out["n_needed"] = out.get("n_to_decide", out["n_for_target"])

@@ -120,7 +120,7 @@ def claim_retrieval_sparse(res: ModelResults, top: int) -> dict[str, Any]:
         detail += f" (noisy: only {s.metrics.get('n_counted')} samples counted)"
     iv = s.intervals.get("share_heads_above_threshold")
     if iv is not None:
-        return _interval_claim(iv, SPARSE_SHARE, "lower", detail)
+        return _interval_claim(iv, SPARSE_SHARE, "lower", detail, n_of="samples")
     n_heads = s.metrics.get("n_heads")
     return _verdict(share < SPARSE_SHARE, share, detail, n=int(n_heads) if n_heads is not None else None)
 
@@ -130,8 +130,9 @@ def _later_than_middle(heads: Sequence[Mapping[str, Any]], n_layers: int, detail
     with its t interval over the heads (one head: the point)."""
     depths = [int(h["layer"]) / n_layers for h in heads]
     if len(depths) < 2:
-        return _verdict(depths[0] > LATE_DEPTH, depths[0], detail, n=len(depths), **extra)
-    return _interval_claim(mean_interval(depths), LATE_DEPTH, "higher", detail + " (t interval over the heads)", **extra)
+        return _verdict(depths[0] > LATE_DEPTH, depths[0], detail, n=len(depths), n_of="heads", **extra)
+    return _interval_claim(mean_interval(depths), LATE_DEPTH, "higher", detail + " (t interval over the heads)",
+                           n_of="heads", **extra)
 
 
 def claim_memory_context_late(res: ModelResults, top: int) -> dict[str, Any]:
@@ -173,7 +174,8 @@ def claim_induction_exists(res: ModelResults, top: int) -> dict[str, Any]:
     detail = f"max induction score; {n_above} heads > {threshold}"
     iv = s.intervals.get("top_score")
     if iv is not None:
-        return _interval_claim(iv, threshold, "higher", detail + " (the top head's score over the prompts)")
+        return _interval_claim(iv, threshold, "higher", detail + " (the top head's score over the prompts)",
+                               n_of="prompts")
     return _verdict(best > threshold, best, detail)
 
 
@@ -187,7 +189,7 @@ def overlap_against_chance(a: int, b: int, shared: int, n_heads: int, alpha: flo
     c = overlap_vs_chance(a, b, shared, n_heads)
     ok = HOLDS if c.p_more <= alpha else FAILS if c.p_fewer <= alpha else INCONCLUSIVE
     return {"verdict": ok, "value": round(c.jaccard - c.chance_mean, 9), "lo": c.jaccard - c.chance_hi,
-            "hi": c.jaccard - c.chance_lo, "n": n_heads, "method": CHANCE_METHOD, "p": c.p_more,
+            "hi": c.jaccard - c.chance_lo, "n": n_heads, "n_of": "heads", "method": CHANCE_METHOD, "p": c.p_more,
             "jaccard": c.jaccard, "chance_jaccard": c.chance_mean, "shared": shared}
 
 
@@ -216,7 +218,7 @@ def _draws_claim(value: float, draws: Sequence[float], direction: Direction, det
     lead = [sign * (value - q) for q in np.quantile(draws, [0.975, 0.025] if sign > 0 else [0.025, 0.975])]
     ok = HOLDS if toward.p_value <= alpha else FAILS if away.p_value <= alpha else INCONCLUSIVE
     return {"verdict": ok, "value": round(sign * (value - float(np.mean(draws))), 9), "lo": float(lead[0]),
-            "hi": float(lead[1]), "n": len(draws), "method": "random draws", "p": toward.p_value,
+            "hi": float(lead[1]), "n": len(draws), "n_of": "draws", "method": "random draws", "p": toward.p_value,
             "percentile": toward.percentile, "detail": detail + f"; p = {toward.p_value:.3g} among {len(draws)} draws"}
 
 
@@ -281,7 +283,7 @@ def claim_decore_beats_greedy(res: ModelResults, top: int) -> dict[str, Any]:
         return _verdict(decore > greedy, round(decore - greedy, 9), detail)
     detail += (f"; paired difference {diff.value:+.2f} [{diff.lo:+.2f}, {diff.hi:+.2f}] ({diff.method}, "
                f"n={diff.n}), McNemar p={m.get('nqswap:decore-entropy:mcnemar_p', float('nan')):.2g}")
-    return _interval_claim(diff, 0.0, "higher", detail)
+    return _interval_claim(diff, 0.0, "higher", detail, n_of="items")
 
 
 def claim_mlp_peak_early(res: ModelResults, top: int) -> dict[str, Any]:
@@ -299,7 +301,8 @@ def claim_mlp_peak_early(res: ModelResults, top: int) -> dict[str, Any]:
         # the bootstrap over facts of the peak's depth.
         ok = (INCONCLUSIVE if not iv.defined else HOLDS if iv.hi <= LATE_DEPTH
               else FAILS if iv.lo > LATE_DEPTH else INCONCLUSIVE)
-        return {**_interval_claim(iv, LATE_DEPTH, "lower", detail), "verdict": ok, "n_min": PEAK_MIN_FACTS}
+        return {**_interval_claim(iv, LATE_DEPTH, "lower", detail, n_of="facts"), "verdict": ok,
+                "n_min": PEAK_MIN_FACTS}
     return _verdict(depth <= LATE_DEPTH, depth, detail)
 
 
@@ -339,7 +342,8 @@ def claim_induction_keys_from_previous_token(res: ModelResults, top: int) -> dic
               f"head ({', '.join(found)}); random senders: {random_share:.2f}")
     # The share of found heads is a count of 0/1 outcomes; its Wilson interval against the share
     # random senders would give.
-    return _interval_claim(wilson_counts(hits, len(found)), random_share, "higher", detail, random=random_share)
+    return _interval_claim(wilson_counts(hits, len(found)), random_share, "higher", detail, random=random_share,
+                           n_of="heads")
 
 
 @dataclass(frozen=True)

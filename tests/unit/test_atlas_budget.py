@@ -88,3 +88,15 @@ def test_overlap_verdicts_on_both_sides() -> None:
     assert 0.25 < one["p"] < 0.4
     # Two halves of 20 heads sharing none: chance shares 5 on average, 0 with p = 1 / C(20, 10).
     assert overlap_against_chance(10, 10, 0, 20)["verdict"] == FAILS
+
+
+def test_an_asymmetric_interval_is_judged_on_the_thresholds_side() -> None:
+    # 0.0417 [0.0417, 0.0556] against 5 %: the upper side (0.0139) must shrink to 0.0083.
+    r = assess(_claim(INCONCLUSIVE, 0.5 / 12, 0.5 / 12, 0.0556, 12, threshold=0.05))
+    assert r["n_to_decide"] == math.ceil(12 * ((0.0556 - 0.5 / 12) / (0.05 - 0.5 / 12)) ** 2)
+
+
+def test_a_claim_over_a_models_heads_has_no_sample_to_enlarge() -> None:
+    r = assess(_claim(INCONCLUSIVE, 0.48, 0.39, 0.58, 40, threshold=0.5, n_of="heads"))
+    assert "need" not in r
+    assert r["half_width"] == pytest.approx(0.095)
