@@ -44,13 +44,7 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from circuits.detectors.path_patching import (
-    PairTaskConfig,
-    gap_metrics,
-    runs_of,
-    unit_docs,
-    unit_metric,
-)
+from circuits.detectors.path_patching import PairTaskConfig, gap_metrics, runs_of, unit_docs, unit_metric
 from circuits.methods.circuit_tasks import TaskPairs, task_pairs
 from circuits.methods.edge_records import edge_record, interval_fields
 from interp.errors import UserError
@@ -224,7 +218,8 @@ class CircuitDetector(Detector[CircuitConfig]):
             key = (e.sender.name, e.receiver.name)
             if rank < n_keep or key in exact:
                 d = exact.get(key)
-                edges.append(edge_record(*key, d and d["exact"], float(attribution[i]), e.name in kept, d))
+                score = None if d is None else d["exact"]
+                edges.append(edge_record(*key, score, float(attribution[i]), e.name in kept, d))
         confirmed = [e for e in edges if e["score"] is not None]
         rho = spearman(torch.tensor([e["attribution"] for e in confirmed], dtype=torch.float64),
                        torch.tensor([e["score"] for e in confirmed], dtype=torch.float64))
