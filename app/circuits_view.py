@@ -2,7 +2,8 @@
 the graph sits, the plotly figure, a head's strongest edges, and the graph's JSON export.
 
 Plain functions of the stored ``edges`` artifact (a list of ``{sender, receiver, score,
-attribution, in_circuit}``), with no Streamlit, store or model, so the pages stay a thin view.
+attribution, in_circuit}``, and the score's interval ``lo``, ``hi``, ``n``, ``method`` where the
+run stored one), with no Streamlit, store or model, so the pages stay a thin view.
 Names are parsed by :mod:`interp.patching.edges`. The layout: x = layer, y = head; a head
 (sender, and receiver of its own q and of its ungrouped ``kq``/``vq``) at (L, H); a kv head's
 ``k``/``v`` receiver just left of its layer, at the middle of its group's query heads; MLPs in a
@@ -25,6 +26,8 @@ from interp.model.layout import ModelInfo
 from interp.patching.edges import Edge, Receiver, Sender, parse_receiver, parse_sender
 
 EDGE_KEYS = ("sender", "receiver", "score", "attribution", "in_circuit")
+# The score's 95 % interval over prompt pairs: stored by runs made since intervals were added.
+INTERVAL_KEYS = ("lo", "hi", "n", "method")
 NodeKind = Literal["embed", "head", "kv", "mlp", "logits"]
 ValueName = Literal["score", "attribution"]
 
@@ -40,15 +43,36 @@ FADED = 0.25  # the opacity of edges outside the circuit when every edge is show
 
 
 @dataclass(frozen=True)
+class ScoreInterval:
+    """A stored score's 95 % interval: bounds (None where the method has none, as from one
+    pair, or where there is no score), the pairs it rests on and the method."""
+
+    lo: float | None
+    hi: float | None
+    n: int | None
+    method: str | None
+
+    def record(self) -> dict[str, Any]:
+        return {"lo": self.lo, "hi": self.hi, "n": self.n, "method": self.method}
+
+    def text(self) -> str:
+        """``95% CI lo to hi (n=…, method)``, or what is missing."""
+        if self.lo is None or self.hi is None:
+            return "no interval" + (f" (n={self.n})" if self.n is not None else "")
+        return f"95% CI {self.lo:.4g} to {self.hi:.4g} (n={self.n}, {self.method})"
+
+
+@dataclass(frozen=True)
 class StoredEdge:
-    """One stored edge: its sender and receiver (parsed), exact score, attribution, and whether
-    the run kept it in its circuit."""
+    """One stored edge: its sender and receiver (parsed), exact score, attribution, whether the
+    run kept it in its circuit, and the score's interval (None for a run that stored none)."""
 
     sender: Sender
     receiver: Receiver
     score: float | None
     attribution: float | None
     in_circuit: bool
+    interval: ScoreInterval | None = None
 
     @property
     def name(self) -> str:
@@ -58,8 +82,10 @@ class StoredEdge:
         return self.score if by == "score" else self.attribution
 
     def record(self) -> dict[str, Any]:
-        """The stored shape back (names as written by the detector)."""
-        return {"sender": self.sender.name, "receiver": self.receiver.name, "score": self.score,
+        """The stored shape back (names as written by the detector; the interval's keys only
+        where the run stored them)."""
+        ci = {} if self.interval is None else self.interval.record()
+        return {"sender": self.sender.name, "receiver": self.receiver.name, "score": self.score, **ci,
                 "attribution": self.attribution, "in_circuit": self.in_circuit}
 
 
@@ -116,8 +142,21 @@ def parse_edges(document: Any) -> list[StoredEdge]:
             raise UserError(f"stored edge {edge.name}: in_circuit is {item['in_circuit']!r}, not true or false")
         out.append(StoredEdge(edge.sender, edge.receiver, _number(item["score"], f"stored edge {edge.name}: score"),
                               _number(item["attribution"], f"stored edge {edge.name}: attribution"),
-                              item["in_circuit"]))
+                              item["in_circuit"], _interval(item, edge.name)))
     return out
+
+
+def _interval(item: Mapping[str, Any], name: str) -> ScoreInterval | None:
+    """The score's stored interval, None where the edge has none of its keys."""
+    if not any(k in item for k in INTERVAL_KEYS):
+        return None
+    n, method = item.get("n"), item.get("method")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+        raise UserError(f"stored edge {name}: n is {n!r}, not a whole number or null")
+    if method is not None and not isinstance(method, str):
+        raise UserError(f"stored edge {name}: method is {method!r}, not a string or null")
+    return ScoreInterval(_number(item.get("lo"), f"stored edge {name}: lo"),
+                         _number(item.get("hi"), f"stored edge {name}: hi"), n, method)
 
 
 def shape_of(edges: Sequence[StoredEdge], info: ModelInfo | None = None) -> Shape:
@@ -199,7 +238,8 @@ def _fmt(value: float | None) -> str:
 
 
 def edge_hover(e: StoredEdge) -> str:
-    return (f"{e.sender.name} → {e.receiver.name}<br>score {_fmt(e.score)}<br>attribution "
+    ci = f" ({e.interval.text()})" if e.interval is not None and e.score is not None else ""
+    return (f"{e.sender.name} → {e.receiver.name}<br>score {_fmt(e.score)}{ci}<br>attribution "
             f"{_fmt(e.attribution)}<br>{'in the circuit' if e.in_circuit else 'outside the circuit'}")
 
 
@@ -286,7 +326,12 @@ def graph_heads(edges: Sequence[StoredEdge], shape: Shape) -> list[tuple[int, in
 
 
 def edge_table(edges: Sequence[StoredEdge]) -> pd.DataFrame:
-    return pd.DataFrame([e.record() for e in edges], columns=list(EDGE_KEYS))
+    """One row per edge; the score's interval as ``lo``, ``hi``, ``n`` beside it where any edge
+    has one (its method is in each edge's hover)."""
+    columns = list(EDGE_KEYS)
+    if any(e.interval is not None for e in edges):
+        columns[3:3] = ["lo", "hi", "n"]
+    return pd.DataFrame([e.record() for e in edges], columns=columns)
 
 
 def head_edges(edges: Sequence[StoredEdge], layer: int, head: int, shape: Shape, *, n: int = 5,

@@ -50,20 +50,35 @@ def heads_table(title: str, heads: list[dict[str, Any]], top: int, columns: dict
     return table
 
 
+def _bounds(e: dict[str, Any]) -> str:
+    """The score's interval as ``[lo, hi]`` (3 decimals: the column stays narrow), or ``-``."""
+    lo, hi = e.get("lo"), e.get("hi")
+    return "-" if lo is None or hi is None else f"[{lo:+.3f}, {hi:+.3f}]"
+
+
+def _interval_caption(edges: list[dict[str, Any]]) -> str | None:
+    """What the interval column is: its method(s) and n over the scored edges shown."""
+    kinds = sorted({(e["method"], e["n"]) for e in edges if e.get("method") is not None}, key=str)
+    if not kinds:
+        return None
+    return "95% CI over prompt pairs: " + "; ".join(f"{m}, n={n}" for m, n in kinds)
+
+
 def edges_table(title: str, edges: list[dict[str, Any]], top: int) -> Table:
-    """The ``top`` edges by |exact score| (by |attribution| where none is exact), in 80 columns."""
+    """The ``top`` edges by |exact score| (by |attribution| where none is exact) with the score's
+    95 % interval, in 80 columns (the interval's method and n in the caption)."""
 
     def size(e: dict[str, Any]) -> tuple[bool, float]:
         exact = e.get("score")
         return (exact is not None, abs(exact if exact is not None else e.get("attribution") or 0.0))
 
-    table = Table(title=title, title_justify="left")
-    for name in ("sender", "receiver", "score", "attribution", "circuit"):
+    shown = sorted(edges, key=size, reverse=True)[:top]
+    table = Table(title=title, title_justify="left", caption=_interval_caption(shown), caption_justify="left")
+    for name in ("sender", "receiver", "score", "95% CI", "attribution", "circuit"):
         table.add_column(name, justify="left" if name in ("sender", "receiver") else "right", no_wrap=True)
-    for e in sorted(edges, key=size, reverse=True)[:top]:
-        table.add_row(e["sender"], e["receiver"], *(f"{e[k]:+.4f}" if e[k] is not None else "-"
-                                                     for k in ("score", "attribution")),
-                      "yes" if e["in_circuit"] else "")
+    for e in shown:
+        score, attribution = (f"{e[k]:+.4f}" if e[k] is not None else "-" for k in ("score", "attribution"))
+        table.add_row(e["sender"], e["receiver"], score, _bounds(e), attribution, "yes" if e["in_circuit"] else "")
     return table
 
 

@@ -92,7 +92,9 @@ def _show(store: Store, runs: pd.DataFrame, row: dict[str, Any]) -> None:
         return
     shape, own_shape = edge_runs.shape(row, edges)
     drawn = _graph(row, edges, shape, own_shape, edge_runs.head_run(store, runs, str(row["model"])))
-    st.markdown("**edges drawn** (strongest first)")
+    note = ("; lo, hi: the score's 95% interval over n prompt pairs (method in the hover)"
+            if any(e.interval is not None for e in drawn) else "")
+    st.markdown(f"**edges drawn** (strongest first{note})")
     st.dataframe(cv.edge_table(drawn), hide_index=True, key=f"cc-table-{rid}")
     params: dict[str, Any] = json.loads(row.get("params_json") or "{}")
     export = cv.export_graph(edges, shape, run_id=rid, model=str(row["model"]), detector=str(row["detector"]),

@@ -15,6 +15,17 @@ fact, a needle, a knowledge conflict) and the model's graph (every sender and re
    recovers) is compared with ``draws`` seeded random circuits of its size
    (:func:`interp.patching.faithfulness`).
 
+Intervals (95 %, over prompt pairs; :mod:`interp.patching.intervals`): a confirmed edge's exact
+score is a plain mean of per-pair differences m(patched) - m(clean), so it gets Student's paired
+t interval (the edge's ``lo``, ``hi``, ``n``, ``method``); ``faithfulness`` is a ratio of means,
+(m(C) - m(corrupt)) / (m(clean) - m(corrupt)), so it gets a BCa bootstrap over pairs, each
+resample drawing whole pairs (a pair's m(C), m(clean) and m(corrupt) together), 9,999
+resamples seeded with the run's ``seed``; ``clean_metric``, ``corrupt_metric`` and
+``circuit_metric`` get t intervals and ``gap`` the paired t interval. The faithfulness of the
+random circuits stays a distribution the circuit's percentile is read against. The
+faithfulness unit stores the per-pair m(clean), m(corrupt) and m(C) the summary computes these
+from.
+
 The metric defaults to the logit difference answer - corrupt answer (Wang et al. 2022): the
 log-probability saturates on answers the model is sure of (docs/path_patching.md, caveats).
 
@@ -35,7 +46,7 @@ import torch
 
 from circuits.detectors.path_patching import PairTaskConfig, gap_metrics, runs_of, unit_docs, unit_metric
 from circuits.methods.circuit_tasks import TaskPairs, task_pairs
-from circuits.methods.edge_records import edge_record
+from circuits.methods.edge_records import edge_record, interval_fields
 from interp.errors import UserError
 from interp.model.loaded import LoadedModel
 from interp.patching import (
@@ -45,8 +56,11 @@ from interp.patching import (
     PairRuns,
     build_circuit,
     edge_attribution,
+    effect_interval,
     faithfulness,
+    faithfulness_interval,
     full_graph,
+    gap_intervals,
 )
 from interp.patching.attribution import spearman
 from interp.patching.edge_attribution import exact_edge_values
@@ -55,6 +69,7 @@ from interp.runs import tables
 from interp.runs.config import MAX_DRAWS, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.units import Part, Unit
+from interp.stats import Interval, mean_interval
 
 UNIT_ATTRIBUTION, UNIT_CONFIRMED, UNIT_CIRCUIT = "unit_attribution", "unit_confirmed", "unit_circuit"
 
@@ -155,8 +170,8 @@ class CircuitDetector(Detector[CircuitConfig]):
             top = self.top_edges(model, cfg)
             idx, values = self.confirmed(model, cfg, int(unit.index or 0))
             exact = (values - runs.clean_metric[None]).mean(dim=1)
-            doc = [{"sender": top[j].sender.name, "receiver": top[j].receiver.name, "exact": float(exact[k])}
-                   for k, j in enumerate(idx)]
+            doc = [{"sender": top[j].sender.name, "receiver": top[j].receiver.name, "exact": float(exact[k]),
+                    **interval_fields(effect_interval(values[k], runs.clean_metric))} for k, j in enumerate(idx)]
             return UnitResult(tables={"artifacts": tables.artifact(UNIT_CONFIRMED, doc)})
         return self._faithfulness_unit(model, cfg, runs)
 
@@ -175,7 +190,9 @@ class CircuitDetector(Detector[CircuitConfig]):
                              baseline=cfg.baseline, budget_bytes=cfg.budget_bytes, progress=True)
         rand = faith.random
         doc = {"edges": circuit.names(), "threshold": circuit.threshold, "faithfulness": faith.value,
-               "circuit_metric": faith.circuit_metric, "random": rand.tolist(), "percentile": faith.percentile}
+               "circuit_metric": faith.circuit_metric, "random": rand.tolist(), "percentile": faith.percentile,
+               "clean": runs.clean_metric.tolist(), "corrupt": runs.corrupt_metric.tolist(),
+               "circuit": faith.per_prompt.tolist()}
         metrics = {"faithfulness": faith.value, "circuit_metric": faith.circuit_metric,
                    "random_faithfulness_mean": float(rand.mean()), "random_faithfulness_max": float(rand.max()),
                    "faithfulness_percentile": faith.percentile, "threshold": circuit.threshold,
@@ -190,7 +207,7 @@ class CircuitDetector(Detector[CircuitConfig]):
         graph_edges = self.graph(model, cfg).edges
         if len(graph_edges) != len(attribution):
             raise UserError("the stored attribution does not match this model's graph")
-        exact = {(d["sender"], d["receiver"]): d["exact"] for _, doc in unit_docs(arts, UNIT_CONFIRMED) for d in doc}
+        exact = {(d["sender"], d["receiver"]): d for _, doc in unit_docs(arts, UNIT_CONFIRMED) for d in doc}
         circ = unit_docs(arts, UNIT_CIRCUIT)[0][1]
         kept = set(circ["edges"])
         order = attribution.abs().argsort(descending=True, stable=True).tolist()
@@ -200,7 +217,9 @@ class CircuitDetector(Detector[CircuitConfig]):
             e = graph_edges[i]
             key = (e.sender.name, e.receiver.name)
             if rank < n_keep or key in exact:
-                edges.append(edge_record(*key, exact.get(key), float(attribution[i]), e.name in kept))
+                d = exact.get(key)
+                score = None if d is None else d["exact"]
+                edges.append(edge_record(*key, score, float(attribution[i]), e.name in kept, d))
         confirmed = [e for e in edges if e["score"] is not None]
         rho = spearman(torch.tensor([e["attribution"] for e in confirmed], dtype=torch.float64),
                        torch.tensor([e["score"] for e in confirmed], dtype=torch.float64))
@@ -213,5 +232,21 @@ class CircuitDetector(Detector[CircuitConfig]):
         if not kept:
             warnings.append("no confirmed edge reaches the threshold on a path to the logits: the circuit is empty "
                             "(a saturated metric? see docs/path_patching.md)")
-        return Summary(metrics=metrics, edges=edges, warnings=warnings,
+        intervals = circuit_intervals(circ, cfg.seed)
+        gap = intervals.get("gap")
+        if gap is not None and gap.contains(0.0):
+            warnings.append(f"the 95% interval of the gap m(clean) - m(corrupt) contains 0 ([{gap.lo:.3g}, "
+                            f"{gap.hi:.3g}], n={gap.n}): faithfulness, a share of that gap, is not pinned down")
+        return Summary(metrics=metrics, intervals=intervals, edges=edges, warnings=warnings,
                        tables={"artifacts": tables.artifact("edges", edges), "metrics": tables.metrics(metrics, n=1)})
+
+
+def circuit_intervals(doc: Mapping[str, Any], seed: int) -> dict[str, Interval]:
+    """The intervals of the faithfulness unit's numbers, from its per-pair values (none for a
+    unit stored before they were: the run's metrics then stand without intervals)."""
+    if "circuit" not in doc:
+        return {}
+    out = gap_intervals(doc["clean"], doc["corrupt"])
+    out["circuit_metric"] = mean_interval(doc["circuit"])
+    out["faithfulness"] = faithfulness_interval(doc["circuit"], doc["clean"], doc["corrupt"], seed=seed)
+    return out

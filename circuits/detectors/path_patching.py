@@ -8,6 +8,14 @@ the sender's corrupt-minus-clean output, norms recomputed; in ``frozen`` mode Wa
 m(clean); the metric is log p(answer's first token) at the last position (as causal tracing),
 or the logit difference answer - corrupt answer (Wang et al. 2022).
 
+Intervals (95 %, over prompt pairs; :mod:`interp.patching.intervals`): an edge's score is a
+plain mean of per-pair differences m(patched) - m(clean), not normalised by the gap, so it gets
+Student's paired t interval on those differences (the edge's ``lo``, ``hi``, ``n``, ``method``);
+``clean_metric`` and ``corrupt_metric`` get t intervals, ``gap`` the paired t interval, and
+``strongest_score`` its edge's interval (``Summary.intervals``). The per-pair m(clean) and
+m(corrupt) are stored by every unit (``unit_pairs``) so that the summary computes them from the
+store.
+
 Units are receivers: each unit is one receiver with every sender as the rows of one batched
 sweep, committed on its own, so an interrupted run resumes at the next receiver and a run can
 be spread over workers by receivers. The edges are stored in the ``edges`` artifact
@@ -16,6 +24,7 @@ be spread over workers by receivers. The edges are stored in the ``edges`` artif
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,7 +32,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from circuits.methods.circuit_tasks import TaskPairs, task_pairs
-from circuits.methods.edge_records import edge_record
+from circuits.methods.edge_records import edge_record, interval_fields
 from interp.errors import UserError
 from interp.model.loaded import LoadedModel
 from interp.patching import (
@@ -32,18 +41,21 @@ from interp.patching import (
     Sender,
     answer_metric,
     encode_pair,
+    gap_intervals,
     pair_runs,
     path_patch,
     senders_before,
 )
 from interp.patching.edges import check_pairs, parse_receivers, parse_senders
+from interp.patching.intervals import LEVEL
 from interp.patching.metrics import Metric
 from interp.runs import tables
 from interp.runs.config import SEED_MAX, DetectorConfig, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.units import Unit
+from interp.stats import Interval
 
-UNIT_EDGES = "unit_edges"
+UNIT_EDGES, UNIT_PAIRS = "unit_edges", "unit_pairs"
 # An edge whose |score| is below this share of |m(clean) - m(corrupt)| is not named as strongest.
 EMPTY_GAP = 1e-6
 
@@ -144,6 +156,19 @@ def gap_metrics(runs: PairRuns) -> dict[str, float]:
     return {"clean_metric": clean, "corrupt_metric": corrupt, "gap": clean - corrupt, "map_error": runs.map_error}
 
 
+def pairs_artifact(runs: PairRuns) -> pd.DataFrame:
+    """The per-pair m(clean) and m(corrupt) a summary's intervals are computed from."""
+    return tables.artifact(UNIT_PAIRS, {"clean": runs.clean_metric.tolist(), "corrupt": runs.corrupt_metric.tolist()})
+
+
+def stored_gap_intervals(artifacts: pd.DataFrame, name: str = UNIT_PAIRS) -> dict[str, Interval]:
+    """``clean_metric``, ``corrupt_metric`` and ``gap`` with their intervals, from the first
+    stored per-pair document ``name`` (none where no unit stored one: a run begun before
+    intervals were stored)."""
+    docs = unit_docs(artifacts, name)
+    return gap_intervals(docs[0][1]["clean"], docs[0][1]["corrupt"]) if docs else {}
+
+
 def unit_docs(artifacts: pd.DataFrame, name: str) -> list[tuple[str, Any]]:
     """(unit, document) of each stored artifact ``name``, in row order (the runner's unit order)."""
     import json
@@ -160,6 +185,15 @@ def unit_metric(results: Mapping[str, pd.DataFrame], name: str) -> float | None:
         return None
     vals = m.loc[m["name"] == name, "value"].to_numpy(float)
     return float(vals[0]) if len(vals) else None
+
+
+def edge_interval(edge: Mapping[str, Any]) -> Interval:
+    """A stored edge's score with its interval (nan bounds where stored null)."""
+    def bound(x: float | None) -> float:
+        return math.nan if x is None else float(x)
+
+    return Interval(float(edge["score"]), bound(edge["lo"]), bound(edge["hi"]), int(edge["n"]), str(edge["method"]),
+                    LEVEL)
 
 
 def strongest(edges: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -205,14 +239,15 @@ class PathPatchingDetector(Detector[PathPatchingConfig]):
         runs = self.runs(model, cfg)
         res = path_patch(model, runs, default_senders(model, cfg), [receiver], mode=cfg.mode,
                          budget_bytes=cfg.budget_bytes)
-        doc = [{"sender": e.sender.name, "receiver": e.receiver.name, "score": score}
-               for e, score in res.edge_effects()]
-        return UnitResult(tables={"artifacts": tables.artifact(UNIT_EDGES, doc),
-                                  "metrics": tables.metrics(gap_metrics(runs), n=runs.n_prompts)})
+        doc = [{"sender": e.sender.name, "receiver": e.receiver.name, "score": score, **interval_fields(iv)}
+               for (e, score), iv in zip(res.edge_effects(), res.effect_intervals(), strict=True)]
+        arts = pd.concat([tables.artifact(UNIT_EDGES, doc), pairs_artifact(runs)], ignore_index=True)
+        return UnitResult(tables={"artifacts": arts, "metrics": tables.metrics(gap_metrics(runs), n=runs.n_prompts)})
 
     def finalize(self, model: LoadedModel, cfg: PathPatchingConfig, results: Mapping[str, pd.DataFrame]) -> Summary:
-        edges = [edge_record(e["sender"], e["receiver"], e["score"], None, False)
+        edges = [edge_record(e["sender"], e["receiver"], e["score"], None, False, e)
                  for _, doc in unit_docs(results["artifacts"], UNIT_EDGES) for e in doc]
+        intervals = stored_gap_intervals(results["artifacts"])
         metrics: dict[str, Any] = {k: unit_metric(results, k) for k in ("clean_metric", "corrupt_metric", "gap")}
         metrics.update(n_edges=len(edges), n_receivers=len(cfg.receivers), mode=cfg.mode, metric=cfg.metric,
                        task=cfg.pairs_from, group_size=model.info.group_size)
@@ -220,8 +255,10 @@ class PathPatchingDetector(Detector[PathPatchingConfig]):
         warnings = []
         if best is not None:
             metrics.update(strongest_edge=f"{best['sender']}->{best['receiver']}", strongest_score=best["score"])
+            if best["n"] is not None:
+                intervals["strongest_score"] = edge_interval(best)
         if metrics["gap"] is not None and abs(metrics["gap"]) < EMPTY_GAP:
             warnings.append("the clean and corrupt prompts give the same metric: every edge scores about zero")
-        return Summary(metrics=metrics, edges=edges, warnings=warnings,
+        return Summary(metrics=metrics, intervals=intervals, edges=edges, warnings=warnings,
                        tables={"artifacts": tables.artifact("edges", edges),
                                "metrics": tables.metrics(metrics, n=1)})

@@ -5,9 +5,10 @@
 Path patching between components: edges as data (``edges``), the clean and corrupt runs
 (``pairs``), senders' and receivers' maps (``senders``, ``receivers``, ``taps``), exact path
 patching (``paths``), EAP / EAP-IG with exact confirmation (``edge_attribution``), circuits and
-their faithfulness (``faithfulness``).
+their faithfulness (``faithfulness``), the intervals of their numbers over prompt pairs
+(``intervals``).
 
-May import ``interp.model`` and ``interp.errors``; never ``interp.runs`` or the front.
+May import ``interp.model``, ``interp.stats`` and ``interp.errors``; never ``interp.runs`` or the front.
 The names below are its public API.
 """
 
@@ -25,6 +26,7 @@ from interp.patching.edges import (
 )
 from interp.patching.execution import execute_plan, run_sweep
 from interp.patching.faithfulness import Circuit, Faithfulness, build_circuit, circuit_values, faithfulness
+from interp.patching.intervals import effect_interval, faithfulness_interval, gap_intervals
 from interp.patching.memory import activation_bytes, bytes_per_row, default_budget, units_within
 from interp.patching.metrics import LogitDiff, LogProb, Metric, Prob
 from interp.patching.pairs import PairRuns, answer_metric, encode_pair, pair_runs
@@ -58,10 +60,13 @@ __all__ = [
     "confirm_edges",
     "default_budget",
     "edge_attribution",
+    "effect_interval",
     "encode_pair",
     "execute_plan",
     "faithfulness",
+    "faithfulness_interval",
     "full_graph",
+    "gap_intervals",
     "pair_runs",
     "parse_edge",
     "parse_receiver",

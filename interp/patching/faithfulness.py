@@ -13,9 +13,10 @@ every edge gives back the clean run and keeping none the corrupt run, exactly (C
 live residual.
 
 Faithfulness = (m(C) - m(empty)) / (m(full) - m(empty)) on the metric averaged over prompts,
-m(full) = the clean run and m(empty) = the corrupt run. It is compared with random circuits of
-the same size (:func:`random_circuits`: grown from the logits by default, or uniform), as rows
-of the same batched passes; the circuit's percentile among them is reported.
+m(full) = the clean run and m(empty) = the corrupt run, with a bootstrap interval over prompt
+pairs (:func:`interp.patching.intervals.faithfulness_interval`). It is compared with random
+circuits of the same size (:func:`random_circuits`: grown from the logits by default, or
+uniform), as rows of the same batched passes; the circuit's percentile among them is reported.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ from interp.model.layout import ModelInfo
 from interp.model.loaded import LoadedModel
 from interp.patching.edge_attribution import Confirmation
 from interp.patching.edges import Edge, Graph, Receiver, Sender, full_graph
+from interp.patching.intervals import faithfulness_interval
 from interp.patching.memory import activation_bytes, bytes_per_row, default_budget, units_within
 from interp.patching.pairs import PairRuns
 from interp.patching.paths import PairPasses, receiver_edits
 from interp.patching.receivers import ReceiverMaps, read_input
 from interp.patching.senders import SenderMaps
 from interp.patching.taps import LiveActs, Tap
+from interp.stats import Interval
 
 Baseline = Literal["connected", "uniform"]
 BASELINES: tuple[str, ...] = ("connected", "uniform")
@@ -135,6 +138,8 @@ class Faithfulness:
     empty_metric: float  # m(corrupt)
     random: torch.Tensor  # [draws]: faithfulness of random circuits of the same size
     percentile: float  # share of random circuits below the circuit (ties count half), in %
+    per_prompt: torch.Tensor  # [prompts]: m(C) of each prompt pair
+    interval: Interval  # ``value`` with its bootstrap interval over prompt pairs
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -281,8 +286,8 @@ def _grown(edges: Sequence[Edge], feeding: dict[Node, list[int]], size: int, gen
 def faithfulness(model: LoadedModel, runs: PairRuns, circuit: Circuit, graph: Graph | None = None, *,
                  draws: int = 20, seed: int = 0, baseline: Baseline = "connected", budget_bytes: int | None = None,
                  progress: bool = False) -> Faithfulness:
-    """The circuit's faithfulness against ``draws`` random circuits of its size (see the module
-    docstring)."""
+    """The circuit's faithfulness against ``draws`` random circuits of its size, with its
+    bootstrap interval over prompt pairs (resamples seeded with ``seed``; see the module docstring)."""
     t0 = time.perf_counter()
     if draws < 1:
         raise UserError(f"draws must be at least 1, got {draws}")
@@ -291,13 +296,16 @@ def faithfulness(model: LoadedModel, runs: PairRuns, circuit: Circuit, graph: Gr
     if abs(full - empty) < 1e-9 * max(1.0, abs(full)):
         raise UserError("the clean and corrupt prompts give the same metric: faithfulness is undefined")
     rand = random_circuits(graph, model.info, len(circuit.edges), draws, seed, baseline)
-    values = circuit_values(model, runs, [circuit.edges, *rand], graph, budget_bytes=budget_bytes,
-                            progress=progress).mean(dim=1)
+    per_prompt = circuit_values(model, runs, [circuit.edges, *rand], graph, budget_bytes=budget_bytes,
+                                progress=progress)
+    values = per_prompt.mean(dim=1)
     faith = (values - empty) / (full - empty)
     below = float((faith[1:] < faith[0]).sum() + 0.5 * (faith[1:] == faith[0]).sum())
     stats = {"draws": draws, "seed": seed, "baseline": baseline, "size": len(circuit.edges), "graph_edges": len(graph.edges),
              "seconds": time.perf_counter() - t0}
-    return Faithfulness(circuit, float(faith[0]), float(values[0]), full, empty, faith[1:], 100 * below / draws, stats)
+    iv = faithfulness_interval(per_prompt[0], runs.clean_metric, runs.corrupt_metric, seed=seed)
+    return Faithfulness(circuit, float(faith[0]), float(values[0]), full, empty, faith[1:], 100 * below / draws,
+                        per_prompt[0], iv, stats)
 
 
 __all__ = ["BASELINES", "Baseline", "Circuit", "Faithfulness", "build_circuit", "circuit_values", "connected_to_logits",

@@ -48,12 +48,14 @@ from interp.patching.edges import (
     parse_sender,
 )
 from interp.patching.forwards import SweepForwards
+from interp.patching.intervals import LEVEL, effect_interval
 from interp.patching.memory import activation_bytes, bytes_per_row, default_budget, units_within
 from interp.patching.pairs import PairRuns
 from interp.patching.planning import plan_chunks
 from interp.patching.receivers import ReceiverMaps, input_key, input_sites, read_input, write_site
 from interp.patching.senders import SenderMaps, block_changes
 from interp.patching.taps import CopyHeads, InputFn, LiveActs, Tap, WriteReceivers
+from interp.stats import Interval
 
 Mode = Literal["direct", "frozen"]
 MODES: tuple[str, ...] = ("direct", "frozen")
@@ -105,12 +107,21 @@ class PathResult:
         """Per block: mean over prompts of (patched - clean)."""
         return (self.values - self.clean[None]).mean(dim=1)
 
+    def effect_intervals(self, level: float = LEVEL) -> list[Interval]:
+        """Per block: the effect with its paired t interval over prompts (the effect is a plain
+        mean of per-prompt differences; :mod:`interp.patching.intervals`)."""
+        return [effect_interval(self.values[i], self.clean, level) for i in range(len(self.blocks))]
+
     def edge_effects(self) -> list[tuple[Edge, float]]:
         """(edge, effect) for a single receiver and single-sender blocks."""
+        eff = self.effect()
+        return [(e, float(eff[i])) for i, e in enumerate(self.edges())]
+
+    def edges(self) -> list[Edge]:
+        """Each block as an edge, for a single receiver and single-sender blocks."""
         if len(self.receivers) != 1 or any(len(b) != 1 for b in self.blocks):
             raise UserError("edge effects need one receiver and one sender per block")
-        eff = self.effect()
-        return [(Edge(b[0], self.receivers[0]), float(eff[i])) for i, b in enumerate(self.blocks)]
+        return [Edge(b[0], self.receivers[0]) for b in self.blocks]
 
     def to_frame(self) -> Any:
         import pandas as pd

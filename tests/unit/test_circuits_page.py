@@ -42,6 +42,16 @@ NAMES = [f"{e['sender']}->{e['receiver']}" for e in EDGES]
 SCORED = [n for n, e in zip(NAMES, EDGES, strict=True) if e["score"] is not None]
 CIRCUIT = [n for n, e in zip(NAMES, EDGES, strict=True) if e["score"] is not None and e["in_circuit"]]
 SHAPE = cv.Shape(n_layers=3, n_heads=4, group_size=2)
+# As the detectors store edges since they have intervals: the score's lo, hi, n, method (null
+# bounds from one pair, every key null without a score).
+WITH_CI: list[dict[str, Any]] = [
+    {"sender": "0.1", "receiver": "k:1.1", "score": -2.0, "lo": -2.5, "hi": -1.25, "n": 8, "method": "paired-t",
+     "attribution": -1.5, "in_circuit": True},
+    {"sender": "1.2", "receiver": "logits", "score": 4.0, "lo": None, "hi": None, "n": 1, "method": "paired-t",
+     "attribution": 3.0, "in_circuit": True},
+    {"sender": "1.3", "receiver": "kq:2.3", "score": None, "lo": None, "hi": None, "n": None, "method": None,
+     "attribution": 0.2, "in_circuit": False},
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +68,8 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         edges = _edge_run(s, str(row["model"]), json.loads(row["provenance_json"]), EDGES)
         bad = _edge_run(s, str(row["model"]), json.loads(row["provenance_json"]),
                         [{**EDGES[0], "receiver": "q:0.1", "sender": "1.0"}])
-    return {"path": path, "heads": heads, "edges": edges, "bad": bad, "model": str(row["model"])}
+        ci = _edge_run(s, str(row["model"]), json.loads(row["provenance_json"]), WITH_CI)
+    return {"path": path, "heads": heads, "edges": edges, "bad": bad, "ci": ci, "model": str(row["model"])}
 
 
 def _edge_run(s: Store, model: str, provenance: dict[str, Any], doc: list[dict[str, Any]]) -> int:
@@ -212,6 +223,26 @@ def test_the_export_is_the_documented_shape() -> None:
     assert json.loads(json.dumps(doc)) == doc
 
 
+def test_stored_intervals_reach_the_hover_the_table_and_the_export() -> None:
+    edges = cv.parse_edges(WITH_CI)
+    assert edges[0].interval == cv.ScoreInterval(-2.5, -1.25, 8, "paired-t")
+    assert [e.record() for e in edges] == WITH_CI  # as stored, key order included
+    assert [e.record() for e in _edges()] == EDGES  # a run without intervals: none invented
+    assert "score -2 (95% CI -2.5 to -1.25 (n=8, paired-t))<br>" in cv.edge_hover(edges[0])
+    assert "score 4 (no interval (n=1))<br>" in cv.edge_hover(edges[1])
+    assert "score —<br>" in cv.edge_hover(edges[2])
+    table = cv.edge_table(edges)
+    assert list(table.columns) == ["sender", "receiver", "score", "lo", "hi", "n", "attribution", "in_circuit"]
+    assert (table["lo"][0], table["hi"][0], table["n"][0]) == (-2.5, -1.25, 8)
+    assert list(cv.edge_table(_edges()).columns) == list(cv.EDGE_KEYS)
+    doc = cv.export_graph(edges, SHAPE, run_id=1, model="m", detector="circuit", variant="v", mode="direct")
+    assert [{k: v for k, v in e.items() if k not in ("from", "to")} for e in doc["edges"]] == WITH_CI
+    with pytest.raises(UserError, match="n is '8'"):
+        cv.parse_edges([{**WITH_CI[0], "n": "8"}])
+    with pytest.raises(UserError, match="lo is"):
+        cv.parse_edges([{**WITH_CI[0], "lo": "low"}])
+
+
 def test_malformed_edges_are_one_line_errors() -> None:
     with pytest.raises(UserError, match="unknown sender 'L1H2'"):
         cv.parse_edges([{**EDGES[0], "sender": "L1H2"}])
@@ -247,7 +278,7 @@ def test_the_circuits_page_draws_exactly_the_stored_edges(env: dict[str, Any]) -
     assert not at.error, [e.value for e in at.error]
     # Only edge runs are listed: not the induction run.
     [box] = [b for b in at.selectbox if b.key == "cc-run"]
-    assert {int(str(o).split()[0][1:]) for o in box.options} == {env["edges"], env["bad"]}
+    assert {int(str(o).split()[0][1:]) for o in box.options} == {env["edges"], env["bad"], env["ci"]}
     # The circuit's edges by default, strongest first; every scored edge with the toggle.
     assert _spec_edges(at) == set(CIRCUIT)
     assert _table_edges(at) == ["1.2->logits", "0.1->k:1.1", "0.0->mlp:0", "embed->q:1.0"]
@@ -265,6 +296,15 @@ def test_the_circuits_page_draws_exactly_the_stored_edges(env: dict[str, Any]) -
     # The rest of the run: its metrics, not the edges artifact again.
     assert any({"name", "value"} <= set(d.value.columns) and "clean" in set(d.value["name"]) for d in at.dataframe)
     assert not any("artifact: edges" in str(e.proto.label) for e in at.get("expandable"))
+
+
+def test_the_circuits_page_lists_each_scores_interval(env: dict[str, Any]) -> None:
+    at = _app("pages/6_Circuits.py", run=env["ci"])
+    assert not at.error, [e.value for e in at.error]
+    [frame] = [d.value for d in at.dataframe if {"sender", "receiver", "in_circuit"} <= set(d.value.columns)]
+    row = frame[frame["sender"] == "0.1"].iloc[0]
+    assert (row["lo"], row["hi"], row["n"]) == (-2.5, -1.25, 8)
+    assert any("95% interval over n prompt pairs" in m.value for m in at.markdown)
 
 
 def test_a_head_of_the_graph_opens_in_head_maps(env: dict[str, Any]) -> None:

@@ -56,3 +56,28 @@ def test_a_metric_prints_with_its_interval_and_n() -> None:
     nan = float("nan")
     assert metric_text("mean", 2.0, Interval(2.0, nan, nan, 1, "t", 0.95)) == "mean=2"  # no interval from one value
     assert metric_text("k", 3, None) == "k=3"
+
+
+def _edge(sender: str, receiver: str, score: float | None, lo: float | None, hi: float | None,
+          n: int | None = 8) -> dict[str, object]:
+    return {"sender": sender, "receiver": receiver, "score": score, "lo": lo, "hi": hi, "n": n,
+            "method": None if n is None else "paired-t", "attribution": -12.3456, "in_circuit": True}
+
+
+def test_the_edge_table_shows_each_scores_interval_in_80_columns() -> None:
+    from interp.result_text import edges_table
+
+    # Wide names and two-digit negative numbers everywhere.
+    edges = [_edge("mlp:29", "kq:29.14", -10.5 - i, -99.123 + i, -10.001, n=8) for i in range(5)]
+    edges += [_edge("29.14", "logits", 0.5, None, None, n=1),  # one pair: no interval
+              _edge("embed", "v:28.2", None, None, None, n=None),  # not confirmed
+              {k: v for k, v in _edge("0.1", "q:3.0", 0.25, 0.1, 0.4).items() if k not in ("lo", "hi", "n", "method")}]
+    lines = _render(edges_table("circuit (eap-ig.steps-5.direct): strongest edges", edges, 20))
+    assert max(map(len, lines)) <= TERMINAL_COLUMNS, "\n".join(lines)
+    assert "…" not in "".join(lines)
+    assert "95% CI" in next(line for line in lines if "sender" in line)
+    row = next(line for line in lines if "-10.5000" in line)
+    assert "[-99.123, -10.001]" in row
+    assert "-" in next(line for line in lines if "29.14" in line and "logits" in line).split("+0.5000")[1]
+    # The caption names the interval's method and each n among the edges shown.
+    assert any("95% CI over prompt pairs: paired-t, n=1; paired-t, n=8" in line for line in lines), "\n".join(lines)

@@ -32,6 +32,7 @@ from interp.patching.faithfulness import (
     on_paths,
     random_circuits,
 )
+from interp.patching.intervals import faithfulness_interval
 from interp.patching.metrics import LogProb
 from interp.patching.pairs import pair_runs
 from interp.patching.paths import path_patch
@@ -173,9 +174,16 @@ def test_build_circuit_and_faithfulness_by_hand(setup: Any) -> None:
     assert circuit.edges == expected
     assert circuit.edges
     f = faithfulness(model, runs, circuit, draws=6, seed=1)
-    m_c = float(circuit_values(model, runs, [circuit.edges]).mean())
+    per_prompt = circuit_values(model, runs, [circuit.edges])[0]
+    m_c = float(per_prompt.mean())
     full, empty = float(runs.clean_metric.mean()), float(runs.corrupt_metric.mean())
     assert f.value == pytest.approx((m_c - empty) / (full - empty), abs=1e-10)
+    # Its interval: the bootstrap over these prompts' (m(C), m(clean), m(corrupt)), seeded as the
+    # random circuits (test_path_intervals.py checks the function against scipy).
+    assert torch.allclose(f.per_prompt, per_prompt, atol=1e-10)
+    iv = faithfulness_interval(per_prompt, runs.clean_metric, runs.corrupt_metric, seed=1)
+    assert (f.interval.value, f.interval.n) == (pytest.approx(f.value, abs=1e-10), runs.n_prompts)
+    assert (f.interval.lo, f.interval.hi) == pytest.approx((iv.lo, iv.hi), abs=1e-8)
     rand = random_circuits(full_graph(model.info), model.info, len(circuit.edges), 6, seed=1)
     r_vals = (circuit_values(model, runs, rand).mean(dim=1) - empty) / (full - empty)
     assert torch.allclose(f.random, r_vals, atol=1e-10)

@@ -218,6 +218,8 @@ def test_circuit_resumes_to_the_same_result(hf: torch.nn.Module, tmp_path: Path,
     assert (again.resumed_units, again.computed_units) == (4, 1)
     assert _stored_edges(tmp_path / "resumed", again.run_id) == _stored_edges(tmp_path / "whole", whole.run_id)
     assert again.summary.metrics == whole.summary.metrics
+    assert again.summary.intervals == whole.summary.intervals  # the bootstrap is seeded with the run's seed
+    assert set(whole.summary.intervals) >= {"faithfulness", "gap"}
 
 
 # ---------------------------------------------------------------------------------- bad input
