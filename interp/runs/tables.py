@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from interp.runs.schema import TABLES
+from interp.stats.binary import wilson_counts
 from interp.stats.interval import Interval
 
 
@@ -121,6 +122,12 @@ def interval_curves(rows: Iterable[tuple[str, int | None, int | None, float, Int
     """The ``curves`` table from (curve, layer, head, x, interval) rows: each point a mean over
     items, y its value with its bounds, n and method (:func:`interval_cells`)."""
     return frame("curves", ((curve, layer, head, x, *interval_cells(iv)) for curve, layer, head, x, iv in rows))
+
+
+def rate_curves(rows: Iterable[tuple[str, int | None, int | None, float, float, int]]) -> pd.DataFrame:
+    """The ``curves`` table from (curve, layer, head, x, rate, n) rows, each rate the share of n
+    items with some 0/1 outcome (an accuracy, a memory rate), with its Wilson interval."""
+    return interval_curves((c, la, h, x, wilson_counts(round(rate * n), int(n))) for c, la, h, x, rate, n in rows)
 
 
 def token_layer(rows: Iterable[tuple[str, Any, int, str, int, float]]) -> pd.DataFrame:
