@@ -48,9 +48,9 @@ class UnitResult:
       token_layer: kind, item, token_index, token, layer, value
       curves:      curve, layer, head, x, y, ci_low, ci_high, n, ci_method
       metrics:     name, value, ci_low, ci_high, n, ci_method
-    (the interval columns may be left out; ``tables.interval_curves`` and ``tables.with_intervals``
-    fill them for a mean over items)
       artifacts:   name, json   (a JSON document, for anything that is not a long table)
+    The interval columns (ci_low .. ci_method) may be left out; ``tables.interval_curves`` and
+    ``tables.with_intervals`` fill them for a mean over items.
     """
 
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)

@@ -178,7 +178,6 @@ def stamp(con: sqlite3.Connection, schema_version: int) -> None:
         con.execute(f"PRAGMA user_version = {int(schema_version)}")
 
 
-
 def table_columns(con: sqlite3.Connection, tables: Iterable[str]) -> dict[str, set[str]]:
     """The columns each of ``tables`` has in the store (a table it lacks is left out): a store of
     an older schema version, opened read-only and so never migrated, lacks the newer columns."""
