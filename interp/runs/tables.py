@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from interp.runs.schema import TABLES
+from interp.runs.schema import REQUIRED_COLUMNS, TABLES
 from interp.stats.binary import wilson_counts
 from interp.stats.interval import Interval
 
@@ -27,9 +27,16 @@ def columns(table: str) -> list[str]:
 
 def frame(table: str, rows: Iterable[tuple[Any, ...]]) -> pd.DataFrame:
     """A table from rows in the schema's column order; the columns after a row's last value are
-    empty (None) in that row, so a row without an interval ends at its value."""
+    empty (None) in that row, so a row without an interval ends at its value. A row must reach
+    the table's last required column (a ValueError otherwise)."""
     names = columns(table)
-    return pd.DataFrame([(*row, *(None,) * (len(names) - len(row))) for row in rows], columns=names)
+    least = 1 + max(names.index(c) for c in REQUIRED_COLUMNS[table])
+    padded = []
+    for row in rows:
+        if not least <= len(row) <= len(names):
+            raise ValueError(f"table {table!r}: a row of {len(row)} values, expected {least} to {len(names)}: {row!r}")
+        padded.append((*row, *(None,) * (len(names) - len(row))))
+    return pd.DataFrame(padded, columns=names)
 
 
 def _bound(x: float) -> float | None:

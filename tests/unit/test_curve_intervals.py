@@ -117,3 +117,12 @@ def test_rates_figure_bars_are_the_wilson_intervals_of_the_items() -> None:
         assert list(trace.error_y.arrayminus) == pytest.approx([r - lo for r, (lo, _) in zip(table[col], bounds, strict=True)])
     assert rates_figure(table.drop(columns=["n_items"])).data[0].error_y.array is None
     assert np.isfinite(list(fig.data[0].error_y.array)).all()
+
+
+def test_a_row_without_an_interval_ends_at_its_value_and_a_short_row_is_refused() -> None:
+    frame = tables.curves([("acc", None, None, 0.0, 0.5)])
+    assert list(frame.columns) == tables.columns("curves")
+    assert frame[["ci_low", "ci_high", "n", "ci_method"]].isna().to_numpy().all()
+    assert tables.metric_rows([("acc", 0.5, 0.2, 0.8, 8)])["ci_method"].isna().all()
+    with pytest.raises(ValueError, match="a row of 4 values, expected 5 to 9"):
+        tables.frame("curves", [("acc", None, None, 0.0)])
