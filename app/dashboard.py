@@ -281,10 +281,11 @@ def plot(fig: Any, key: str, **kwargs: Any) -> Any:
 
 
 def show_metrics(frame: pd.DataFrame) -> None:
-    cols = [c for c in ("name", "value", "ci_low", "ci_high", "n") if c in frame.columns]
+    cols = [c for c in ("name", "value", "ci_low", "ci_high", "n", "ci_method") if c in frame.columns]
     table = cast(pd.DataFrame, frame[cols]).copy()
-    if {"ci_low", "ci_high"} <= set(table.columns) and bool(table[["ci_low", "ci_high"]].isna().to_numpy().all()):
-        table = table.drop(columns=["ci_low", "ci_high"])
+    bounds = [c for c in ("ci_low", "ci_high", "ci_method") if c in table.columns]
+    if {"ci_low", "ci_high"} <= set(bounds) and bool(table[["ci_low", "ci_high"]].isna().to_numpy().all()):
+        table = table.drop(columns=bounds)
     st.dataframe(table, hide_index=True, key=None)
 
 

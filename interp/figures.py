@@ -199,6 +199,45 @@ def token_layer_heatmap(
     return fig
 
 
+def error_bars(frame: pd.DataFrame, value: str = "y") -> dict[str, Any] | None:
+    """Plotly's ``error_y`` of points that carry a stored interval (``ci_low``, ``ci_high``
+    around ``value``): the distances up and down to the bounds, none (NaN) at a point without
+    one; None where no point has one."""
+    if not {"ci_low", "ci_high"} <= set(frame.columns):
+        return None
+    # astype: a column of a run stored without bounds holds None, which becomes NaN.
+    lo, hi = (np.asarray(frame[c].astype(float), dtype=float) for c in ("ci_low", "ci_high"))
+    if np.isnan(lo).all() and np.isnan(hi).all():
+        return None
+    y = frame[value].to_numpy(float)
+    return {"type": "data", "symmetric": False, "array": hi - y, "arrayminus": y - lo}
+
+
+def _interval_text(frame: pd.DataFrame) -> list[str] | None:
+    """Each point's interval, n and method for its hover label; None where no point has one."""
+    if error_bars(frame) is None:
+        return None
+    missing = pd.Series([None] * len(frame), index=frame.index)
+    n = frame["n"] if "n" in frame.columns else missing
+    method = frame["ci_method"] if "ci_method" in frame.columns else missing
+    return [
+        "" if pd.isna(lo) or pd.isna(hi) else f"CI [{lo:.4g}, {hi:.4g}], n={'?' if pd.isna(k) else int(k)} ({m})"
+        for lo, hi, k, m in zip(frame["ci_low"], frame["ci_high"], n, method, strict=True)
+    ]
+
+
+def _line(rows: pd.DataFrame, name: str) -> go.Scatter:
+    """One line through a curve's points, with error bars where they carry a stored interval.
+    Several rows on one x (the units of a partial run) are averaged and drawn without bars: their
+    mean has no interval stored."""
+    if rows["x"].is_unique:
+        g = _df(rows.sort_values("x"))
+        return go.Scatter(x=g["x"], y=g["y"], mode="lines+markers", name=name, error_y=error_bars(g),
+                          hovertext=_interval_text(g))
+    g = _df(rows.groupby("x", as_index=False)["y"].mean())
+    return go.Scatter(x=g["x"], y=g["y"], mode="lines+markers", name=name)
+
+
 def head_curves_figures(
     frame: pd.DataFrame,
     layer: int,
@@ -222,8 +261,7 @@ def head_curves_figures(
     for names in groups.values():
         fig = go.Figure()
         for name in names:
-            g = _df(_df(rows[rows["curve"] == name]).groupby("x", as_index=False)["y"].mean())
-            fig.add_trace(go.Scatter(x=g["x"], y=g["y"], mode="lines+markers", name=name))
+            fig.add_trace(_line(_df(rows[rows["curve"] == name]), name))
         titles = [curve_axes(axes, name) for name in names]
         fig.update_layout(
             title=f"{title or f'L{layer}H{head}'}: {', '.join(names)}",
@@ -245,7 +283,8 @@ def curves_figure(
     x_title: str | None = None,
     y_title: str | None = None,
 ) -> go.Figure:
-    """Line plot of one curve: one line per (layer, head) present, or one line overall.
+    """Line plot of one curve: one line per (layer, head) present, or one line overall; a point
+    that is a mean over items with its stored interval gets an error bar (``ci_low``..``ci_high``).
 
     The axis titles come from ``axes``, the ``curve_axes`` of the detector that wrote the curve
     (see :func:`curve_axes`); ``x_title``/``y_title`` override them.
@@ -269,11 +308,9 @@ def curves_figure(
             if heads is not None and (layer, head) not in set(heads):
                 continue
             g = _df(rows[(rows["layer"] == layer) & (rows["head"] == head)])
-            g = _df(g.groupby("x", as_index=False)["y"].mean())
-            fig.add_trace(go.Scatter(x=g["x"], y=g["y"], mode="lines+markers", name=f"L{layer}H{head}"))
+            fig.add_trace(_line(g, f"L{layer}H{head}"))
     else:
-        g = _df(rows.groupby("x", as_index=False)["y"].mean())
-        fig.add_trace(go.Scatter(x=g["x"], y=g["y"], mode="lines+markers", name=curve or _single(rows, "curve") or "curve"))
+        fig.add_trace(_line(rows, curve or _single(rows, "curve") or "curve"))
     fig.update_layout(
         title=title or (curve or "curve"),
         xaxis={"title": x_title or declared[0]},

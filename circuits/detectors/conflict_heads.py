@@ -132,11 +132,18 @@ def head_map_figure(scores: pd.DataFrame, column: str, title: str) -> go.Figure:
 
 
 def rates_figure(table: pd.DataFrame, title: str = "memory vs context rates") -> go.Figure:
-    """Grouped bars of memory / context / other rate per row label (format, split, condition)."""
+    """Grouped bars of memory / context / other rate per row label (format, split, condition),
+    each with its Wilson interval where the table has the number of items (``n_items`` or ``n``)."""
     label = table["label"] if "label" in table else table["format"] + " / " + table["split"]
+    n_col = next((c for c in ("n_items", "n") if c in table), None)
     fig = go.Figure()
     for col, name in (("memory_rate", "memory"), ("context_rate", "context"), ("other_rate", "neither")):
-        fig.add_bar(x=label, y=table[col], name=name)
+        bars = None
+        if n_col is not None:
+            ivs = [wilson_counts(round(r * n), int(n)) for r, n in zip(table[col], table[n_col], strict=True)]
+            bars = {"type": "data", "symmetric": False, "array": [iv.hi - iv.value for iv in ivs],
+                    "arrayminus": [iv.value - iv.lo for iv in ivs]}
+        fig.add_bar(x=label, y=table[col], name=name, error_y=bars)
     fig.update_layout(barmode="group", title=title, xaxis_title="condition" if "label" in table else "prompt format / split",
                       yaxis_title="rate (fraction of items, top-1)", yaxis_range=[0, 1])
     return fig

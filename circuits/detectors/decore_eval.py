@@ -582,6 +582,6 @@ def _summary_tables(acc: pd.DataFrame, table: pd.DataFrame) -> dict[str, pd.Data
         "metrics": tables.metric_rows(
             (f"{t}:{s}:{m}:k{k}", a, None, None, n) for t, s, m, k, a, n in zip(*cols, acc["n"], strict=True)
         ),
-        "curves": tables.curves((f"{t}:{s}:{m}", None, None, float(k), float(a)) for t, s, m, k, a in zip(*cols, strict=True)),
+        "curves": tables.rate_curves((f"{t}:{s}:{m}", None, None, float(k), a, n) for t, s, m, k, a, n in zip(*cols, acc["n"], strict=True)),
         "artifacts": tables.artifact("results_table", table.to_dict("records")),
     }

@@ -70,7 +70,7 @@ def mean_z(model: LoadedModel, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def ablation_effects(
     curves: pd.DataFrame, units: Sequence[Unit]
-) -> tuple[dict[str, Any], list[tuple[str, float, float | None, float | None, int | None]]]:
+) -> tuple[dict[str, Any], list[tables.MetricRow]]:
     """Per measure: the clean value and the change under each ablation (top-k, the mean of the
     random draws, each single and cumulative set) against clean, with t intervals, the paired
     p-value of top-k against random, and where the top-k change falls among the draws' changes
@@ -83,7 +83,8 @@ def ablation_effects(
         return c_y[sel][np.argsort(c_x[sel].astype(float))].astype(float)
 
     metrics: dict[str, Any] = {}
-    rows: list[tuple[str, float, float | None, float | None, int | None]] = []
+    # The changes are per-text differences from clean on the same texts: paired t intervals.
+    rows: list[tables.MetricRow] = []
     for metric in ("icl", "icl_window", "second_copy_loss"):
         clean = values("clean", metric)
         top = values("top", metric)
@@ -93,12 +94,12 @@ def ablation_effects(
             m, lo, hi = t_interval(arr - clean)
             metrics[f"{metric}_delta_{name}"] = m
             metrics[f"{metric}_delta_{name}_ci"] = [lo, hi]
-            rows.append((f"{metric}_delta_{name}", m, lo, hi, len(arr)))
+            rows.append((f"{metric}_delta_{name}", m, lo, hi, len(arr), "paired-t"))
         m, lo, hi = t_interval(top - rand)
         metrics[f"{metric}_top_minus_random"] = m
         metrics[f"{metric}_top_minus_random_ci"] = [lo, hi]
         metrics[f"{metric}_paired_p"] = paired_p(top, rand)
-        rows.append((f"{metric}_top_minus_random", m, lo, hi, len(top)))
+        rows.append((f"{metric}_top_minus_random", m, lo, hi, len(top), "paired-t"))
         rows.append((f"{metric}_paired_p", metrics[f"{metric}_paired_p"], None, None, len(top)))
         per_draw = [float((values(u, metric) - clean).mean()) for u in draws]
         metrics[f"{metric}_delta_random_per_draw"] = per_draw
@@ -112,7 +113,7 @@ def ablation_effects(
             if u.group in ("single", "cum"):
                 mm, lo2, hi2 = t_interval(values(u.key, metric) - clean)
                 metrics[f"{metric}_delta_{u.key}"] = mm
-                rows.append((f"{metric}_delta_{u.key}", mm, lo2, hi2, len(clean)))
+                rows.append((f"{metric}_delta_{u.key}", mm, lo2, hi2, len(clean), "paired-t"))
     return metrics, rows
 
 

@@ -21,6 +21,7 @@ from interp.runs import tables
 from interp.runs.config import param
 from interp.runs.registry import Summary, UnitResult, register
 from interp.runs.units import Unit
+from interp.stats import mean_interval
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -142,9 +143,11 @@ class AttentionKnockoutDetector(_FactsDetector[AttentionKnockoutConfig]):
         n_multi = sum(per_unit[u]["n_answer_tokens"] > 1 for u in fact_units)
         if n_multi:
             warnings.append(f"{n_multi} of {len(fact_units)} answers are several tokens: p of the first token used")
-        curves = tables.curves(
-            (curve, None, None, float(x), float(y))
-            for curve, x, y in zip(mean["curve"], mean["x"], mean["y"], strict=True)
+        # Each point is the mean change over the facts, with its t interval (none from one fact).
+        per_point = c.groupby(["curve", "x"], as_index=False).agg(ys=("y", list))
+        curves = tables.interval_curves(
+            (str(curve), None, None, float(x), mean_interval(ys))
+            for curve, x, ys in zip(per_point["curve"], per_point["x"], per_point["ys"], strict=True)
         )
         summary["window"] = cfg.window
         return Summary(metrics=summary,
@@ -157,11 +160,13 @@ def knockout_figure(curves: pd.DataFrame) -> go.Figure:
     """Relative change of p(answer) per window-centre layer for each blocked source set."""
     import plotly.graph_objects as go
 
+    from interp.figures import error_bars
+
     fig = go.Figure()
     for which in KNOCKOUT_SETS:
-        c = curves[curves["curve"] == which]
+        c = pd.DataFrame(curves[curves["curve"] == which])
         if len(c):
-            fig.add_trace(go.Scatter(x=c["x"], y=c["y"], name=f"last -> {which} blocked"))
+            fig.add_trace(go.Scatter(x=c["x"], y=c["y"], name=f"last -> {which} blocked", error_y=error_bars(c)))
     x_title, y_title = AttentionKnockoutDetector.curve_axes[KNOCKOUT_SETS[0]]
     fig.update_layout(title="attention knockout", xaxis_title=x_title, yaxis_title=y_title)
     return fig

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from typing import Annotated, Any, ClassVar
 
 import pandas as pd
@@ -378,11 +377,12 @@ class PH3Detector(Detector[PH3Config]):
             heads = list(dict.fromkeys(mem[: cfg.scale_heads] + ctx[: cfg.scale_heads]))
             curve = scaling_curve(model, ds.split("test"), cfg.formats, heads, cfg.factors, cfg.batch_size)
             rows = (
-                zip("test.scale_value." + curve["format"] + "." + rate, curve["layer"], curve["head"],
-                    curve["factor"], curve[rate], strict=True)
+                (f"test.scale_value.{f}.{rate}", int(layer), int(head), float(x), float(v), int(n))
                 for rate in ("context_rate", "memory_rate")
+                for f, layer, head, x, v, n in zip(curve["format"], curve["layer"], curve["head"], curve["factor"],
+                                                   curve[rate], curve["n"], strict=True)
             )
-            return UnitResult(tables={"curves": tables.curves(chain.from_iterable(rows))})
+            return UnitResult(tables={"curves": tables.rate_curves(rows)})
         raise UserError(f"unknown unit {unit}")
 
     def _select_k_unit(self, model: LoadedModel, cfg: PH3Config, ds: ConflictDataset, scores: pd.DataFrame) -> UnitResult:

@@ -77,7 +77,7 @@ from interp.runs.config import SEED_MAX, DetectorConfig, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.runner import run_in_memory
 from interp.runs.units import Unit
-from interp.stats import Interval
+from interp.stats import Interval, interval
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -370,8 +370,11 @@ def _mean(values: Any) -> float:
     return float(np.mean(np.asarray(values, dtype=float)))
 
 
-def accuracy_curves(samples: pd.DataFrame, column: str, condition: str) -> pd.DataFrame:
-    """Accuracy against length (one curve per depth) and against depth, as long rows."""
+def accuracy_curves(samples: pd.DataFrame, column: str, condition: str,
+                    method: Literal["wilson", "t"] = "wilson") -> pd.DataFrame:
+    """Accuracy against length (one curve per depth) and against depth, as long rows, each point
+    the mean over its samples with its interval: Wilson for 0/1 outcomes, ``method="t"`` for a
+    per-sample mean of outcomes (the accuracy over random draws)."""
     depth = np.asarray(samples["depth"], dtype=float)
     length = np.asarray(samples["length"], dtype=float)
     value = np.asarray(samples[column], dtype=float)
@@ -379,12 +382,13 @@ def accuracy_curves(samples: pd.DataFrame, column: str, condition: str) -> pd.Da
     for d in sorted(set(depth)):
         for n in sorted(set(length)):
             sel = (depth == d) & (length == n)
-            rows.append((f"{condition}: accuracy vs length, depth={d:.2f}", None, None, n, _mean(value[sel])))
+            rows.append((f"{condition}: accuracy vs length, depth={d:.2f}", None, None, n, value[sel]))
     for d in sorted(set(depth)):
-        rows.append((f"{condition}: accuracy vs depth", None, None, d, _mean(value[depth == d])))
+        rows.append((f"{condition}: accuracy vs depth", None, None, d, value[depth == d]))
     for n in sorted(set(length)):
-        rows.append((f"{condition}: accuracy vs length", None, None, n, _mean(value[length == n])))
-    return tables.curves(rows)
+        rows.append((f"{condition}: accuracy vs length", None, None, n, value[length == n]))
+    # A cell without samples (none in a full grid) has no point rather than a NaN one.
+    return tables.interval_curves((c, la, h, x, interval(v, method=method)) for c, la, h, x, v in rows if len(v))
 
 
 # ---------------------------------------------------------------- the retrieval score

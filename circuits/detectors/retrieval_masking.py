@@ -186,7 +186,9 @@ class RetrievalMaskingDetector(_NeedleDetector[RetrievalMaskingConfig]):
         metrics.update(masking_accuracies(samples, list(sets), draws, k))
         intervals, control = masking_uncertainty(samples, draws, k)
         metrics.update(control)
-        curves = [accuracy_curves(samples, f"correct:{name}", name) for name in ["none", f"top{k}", "random-mean"]]
+        # Each sample's accuracy over the random draws is a fraction: its mean gets a t interval.
+        curves = [accuracy_curves(samples, f"correct:{name}", name, "t" if name == "random-mean" else "wilson")
+                  for name in ["none", f"top{k}", "random-mean"]]
         warnings: list[str] = []
         if metrics["accuracy:none"] == 0:
             warnings.append(

@@ -46,9 +46,11 @@ class UnitResult:
     Tables (columns beyond run_id/unit, which the store adds):
       head_scores: metric, layer, head, value
       token_layer: kind, item, token_index, token, layer, value
-      curves:      curve, layer, head, x, y
-      metrics:     name, value, ci_low, ci_high, n
+      curves:      curve, layer, head, x, y, ci_low, ci_high, n, ci_method
+      metrics:     name, value, ci_low, ci_high, n, ci_method
       artifacts:   name, json   (a JSON document, for anything that is not a long table)
+    The interval columns (ci_low .. ci_method) may be left out; ``tables.interval_curves`` and
+    ``tables.with_intervals`` fill them for a mean over items.
     """
 
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)

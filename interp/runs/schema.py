@@ -15,7 +15,9 @@ import pandas as pd
 from interp.errors import UserError
 from interp.runs.run_keys import json_default
 
-SCHEMA_VERSION = 1
+# 2: curves carry an interval (ci_low, ci_high, n, ci_method) and metrics their method
+# (ci_method). A writer opening a store of version 1 adds the columns (:func:`migration_sql`).
+SCHEMA_VERSION = 2
 
 
 RunStatus = Literal["running", "done", "failed", "interrupted"]
@@ -59,13 +61,26 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("layer", "INTEGER"),
         ("value", "REAL"),
     ),
-    "curves": (("curve", "TEXT"), ("layer", "INTEGER"), ("head", "INTEGER"), ("x", "REAL"), ("y", "REAL")),
+    # A point that is a mean over items carries its confidence interval, the number of items
+    # and how the interval was made (Interval.method); empty where y is not such a mean.
+    "curves": (
+        ("curve", "TEXT"),
+        ("layer", "INTEGER"),
+        ("head", "INTEGER"),
+        ("x", "REAL"),
+        ("y", "REAL"),
+        ("ci_low", "REAL"),
+        ("ci_high", "REAL"),
+        ("n", "INTEGER"),
+        ("ci_method", "TEXT"),
+    ),
     "metrics": (
         ("name", "TEXT"),
         ("value", "REAL"),
         ("ci_low", "REAL"),
         ("ci_high", "REAL"),
         ("n", "INTEGER"),
+        ("ci_method", "TEXT"),
     ),
     "artifacts": (("name", "TEXT"), ("json", "TEXT")),
 }
@@ -151,6 +166,20 @@ SCHEMA_SQL: tuple[str, ...] = (
         )
     ),
 )
+
+
+def migration_sql(present: Mapping[str, set[str]]) -> list[str]:
+    """The statements that bring a store of an older version to :data:`SCHEMA_VERSION`, given
+    the columns each of its result tables has (``present``): every column of :data:`TABLES` it
+    lacks, added empty (NULL in the rows already there). A table it lacks altogether is made
+    whole by :data:`SCHEMA_SQL`'s ``CREATE TABLE IF NOT EXISTS``."""
+    return [
+        f"ALTER TABLE {table} ADD COLUMN {f'{name} {kind}'.strip()}"
+        for table, columns in TABLES.items()
+        if table in present
+        for name, kind in columns
+        if name not in present[table]
+    ]
 
 
 def check_export_format(fmt: str) -> None:

@@ -43,6 +43,7 @@ from interp.runs.schema import (
     check_export_format,
     check_table,
     column_values,
+    migration_sql,
     validate_tables,
 )
 
@@ -112,6 +113,9 @@ class Store:
         # RLock: a write helper may call a read helper while holding it.
         self._lock = threading.RLock()
         self._con: sqlite3.Connection | None = None
+        # The result tables' columns in the file: all of TABLES' once a writer has opened it; an
+        # older store opened read-only lacks the newer ones, which read as NULL (:meth:`_select`).
+        self._columns: dict[str, set[str]] = {}
         found = store_file.recognise(self.path, TABLES)
         if found == "new" and mode != "create":
             raise StoreError(
@@ -126,6 +130,7 @@ class Store:
             con.execute("PRAGMA foreign_keys = ON")
             if mode == "read":
                 self._check_version(self._query("SELECT MAX(version) FROM schema_version"))
+                self._columns = store_file.table_columns(con, TABLES)
                 return
             if found == "new":
                 # The marker first, in the file's first write: no moment where the file holds a
@@ -188,13 +193,30 @@ class Store:
         return pd.DataFrame.from_records(rows, columns=columns, coerce_float=True)
 
     def _init_schema(self) -> None:
+        """Make the schema, or bring an older store's to this version: in one transaction, so a
+        store is either migrated whole (columns, version, marker) or left as it was."""
         with self._write() as con:
             for stmt in SCHEMA_SQL:
                 con.execute(stmt)
             self._check_version(con.execute("SELECT MAX(version) FROM schema_version").fetchall())
+            for stmt in migration_sql(store_file.table_columns(con, TABLES)):
+                con.execute(stmt)
             if con.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 0:
                 con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            else:
+                con.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             store_file.stamp(con, SCHEMA_VERSION)
+            self._columns = store_file.table_columns(con, TABLES)
+
+    def _select(self, table: str, lead: Sequence[str], tail: str, params: Sequence[Any]) -> pd.DataFrame:
+        """``lead`` and the table's columns of the rows ``tail`` (WHERE ... ORDER BY ...) picks; a
+        column (or table) the store does not have yet reads as NULL (as no rows)."""
+        names = [name for name, _ in check_table(table)]
+        have = self._columns.get(table)
+        if have is None:
+            return pd.DataFrame(columns=[*lead, *names])
+        cols = ", ".join([*lead, *(n if n in have else f"NULL AS {n}" for n in names)])
+        return self._frame(f"SELECT {cols} FROM {table} {tail}", params)
 
     def _check_version(self, rows: Sequence[Sequence[Any]]) -> None:
         version = rows[0][0] if rows else None
@@ -363,9 +385,8 @@ class Store:
         where, params = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
 
         frames: list[tuple[str, pd.DataFrame]] = [("runs", self._runs_frame(run_id))]
-        for table, columns in TABLES.items():
-            cols = ", ".join(["run_id", "unit", *(name for name, _ in columns)])
-            frame = self._frame(f"SELECT {cols} FROM {table} {where} ORDER BY run_id, rowid", params)
+        for table in TABLES:
+            frame = self._select(table, ("run_id", "unit"), f"{where} ORDER BY run_id, rowid", params)
             if len(frame):
                 frames.append((table, frame))
 
@@ -508,15 +529,9 @@ class Run:
 
     def to_frame(self, table: str = "head_scores", unit: str | None = None) -> pd.DataFrame:
         """The run's rows of one table (columns: unit, then the table's), optionally of one unit."""
-        columns = check_table(table)
-        cols = ", ".join(["unit", *(name for name, _ in columns)])
         if unit is None:
-            return self.store._frame(
-                f"SELECT {cols} FROM {table} WHERE run_id = ? ORDER BY rowid", (self.id,)
-            )
-        return self.store._frame(
-            f"SELECT {cols} FROM {table} WHERE run_id = ? AND unit = ? ORDER BY rowid", (self.id, unit)
-        )
+            return self.store._select(table, ("unit",), "WHERE run_id = ? ORDER BY rowid", (self.id,))
+        return self.store._select(table, ("unit",), "WHERE run_id = ? AND unit = ? ORDER BY rowid", (self.id, unit))
 
     def __repr__(self) -> str:
         return f"Run(id={self.id}, key={self.key[:12]!r})"

@@ -177,3 +177,10 @@ def stamp(con: sqlite3.Connection, schema_version: int) -> None:
     if row is None or int(row[0]) < schema_version:
         con.execute(f"PRAGMA user_version = {int(schema_version)}")
 
+
+def table_columns(con: sqlite3.Connection, tables: Iterable[str]) -> dict[str, set[str]]:
+    """The columns each of ``tables`` has in the store (a table it lacks is left out): a store of
+    an older schema version, opened read-only and so never migrated, lacks the newer columns."""
+    names = {str(r[0]) for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    # PRAGMA table_info takes no bound parameter; the names are the schema's own, never user text.
+    return {t: {str(r[1]) for r in con.execute(f"PRAGMA table_info({t})")} for t in tables if t in names}

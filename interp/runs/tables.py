@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from interp.runs.schema import TABLES
+from interp.runs.schema import REQUIRED_COLUMNS, TABLES
+from interp.stats.binary import wilson_counts
 from interp.stats.interval import Interval
 
 
@@ -25,8 +26,27 @@ def columns(table: str) -> list[str]:
 
 
 def frame(table: str, rows: Iterable[tuple[Any, ...]]) -> pd.DataFrame:
-    """A table from rows in the schema's column order."""
-    return pd.DataFrame(list(rows), columns=columns(table))
+    """A table from rows in the schema's column order; the columns after a row's last value are
+    empty (None) in that row, so a row without an interval ends at its value. A row must reach
+    the table's last required column (a ValueError otherwise)."""
+    names = columns(table)
+    least = 1 + max(names.index(c) for c in REQUIRED_COLUMNS[table])
+    padded = []
+    for row in rows:
+        if not least <= len(row) <= len(names):
+            raise ValueError(f"table {table!r}: a row of {len(row)} values, expected {least} to {len(names)}: {row!r}")
+        padded.append((*row, *(None,) * (len(names) - len(row))))
+    return pd.DataFrame(padded, columns=names)
+
+
+def _bound(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def interval_cells(iv: Interval) -> tuple[float, float | None, float | None, int, str]:
+    """(value, ci_low, ci_high, n, ci_method) of an interval, a bound the method has none for as
+    None: the cells of a ``metrics`` or ``curves`` row from its value on."""
+    return iv.value, _bound(iv.lo), _bound(iv.hi), int(iv.n), iv.method
 
 
 def metric_value(value: Any) -> float | None:
@@ -57,8 +77,13 @@ def metrics(
     return frame("metrics", rows)
 
 
-def metric_rows(rows: Iterable[tuple[str, float, float | None, float | None, int | None]]) -> pd.DataFrame:
-    """The ``metrics`` table from (name, value, ci_low, ci_high, n) rows."""
+# (name, value, ci_low, ci_high, n), and where the row has an interval, the interval's method.
+MetricRow = (tuple[str, float, float | None, float | None, int | None]
+             | tuple[str, float, float | None, float | None, int | None, str | None])
+
+
+def metric_rows(rows: Iterable[MetricRow]) -> pd.DataFrame:
+    """The ``metrics`` table from (name, value, ci_low, ci_high, n[, ci_method]) rows."""
     return frame("metrics", rows)
 
 
@@ -69,10 +94,7 @@ def with_intervals(result: Mapping[str, pd.DataFrame], intervals: Mapping[str, I
     out = dict(result)
     if not intervals:
         return out
-    rows = metric_rows(
-        (name, iv.value, None if math.isnan(iv.lo) else iv.lo, None if math.isnan(iv.hi) else iv.hi, iv.n)
-        for name, iv in intervals.items()
-    )
+    rows = frame("metrics", ((name, *interval_cells(iv)) for name, iv in intervals.items()))
     kept = out.get("metrics")
     if kept is not None and len(kept):
         kept = pd.DataFrame(kept[~kept["name"].isin(list(intervals))])
@@ -99,8 +121,20 @@ def head_grid(metric: str, scores: Any) -> pd.DataFrame:
 
 def curves(rows: Iterable[tuple[str, int | None, int | None, float, float]]) -> pd.DataFrame:
     """The ``curves`` table from (curve, layer, head, x, y) rows; layer/head None for a curve
-    that belongs to no head."""
+    that belongs to no head. The points have no interval: see :func:`interval_curves`."""
     return frame("curves", rows)
+
+
+def interval_curves(rows: Iterable[tuple[str, int | None, int | None, float, Interval]]) -> pd.DataFrame:
+    """The ``curves`` table from (curve, layer, head, x, interval) rows: each point a mean over
+    items, y its value with its bounds, n and method (:func:`interval_cells`)."""
+    return frame("curves", ((curve, layer, head, x, *interval_cells(iv)) for curve, layer, head, x, iv in rows))
+
+
+def rate_curves(rows: Iterable[tuple[str, int | None, int | None, float, float, int]]) -> pd.DataFrame:
+    """The ``curves`` table from (curve, layer, head, x, rate, n) rows, each rate the share of n
+    items with some 0/1 outcome (an accuracy, a memory rate), with its Wilson interval."""
+    return interval_curves((c, la, h, x, wilson_counts(round(rate * n), int(n))) for c, la, h, x, rate, n in rows)
 
 
 def token_layer(rows: Iterable[tuple[str, Any, int, str, int, float]]) -> pd.DataFrame:

@@ -439,7 +439,7 @@ def test_conflict_heads_detector_runs_and_stores_its_tables(knowing: LoadedModel
     assert "path_vs_total.spearman" in m
     assert "restated.path_vs_total.spearman" in m
     assert sum(m[f"restated.test.{k}"] for k in ("memory_rate", "context_rate", "other_rate")) == pytest.approx(1.0)
-    assert list(results["metrics"].columns[:5]) == tables.columns("metrics")
+    assert list(results["metrics"].columns[:len(tables.columns("metrics"))]) == tables.columns("metrics")
     numeric = {k: float(v) for k, v in m.items() if not isinstance(v, str)}
     assert dict(zip(summary.tables["metrics"]["name"], summary.tables["metrics"]["value"], strict=True)) == numeric
     split = tables.read_artifact(summary.tables["artifacts"], "split")
@@ -477,6 +477,13 @@ def test_ph3_detector_runs_and_stores_k_and_split(knowing: LoadedModel) -> None:
         "test.scale_value.restated.context_rate", "test.scale_value.restated.memory_rate",
     }
     assert sorted(set(curves.loc[curves["curve"].str.startswith("test."), "x"])) == [0.0, 2.0]
+    # The scaling rates are shares of the test items (Wilson); the validation sweep averages the
+    # formats' rates over the same items, which is no share of independent trials: no interval.
+    test = curves[curves["curve"].str.startswith("test.")]
+    assert set(test["ci_method"]) == {"wilson"}
+    assert set(test["n"]) == {m["n_test"]}
+    assert ((test["ci_low"] <= test["y"]) & (test["y"] <= test["ci_high"])).all()
+    assert curves.loc[curves["curve"].str.startswith("validation."), "ci_low"].isna().all()
 
 
 # ---------------------------------------------------------------- pruning

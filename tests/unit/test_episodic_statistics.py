@@ -84,7 +84,11 @@ def test_top_set_among_random_draws_by_hand() -> None:
             for x, y in enumerate(ys)]
     units = [Unit("clean"), Unit("top"), *(Unit("random", i) for i in range(4))]
     metrics, rows_out = ablation_effects(pd.DataFrame(rows), units)
-    stored = {name: (value, n) for name, value, _lo, _hi, n in rows_out}
+    stored = {name: (value, n) for name, value, _lo, _hi, n, *_ in rows_out}
+    # The changes against clean are differences on the same texts: named as paired t intervals.
+    methods = {row[0]: row[5] if len(row) > 5 else None for row in rows_out}
+    assert methods["icl_delta_top"] == methods["icl_top_minus_random"] == "paired-t"
+    assert methods["icl_top_vs_random_p"] is None
     for metric in ("icl", "icl_window", "second_copy_loss"):
         assert metrics[f"{metric}_delta_random_per_draw"] == [0.25, 3.0, 2.5, 1.0]
         assert metrics[f"{metric}_top_vs_random_percentile"] == 62.5

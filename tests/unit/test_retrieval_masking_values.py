@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import torch
+from scipy import stats
 
 from circuits.detectors import retrieval_masking
 from tests.tiny import VOCAB, tiny_llama
@@ -64,6 +68,48 @@ def _lean(hf: Any, shift: float) -> Any:
         lm.bias[ANSWER] = 20.0 + shift
     hf.lm_head = lm
     return hf
+
+
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson's (1927) score interval in its textbook form: (p + z²/2n ± z sqrt(p(1-p)/n +
+    z²/4n²)) / (1 + z²/n), p = k/n, z the normal's 97.5 % quantile."""
+    z, p = float(stats.norm.ppf(0.975)), k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+
+
+def _student(values: list[float]) -> tuple[float, float]:
+    """mean ± t(0.975, n - 1) s / sqrt(n) (Student 1908); nan from one value."""
+    n, m = len(values), sum(values) / len(values)
+    if n < 2:
+        return math.nan, math.nan
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.975, n - 1)) * s / math.sqrt(n)
+    return m - half, m + half
+
+
+def _check_curves(curves: pd.DataFrame, samples: Mapping[str, Any], correct: Mapping[tuple[str, str], bool],
+                  draws: list[str]) -> None:
+    """Every stored accuracy point against the naive loop's outcomes of its samples (those of its
+    depth, its length or both): Wilson's bounds for one head set's 0/1 outcomes, Student's t for
+    each sample's accuracy over the random draws."""
+    where = {u: s.describe() for u, s in samples.items()}
+    assert len(curves) == 3 * (2 + 3 + 2 * 3)  # three sets; 2 lengths, 3 depths, 6 cells
+    for row in curves.to_dict("records"):
+        name, _, what = str(row["curve"]).partition(": accuracy vs ")
+        keys = ["length" if what.startswith("length") else "depth"]
+        fixed = {keys[0]: row["x"]}
+        if ", depth=" in what:
+            fixed["depth"] = float(what.split("=")[1])
+        units = [u for u in samples if all(abs(where[u][k] - v) < 5e-3 for k, v in fixed.items())]
+        if name == "random-mean":
+            values = [sum(correct[(u, d)] for d in draws) / len(draws) for u in units]
+            expected, method = _student(values), "t"
+        else:
+            values = [float(correct[(u, name)]) for u in units]
+            expected, method = _wilson(int(sum(values)), len(values)), "wilson"
+        assert (row["y"], row["n"], row["ci_method"]) == (pytest.approx(sum(values) / len(values)), len(units), method)
+        assert [row["ci_low"], row["ci_high"]] == pytest.approx(list(expected), nan_ok=True), row
 
 
 def test_accuracies_and_drops_equal_a_naive_loop(tmp_path: Path) -> None:
@@ -129,3 +175,4 @@ def test_accuracies_and_drops_equal_a_naive_loop(tmp_path: Path) -> None:
         iv = summary.intervals[name]
         assert (iv.value, iv.n, iv.method) == (pytest.approx(value), n, method)
         assert iv.lo <= iv.value <= iv.hi
+    _check_curves(summary.tables["curves"], samples, correct, draws)

@@ -19,7 +19,7 @@ import pytest
 from interp.errors import StoreError, UserError
 from interp.runs.registry import UnitResult
 from interp.runs.run_keys import code_version, run_key
-from interp.runs.schema import TABLES
+from interp.runs.schema import SCHEMA_VERSION, TABLES
 from interp.runs.store import Run, Store
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -64,10 +64,15 @@ def all_tables(scale: float = 1.0) -> dict[str, pd.DataFrame]:
                 "head": [None, 1],
                 "x": [0.0, 1.0],
                 "y": [3.0 * scale, 2.5 * scale],
+                "ci_low": [None, 2.0 * scale],
+                "ci_high": [None, 3.0 * scale],
+                "n": [None, 4],
+                "ci_method": [None, "t"],
             }
         ),
         "metrics": pd.DataFrame(
-            {"name": ["acc"], "value": [0.9 * scale], "ci_low": [0.8], "ci_high": [0.95], "n": [100]}
+            {"name": ["acc"], "value": [0.9 * scale], "ci_low": [0.8], "ci_high": [0.95], "n": [100],
+             "ci_method": ["wilson"]}
         ),
         "artifacts": pd.DataFrame({"name": ["cfg", "raw"], "json": [{"a": [1, 2]}, '{"b": 1}']}),
     }
@@ -104,6 +109,8 @@ def test_round_trip_every_table(store: Store) -> None:
     assert cv["layer"].iloc[1] == 2
     assert cv["head"].iloc[1] == 1
     assert cv["y"].tolist() == [3.0, 2.5]
+    assert cv[["ci_low", "ci_high", "n", "ci_method"]].iloc[1].tolist() == [2.0, 3.0, 4, "t"]
+    assert cv[["ci_low", "ci_high", "n", "ci_method"]].iloc[0].isna().all()
 
     mt = run.to_frame("metrics", unit="u0")
     assert mt.iloc[0].to_dict() == {
@@ -113,6 +120,7 @@ def test_round_trip_every_table(store: Store) -> None:
         "ci_low": 0.8,
         "ci_high": 0.95,
         "n": 100,
+        "ci_method": "wilson",
     }
 
     art = run.to_frame("artifacts", unit="u0")
@@ -347,7 +355,7 @@ def test_default_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         assert s.path == tmp_path / "env_ws" / "results.db"
         assert s._query("PRAGMA journal_mode")[0][0] == "wal"
         assert s._query("PRAGMA foreign_keys")[0][0] == 1
-        assert s._query("SELECT version FROM schema_version")[0][0] == 1
+        assert s._query("SELECT version FROM schema_version")[0][0] == SCHEMA_VERSION
 
 
 def test_closed_store_raises(tmp_path: Path) -> None:
