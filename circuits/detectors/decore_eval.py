@@ -50,12 +50,11 @@ from circuits.methods.decore import (
     VANILLA_ALPHA,
     DecoreSettings,
     Head,
-    choices,
     decore_generate,
-    decore_score,
     greedy_generate,
     retrieval_ranking,
 )
+from circuits.methods.decore_scoring import choices, decore_score
 from circuits.methods.heads import all_heads, parse_heads, random_heads
 from interp.errors import UserError
 from interp.model.loaded import LoadedModel
