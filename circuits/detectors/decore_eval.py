@@ -23,10 +23,25 @@ base entropy), and ``control-entropy``: DeCoRe-entropy masking k random heads dr
 top ``exclude_top`` retrieval heads (max of the k sweep and the heads scoring above 0.1), so a
 control never masks a retrieval head (the reference's control can).
 
-Uncertainty: each test accuracy carries its Wilson interval (0/1 outcomes), and each method
-other than greedy its paired difference from greedy on the same test items (Newcombe 1998,
-method 10) with McNemar's exact p (``<task>:<method>:minus_greedy``, ``...:mcnemar_p``): the
-methods are compared on the same items, so the comparison is paired.
+The control is a distribution (circuits/detectors/decore_draws.py): per task and k, ``n_random``
+seeded draws of k random heads (default 20; draw 0 is the single draw of earlier versions), every
+draw decoded on the same validation and test items as rows of shared batches. The
+``control-entropy`` accuracy rows (per split and k, the curves, the results table) are the mean
+over the draws, an item's ``correct`` in its ``per_item`` artifact the fraction of draws that got
+it right; each draw's heads, accuracy per split and per-item rows are the ``random_draws``
+artifact. Per task and k, DeCoRe-entropy's test accuracy is placed among the draws' test
+accuracies: its percentile (ties half) and the empirical p of Phipson & Smyth (2010) that random
+heads do as well (``<task>:decore-entropy:k<k>:vs_random_percentile``, ``..._p``; without ``k<k>``
+at the k chosen on validation, with the draws' accuracies as
+``<task>:control-entropy:random_test_accuracies``).
+
+Uncertainty: each test accuracy carries its interval and each method other than greedy its
+paired difference from greedy on the same test items (``<task>:<method>:minus_greedy``): the
+methods are compared on the same items, so the comparison is paired. 0/1 outcomes (greedy, the
+DeCoRe methods, a control of one draw) get Wilson's interval, Newcombe's paired difference (1998,
+method 10) and McNemar's exact p (``...:mcnemar_p``); the control's per-item fractions over
+several draws get the t interval, the paired t interval and the paired t test's p
+(``...:paired_t_p``).
 """
 
 from __future__ import annotations
@@ -38,40 +53,44 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 
 from circuits.data.conflicts import build_dataset
 from circuits.data.facts import answer_tokens
+from circuits.detectors.decore_draws import control_draws, draw_records, mean_rows
+from circuits.detectors.decore_results import (
+    METHODS,
+    TASKS,
+    Task,
+    accuracy_table,
+    per_item_rows,
+    results_table,
+    summary_tables,
+    test_intervals,
+    versus_random_metrics,
+)
 from circuits.detectors.retrieval import RETRIEVAL_THRESHOLD
 from circuits.methods.decore import (
     VANILLA_ALPHA,
     DecoreSettings,
     Head,
-    choices,
-    decore_generate,
-    decore_score,
+    decore_generate_sets,
     greedy_generate,
     retrieval_ranking,
 )
-from circuits.methods.heads import all_heads, parse_heads, random_heads
+from circuits.methods.decore_scoring import choices, decore_score_sets
+from circuits.methods.heads import parse_heads
 from interp.errors import UserError
 from interp.model.loaded import LoadedModel
 from interp.runs import tables
-from interp.runs.config import SEED_MAX, DetectorConfig, param
+from interp.runs.config import MAX_DRAWS, SEED_MAX, DetectorConfig, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.units import Unit
-from interp.stats import Interval, interval, mcnemar_exact_p, paired_interval
-
-if TYPE_CHECKING:
-    import plotly.graph_objects as go
 
 MEMOTRAP = Path(__file__).resolve().parents[1] / "data" / "memotrap.jsonl"
-Task = Literal["nqswap", "memotrap", "closedbook"]
-TASKS: tuple[Task, ...] = ("nqswap", "memotrap", "closedbook")
-METHODS: tuple[str, ...] = ("greedy", "decore-vanilla", "decore-entropy", "control-entropy")
 NQSWAP_DEMO = "The capital of Zubrowka is the city of Lutz. Q: What is the capital of Zubrowka? A: Lutz\n"
 CLOSEDBOOK_DEMO = "Q: What is the largest planet of the solar system? A: Jupiter\n"
 METRIC = {"nqswap": "prefix_em(context answer)", "closedbook": "prefix_em(memory answer)",
@@ -206,123 +225,63 @@ def run_method(
 ) -> list[dict[str, Any]]:
     """Per item: split, correct, output (and, on nqswap, whether it gave the memory answer).
     ``settings`` None = greedy (heads ignored)."""
+    return run_head_sets(model, task, items, [heads], settings, batch_size)[0]
+
+
+def run_head_sets(
+    model: LoadedModel,
+    task: str,
+    items: Sequence[EvalItem],
+    head_sets: Sequence[Sequence[Head]],
+    settings: DecoreSettings | None,
+    batch_size: int = 16,
+) -> list[list[dict[str, Any]]]:
+    """``run_method`` with each head set masked in turn, one list of rows per set, the sets
+    decoded (scored) in shared batches. Greedy (``settings`` None) runs once for all sets."""
     if not items:
-        return []
+        return [[] for _ in head_sets]
     if task == "memotrap":
         s = settings or DecoreSettings()
-        scored = decore_score(model, [i.prompt for i in items], [[i.target, i.other] for i in items], heads,
-                              s.alpha, method=s.method, normalize_entropy=s.normalize_entropy,
-                              alpha_cap=s.alpha_cap, batch_size=batch_size)
-        pick = choices(scored, "base" if settings is None else "decore")
-        return [{"item": i.id, "split": i.split, "correct": p == 0, "output": [i.target, i.other][p]}
-                for i, p in zip(items, pick, strict=True)]
+        scored = decore_score_sets(model, [i.prompt for i in items], [[i.target, i.other] for i in items],
+                                   head_sets, s, batch_size=batch_size)
+        col = "base" if settings is None else "decore"
+        return [[{"item": i.id, "split": i.split, "correct": p == 0, "output": [i.target, i.other][p]}
+                 for i, p in zip(items, choices(frame, col), strict=True)] for frame in scored]
     n_new = max_answer_tokens(model, items) + 2
     prompts = [i.prompt for i in items]
     if settings is None:
-        gens = greedy_generate(model, prompts, max_new_tokens=n_new, stop_at_newline=True, batch_size=batch_size)
+        gens = [greedy_generate(model, prompts, max_new_tokens=n_new, stop_at_newline=True,
+                                batch_size=batch_size)] * len(head_sets)
     else:
-        gens = decore_generate(model, model.tokenizer, prompts, heads, settings.alpha, max_new_tokens=n_new, method=settings.method,
-                               normalize_entropy=settings.normalize_entropy, alpha_cap=settings.alpha_cap,
-                               prefill=settings.prefill, stop_at_newline=True, batch_size=batch_size)
-    rows = []
-    for i, g in zip(items, gens, strict=True):
-        row = {"item": i.id, "split": i.split, "correct": prefix_em(g.text, i.target), "output": g.text}
-        if task == "nqswap":
-            row["memory"] = prefix_em(g.text, i.other)
-        rows.append(row)
-    return rows
+        gens = decore_generate_sets(model, prompts, head_sets, settings, max_new_tokens=n_new,
+                                    stop_at_newline=True, batch_size=batch_size)
+    out = []
+    for set_gens in gens:
+        rows = []
+        for i, g in zip(items, set_gens, strict=True):
+            row = {"item": i.id, "split": i.split, "correct": prefix_em(g.text, i.target), "output": g.text}
+            if task == "nqswap":
+                row["memory"] = prefix_em(g.text, i.other)
+            rows.append(row)
+        out.append(rows)
+    return out
 
 
 def method_heads(
     method: str, k: int, ranking: Sequence[Head], exclude_top: int, model: LoadedModel, seed: int, draw: int = 0
 ) -> list[Head]:
+    """The heads a method masks at k; the control's ``draw``-th random draw (``control_draws``)."""
     if method == "greedy":
         return []
     if method == "control-entropy":
         # Never a head of the DeCoRe sets: the draw avoids the top max(k, exclude_top) of the ranking.
-        return random_heads(all_heads(model), ranking[: max(k, exclude_top)], k, random.Random(seed * 1000 + k * 10 + draw))
+        return control_draws(model, ranking, k, exclude_top, seed, draw + 1)[draw]
     return list(ranking[:k])
 
 
 def default_exclude_top(ks: Sequence[int], scores: Sequence[float] | None) -> int:
     above = sum(s > RETRIEVAL_THRESHOLD for s in scores) if scores else 0
     return max([*ks, above])
-
-
-# ---------------------------------------------------------------- tables
-
-
-def accuracy_table(per_item: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy per task, split, method and k: mean of ``correct`` over n items (and, on
-    nqswap, the rate of memory answers)."""
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for r in per_item.to_dict("records"):
-        groups.setdefault((r["task"], r["split"], r["method"], int(r["k"])), []).append(r)
-    rows = []
-    for (task, split, method, k), rs in sorted(groups.items()):
-        row = {"task": task, "split": split, "method": method, "k": k,
-               "accuracy": float(np.mean([bool(r["correct"]) for r in rs])), "n": len(rs)}
-        mem = [r.get("memory") for r in rs]
-        if all(isinstance(m, bool | np.bool_) for m in mem):
-            row["memory_rate"] = float(np.mean([bool(m) for m in mem]))
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def results_table(acc: pd.DataFrame) -> pd.DataFrame:
-    """Methods x tasks on the test split, k chosen per task and method on validation (the
-    smallest k among ties); the control uses DeCoRe-entropy's chosen k."""
-    by: dict[tuple[str, str, str, int], dict[str, Any]] = {
-        (r["task"], r["method"], r["split"], int(r["k"])): r for r in acc.to_dict("records")
-    }
-    rows = []
-    for task in [t for t in TASKS if any(key[0] == t for key in by)]:
-        chosen: dict[str, int] = {}
-        for method in METHODS:
-            val = {key[3]: r["accuracy"] for key, r in by.items() if key[:3] == (task, method, "validation")}
-            if not val:
-                continue
-            if method == "control-entropy" and "decore-entropy" in chosen:
-                k = chosen["decore-entropy"]
-            else:
-                best = max(val.values())
-                k = min(kk for kk, v in val.items() if v == best)
-            chosen[method] = k
-            test = by.get((task, method, "test", k))
-            v = by[(task, method, "validation", k)]
-            rows.append({
-                "task": task, "method": method, "k": k,
-                "test_accuracy": float(test["accuracy"]) if test else float("nan"),
-                "n_test": int(test["n"]) if test else 0,
-                "validation_accuracy": float(v["accuracy"]), "n_validation": int(v["n"]),
-            })
-    return pd.DataFrame(rows)
-
-
-def sweep_figure(acc: pd.DataFrame, split: str = "validation") -> go.Figure:
-    """Accuracy against k per task (one panel each), a line per method; greedy as a flat line."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    tasks = [t for t in TASKS if t in set(acc["task"])]
-    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks, shared_yaxes=True)
-    colors = {"greedy": "black", "decore-vanilla": "#1f77b4", "decore-entropy": "#d62728", "control-entropy": "#7f7f7f"}
-    for c, task in enumerate(tasks, 1):
-        recs = [r for r in acc.to_dict("records") if r["task"] == task and r["split"] == split]
-        ks = sorted({int(r["k"]) for r in recs if r["method"] != "greedy"}) or [0]
-        for method in METHODS:
-            m = sorted((int(r["k"]), float(r["accuracy"])) for r in recs if r["method"] == method)
-            if not m:
-                continue
-            x, y = (ks, [m[0][1]] * len(ks)) if method == "greedy" else ([p[0] for p in m], [p[1] for p in m])
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=method, legendgroup=method,
-                                     showlegend=c == 1, line={"color": colors[method],
-                                                             "dash": "dot" if method == "greedy" else "solid"}),
-                          row=1, col=c)
-        fig.update_xaxes(title_text="k (heads masked)", row=1, col=c)
-    fig.update_yaxes(title_text=f"accuracy ({split})", row=1, col=1, range=[0, 1.02])
-    fig.update_layout(title=f"DeCoRe: accuracy against k ({split} items)")
-    return fig
 
 
 # ---------------------------------------------------------------- whole evaluation (API)
@@ -340,8 +299,11 @@ def evaluate(
     methods: Sequence[str] = METHODS,
     masking: str = "uniform",
     batch_size: int = 16,
+    n_random: int = 20,
 ) -> pd.DataFrame:
-    """Per-item results for every task, method and k (greedy once, as k = 0)."""
+    """Per-item results for every task, method and k (greedy once, as k = 0); the control's
+    ``correct`` is the fraction of its ``n_random`` draws that got the item right, its ``heads``
+    one list per draw."""
     data = build_tasks(model, seed, max_items, tasks)
     excl = max(ks) if exclude_top is None else exclude_top
     rows = []
@@ -350,12 +312,28 @@ def evaluate(
             raise UserError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
         for method in methods:
             for k in ([0] if method == "greedy" else ks):
-                heads = method_heads(method, k, ranking, excl, model, seed)
-                settings = method_settings(method, masking)
-                for r in run_method(model, task, data[task], heads, settings, batch_size):
+                case = EvalCase(task, method, k)
+                got, sets, _ = run_case(model, case, data[task], ranking, excl, seed, n_random, masking, batch_size)
+                heads = [[list(h) for h in hs] for hs in sets]
+                for r in got:
                     rows.append({"task": task, "method": method, "k": k, **r,
-                                 "heads": json.dumps([list(h) for h in heads])})
+                                 "heads": json.dumps(heads if method == "control-entropy" else heads[0])})
     return pd.DataFrame(rows)
+
+
+def run_case(
+    model: LoadedModel, case: EvalCase, items: Sequence[EvalItem], ranking: Sequence[Head], exclude_top: int,
+    seed: int, n_random: int, masking: str, batch_size: int
+) -> tuple[list[dict[str, Any]], list[list[Head]], list[dict[str, Any]]]:
+    """One condition's per-item rows, the head sets it masked (one per draw for the control) and
+    the control's ``random_draws`` records (none for the other methods)."""
+    settings = method_settings(case.method, masking)
+    if case.method != "control-entropy":
+        heads = method_heads(case.method, case.k, ranking, exclude_top, model, seed)
+        return run_method(model, case.task, items, heads, settings, batch_size), [heads], []
+    draws = control_draws(model, ranking, case.k, exclude_top, seed, n_random)
+    per_draw = run_head_sets(model, case.task, items, draws, settings, batch_size)
+    return mean_rows(per_draw), draws, draw_records(case.task, case.k, draws, per_draw)
 
 
 # ---------------------------------------------------------------- detector
@@ -378,6 +356,7 @@ class DecoreEvalConfig(DetectorConfig):
         "uniform", "masking: uniform (zero the query, the reference) or zero (head output)"
     )
     seed: int = param(0, "seed of the conflict substitutes, the splits and the control draws", low=0, high=SEED_MAX)
+    n_random: int = param(20, "draws of k random heads per k (the control)", low=1, high=MAX_DRAWS)
     batch_size: int = param(16, "prompts per batch", low=1)
 
     @property
@@ -443,7 +422,8 @@ class DecoreEvalDetector(Detector[DecoreEvalConfig]):
         return (
             f"DeCoRe (Gema et al. 2024) masking the top-k retrieval heads ({how}), the masked model "
             "prefilling its own prompt cache; greedy, DeCoRe-vanilla, DeCoRe-entropy and a random-head "
-            "control, k chosen on the validation split and reported on the test split"
+            f"control ({cfg.n_random} draws of k random heads: their mean, and DeCoRe-entropy's percentile and "
+            "empirical p among them), k chosen on the validation split and reported on the test split"
         )
 
     def dataset_hash(self, model: LoadedModel, cfg: DecoreEvalConfig) -> str | None:
@@ -492,23 +472,25 @@ class DecoreEvalDetector(Detector[DecoreEvalConfig]):
             hs = tables.head_scores(("ranking_retrieval", la, h, s) for (la, h), s in zip(ranked, scores, strict=True))
             return UnitResult(tables={"head_scores": hs, "artifacts": tables.artifact("ranking", rec)})
         case = eval_cases(cfg)[int(unit.index or 0)]
-        task, method, k = case.task, case.method, case.k
-        items = self._items(model, cfg)[task]
-        heads = method_heads(method, k, ranked, self._exclude_top(cfg, record), model, cfg.seed)
-        heads_settings = method_settings(method, cfg.method)
-        rows = run_method(model, task, items, heads, heads_settings, cfg.batch_size)
+        rows, sets, draws = run_case(model, case, self._items(model, cfg)[case.task], ranked,
+                                     self._exclude_top(cfg, record), cfg.seed, cfg.n_random, cfg.method, cfg.batch_size)
         metrics = []
         for split in ("validation", "test"):
-            ok = [bool(r["correct"]) for r in rows if r["split"] == split]
+            ok = [float(r["correct"]) for r in rows if r["split"] == split]
             metrics.append((f"accuracy:{split}", float(np.mean(ok)) if ok else float("nan"), None, None, len(ok)))
-        art = {"task": task, "method": method, "k": k, "heads": [list(h) for h in heads],
-               "settings": None if heads_settings is None else heads_settings.to_dict(), "items": rows}
-        return UnitResult(tables={"metrics": tables.metric_rows(metrics), "artifacts": tables.artifact("per_item", art)})
+        settings = method_settings(case.method, cfg.method)
+        heads = {"draw_heads": [[list(h) for h in hs] for hs in sets]} if draws else {"heads": [list(h) for h in sets[0]]}
+        art = {"task": case.task, "method": case.method, "k": case.k, **heads,
+               "settings": None if settings is None else settings.to_dict(), "items": rows}
+        arts = tables.artifact("per_item", art)
+        if draws:
+            arts = pd.concat([arts, tables.artifact("random_draws", draws)], ignore_index=True)
+        return UnitResult(tables={"metrics": tables.metric_rows(metrics), "artifacts": arts})
 
     def finalize(
         self, model: LoadedModel, cfg: DecoreEvalConfig, results: Mapping[str, pd.DataFrame]
     ) -> Summary:
-        per, ranking_rec = _per_item_rows(results["artifacts"])
+        per, ranking_rec, draws = per_item_rows(results["artifacts"])
         acc = accuracy_table(per)
         table = results_table(acc)
         metrics: dict[str, Any] = {}
@@ -521,8 +503,11 @@ class DecoreEvalDetector(Detector[DecoreEvalConfig]):
         for name, iv in intervals.items():
             metrics.setdefault(name, iv.value)
         metrics.update(p_values)
+        versus = versus_random_metrics(acc, table, draws)
+        metrics.update(versus)
+        metrics["n_random"] = cfg.n_random
         metrics["ranking_source"] = "param" if cfg.heads else f"retrieval ({cfg.ranking_mode})"
-        warnings = []
+        warnings = _draw_warnings(cfg, draws)
         if ranking_rec:
             warnings += [f"ranking: {w}" for w in ranking_rec.get("warnings", [])]
         n_test: dict[str, int] = {}
@@ -532,56 +517,15 @@ class DecoreEvalDetector(Detector[DecoreEvalConfig]):
             if n < 30:
                 warnings.append(f"{task}: only {n} test items; differences of a few items are noise")
         return Summary(heads=None, metrics=metrics, intervals=intervals, warnings=warnings,
-                       tables=_summary_tables(acc, table))
+                       tables=summary_tables(acc, table, versus))
 
 
-def test_intervals(per: pd.DataFrame, table: pd.DataFrame) -> tuple[dict[str, Interval], dict[str, float]]:
-    """Per row of the results table: the test accuracy's Wilson interval, and for a method other
-    than greedy its paired difference from greedy on the test items both answered (Newcombe) and
-    McNemar's exact p, by metric name."""
-    intervals: dict[str, Interval] = {}
-    p_values: dict[str, float] = {}
-    test = per[per["split"] == "test"] if len(per) else per
-    for r in table.to_dict("records"):
-        task, method, k = r["task"], r["method"], int(r["k"])
-        rows = pd.DataFrame(test[(test["task"] == task) & (test["method"] == method) & (test["k"] == k)])
-        if not len(rows):
-            continue
-        correct = rows.set_index("item")["correct"].astype(float)
-        intervals[f"{task}:{method}:test_accuracy"] = interval(correct.to_numpy(), method="wilson")
-        greedy = pd.DataFrame(test[(test["task"] == task) & (test["method"] == "greedy")]).set_index("item")["correct"]
-        both = correct.index.intersection(greedy.index)
-        if method == "greedy" or not len(both):
-            continue
-        a, b = correct.loc[both].to_numpy(), greedy.loc[both].astype(float).to_numpy()
-        intervals[f"{task}:{method}:minus_greedy"] = paired_interval(a, b, method="newcombe")
-        p_values[f"{task}:{method}:mcnemar_p"] = mcnemar_exact_p(a, b)
-    return intervals, p_values
-
-
-def _per_item_rows(artifacts: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any] | None]:
-    """The units' per-item results as one table (task, method, k and each item's row), and the
-    ranking unit's record (None when the heads were given)."""
-    per_rows = []
-    ranking_rec = None
-    for name, js in zip(artifacts["name"], artifacts["json"], strict=True):
-        obj = json.loads(js)
-        if name == "per_item":
-            for r in obj["items"]:
-                per_rows.append({"task": obj["task"], "method": obj["method"], "k": obj["k"], **r})
-        elif name == "ranking":
-            ranking_rec = obj
-    return pd.DataFrame(per_rows), ranking_rec
-
-
-def _summary_tables(acc: pd.DataFrame, table: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The final tables: accuracy per task, split, method and k as metrics and as curves
-    against k, and the results table (test accuracy at the k chosen on validation)."""
-    cols = (acc["task"], acc["split"], acc["method"], acc["k"], acc["accuracy"])
-    return {
-        "metrics": tables.metric_rows(
-            (f"{t}:{s}:{m}:k{k}", a, None, None, n) for t, s, m, k, a, n in zip(*cols, acc["n"], strict=True)
-        ),
-        "curves": tables.rate_curves((f"{t}:{s}:{m}", None, None, float(k), a, n) for t, s, m, k, a, n in zip(*cols, acc["n"], strict=True)),
-        "artifacts": tables.artifact("results_table", table.to_dict("records")),
-    }
+def _draw_warnings(cfg: DecoreEvalConfig, draws: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A control whose stored draws are not the ``n_random`` asked for (a unit stored before the
+    control had draws holds none)."""
+    found: dict[tuple[str, int], set[int]] = {}
+    for r in draws:
+        found.setdefault((str(r["task"]), int(r["k"])), set()).add(int(r["draw"]))
+    return [f"{c.task}: the control at k={c.k} has {len(found.get((c.task, c.k), ()))} stored draws, not "
+            f"n_random={cfg.n_random}; rerun it for DeCoRe-entropy's place among the draws"
+            for c in eval_cases(cfg) if c.method == "control-entropy" and len(found.get((c.task, c.k), ())) != cfg.n_random]

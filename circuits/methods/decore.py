@@ -33,11 +33,12 @@ weights, no patched attention class). Both run this module's one loop (``_genera
 ``generate`` draws from its logits (:mod:`circuits.methods.sampling`: temperature, top-k, top-p,
 seed); greedy takes the argmax, as the paper.
 
-Scoring (``decore_score``): a given answer's score is the sum over its tokens of the combined
-score of that token (the reference's ``lm_score``). ``alpha_scope="token"`` (default) takes
-alpha_t at each answer position; ``"prefix"`` (the reference's ``lm_score``) uses the alpha of
-the first answer position for all its tokens. ``post_softmax`` renormalises the combined scores
-with a log-softmax before summing (the reference's option of that name).
+Several head sets (``decore_generate_sets``: the random-head control's draws): each (set,
+prompt) pair is a sequence of its own, and a batch holds sequences of several sets, each set's
+masking restricted to its own masked rows.
+
+Scoring given answers (``decore_score``, the reference's ``lm_score``) is
+:mod:`circuits.methods.decore_scoring`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import pandas as pd
 import torch
 
 from circuits.detectors.retrieval import RetrievalDetector, ranked_by_retrieval
@@ -184,10 +184,28 @@ class Generation:
         return dataclasses.asdict(self)
 
 
+def _masking(row_heads: Sequence[Sequence[Head]], settings: DecoreSettings,
+             width: int) -> tuple[list[Intervention], list[Intervention]]:
+    """The prefill's and the steps' masking of a stacked [base; masked] batch: sequence i's
+    heads (``row_heads[i]``) on its masked twin, row ``len(row_heads) + i``; the sequences that
+    mask the same heads share one intervention per layer."""
+    b = len(row_heads)
+    rows_of: dict[tuple[Head, ...], list[int]] = {}
+    for i, heads in enumerate(row_heads):
+        rows_of.setdefault(tuple(heads), []).append(b + i)
+    at = [width - 1] if settings.prefill == "shared" else None
+    first: list[Intervention] = []
+    step: list[Intervention] = []
+    for heads, rows in rows_of.items():
+        first += mask_interventions(heads, settings.method, rows, at)
+        step += mask_interventions(heads, settings.method, rows)
+    return first, step
+
+
 def _decode_batch(
     model: Decodable,
     rows: Sequence[Sequence[int]],
-    heads: Sequence[Head],
+    row_heads: Sequence[Sequence[Head]],
     settings: DecoreSettings,
     max_new_tokens: int,
     stop_at_newline: bool,
@@ -195,18 +213,15 @@ def _decode_batch(
     sampling: Sampling,
     generator: torch.Generator | None,
 ) -> list[Generation]:
+    """One batch of sequences, sequence i the prompt ``rows[i]`` contrasted (``contrast``) with
+    its twin masking ``row_heads[i]``."""
     b = len(rows)
     ids, mask = left_pad(rows, pad_id(model))
-    width = int(ids.shape[1])
     first_ivs: list[Intervention] = []
     step_ivs: list[Intervention] = []
     if contrast:
+        first_ivs, step_ivs = _masking(row_heads, settings, int(ids.shape[1]))
         ids, mask = torch.cat([ids, ids]), torch.cat([mask, mask])
-        masked_rows = list(range(b, 2 * b))
-        first_ivs = mask_interventions(
-            heads, settings.method, masked_rows, [width - 1] if settings.prefill == "shared" else None
-        )
-        step_ivs = mask_interventions(heads, settings.method, masked_rows)
     # Per step, every sequence's (score, base log-prob, alpha) of its chosen token; a sequence
     # keeps the first len(tokens) steps (it stops taking tokens once it stopped).
     chosen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -242,7 +257,7 @@ def _decode_batch(
     return gens
 
 
-def _batches(n: int, batch_size: int) -> list[range]:
+def batches(n: int, batch_size: int) -> list[range]:
     if batch_size < 1:
         raise UserError("batch_size must be >= 1")
     return [range(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
@@ -326,117 +341,62 @@ def _generate(
 ) -> list[Generation]:
     """The one generation loop: ``decore_generate`` (a LoadedModel or a plain HF model),
     ``greedy_generate`` and ``interp decore`` all decode here."""
+    return _generate_sets(model, prompts, [heads], settings, max_new_tokens, stop_at_newline, prefix,
+                          batch_size, contrast, sampling)[0]
+
+
+def _generate_sets(
+    model: Decodable,
+    prompts: Sequence[str | Sequence[int]],
+    head_sets: Sequence[Sequence[Head]],
+    settings: DecoreSettings,
+    max_new_tokens: int,
+    stop_at_newline: bool,
+    prefix: bool,
+    batch_size: int,
+    contrast: bool,
+    sampling: Sampling | None = None,
+) -> list[list[Generation]]:
+    """``_generate`` of each head set, one list of generations per set: the (set, prompt)
+    sequences, set by set, cut into batches of ``batch_size`` sequences."""
     if max_new_tokens < 1:
         raise UserError("max_new_tokens must be >= 1")
     if not prompts:
         raise UserError("no prompts given")
-    heads = check_heads(heads)
-    for layer, head in heads:
+    sets = [check_heads(heads) for heads in head_sets]
+    for layer, head in dict.fromkeys(h for heads in sets for h in heads):
         model.check_head(layer, head)
     rows = prompt_rows(model, prompts, prefix)
     sampling = sampling or Sampling()
     generator = sampling.generator(model.device)
-    out: list[Generation] = []
-    for chunk in _batches(len(rows), batch_size):
-        out.extend(_decode_batch(model, [rows[i] for i in chunk], heads, settings, max_new_tokens,
-                                 stop_at_newline, contrast, sampling, generator))
+    seqs = [(s, i) for s in range(len(sets)) for i in range(len(rows))]
+    out: list[list[Generation]] = [[] for _ in sets]
+    for chunk in batches(len(seqs), batch_size):
+        pairs = [seqs[j] for j in chunk]
+        gens = _decode_batch(model, [rows[i] for _, i in pairs], [sets[s] for s, _ in pairs], settings,
+                             max_new_tokens, stop_at_newline, contrast, sampling, generator)
+        for (s, _), g in zip(pairs, gens, strict=True):
+            out[s].append(g)
     return out
 
 
-# ---------------------------------------------------------------- scoring given answers
-
-
-def _answer_pairs(model: LoadedModel, rows: Sequence[list[int]],
-                  answers: Sequence[Sequence[str]]) -> list[tuple[int, int, list[int], list[int]]]:
-    """(prompt index, answer index, prompt tokens, answer tokens) of every candidate answer; an
-    answer is tokenised on its own, without special tokens."""
-    pairs: list[tuple[int, int, list[int], list[int]]] = []
-    for pi, (p, cands) in enumerate(zip(rows, answers, strict=True)):
-        if not cands:
-            raise UserError(f"prompt {pi} has no candidate answers")
-        for ai, a in enumerate(cands):
-            toks = [int(t) for t in model.tokenizer(a, add_special_tokens=False)["input_ids"]]
-            if not toks:
-                raise UserError(f"answer {a!r} tokenises to nothing")
-            pairs.append((pi, ai, p, toks))
-    return pairs
-
-
-def _base_and_masked_logits(model: LoadedModel, rows: Sequence[list[int]], heads: Sequence[Head],
-                            settings: DecoreSettings) -> torch.Tensor:
-    """[2 * rows, width, vocab] float logits: the rows left-padded, then the same rows with the
-    heads masked."""
-    b = len(rows)
-    ids, mask = left_pad(rows, pad_id(model))
-    ids, mask = torch.cat([ids, ids]).to(model.device), torch.cat([mask, mask]).to(model.device)
-    ivs = mask_interventions(heads, settings.method, list(range(b, 2 * b)))
-    with torch.no_grad():
-        return model.run(ids, attention_mask=mask, interventions=ivs).logits.float()
-
-
-def decore_score(
+def decore_generate_sets(
     model: LoadedModel,
-    prompts: Sequence[str],
-    answers: Sequence[Sequence[str]],
-    heads: Sequence[Head],
-    alpha: Alpha | str = "entropy",
+    prompts: Sequence[str | Sequence[int]],
+    head_sets: Sequence[Sequence[Head]],
+    settings: DecoreSettings,
     *,
-    method: Method = "uniform",
-    normalize_entropy: bool = False,
-    alpha_cap: float | None = None,
-    alpha_scope: Literal["token", "prefix"] = "token",
-    post_softmax: bool = False,
+    max_new_tokens: int = 32,
+    stop_at_newline: bool = False,
     prefix: bool = True,
     batch_size: int = 16,
-) -> pd.DataFrame:
-    """Score each candidate answer of each prompt: the sum over its tokens of the combined
-    DeCoRe log-prob (``decore``) and of the base model's log-prob (``base``, greedy scoring).
-
-    Answers are tokenised on their own (no special tokens) and appended to the prompt's
-    tokens, so give them their leading space (" Paris"). One row per (prompt, answer).
-    """
-    settings = DecoreSettings(alpha=alpha, normalize_entropy=normalize_entropy, alpha_cap=alpha_cap,  # type: ignore[arg-type]
-                              method=method)
-    if alpha_scope not in ("token", "prefix"):
-        raise UserError(f"alpha_scope must be 'token' or 'prefix', got {alpha_scope!r}")
-    if len(prompts) != len(answers):
-        raise UserError(f"{len(prompts)} prompts but {len(answers)} answer lists")
-    heads = check_heads(heads, model)
-    pairs = _answer_pairs(model, prompt_rows(model, prompts, prefix), answers)
-    records: list[dict[str, Any]] = []
-    for chunk in _batches(len(pairs), batch_size):
-        sel = [pairs[i] for i in chunk]
-        b = len(sel)
-        logits = _base_and_masked_logits(model, [p + a for _, _, p, a in sel], heads, settings)
-        width = logits.shape[1]
-        for j, (pi, ai, _, ans) in enumerate(sel):
-            n = len(ans)
-            # Position t predicts token t + 1: the answer's logits sit one to the left.
-            pos = torch.arange(width - n - 1, width - 1, device=logits.device)
-            base, masked = logits[j, pos], logits[b + j, pos]
-            alpha_t = decore_alpha(base, settings)
-            if alpha_scope == "prefix":
-                alpha_t = alpha_t[:1].expand_as(alpha_t)
-            comb = combine(base, masked, alpha_t)
-            if post_softmax:
-                comb = torch.log_softmax(comb, dim=-1)
-            target = torch.tensor(ans, device=logits.device)[:, None]
-            lb = torch.log_softmax(base, dim=-1)
-            records.append({
-                "prompt_index": pi,
-                "answer_index": ai,
-                "answer": answers[pi][ai],
-                "n_tokens": n,
-                "decore": float(comb.gather(-1, target).sum()),
-                "base": float(lb.gather(-1, target).sum()),
-                "alpha_mean": float(alpha_t.mean()),
-            })
-    return pd.DataFrame(records).sort_values(["prompt_index", "answer_index"]).reset_index(drop=True)
-
-
-def choices(scored: pd.DataFrame, column: str = "decore") -> list[int]:
-    """The chosen answer index per prompt (highest summed score in ``column``)."""
-    return [int(g.loc[g[column].idxmax(), "answer_index"]) for _, g in scored.groupby("prompt_index", sort=True)]
+) -> list[list[Generation]]:
+    """Greedy DeCoRe decoding of every prompt with each head set masked in turn: per set, what
+    ``decore_generate`` gives with that set. The sets share forward passes: a batch holds up to
+    ``batch_size`` (set, prompt) sequences, each set's masking restricted to its own rows (the
+    random-head control's draws, circuits/detectors/decore_draws.py)."""
+    return _generate_sets(model, prompts, head_sets, settings, max_new_tokens, stop_at_newline, prefix,
+                          batch_size, contrast=True)
 
 
 # ---------------------------------------------------------------- head sets
@@ -497,12 +457,6 @@ def default_k_reason(n_total_heads: int) -> str:
             f"(--k or --heads to choose)")
 
 
-# ---------------------------------------------------------------- the ranking, from a workspace
-
-
-# ---------------------------------------------------------------- CLI
-
-
 __all__ = [
     "DECORE_PAPER_K",
     "DECORE_PAPER_N_HEADS",
@@ -510,12 +464,11 @@ __all__ = [
     "DecoreSettings",
     "Generation",
     "base_entropy",
-    "choices",
     "combine",
     "decoder_for",
     "decore_alpha",
     "decore_generate",
-    "decore_score",
+    "decore_generate_sets",
     "default_k",
     "greedy_generate",
     "retrieval_ranking",

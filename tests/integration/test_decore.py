@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from circuits.detectors import decore_eval as ev
-from circuits.methods.decore import decore_generate, decore_score, default_k, greedy_generate
+from circuits.methods.decore import decore_generate, default_k, greedy_generate
+from circuits.methods.decore_scoring import decore_score
 from interp.cli import main as cli_main
 from interp.model.loaded import LoadedModel
 from interp.runs.runner import finalized

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from circuits.methods.decoding import left_pad
 from circuits.methods.decore import decore_generate
 from interp.errors import UserError
+from tests.decore_reference import hand_decode
 from tests.tiny import loaded, no_hooks_left, run_cli, tiny_tokenizer
-from tests.unit.test_decore import hand_decode
 
 HEADS = [(1, 0), (2, 3)]
 TEXTS = ["w5 w9 w17 w33 w40 w41", "w77 w12", "w64 w65 w66 w70", "w8", "w100 w101 w102 w103 w104 w105 w106",

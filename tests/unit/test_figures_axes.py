@@ -16,7 +16,16 @@ import plotly.graph_objects as go
 import pytest
 
 from circuits.data import conflicts
-from circuits.detectors import cmr, copying, decore_eval, episodic_ablation, knockout, ph3, retrieval_masking
+from circuits.detectors import (
+    cmr,
+    copying,
+    decore_eval,
+    decore_results,
+    episodic_ablation,
+    knockout,
+    ph3,
+    retrieval_masking,
+)
 from circuits.methods import tracing
 from circuits.methods.cmr_model import GridSpec
 from interp import figures
@@ -207,7 +216,7 @@ def _helper_cases() -> dict[str, Callable[[], go.Figure]]:
         "episodic.fig_lag_crp_fits": lambda: cmr.fig_lag_crp_fits(tables.curves(lag), heads, n=2),
         "episodic.fig_cmr_layers": lambda: cmr.fig_cmr_layers(heads, 3),
         "episodic.fig_ablation": lambda: episodic_ablation.fig_ablation(ablation),
-        "decore_eval.sweep_figure": lambda: decore_eval.sweep_figure(acc),
+        "decore_results.sweep_figure": lambda: decore_results.sweep_figure(acc),
         "ph3.scaling_figure": lambda: ph3.scaling_figure(scaling),
         "conflict_heads.head_map_figure": lambda: ch.head_map_figure(scores, "effect", "memory heads"),
         "conflict_heads.rates_figure": lambda: ch.rates_figure(rates),

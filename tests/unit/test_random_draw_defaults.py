@@ -11,7 +11,8 @@ from interp.runs.config import MAX_DRAWS
 from interp.runs.registry import all_detectors
 
 # detector: its parameter that counts the random draws
-DRAWS = {"ph3": "n_random", "retrieval-masking": "n_random", "episodic-ablation": "n_draws", "circuit": "draws"}
+DRAWS = {"ph3": "n_random", "retrieval-masking": "n_random", "episodic-ablation": "n_draws", "circuit": "draws",
+         "decore-eval": "n_random"}
 
 
 @pytest.mark.parametrize("detector", sorted(DRAWS))
