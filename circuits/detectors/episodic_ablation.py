@@ -289,8 +289,8 @@ class EpisodicAblationDetector(Detector[EpisodicAblationConfig]):
             u: [head_label(a, b) for a, b in _unit_heads(results["artifacts"], u)] for u in draws
         }
         # Every change is against clean on the same prompts (or top against random): paired t.
-        intervals = {name: Interval(value, lo, hi, int(n), "paired-t", 0.95)
-                     for name, value, lo, hi, n in rows if lo is not None and hi is not None and n is not None}
+        intervals = {r[0]: Interval(r[1], r[2], r[3], int(r[4]), r[5], 0.95) for r in rows
+                     if len(r) > 5 and r[2] is not None and r[3] is not None and r[4] is not None and r[5] is not None}
         return Summary(heads=heads, metrics=_finite(metrics), intervals=intervals,
                        tables={"metrics": tables.metric_rows(rows)})
 
