@@ -67,14 +67,16 @@ DEFAULT_DETECTORS = (
 # - retrieval ranks by the teacher-forced answer ("fast": one forward pass per sample instead of
 #   greedy decoding with attention read at every step) on 12 haystacks instead of 27;
 # - retrieval-masking decodes 8 haystacks of up to 600 tokens against 2 random draws;
-# - ph3 and decore-eval evaluate fewer items and fewer k (decore-eval: NQ-Swap only);
+# - ph3 and decore-eval evaluate fewer items and fewer k (decore-eval: NQ-Swap only); decore-eval
+#   draws its random-head control once (no claim reads the control; 20 draws would add about
+#   19 x the control's decoding to the largest part of the budget);
 # - attention-knockout traces 5 facts.
 ATLAS_PARAMS: dict[str, dict[str, Any]] = {
     "retrieval": {"mode": "fast", "n_lengths": 2, "n_depths": 2, "n_needles": 3},
     "retrieval-masking": {"n_lengths": 2, "n_depths": 2, "n_needles": 2, "max_length": 600, "n_random": 2,
                           "seed": 1},
     "ph3": {"max_items": 40, "ks": "1,3,5", "scale_heads": 0},
-    "decore-eval": {"max_items": 20, "ks": "1,3,10", "tasks": "nqswap"},
+    "decore-eval": {"max_items": 20, "ks": "1,3,10", "tasks": "nqswap", "n_random": 1},
     "attention-knockout": {"limit": 5},
     "path-patching": {"task": "induction", "metric": "logit-diff", "n_prompts": 4, "seq_len": 10},
 }
