@@ -77,7 +77,7 @@ from interp.runs.config import SEED_MAX, DetectorConfig, param
 from interp.runs.registry import Detector, Summary, UnitResult, register
 from interp.runs.runner import run_in_memory
 from interp.runs.units import Unit
-from interp.stats import Interval, interval
+from interp.stats import Interval, interval, wilson
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -498,6 +498,9 @@ class RetrievalDetector(_NeedleDetector[RetrievalConfig]):
             warnings += scored.warnings
         if n:
             out["curves"] = accuracy_curves(samples, "correct", "unmasked")
+            # The needle accuracy is a share of the samples (0/1 outcomes), as is the share counted.
+            correct = samples["correct"].astype(float).to_numpy()
+            intervals.update({"accuracy": wilson(correct), "share_counted": wilson(correct)})
         out["metrics"] = tables.metrics(metrics, n=n)
         out["artifacts"] = tables.artifact(
             "counting", {"mode": self.variant(cfg), "correctness": rule,

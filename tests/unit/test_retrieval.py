@@ -367,6 +367,12 @@ def test_detector_counts_only_correct_samples(files: dict[str, str]) -> None:
         assert h["score"] == pytest.approx(mean[(h["layer"], h["head"])])
     assert [h["score"] for h in summary.heads] == sorted((h["score"] for h in summary.heads), reverse=True)
     assert len(summary.heads) == model.info.n_total_heads
+    # Every one of the 4 samples answered: Wilson's interval of 4/4, by its closed form
+    # (z^2 / (n + z^2) below 1 at p = 1).
+    z = 1.959963984540054
+    acc = summary.intervals["accuracy"]
+    assert (acc.value, acc.n, acc.method, acc.hi) == (1.0, 4, "wilson", pytest.approx(1.0))
+    assert acc.lo == pytest.approx(4 / (4 + z * z))
 
 
 def test_detector_warns_loudly_when_nothing_counts(files: dict[str, str]) -> None:
