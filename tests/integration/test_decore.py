@@ -85,12 +85,14 @@ def test_eval_detector_memotrap_small(smol: LoadedModel) -> None:
     assert set(table["method"]) == set(ev.METHODS)
     assert bool((table["n_test"] == 3).all())
     assert bool((table["n_validation"] == 3).all())
-    # The control's heads lie outside the top 4 of the given ranking.
+    # Each of the control's draws (20 by default) lies outside the top 4 of the given ranking.
     [case] = [u for u in det.units(smol, params) if u.key == "memotrap/control-entropy/k2"]
     ctrl = det.run_unit(smol, params, case).tables["artifacts"]
-    drawn = json.loads(ctrl["json"].iloc[0])["heads"]
-    assert len(drawn) == 2
-    assert not {tuple(h) for h in drawn} & set(HEADS)
+    draws = json.loads(ctrl["json"].iloc[0])["draw_heads"]
+    assert len(draws) == params.n_random == 20
+    for drawn in draws:
+        assert len(drawn) == 2
+        assert not {tuple(h) for h in drawn} & set(HEADS)
 
 
 def test_cli_json(smol: LoadedModel, capsys: pytest.CaptureFixture[str]) -> None:
