@@ -143,14 +143,16 @@ class AttentionKnockoutDetector(_FactsDetector[AttentionKnockoutConfig]):
         n_multi = sum(per_unit[u]["n_answer_tokens"] > 1 for u in fact_units)
         if n_multi:
             warnings.append(f"{n_multi} of {len(fact_units)} answers are several tokens: p of the first token used")
-        # Each point is the mean change over the facts, with its t interval (none from one fact).
+        # Each point is the mean change over the facts, with its t interval (none from one fact);
+        # the largest drop of each curve carries its point's interval.
         per_point = c.groupby(["curve", "x"], as_index=False).agg(ys=("y", list))
-        curves = tables.interval_curves(
-            (str(curve), None, None, float(x), mean_interval(ys))
-            for curve, x, ys in zip(per_point["curve"], per_point["x"], per_point["ys"], strict=True)
-        )
+        points = {(str(curve), float(x)): mean_interval(ys)
+                  for curve, x, ys in zip(per_point["curve"], per_point["x"], per_point["ys"], strict=True)}
+        curves = tables.interval_curves((curve, None, None, x, iv) for (curve, x), iv in points.items())
+        intervals = {f"min_change_{which}": points[(str(which), float(summary[f"min_layer_{which}"]))]
+                     for which in mean["curve"].unique()}
         summary["window"] = cfg.window
-        return Summary(metrics=summary,
+        return Summary(metrics=summary, intervals=intervals,
             warnings=warnings,
             tables={"curves": curves, "metrics": tables.metrics(summary, n=len(fact_units))},
         )

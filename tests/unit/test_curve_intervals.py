@@ -57,6 +57,15 @@ def test_knockout_curves_carry_the_t_interval_over_the_facts(tiny_model: LoadedM
         assert [row["y"], row["ci_low"], row["ci_high"]] == pytest.approx([ys.mean(), ys.mean() - half, ys.mean() + half])
     # The facts differ: the intervals have width, so a bound that ignored the spread would show.
     assert (final["ci_high"] - final["ci_low"]).min() > 0
+    # Each curve's largest drop carries the interval of its point, from the facts' own values.
+    for which in knockout.KNOCKOUT_SETS:
+        layer = summary.metrics[f"min_layer_{which}"]
+        ys = per_fact.loc[(per_fact["curve"] == which) & (per_fact["x"] == layer), "y"].to_numpy(float)
+        half = stats.t.ppf(0.975, 3) * ys.std(ddof=1) / math.sqrt(4)
+        iv = summary.intervals[f"min_change_{which}"]
+        assert (iv.n, iv.method) == (4, "t")
+        assert [iv.value, iv.lo, iv.hi] == pytest.approx([ys.mean(), ys.mean() - half, ys.mean() + half])
+        assert iv.value == pytest.approx(summary.metrics[f"min_change_{which}"])
     fig = knockout.knockout_figure(final)
     first = final[final["curve"] == knockout.KNOCKOUT_SETS[0]]
     assert list(fig.data[0].error_y.array) == pytest.approx((first["ci_high"] - first["y"]).tolist())
