@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from interp.model.loaded import LoadedModel
-from tests.tiny import loaded, save_folder, tiny_gemma3, tiny_gpt2, tiny_llama, tiny_qwen2
+from tests.tiny import loaded, one_thread, save_folder, tiny_gemma3, tiny_gpt2, tiny_llama, tiny_qwen2
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -108,3 +108,10 @@ def smol() -> LoadedModel:
     import interp
 
     return interp.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for a whole module (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    with one_thread():
+        yield

@@ -144,3 +144,16 @@ def no_hooks_left(model: Any) -> Iterator[None]:
     after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.hf.modules())
     if after != before:
         raise AssertionError(f"{after - before} hooks left on the model")
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for the block (tiny models gain nothing from a
+    second thread, and on a busy machine its spinning costs ten times the work; training stays
+    reproducible)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -11,26 +11,12 @@ previous token writes it into each position, and the induction heads' keys read 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.tiny import VOCAB
 
 LENGTH, PERIODS, STEPS = 26, (6, 13), 400
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Torch on one thread for the block (training is reproducible and the machine shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def periodic_batch(gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:

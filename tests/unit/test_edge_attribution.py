@@ -4,7 +4,6 @@ plain-hook reference of tests/unit/path_reference.py (tiny float64 models)."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -40,17 +39,11 @@ from tests.tiny import loaded, tiny_llama
 from tests.unit.path_reference import PlainRef
 from tests.unit.test_paths import FAMILIES, TARGET, _as_tuple, _pair, _receiver_tuple
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # HF's eager attention softmax and Llama's RMSNorm compute in float32 even in a float64 model,
 # so gradients through them agree to float32 precision relative to the largest score.
 REL = 1e-6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -21,7 +21,6 @@ the ranking into a key drowns in that); the logit difference is additive over he
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -34,15 +33,9 @@ from interp.patching.metrics import LogitDiff
 from interp.patching.pairs import pair_runs
 from interp.patching.paths import path_patch
 from tests.tiny import VOCAB, loaded
-from tests.trained_induction import find_heads, one_thread, train_induction_model
+from tests.trained_induction import find_heads, train_induction_model
 
-pytestmark = pytest.mark.slow  # trains a model (seconds); the full suite runs it
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # trains a model (seconds); the full suite runs it
 
 
 @pytest.fixture(scope="module")

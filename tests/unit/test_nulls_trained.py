@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,15 +23,9 @@ from circuits.detectors.induction import InductionDetector
 from interp.model.loaded import LoadedModel
 from interp.runs.runner import run_in_memory
 from tests.tiny import VOCAB, loaded
-from tests.trained_induction import find_heads, one_thread, train_induction_model
+from tests.trained_induction import find_heads, train_induction_model
 
-pytestmark = pytest.mark.slow  # trains a model (seconds); the full suite runs it
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # trains a model (seconds); the full suite runs it
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +39,11 @@ from interp.runs.store import Store
 from tests.tiny import loaded, run_cli, tiny_llama
 from tests.unit.path_reference import PlainRef
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPT, CORRUPT = "w10 w11 w12 w13 w14 w15 w11 w12", "w10 w40 w41 w42 w14 w15 w11 w12"
 ANSWER = "w13"
 TOL = 1e-8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +29,10 @@ from interp.runs.store import Store
 from tests.tiny import loaded, tiny_llama
 from tests.unit.path_reference import PlainRef
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 N_PAIRS, SEQ_LEN, SEED = 6, 6, 3
 TOL = 1e-8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

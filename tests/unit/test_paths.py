@@ -9,7 +9,6 @@ path patching hold.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,19 +25,11 @@ from interp.patching.paths import Mode, path_patch
 from tests.tiny import loaded, tiny_gemma3, tiny_gpt2, tiny_llama, tiny_qwen2
 from tests.unit.path_reference import PlainRef
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FAMILIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gemma3": tiny_gemma3}
 TARGET = [7, 9]
 TOL = 1e-8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread, and on a busy machine its spinning costs
-    ten times the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _pair(seed: int = 1, n: int = 2, p: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
