@@ -21,7 +21,7 @@ from interp.runs import tables
 from interp.runs.config import param
 from interp.runs.registry import Summary, UnitResult, register
 from interp.runs.units import Unit
-from interp.stats import mean_interval
+from interp.stats import Interval, mean_interval
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -128,29 +128,28 @@ class AttentionKnockoutDetector(_FactsDetector[AttentionKnockoutConfig]):
         per_unit = _per_unit(results["metrics"])
         fact_units = [u for u in per_unit if u != "known"]
         c = results["curves"]
-        # x is the window's centre layer (older runs also stored it as the row's layer).
-        mean = c.groupby(["curve", "x"], as_index=False).agg(y=("y", "mean"), n=("y", "size"))
+        # x is the window's centre layer (older runs also stored it as the row's layer). Each point
+        # is the mean change over the facts, with its t interval (none from one fact).
+        per_point = c.groupby(["curve", "x"], as_index=False).agg(ys=("y", list))
+        points = {(str(curve), float(x)): mean_interval(ys)
+                  for curve, x, ys in zip(per_point["curve"], per_point["x"], per_point["ys"], strict=True)}
         summary: dict[str, Any] = {"n_facts": len(fact_units)}
         if "known" in per_unit:
             summary.update({k: per_unit["known"][k] for k in KNOWN_METRICS})
-        for which, g in mean.groupby("curve"):
-            worst = g.loc[g["y"].idxmin()]
-            summary[f"min_layer_{which}"] = int(worst["x"])
-            summary[f"min_change_{which}"] = float(worst["y"])
+        # Each curve's largest drop (the first lowest point, layers in order) with its interval.
+        intervals: dict[str, Interval] = {}
+        for which in dict.fromkeys(curve for curve, _ in points):
+            x, iv = min(((x, iv) for (curve, x), iv in points.items() if curve == which), key=lambda p: p[1].value)
+            summary[f"min_layer_{which}"] = int(x)
+            summary[f"min_change_{which}"] = iv.value
+            intervals[f"min_change_{which}"] = iv
         warnings = []
         if any(per_unit[u].get("known", 1.0) == 0.0 for u in fact_units):
             warnings.append("the model does not predict this answer (top-1): the knockout may be meaningless")
         n_multi = sum(per_unit[u]["n_answer_tokens"] > 1 for u in fact_units)
         if n_multi:
             warnings.append(f"{n_multi} of {len(fact_units)} answers are several tokens: p of the first token used")
-        # Each point is the mean change over the facts, with its t interval (none from one fact);
-        # the largest drop of each curve carries its point's interval.
-        per_point = c.groupby(["curve", "x"], as_index=False).agg(ys=("y", list))
-        points = {(str(curve), float(x)): mean_interval(ys)
-                  for curve, x, ys in zip(per_point["curve"], per_point["x"], per_point["ys"], strict=True)}
         curves = tables.interval_curves((curve, None, None, x, iv) for (curve, x), iv in points.items())
-        intervals = {f"min_change_{which}": points[(str(which), float(summary[f"min_layer_{which}"]))]
-                     for which in mean["curve"].unique()}
         summary["window"] = cfg.window
         return Summary(metrics=summary, intervals=intervals,
             warnings=warnings,
