@@ -29,7 +29,6 @@ recency bias passes), so read it next to the score, not instead of it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -153,19 +152,14 @@ class InductionConfig(DetectorConfig):
 def per_prompt_scores(results: Mapping[str, pd.DataFrame]) -> dict[str, np.ndarray]:
     """Each score's and null's [prompts, layers, heads] values from the units' per-prompt
     artifacts; empty when no unit stored them (units stored before the nulls)."""
-    arts = results.get("artifacts")
-    if arts is None or not len(arts):
-        return {}
-    docs = [json.loads(doc) for name, doc in zip(arts["name"], arts["json"], strict=True) if name == PER_PROMPT]
+    docs = tables.read_artifacts(results.get("artifacts"), PER_PROMPT)
     return {m: stack_items([np.asarray(d[m]) for d in docs]) for m in docs[0]} if docs else {}
 
 
 def loss_intervals(results: Mapping[str, pd.DataFrame], n_prompts: int) -> dict[str, Interval]:
     """The copy losses' t intervals over the prompts, when every unit stored its prompts' losses
     (units stored before them have only their means: no interval)."""
-    arts = results.get("artifacts")
-    docs = [json.loads(doc) for name, doc in zip(arts["name"], arts["json"], strict=True)
-            if name == PER_PROMPT_LOSSES] if arts is not None and len(arts) else []
+    docs = tables.read_artifacts(results.get("artifacts"), PER_PROMPT_LOSSES)
     values = {m: [x for d in docs for x in d[m]] for m in COPY_LOSSES}
     if len(values[COPY_LOSSES[0]]) != n_prompts:
         return {}

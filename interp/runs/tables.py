@@ -148,10 +148,18 @@ def artifact(name: str, document: Any) -> pd.DataFrame:
     return frame("artifacts", [(name, json.dumps(document, default=_json_default))])
 
 
+def read_artifacts(table: pd.DataFrame | None, name: str) -> list[Any]:
+    """The documents of every artifact called ``name`` in an ``artifacts`` table (one per unit
+    that wrote one), in row order; none for a missing or empty table."""
+    if table is None or not len(table):
+        return []
+    return [json.loads(doc) for n, doc in zip(table["name"], table["json"], strict=True) if n == name]
+
+
 def read_artifact(table: pd.DataFrame, name: str) -> Any:
     """The document of the last artifact called ``name`` in an ``artifacts`` table, or None."""
-    docs = [doc for n, doc in zip(table["name"], table["json"], strict=True) if n == name] if len(table) else []
-    return json.loads(docs[-1]) if docs else None
+    docs = read_artifacts(table, name)
+    return docs[-1] if docs else None
 
 
 def _json_default(value: Any) -> Any:
